@@ -1,0 +1,64 @@
+# tickbridge: every target installs what it needs first (scripts/deps.sh is idempotent and quick).
+SHELL := /bin/bash
+PY := .venv/bin/python
+RATE ?= 10000
+DURATION ?= 60
+SOURCE ?= sim
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+.PHONY: help deps lint typecheck test test-fast demo bench bench-collector bench-forwarder bench-brain \
+        load-test chaos-test fuzz certs clean
+
+help:
+	@echo "make demo        full VPS + Brain pipeline on this machine with a live status (SOURCE=binance for the real exchange)"
+	@echo "make test        the whole test suite (unit, integration with real servers, chaos and load smokes)"
+	@echo "make bench       all benchmarks (bench-collector, bench-forwarder, bench-brain)"
+	@echo "make load-test RATE=10000 DURATION=60   end-to-end load test with a report under docs/results/"
+	@echo "make chaos-test  every fault scenario with the zero-loss/zero-duplicate oracle"
+	@echo "make fuzz        longer fuzz run of the parsers and the stream decoder"
+	@echo "make certs       private CA, server and client certificates for the VPS->Brain TLS link"
+
+deps:
+	@bash scripts/deps.sh
+
+lint: deps
+	$(PY) -m ruff check services tests
+	$(PY) -m ruff format --check services tests
+
+typecheck: deps
+	$(PY) -m mypy
+
+test: deps lint typecheck
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: deps
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not chaos and not load"
+
+demo: deps
+	$(PY) -m tickbridge.devstack.demo --source $(SOURCE)
+
+bench: bench-collector bench-forwarder bench-brain
+
+bench-collector: deps
+	$(PY) -m tickbridge.bench.collector
+
+bench-forwarder: deps
+	$(PY) -m tickbridge.bench.forwarder
+
+bench-brain: deps
+	$(PY) -m tickbridge.bench.brain
+
+load-test: deps
+	$(PY) -m tickbridge.devstack.loadtest --rate $(RATE) --duration $(DURATION)
+
+chaos-test: deps
+	$(PY) -m tickbridge.devstack.chaos
+
+fuzz: deps
+	$(PY) -m pytest -q -p no:cacheprovider tests -k fuzz --hypothesis-profile=long
+
+certs: deps
+	bash scripts/certs.sh
+
+clean:
+	rm -rf .venv .cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from tickbridge.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Shared core: tick model, settings, key names, Redis/QuestDB helpers, metrics, lifecycle."""

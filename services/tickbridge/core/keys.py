@@ -1,0 +1,42 @@
+"""Every Redis key, stream and group name in one place (public names fixed by the contract)."""
+
+from __future__ import annotations
+
+EXCHANGE = "binance_spot"
+
+#: Default stream on both hosts (override with STREAM_KEY).
+DEFAULT_STREAM_KEY = "market:vps:stream"
+#: Default Brain consumer group (override with CONSUMER_GROUP).
+DEFAULT_CONSUMER_GROUP = "brain-consumer-group"
+
+#: Malformed or unexpected exchange messages, with their raw payload (VPS).
+COLLECTOR_DEAD_LETTER = "tickbridge:deadletter:collector"
+#: Last trade ID appended per symbol (VPS hash): trade-gap detection across restarts.
+COLLECTOR_LAST_TRADE_IDS = "tickbridge:collector:last_trade_id"
+#: Forwarder state on the VPS (hash): what the Brain confirmed, what went to the disk buffer.
+FORWARDER_STATE = "tickbridge:forwarder:state"
+#: Entries that failed too often in the Brain consumer.
+CONSUMER_DEAD_LETTER = "tickbridge:deadletter:consumer"
+#: Writer consumer group on the Brain's per-symbol streams.
+WRITER_GROUP = "tickbridge-writer"
+#: Heartbeat keys (TTL) per role instance, read by `tickbridge check`.
+HEARTBEAT_PREFIX = "tickbridge:heartbeat:"
+
+
+def warm_key(symbol: str, exchange: str = EXCHANGE) -> str:
+    """WARM cache sorted set: ticks of the last 5 minutes scored by exchange time (µs)."""
+    return f"market:{exchange}:warm:{symbol}"
+
+
+def trades_key(symbol: str, exchange: str = EXCHANGE) -> str:
+    """Brain per-symbol trade stream, consumed by the writer."""
+    return f"market:{exchange}:trades:{symbol}"
+
+
+def depth_key(symbol: str, exchange: str = EXCHANGE) -> str:
+    """Brain per-symbol order-book diff stream, consumed by the writer."""
+    return f"market:{exchange}:depth:{symbol}"
+
+
+def heartbeat_key(role: str, instance: str) -> str:
+    return f"{HEARTBEAT_PREFIX}{role}:{instance}"

@@ -1,0 +1,150 @@
+"""Typed configuration from the environment and `.env`.
+
+A wrong or missing value ends the process with exactly one line naming the variable
+(`config error: RAM_BUFFER_BYTES: ...`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Literal, NoReturn
+from urllib.parse import urlparse
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from tickbridge.core import keys
+
+DEFAULT_SYMBOLS: tuple[str, ...] = (
+    "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ADAUSDT", "TRXUSDT", "AVAXUSDT",
+    "LINKUSDT", "DOTUSDT", "TONUSDT", "SHIBUSDT", "LTCUSDT", "BCHUSDT", "NEARUSDT", "UNIUSDT", "APTUSDT",
+    "ICPUSDT", "ETCUSDT", "XLMUSDT", "FILUSDT", "ATOMUSDT", "ARBUSDT", "OPUSDT", "HBARUSDT", "INJUSDT",
+    "SUIUSDT", "VETUSDT", "AAVEUSDT", "GRTUSDT", "RENDERUSDT", "ALGOUSDT", "SEIUSDT", "TIAUSDT", "STXUSDT",
+    "IMXUSDT", "LDOUSDT", "RUNEUSDT", "EGLDUSDT", "SANDUSDT", "MANAUSDT", "AXSUSDT", "FLOWUSDT", "CHZUSDT",
+    "PEPEUSDT", "WIFUSDT", "FETUSDT", "CRVUSDT", "ENAUSDT",
+)  # fmt: skip
+
+#: Default Prometheus port of each role when METRICS_PORT is not set.
+DEFAULT_METRICS_PORTS: dict[str, int] = {
+    "collector": 9101,
+    "forwarder": 9102,
+    "consumer": 9103,
+    "writer": 9104,
+    "sim": 9105,
+}
+
+
+def _check_url(value: str, schemes: tuple[str, ...]) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in schemes or not parsed.hostname:
+        raise ValueError(f"expected a {'/'.join(schemes)} URL with a host, got {value!r}")
+    return value
+
+
+class Settings(BaseSettings):
+    """All tickbridge settings; each role reads the ones it needs."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
+
+    binance_ws_url: str = "wss://stream.binance.com:9443"
+    binance_rest_url: str = "https://api.binance.com"
+    symbols: Annotated[tuple[str, ...], NoDecode] = DEFAULT_SYMBOLS
+    vps_redis_url: str = "redis://localhost:6379/0"
+    brain_redis_url: str = "redis://localhost:6380/0"
+    vps_questdb_url: str = "http://localhost:9000"
+    brain_questdb_url: str = "http://localhost:9010"
+    stream_key: str = Field(default=keys.DEFAULT_STREAM_KEY, min_length=1)
+    consumer_group: str = Field(default=keys.DEFAULT_CONSUMER_GROUP, min_length=1)
+    ram_buffer_bytes: int = Field(default=3_000_000_000, gt=0)
+    disk_buffer_bytes: int = Field(default=40_000_000_000, gt=0)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_bind: str = "0.0.0.0"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Collector
+    depth_snapshot_limit: int = Field(default=1000, ge=1, le=5000)
+    ws_max_lifetime_s: float = Field(default=23.5 * 3600, gt=0)
+    ws_stale_timeout_s: float = Field(default=60.0, gt=0)
+    hot_ticks: int = Field(default=100, ge=1)
+    warm_window_s: float = Field(default=300.0, gt=0)
+
+    # Forwarder
+    forward_batch: int = Field(default=5000, ge=1, le=100_000)
+    delivered_retention_s: float = Field(default=60.0, ge=0)
+
+    # Brain
+    consumer_name: str | None = None
+    consumer_batch: int = Field(default=1000, ge=1, le=100_000)
+    consumer_claim_idle_ms: int = Field(default=30_000, ge=1000)
+    consumer_max_deliveries: int = Field(default=5, ge=1)
+    writer_batch_rows: int = Field(default=10_000, ge=1)
+    writer_flush_interval_s: float = Field(default=0.5, gt=0)
+
+    # Security (issue 7): TLS material and QuestDB credentials, from the environment only.
+    redis_tls_ca: str | None = None
+    redis_tls_cert: str | None = None
+    redis_tls_key: str | None = None
+    questdb_user: str | None = None
+    questdb_password: str | None = None
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _split_symbols(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [s.strip().upper() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("symbols")
+    @classmethod
+    def _check_symbols(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one symbol is required")
+        for sym in value:
+            if not sym.isascii() or not sym.isalnum() or not sym.isupper():
+                raise ValueError(f"invalid symbol {sym!r} (expected upper-case letters/digits like BTCUSDT)")
+        if len(set(value)) != len(value):
+            raise ValueError("duplicate symbols")
+        if len(value) > 512:
+            raise ValueError("at most 512 symbols (two streams each, 1024 per connection)")
+        return value
+
+    @field_validator("binance_ws_url")
+    @classmethod
+    def _check_ws(cls, value: str) -> str:
+        return _check_url(value.rstrip("/"), ("ws", "wss"))
+
+    @field_validator("binance_rest_url", "vps_questdb_url", "brain_questdb_url")
+    @classmethod
+    def _check_http(cls, value: str) -> str:
+        return _check_url(value.rstrip("/"), ("http", "https"))
+
+    @field_validator("vps_redis_url", "brain_redis_url")
+    @classmethod
+    def _check_redis(cls, value: str) -> str:
+        return _check_url(value, ("redis", "rediss"))
+
+    def metrics_port_for(self, role: str) -> int:
+        """METRICS_PORT if set, else the role's default port."""
+        return self.metrics_port if self.metrics_port is not None else DEFAULT_METRICS_PORTS.get(role, 9100)
+
+
+def config_error_line(exc: ValidationError) -> str:
+    """One line naming the first offending variable."""
+    err = exc.errors()[0]
+    name = str(err["loc"][0]).upper() if err["loc"] else "CONFIG"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) or value is None else f" (got {str(value)[:60]!r})"
+    return f"config error: {name}: {err['msg']}{shown}"
+
+
+def die(line: str, code: int = 2) -> NoReturn:
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def load_settings() -> Settings:
+    """Load settings or exit with one line naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        die(config_error_line(exc))

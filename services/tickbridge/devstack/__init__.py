@@ -1,0 +1,1 @@
+"""Real servers for tests, the demo, load and chaos runs: started on free ports, stopped by PID."""

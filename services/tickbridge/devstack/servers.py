@@ -1,0 +1,298 @@
+"""Start and stop real `redis-server`, QuestDB, Prometheus and toxiproxy processes.
+
+Every server gets free loopback ports and its own directory, is polled until ready, and is stopped
+by PID (SIGTERM, then SIGKILL). `kill9()`, `pause()`/`resume()` and `restart()` exist for fault tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CACHE_DIR = Path(os.environ.get("TICKBRIDGE_CACHE", REPO_ROOT / ".cache"))
+QUESTDB_VERSION = "9.3.4"
+QUESTDB_JAR = Path(os.environ.get("QUESTDB_JAR", CACHE_DIR / f"questdb-{QUESTDB_VERSION}.jar"))
+TOXIPROXY_BIN = Path(os.environ.get("TOXIPROXY_BIN", CACHE_DIR / "bin" / "toxiproxy-server"))
+
+
+class ServerError(RuntimeError):
+    """A server did not start or answer in time."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_java() -> str:
+    """A Java 17+ runtime for QuestDB 9.3.4 (JAVA_HOME, then PATH)."""
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").exists():
+        return str(Path(home) / "bin" / "java")
+    java = shutil.which("java")
+    if not java:
+        raise ServerError("java not found: run `make deps`")
+    return java
+
+
+def wait_until(check: object, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServerError(f"{what}: process exited with {proc.returncode}")
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise ServerError(f"{what}: not ready after {timeout:.0f}s")
+
+
+class ManagedProcess:
+    """A child process we own: stop by PID, kill -9, SIGSTOP/SIGCONT, restart with the same args."""
+
+    name = "process"
+
+    def __init__(self, workdir: Path | None = None) -> None:
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"tb-{self.name}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._owns_dir = workdir is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str] | None:
+        return None
+
+    startup_timeout = 30.0
+
+    def start(self) -> ManagedProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=self.env(),
+                start_new_session=True,
+            )
+        try:
+            wait_until(self.ready, self.startup_timeout, self.name, self.proc)
+        except ServerError as exc:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            self.stop()
+            raise ServerError(f"{exc}\n--- {self.log_path} ---\n{tail}") from None
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._owns_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> ManagedProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+class RedisServer(ManagedProcess):
+    """Debian's `redis-server` on a free port. `appendonly=True` gives AOF `everysec` (the VPS setting)."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
+        extra: list[str] | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        super().__init__(workdir)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.extra = extra or []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            shutil.which("redis-server") or "redis-server",
+            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
+            "--maxmemory-policy", "noeviction", "--daemonize", "no", "--logfile", "",
+            *self.extra,
+        ]  # fmt: skip
+
+    def ready(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+            return reply.startswith(b"+PONG") or b"NOAUTH" in reply
+
+
+class QuestDBServer(ManagedProcess):
+    """QuestDB from the Maven Central jar on Java 17, HTTP/PG/health on free loopback ports."""
+
+    name = "questdb"
+    startup_timeout = 90.0
+
+    def __init__(self, *, workdir: Path | None = None, extra_conf: dict[str, str] | None = None) -> None:
+        super().__init__(workdir)
+        self.http_port = free_port()
+        self.pg_port = free_port()
+        self.min_port = free_port()
+        self.extra_conf = extra_conf or {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def write_conf(self) -> None:
+        conf = {
+            "http.net.bind.to": f"127.0.0.1:{self.http_port}",
+            "http.min.net.bind.to": f"127.0.0.1:{self.min_port}",
+            "pg.net.bind.to": f"127.0.0.1:{self.pg_port}",
+            "line.tcp.enabled": "false",
+            "line.udp.enabled": "false",
+            "telemetry.enabled": "false",
+            "metrics.enabled": "true",
+            "http.min.worker.count": "1",
+            "shared.worker.count": "2",
+            "cairo.o3.column.memory.size": "256K",
+            "cairo.writer.data.append.page.size": "1M",
+            "cairo.wal.writer.data.append.page.size": "256K",
+            "line.auto.create.new.columns": "false",
+            "line.auto.create.new.tables": "false",
+            **self.extra_conf,
+        }
+        (self.workdir / "conf").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "db").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "conf" / "server.conf").write_text("".join(f"{k}={v}\n" for k, v in conf.items()))
+
+    def command(self) -> list[str]:
+        if not QUESTDB_JAR.exists():
+            raise ServerError(f"{QUESTDB_JAR} missing: run `make deps`")
+        self.write_conf()
+        return [
+            find_java(), "-Xms128m", "-Xmx512m",
+            "-DQuestDB-Runtime-66535", "-Dcontainerized=false", "-ea", "-Dnoebug",
+            f"-XX:ErrorFile={self.workdir}/db/hs_err_pid%p.log",
+            "-XX:+UnlockExperimentalVMOptions", "-XX:+UseParallelGC",
+            "--add-exports", "java.base/jdk.internal.math=io.questdb",
+            "-p", str(QUESTDB_JAR), "-m", "io.questdb/io.questdb.ServerMain", "-d", str(self.workdir),
+        ]  # fmt: skip
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/ping", timeout=1) as resp:
+            return int(resp.status) == 204
+
+
+class PrometheusServer(ManagedProcess):
+    """Debian's `prometheus` with a given config file, on a free port."""
+
+    name = "prometheus"
+
+    def __init__(self, config: Path, *, workdir: Path | None = None) -> None:
+        super().__init__(workdir)
+        self.config = config
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            shutil.which("prometheus") or "/usr/bin/prometheus",
+            f"--config.file={self.config}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-lifecycle",
+        ]
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+            return int(resp.status) == 200
+
+
+class ToxiproxyServer(ManagedProcess):
+    """toxiproxy (built from the Go module proxy by `make deps`) for link faults."""
+
+    name = "toxiproxy"
+
+    def __init__(self, *, workdir: Path | None = None) -> None:
+        super().__init__(workdir)
+        self.port = free_port()
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        if not TOXIPROXY_BIN.exists():
+            raise ServerError(f"{TOXIPROXY_BIN} missing: run `make deps`")
+        return [str(TOXIPROXY_BIN), "-host", "127.0.0.1", "-port", str(self.port)]
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.api}/version", timeout=1) as resp:
+            return int(resp.status) == 200

@@ -1,0 +1,100 @@
+"""Shared fixtures: real servers on free ports with temporary directories, stopped by PID."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tickbridge.devstack.servers import ManagedProcess, QuestDBServer, RedisServer, ToxiproxyServer
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+BINANCE_DATA = SHARED_DIR / "data" / "binance"
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start as many fresh redis-servers as a test needs; all are stopped at the end."""
+    started: list[ManagedProcess] = []
+
+    def start(**kwargs: Any) -> RedisServer:
+        server = RedisServer(workdir=tmp_path / f"redis{len(started)}", **kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
+    return redis_factory()
+
+
+@pytest.fixture
+def questdb_factory(tmp_path: Path) -> Iterator[Callable[..., QuestDBServer]]:
+    """Fresh QuestDB servers (about 3 s each) for tests that use the contract's fixed table names."""
+    started: list[QuestDBServer] = []
+
+    def start(**kwargs: Any) -> QuestDBServer:
+        server = QuestDBServer(workdir=tmp_path / f"questdb{len(started)}", **kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def questdb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuestDBServer]:
+    """One QuestDB for the session: use unique table names in tests that share it."""
+    server = QuestDBServer(workdir=tmp_path_factory.mktemp("questdb-session"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def toxiproxy(tmp_path: Path) -> Iterator[ToxiproxyServer]:
+    server = ToxiproxyServer(workdir=tmp_path / "toxiproxy")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def binance_data() -> Path:
+    if not BINANCE_DATA.exists():
+        pytest.fail(f"{BINANCE_DATA} missing: the shared/ folder must sit beside the repository")
+    return BINANCE_DATA
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> None:
+    """Poll an async predicate until it holds (never a fixed sleep); fail with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def _no_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tests never read a developer's `.env`: run from a clean directory."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name in {"SYMBOLS", "VPS_REDIS_URL", "BRAIN_REDIS_URL", "STREAM_KEY", "METRICS_PORT"}:
+            monkeypatch.delenv(name)
