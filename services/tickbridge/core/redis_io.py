@@ -50,7 +50,7 @@ def make_client(url: str, settings: Settings | None = None, *, timeout: float = 
 
 def pack(commands: Sequence[Command]) -> bytes:
     """RESP-encode a batch of commands in C."""
-    return b"".join([hiredis.pack_command(tuple(cmd))  # type: ignore[arg-type] for cmd in commands])
+    return b"".join([hiredis.pack_command(tuple(cmd)) for cmd in commands])  # type: ignore[arg-type]
 
 
 async def execute_packed(
