@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sim": ("tickbridge.sim.main", "main", "Binance-compatible exchange simulator (WebSocket + REST)"),
     "query": ("tickbridge.brain.query", "main", "show recent ticks / a time range from the tiered cache"),
     "check": ("tickbridge.ops.check", "main", "health check of a role (exit 0 healthy, 1 not)"),
-    "status": ("tickbridge.ops.status", "main", "live terminal view of a running pipeline"),
+    "status": ("tickbridge.devstack.status", "main", "live terminal view of a running pipeline"),
 }
 
 

@@ -1,0 +1,270 @@
+"""The whole pipeline as native processes on this machine: what `make demo`, the load and chaos runs,
+the dashboard test and the end-to-end tests start.
+
+VPS: redis-server (AOF everysec), QuestDB (spill buffer), `tickbridge collector`, `tickbridge forwarder`.
+Brain: redis-server, QuestDB, `tickbridge consumer`, `tickbridge writer`. Plus the simulator (unless the
+source is the real exchange), Prometheus scraping every role, and optionally toxiproxy on the VPS->Brain link.
+Each process gets free loopback ports and its own directory and is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tickbridge.devstack.servers import (
+    REPO_ROOT,
+    ManagedProcess,
+    PrometheusServer,
+    QuestDBServer,
+    RedisServer,
+    ToxiproxyServer,
+    free_port,
+)
+
+ROLES = ("collector", "forwarder", "consumer", "writer")
+
+
+class RoleProcess(ManagedProcess):
+    """`python -m tickbridge <role> [args]` with an explicit environment; ready when /metrics answers."""
+
+    startup_timeout = 60.0
+
+    def __init__(self, role: str, env: dict[str, str], metrics_port: int, args: list[str] | None = None,
+                 *, workdir: Path) -> None:  # fmt: skip
+        self.name = role
+        super().__init__(workdir)
+        self.role = role
+        self.role_env = env
+        self.metrics_port = metrics_port
+        self.args = args or []
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "tickbridge", self.role, *self.args]
+
+    def env(self) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("SYMBOLS", "METRICS_PORT"))}
+        return {**base, **self.role_env, "METRICS_PORT": str(self.metrics_port), "PYTHONUNBUFFERED": "1"}
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1) as resp:
+            return int(resp.status) == 200
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class StackConfig:
+    """What to run: the simulator (or the real exchange), its rate, symbols, budgets, extras."""
+
+    source: str = "sim"  # "sim" or "binance"
+    symbols: tuple[str, ...] = ()
+    rate: float = 1200.0
+    seed: int = 1
+    ram_buffer_bytes: int | None = None
+    disk_buffer_bytes: int | None = None
+    with_prometheus: bool = True
+    with_toxiproxy: bool = False
+    workdir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    sim_args: list[str] = field(default_factory=list)
+
+
+class NativeStack:
+    """Start/stop the full two-host pipeline on this machine (context manager)."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.workdir = config.workdir or Path(tempfile.mkdtemp(prefix="tickbridge-stack-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.vps_redis = RedisServer(appendonly=True, workdir=self.workdir / "vps-redis")
+        self.brain_redis = RedisServer(appendonly=True, workdir=self.workdir / "brain-redis")
+        self.vps_questdb = QuestDBServer(workdir=self.workdir / "vps-questdb")
+        self.brain_questdb = QuestDBServer(workdir=self.workdir / "brain-questdb")
+        self.toxiproxy: ToxiproxyServer | None = None
+        self.brain_link_port: int | None = None
+        self.sim: RoleProcess | None = None
+        self.sim_port = free_port()
+        self.roles: dict[str, RoleProcess] = {}
+        self.prometheus: PrometheusServer | None = None
+        self._started: list[ManagedProcess] = []
+
+    # -- addresses ---------------------------------------------------------------------------------
+    @property
+    def brain_redis_url_for_vps(self) -> str:
+        """What the forwarder dials: through toxiproxy when enabled."""
+        if self.brain_link_port is not None:
+            return f"redis://127.0.0.1:{self.brain_link_port}/0"
+        return self.brain_redis.url
+
+    def env_for(self, role: str) -> dict[str, str]:
+        cfg = self.config
+        env = {
+            "VPS_REDIS_URL": self.vps_redis.url,
+            "BRAIN_REDIS_URL": self.brain_redis_url_for_vps if role == "forwarder" else self.brain_redis.url,
+            "VPS_QUESTDB_URL": self.vps_questdb.url,
+            "BRAIN_QUESTDB_URL": self.brain_questdb.url,
+            "METRICS_BIND": "127.0.0.1",
+        }
+        if cfg.symbols:
+            env["SYMBOLS"] = ",".join(cfg.symbols)
+        if cfg.source == "sim":
+            env["BINANCE_WS_URL"] = f"ws://127.0.0.1:{self.sim_port}"
+            env["BINANCE_REST_URL"] = f"http://127.0.0.1:{self.sim_port}"
+        if cfg.ram_buffer_bytes is not None:
+            env["RAM_BUFFER_BYTES"] = str(cfg.ram_buffer_bytes)
+        if cfg.disk_buffer_bytes is not None:
+            env["DISK_BUFFER_BYTES"] = str(cfg.disk_buffer_bytes)
+        if role == "consumer":
+            env["CONSUMER_NAME"] = "consumer-1"
+        env.update(cfg.extra_env)
+        return env
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def _start(self, proc: ManagedProcess) -> None:
+        self._started.append(proc)
+        proc.start()
+
+    def start_servers(self) -> None:
+        for server in (self.vps_redis, self.brain_redis, self.vps_questdb, self.brain_questdb):
+            self._start(server)
+        if self.config.with_toxiproxy:
+            self.toxiproxy = ToxiproxyServer(workdir=self.workdir / "toxiproxy")
+            self._start(self.toxiproxy)
+            self.brain_link_port = free_port()
+            self.toxi_request("POST", "/proxies", {
+                "name": "brain_redis", "listen": f"127.0.0.1:{self.brain_link_port}",
+                "upstream": f"127.0.0.1:{self.brain_redis.port}", "enabled": True,
+            })  # fmt: skip
+
+    def start_sim(self) -> None:
+        cfg = self.config
+        args = ["--host", "127.0.0.1", "--port", str(self.sim_port), "--rate", str(cfg.rate), "--seed", str(cfg.seed)]
+        if cfg.symbols:
+            args += ["--symbols", ",".join(cfg.symbols)]
+        self.sim = RoleProcess("sim", {}, free_port(), args + cfg.sim_args, workdir=self.workdir / "sim")
+        self._start(self.sim)
+
+    def start_role(self, role: str) -> RoleProcess:
+        proc = self.roles.get(role)
+        if proc is None:
+            proc = RoleProcess(role, self.env_for(role), free_port(), workdir=self.workdir / role)
+            self.roles[role] = proc
+        self._start(proc) if proc not in self._started else proc.start()
+        return proc
+
+    def start_prometheus(self, rules: list[Path] | None = None) -> None:
+        cfg_path = self.workdir / "prometheus.yml"
+        rule_files = rules if rules is not None else sorted((REPO_ROOT / "prometheus").glob("*rules*.yml"))
+        cfg_path.write_text(self.prometheus_config(rule_files))
+        self.prometheus = PrometheusServer(cfg_path, workdir=self.workdir / "prometheus")
+        self._start(self.prometheus)
+
+    def prometheus_config(self, rule_files: list[Path]) -> str:
+        """Scrape config with the same job names as the compose Prometheus configs."""
+        jobs: dict[str, list[str]] = {role: [f"127.0.0.1:{p.metrics_port}"] for role, p in self.roles.items()}
+        if self.sim is not None:
+            jobs["sim"] = [f"127.0.0.1:{self.sim.metrics_port}"]
+        jobs["questdb-vps"] = [f"127.0.0.1:{self.vps_questdb.min_port}"]
+        jobs["questdb-brain"] = [f"127.0.0.1:{self.brain_questdb.min_port}"]
+        lines = ["global:", "  scrape_interval: 2s", "  evaluation_interval: 2s"]
+        if rule_files:
+            lines.append("rule_files:")
+            lines += [f"  - {path}" for path in rule_files]
+        lines.append("scrape_configs:")
+        for job, targets in jobs.items():
+            host = "brain" if job in ("consumer", "writer", "questdb-brain") else "vps"
+            lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {json.dumps(targets)}",
+                      f"        labels: {{host: {host}}}"]  # fmt: skip
+        return "\n".join(lines) + "\n"
+
+    def start(self, roles: tuple[str, ...] = ROLES) -> NativeStack:
+        try:
+            self.start_servers()
+            if self.config.source == "sim":
+                self.start_sim()
+            # Brain first, so the forwarder finds it; then the VPS side.
+            for role in ("writer", "consumer", "forwarder", "collector"):
+                if role in roles:
+                    self.start_role(role)
+            if self.config.with_prometheus:
+                self.start_prometheus()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop roles first (they drain and flush), then the simulator, then the servers."""
+        for proc in reversed(self._started):
+            with contextlib.suppress(Exception):
+                proc.stop(timeout=30)
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.config.workdir is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> NativeStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    # -- faults and queries -------------------------------------------------------------------------
+    def toxi_request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        assert self.toxiproxy is not None, "stack started without toxiproxy"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.toxiproxy.api}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def set_brain_link(self, enabled: bool) -> None:
+        """Cut or restore the VPS->Brain link (toxiproxy)."""
+        self.toxi_request("POST", "/proxies/brain_redis", {"enabled": enabled})
+
+    def sim_request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.sim_port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def sim_fault(self, action: str, **params: Any) -> Any:
+        return self.sim_request("POST", "/_sim/fault", {"action": action, **params})
+
+    def sim_stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.sim_request("GET", "/_sim/stats")
+        return result
+
+    def brain_sql(self, sql: str) -> list[list[Any]]:
+        url = f"{self.brain_questdb.url}/exec?" + urllib.parse.urlencode({"query": sql})
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            doc = json.loads(resp.read())
+        if "error" in doc:
+            raise RuntimeError(doc["error"])
+        rows: list[list[Any]] = doc.get("dataset", [])
+        return rows
+
+    def wait_for(self, check: Any, timeout: float, what: str, interval: float = 0.5) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if check():
+                    return
+            time.sleep(interval)
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
