@@ -1,0 +1,1 @@
+"""The collector role: Binance WebSocket -> HOT deque + WARM Redis + the VPS stream."""
