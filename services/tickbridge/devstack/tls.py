@@ -1,0 +1,181 @@
+"""Redis with TLS and ACLs for tests and the native stack: certificates, ACL rendering, servers.
+
+The committed ACL files (`redis/users.vps.acl`, `redis/users.brain.acl`) hold rules, never secrets:
+each password is a placeholder `#@VARIABLE@` that `render_acl` replaces with the SHA-256 of the
+variable's value from the environment. An unrendered file cannot be loaded by accident: `#` wants 64
+hex digits, so redis-server refuses to start instead of accepting a guessable password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from tickbridge.devstack.servers import REPO_ROOT, RedisServer, free_port
+
+CERTS_SCRIPT = REPO_ROOT / "scripts" / "certs.sh"
+VPS_ACL = REPO_ROOT / "redis" / "users.vps.acl"
+BRAIN_ACL = REPO_ROOT / "redis" / "users.brain.acl"
+
+_PLACEHOLDER = re.compile(r"#@([A-Z][A-Z0-9_]*)@")
+
+
+class AclRenderError(ValueError):
+    """A password variable the ACL template needs is missing or empty (the message names it)."""
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    """The files `scripts/certs.sh` writes into one directory."""
+
+    directory: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.directory / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.directory / "server.key"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.directory / "client.crt"
+
+    @property
+    def client_key(self) -> Path:
+        return self.directory / "client.key"
+
+    def client_env(self) -> dict[str, str]:
+        """The variables a role reads to dial a `rediss://` URL with this client certificate."""
+        return {"REDIS_TLS_CA": str(self.ca), "REDIS_TLS_CERT": str(self.client_cert),
+                "REDIS_TLS_KEY": str(self.client_key)}  # fmt: skip
+
+
+def make_certs(out_dir: Path, *, client_cn: str = "tickbridge-forwarder") -> CertPaths:
+    """Run `scripts/certs.sh OUT_DIR` (the same script as `make certs`)."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "TLS_CLIENT_CN": client_cn}
+    subprocess.run(["bash", str(CERTS_SCRIPT), str(out_dir)], check=True, capture_output=True, env=env, timeout=60)
+    return CertPaths(out_dir)
+
+
+def password_hash(password: str) -> str:
+    """What an ACL file stores for a password (`#<sha256 hex>`), so no rendered file holds the password."""
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def acl_variables(template: str) -> list[str]:
+    """The password variables a template needs, in order of first use."""
+    return list(dict.fromkeys(_PLACEHOLDER.findall(template)))
+
+
+def render_acl_text(template: str, env: Mapping[str, str]) -> str:
+    """Replace every `#@VAR@` with `#<sha256(env[VAR])>`; `AclRenderError` names a missing variable."""
+
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        value = env.get(name)
+        if not value:
+            raise AclRenderError(f"config error: {name}: required to render the Redis ACL file (not set or empty)")
+        return "#" + password_hash(value)
+
+    return _PLACEHOLDER.sub(sub, template)
+
+
+def render_acl(template: Path, out: Path, env: Mapping[str, str]) -> Path:
+    """Render `template` into `out` (mode 0600) and return `out`."""
+    text = render_acl_text(template.read_text(), env)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.touch(mode=0o600, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def redis_url(scheme: str, port: int, user: str | None = None, password: str | None = None) -> str:
+    """`redis[s]://user:password@127.0.0.1:port/0` with the credentials URL-quoted."""
+    auth = f"{quote(user, safe='')}:{quote(password or '', safe='')}@" if user else ""
+    return f"{scheme}://{auth}127.0.0.1:{port}/0"
+
+
+class SecureRedisServer(RedisServer):
+    """`redis-server` with an ACL file and, given certificates, a TLS port that requires client certificates.
+
+    `plain_port=False` leaves only the TLS port open (`--port 0`), as on the Brain's public side.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        *,
+        aclfile: Path,
+        certs: CertPaths | None = None,
+        plain_port: bool = True,
+        appendonly: bool = False,
+        workdir: Path | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
+        super().__init__(appendonly=appendonly, workdir=workdir, extra=extra)
+        self.aclfile = aclfile
+        self.certs = certs
+        self.plain_port = plain_port
+        self.tls_port = free_port() if certs is not None else 0
+        if certs is None and not plain_port:
+            raise ValueError("a server without TLS needs its plain port")
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd += ["--aclfile", str(self.aclfile)]
+        if not self.plain_port:
+            cmd += ["--port", "0"]  # a later --port wins: nothing listens in plaintext
+        if self.certs is not None:
+            cmd += [
+                "--tls-port", str(self.tls_port),
+                "--tls-cert-file", str(self.certs.server_cert),
+                "--tls-key-file", str(self.certs.server_key),
+                "--tls-ca-cert-file", str(self.certs.ca),
+                "--tls-auth-clients", "yes",
+                "--tls-protocols", "TLSv1.2 TLSv1.3",
+            ]  # fmt: skip
+        return cmd
+
+    def client_context(self) -> ssl.SSLContext:
+        """An SSL context that trusts the private CA and presents the client certificate."""
+        assert self.certs is not None
+        ctx = ssl.create_default_context(cafile=str(self.certs.ca))
+        ctx.load_cert_chain(str(self.certs.client_cert), str(self.certs.client_key))
+        return ctx
+
+    def ready(self) -> bool:
+        if self.certs is None:
+            return super().ready()
+        with (
+            socket.create_connection(("127.0.0.1", self.tls_port), timeout=1) as raw,
+            self.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+        ):
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+            return reply.startswith(b"+PONG") or b"NOAUTH" in reply
+
+    def url_for(self, user: str, password: str, *, tls: bool | None = None) -> str:
+        """URL for `user`: TLS when the server has it (or `tls=True`), else the plain port."""
+        use_tls = self.certs is not None if tls is None else tls
+        if use_tls:
+            return redis_url("rediss", self.tls_port, user, password)
+        return redis_url("redis", self.port, user, password)
+
+
+def redis_cli() -> str:
+    return shutil.which("redis-cli") or "redis-cli"

@@ -1,0 +1,405 @@
+"""The VPS -> Brain link against real redis-servers with TLS and the committed ACL files (issue 7).
+
+Nobody who does not belong gets in: plaintext, no certificate, another CA's certificate, the default
+user, a wrong password are all refused; each role's user can run what the role needs and nothing else.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import ssl
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from tickbridge.core.redis_io import make_client
+from tickbridge.core.settings import Settings
+from tickbridge.core.tick import Trade
+from tickbridge.devstack.servers import REPO_ROOT, ServerError
+from tickbridge.devstack.tls import (
+    BRAIN_ACL,
+    CERTS_SCRIPT,
+    VPS_ACL,
+    AclRenderError,
+    CertPaths,
+    SecureRedisServer,
+    acl_variables,
+    make_certs,
+    render_acl,
+    render_acl_text,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+STREAM = "market:vps:stream"
+GROUP = "brain-consumer-group"
+TRADES = "market:binance_spot:trades:BTCUSDT"
+DEPTH = "market:binance_spot:depth:BTCUSDT"
+WARM = "market:binance_spot:warm:BTCUSDT"
+TS = 1_723_161_255_343_000
+TRADE_FIELDS = Trade("BTCUSDT", "61000.10", "0.002", "BUY", TS, 1, TS + 5).fields()
+REFUSED = (RedisConnectionError, ConnectionError, OSError, ssl.SSLError)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    return make_certs(tmp_path_factory.mktemp("pki") / "certs")
+
+
+@pytest.fixture(scope="module")
+def other_certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    """A second, unrelated private CA with its own client certificate (an outsider)."""
+    return make_certs(tmp_path_factory.mktemp("pki-other") / "certs")
+
+
+@pytest.fixture
+def passwords() -> dict[str, str]:
+    names = acl_variables(VPS_ACL.read_text()) + acl_variables(BRAIN_ACL.read_text())
+    return {name: secrets.token_urlsafe(24) for name in names}
+
+
+@pytest.fixture
+def secure_factory(tmp_path: Path) -> Iterator[Callable[..., SecureRedisServer]]:
+    started: list[SecureRedisServer] = []
+
+    def start(**kwargs: Any) -> SecureRedisServer:
+        server = SecureRedisServer(workdir=tmp_path / f"sredis{len(started)}", **kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def vps(
+    secure_factory: Callable[..., SecureRedisServer], passwords: dict[str, str], tmp_path: Path
+) -> SecureRedisServer:
+    """The VPS Redis: plain port on loopback, ACLs on."""
+    return secure_factory(aclfile=render_acl(VPS_ACL, tmp_path / "vps.acl", passwords))
+
+
+@pytest.fixture
+def brain(
+    secure_factory: Callable[..., SecureRedisServer], passwords: dict[str, str], certs: CertPaths, tmp_path: Path
+) -> SecureRedisServer:
+    """The Brain Redis: TLS only (client certificates required), ACLs on."""
+    return secure_factory(
+        aclfile=render_acl(BRAIN_ACL, tmp_path / "brain.acl", passwords), certs=certs, plain_port=False
+    )
+
+
+def tls_settings(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> Settings:
+    return Settings(
+        redis_tls_ca=str(ca) if ca else None,
+        redis_tls_cert=str(cert) if cert else None,
+        redis_tls_key=str(key) if key else None,
+    )
+
+
+def client_for(server: SecureRedisServer, host: str, user: str, passwords: dict[str, str]) -> aioredis.Redis:
+    """What the role itself builds: `make_client(url, settings)` with its user and the TLS files."""
+    password = passwords[f"{host.upper()}_REDIS_{user.upper()}_PASSWORD"]
+    settings = tls_settings(*(
+        (server.certs.ca, server.certs.client_cert, server.certs.client_key) if server.certs else ()
+    ))  # fmt: skip
+    return make_client(server.url_for(user, password), settings, timeout=5)
+
+
+# -- certificates ------------------------------------------------------------------------------------
+
+
+def test_certs_script_issues_a_chain_keeps_it_and_keeps_keys_private(tmp_path: Path) -> None:
+    out = tmp_path / "certs"
+    paths = make_certs(out)
+    first_ca = paths.ca.read_bytes()
+    for leaf, purpose in ((paths.server_cert, "sslserver"), (paths.client_cert, "sslclient")):
+        subprocess.run(["openssl", "verify", "-purpose", purpose, "-CAfile", str(paths.ca), str(leaf)], check=True,
+                       capture_output=True)  # fmt: skip
+    for key in (paths.server_key, paths.client_key, out / "ca.key"):
+        assert key.stat().st_mode & 0o077 == 0, f"{key.name} readable by others"
+    # A second run keeps the CA (re-issuing it would invalidate every deployed certificate).
+    make_certs(out)
+    assert paths.ca.read_bytes() == first_ca
+    # FORCE=1 rotates everything.
+    subprocess.run(["bash", str(CERTS_SCRIPT), str(out)], check=True, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "FORCE": "1"})  # fmt: skip
+    assert paths.ca.read_bytes() != first_ca
+
+
+def test_generated_certificates_and_env_files_are_ignored_by_git() -> None:
+    for path in ("certs/ca.key", "certs/client.key", ".env"):
+        result = subprocess.run(["git", "-C", str(REPO_ROOT), "check-ignore", "-q", path], check=False)
+        assert result.returncode == 0, f"{path} is not git-ignored: a secret could be committed"
+
+
+# -- TLS ---------------------------------------------------------------------------------------------
+
+
+async def test_plaintext_to_the_tls_port_is_refused(brain: SecureRedisServer, passwords: dict[str, str]) -> None:
+    # Raw bytes: the server expects a TLS handshake and drops the connection without answering.
+    with socket.create_connection(("127.0.0.1", brain.tls_port), timeout=5) as sock:
+        sock.sendall(b"PING\r\n")
+        try:
+            reply = sock.recv(64)
+        except (ConnectionResetError, TimeoutError):
+            reply = b""
+    assert b"PONG" not in reply and b"NOAUTH" not in reply
+    # A client configured for plaintext (redis://) cannot talk to it either.
+    url = f"redis://forwarder:{passwords['BRAIN_REDIS_FORWARDER_PASSWORD']}@127.0.0.1:{brain.tls_port}/0"
+    client = make_client(url, None, timeout=3)
+    try:
+        with pytest.raises(REFUSED):
+            await client.ping()
+    finally:
+        await client.aclose()
+    assert brain.plain_port is False  # and nothing listens in plaintext at all
+
+
+async def assert_refused(client: aioredis.Redis) -> None:
+    try:
+        with pytest.raises(REFUSED):
+            await client.xadd(STREAM, {"x": "1"}, id="9-1")
+    finally:
+        await client.aclose()
+
+
+async def test_client_without_a_certificate_is_refused(brain: SecureRedisServer, passwords: dict[str, str]) -> None:
+    assert brain.certs is not None
+    url = brain.url_for("forwarder", passwords["BRAIN_REDIS_FORWARDER_PASSWORD"])
+    await assert_refused(make_client(url, tls_settings(brain.certs.ca), timeout=3))
+
+
+async def test_client_certificate_from_another_ca_is_refused(
+    brain: SecureRedisServer, passwords: dict[str, str], other_certs: CertPaths
+) -> None:
+    assert brain.certs is not None
+    url = brain.url_for("forwarder", passwords["BRAIN_REDIS_FORWARDER_PASSWORD"])
+    # Trusts the real server, but presents a certificate our CA never signed, with the right password.
+    settings = tls_settings(brain.certs.ca, other_certs.client_cert, other_certs.client_key)
+    await assert_refused(make_client(url, settings, timeout=3))
+
+
+async def test_server_not_signed_by_our_ca_is_refused_by_the_client(
+    brain: SecureRedisServer, passwords: dict[str, str], other_certs: CertPaths
+) -> None:
+    """An impostor Brain (here: the real one seen through another CA) never receives the password."""
+    assert brain.certs is not None
+    url = brain.url_for("forwarder", passwords["BRAIN_REDIS_FORWARDER_PASSWORD"])
+    settings = tls_settings(other_certs.ca, brain.certs.client_cert, brain.certs.client_key)
+    await assert_refused(make_client(url, settings, timeout=3))
+
+
+async def test_forwarder_appends_over_tls_with_its_user(brain: SecureRedisServer, passwords: dict[str, str]) -> None:
+    client = client_for(brain, "brain", "forwarder", passwords)
+    try:
+        assert await client.xadd(STREAM, dict(zip(TRADE_FIELDS[::2], TRADE_FIELDS[1::2], strict=True)), id="5-1")
+        # The same ID again is recognised (not a permission problem): exactly-once still works.
+        with pytest.raises(ResponseError, match="equal or smaller"):
+            await client.xadd(STREAM, {"x": "1"}, id="5-1")
+        assert await client.xlen(STREAM) == 1
+    finally:
+        await client.aclose()
+
+
+# -- authentication ----------------------------------------------------------------------------------
+
+
+async def test_default_user_and_wrong_passwords_are_refused(vps: SecureRedisServer, passwords: dict[str, str]) -> None:
+    anonymous = make_client(f"redis://127.0.0.1:{vps.port}/0", None, timeout=3)
+    try:
+        with pytest.raises(AuthenticationError):
+            await anonymous.ping()
+        with pytest.raises((AuthenticationError, ResponseError)):
+            await anonymous.execute_command("AUTH", "default", "")  # type: ignore[no-untyped-call]
+    finally:
+        await anonymous.aclose()
+    for user, password in (("collector", "wrong"), ("default", ""), ("nobody", "x"),
+                           ("collector", passwords["VPS_REDIS_FORWARDER_PASSWORD"])):  # fmt: skip
+        client = make_client(vps.url_for(user, password), None, timeout=3)
+        try:
+            with pytest.raises(AuthenticationError):
+                await client.ping()
+        finally:
+            await client.aclose()
+
+
+def test_unrendered_acl_template_cannot_start_a_server(tmp_path: Path) -> None:
+    """The committed file used as-is must not give anyone a known password: redis-server refuses it."""
+    server = SecureRedisServer(aclfile=VPS_ACL, workdir=tmp_path / "r")
+    server.startup_timeout = 10
+    with pytest.raises(ServerError):
+        server.start()
+
+
+def test_acl_rendering_names_the_missing_variable_and_stores_only_hashes(passwords: dict[str, str]) -> None:
+    text = VPS_ACL.read_text()
+    missing = dict(passwords)
+    del missing["VPS_REDIS_FORWARDER_PASSWORD"]
+    with pytest.raises(AclRenderError, match="VPS_REDIS_FORWARDER_PASSWORD"):
+        render_acl_text(text, missing)
+    with pytest.raises(AclRenderError, match="VPS_REDIS_MONITOR_PASSWORD"):
+        render_acl_text(text, {**passwords, "VPS_REDIS_MONITOR_PASSWORD": ""})
+    rendered = render_acl_text(text, passwords)
+    assert not any(pw in rendered for pw in passwords.values())
+    assert "#@" not in rendered
+
+
+@pytest.mark.parametrize("template", [VPS_ACL, BRAIN_ACL], ids=["vps", "brain"])
+def test_committed_acl_files_hold_no_secret_and_no_open_user(template: Path) -> None:
+    lines = template.read_text().splitlines()
+    default = next(line.split() for line in lines if line.startswith("user default "))
+    assert "off" in default and "on" not in default and "nopass" not in default
+    for line in lines:
+        tokens = line.split()
+        assert tokens[0] == "user", line
+        assert "nopass" not in tokens, f"{tokens[1]} has no password"
+        assert not any(t.startswith(">") for t in tokens), f"{tokens[1]}: plaintext password in the repo"
+        if tokens[1] != "default":
+            assert sum(t.startswith("#@") for t in tokens) == 1, f"{tokens[1]}: password must come from the env"
+
+
+# -- least privilege per role ------------------------------------------------------------------------
+
+Cmd = Sequence[str | int]
+
+#: What each role's code runs on each host (allowed) and a selection of what it must not (denied).
+COMMON_DENIED: list[Cmd] = [
+    ["FLUSHALL"], ["FLUSHDB"], ["KEYS", "*"], ["CONFIG", "GET", "*"], ["CONFIG", "SET", "appendonly", "no"],
+    ["XDEL", STREAM, "1-1"], ["DEL", STREAM], ["EVAL", "return 1", "0"], ["ACL", "LIST"], ["SAVE"],
+    ["FUNCTION", "FLUSH"], ["PUBLISH", "news", "x"], ["SET", "unrelated:key", "1"], ["REPLICAOF", "NO", "ONE"],
+    ["CLIENT", "KILL", "TYPE", "normal"], ["MIGRATE", "127.0.0.1", "1", STREAM, "0", "1000"],
+]  # fmt: skip
+
+LUA_LIB = """#!lua name=tbsec
+redis.register_function('deliver', function(keys, args)
+  redis.call('XADD', keys[2], '*', 'price', args[1])
+  redis.call('ZADD', keys[3], args[2], args[1])
+  return redis.call('XACK', keys[1], 'brain-consumer-group', args[3])
+end)
+redis.register_function('forge', function(keys, args)
+  return redis.call('XADD', keys[1], '*', 'forged', '1')
+end)
+"""
+
+ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
+    ("vps", "collector"): (
+        [["XADD", STREAM, "*", *TRADE_FIELDS], ["XADD", "tickbridge:deadletter:collector", "*", "raw", "{bad"],
+         ["ZADD", WARM, TS, "t1"], ["ZREMRANGEBYSCORE", WARM, "-inf", TS - 1], ["HSET",
+         "tickbridge:collector:last_trade_id", "BTCUSDT", 1], ["HGETALL", "tickbridge:collector:last_trade_id"],
+         ["SET", "tickbridge:heartbeat:collector:vps1", "1", "EX", 10], ["XLEN", STREAM], ["PING"]],
+        [["XTRIM", STREAM, "MAXLEN", 0], ["XRANGE", STREAM, "-", "+"], ["HSET", "tickbridge:forwarder:state", "a", 1],
+         ["SET", "tickbridge:heartbeat:forwarder:x", "1"], ["XADD", "tickbridge:deadletter:consumer", "*", "a", 1]],
+    ),
+    ("vps", "forwarder"): (
+        [["XRANGE", STREAM, "-", "+", "COUNT", 10], ["XREVRANGE", STREAM, "+", "-", "COUNT", 1],
+         ["XREAD", "COUNT", 10, "STREAMS", STREAM, "0"], ["XLEN", STREAM], ["XINFO", "STREAM", STREAM],
+         ["MEMORY", "USAGE", STREAM], ["XTRIM", STREAM, "MINID", "0"], ["HSET", "tickbridge:forwarder:state",
+         "acked", "1-1"], ["HGET", "tickbridge:forwarder:state", "acked"],
+         ["SET", "tickbridge:heartbeat:forwarder:vps1", "1", "EX", 10]],
+        [["XADD", STREAM, "*", "forged", 1], ["ZADD", WARM, 1, "x"], ["HSET", "tickbridge:collector:last_trade_id",
+         "BTCUSDT", 0], ["XREADGROUP", "GROUP", GROUP, "c", "STREAMS", STREAM, ">"]],
+    ),
+    ("vps", "monitor"): (
+        [["PING"], ["INFO", "memory"], ["XLEN", STREAM], ["XINFO", "STREAM", STREAM], ["MEMORY", "USAGE", STREAM],
+         ["DBSIZE"], ["SCAN", "0", "MATCH", "tickbridge:heartbeat:*"], ["TTL", "tickbridge:heartbeat:collector:x"],
+         ["HGETALL", "tickbridge:forwarder:state"]],
+        [["SET", "tickbridge:heartbeat:monitor:x", "1"], ["XADD", STREAM, "*", "a", 1], ["XTRIM", STREAM, "MAXLEN",
+         0], ["HSET", "tickbridge:forwarder:state", "acked", "0-0"], ["XRANGE", STREAM, "-", "+"]],
+    ),
+    ("brain", "forwarder"): (
+        [["XADD", STREAM, "7-1", *TRADE_FIELDS], ["XINFO", "STREAM", STREAM], ["XLEN", STREAM],
+         ["XREVRANGE", STREAM, "+", "-", "COUNT", 1], ["XINFO", "GROUPS", STREAM],
+         ["SET", "tickbridge:heartbeat:forwarder:vps1", "1", "EX", 10]],
+        [["XREADGROUP", "GROUP", GROUP, "f", "STREAMS", STREAM, ">"], ["XACK", STREAM, GROUP, "1-1"],
+         ["XTRIM", STREAM, "MAXLEN", 0], ["XGROUP", "DESTROY", STREAM, GROUP], ["XGROUP", "SETID", STREAM, GROUP,
+         "$"], ["XADD", TRADES, "*", *TRADE_FIELDS], ["FUNCTION", "LOAD", LUA_LIB], ["XRANGE", STREAM, "-", "+"]],
+    ),
+    ("brain", "consumer"): (
+        [["XREADGROUP", "GROUP", GROUP, "consumer-1", "COUNT", 10, "STREAMS", STREAM, ">"],
+         ["XPENDING", STREAM, GROUP], ["XAUTOCLAIM", STREAM, GROUP, "consumer-1", 0, "0-0", "COUNT", 10],
+         ["XINFO", "GROUPS", STREAM], ["XADD", TRADES, "*", *TRADE_FIELDS], ["XADD", DEPTH, "*", "bids", "[]"],
+         ["ZADD", WARM, TS, "t1"], ["ZREMRANGEBYSCORE", WARM, "-inf", TS - 1],
+         ["XADD", "tickbridge:deadletter:consumer", "*", "raw", "x"], ["FUNCTION", "LOAD", "REPLACE", LUA_LIB],
+         ["FCALL", "deliver", 3, STREAM, TRADES, WARM, "61000.1", TS, "1-1"], ["XACK", STREAM, GROUP, "1-1"],
+         ["XTRIM", STREAM, "MINID", "0"], ["SET", "tickbridge:heartbeat:consumer:c1", "1", "EX", 10]],
+        [["XADD", STREAM, "*", "forged", 1], ["FCALL", "forge", 1, STREAM], ["XGROUP", "DESTROY", STREAM, GROUP],
+         ["DEL", TRADES], ["FUNCTION", "DELETE", "tbsec"], ["HSET", "tickbridge:forwarder:state", "a", 1],
+         ["XDEL", TRADES, "1-1"]],
+    ),
+    ("brain", "writer"): (
+        [["XGROUP", "CREATE", TRADES, "tickbridge-writer", "0", "MKSTREAM"],
+         ["XREADGROUP", "GROUP", "tickbridge-writer", "w1", "COUNT", 10, "STREAMS", TRADES, ">"],
+         ["XACK", TRADES, "tickbridge-writer", "1-1"], ["XPENDING", TRADES, "tickbridge-writer"],
+         ["XAUTOCLAIM", TRADES, "tickbridge-writer", "w1", 0, "0-0"], ["XINFO", "STREAM", TRADES],
+         ["XTRIM", TRADES, "MINID", "0"], ["SET", "tickbridge:heartbeat:writer:w1", "1", "EX", 10]],
+        [["XADD", TRADES, "*", "forged", 1], ["XREADGROUP", "GROUP", GROUP, "w", "STREAMS", STREAM, ">"],
+         ["XADD", STREAM, "*", "a", 1], ["DEL", TRADES], ["ZADD", WARM, 1, "x"], ["FUNCTION", "LOAD", LUA_LIB]],
+    ),
+    ("brain", "monitor"): (
+        [["PING"], ["INFO", "memory"], ["XLEN", STREAM], ["XINFO", "GROUPS", STREAM], ["XPENDING", STREAM, GROUP],
+         ["MEMORY", "USAGE", STREAM], ["DBSIZE"], ["SCAN", "0"], ["TTL", "tickbridge:heartbeat:writer:w1"]],
+        [["XADD", STREAM, "*", "a", 1], ["XACK", STREAM, GROUP, "1-1"], ["SET", "tickbridge:heartbeat:x", "1"],
+         ["XREADGROUP", "GROUP", GROUP, "m", "STREAMS", STREAM, ">"], ["XGROUP", "CREATE", TRADES, "m", "0"]],
+    ),
+}  # fmt: skip
+
+
+async def prepare(admin: aioredis.Redis, host: str) -> None:
+    """What the other roles would have created before this one runs."""
+    await admin.xadd(STREAM, dict(zip(TRADE_FIELDS[::2], TRADE_FIELDS[1::2], strict=True)), id="1-1")
+    if host == "brain":
+        await admin.xgroup_create(STREAM, GROUP, id="0")
+        await admin.xadd(TRADES, {"seed": "1"}, id="1-1")
+
+
+@pytest.mark.parametrize(("host", "user"), list(ROLE_CASES), ids=[f"{h}-{u}" for h, u in ROLE_CASES])
+async def test_role_user_has_what_it_needs_and_nothing_more(
+    host: str, user: str, request: pytest.FixtureRequest, passwords: dict[str, str]
+) -> None:
+    server: SecureRedisServer = request.getfixturevalue(host)
+    admin = client_for(server, host, "admin", passwords)
+    client = client_for(server, host, user, passwords)
+    allowed, denied = ROLE_CASES[(host, user)]
+    problems: list[str] = []
+    try:
+        await prepare(admin, host)
+        for cmd in allowed:
+            try:
+                await client.execute_command(*cmd)  # type: ignore[no-untyped-call]
+            except NoPermissionError as exc:
+                problems.append(f"{user} needs {cmd[:3]} but was denied: {exc}")
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.ping()
+            try:
+                await pipe.execute()
+            except NoPermissionError:
+                if host == "vps" and user != "monitor":
+                    problems.append(f"{user} needs MULTI/EXEC")
+        before = await admin.dbsize()
+        for cmd in [*denied, *COMMON_DENIED]:
+            try:
+                await client.execute_command(*cmd)  # type: ignore[no-untyped-call]
+            except NoPermissionError:
+                continue
+            except ResponseError as exc:
+                if "NOPERM" in str(exc) or "no permissions" in str(exc) or "can't access" in str(exc):
+                    continue
+                problems.append(f"{user} may run {cmd[:3]} (it failed only on {exc})")
+            else:
+                problems.append(f"{user} may run {cmd[:3]}")
+        assert await admin.dbsize() == before, "a denied command changed the data"
+        assert await admin.xlen(STREAM) >= 1, "the stream was damaged"
+    finally:
+        await client.aclose()
+        await admin.aclose()
+    assert not problems, "\n".join(problems)
