@@ -1,0 +1,92 @@
+"""`tickbridge sim`: run the simulator as a process (SIGTERM/SIGINT stop it cleanly)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from prometheus_client import REGISTRY
+
+from tickbridge.core.lifecycle import Service, run_service, setup_logging
+from tickbridge.core.metrics import serve_metrics
+from tickbridge.core.settings import load_settings
+from tickbridge.sim.config import SimConfig
+from tickbridge.sim.server import SimServer
+
+log = logging.getLogger(__name__)
+
+
+class SimService(Service):
+    """Runs a `SimServer` until stopped; a crashed simulator task ends the process non-zero."""
+
+    name = "sim"
+
+    def __init__(self, config: SimConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.sim: SimServer | None = None
+
+    async def run(self) -> None:
+        self.sim = SimServer(self.config, registry=REGISTRY)
+        await self.sim.start()
+        try:
+            while not await self.sleep_or_stop(0.5):
+                if self.sim.failed is not None:
+                    raise RuntimeError("simulator task crashed") from self.sim.failed
+        finally:
+            await self.sim.stop()
+        log.info("sim stopped: %s", self.sim.stats()["totals"])
+
+
+def parse_args(argv: list[str], default_symbols: tuple[str, ...], default_metrics_port: int) -> tuple[SimConfig, int]:
+    """CLI flags -> (config, metrics port)."""
+    p = argparse.ArgumentParser(prog="tickbridge sim", description="Binance-compatible exchange simulator")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9443)
+    p.add_argument("--mode", choices=("synthetic", "replay"), default="synthetic")
+    p.add_argument("--symbols", default=",".join(default_symbols), help="comma-separated (default: SYMBOLS)")
+    p.add_argument("--rate", type=float, default=1200.0, help="trades per second across all symbols")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--replay", action="append", default=[], type=Path, help="capture file (repeatable)")
+    p.add_argument("--speed", type=float, default=1.0, help="replay pace multiplier, 0 = as fast as possible")
+    p.add_argument("--lifetime", type=float, default=86400.0, help="connection lifetime in seconds")
+    p.add_argument("--ping-interval", type=float, default=20.0)
+    p.add_argument("--pong-timeout", type=float, default=60.0)
+    p.add_argument("--depth-levels", type=int, default=200)
+    p.add_argument("--metrics-port", type=int, default=default_metrics_port, help="0 disables /metrics")
+    a = p.parse_args(argv)
+    symbols = tuple(s.strip().upper() for s in a.symbols.split(",") if s.strip())
+    if not symbols:
+        p.error("--symbols: at least one symbol is required")
+    if a.mode == "replay" and not a.replay:
+        p.error("--mode replay needs --replay FILE")
+    for path in a.replay:
+        if not path.is_file():
+            p.error(f"--replay: no such file {path}")
+    if a.rate < 0 or a.speed < 0 or a.lifetime <= 0 or a.ping_interval <= 0 or a.pong_timeout <= 0:
+        p.error("--rate/--speed must be >= 0; --lifetime/--ping-interval/--pong-timeout must be > 0")
+    config = SimConfig(
+        symbols=symbols,
+        rate=a.rate,
+        seed=a.seed,
+        mode=a.mode,
+        host=a.host,
+        port=a.port,
+        lifetime_s=a.lifetime,
+        ping_interval_s=a.ping_interval,
+        pong_timeout_s=a.pong_timeout,
+        replay_files=tuple(a.replay),
+        speed=a.speed,
+        depth_levels=a.depth_levels,
+    )
+    return config, a.metrics_port
+
+
+def main(argv: list[str]) -> None:
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    config, metrics_port = parse_args(argv, settings.symbols, settings.metrics_port_for("sim"))
+    serve_metrics(metrics_port, settings.metrics_bind)
+    log.info("sim %s on %s:%d, %d symbols", config.mode, config.host, config.port, len(config.symbols))
+    run_service(lambda: SimService(config))
