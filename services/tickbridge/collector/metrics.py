@@ -1,0 +1,43 @@
+"""Prometheus metrics of the collector (`tickbridge_collector_*`); labels are bounded (symbols, types, reasons)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from tickbridge.core.metrics import counter, gauge, histogram
+
+_TICK_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class CollectorMetrics:
+    """All collector metrics in one registry (a fresh one per test)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def c(name: str, doc: str, labels: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+            return counter(f"collector_{name}", doc, labels, registry=registry)
+
+        def g(name: str, doc: str, labels: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+            return gauge(f"collector_{name}", doc, labels, registry=registry)
+
+        self.ticks = c("ticks", "Ticks appended to the stream (rate = ticks/s)", ("symbol", "type"))
+        self.duplicates = c("duplicates", "Ticks dropped as already seen (overlap, replays)", ("type",))
+        self.connection_up = g("connection_up", "1 while a WebSocket connection is the primary, else 0")
+        self.connections_open = g("connections_open", "Open WebSocket connections (2 during make-before-break)")
+        self.reconnects = c("reconnects", "New connections opened, by reason", ("reason",))
+        self.connect_failures = c("connect_failures", "Failed connection attempts")
+        self.trade_gaps = c("trade_gaps", "Trade-ID gaps detected", ("symbol",))
+        self.depth_gaps = c("depth_gaps", "Order-book update-ID gaps detected", ("symbol",))
+        self.resyncs = c("resyncs", "Order-book resynchronisations started (snapshot requests)", ("symbol",))
+        self.book_valid = g("book_valid", "1 when the local book is valid, 0 while resyncing", ("symbol",))
+        self.backfilled = c("backfilled_trades", "Trades recovered from REST historicalTrades", ("symbol",))
+        self.lost_trades = c("lost_trades", "Trades in a gap that REST could not return", ("symbol",))
+        self.latency = histogram(
+            "collector_latency_seconds", "Exchange event time to collector receive time", ("type",), registry=registry
+        )
+        self.dead_letters = c("dead_letters", "Malformed or unexpected frames dead-lettered", ("reason",))
+        self.queue_full = c("queue_full", "Times the reader or processor waited on a full queue", ("queue",))
+        self.redis_errors = c("redis_errors", "Failed stream writes (retried)")
+        self.batch_size = histogram(
+            "collector_batch_ticks", "Ticks per Redis transaction", buckets=_TICK_BUCKETS, registry=registry
+        )
+        self.rest_requests = c("rest_requests", "REST requests by endpoint and status", ("endpoint", "status"))

@@ -1,0 +1,525 @@
+"""The collector service: connection manager, frame processor, and the Redis writer.
+
+Data flow: one reader task per WebSocket connection puts raw frames into a bounded inbox (a full inbox
+stops the reader: TCP backpressure). A single processor task parses, deduplicates and routes them, so
+every per-symbol decision (trade-ID order, back-fill, book updates, snapshot results) happens in one
+place, in order. It hands batches to the `StreamWriter` through a second bounded queue.
+
+Make-before-break: on the lifetime limit, `serverShutdown` or a stale stream the manager opens a second
+connection to the same URL, waits until it delivers data that joins every valid book (an event that is
+contiguous with or already in the book), makes it the primary and closes the old one. Both feed the same
+dedup (trade IDs, depth `u <= book id`); only the primary's gaps trigger back-fill or a resync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import websockets
+from prometheus_client import CollectorRegistry
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from tickbridge.collector.book import DepthSync, OrderBook, Outcome
+from tickbridge.collector.metrics import CollectorMetrics
+from tickbridge.collector.parser import MAX_FRAME_BYTES, ControlReply, Rejected, ServerShutdown, parse_frame, to_us
+from tickbridge.collector.rest import RestClient, RestError
+from tickbridge.collector.writer import DeadLetter, Item, StreamWriter
+from tickbridge.core import keys
+from tickbridge.core.backoff import Backoff
+from tickbridge.core.lifecycle import Service
+from tickbridge.core.redis_io import make_client
+from tickbridge.core.settings import Settings
+from tickbridge.core.tick import DepthDiff, Tick, TickError, Trade, check_levels
+
+log = logging.getLogger(__name__)
+
+#: The WebSocket refuses frames above this (and closes with 1009); between MAX_FRAME_BYTES and this
+#: the parser rejects and dead-letters them without losing the connection.
+WS_MAX_SIZE = 16 * MAX_FRAME_BYTES
+#: Trades a single gap may back-fill; beyond that the rest is counted as lost.
+MAX_BACKFILL = 200_000
+OUT_BATCH = 1000
+
+
+@dataclass(eq=False)
+class Connection:
+    gen: int
+    ws: ClientConnection
+    opened: float
+    last_frame: float
+    frames: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotResult:
+    symbol: str
+    snapshot: dict[str, Any] | None
+
+
+def stream_url(base: str, symbols: Iterable[str]) -> str:
+    """Combined-stream URL with `<sym>@trade` and `<sym>@depth@100ms` for each symbol."""
+    names = [f"{s.lower()}@{kind}" for s in symbols for kind in ("trade", "depth@100ms")]
+    return f"{base.rstrip('/')}/stream?streams={'/'.join(names)}"
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Collector(Service):
+    """Binance WebSocket -> HOT deque + WARM sorted sets + the VPS stream."""
+
+    name = "collector"
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        *,
+        inbox_size: int = 20_000,
+        join_timeout_s: float = 10.0,
+        reconnect_base_s: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.symbols = settings.symbols
+        self.metrics = CollectorMetrics(registry if registry is not None else CollectorRegistry())
+        self.url = stream_url(settings.binance_ws_url, self.symbols)
+        self.join_timeout_s = join_timeout_s
+        self.reconnect_base_s = reconnect_base_s
+        self.depth = {s: DepthSync(s) for s in self.symbols}
+        self.last_trade: dict[str, int] = {}
+        self._hot: dict[str, deque[Tick]] = {s: deque(maxlen=settings.hot_ticks) for s in self.symbols}
+        self.inbox: asyncio.Queue[tuple[int, int, bytes | str] | SnapshotResult | None] = asyncio.Queue(inbox_size)
+        self.conns: dict[int, Connection] = {}
+        self.primary_gen = 0
+        self._next_gen = 0
+        self._wake = asyncio.Event()
+        self._shutdown_gens: set[int] = set()
+        self._joined: dict[str, int] = {}
+        self._snap_tasks: dict[str, asyncio.Task[None]] = {}
+        self._snap_backoff: dict[str, Backoff] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self.rest = RestClient(settings.binance_rest_url, on_request=self._on_rest)
+        self.writer: StreamWriter | None = None
+        self.started = asyncio.Event()  # the first connection is up
+        m = self.metrics
+        self._m_trade = {s: m.ticks.labels(s, "TRADE") for s in self.symbols}
+        self._m_depth = {s: m.ticks.labels(s, "DEPTH") for s in self.symbols}
+        self._m_lat_trade = m.latency.labels("TRADE")
+        self._m_lat_depth = m.latency.labels("DEPTH")
+        self._m_dup_trade = m.duplicates.labels("TRADE")
+        self._m_dup_depth = m.duplicates.labels("DEPTH")
+        for s in self.symbols:
+            m.book_valid.labels(s).set(0)
+
+    # --- public views -------------------------------------------------------------------------
+
+    def hot(self, symbol: str) -> list[Tick]:
+        """The HOT cache: the last `hot_ticks` ticks of `symbol`, oldest first."""
+        return list(self._hot[symbol])
+
+    def book(self, symbol: str) -> OrderBook:
+        return self.depth[symbol].book
+
+    def book_valid(self, symbol: str) -> bool:
+        return self.depth[symbol].valid
+
+    def request_stop(self) -> None:
+        super().request_stop()
+        self._wake.set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        client = make_client(self.settings.vps_redis_url, self.settings)
+        try:
+            stored = await client.hgetall(keys.COLLECTOR_LAST_TRADE_IDS)
+            for raw_sym, tid in stored.items():
+                sym = raw_sym.decode() if isinstance(raw_sym, bytes) else raw_sym
+                if sym in self.depth:
+                    self.last_trade[sym] = int(tid)
+            if self.last_trade:
+                log.info("resuming after trade IDs %s", self.last_trade)
+            self.writer = StreamWriter(
+                client, self.settings.stream_key, self.metrics, warm_window_s=self.settings.warm_window_s
+            )
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self.writer.run(), name="collector-writer")
+                tg.create_task(self._process(), name="collector-processor")
+                tg.create_task(self._manage(), name="collector-connections")
+        finally:
+            await self.rest.close()
+            await client.aclose()
+        log.info("collector stopped: %d ticks written", self.writer.written)
+
+    def _on_rest(self, endpoint: str, status: str) -> None:
+        self.metrics.rest_requests.labels(endpoint, status).inc()
+
+    # --- connections --------------------------------------------------------------------------
+
+    async def _connect(self, reason: str) -> Connection | None:
+        self._next_gen += 1
+        gen = self._next_gen
+        try:
+            ws = await websockets.connect(
+                self.url, max_size=WS_MAX_SIZE, ping_interval=None, open_timeout=10, close_timeout=2,
+                compression=None,
+            )  # fmt: skip
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            self.metrics.connect_failures.inc()
+            log.warning("connect failed (%s): %s", reason, exc)
+            return None
+        now = time.monotonic()
+        conn = Connection(gen=gen, ws=ws, opened=now, last_frame=now)
+        assert self._tg is not None
+        conn.task = self._tg.create_task(self._read(conn), name=f"collector-ws-{gen}")
+        self.conns[gen] = conn
+        self.metrics.reconnects.labels(reason).inc()
+        self.metrics.connections_open.set(len(self.conns))
+        log.info("connection %d open (%s)", gen, reason)
+        return conn
+
+    async def _read(self, conn: Connection) -> None:
+        inbox = self.inbox
+        try:
+            async for msg in conn.ws:
+                recv = time.time_ns() // 1000
+                conn.frames += 1
+                conn.last_frame = time.monotonic()
+                item = (conn.gen, recv, msg)
+                try:
+                    inbox.put_nowait(item)
+                except asyncio.QueueFull:
+                    self.metrics.queue_full.labels("inbox").inc()
+                    await inbox.put(item)  # stop reading: TCP backpressure
+        except ConnectionClosed as exc:
+            codes = {f.code for f in (exc.rcvd, exc.sent) if f is not None}
+            if 1009 in codes:
+                self.metrics.dead_letters.labels("oversized").inc()
+            log.info("connection %d closed: %s", conn.gen, exc)
+        except OSError as exc:
+            log.info("connection %d failed: %s", conn.gen, exc)
+        finally:
+            conn.closed.set()
+            self._wake.set()
+
+    async def _close(self, conn: Connection) -> None:
+        try:
+            await conn.ws.close()
+        except Exception:  # closing a broken socket: nothing left to save
+            pass
+        if conn.task is not None:
+            await conn.task
+        self.conns.pop(conn.gen, None)
+        self._shutdown_gens.discard(conn.gen)
+        self.metrics.connections_open.set(len(self.conns))
+
+    async def _wait_wake(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.001))
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    def _trigger(self, conn: Connection) -> str | None:
+        if self.stopping.is_set():
+            return "stop"
+        if conn.closed.is_set():
+            return "disconnect"
+        if conn.gen in self._shutdown_gens:
+            return "server_shutdown"
+        now = time.monotonic()
+        if now - conn.opened >= self.settings.ws_max_lifetime_s:
+            return "lifetime"
+        if now - conn.last_frame >= self.settings.ws_stale_timeout_s:
+            return "stale"
+        return None
+
+    async def _manage(self) -> None:
+        backoff = Backoff(base=self.reconnect_base_s, cap=30.0)
+        reason = "start"
+        try:
+            while not self.stopping.is_set():
+                primary = self.conns.get(self.primary_gen)
+                if primary is None:
+                    conn = await self._connect(reason)
+                    if conn is None:
+                        await self.sleep_or_stop(backoff.next())
+                        continue
+                    self.primary_gen = conn.gen
+                    self.metrics.connection_up.set(1)
+                    self.started.set()
+                    continue
+                trigger = self._trigger(primary)
+                if trigger is None:
+                    lifetime_left = primary.opened + self.settings.ws_max_lifetime_s - time.monotonic()
+                    await self._wait_wake(min(1.0, lifetime_left))
+                    continue
+                if trigger == "stop":
+                    break
+                if trigger == "disconnect":
+                    self.metrics.connection_up.set(0)
+                    lived = time.monotonic() - primary.opened
+                    await self._close(primary)
+                    if lived >= 5.0:
+                        backoff.reset()
+                    reason = "disconnect"
+                    await self.sleep_or_stop(backoff.next())
+                    continue
+                await self._rotate(primary, trigger, backoff)
+        finally:
+            for conn in list(self.conns.values()):
+                await self._close(conn)
+            self.metrics.connection_up.set(0)
+            for task in self._snap_tasks.values():
+                task.cancel()
+            await self.inbox.put(None)
+
+    async def _rotate(self, old: Connection, reason: str, backoff: Backoff) -> None:
+        """Make-before-break: open the replacement, let it join the books, then retire `old`."""
+        log.info("rotating connection %d (%s)", old.gen, reason)
+        new = await self._connect(reason)
+        if new is None:
+            if reason == "stale" or old.closed.is_set():
+                await self._close(old)  # nothing to keep: plain reconnect with backoff
+                self.metrics.connection_up.set(0)
+            await self.sleep_or_stop(backoff.next())
+            return
+        if reason != "stale":
+            deadline = time.monotonic() + self.join_timeout_s
+            while not (self.stopping.is_set() or old.closed.is_set() or new.closed.is_set()):
+                if new.frames and self._joined_all(new.gen):
+                    break
+                if time.monotonic() >= deadline:
+                    log.warning("connection %d did not join every book in %.0fs", new.gen, self.join_timeout_s)
+                    break
+                await self._wait_wake(0.05)
+        self.primary_gen = new.gen
+        self.metrics.connection_up.set(1)
+        await self._close(old)
+        log.info("connection %d is primary, %d retired", new.gen, old.gen)
+
+    def _joined_all(self, gen: int) -> bool:
+        return all(self._joined.get(s) == gen for s, sync in self.depth.items() if sync.valid)
+
+    # --- processing ---------------------------------------------------------------------------
+
+    async def _process(self) -> None:
+        assert self.writer is not None
+        writer = self.writer
+        out: list[Item] = []
+        inbox = self.inbox
+        while True:
+            item = await inbox.get()
+            stop = False
+            while True:
+                if item is None:
+                    stop = True
+                    break
+                if isinstance(item, tuple):
+                    gap = self._on_frame(item[0], item[1], item[2], out)
+                    if gap is not None:
+                        await self._backfill(gap, out)
+                else:
+                    self._on_snapshot(item, out)
+                if len(out) >= OUT_BATCH:
+                    await writer.put(out)
+                    out = []
+                if inbox.empty():
+                    break
+                item = inbox.get_nowait()
+            if out:
+                await writer.put(out)
+                out = []
+            if stop:
+                await writer.close_input()
+                return
+
+    def _dead_letter(self, rej: Rejected, recv: int, out: list[Item]) -> None:
+        self.metrics.dead_letters.labels(rej.reason).inc()
+        out.append(DeadLetter(rej.reason, rej.detail, rej.raw, recv))
+
+    def _on_frame(self, gen: int, recv: int, raw: bytes | str, out: list[Item]) -> Trade | None:
+        """Route one frame; returns a trade that must wait for a back-fill of the gap before it."""
+        ev = parse_frame(raw, recv)
+        kind = type(ev)
+        if kind is Trade:
+            assert isinstance(ev, Trade)
+            if ev.symbol not in self.depth:
+                self._dead_letter(Rejected("unknown_symbol", ev.symbol, _raw(raw)), recv, out)
+                return None
+            last = self.last_trade.get(ev.symbol)
+            if last is not None:
+                if ev.trade_id <= last:
+                    self._m_dup_trade.inc()
+                    return None
+                if ev.trade_id > last + 1:
+                    if gen != self.primary_gen:
+                        return None  # overlap: the primary connection delivers the missing ones
+                    return ev
+            self._emit_trade(ev, out)
+        elif kind is DepthDiff:
+            assert isinstance(ev, DepthDiff)
+            sync = self.depth.get(ev.symbol)
+            if sync is None:
+                self._dead_letter(Rejected("unknown_symbol", ev.symbol, _raw(raw)), recv, out)
+                return None
+            self._on_depth(sync, ev, gen, out)
+        elif kind is Rejected:
+            assert isinstance(ev, Rejected)
+            self._dead_letter(ev, recv, out)
+        elif kind is ServerShutdown:
+            log.info("serverShutdown on connection %d", gen)
+            self._shutdown_gens.add(gen)
+            self._wake.set()
+        elif kind is ControlReply:
+            pass
+        return None
+
+    def _emit_trade(self, ev: Trade, out: list[Item]) -> None:
+        self.last_trade[ev.symbol] = ev.trade_id
+        out.append(ev)
+        self._hot[ev.symbol].append(ev)
+        self._m_trade[ev.symbol].inc()
+        self._m_lat_trade.observe(max(ev.recv_ts - ev.timestamp, 0) / 1e6)
+
+    def _emit_depth(self, ev: DepthDiff, out: list[Item]) -> None:
+        out.append(ev)
+        self._hot[ev.symbol].append(ev)
+        self._m_depth[ev.symbol].inc()
+        self._m_lat_depth.observe(max(ev.recv_ts - ev.timestamp, 0) / 1e6)
+
+    def _on_depth(self, sync: DepthSync, ev: DepthDiff, gen: int, out: list[Item]) -> None:
+        outcome = sync.on_event(ev, primary=gen == self.primary_gen)
+        if outcome is Outcome.APPLIED:
+            self._joined[ev.symbol] = gen
+            self._emit_depth(ev, out)
+        elif outcome is Outcome.DUPLICATE:
+            self._m_dup_depth.inc()
+            if sync.valid:
+                self._joined[ev.symbol] = gen
+        elif outcome is Outcome.BUFFERED:
+            self._request_snapshot(ev.symbol, 0.0)
+        elif outcome is Outcome.GAP:
+            log.warning("%s: depth gap (book %d, event U=%d): resync", ev.symbol, sync.book.last_update_id,
+                        ev.first_update_id)  # fmt: skip
+            self.metrics.depth_gaps.labels(ev.symbol).inc()
+            self.metrics.resyncs.labels(ev.symbol).inc()
+            self.metrics.book_valid.labels(ev.symbol).set(0)
+            self._request_snapshot(ev.symbol, 0.0)
+
+    def _request_snapshot(self, symbol: str, delay: float) -> None:
+        if symbol in self._snap_tasks or self.stopping.is_set():
+            return
+        assert self._tg is not None
+        self._snap_tasks[symbol] = self._tg.create_task(self._fetch_snapshot(symbol, delay))
+
+    async def _fetch_snapshot(self, symbol: str, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        snap: dict[str, Any] | None
+        try:
+            snap = await self.rest.depth(symbol, self.settings.depth_snapshot_limit)
+        except RestError as exc:
+            log.warning("%s: snapshot failed: %s", symbol, exc)
+            snap = None
+        await self.inbox.put(SnapshotResult(symbol, snap))
+
+    def _on_snapshot(self, res: SnapshotResult, out: list[Item]) -> None:
+        symbol = res.symbol
+        self._snap_tasks.pop(symbol, None)
+        sync = self.depth[symbol]
+        backoff = self._snap_backoff.setdefault(symbol, Backoff(base=0.2, cap=10.0))
+        if sync.valid:
+            return
+        if res.snapshot is None:
+            self._request_snapshot(symbol, backoff.next())
+            return
+        try:
+            lid = res.snapshot["lastUpdateId"]
+            bids = check_levels("bids", res.snapshot.get("bids"))
+            asks = check_levels("asks", res.snapshot.get("asks"))
+        except TickError as exc:
+            log.warning("%s: bad snapshot: %s", symbol, exc)
+            self._request_snapshot(symbol, backoff.next())
+            return
+        outcome, applied = sync.on_snapshot(lid, bids, asks)
+        for ev in applied:
+            self._emit_depth(ev, out)
+        if outcome is Outcome.SYNCED:
+            backoff.reset()
+            self._joined[symbol] = self.primary_gen
+            self.metrics.book_valid.labels(symbol).set(1)
+            log.info("%s: book synced at %d (%d buffered events applied)", symbol, sync.book.last_update_id,
+                     len(applied))  # fmt: skip
+        else:  # STALE or GAP: keep buffering, fetch again
+            if outcome is Outcome.GAP:
+                self.metrics.depth_gaps.labels(symbol).inc()
+            self._request_snapshot(symbol, backoff.next())
+
+    async def _backfill(self, trade: Trade, out: list[Item]) -> None:
+        """Fetch the trades between the last one appended and `trade` from REST, then emit `trade`."""
+        symbol = trade.symbol
+        first = self.last_trade[symbol] + 1
+        end = trade.trade_id - 1
+        self.metrics.trade_gaps.labels(symbol).inc()
+        log.warning("%s: trade gap %d..%d, back-filling", symbol, first, end)
+        if end - first + 1 > MAX_BACKFILL:
+            self.metrics.lost_trades.labels(symbol).inc(end - first + 1 - MAX_BACKFILL)
+            first = end - MAX_BACKFILL + 1
+        next_id = first
+        filled = 0
+        while next_id <= end:
+            try:
+                rows = await self.rest.historical_trades(symbol, next_id, min(1000, end - next_id + 1))
+            except RestError as exc:
+                log.error("%s: back-fill failed at %d: %s", symbol, next_id, exc)
+                break
+            progressed = False
+            for row in rows:
+                try:
+                    tid = row["id"]
+                    if not isinstance(tid, int) or tid < next_id:
+                        continue
+                    if tid > end:
+                        break
+                    maker = row["isBuyerMaker"]
+                    filled_trade = Trade(
+                        symbol=symbol, price=row["price"], volume=row["qty"], side="SELL" if maker else "BUY",
+                        timestamp=to_us(row["time"]), trade_id=tid, recv_ts=now_us(),
+                    )  # fmt: skip
+                except (KeyError, TypeError, TickError) as exc:
+                    log.error("%s: bad historical trade %s: %s", symbol, str(row)[:200], exc)
+                    continue
+                if tid > next_id:
+                    self.metrics.lost_trades.labels(symbol).inc(tid - next_id)
+                self._emit_trade(filled_trade, out)
+                filled += 1
+                next_id = tid + 1
+                progressed = True
+                if len(out) >= OUT_BATCH:
+                    assert self.writer is not None
+                    await self.writer.put(out[:])
+                    out.clear()
+            if not progressed:
+                break
+        if next_id <= end:
+            self.metrics.lost_trades.labels(symbol).inc(end - next_id + 1)
+        self.metrics.backfilled.labels(symbol).inc(filled)
+        log.info("%s: back-filled %d trades", symbol, filled)
+        self._emit_trade(trade, out)
+
+
+def _raw(raw: bytes | str) -> bytes:
+    return (raw.encode() if isinstance(raw, str) else raw)[:4096]

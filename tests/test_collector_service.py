@@ -1,0 +1,225 @@
+"""Collector end to end against a scripted exchange (exact frames) and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry
+
+from conftest import eventually
+from tickbridge.collector.service import Collector
+from tickbridge.core import keys
+from tickbridge.core.settings import Settings
+from tickbridge.core.tick import DepthDiff, Trade, decode_entry
+from tickbridge.devstack.servers import RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+
+T0 = 1723161255342
+
+
+class ScriptedExchange:
+    """A Binance-shaped server whose frames the test writes by hand (bad input, exact sequences)."""
+
+    def __init__(self) -> None:
+        self.clients: list[web.WebSocketResponse] = []
+        self.connected = asyncio.Event()
+        self.snapshot: dict[str, Any] = {"lastUpdateId": 100, "bids": [["10.0", "1.0"]], "asks": [["11.0", "2.0"]]}
+        self.history: dict[int, dict[str, Any]] = {}
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/stream", self._ws)
+        app.router.add_get("/api/v3/depth", self._depth)
+        app.router.add_get("/api/v3/historicalTrades", self._trades)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        for ws in self.clients:
+            await ws.close()
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self.clients.append(ws)
+        self.connected.set()
+        async for msg in ws:
+            if msg.type == WSMsgType.ERROR:
+                break
+        return ws
+
+    async def _depth(self, request: web.Request) -> web.Response:
+        return web.json_response(self.snapshot)
+
+    async def _trades(self, request: web.Request) -> web.Response:
+        start, limit = int(request.query["fromId"]), int(request.query["limit"])
+        rows = [self.history[i] for i in range(start, start + limit) if i in self.history]
+        return web.json_response(rows)
+
+    async def send(self, *frames: bytes | str) -> None:
+        for ws in self.clients:
+            if not ws.closed:
+                for f in frames:
+                    await (ws.send_bytes(f) if isinstance(f, bytes) else ws.send_str(f))
+
+
+def trade(tid: int, symbol: str = "BTCUSDT", maker: bool = False) -> bytes:
+    data = {"e": "trade", "E": T0 + tid, "s": symbol, "t": tid, "p": f"{100 + tid}.50000000", "q": "0.01000000",
+            "T": T0 + tid, "m": maker, "M": True}  # fmt: skip
+    return orjson.dumps({"stream": f"{symbol.lower()}@trade", "data": data})
+
+
+def history_row(tid: int) -> dict[str, Any]:
+    return {"id": tid, "price": f"{100 + tid}.50000000", "qty": "0.01000000", "quoteQty": "1", "time": T0 + tid,
+            "isBuyerMaker": tid % 2 == 0, "isBestMatch": True}  # fmt: skip
+
+
+def depth(first: int, last: int, bids: list[list[str]] | None = None, symbol: str = "BTCUSDT") -> bytes:
+    data = {"e": "depthUpdate", "E": T0 + last, "s": symbol, "U": first, "u": last, "b": bids or [], "a": []}
+    return orjson.dumps({"stream": f"{symbol.lower()}@depth@100ms", "data": data})
+
+
+@pytest.fixture
+async def exchange() -> AsyncIterator[ScriptedExchange]:
+    ex = ScriptedExchange()
+    await ex.start()
+    yield ex
+    await ex.stop()
+
+
+def settings_for(ex: ScriptedExchange, redis_server: RedisServer, **kw: Any) -> Settings:
+    return Settings(
+        binance_ws_url=f"ws://127.0.0.1:{ex.port}", binance_rest_url=f"http://127.0.0.1:{ex.port}",
+        symbols=("BTCUSDT", "ETHUSDT"), vps_redis_url=redis_server.url, **kw,
+    )  # fmt: skip
+
+
+async def stream_ticks(client: Any, key: str = keys.DEFAULT_STREAM_KEY) -> list[Trade | DepthDiff]:
+    return [decode_entry(fields) for _, fields in await client.xrange(key)]
+
+
+async def trade_ids(client: Any) -> list[int]:
+    return [t.trade_id for t in await stream_ticks(client) if isinstance(t, Trade)]
+
+
+def count(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def start(settings: Settings, registry: CollectorRegistry) -> tuple[Collector, asyncio.Task[None]]:
+    collector = Collector(settings, registry)
+    task = asyncio.create_task(collector.run())
+    await asyncio.wait_for(collector.started.wait(), 10)
+    return collector, task
+
+
+async def stop(collector: Collector, task: asyncio.Task[None]) -> None:
+    collector.request_stop()
+    await asyncio.wait_for(task, 15)
+
+
+async def test_bad_input_never_crashes_nor_loses_good_ticks(
+    exchange: ScriptedExchange, redis_server: RedisServer
+) -> None:
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    registry = CollectorRegistry()
+    collector, task = await start(settings_for(exchange, redis_server), registry)
+    await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+    good = {"e": "trade", "E": T0, "s": "BTCUSDT", "t": 9, "p": "1.0", "q": "1.0", "T": T0, "m": True, "M": True}
+    await exchange.send(
+        trade(1),
+        b'{"stream":"btcusdt@trade","data":{"e":"trade"',  # truncated JSON
+        trade(2),
+        orjson.dumps({"stream": "btcusdt@trade", "data": {k: v for k, v in good.items() if k != "p"}}),  # missing
+        orjson.dumps({"stream": "btcusdt@trade", "data": {**good, "t": "9"}}),  # wrong type
+        orjson.dumps({"stream": "btcusdt@trade", "data": {**good, "e": "blockTrade"}}),  # unknown event
+        orjson.dumps({"stream": "btcusdt@kline_1m", "data": {"e": "kline"}}),  # unexpected stream
+        orjson.dumps({"stream": "dogeusdt@trade", "data": {**good, "s": "DOGEUSDT"}}),  # not subscribed
+        b"[]",
+        "\x00not json at all",
+        trade(3, maker=True),
+        b'{"stream":"btcusdt@trade","data":{"pad":"' + b"x" * ((3 << 20) // 2) + b'"}}',  # 1.5 MiB frame
+        b'{"result":null,"id":1}',  # a control reply: ignored, not dead-lettered
+        trade(4),
+    )
+    await eventually(lambda: _eq(trade_ids(client), [1, 2, 3, 4]), what="trades 1..4")
+    dead = await client.xrange(keys.COLLECTOR_DEAD_LETTER)
+    reasons = [fields[b"reason"].decode() for _, fields in dead]
+    assert sorted(reasons) == sorted(
+        ["json", "schema", "schema", "unknown_event", "unknown_stream", "unknown_symbol", "not_object", "json",
+         "oversized"]
+    )  # fmt: skip
+    oversized = next(f for _, f in dead if f[b"reason"] == b"oversized")
+    assert len(oversized[b"raw"]) == 4096 and oversized[b"raw"].startswith(b'{"stream":"btcusdt@trade"')
+    assert count(registry, "tickbridge_collector_dead_letters_total", reason="schema") == 2
+    assert not task.done()
+    ticks = await stream_ticks(client)
+    t3 = next(t for t in ticks if isinstance(t, Trade) and t.trade_id == 3)
+    assert (t3.side, t3.price, t3.volume, t3.timestamp) == ("SELL", "103.50000000", "0.01000000", (T0 + 3) * 1000)
+    assert [t.trade_id for t in collector.hot("BTCUSDT") if isinstance(t, Trade)] == [1, 2, 3, 4]
+    warm = await client.zrange(keys.warm_key("BTCUSDT"), 0, -1)
+    assert len(warm) == 4 and warm[0].startswith(b"1|101.50000000|0.01000000|BUY|")
+    await stop(collector, task)
+
+
+async def test_depth_sync_gap_resync_and_trade_backfill_across_restart(
+    exchange: ScriptedExchange, redis_server: RedisServer
+) -> None:
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    registry = CollectorRegistry()
+    settings = settings_for(exchange, redis_server)
+    collector, task = await start(settings, registry)
+    await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+    # Buffered from the stream start: 95..99 is dropped (u <= 100), 99..103 straddles lastUpdateId + 1.
+    await exchange.send(depth(95, 99), depth(99, 103, [["10.0", "3.0"]]), trade(10), trade(11))
+    await eventually(lambda: _true(collector.book_valid("BTCUSDT")), what="book synced")
+    await exchange.send(depth(104, 105, [["9.0", "1.0"]]), depth(104, 105), trade(11), trade(14))
+    exchange.history = {i: history_row(i) for i in range(1, 100)}
+    await eventually(lambda: _eq(trade_ids(client), [10, 11, 12, 13, 14]), what="back-filled 12, 13")
+    assert count(registry, "tickbridge_collector_trade_gaps_total", symbol="BTCUSDT") == 1
+    assert count(registry, "tickbridge_collector_backfilled_trades_total", symbol="BTCUSDT") == 2
+    assert collector.book("BTCUSDT").snapshot() == (105, [("10.0", "3.0"), ("9.0", "1.0")], [("11.0", "2.0")])
+    # A skipped update ID: only BTCUSDT resyncs; ETHUSDT stays valid.
+    exchange.snapshot = {"lastUpdateId": 50, "bids": [["1.0", "1.0"]], "asks": [["2.0", "1.0"]]}
+    await exchange.send(depth(40, 51, symbol="ETHUSDT"))
+    await eventually(lambda: _true(collector.book_valid("ETHUSDT")), what="ETH synced")
+    exchange.snapshot = {"lastUpdateId": 108, "bids": [["8.0", "1.0"]], "asks": [["12.0", "1.0"]]}
+    await exchange.send(depth(107, 109, [["8.5", "1.0"]]))  # 106 is missing
+    await eventually(lambda: _true(collector.book("BTCUSDT").last_update_id == 109), what="BTC resynced")
+    assert collector.book_valid("BTCUSDT")
+    assert collector.book("BTCUSDT").snapshot() == (109, [("8.5", "1.0"), ("8.0", "1.0")], [("12.0", "1.0")])
+    assert count(registry, "tickbridge_collector_resyncs_total", symbol="BTCUSDT") == 1
+    assert count(registry, "tickbridge_collector_resyncs_total", symbol="ETHUSDT") == 0
+    depth_ids = [(t.first_update_id, t.last_update_id) for t in await stream_ticks(client) if isinstance(t, DepthDiff)]
+    assert depth_ids == [(99, 103), (104, 105), (40, 51), (107, 109)]
+    await stop(collector, task)
+    # A new process resumes from the hash: trades 15..19 came while it was down.
+    registry2 = CollectorRegistry()
+    collector, task = await start(settings, registry2)
+    await eventually(lambda: _true(len(exchange.clients) == 2), what="second connection")
+    await exchange.send(trade(20), trade(21))
+    await eventually(lambda: _eq(trade_ids(client), list(range(10, 22))), what="restart back-fill")
+    assert count(registry2, "tickbridge_collector_backfilled_trades_total", symbol="BTCUSDT") == 5
+    await stop(collector, task)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _eq(coro: Awaitable[object], expected: object) -> bool:
+    return await coro == expected
