@@ -1,0 +1,425 @@
+"""`tickbridge consumer`: the Brain stream (consumer group) -> per-symbol streams + WARM sorted sets.
+
+Exactly once with several instances: each batch is one call of the Redis function
+`tickbridge_brain_ingest` (brain.lua) that, per entry, XACKs it and only if that XACK returned 1
+appends the tick to `market:<exchange>:trades|depth:<SYMBOL>` (with `src_id` = the Brain-stream ID)
+and the WARM zset. The call is atomic, so a crash before or after it never duplicates, and an entry
+another consumer already handled (XACK 0) is skipped. Entries are decoded and validated in Python
+first; invalid ones, and entries delivered more than CONSUMER_MAX_DELIVERIES times, go to the
+dead-letter stream through the same function (acked exactly once as well).
+
+On start the consumer re-reads its own pending entries, then claims entries idle for
+CONSUMER_CLAIM_IDLE_MS from consumers that died (XAUTOCLAIM, cursor loop, also periodically).
+
+The Brain only sees the VPS through data: the VPS link is reported up while the newest tick in the
+Brain stream is younger than `stale_after_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY, CollectorRegistry
+from redis.exceptions import ResponseError
+
+from tickbridge.brain.common import (
+    INGEST_FUNCTION,
+    RawEntry,
+    check,
+    group_floor,
+    id_key,
+    id_ms,
+    instance_name,
+    load_functions,
+    now_us,
+    parse_info_pairs,
+    parse_read_reply,
+)
+from tickbridge.core import keys
+from tickbridge.core.backoff import Backoff
+from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging
+from tickbridge.core.metrics import counter, gauge, histogram, serve_metrics
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
+from tickbridge.core.settings import Settings, load_settings
+from tickbridge.core.tick import TickError, Trade, decode_entry
+
+log = logging.getLogger(__name__)
+
+MONITOR_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
+
+
+class ConsumerMetrics:
+    """Prometheus metrics of the Brain consumer."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.entries = counter(
+            "consumer_entries_total",
+            "Brain-stream entries handled, by outcome (written, duplicate, dead_letter, missing)",
+            ("outcome",),
+            registry=registry,
+        )
+        self.dead_letters = counter(
+            "consumer_dead_letters_total", "Entries sent to the dead-letter stream", registry=registry
+        )
+        self.claimed = counter(
+            "consumer_claimed_total", "Entries re-delivered from the PEL or claimed", registry=registry
+        )
+        self.errors = counter("consumer_errors_total", "Batch failures by kind", ("kind",), registry=registry)
+        self.batch_seconds = histogram("consumer_batch_seconds", "Time of one ingest call", registry=registry)
+        self.batch_size = histogram(
+            "consumer_batch_entries",
+            "Entries per ingest call",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+            registry=registry,
+        )
+        self.throughput = gauge("consumer_throughput_ticks_per_second", "Entries handled per second", registry=registry)
+        self.lag = gauge(
+            "consumer_lag_entries", "Entries in the Brain stream not yet delivered to the group", registry=registry
+        )
+        self.pending = gauge("consumer_pending_entries", "Entries delivered but not acked (group)", registry=registry)
+        self.lag_seconds = gauge(
+            "consumer_lag_seconds",
+            "Age of the oldest entry not yet handled (pending or undelivered)",
+            registry=registry,
+        )
+        self.oldest_pending_age = gauge(
+            "consumer_oldest_pending_age_seconds", "Age of the oldest pending entry", registry=registry
+        )
+        self.staleness = gauge(
+            "consumer_data_staleness_seconds",
+            "Now minus the exchange time of the newest tick in the Brain stream",
+            registry=registry,
+        )
+        self.vps_link_up = gauge(
+            "consumer_vps_link_up",
+            "1 while ticks from the VPS keep arriving (staleness under the threshold)",
+            registry=registry,
+        )
+        self.dead_letter_length = gauge(
+            "consumer_dead_letter_entries", "Length of the dead-letter stream", registry=registry
+        )
+
+
+class BrainConsumer(Service):
+    """One consumer instance of the Brain consumer group."""
+
+    name = "consumer"
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry = REGISTRY,
+        *,
+        stale_after_s: float = 10.0,
+        trim_retention_s: float = 60.0,
+        monitor_interval_s: float = 1.0,
+        block_ms: int = 500,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.metrics = ConsumerMetrics(registry)
+        self.stream = settings.stream_key
+        self.group = settings.consumer_group
+        self.consumer = instance_name(settings, "consumer")
+        self.stale_after_s = stale_after_s
+        self.trim_retention_s = trim_retention_s
+        self.monitor_interval_s = monitor_interval_s
+        self.block_ms = block_ms
+        self.warm_window_us = int(settings.warm_window_s * 1_000_000)
+        self.watchdog = Watchdog(default_limit=120.0)
+        self.client: aioredis.Redis | None = None
+        self.handled = 0
+        self._need_recover = True
+        self._last_claim = 0.0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        self.client = make_client(self.settings.brain_redis_url, self.settings)
+        log.info("consumer %s on %s group %s", self.consumer, self.stream, self.group)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._consume_loop())
+                tg.create_task(self._monitor_loop())
+                tg.create_task(self.watchdog.run(self.stopping))
+        finally:
+            await self.client.aclose()
+            log.info("consumer %s stopped after %d entries", self.consumer, self.handled)
+
+    async def _setup(self) -> None:
+        assert self.client is not None
+        await load_functions(self.client)
+        await ensure_group(self.client, self.stream, self.group, "0")
+
+    async def _consume_loop(self) -> None:
+        backoff = Backoff(base=0.1, cap=5.0)
+        ready = False
+        while not self.stopping.is_set():
+            self.watchdog.beat("consume")
+            try:
+                if not ready:
+                    await self._setup()
+                    ready = True
+                if self._need_recover:
+                    await self.recover_own()
+                    self._need_recover = False
+                if time.monotonic() - self._last_claim > self.settings.consumer_claim_idle_ms / 2000:
+                    await self.claim_idle()
+                    self._last_claim = time.monotonic()
+                await self.read_new()
+                backoff.reset()
+            except TRANSIENT_ERRORS as exc:
+                self.metrics.errors.labels("redis").inc()
+                log.warning("Brain Redis unavailable (%s); retrying", exc)
+                ready = False
+                self._need_recover = True
+                await self.sleep_or_stop(backoff.next())
+            except ResponseError as exc:
+                self.metrics.errors.labels("response").inc()
+                log.error("Redis error: %s", exc)
+                ready = False  # NOGROUP / missing function: recreate, then re-read our PEL
+                self._need_recover = True
+                await self.sleep_or_stop(backoff.next())
+
+    # ---------------------------------------------------------------- reading
+
+    async def _read(self, start: str, block: bool) -> list[RawEntry]:
+        assert self.client is not None
+        cmd: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.settings.consumer_batch]
+        if block:
+            cmd += ["BLOCK", self.block_ms]
+        cmd += ["STREAMS", self.stream, start]
+        (reply,) = await execute_packed(self.client, [cmd])
+        streams = parse_read_reply(check(reply))
+        return next(iter(streams.values()), [])
+
+    async def read_new(self) -> int:
+        """Read and handle one batch of new entries (blocks up to `block_ms`)."""
+        entries = await self._read(">", block=True)
+        if entries:
+            await self.process(entries, recovered=False)
+        return len(entries)
+
+    async def recover_own(self) -> int:
+        """Handle this consumer's own pending entries (delivered before a crash, never acked)."""
+        total = 0
+        cursor = "0"
+        while not self.stopping.is_set():
+            entries = await self._read(cursor, block=False)
+            if not entries:
+                break
+            self.metrics.claimed.inc(len(entries))
+            await self.process(entries, recovered=True)
+            total += len(entries)
+            cursor = entries[-1][0].decode()
+        if total:
+            log.info("re-handled %d own pending entries", total)
+        return total
+
+    async def claim_idle(self) -> int:
+        """XAUTOCLAIM entries idle past CONSUMER_CLAIM_IDLE_MS (consumers that died) and handle them."""
+        assert self.client is not None
+        total = 0
+        cursor = "0-0"
+        for _ in range(1000):  # bounded: a huge PEL is finished on the next round
+            cmd: Command = [
+                "XAUTOCLAIM", self.stream, self.group, self.consumer, self.settings.consumer_claim_idle_ms,
+                cursor, "COUNT", self.settings.consumer_batch,
+            ]  # fmt: skip
+            (reply,) = await execute_packed(self.client, [cmd])
+            reply = check(reply)
+            cursor = reply[0].decode()
+            entries: list[RawEntry] = [(e[0], e[1]) for e in reply[1]]
+            if entries:
+                self.metrics.claimed.inc(len(entries))
+                await self.process(entries, recovered=True)
+                total += len(entries)
+            deleted = reply[2] if len(reply) > 2 else []
+            if deleted:
+                self.metrics.entries.labels("missing").inc(len(deleted))
+                log.warning("%d pending entries were trimmed before anyone handled them", len(deleted))
+            if cursor == "0-0":
+                break
+        if total:
+            log.info("claimed %d idle entries", total)
+        return total
+
+    async def _delivery_counts(self, entries: Sequence[RawEntry]) -> dict[bytes, int]:
+        assert self.client is not None
+        lo, hi = entries[0][0], entries[-1][0]
+        cmd: Command = ["XPENDING", self.stream, self.group, lo, hi, len(entries) * 2 + 10, self.consumer]
+        (reply,) = await execute_packed(self.client, [cmd])
+        return {row[0]: int(row[3]) for row in check(reply)}
+
+    # ---------------------------------------------------------------- writing
+
+    async def process(self, entries: Sequence[RawEntry], *, recovered: bool) -> tuple[int, int]:
+        """Validate a batch and hand it to the atomic ingest function; returns (written, duplicates)."""
+        assert self.client is not None
+        counts = await self._delivery_counts(entries) if recovered else {}
+        key_index: dict[str, int] = {}
+        key_list: list[str] = [self.stream]
+
+        def index(key: str) -> int:
+            idx = key_index.get(key)
+            if idx is None:
+                key_list.append(key)
+                idx = key_index[key] = len(key_list)
+            return idx
+
+        args: list[str | bytes | int] = [self.group, self.warm_window_us]
+        dead = 0
+        newest = 0
+        for entry_id, fields in entries:
+            if fields is None:  # deleted from the stream while pending: nothing left to write
+                args += [entry_id, index(keys.CONSUMER_DEAD_LETTER), 0, 0, b"", 4,
+                         "reason", "entry deleted while pending", "src_stream", self.stream]  # fmt: skip
+                dead += 1
+                continue
+            deliveries = counts.get(entry_id, 1)
+            reason: str | None = None
+            if deliveries > self.settings.consumer_max_deliveries:
+                reason = f"delivered {deliveries} times"
+            else:
+                try:
+                    tick = decode_entry(fields)
+                except TickError as exc:
+                    reason = str(exc)
+            if reason is not None:
+                raw = list(fields) if len(fields) % 2 == 0 else [*fields, b""]
+                args += [entry_id, index(keys.CONSUMER_DEAD_LETTER), 0, 0, b"", len(raw) + 2, "reason", reason, *raw]
+                dead += 1
+                continue
+            if isinstance(tick, Trade):
+                member = f"{tick.trade_id}|{tick.price}|{tick.volume}|{tick.side}|{tick.recv_ts}"
+                target = index(keys.trades_key(tick.symbol, tick.exchange))
+                warm = index(keys.warm_key(tick.symbol, tick.exchange))
+                args += [entry_id, target, warm, tick.timestamp, member, len(fields), *fields]
+            else:
+                args += [entry_id, index(keys.depth_key(tick.symbol, tick.exchange)), 0, 0, b"", len(fields), *fields]
+            newest = max(newest, tick.timestamp)
+        cmd: list[str | bytes | int] = ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *args]
+        started = time.perf_counter()
+        (reply,) = await execute_packed(self.client, [cmd])
+        written, dup = check(reply)
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(entries))
+        if dead:
+            # Dead letters are "written" to the dead-letter stream by the same call; split the count.
+            self.metrics.dead_letters.inc(dead)
+            self.metrics.entries.labels("dead_letter").inc(dead)
+            log.warning("%d entries sent to %s", dead, keys.CONSUMER_DEAD_LETTER)
+        self.metrics.entries.labels("written").inc(max(0, int(written) - dead))
+        if dup:
+            self.metrics.entries.labels("duplicate").inc(int(dup))
+        self.handled += len(entries)
+        return int(written), int(dup)
+
+    # ---------------------------------------------------------------- monitoring
+
+    async def _monitor_loop(self) -> None:
+        last_handled, last_t = self.handled, time.monotonic()
+        last_trim = 0.0
+        while not await self.sleep_or_stop(self.monitor_interval_s):
+            now = time.monotonic()
+            self.metrics.throughput.set((self.handled - last_handled) / max(now - last_t, 1e-6))
+            last_handled, last_t = self.handled, now
+            try:
+                await self.update_metrics()
+                if now - last_trim > 5.0:
+                    await self.trim()
+                    last_trim = now
+            except MONITOR_ERRORS as exc:
+                log.debug("monitor: %s", exc)
+
+    async def update_metrics(self) -> None:
+        """Lag, pending, ages, staleness, VPS link status, dead letters, heartbeat."""
+        assert self.client is not None
+        cmds: list[Command] = [
+            ["XINFO", "GROUPS", self.stream],
+            ["XPENDING", self.stream, self.group],
+            ["XREVRANGE", self.stream, "+", "-", "COUNT", 1],
+            ["XLEN", keys.CONSUMER_DEAD_LETTER],
+            ["SET", keys.heartbeat_key("consumer", self.consumer), str(time.time()), "EX", 15],
+        ]
+        groups_r, pending_r, newest_r, dl_r, _ = await execute_packed(self.client, cmds)
+        now_ms = time.time() * 1000
+        ages: list[float] = []
+        if not isinstance(groups_r, BaseException):
+            for g in groups_r:
+                info = parse_info_pairs(g)
+                if info[b"name"].decode() != self.group:
+                    continue
+                lag = info.get(b"lag")
+                self.metrics.lag.set(float(lag) if lag is not None else 0.0)
+                self.metrics.pending.set(float(info[b"pending"]))
+                (nxt,) = await execute_packed(
+                    self.client, [["XRANGE", self.stream, b"(" + info[b"last-delivered-id"], "+", "COUNT", 1]]
+                )
+                if not isinstance(nxt, BaseException) and nxt:
+                    ages.append(max(0.0, (now_ms - id_ms(nxt[0][0])) / 1000))
+        if not isinstance(pending_r, BaseException) and pending_r and pending_r[0]:
+            age = max(0.0, (now_ms - id_ms(pending_r[1])) / 1000)
+            self.metrics.oldest_pending_age.set(age)
+            ages.append(age)
+        else:
+            self.metrics.oldest_pending_age.set(0)
+        self.metrics.lag_seconds.set(max(ages) if ages else 0.0)
+        if not isinstance(newest_r, BaseException) and newest_r:
+            fields = newest_r[0][1]
+            ts = _field(fields, b"timestamp")
+            if ts is not None:
+                staleness = max(0.0, (now_us() - ts) / 1e6)
+                self.metrics.staleness.set(staleness)
+                self.metrics.vps_link_up.set(1 if staleness < self.stale_after_s else 0)
+        else:
+            self.metrics.vps_link_up.set(0)
+        if not isinstance(dl_r, BaseException):
+            self.metrics.dead_letter_length.set(float(dl_r))
+
+    async def trim(self) -> None:
+        """Trim the Brain stream below what every group still needs, keeping `trim_retention_s` of history.
+
+        The forwarder dedups by explicit IDs against the stream's last ID, which survives trimming.
+        """
+        assert self.client is not None
+        floor = await group_floor(self.client, self.stream)
+        if floor is None:
+            return
+        keep_ms = int(time.time() * 1000 - self.trim_retention_s * 1000)
+        minid = min(floor, (keep_ms, 0))
+        if minid[0] <= 0:
+            return
+        await execute_packed(self.client, [["XTRIM", self.stream, "MINID", "~", f"{minid[0]}-{minid[1]}"]])
+
+
+def _field(fields: list[bytes] | None, name: bytes) -> int | None:
+    if not fields:
+        return None
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == name:
+            try:
+                return int(fields[i + 1])
+            except ValueError:
+                return None
+    return None
+
+
+def id_sort_key(entry: tuple[bytes, Any]) -> tuple[int, int]:
+    return id_key(entry[0])
+
+
+def main(argv: list[str]) -> None:
+    """`tickbridge consumer` (no options: configuration comes from the environment)."""
+    if argv and argv[0] in {"-h", "--help"}:
+        print("usage: tickbridge consumer   (configured by BRAIN_REDIS_URL, STREAM_KEY, CONSUMER_GROUP, ...)")
+        return
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    serve_metrics(settings.metrics_port_for("consumer"), settings.metrics_bind)
+    run_service(lambda: BrainConsumer(settings))

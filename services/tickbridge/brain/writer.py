@@ -1,0 +1,517 @@
+"""`tickbridge writer`: the Brain's per-symbol streams -> QuestDB `trades` and `depth_updates`.
+
+Consumer group `tickbridge-writer` on every per-symbol stream (the configured symbols plus any found
+by SCAN). Rows are batched by size (WRITER_BATCH_ROWS) and time (WRITER_FLUSH_INTERVAL_S); each table
+is one ILP-over-HTTP request (`transactional=True`: one request = one transaction), and the stream
+entries of a table are XACKed only after QuestDB confirmed it. A crash between flush and ack re-sends
+the rows, which the tables' `DEDUP UPSERT KEYS` absorb. When QuestDB is down or slow the batch is
+kept, reading pauses and the flush is retried with backoff: nothing is acked unflushed.
+
+WARM lives in the consumer's sorted sets only, so the writer trims each per-symbol stream below what
+its group still needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY, CollectorRegistry
+from questdb.ingress import Buffer, IngressError, Sender, TimestampMicros
+from redis.exceptions import ResponseError
+
+from tickbridge.brain.common import check, group_floor, instance_name, parse_info_pairs, parse_read_reply
+from tickbridge.core import keys
+from tickbridge.core.backoff import Backoff
+from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging
+from tickbridge.core.metrics import counter, gauge, histogram, serve_metrics
+from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
+from tickbridge.core.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+TRADES_TABLE = "trades"
+DEPTH_TABLE = "depth_updates"
+#: Rows the writer cannot turn into a QuestDB row (should not happen: the consumer validated them).
+WRITER_DEAD_LETTER = "tickbridge:deadletter:writer"
+
+TRADES_DDL = (
+    "CREATE TABLE IF NOT EXISTS trades (timestamp TIMESTAMP, exchange SYMBOL, symbol SYMBOL, side SYMBOL, "
+    "price DOUBLE, volume DOUBLE, trade_id LONG, recv_ts TIMESTAMP) TIMESTAMP(timestamp) PARTITION BY DAY WAL "
+    "DEDUP UPSERT KEYS(timestamp, exchange, symbol, trade_id)"
+)
+#: Order-book diffs: levels as DOUBLE[][] arrays ([[price, qty], ...]), one row per diff event.
+DEPTH_DDL = (
+    "CREATE TABLE IF NOT EXISTS depth_updates (timestamp TIMESTAMP, exchange SYMBOL, symbol SYMBOL, "
+    "first_update_id LONG, last_update_id LONG, bids DOUBLE[][], asks DOUBLE[][], recv_ts TIMESTAMP) "
+    "TIMESTAMP(timestamp) PARTITION BY DAY WAL DEDUP UPSERT KEYS(timestamp, exchange, symbol, last_update_id)"
+)
+
+#: Redis or QuestDB unavailable: keep the batch and retry.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, QuestDBError, IngressError)
+MONITOR_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError, QuestDBError)
+
+_EMPTY_LEVELS = np.empty((0, 2), dtype=np.float64)
+
+
+class WriterMetrics:
+    """Prometheus metrics of the writer."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.rows = counter("writer_rows_total", "Rows confirmed by QuestDB, by table", ("table",), registry=registry)
+        self.batch_rows = histogram(
+            "writer_batch_rows",
+            "Rows per flushed batch",
+            buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000),
+            registry=registry,
+        )
+        self.latency = histogram("writer_write_seconds", "ILP flush latency by table", ("table",), registry=registry)
+        self.errors = counter("writer_errors_total", "Errors by kind", ("kind",), registry=registry)
+        self.backlog = gauge(
+            "writer_backlog_entries", "Entries in per-symbol streams not yet in QuestDB", registry=registry
+        )
+        self.buffered = gauge("writer_buffered_rows", "Rows held in memory awaiting a flush", registry=registry)
+        self.suspended = gauge("writer_suspended_tables", "QuestDB WAL tables that are suspended", registry=registry)
+        self.last_flush = gauge(
+            "writer_last_flush_timestamp_seconds", "Unix time of the last confirmed flush", registry=registry
+        )
+        self.dead_letters = counter(
+            "writer_dead_letters_total", "Entries that could not become rows", registry=registry
+        )
+
+
+@dataclass
+class TableBatch:
+    """Rows of one table and the stream entries they came from (acked together after the flush)."""
+
+    table: str
+    buffer: Buffer
+    rows: int = 0
+    ids: dict[bytes, list[bytes]] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.buffer.clear()
+        self.rows = 0
+        self.ids = {}
+
+
+class BrainWriter(Service):
+    """Writes the per-symbol streams to QuestDB, exactly once with DEDUP."""
+
+    name = "writer"
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry = REGISTRY,
+        *,
+        retry_timeout_ms: int = 5_000,
+        monitor_interval_s: float = 2.0,
+        discover_interval_s: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.metrics = WriterMetrics(registry)
+        self.consumer = instance_name(settings, "writer")
+        self.group = keys.WRITER_GROUP
+        self.retry_timeout_ms = retry_timeout_ms
+        self.monitor_interval_s = monitor_interval_s
+        self.discover_interval_s = discover_interval_s
+        self.streams: list[str] = []
+        for sym in settings.symbols:
+            self.streams += [keys.trades_key(sym), keys.depth_key(sym)]
+        self.client: aioredis.Redis | None = None
+        self.qdb = QuestDBHttp(settings.brain_questdb_url, settings)
+        self.sender: Sender | None = None
+        self.batches: dict[str, TableBatch] = {}
+        self.watchdog = Watchdog(default_limit=300.0)
+        self.written = 0
+        self._first_row_at: float | None = None
+        self._need_recover = True
+        self._last_claim = 0.0
+        self._last_discover = 0.0
+        self._grouped: set[str] = set()
+        self._pending_dead: list[tuple[bytes, bytes, str]] = []
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        self.client = make_client(self.settings.brain_redis_url, self.settings)
+        log.info("writer %s -> %s", self.consumer, self.settings.brain_questdb_url)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._write_loop())
+                tg.create_task(self._monitor_loop())
+                tg.create_task(self.watchdog.run(self.stopping))
+        finally:
+            if self.sender is not None:
+                self.sender.close()
+            await self.client.aclose()
+            await self.qdb.close()
+            log.info("writer %s stopped after %d rows", self.consumer, self.written)
+
+    def _new_sender(self) -> Sender:
+        conf = ilp_conf(self.settings.brain_questdb_url, self.settings, retry_timeout_ms=self.retry_timeout_ms)
+        sender = Sender.from_conf(conf)
+        sender.establish()
+        return sender
+
+    async def _setup_questdb(self) -> None:
+        await self.qdb.exec(TRADES_DDL)
+        await self.qdb.exec(DEPTH_DDL)
+        if self.sender is None:
+            self.sender = await asyncio.to_thread(self._new_sender)
+        sender: Any = self.sender
+        if not self.batches:
+            for table in (TRADES_TABLE, DEPTH_TABLE):
+                self.batches[table] = TableBatch(table, sender.new_buffer())
+
+    async def _setup_groups(self, streams: Iterable[str]) -> None:
+        assert self.client is not None
+        for stream in streams:
+            if stream not in self._grouped:
+                await ensure_group(self.client, stream, self.group, "0")
+                self._grouped.add(stream)
+
+    async def discover(self) -> None:
+        """Add per-symbol streams that exist in Redis but are not in SYMBOLS (never lose a symbol)."""
+        assert self.client is not None
+        found: list[str] = []
+        for pattern in ("market:*:trades:*", "market:*:depth:*"):
+            async for key in self.client.scan_iter(match=pattern, count=1000, _type="stream"):
+                found.append(key.decode())
+        new = sorted(set(found) - set(self.streams))
+        if new:
+            log.info("discovered %d more per-symbol streams", len(new))
+            self.streams += new
+        await self._setup_groups(self.streams)
+
+    async def _write_loop(self) -> None:
+        backoff = Backoff(base=0.2, cap=5.0)
+        ready = False
+        while not self.stopping.is_set():
+            self.watchdog.beat("write")
+            try:
+                if not ready:
+                    await self._setup_questdb()
+                    await self._setup_groups(self.streams)
+                    ready = True
+                now = time.monotonic()
+                if now - self._last_discover > self.discover_interval_s:
+                    await self.discover()
+                    self._last_discover = now
+                if self._need_recover:
+                    await self.recover_own()
+                    self._need_recover = False
+                if now - self._last_claim > self.settings.consumer_claim_idle_ms / 2000:
+                    await self.claim_idle()
+                    self._last_claim = now
+                await self.read_new()
+                if self._due():
+                    await self.flush_all()
+                backoff.reset()
+            except OUTAGE_ERRORS as exc:
+                # Redis or QuestDB unavailable: keep the batch (unacked), back off, re-read our PEL later.
+                self.metrics.errors.labels(type(exc).__name__).inc()
+                log.warning("writer: %s; retrying", exc)
+                ready = ready and not isinstance(exc, QuestDBError)
+                await self.sleep_or_stop(backoff.next())
+            except ResponseError as exc:
+                self.metrics.errors.labels("redis_response").inc()
+                log.error("writer: Redis error %s", exc)
+                ready = False
+                self._grouped.clear()
+                self._reset_batches()
+                await self.sleep_or_stop(backoff.next())
+        await self._final_flush()
+
+    def _reset_batches(self) -> None:
+        """Forget unflushed rows (their entries stay pending and are re-read from our PEL)."""
+        for batch in self.batches.values():
+            batch.clear()
+        self._first_row_at = None
+        self._need_recover = True
+
+    async def _final_flush(self) -> None:
+        if not any(b.rows for b in self.batches.values()):
+            return
+        try:
+            await self.flush_all(retry=False)
+        except Exception as exc:  # stopping: unacked entries are re-sent by the next writer
+            log.warning("final flush failed (%s); entries stay pending", exc)
+
+    # ---------------------------------------------------------------- reading
+
+    def _rows(self) -> int:
+        return sum(b.rows for b in self.batches.values())
+
+    def _due(self) -> bool:
+        rows = self._rows()
+        if rows >= self.settings.writer_batch_rows:
+            return True
+        return (
+            rows > 0
+            and self._first_row_at is not None
+            and (time.monotonic() - self._first_row_at >= self.settings.writer_flush_interval_s)
+        )
+
+    def _per_stream_count(self) -> int:
+        return max(200, self.settings.writer_batch_rows // 8)
+
+    async def _read(self, starts: list[str], block_ms: int | None) -> dict[bytes, list[Any]]:
+        assert self.client is not None
+        cmd: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self._per_stream_count()]
+        if block_ms is not None:
+            cmd += ["BLOCK", block_ms]
+        cmd += ["STREAMS", *self.streams, *starts]
+        (reply,) = await execute_packed(self.client, [cmd])
+        return parse_read_reply(check(reply))
+
+    async def read_new(self) -> int:
+        if self._rows() >= self.settings.writer_batch_rows:
+            return 0
+        if self._first_row_at is None:
+            block = 500
+        else:
+            left = self.settings.writer_flush_interval_s - (time.monotonic() - self._first_row_at)
+            block = max(1, int(left * 1000))
+        got = await self._read([">"] * len(self.streams), min(block, 500))
+        return self._add(got)
+
+    async def recover_own(self) -> int:
+        """Re-read our own pending entries (delivered before a crash or a failed flush)."""
+        cursors = {s: "0" for s in self.streams}
+        total = 0
+        while not self.stopping.is_set():
+            starts = [cursors[s] for s in self.streams]
+            got = await self._read(starts, None)
+            n = 0
+            for stream, entries in got.items():
+                if entries:
+                    cursors[stream.decode()] = entries[-1][0].decode()
+                    n += len(entries)
+            if n == 0:
+                break
+            total += self._add(got)
+            if self._rows() >= self.settings.writer_batch_rows:
+                await self.flush_all()
+        if total:
+            log.info("re-read %d own pending entries", total)
+        return total
+
+    async def claim_idle(self) -> int:
+        """Claim entries of writers that died (idle past CONSUMER_CLAIM_IDLE_MS)."""
+        assert self.client is not None
+        total = 0
+        for stream in self.streams:
+            cursor = "0-0"
+            for _ in range(100):
+                cmd: Command = [
+                    "XAUTOCLAIM", stream, self.group, self.consumer, self.settings.consumer_claim_idle_ms, cursor,
+                    "COUNT", self._per_stream_count(),
+                ]  # fmt: skip
+                (reply,) = await execute_packed(self.client, [cmd])
+                reply = check(reply)
+                cursor = reply[0].decode()
+                entries = [e for e in reply[1] if e[1] is not None]
+                if entries:
+                    total += self._add({stream.encode(): entries})
+                    if self._rows() >= self.settings.writer_batch_rows:
+                        await self.flush_all()
+                if cursor == "0-0":
+                    break
+        if total:
+            log.info("claimed %d idle entries", total)
+        return total
+
+    def _add(self, got: dict[bytes, list[Any]]) -> int:
+        """Turn stream entries into ILP rows in the per-table buffers."""
+        n = 0
+        trades, depth = self.batches[TRADES_TABLE], self.batches[DEPTH_TABLE]
+        dead: list[tuple[bytes, bytes, str]] = []
+        for stream, entries in got.items():
+            for entry_id, fields in entries:
+                if fields is None:
+                    continue
+                f = dict(zip(fields[::2], fields[1::2], strict=True))
+                try:
+                    kind = f[b"type"]
+                    if kind == b"TRADE":
+                        trades.buffer.row(
+                            TRADES_TABLE,
+                            symbols={"exchange": f[b"exchange"].decode(), "symbol": f[b"symbol"].decode(),
+                                     "side": f[b"side"].decode()},
+                            columns={"price": float(f[b"price"]), "volume": float(f[b"volume"]),
+                                     "trade_id": int(f[b"trade_id"]), "recv_ts": TimestampMicros(int(f[b"recv_ts"]))},
+                            at=TimestampMicros(int(f[b"timestamp"])),
+                        )  # fmt: skip
+                        batch = trades
+                    elif kind == b"DEPTH":
+                        depth.buffer.row(
+                            DEPTH_TABLE,
+                            symbols={"exchange": f[b"exchange"].decode(), "symbol": f[b"symbol"].decode()},
+                            columns={"first_update_id": int(f[b"first_update_id"]),
+                                     "last_update_id": int(f[b"last_update_id"]),
+                                     "bids": _levels(f[b"bids"]), "asks": _levels(f[b"asks"]),
+                                     "recv_ts": TimestampMicros(int(f.get(b"recv_ts") or f[b"timestamp"]))},
+                            at=TimestampMicros(int(f[b"timestamp"])),
+                        )  # fmt: skip
+                        batch = depth
+                    else:
+                        raise ValueError(f"unknown type {kind[:20]!r}")
+                except (KeyError, ValueError, TypeError, IngressError, orjson.JSONDecodeError) as exc:
+                    dead.append((stream, entry_id, f"{type(exc).__name__}: {exc}"[:300]))
+                    continue
+                batch.rows += 1
+                batch.ids.setdefault(stream, []).append(entry_id)
+                n += 1
+        if dead:
+            # Acked with the dead-letter append in one MULTI so a crash cannot lose or repeat them.
+            self._pending_dead.extend(dead)
+        if n and self._first_row_at is None:
+            self._first_row_at = time.monotonic()
+        self.metrics.buffered.set(self._rows())
+        return n
+
+    # ---------------------------------------------------------------- flushing
+
+    async def flush_all(self, *, retry: bool = True) -> None:
+        """Flush each table (one transaction each), then ack its entries; retry with backoff until done."""
+        backoff = Backoff(base=0.2, cap=5.0)
+        rows_in_batch = self._rows()
+        for batch in self.batches.values():
+            while batch.rows:
+                try:
+                    await self._flush_table(batch)
+                except IngressError as exc:
+                    self.metrics.errors.labels("questdb_flush").inc()
+                    log.warning("flush of %d rows to %s failed: %s", batch.rows, batch.table, exc)
+                    if not retry or self.stopping.is_set():
+                        raise
+                    # The Sender may hold a broken connection: start a fresh one, keep the buffer.
+                    await self._replace_sender()
+                    if await self.sleep_or_stop(backoff.next()):
+                        raise
+                self.watchdog.beat("write")
+        await self._flush_dead()
+        if rows_in_batch:
+            self.metrics.batch_rows.observe(rows_in_batch)
+        self._first_row_at = None
+        self.metrics.buffered.set(self._rows())
+
+    async def _replace_sender(self) -> None:
+        old, self.sender = self.sender, None
+        if old is not None:
+            try:
+                old.close(flush=False)
+            except Exception as exc:
+                log.debug("closing sender: %s", exc)
+        try:
+            self.sender = await asyncio.to_thread(self._new_sender)
+        except IngressError as exc:
+            log.debug("new sender: %s", exc)
+
+    async def _flush_table(self, batch: TableBatch) -> None:
+        assert self.client is not None
+        if self.sender is None:
+            self.sender = await asyncio.to_thread(self._new_sender)
+        sender: Any = self.sender
+        started = time.perf_counter()
+        await asyncio.to_thread(sender.flush, batch.buffer, clear=False, transactional=True)
+        self.metrics.latency.labels(batch.table).observe(time.perf_counter() - started)
+        # QuestDB confirmed the transaction: now ack. If we die here, the re-send is deduplicated.
+        cmds: list[Command] = [["XACK", stream, self.group, *ids] for stream, ids in batch.ids.items()]
+        await execute_packed(self.client, cmds)
+        self.metrics.rows.labels(batch.table).inc(batch.rows)
+        self.metrics.last_flush.set(time.time())
+        self.written += batch.rows
+        batch.clear()
+
+    async def _flush_dead(self) -> None:
+        assert self.client is not None
+        if not self._pending_dead:
+            return
+        cmds: list[Command] = [["MULTI"]]
+        for stream, entry_id, reason in self._pending_dead:
+            cmds.append(["XADD", WRITER_DEAD_LETTER, "*", "stream", stream, "src_id", entry_id, "reason", reason])
+            cmds.append(["XACK", stream, self.group, entry_id])
+        cmds.append(["EXEC"])
+        await execute_packed(self.client, cmds)
+        self.metrics.dead_letters.inc(len(self._pending_dead))
+        log.error("%d entries could not become rows; see %s", len(self._pending_dead), WRITER_DEAD_LETTER)
+        self._pending_dead = []
+
+    # ---------------------------------------------------------------- monitoring
+
+    async def _monitor_loop(self) -> None:
+        last_trim = 0.0
+        while not await self.sleep_or_stop(self.monitor_interval_s):
+            try:
+                await self.update_metrics()
+                if time.monotonic() - last_trim > 5.0:
+                    await self.trim()
+                    last_trim = time.monotonic()
+            except MONITOR_ERRORS as exc:
+                log.debug("monitor: %s", exc)
+
+    async def update_metrics(self) -> None:
+        """Backlog from XINFO GROUPS (lag + pending), suspended WAL tables, heartbeat."""
+        assert self.client is not None
+        streams = list(self.streams)
+        cmds: list[Command] = [["XINFO", "GROUPS", s] for s in streams]
+        cmds.append(["SET", keys.heartbeat_key("writer", self.consumer), str(time.time()), "EX", 15])
+        replies = await execute_packed(self.client, cmds)
+        backlog = 0
+        for reply in replies[:-1]:
+            if isinstance(reply, BaseException):
+                continue
+            for g in reply:
+                info = parse_info_pairs(g)
+                if info[b"name"].decode() == self.group:
+                    backlog += int(info.get(b"lag") or 0) + int(info[b"pending"])
+        self.metrics.backlog.set(backlog)
+        try:
+            suspended = await self.qdb.suspended_tables()
+        except (QuestDBError, OSError, TimeoutError) as exc:
+            log.debug("suspended check: %s", exc)
+            return
+        self.metrics.suspended.set(len(suspended))
+        if suspended:
+            log.error("QuestDB WAL tables suspended (nothing becomes visible): %s", ", ".join(suspended))
+
+    async def trim(self) -> None:
+        """Trim each per-symbol stream below what its groups still need (WARM is the zset, not the stream)."""
+        assert self.client is not None
+        cmds: list[Command] = []
+        for stream in list(self.streams):
+            floor = await group_floor(self.client, stream)
+            if floor is not None and floor > (0, 0):
+                cmds.append(["XTRIM", stream, "MINID", "~", f"{floor[0]}-{floor[1]}"])
+        if cmds:
+            await execute_packed(self.client, cmds)
+
+
+def _levels(raw: bytes) -> Any:
+    levels = orjson.loads(raw)
+    if not levels:
+        return _EMPTY_LEVELS
+    return np.array(levels, dtype=np.float64)
+
+
+def main(argv: list[str]) -> None:
+    """`tickbridge writer` (configured by BRAIN_REDIS_URL, BRAIN_QUESTDB_URL, WRITER_BATCH_ROWS, ...)."""
+    if argv and argv[0] in {"-h", "--help"}:
+        print("usage: tickbridge writer   (configured by BRAIN_REDIS_URL, BRAIN_QUESTDB_URL, WRITER_* ...)")
+        return
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    serve_metrics(settings.metrics_port_for("writer"), settings.metrics_bind)
+    run_service(lambda: BrainWriter(settings))
