@@ -525,6 +525,8 @@ class SimServer:
         sym = line.symbol
         data = line.data
         if line.stream is None:
+            # Everything before the snapshot line is on the wire before the REST body can be served.
+            self._flush_out()
             self._replay_books[sym] = ReplayBook(data)
             self._replay_last_u.setdefault(sym, data["lastUpdateId"])
             self._replay_snap_ready[sym].set()
