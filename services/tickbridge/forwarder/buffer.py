@@ -1,0 +1,221 @@
+"""The VPS disk buffer: a QuestDB WAL table that holds the oldest undelivered entries during a long outage.
+
+One row per stream entry. `ts` is writer-assigned and strictly increasing (`max(id_ms*1000, last_ts+1)` µs),
+so the designated-timestamp order is the entry-ID order and replay pages in natural order (questdb.md §2.6).
+`payload` is the entry's flat field/value list as JSON, exactly as Redis held it (VARCHAR, not DOUBLE: prices
+stay the exchange's strings and the Brain gets a byte-identical entry). VARCHAR carries the #7045 torn-segment
+risk on ungraceful QuestDB stops; we stop QuestDB with SIGTERM only and alert on suspended tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from questdb.ingress import Sender, TimestampMicros
+
+from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
+from tickbridge.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+StreamId = tuple[int, int]
+#: A raw entry as XRANGE returns it: (id, [field, value, field, value, ...]).
+RawEntry = tuple[bytes, Sequence[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class BufferRow:
+    """One replayable row: designated ts (µs), entry ID, field/value list."""
+
+    ts: int
+    entry_id: StreamId
+    fields: list[str] | list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    name: str
+    min_ts: int
+    max_ts: int
+    rows: int
+    disk_bytes: int
+
+
+def parse_id(raw: bytes | str) -> StreamId:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(entry_id: StreamId) -> str:
+    return f"{entry_id[0]}-{entry_id[1]}"
+
+
+def encode_payload(fields: Sequence[bytes]) -> str:
+    """JSON list of the field/value strings; entries that are not UTF-8 go base64 (`{"b64": [...]}`)."""
+    try:
+        return orjson.dumps([f.decode() for f in fields]).decode()
+    except UnicodeDecodeError:
+        return orjson.dumps({"b64": [base64.b64encode(f).decode() for f in fields]}).decode()
+
+
+def decode_payload(payload: str) -> list[str] | list[bytes]:
+    doc = orjson.loads(payload)
+    if isinstance(doc, dict):
+        return [base64.b64decode(x) for x in doc["b64"]]
+    return [str(x) for x in doc]
+
+
+def _field(fields: Sequence[bytes], name: bytes) -> str:
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == name:
+            return fields[i + 1].decode(errors="replace")[:32]
+    return ""
+
+
+def _ts_micros(value: Any) -> int:
+    return int(value) if value is not None else 0
+
+
+class SpillBuffer:
+    """Append, page, drop: the forwarder's only access to the `vps_buffer` table."""
+
+    def __init__(self, url: str, settings: Settings | None = None, *, table: str = "vps_buffer") -> None:
+        self.url = url
+        self.table = table
+        self.http = QuestDBHttp(url, settings, timeout=60.0)
+        self._conf = ilp_conf(url, settings, retry_timeout_ms=5_000)
+        self._sender: Sender | None = None
+        self.last_ts = 0
+        self.ready = False
+
+    async def close(self) -> None:
+        await self.http.close()
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            await asyncio.to_thread(self._close_sender, sender)
+
+    @staticmethod
+    def _close_sender(sender: Sender) -> None:
+        try:
+            sender.close()
+        except Exception:  # closing a sender whose server died: nothing left to flush
+            log.debug("sender close failed", exc_info=True)
+
+    async def ensure_table(self) -> None:
+        await self.http.exec(
+            f"CREATE TABLE IF NOT EXISTS {self.table} (ts TIMESTAMP, id_ms LONG, id_seq LONG, kind SYMBOL, "
+            "symbol SYMBOL, payload VARCHAR) TIMESTAMP(ts) PARTITION BY HOUR WAL DEDUP UPSERT KEYS(ts, id_ms, id_seq)"
+        )
+        self.ready = True
+
+    async def recover(self) -> tuple[StreamId | None, int]:
+        """After every commit is visible: (highest entry ID held, its ts). Drives crash recovery of a spill."""
+        await self.ensure_table()
+        await self.http.wait_applied(self.table, timeout=120.0)
+        rows = await self.http.rows(f"SELECT id_ms, id_seq, ts::long FROM {self.table} ORDER BY ts DESC LIMIT 1")
+        if not rows:
+            return None, self.last_ts
+        self.last_ts = max(self.last_ts, _ts_micros(rows[0][2]))
+        return (int(rows[0][0]), int(rows[0][1])), self.last_ts
+
+    async def append(self, entries: Sequence[RawEntry]) -> int:
+        """Write `entries` in one transaction, wait until visible, check the last is readable; return its ts."""
+        if not entries:
+            return self.last_ts
+        last_ts = await asyncio.to_thread(self._write, entries, self.last_ts)
+        await self.http.wait_applied(self.table, timeout=120.0)
+        last_id = parse_id(entries[-1][0])
+        seen = await self.http.rows(f"SELECT id_ms, id_seq FROM {self.table} WHERE ts = {last_ts}::timestamp LIMIT 1")
+        if not seen or (int(seen[0][0]), int(seen[0][1])) != last_id:
+            raise QuestDBError(f"{self.table}: spilled entry {format_id(last_id)} not visible after commit")
+        self.last_ts = last_ts
+        return last_ts
+
+    def _write(self, entries: Sequence[RawEntry], last_ts: int) -> int:
+        if self._sender is None:
+            sender = Sender.from_conf(self._conf)
+            sender.establish()
+            self._sender = sender
+        buf = self._sender.new_buffer()
+        ts = last_ts
+        table = self.table
+        for raw_id, fields in entries:
+            ms, seq = parse_id(raw_id)
+            ts = max(ms * 1000, ts + 1)
+            buf.row(
+                table,
+                symbols={"kind": _field(fields, b"type") or "?", "symbol": _field(fields, b"symbol") or "?"},
+                columns={"id_ms": ms, "id_seq": seq, "payload": encode_payload(fields)},
+                at=TimestampMicros(ts),
+            )
+        try:
+            self._sender.flush(buf, transactional=True)
+        except Exception:
+            # The sender may be unusable now (server gone): start a fresh one next time.
+            sender, self._sender = self._sender, None
+            self._close_sender(sender)
+            raise
+        return ts
+
+    async def first_after(self, entry_id: StreamId) -> int | None:
+        """ts of the first row whose ID is above `entry_id` (None if none): where a replay starts."""
+        ms, seq = entry_id
+        rows = await self.http.rows(
+            f"SELECT ts::long FROM {self.table} WHERE ts >= {ms * 1000}::timestamp AND "
+            f"(id_ms > {ms} OR (id_ms = {ms} AND id_seq > {seq})) ORDER BY ts LIMIT 1"
+        )
+        return _ts_micros(rows[0][0]) if rows else None
+
+    async def page(self, after_ts: int, limit: int) -> list[BufferRow]:
+        """The next `limit` rows after `after_ts`, in ts (= ID) order."""
+        rows = await self.http.rows(
+            f"SELECT ts::long, id_ms, id_seq, payload FROM {self.table} WHERE ts > {after_ts}::timestamp "
+            f"ORDER BY ts LIMIT {limit}"
+        )
+        return [BufferRow(_ts_micros(r[0]), (int(r[1]), int(r[2])), decode_payload(r[3])) for r in rows]
+
+    async def count_after(self, after_ts: int) -> int:
+        return int(await self.http.scalar(f"SELECT count() FROM {self.table} WHERE ts > {after_ts}::timestamp") or 0)
+
+    async def count_between(self, after_ts: int, upto_ts: int) -> int:
+        sql = f"SELECT count() FROM {self.table} WHERE ts > {after_ts}::timestamp AND ts <= {upto_ts}::timestamp"
+        return int(await self.http.scalar(sql) or 0)
+
+    async def partitions(self) -> list[Partition]:
+        rows = await self.http.rows(
+            "SELECT name, minTimestamp::long, maxTimestamp::long, numRows, diskSize "
+            f"FROM table_partitions('{self.table}') ORDER BY minTimestamp"
+        )
+        return [Partition(str(r[0]), _ts_micros(r[1]), _ts_micros(r[2]), int(r[3] or 0), int(r[4] or 0)) for r in rows]
+
+    async def drop_before(self, cutoff_ts: int) -> int:
+        """Drop every partition that ends before the hour of `cutoff_ts` (all its rows are delivered)."""
+        parts = [p for p in await self.partitions() if p.rows and p.max_ts < cutoff_ts - cutoff_ts % 3_600_000_000]
+        if not parts:
+            return 0
+        await self._drop([p.name for p in parts])
+        return sum(p.rows for p in parts)
+
+    async def drop_partition(self, part: Partition) -> None:
+        await self._drop([part.name])
+
+    async def _drop(self, names: list[str]) -> None:
+        listed = ", ".join(f"'{n}'" for n in names)
+        try:
+            await self.http.exec(f"ALTER TABLE {self.table} DROP PARTITION LIST {listed}")
+        except QuestDBError as exc:
+            if "no partitions matched" not in str(exc) and "could not remove partition" not in str(exc):
+                raise
+        await self.http.wait_applied(self.table, timeout=120.0)
+
+
+def now_us() -> int:
+    return int(time.time() * 1_000_000)

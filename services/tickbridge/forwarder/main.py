@@ -1,0 +1,25 @@
+"""`tickbridge forwarder`: entry point."""
+
+from __future__ import annotations
+
+import os
+
+from tickbridge.core.lifecycle import run_service, setup_logging
+from tickbridge.core.metrics import serve_metrics
+from tickbridge.core.settings import load_settings
+from tickbridge.forwarder.service import Forwarder
+
+#: Buffer table name override (tests sharing one QuestDB); the contract name is `vps_buffer`.
+TABLE_ENV = "FORWARDER_BUFFER_TABLE"
+
+
+def main(argv: list[str]) -> None:
+    """Run the forwarder until SIGTERM/SIGINT."""
+    if argv and argv[0] in {"-h", "--help"}:
+        print("usage: tickbridge forwarder  (configured by the environment: see docs and .env.example)")
+        raise SystemExit(0)
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    serve_metrics(settings.metrics_port_for("forwarder"), settings.metrics_bind)
+    table = os.environ.get(TABLE_ENV, "vps_buffer")
+    run_service(lambda: Forwarder(settings, buffer_table=table))

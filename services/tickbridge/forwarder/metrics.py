@@ -1,0 +1,64 @@
+"""Prometheus metrics of the forwarder (`tickbridge_forwarder_*`)."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from tickbridge.core.metrics import counter, gauge, histogram
+
+MODES: tuple[str, ...] = ("direct", "ram_backlog", "disk_spill", "replay")
+
+
+class ForwarderMetrics:
+    """Every forwarder series; one instance per process (or per test, with a fresh registry)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        r = registry
+        self.sent = counter("forwarder_sent_total", "Entries newly appended to the Brain stream", registry=r)
+        self.already_delivered = counter(
+            "forwarder_already_delivered_total",
+            "Entries the Brain already held (XADD ID at or below its top)",
+            registry=r,
+        )
+        self.replayed = counter("forwarder_replayed_total", "Entries replayed from the QuestDB buffer", registry=r)
+        self.spilled = counter("forwarder_spilled_total", "Entries moved from Redis to the QuestDB buffer", registry=r)
+        self.retries = counter("forwarder_retries_total", "Retries after a failed step", ("target",), registry=r)
+        self.errors = counter("forwarder_errors_total", "Failed steps", ("target",), registry=r)
+        self.dropped = counter(
+            "forwarder_dropped_total",
+            "Undelivered ticks dropped because the disk buffer budget was exceeded",
+            registry=r,
+        )
+        self.rewinds = counter(
+            "forwarder_rewinds_total",
+            "Brain stream top found behind the checkpoint (resent from the VPS copy)",
+            registry=r,
+        )
+        self.connected = gauge("forwarder_connected", "1 if the link works", ("target",), registry=r)
+        self.mode = gauge("forwarder_mode", "1 for the current mode", ("mode",), registry=r)
+        self.send_rate = gauge("forwarder_send_rate", "Entries delivered per second (last interval)", registry=r)
+        self.backlog_entries = gauge(
+            "forwarder_backlog_entries", "Undelivered entries (buffer + Redis, Redis part estimated)", registry=r
+        )
+        self.backlog_oldest_age = gauge(
+            "forwarder_backlog_oldest_age_seconds", "Age of the oldest undelivered entry (by its ID)", registry=r
+        )
+        self.replay_eta = gauge("forwarder_replay_eta_seconds", "Backlog / drain rate (0 when caught up)", registry=r)
+        self.redis_bytes = gauge("forwarder_redis_stream_bytes", "MEMORY USAGE of the VPS stream", registry=r)
+        self.buffer_rows = gauge("forwarder_buffer_rows", "Rows held in the QuestDB buffer", registry=r)
+        self.buffer_undelivered = gauge(
+            "forwarder_buffer_undelivered_rows", "Buffer rows not yet delivered", registry=r
+        )
+        self.buffer_bytes = gauge("forwarder_buffer_bytes", "Disk size of the QuestDB buffer partitions", registry=r)
+        self.buffer_hours = gauge("forwarder_buffer_hours", "Time span held in the QuestDB buffer", registry=r)
+        self.checkpoint_ms = gauge("forwarder_checkpoint_ms", "Millisecond part of the confirmed entry ID", registry=r)
+        self.batch_seconds = histogram("forwarder_batch_seconds", "Brain XADD batch round trip", registry=r)
+        for target in ("brain", "vps", "questdb"):
+            self.connected.labels(target).set(0)
+            self.retries.labels(target)
+            self.errors.labels(target)
+        self.set_mode("direct")
+
+    def set_mode(self, mode: str) -> None:
+        for name in MODES:
+            self.mode.labels(name).set(1 if name == mode else 0)

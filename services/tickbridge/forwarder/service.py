@@ -1,0 +1,573 @@
+"""The forwarder loop: deliver, spill, replay and clean up, one step at a time in a single task.
+
+Invariant (what is undelivered): QuestDB buffer rows with ID > checkpoint, then VPS Redis entries with
+ID > max(checkpoint, buffer_high). Every buffer row precedes every Redis entry, so "buffer first, then
+Redis" is strict ID order. The checkpoint is the Brain stream's top (`last-generated-id`, which survives
+trimming), read on every (re)connect; a copy lives in the VPS hash `keys.FORWARDER_STATE`. Because the
+Brain rejects an XADD at or below its top, a resent entry is recognised as delivered, never duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from prometheus_client import REGISTRY, CollectorRegistry
+from questdb.ingress import IngressError
+from redis.exceptions import ResponseError
+
+from tickbridge.core import keys
+from tickbridge.core.backoff import Backoff
+from tickbridge.core.lifecycle import Service, Watchdog
+from tickbridge.core.questdb_io import QuestDBError
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
+from tickbridge.core.settings import Settings
+from tickbridge.forwarder.buffer import RawEntry, SpillBuffer, StreamId, format_id, parse_id
+from tickbridge.forwarder.metrics import ForwarderMetrics
+
+log = logging.getLogger(__name__)
+
+ZERO: StreamId = (0, 0)
+QUESTDB_ERRORS: tuple[type[BaseException], ...] = (
+    QuestDBError, IngressError, aiohttp.ClientError, TimeoutError, OSError,
+)  # fmt: skip
+
+
+class LinkDown(Exception):
+    """A link (brain, vps, questdb) failed; the loop backs off and retries that link only."""
+
+    def __init__(self, target: str, cause: BaseException | str) -> None:
+        super().__init__(f"{target}: {cause}")
+        self.target = target
+
+
+def next_id(entry_id: StreamId) -> str:
+    """The smallest ID above `entry_id` (XTRIM MINID keeps IDs >= it)."""
+    return format_id((entry_id[0], entry_id[1] + 1))
+
+
+class Forwarder(Service):
+    """`tickbridge forwarder`: moves the VPS stream to the Brain exactly once, in order."""
+
+    name = "forwarder"
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        *,
+        buffer_table: str = "vps_buffer",
+        spill_batch: int = 50_000,
+        maintain_interval: float = 0.2,
+        stats_interval: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.metrics = ForwarderMetrics(registry if registry is not None else REGISTRY)
+        self.key = settings.stream_key
+        self.batch = settings.forward_batch
+        self.spill_batch = spill_batch
+        self.maintain_interval = maintain_interval
+        self.stats_interval = stats_interval
+        self.vps = make_client(settings.vps_redis_url, settings, timeout=10.0)
+        self.brain = make_client(settings.brain_redis_url, settings, timeout=5.0)
+        self.buffer = SpillBuffer(settings.vps_questdb_url, settings, table=buffer_table)
+        self.checkpoint: StreamId = ZERO  # highest ID the Brain holds
+        self.buffer_high: StreamId = ZERO  # highest ID moved to the QuestDB buffer
+        self.replay_ts = 0  # buffer cursor: rows with ts > replay_ts are not delivered yet
+        self.spill_pending = False  # a spill was started and not recorded: the buffer must be read first
+        self.buffer_known = False  # buffer_high/last_ts verified against QuestDB
+        self.buffer_pending = False  # undelivered rows in the buffer
+        self.vps_ready = False
+        self.brain_up = False
+        self.catching_up = False
+        self.mode = ""
+        self.trimmed_to: StreamId = ZERO
+        self.retained = 0  # delivered entries still in VPS Redis (kept for Brain-side rewinds)
+        # (monotonic time, checkpoint, buffer cursor) after each confirmed batch, for delayed trimming
+        self.confirms: collections.deque[tuple[float, StreamId, int]] = collections.deque()
+        self._brain_backoff = Backoff(0.1, 10.0)
+        self._vps_backoff = Backoff(0.1, 5.0)
+        self._qdb_backoff = Backoff(0.2, 10.0)
+        self._next_brain_try = 0.0
+        self._next_qdb_try = 0.0
+        self._last_maintain = 0.0
+        self._last_stats = 0.0
+        self._last_progress_log = 0.0
+        self._rate_mark = (time.monotonic(), 0)
+        self._delivered = 0
+        self.rate = 0.0
+        self.dropped_total = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        watchdog = Watchdog(default_limit=300.0)
+        log.info("forwarder starting: %s -> %s (stream %s)", self.settings.vps_redis_url.split("@")[-1],
+                 self.settings.brain_redis_url.split("@")[-1], self.key)  # fmt: skip
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._loop(watchdog))
+                tg.create_task(watchdog.run(self.stopping))
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        if self.vps_ready:
+            try:
+                await self._save_state(mode="stopped")
+            except Exception:
+                log.warning("could not save state on stop", exc_info=True)
+        for client in (self.vps, self.brain):
+            try:
+                await client.aclose()
+            except Exception:
+                log.debug("close failed", exc_info=True)
+        await self.buffer.close()
+        log.info("forwarder stopped at checkpoint %s (%d delivered this run)", format_id(self.checkpoint),
+                 self._delivered)  # fmt: skip
+
+    async def _loop(self, watchdog: Watchdog) -> None:
+        while not self.stopping.is_set():
+            watchdog.beat("forwarder-loop")
+            try:
+                if not self.vps_ready:
+                    await self._recover_vps()
+                    self._vps_backoff.reset()
+                busy = await self._step()
+            except LinkDown as exc:
+                busy = False
+                await self._link_down(exc)
+            except TRANSIENT_ERRORS as exc:
+                busy = False
+                await self._link_down(LinkDown("vps", exc))
+            if not busy:
+                await self.sleep_or_stop(0.002)
+
+    async def _link_down(self, exc: LinkDown) -> None:
+        self.metrics.errors.labels(exc.target).inc()
+        self.metrics.retries.labels(exc.target).inc()
+        self.metrics.connected.labels(exc.target).set(0)
+        if exc.target == "brain":
+            if self.brain_up:
+                log.warning("Brain link lost (%s): holding the backlog on the VPS", exc)
+            self.brain_up = False
+            self._next_brain_try = time.monotonic() + self._brain_backoff.next()
+        elif exc.target == "questdb":
+            delay = self._qdb_backoff.next()
+            log.warning("QuestDB buffer failed (%s); retry in %.1fs", exc, delay)
+            self.buffer_known = False  # re-read what QuestDB holds before the next spill or replay
+            self._next_qdb_try = time.monotonic() + delay
+        else:
+            delay = self._vps_backoff.next()
+            log.warning("VPS Redis failed (%s); retry in %.1fs", exc, delay)
+            self.vps_ready = False
+            await self.sleep_or_stop(delay)
+
+    # ------------------------------------------------------------------ Redis / QuestDB wrappers
+
+    async def _vps_cmds(self, commands: Sequence[Command]) -> list[Any]:
+        try:
+            replies = await execute_packed(self.vps, commands)
+        except TRANSIENT_ERRORS as exc:
+            raise LinkDown("vps", exc) from exc
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise RuntimeError(f"VPS Redis rejected a command: {reply}")
+        return replies
+
+    async def _vps(self, *command: str | bytes | int | float) -> Any:
+        return (await self._vps_cmds([command]))[0]
+
+    async def _questdb(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except QUESTDB_ERRORS as exc:
+            raise LinkDown("questdb", exc) from exc
+
+    async def _save_state(self, **fields: str | int) -> None:
+        flat: list[str | int] = []
+        for name, value in fields.items():
+            flat += [name, value]
+        await self._vps("HSET", keys.FORWARDER_STATE, *flat)
+
+    # ------------------------------------------------------------------ recovery
+
+    async def _recover_vps(self) -> None:
+        """Load the state hash and reconcile it with QuestDB (crash recovery of a spill)."""
+        raw = await self._vps("HGETALL", keys.FORWARDER_STATE)
+        pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+        state = {k.decode(): v.decode() for k, v in pairs}
+        self.checkpoint = max(self.checkpoint, parse_id(state.get("confirmed_id", "0-0")))
+        self.buffer_high = max(self.buffer_high, parse_id(state.get("buffer_high_id", "0-0")))
+        self.buffer.last_ts = max(self.buffer.last_ts, int(state.get("buffer_ts", "0")))
+        self.spill_pending = bool(state.get("spill_pending"))
+        self.buffer_known = False
+        self.metrics.connected.labels("vps").set(1)
+        await self._try_recover_buffer()
+        self.retained = await self._count_retained()
+        self.vps_ready = True
+        log.info("state: checkpoint %s, buffer high %s, buffer %s", format_id(self.checkpoint),
+                 format_id(self.buffer_high), "pending" if self.buffer_pending else "delivered")  # fmt: skip
+
+    async def _count_retained(self) -> int:
+        """Entries at or below the checkpoint still in Redis (bounded by the retention window)."""
+        count, start = 0, "-"
+        end = format_id(self.checkpoint)
+        while True:
+            page = await self._vps("XRANGE", self.key, start, end, "COUNT", 10_000)
+            count += len(page)
+            if len(page) < 10_000:
+                return count
+            start = "(" + page[-1][0].decode()
+
+    async def _try_recover_buffer(self) -> bool:
+        """Make buffer_high/last_ts exact from what QuestDB holds, then trim spilled entries from Redis."""
+        if time.monotonic() < self._next_qdb_try:
+            return False
+        try:
+            high, last_ts = await self._questdb(self.buffer.recover())
+            if high is not None and high > self.buffer_high:
+                log.warning("buffer holds up to %s beyond the saved %s: the last spill committed before a stop",
+                            format_id(high), format_id(self.buffer_high))  # fmt: skip
+                self.buffer_high = high
+            cursor = await self._questdb(self.buffer.first_after(self.checkpoint))
+        except LinkDown as exc:
+            await self._link_down(exc)
+            return False
+        self.buffer_pending = cursor is not None
+        self.replay_ts = cursor - 1 if cursor is not None else last_ts
+        await self._save_state(buffer_high_id=format_id(self.buffer_high), buffer_ts=self.buffer.last_ts)
+        await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")
+        self.spill_pending = False
+        self.buffer_known = True
+        self._qdb_backoff.reset()
+        self.metrics.connected.labels("questdb").set(1)
+        await self._trim()
+        return True
+
+    def _redis_path_safe(self) -> bool:
+        """Redis entries may go to the Brain only when no buffer row can precede them."""
+        if self.buffer_known:
+            return not self.buffer_pending
+        return not self.spill_pending and self.buffer_high <= self.checkpoint
+
+    # ------------------------------------------------------------------ Brain link
+
+    async def _connect_brain(self) -> None:
+        try:
+            await ensure_group(self.brain, self.key, self.settings.consumer_group, "0")
+            info = await execute_packed(self.brain, [("XINFO", "STREAM", self.key)])
+        except TRANSIENT_ERRORS as exc:
+            raise LinkDown("brain", exc) from exc
+        if isinstance(info[0], ResponseError):
+            raise LinkDown("brain", str(info[0]))
+        flat = info[0]
+        fields = flat if isinstance(flat, dict) else {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+        top = parse_id(fields[b"last-generated-id"])
+        if top < self.checkpoint:
+            self.metrics.rewinds.inc()
+            log.warning("Brain stream top %s is behind the checkpoint %s (the Brain lost acknowledged writes): "
+                        "resending from the VPS copy", format_id(top), format_id(self.checkpoint))  # fmt: skip
+        if top != self.checkpoint:
+            self.checkpoint = top
+            if self.buffer_known:
+                # Where the buffer replay must restart (rows up to the Brain's top are delivered).
+                cursor = await self._questdb(self.buffer.first_after(top))
+                self.buffer_pending = cursor is not None
+                if cursor is not None:
+                    self.replay_ts = cursor - 1
+            await self._save_state(confirmed_id=format_id(top))
+        self.brain_up = True
+        self.catching_up = True
+        self._brain_backoff.reset()
+        self.metrics.connected.labels("brain").set(1)
+        log.info("Brain connected: resuming after %s", format_id(self.checkpoint))
+
+    async def _send(self, ids: Sequence[bytes | str], commands: Sequence[Command]) -> int:
+        """XADD a batch with the original IDs; advance the checkpoint over what the Brain now holds."""
+        t0 = time.perf_counter()
+        try:
+            replies = await execute_packed(self.brain, commands)
+        except TRANSIENT_ERRORS as exc:
+            raise LinkDown("brain", exc) from exc
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        sent = dup = 0
+        failed: ResponseError | None = None
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                if "equal or smaller than the target stream top" in str(reply):
+                    dup += 1
+                    continue
+                failed = reply
+                break
+            sent += 1
+        done = sent + dup
+        if done:
+            self.checkpoint = parse_id(ids[done - 1])
+        self.metrics.sent.inc(sent)
+        self.metrics.already_delivered.inc(dup)
+        self._delivered += sent
+        if failed is not None:
+            # OOM / READONLY and the like: stop here; the reconnect re-reads the Brain's top.
+            raise LinkDown("brain", f"XADD rejected: {failed}")
+        return done
+
+    # ------------------------------------------------------------------ one step
+
+    async def _step(self) -> bool:
+        now = time.monotonic()
+        if not self.brain_up and now >= self._next_brain_try:
+            try:
+                await self._connect_brain()
+            except LinkDown as exc:
+                if exc.target != "brain":
+                    raise
+                self.metrics.retries.labels("brain").inc()
+                self.metrics.errors.labels("brain").inc()
+                self._next_brain_try = now + self._brain_backoff.next()
+        if not self.buffer_known and (self.spill_pending or self.buffer_pending or self.buffer_high > self.checkpoint):
+            await self._try_recover_buffer()
+        await self._maintain()
+        await self._set_mode()
+        if not self.brain_up:
+            await self.sleep_or_stop(max(0.0, min(self.maintain_interval, self._next_brain_try - time.monotonic())))
+            return True
+        if self.buffer_pending:
+            if not self.buffer_known:
+                await self.sleep_or_stop(self.maintain_interval)
+                return True
+            return await self._replay_page()
+        if not self._redis_path_safe():
+            await self.sleep_or_stop(self.maintain_interval)
+            return True
+        return await self._forward_redis()
+
+    async def _forward_redis(self) -> bool:
+        cursor = max(self.checkpoint, self.buffer_high)
+        # BLOCK: wait for new entries without spinning; short so maintenance and stop stay responsive.
+        reply = await self._vps("XREAD", "COUNT", self.batch, "BLOCK", 50, "STREAMS", self.key, format_id(cursor))
+        if not reply:
+            self.catching_up = False
+            return True
+        # RESP3 answers a map {stream: entries}, RESP2 a list of [stream, entries]
+        entries: list[RawEntry] = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+        ids = [e[0] for e in entries]
+        commands: list[Command] = [(b"XADD", self.key, e[0], *e[1]) for e in entries]
+        done = await self._send(ids, commands)
+        self.retained += done
+        self.catching_up = len(entries) >= self.batch
+        await self._confirmed()
+        return True
+
+    async def _replay_page(self) -> bool:
+        if time.monotonic() < self._next_qdb_try:
+            await self.sleep_or_stop(self.maintain_interval)
+            return True
+        rows = await self._questdb(self.buffer.page(self.replay_ts, self.batch))
+        if not rows:
+            self.buffer_pending = False
+            self.replay_ts = max(self.replay_ts, self.buffer.last_ts)
+            log.info("buffer replay complete at %s; continuing from Redis", format_id(self.checkpoint))
+            return True
+        rows = [r for r in rows if r.entry_id > self.checkpoint] or rows[-1:]
+        ids = [format_id(r.entry_id) for r in rows]
+        commands: list[Command] = [(b"XADD", self.key, ids[i], *r.fields) for i, r in enumerate(rows)]
+        done = await self._send(ids, commands)
+        self.metrics.replayed.inc(done)
+        if done:
+            self.replay_ts = rows[done - 1].ts
+        await self._confirmed()
+        return True
+
+    async def _confirmed(self) -> None:
+        cursor = self.replay_ts if self.buffer_pending else self.buffer.last_ts
+        self.confirms.append((time.monotonic(), self.checkpoint, cursor))
+        await self._save_state(confirmed_id=format_id(self.checkpoint), replay_ts=self.replay_ts)
+
+    # ------------------------------------------------------------------ mode, maintenance, stats
+
+    async def _set_mode(self) -> None:
+        if not self.brain_up:
+            mode = "disk_spill" if (self.buffer_pending or self.buffer_high > self.checkpoint) else "ram_backlog"
+        elif self.buffer_pending or self.catching_up:
+            mode = "replay"
+        else:
+            mode = "direct"
+        if mode != self.mode:
+            log.info("mode %s -> %s", self.mode or "start", mode)
+            self.mode = mode
+            self.metrics.set_mode(mode)
+            await self._save_state(mode=mode)
+
+    async def _maintain(self) -> None:
+        now = time.monotonic()
+        if now - self._last_maintain < self.maintain_interval:
+            return
+        self._last_maintain = now
+        await self._trim()
+        await self._enforce_ram_budget()
+        if self.buffer_known and now >= self._next_qdb_try:
+            try:
+                await self._clean_buffer()
+            except LinkDown as exc:
+                await self._link_down(exc)
+        if now - self._last_stats >= self.stats_interval:
+            self._last_stats = now
+            await self._stats()
+
+    def _retention_floor(self) -> tuple[StreamId, int]:
+        """Checkpoint and buffer cursor confirmed more than `delivered_retention_s` ago."""
+        limit = time.monotonic() - self.settings.delivered_retention_s
+        floor: tuple[StreamId, int] = (ZERO, 0)
+        while self.confirms and self.confirms[0][0] <= limit:
+            _, cp, cursor = self.confirms.popleft()
+            floor = (cp, cursor)
+        if floor[0] != ZERO:
+            # keep the newest expired confirmation as the floor for the next call
+            self.confirms.appendleft((limit, *floor))
+        elif self.confirms and self.confirms[0][0] == limit:
+            floor = self.confirms[0][1:]
+        return floor
+
+    async def _trim(self, floor: StreamId | None = None) -> None:
+        """Drop from Redis what is delivered long enough ago, or safely in the buffer; never above that."""
+        if floor is None:
+            floor = self._retention_floor()[0]
+        floor = min(floor, self.checkpoint)
+        target = max(floor, self.buffer_high if self.buffer_known or not self.spill_pending else ZERO)
+        if target <= self.trimmed_to:
+            return
+        removed = int(await self._vps("XTRIM", self.key, "MINID", next_id(target)))
+        delivered_part = min(removed, self.retained)
+        self.retained -= delivered_part
+        self.trimmed_to = target
+
+    async def _enforce_ram_budget(self) -> None:
+        usage = await self._vps("MEMORY", "USAGE", self.key, "SAMPLES", 5)
+        if usage is None:
+            return
+        usage = int(usage)
+        self.metrics.redis_bytes.set(usage)
+        budget = self.settings.ram_buffer_bytes
+        if usage <= budget:
+            return
+        if self.checkpoint > self.trimmed_to:
+            # The RAM budget wins over the rewind window: drop the delivered copies first.
+            await self._trim(self.checkpoint)
+            usage = int(await self._vps("MEMORY", "USAGE", self.key, "SAMPLES", 5) or 0)
+            if usage <= budget:
+                return
+        if not self.buffer_known and not await self._try_recover_buffer():
+            return  # QuestDB unavailable: the backlog stays in Redis over budget (alerted by the metrics)
+        length = int(await self._vps("XLEN", self.key))
+        if length == 0:
+            return
+        per_entry = usage / length
+        excess = math.ceil((usage - 0.8 * budget) / per_entry)
+        try:
+            await self._spill(max(excess, 1))
+        except LinkDown as exc:
+            if exc.target != "questdb":
+                raise
+            await self._link_down(exc)
+
+    async def _spill(self, count: int) -> None:
+        """Move the oldest `count` undelivered Redis entries to the buffer, commit-visible before trimming."""
+        start = max(self.checkpoint, self.buffer_high)
+        while count > 0 and not self.stopping.is_set():
+            entries: list[RawEntry] = await self._vps(
+                "XRANGE", self.key, "(" + format_id(start), "+", "COUNT", min(self.spill_batch, count)
+            )
+            if not entries:
+                return
+            last = parse_id(entries[-1][0])
+            await self._save_state(spill_pending=format_id(last))
+            self.spill_pending = True
+            previous_ts = self.buffer.last_ts
+            last_ts = await self._questdb(self.buffer.append(entries))
+            if not self.buffer_pending:
+                self.buffer_pending = True
+                self.replay_ts = previous_ts
+            self.buffer_high = last
+            await self._save_state(buffer_high_id=format_id(last), buffer_ts=last_ts)
+            await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")
+            self.spill_pending = False
+            await self._trim()
+            self.metrics.spilled.inc(len(entries))
+            count -= len(entries)
+            start = last
+            log.info("spilled %d entries up to %s to the QuestDB buffer", len(entries), format_id(last))
+
+    async def _clean_buffer(self) -> None:
+        """Drop delivered hourly partitions; over the disk budget drop the oldest, counting lost ticks."""
+        _, cursor = self._retention_floor()
+        if cursor > 0:
+            await self._questdb(self.buffer.drop_before(cursor))
+        parts = await self._questdb(self.buffer.partitions())
+        total = sum(p.disk_bytes for p in parts)
+        budget = self.settings.disk_buffer_bytes
+        while total > budget and len(parts) > 1:
+            oldest = parts.pop(0)
+            lost = 0
+            if self.buffer_pending and oldest.max_ts > self.replay_ts:
+                lost = await self._questdb(
+                    self.buffer.count_between(max(self.replay_ts, oldest.min_ts - 1), oldest.max_ts)
+                )
+            await self._questdb(self.buffer.drop_partition(oldest))
+            total -= oldest.disk_bytes
+            if lost:
+                self.dropped_total += lost
+                self.metrics.dropped.inc(lost)
+                self.replay_ts = max(self.replay_ts, oldest.max_ts)
+                log.error("DISK BUFFER FULL (%d > %d bytes): dropped %d undelivered ticks, partition %s",
+                          total + oldest.disk_bytes, budget, lost, oldest.name)  # fmt: skip
+                await self._save_state(dropped_total=self.dropped_total, replay_ts=self.replay_ts)
+
+    async def _stats(self) -> None:
+        now = time.monotonic()
+        mark_t, mark_n = self._rate_mark
+        if now > mark_t:
+            self.rate = (self._delivered - mark_n) / (now - mark_t)
+        self._rate_mark = (now, self._delivered)
+        self.metrics.send_rate.set(self.rate)
+        self.metrics.checkpoint_ms.set(self.checkpoint[0])
+        length = int(await self._vps("XLEN", self.key))
+        redis_backlog = max(0, length - self.retained)
+        buffer_backlog = 0
+        oldest: StreamId | None = None
+        if self.buffer_known and now >= self._next_qdb_try:
+            try:
+                parts = await self._questdb(self.buffer.partitions())
+                self.metrics.buffer_rows.set(sum(p.rows for p in parts))
+                self.metrics.buffer_bytes.set(sum(p.disk_bytes for p in parts))
+                span = (parts[-1].max_ts - parts[0].min_ts) / 3.6e9 if parts else 0.0
+                self.metrics.buffer_hours.set(span)
+                if self.buffer_pending:
+                    buffer_backlog = await self._questdb(self.buffer.count_after(self.replay_ts))
+                    first = await self._questdb(self.buffer.page(self.replay_ts, 1))
+                    oldest = first[0].entry_id if first else None
+            except LinkDown as exc:
+                await self._link_down(exc)
+        self.metrics.buffer_undelivered.set(buffer_backlog)
+        if oldest is None and redis_backlog:
+            cursor = max(self.checkpoint, self.buffer_high)
+            head = await self._vps("XRANGE", self.key, "(" + format_id(cursor), "+", "COUNT", 1)
+            oldest = parse_id(head[0][0]) if head else None
+        backlog = buffer_backlog + redis_backlog
+        self.metrics.backlog_entries.set(backlog)
+        age = max(0.0, time.time() - oldest[0] / 1000) if oldest else 0.0
+        self.metrics.backlog_oldest_age.set(age)
+        eta = backlog / self.rate if self.rate > 0 else (0.0 if backlog == 0 else -1.0)
+        self.metrics.replay_eta.set(eta)
+        if backlog > self.batch and now - self._last_progress_log >= 5.0:
+            self._last_progress_log = now
+            log.info("%s: backlog %d (buffer %d, redis ~%d), oldest %.0fs, drain %.0f/s, ETA %s",
+                     self.mode, backlog, buffer_backlog, redis_backlog, age, self.rate,
+                     f"{eta:.0f}s" if eta >= 0 else "unknown (Brain unreachable)")  # fmt: skip
