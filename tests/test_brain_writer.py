@@ -1,0 +1,220 @@
+"""Writer against real redis-server and QuestDB: exactly once, re-sends deduplicated, QuestDB restart, suspension."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from conftest import eventually
+from prometheus_client import CollectorRegistry
+
+from tickbridge.brain.consumer import BrainConsumer
+from tickbridge.brain.loadgen import TradeSource, make_depth
+from tickbridge.brain.writer import BrainWriter
+from tickbridge.core import keys
+from tickbridge.core.lifecycle import Service
+from tickbridge.core.questdb_io import QuestDBHttp
+from tickbridge.core.redis_io import ensure_group, make_client
+from tickbridge.core.settings import Settings
+from tickbridge.devstack.servers import QuestDBServer, RedisServer
+
+pytestmark = pytest.mark.timeout(90)
+
+STREAM = keys.DEFAULT_STREAM_KEY
+GROUP = keys.DEFAULT_CONSUMER_GROUP
+SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
+CHECK_SQL = (
+    "SELECT symbol, count(), count_distinct(trade_id), max(trade_id) - min(trade_id) + 1 FROM trades GROUP BY symbol"
+)
+
+
+def settings_for(redis: RedisServer, qdb: QuestDBServer, **kw: Any) -> Settings:
+    base: dict[str, Any] = {
+        "brain_redis_url": redis.url,
+        "brain_questdb_url": qdb.url,
+        "symbols": SYMBOLS,
+        "consumer_claim_idle_ms": 1000,
+        "writer_flush_interval_s": 0.1,
+        "writer_batch_rows": 2000,
+        "consumer_name": "t",
+    }
+    base.update(kw)
+    return Settings(**base)
+
+
+class Services:
+    def __init__(self) -> None:
+        self.items: list[tuple[Service, asyncio.Task[None]]] = []
+
+    def start(self, svc: Service) -> Any:
+        self.items.append((svc, asyncio.create_task(svc.run())))
+        return svc
+
+    async def stop(self) -> None:
+        for svc, _ in self.items:
+            svc.request_stop()
+        for _, task in self.items:
+            await asyncio.wait_for(task, 30)
+        self.items.clear()
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[Services]:
+    s = Services()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def brain(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = make_client(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def check_rows(qdb: QuestDBHttp) -> dict[str, list[int]]:
+    return {row[0]: [int(x) for x in row[1:]] for row in await qdb.rows(CHECK_SQL)}
+
+
+def all_exactly_once(expected: dict[str, int]) -> Callable[[QuestDBHttp], Any]:
+    async def check(qdb: QuestDBHttp) -> bool:
+        await qdb.wait_applied("trades")
+        rows = await check_rows(qdb)
+        return rows == {sym: [n, n, n] for sym, n in expected.items()}
+
+    return check
+
+
+async def test_writes_exactly_once_and_resend_is_deduplicated(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: Services,
+) -> None:
+    qserver = questdb_factory()
+    qdb = QuestDBHttp(qserver.url)
+    settings = settings_for(redis_server, qserver)
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(SYMBOLS)
+    await source.append(brain, STREAM, 6000)
+    for i in range(5):
+        await brain.xadd(STREAM, dict(zip(*[iter(make_depth("ETHUSDT", 100 + 10 * i, source.ts + i).fields())] * 2)))
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    writer = services.start(BrainWriter(settings, registry))
+    check = all_exactly_once(source.counts())
+    try:
+        await eventually(lambda: check(qdb), timeout=40, interval=0.3, what="trades exactly once")
+        await qdb.wait_applied("depth_updates")
+        depth = await qdb.rows("SELECT last_update_id, bids, asks FROM depth_updates ORDER BY last_update_id")
+        assert [r[0] for r in depth] == [102, 112, 122, 132, 142]
+        assert depth[0][1] == [[100.1, 1.5], [100.0, 0.0]] and depth[0][2] == [[100.2, 2.0]]
+        assert registry.get_sample_value("tickbridge_writer_rows_total", {"table": "trades"}) == 6000
+        assert writer.written == 6005
+
+        # A writer that died after the flush but before the ack: everything is re-sent. DEDUP absorbs it.
+        await services.stop()
+        for sym in SYMBOLS:
+            await brain.execute_command("XGROUP", "SETID", keys.trades_key(sym), keys.WRITER_GROUP, "0")
+        again = services.start(BrainWriter(settings, CollectorRegistry()))
+        await eventually(lambda: _true(again.written >= 6000), timeout=30, what="re-send")
+        assert await check(qdb)
+        # Nothing is left behind in the writer group.
+        await eventually(lambda: _no_backlog(brain), timeout=10, what="writer group drained")
+    finally:
+        await qdb.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _no_backlog(client: aioredis.Redis) -> bool:
+    for sym in SYMBOLS:
+        info = [g for g in await client.xinfo_groups(keys.trades_key(sym)) if g["name"] == keys.WRITER_GROUP.encode()]
+        if info[0]["pending"] or info[0]["lag"]:
+            return False
+    return True
+
+
+async def test_questdb_restart_mid_flow_loses_and_duplicates_nothing(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: Services,
+) -> None:
+    qserver = questdb_factory()
+    qdb = QuestDBHttp(qserver.url)
+    settings = settings_for(redis_server, qserver)
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(SYMBOLS)
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    services.start(BrainWriter(settings, registry, retry_timeout_ms=1000))
+    stop_flow = asyncio.Event()
+
+    async def flow() -> None:
+        while not stop_flow.is_set():
+            await source.append(brain, STREAM, 50, live=True)
+            await asyncio.sleep(0.02)
+
+    flow_task = asyncio.create_task(flow())
+    try:
+        await eventually(lambda: _some_rows(qdb), timeout=20, what="first rows")
+        await asyncio.to_thread(qserver.restart)  # graceful stop + start on the same ports
+        await eventually(lambda: _errors_seen(registry), timeout=20, what="writer noticed the outage")
+        await asyncio.sleep(1.0)  # keep flowing a little after QuestDB is back
+        stop_flow.set()
+        await flow_task
+        check = all_exactly_once(source.counts())
+        await eventually(lambda: check(qdb), timeout=40, interval=0.3, what="all rows exactly once after restart")
+    finally:
+        stop_flow.set()
+        await qdb.close()
+
+
+async def _some_rows(qdb: QuestDBHttp) -> bool:
+    try:
+        return bool(await qdb.scalar("SELECT count() FROM trades"))
+    except Exception:
+        return False
+
+
+async def _errors_seen(registry: CollectorRegistry) -> bool:
+    return any(
+        s.value > 0
+        for m in registry.collect()
+        if m.name == "tickbridge_writer_errors"
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
+
+
+async def test_suspended_table_is_reported(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: Services,
+) -> None:
+    qserver = questdb_factory(extra_conf={"dev.mode.enabled": "true"})  # SUSPEND WAL needs dev mode
+    qdb = QuestDBHttp(qserver.url)
+    registry = CollectorRegistry()
+    services.start(BrainWriter(settings_for(redis_server, qserver), registry, monitor_interval_s=0.2))
+    try:
+        await eventually(lambda: _table_exists(qdb), timeout=20, what="tables created")
+        await qdb.exec("ALTER TABLE trades SUSPEND WAL")
+
+        async def reported() -> bool:
+            return registry.get_sample_value("tickbridge_writer_suspended_tables") == 1
+
+        await eventually(reported, timeout=10, what="suspension reported")
+        await qdb.exec("ALTER TABLE trades RESUME WAL")
+    finally:
+        await qdb.close()
+
+
+async def _table_exists(qdb: QuestDBHttp) -> bool:
+    return bool(await qdb.rows("SELECT table_name FROM tables() WHERE table_name = 'trades'"))
