@@ -1,0 +1,1 @@
+"""Operations: the compose health check (`tickbridge check`) and the canonical process commands."""

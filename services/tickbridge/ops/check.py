@@ -1,0 +1,109 @@
+"""`tickbridge check <role>`: the compose healthcheck of a role (exit 0 healthy, 1 not).
+
+A role is healthy when its own `/metrics` endpoint (METRICS_PORT, else the role's default port)
+answers within the timeout with the role's `tickbridge_<role>_*` series, and, when the role exports a
+liveness gauge (a Unix timestamp its main loop refreshes), that gauge is fresh. The endpoint lives in
+the role's process, so a dead process fails the check; a stuck loop fails it through the gauge (and
+the role's own Watchdog crashes it). No Redis or QuestDB credentials are needed to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from tickbridge.core.metrics import NAMESPACE
+from tickbridge.core.settings import DEFAULT_METRICS_PORTS, Settings, config_error_line
+
+#: Liveness gauges (Unix seconds of the last loop iteration) per role; absent ones are not required.
+LIVENESS_GAUGES: dict[str, tuple[str, ...]] = {
+    "collector": (),
+    "forwarder": (),
+    "consumer": (),
+    "writer": (),
+    "sim": (),
+}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of one health check."""
+
+    healthy: bool
+    reason: str
+
+
+def evaluate(role: str, text: str, max_age: float, now: float | None = None) -> CheckResult:
+    """Judge a role's `/metrics` text: its series are present and its liveness gauges are fresh."""
+    now = time.time() if now is None else now
+    prefix = f"{NAMESPACE}_{role}_"
+    samples: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith(prefix) and sample.name not in samples:
+                    samples[sample.name] = sample.value
+    except ValueError as exc:
+        return CheckResult(False, f"unparseable /metrics: {exc}")
+    if not samples:
+        return CheckResult(False, f"no {prefix}* series: not a {role} process, or not started yet")
+    for gauge in LIVENESS_GAUGES.get(role, ()):
+        if gauge not in samples:
+            continue
+        age = now - samples[gauge]
+        if age > max_age:
+            return CheckResult(False, f"{gauge} is {age:.0f}s old (limit {max_age:.0f}s): main loop stuck")
+    return CheckResult(True, f"{len(samples)} {prefix}* series")
+
+
+def fetch(url: str, timeout: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        body: bytes = resp.read()
+    return body.decode("utf-8", errors="replace")
+
+
+def check(role: str, port: int, host: str = "127.0.0.1", timeout: float = 3.0, max_age: float = 60.0) -> CheckResult:
+    """Fetch and judge `http://host:port/metrics` of `role`."""
+    url = f"http://{host}:{port}/metrics"
+    try:
+        text = fetch(url, timeout)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        return CheckResult(False, f"{url}: {exc}")
+    return evaluate(role, text, max_age)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tickbridge check", description="Health check of a tickbridge role.")
+    parser.add_argument("role", choices=sorted(DEFAULT_METRICS_PORTS))
+    parser.add_argument("--port", type=int, help="metrics port (default: METRICS_PORT, else the role's default)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for /metrics")
+    parser.add_argument("--max-age", type=float, default=60.0, help="oldest acceptable liveness gauge, seconds")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    """Exit 0 if the role is healthy, 1 if not (one line on stderr says why)."""
+    args = parse_args(argv)
+    port = args.port
+    if port is None:
+        try:
+            port = Settings().metrics_port_for(args.role)
+        except ValidationError as exc:
+            print(f"unhealthy: {config_error_line(exc)}", file=sys.stderr)
+            raise SystemExit(1) from None
+    result = check(args.role, port, args.host, args.timeout, args.max_age)
+    if not result.healthy:
+        print(f"unhealthy: {args.role}: {result.reason}", file=sys.stderr)
+        raise SystemExit(1)
+    if not args.quiet:
+        print(f"healthy: {args.role}: {result.reason}")
+    raise SystemExit(0)

@@ -1,0 +1,269 @@
+"""The compose files, checked without Docker: what `docker compose config` and a first `up` would catch.
+
+Both files validate against the Compose Specification schema after `${VAR}` interpolation from
+`.env.example`; every service runs what the native stack runs (tickbridge.ops.commands) or is listed as
+compose-only with a reason; images are pinned (QuestDB at the version the tests run); long-running
+services have healthchecks, restart policies, memory limits and named volumes for their state; the VPS
+fits 4 GB and pins cores as designed; every role's environment builds a valid `Settings`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from tickbridge.core.settings import DEFAULT_SYMBOLS, Settings
+from tickbridge.devstack.servers import QUESTDB_VERSION, REPO_ROOT
+from tickbridge.ops.commands import COMPOSE_ONLY, NATIVE_COMMANDS, command_matches
+from tickbridge.ops.compose import (
+    InterpolationError,
+    effective_command,
+    interpolate,
+    load_compose,
+    native_process,
+    parse_env_file,
+    referenced_variables,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+ENV_EXAMPLE = REPO_ROOT / ".env.example"
+COMPOSE_FILES = {"vps": REPO_ROOT / "compose.vps.yml", "brain": REPO_ROOT / "compose.brain.yml"}
+ROLES = {"vps": ("collector", "forwarder"), "brain": ("consumer", "writer")}
+EXPECTED_SERVICES = {
+    "vps": {"redis", "questdb", "collector", "forwarder", "prometheus", "grafana", "node-exporter"},
+    "brain": {"redis", "questdb", "consumer", "writer", "prometheus", "grafana"},
+}
+#: One-shot init containers (restart "no"): they prepare secrets and exit.
+ONE_SHOT = {"init", "forwarder-tls"}
+#: Where each stateful service keeps its data (must be a named volume).
+DATA_DIRS = {
+    "redis": "/data",
+    "questdb": "/var/lib/questdb",
+    "prometheus": "/prometheus",
+    "grafana": "/var/lib/grafana",
+}
+VPS_RAM_BUDGET_MIB = 3.6 * 1024  # a "4 GB" VPS shows ~3.8 GiB; leave the OS and dockerd ~200 MiB or more
+
+
+def _env() -> dict[str, str]:
+    return parse_env_file(ENV_EXAMPLE)
+
+
+@pytest.fixture(scope="module", params=sorted(COMPOSE_FILES))
+def host(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def compose(host: str) -> dict[str, Any]:
+    return load_compose(COMPOSE_FILES[host], _env())
+
+
+def _mib(value: str | int) -> float:
+    if isinstance(value, int):
+        return value / 2**20
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)b?", str(value).lower())
+    assert match, f"unparseable memory size {value!r}"
+    scale = {"": 1 / 2**20, "k": 1 / 1024, "m": 1, "g": 1024}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def _long_running(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in compose["services"].items() if name not in ONE_SHOT}
+
+
+# ---- schema and interpolation ------------------------------------------------------------------------
+
+
+def test_validates_against_compose_spec(compose: dict[str, Any]) -> None:
+    schema = json.loads(SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+    # The validation has teeth: a misspelt key is rejected.
+    broken = copy.deepcopy(compose)
+    broken["services"]["redis"]["helthcheck"] = {"test": ["CMD", "true"]}
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(broken))
+
+
+def test_interpolation_follows_compose_rules() -> None:
+    env = {"A": "1", "EMPTY": ""}
+    assert interpolate("$$x ${A} $A ${B:-d} ${EMPTY:-d} ${EMPTY-d} ${B-d}", env) == "$x 1 1 d d  d"
+    with pytest.raises(InterpolationError, match="B: set B"):
+        interpolate("${B:?set B}", env)
+    with pytest.raises(InterpolationError, match="EMPTY"):
+        interpolate("${EMPTY:?required}", env)
+
+
+def test_every_required_variable_is_needed(host: str) -> None:
+    """Without `.env`, compose refuses to start (no silent empty passwords)."""
+    with pytest.raises(InterpolationError):
+        load_compose(COMPOSE_FILES[host], {})
+
+
+def test_services_are_the_designed_ones(host: str, compose: dict[str, Any]) -> None:
+    assert set(_long_running(compose)) == EXPECTED_SERVICES[host]
+    for name in set(compose["services"]) & ONE_SHOT:
+        assert compose["services"][name]["restart"] == "no"
+
+
+# ---- the same commands as the native stack -------------------------------------------------------------
+
+
+def test_every_service_runs_a_native_command(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        process = native_process(svc)
+        if process is None:
+            assert name in COMPOSE_ONLY, f"{name} runs {effective_command(svc)}, which the native stack does not"
+            continue
+        # A role's service runs that role, not another one.
+        if name in NATIVE_COMMANDS:
+            assert process == name, f"{name} runs {process}"
+
+
+def test_native_stack_commands_match_the_canonical_list(tmp_path: Path) -> None:
+    """The argv the native servers (devstack.servers) run are the canonical ones, and only those."""
+    from tickbridge.devstack.servers import PrometheusServer, QuestDBServer, RedisServer
+
+    native = {
+        "redis": RedisServer(workdir=tmp_path / "redis").command(),
+        "prometheus": PrometheusServer(tmp_path / "p.yml", workdir=tmp_path / "prom").command(),
+        "questdb": QuestDBServer(workdir=tmp_path / "questdb").command(),
+        "writer": ["/venv/bin/python3.11", "-m", "tickbridge", "writer"],
+    }
+    for name, argv in native.items():
+        assert [n for n, spec in NATIVE_COMMANDS.items() if command_matches(argv, spec)] == [name], argv
+    assert not command_matches(["tickbridge", "writer"], NATIVE_COMMANDS["consumer"])
+
+
+def test_redis_runs_its_committed_config(host: str, compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    conf_in_container = effective_command(redis)[1]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in redis["volumes"]}
+    assert mounts[conf_in_container] == f"./redis/{host}.conf"
+
+
+# ---- pinning, health, restart, state -------------------------------------------------------------------
+
+
+def test_images_are_pinned(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        image = svc.get("image")
+        assert image, f"{name} has no image"
+        repo, _, tag = image.rpartition(":")
+        assert repo and re.fullmatch(r"v?\d+\.\d+\.\d+(-[a-z0-9.]+)?", tag), f"{name}: unpinned image {image}"
+    assert compose["services"]["questdb"]["image"] == f"questdb/questdb:{QUESTDB_VERSION}"
+
+
+def test_healthchecks_restart_and_ordering(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, svc in _long_running(compose).items():
+        assert svc.get("restart") == "unless-stopped", name
+        test = svc.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
+        for dep, cond in svc.get("depends_on", {}).items():
+            wanted = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert cond["condition"] == wanted, f"{name} -> {dep}: {cond}"
+            assert dep in services
+    # The roles wait for what they write to.
+    for role in ("collector", "forwarder", "consumer", "writer"):
+        if role in services:
+            assert "redis" in services[role]["depends_on"]
+    for role in ("forwarder", "writer"):
+        if role in services:
+            assert "questdb" in services[role]["depends_on"]
+
+
+def test_roles_healthcheck_is_tickbridge_check_on_the_scraped_port(host: str, compose: dict[str, Any]) -> None:
+    prom = (REPO_ROOT / "prometheus" / f"prometheus.{host}.yml").read_text()
+    for role in ROLES[host]:
+        svc = compose["services"][role]
+        assert svc["healthcheck"]["test"][1:4] == ["tickbridge", "check", role]
+        port = svc["environment"]["METRICS_PORT"]
+        assert f'"{role}:{port}"' in prom, f"prometheus.{host}.yml does not scrape {role}:{port}"
+
+
+def test_state_lives_in_named_volumes(compose: dict[str, Any]) -> None:
+    declared = set(compose.get("volumes", {}))
+    for name, svc in compose["services"].items():
+        for spec in svc.get("volumes", []):
+            source = spec.split(":")[0]
+            if source.startswith(("./", "/")):
+                # Bind mounts: repository files (certs/ is generated by `make certs`; / is node-exporter's host view).
+                if source not in ("./certs", "/"):
+                    assert (REPO_ROOT / source).exists(), f"{name} mounts missing {source}"
+                continue
+            assert source in declared, f"{name} uses undeclared volume {source}"
+        if name in DATA_DIRS:
+            targets = {spec.split(":")[1]: spec.split(":")[0] for spec in svc["volumes"]}
+            assert targets.get(DATA_DIRS[name]) in declared, f"{name} keeps {DATA_DIRS[name]} outside a named volume"
+
+
+def test_memory_limits_fit_the_vps(host: str, compose: dict[str, Any]) -> None:
+    limits = {name: _mib(svc["mem_limit"]) for name, svc in _long_running(compose).items()}
+    if host == "vps":
+        assert sum(limits.values()) <= VPS_RAM_BUDGET_MIB, limits
+        # Redis' maxmemory leaves room in its container for the AOF-rewrite fork.
+        maxmemory = re.search(r"^maxmemory (\d+)mb$", (REPO_ROOT / "redis/vps.conf").read_text(), re.M)
+        assert maxmemory and int(maxmemory.group(1)) + 200 <= limits["redis"]
+
+
+def test_vps_cpu_pinning(host: str, compose: dict[str, Any]) -> None:
+    if host != "vps":
+        pytest.skip("the Brain's cores are the operator's")
+    cpus = {name: svc.get("cpuset") for name, svc in compose["services"].items()}
+    assert cpus["collector"] == cpus["redis"] == "0"
+    assert cpus["forwarder"] == cpus["questdb"] == "1"
+
+
+# ---- environment -----------------------------------------------------------------------------------------
+
+
+def test_env_example_documents_every_variable() -> None:
+    text = ENV_EXAMPLE.read_text()
+    documented = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", text, re.M))
+    settings_vars = {name.upper() for name in Settings.model_fields}
+    assert settings_vars - documented == set(), "Settings fields missing from .env.example"
+    compose_vars = set().union(*(referenced_variables(p) for p in COMPOSE_FILES.values()))
+    assert compose_vars - documented == set(), "compose variables missing from .env.example"
+    acl_vars = set(re.findall(r"#@([A-Z0-9_]+)@", "".join(p.read_text() for p in (REPO_ROOT / "redis").glob("*.acl"))))
+    assert acl_vars - documented == set(), "ACL password variables missing from .env.example"
+
+
+def test_env_example_secrets_are_placeholders() -> None:
+    env = _env()
+    for name, value in env.items():
+        if re.search(r"PASSWORD|SECRET|TOKEN", name) or name == "QUESTDB_USER":
+            assert value.startswith("change-me-"), f"{name} must be a change-me-... placeholder"
+    for path in COMPOSE_FILES.values():
+        assert "change-me" not in path.read_text(), f"{path.name} hard-codes a placeholder secret"
+
+
+def test_env_example_loads_as_settings() -> None:
+    settings = Settings(_env_file=ENV_EXAMPLE)  # type: ignore[call-arg]
+    assert settings.symbols == DEFAULT_SYMBOLS
+    # The RAM buffer spills before Redis' maxmemory (noeviction) would refuse writes.
+    maxmemory = re.search(r"^maxmemory (\d+)mb$", (REPO_ROOT / "redis/vps.conf").read_text(), re.M)
+    assert maxmemory and settings.ram_buffer_bytes + 150 * 10**6 <= int(maxmemory.group(1)) * 2**20
+
+
+def test_each_role_container_gets_a_valid_configuration(host: str, compose: dict[str, Any]) -> None:
+    """The exact environment compose hands a role builds a `Settings` (no `.env` inside the container)."""
+    for role in ROLES[host]:
+        env = {k: str(v) for k, v in compose["services"][role]["environment"].items()}
+        settings = Settings(_env_file=None, **{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+        assert settings.metrics_port_for(role) == int(env["METRICS_PORT"])
+        assert settings.stream_key == "market:vps:stream"
+        if role == "forwarder":
+            assert settings.brain_redis_url.startswith("rediss://forwarder:")
+            assert settings.redis_tls_ca and settings.redis_tls_cert and settings.redis_tls_key
+        # Least privilege: a container sees only its own Redis password.
+        secrets = [k for k in env if "PASSWORD" in k and k != "QUESTDB_PASSWORD"]
+        assert secrets == [], f"{role} receives {secrets}"
