@@ -10,8 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from tickbridge.devstack.servers import ManagedProcess, QuestDBServer, RedisServer, ToxiproxyServer
+
+# Hypothesis profiles (issue 7), registered here because pytest loads this file before the hypothesis
+# plugin applies `--hypothesis-profile`: "default" is the short run in `make test`, "long" is `make fuzz`.
+for _name, _examples in (("default", 100), ("long", 10_000)):
+    hypothesis_settings.register_profile(
+        _name, max_examples=_examples, deadline=None, database=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )  # fmt: skip
+hypothesis_settings.load_profile("default")
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 BINANCE_DATA = SHARED_DIR / "data" / "binance"

@@ -29,8 +29,9 @@ DEPTH_FIELDS: tuple[str, ...] = (
     "symbol", "exchange", "type", "timestamp", "first_update_id", "last_update_id", "bids", "asks", "recv_ts",
 )  # fmt: skip
 
-_DECIMAL = re.compile(r"^[0-9]{1,20}(\.[0-9]{1,18})?$")
-_SYMBOL = re.compile(r"^[A-Z0-9]{2,32}$")
+# `\Z`, not `$`: `$` also matches before a trailing newline ("BTCUSDT\n" would pass).
+_DECIMAL = re.compile(r"^[0-9]{1,20}(\.[0-9]{1,18})?\Z")
+_SYMBOL = re.compile(r"^[A-Z0-9]{2,32}\Z")
 #: Plausible exchange times in µs: 2017-01-01 .. 2100-01-01.
 MIN_TS_US = 1_483_228_800_000_000
 MAX_TS_US = 4_102_444_800_000_000
@@ -160,7 +161,8 @@ def _text(fields: Mapping[str, str], name: str) -> str:
 
 def _integer(fields: Mapping[str, str], name: str) -> int:
     raw = _text(fields, name)
-    if not raw.isascii() or not raw.isdigit():
+    # Length first: int() of more than 4300 digits raises a plain ValueError, not a TickError.
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
         raise TickError(f"{name}: not an integer: {raw[:40]!r}")
     return int(raw)
 
