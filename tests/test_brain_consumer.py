@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from conftest import eventually
 from tickbridge.brain.consumer import BrainConsumer
-from tickbridge.brain.loadgen import TradeSource, make_depth
+from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth
 from tickbridge.core import keys
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
@@ -74,7 +74,7 @@ async def test_writes_trades_depth_warm_and_dead_letters(
     await ensure_group(brain, STREAM, GROUP)
     source = TradeSource(SYMBOLS)
     await source.append(brain, STREAM, 300)
-    await brain.xadd(STREAM, dict(zip(*[iter(make_depth("BTCUSDT", 10, source.ts).fields())] * 2, strict=True)))
+    await brain.xadd(STREAM, as_mapping(make_depth("BTCUSDT", 10, source.ts).fields()))
     await brain.xadd(STREAM, {"type": "TRADE", "symbol": "BTCUSDT", "price": "nan"})
     registry = CollectorRegistry()
     running.start(BrainConsumer(settings_for(redis_server, consumer_name="c1"), registry))
@@ -107,7 +107,7 @@ async def test_recovers_own_pel_claims_dead_consumer_and_dead_letters_poison(
     await ensure_group(brain, STREAM, GROUP)
     # A poison entry: delivered to "me" again and again (e.g. the process crashed while handling it).
     poison_cmd = TradeSource(["XRPUSDT"]).next_commands(STREAM, 1)[0]
-    poison_id = await brain.xadd(STREAM, dict(zip(*[iter(poison_cmd[3:])] * 2, strict=True)))
+    poison_id = await brain.xadd(STREAM, as_mapping(poison_cmd[3:]))
     await brain.xreadgroup(GROUP, "me", {STREAM: ">"}, count=1)
     for _ in range(2):
         await brain.xclaim(STREAM, GROUP, "me", 0, [poison_id])

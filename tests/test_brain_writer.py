@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import eventually
 from prometheus_client import CollectorRegistry
 
+from conftest import eventually
 from tickbridge.brain.consumer import BrainConsumer
-from tickbridge.brain.loadgen import TradeSource, make_depth
+from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth
 from tickbridge.brain.writer import BrainWriter
 from tickbridge.core import keys
 from tickbridge.core.lifecycle import Service
@@ -101,7 +101,7 @@ async def test_writes_exactly_once_and_resend_is_deduplicated(
     source = TradeSource(SYMBOLS)
     await source.append(brain, STREAM, 6000)
     for i in range(5):
-        await brain.xadd(STREAM, dict(zip(*[iter(make_depth("ETHUSDT", 100 + 10 * i, source.ts + i).fields())] * 2)))
+        await brain.xadd(STREAM, as_mapping(make_depth("ETHUSDT", 100 + 10 * i, source.ts + i).fields()))
     registry = CollectorRegistry()
     services.start(BrainConsumer(settings, CollectorRegistry()))
     writer = services.start(BrainWriter(settings, registry))

@@ -72,3 +72,8 @@ class TradeSource:
                 if isinstance(r, BaseException):
                     raise r
             left -= k
+
+
+def as_mapping(fields: Sequence[str | int]) -> dict[str, str | int]:
+    """`Trade(...).fields()` as a dict for redis-py's `xadd`."""
+    return {str(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}
