@@ -1,0 +1,95 @@
+"""`tickbridge query <SYMBOL>`: recent trades or a time range from the tiered cache, as a table."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import time
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from rich.table import Table
+
+from tickbridge.brain.tiered import Answer, TieredMarketData, us_to_iso
+from tickbridge.core.settings import die, load_settings
+from tickbridge.core.tick import TickError, check_symbol
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s|m|h|d)$")
+_UNIT_US = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
+
+
+def parse_duration_us(text: str) -> int:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30s, 5m, 2h: {text!r}")
+    return int(float(match.group(1)) * _UNIT_US[match.group(2)])
+
+
+def parse_time_us(text: str) -> int:
+    """ISO-8601 (UTC if no zone) or microseconds since the epoch."""
+    if text.isdigit():
+        return int(text)
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ISO-8601 time or epoch µs: {text!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1_000_000)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tickbridge query", description=__doc__)
+    p.add_argument("symbol", help="e.g. BTCUSDT")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--recent", type=int, metavar="N", help="the newest N trades (default 20)")
+    what.add_argument("--since", type=parse_duration_us, metavar="DURATION", help="trades of the last 30s, 5m, 2h, ...")
+    what.add_argument("--start", type=parse_time_us, metavar="TIME", help="range start (ISO-8601 UTC or epoch µs)")
+    p.add_argument("--end", type=parse_time_us, metavar="TIME", help="range end (default now)")
+    p.add_argument("--limit", type=int, default=200, help="rows shown at most (default 200; the newest)")
+    p.add_argument("--no-follow", action="store_true", help="skip the HOT tier (answer from WARM/COLD only)")
+    return p
+
+
+def render(symbol: str, answer: Answer, limit: int, console: Console) -> None:
+    rows = answer.rows[-limit:]
+    table = Table(
+        title=f"{symbol}: {len(answer.rows)} trades",
+        caption=f"tiers: {' + '.join(answer.tiers)}   {answer.seconds * 1000:.2f} ms"
+        + (f"   (showing newest {len(rows)})" if len(rows) < len(answer.rows) else ""),
+    )
+    for name, justify in (("time (UTC)", "left"), ("trade_id", "right"), ("side", "left"), ("price", "right"),
+                          ("volume", "right"), ("delay ms", "right")):  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        style = "green" if r.side == "BUY" else "red"
+        delay = f"{(r.recv_ts - r.timestamp) / 1000:.1f}" if r.recv_ts else ""
+        table.add_row(
+            us_to_iso(r.timestamp), str(r.trade_id), f"[{style}]{r.side}[/]", f"{r.price:g}", f"{r.volume:g}", delay
+        )
+    console.print(table)
+
+
+async def run_query(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    async with TieredMarketData(settings, [args.symbol], CollectorRegistry(), follow=not args.no_follow) as md:
+        now = time.time_ns() // 1000
+        if args.since is not None:
+            answer = await md.range(args.symbol, now - args.since, now)
+        elif args.start is not None:
+            answer = await md.range(args.symbol, args.start, args.end if args.end is not None else now)
+        else:
+            answer = await md.recent(args.symbol, args.recent or 20)
+    render(args.symbol, answer, args.limit, Console(width=120))
+
+
+def main(argv: list[str]) -> None:
+    """`tickbridge query BTCUSDT [--recent N | --since 5m | --start T [--end T]]`."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.symbol = check_symbol(args.symbol.upper())
+    except TickError as exc:
+        die(f"tickbridge query: {exc}")
+    asyncio.run(run_query(args))

@@ -1,0 +1,314 @@
+"""Tiered market data for trading code: HOT (in-process deque), WARM (Brain Redis zset), COLD (QuestDB).
+
+- HOT: the last HOT_TICKS trades per symbol, kept current by a background task that XREADs the
+  per-symbol streams (prefilled from WARM at start).
+- WARM: the consumer's sorted set `market:<exchange>:warm:<SYMBOL>` (score = exchange time µs,
+  member `trade_id|price|volume|side|recv_ts`), the last WARM_WINDOW_S before its newest tick.
+- COLD: QuestDB `trades` over HTTP `/exec`.
+
+`recent()` and `range()` answer from the fastest tier that covers the request; a request older than
+WARM is stitched from COLD and WARM, de-duplicated by trade_id, so the seam is invisible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from tickbridge.brain.common import check, parse_read_reply
+from tickbridge.core import keys
+from tickbridge.core.metrics import counter, histogram
+from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
+from tickbridge.core.settings import Settings
+from tickbridge.core.tick import check_symbol
+
+log = logging.getLogger(__name__)
+
+TIER_BUCKETS = (
+    0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+)  # fmt: skip
+
+HOT, WARM, COLD = "hot", "warm", "cold"
+
+
+class TickRow(NamedTuple):
+    """One trade as the tiers return it (times in µs since the epoch)."""
+
+    timestamp: int
+    trade_id: int
+    price: float
+    volume: float
+    side: str
+    recv_ts: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Rows oldest first, the tiers that answered, and the time it took."""
+
+    rows: list[TickRow]
+    tiers: tuple[str, ...]
+    seconds: float
+
+
+class TieredMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.latency = histogram(
+            "tiered_latency_seconds", "Latency of one tier access", ("tier",), buckets=TIER_BUCKETS, registry=registry
+        )
+        self.answers = counter("tiered_answers_total", "Answers by the slowest tier used", ("tier",), registry=registry)
+        self.errors = counter(
+            "tiered_follow_errors_total", "HOT follower errors (Redis unavailable)", registry=registry
+        )
+
+
+def parse_warm_member(member: bytes, score: float) -> TickRow:
+    trade_id, price, volume, side, recv_ts = member.split(b"|")
+    return TickRow(int(score), int(trade_id), float(price), float(volume), side.decode(), int(recv_ts))
+
+
+def parse_stream_fields(fields: Sequence[bytes]) -> TickRow:
+    f = dict(zip(fields[::2], fields[1::2], strict=True))
+    return TickRow(
+        int(f[b"timestamp"]), int(f[b"trade_id"]), float(f[b"price"]), float(f[b"volume"]), f[b"side"].decode(),
+        int(f[b"recv_ts"]),
+    )  # fmt: skip
+
+
+def us_to_iso(us: int) -> str:
+    return datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{us % 1_000_000:06d}Z"
+
+
+def merge(*parts: Iterable[TickRow]) -> list[TickRow]:
+    """Union by trade_id, ordered by (timestamp, trade_id)."""
+    seen: dict[int, TickRow] = {}
+    for part in parts:
+        for row in part:
+            seen.setdefault(row.trade_id, row)
+    return sorted(seen.values(), key=lambda r: (r.timestamp, r.trade_id))
+
+
+class _Hot:
+    """Last N trades of one symbol in arrival order, de-duplicated by trade_id."""
+
+    def __init__(self, size: int) -> None:
+        self.rows: deque[TickRow] = deque(maxlen=size)
+        self.ids: set[int] = set()
+
+    def add(self, row: TickRow) -> None:
+        if row.trade_id in self.ids:
+            return
+        if len(self.rows) == self.rows.maxlen:
+            self.ids.discard(self.rows[0].trade_id)
+        self.rows.append(row)
+        self.ids.add(row.trade_id)
+
+
+class TieredMarketData:
+    """HOT/WARM/COLD market data for trading code. Use `async with TieredMarketData(settings) as md:`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        symbols: Sequence[str] | None = None,
+        registry: CollectorRegistry = REGISTRY,
+        *,
+        follow: bool = True,
+        exchange: str = keys.EXCHANGE,
+    ) -> None:
+        self.settings = settings
+        self.symbols = [check_symbol(s) for s in (symbols or settings.symbols)]
+        self.exchange = exchange
+        self.hot_size = settings.hot_ticks
+        self.window_us = int(settings.warm_window_s * 1_000_000)
+        self.metrics = TieredMetrics(registry)
+        self.follow = follow
+        self.redis: aioredis.Redis = make_client(settings.brain_redis_url, settings)
+        self.qdb = QuestDBHttp(settings.brain_questdb_url, settings)
+        self._hot: dict[str, _Hot] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> TieredMarketData:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object | TracebackType) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Prefill HOT from WARM and start following the per-symbol streams (if `follow`)."""
+        if self.follow:
+            self._task = asyncio.create_task(self._follow())
+            ready = asyncio.create_task(self._ready.wait())
+            await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if self._task.done():
+                self._task.result()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.redis.aclose()
+        await self.qdb.close()
+
+    # ---------------------------------------------------------------- HOT follower
+
+    async def _prefill(self) -> dict[str, str]:
+        """Remember each stream's last ID, then load the newest WARM ticks: nothing falls in between."""
+        cmds: list[Command] = [["XINFO", "STREAM", keys.trades_key(s, self.exchange)] for s in self.symbols]
+        infos = await execute_packed(self.redis, cmds)
+        last: dict[str, str] = {}
+        for sym, info in zip(self.symbols, infos, strict=True):
+            if isinstance(info, BaseException):
+                last[sym] = "0-0"
+            else:
+                d = info if isinstance(info, dict) else {info[i]: info[i + 1] for i in range(0, len(info), 2)}
+                last[sym] = d[b"last-generated-id"].decode()
+        cmds = [["ZRANGE", keys.warm_key(s, self.exchange), -self.hot_size, -1, "WITHSCORES"] for s in self.symbols]
+        warm = await execute_packed(self.redis, cmds)
+        for sym, reply in zip(self.symbols, warm, strict=True):
+            hot = self._hot[sym] = _Hot(self.hot_size)
+            for member, score in _pairs(check(reply)):
+                hot.add(parse_warm_member(member, float(score)))
+        return last
+
+    async def _follow(self) -> None:
+        last: dict[str, str] | None = None
+        while True:
+            try:
+                if last is None:
+                    last = await self._prefill()
+                    self._ready.set()
+                streams = [keys.trades_key(s, self.exchange) for s in self.symbols]
+                cmd: list[str | int] = ["XREAD", "COUNT", 1000, "BLOCK", 1000, "STREAMS", *streams]
+                cmd += [last[s] for s in self.symbols]
+                (reply,) = await execute_packed(self.redis, [cmd])
+                for stream, entries in parse_read_reply(check(reply)).items():
+                    sym = stream.decode().rsplit(":", 1)[1]
+                    hot = self._hot[sym]
+                    for _entry_id, fields in entries:
+                        if fields:
+                            hot.add(parse_stream_fields(fields))
+                    if entries:
+                        last[sym] = entries[-1][0].decode()
+            except TRANSIENT_ERRORS as exc:
+                # Lost Redis: HOT may have a gap, so refill it from WARM when Redis is back.
+                self.metrics.errors.inc()
+                log.warning("tiered follower: %s", exc)
+                last = None
+                self._ready.clear()
+                self._hot.clear()
+                await asyncio.sleep(1.0)
+
+    def hot(self, symbol: str) -> list[TickRow]:
+        """HOT ticks of `symbol`, oldest first (arrival order)."""
+        hot = self._hot.get(symbol)
+        return list(hot.rows) if hot else []
+
+    def _hot_ready(self, symbol: str) -> _Hot | None:
+        if not self.follow or not self._ready.is_set():
+            return None
+        return self._hot.get(symbol)
+
+    # ---------------------------------------------------------------- WARM and COLD access
+
+    async def _warm(self, cmd: Command) -> list[TickRow]:
+        started = time.perf_counter()
+        (reply,) = await execute_packed(self.redis, [cmd])
+        rows = [parse_warm_member(m, float(s)) for m, s in _pairs(check(reply))]
+        self.metrics.latency.labels(WARM).observe(time.perf_counter() - started)
+        return rows
+
+    async def _cold(self, symbol: str, where: str, order: str, limit: int) -> list[TickRow]:
+        sql = (
+            "SELECT cast(timestamp AS LONG), trade_id, price, volume, side, cast(recv_ts AS LONG) FROM trades "
+            f"WHERE symbol = '{symbol}' AND exchange = '{self.exchange}'{where} "
+            f"ORDER BY timestamp {order} LIMIT {limit}"
+        )
+        started = time.perf_counter()
+        rows = await self.qdb.rows(sql)
+        self.metrics.latency.labels(COLD).observe(time.perf_counter() - started)
+        return [TickRow(int(r[0]), int(r[1]), float(r[2]), float(r[3]), str(r[4]), int(r[5] or 0)) for r in rows]
+
+    async def _warm_floor(self, symbol: str) -> int | None:
+        """WARM holds every tick newer than this (its newest tick minus the window); None if WARM is empty."""
+        newest = await self._warm(["ZRANGE", keys.warm_key(symbol, self.exchange), -1, -1, "WITHSCORES"])
+        return newest[0].timestamp - self.window_us if newest else None
+
+    def _done(self, rows: list[TickRow], tiers: tuple[str, ...], started: float) -> Answer:
+        self.metrics.answers.labels(tiers[-1]).inc()
+        return Answer(rows, tiers, time.perf_counter() - started)
+
+    # ---------------------------------------------------------------- public API
+
+    async def recent(self, symbol: str, n: int) -> Answer:
+        """The newest `n` trades of `symbol`, oldest first, from the fastest tier that holds them."""
+        check_symbol(symbol)
+        started = time.perf_counter()
+        hot = self._hot_ready(symbol)
+        if hot is not None and n <= len(hot.rows):
+            rows = sorted(list(hot.rows)[-n:], key=lambda r: (r.timestamp, r.trade_id))
+            self.metrics.latency.labels(HOT).observe(time.perf_counter() - started)
+            return self._done(rows, (HOT,), started)
+        warm = await self._warm(["ZRANGE", keys.warm_key(symbol, self.exchange), -n, -1, "WITHSCORES"])
+        if len(warm) >= n:
+            return self._done(warm, (WARM,), started)
+        where = f" AND timestamp <= '{us_to_iso(warm[0].timestamp)}'" if warm else ""
+        cold = await self._cold(symbol, where, "DESC", n)
+        rows = merge(cold, warm)[-n:]
+        return self._done(rows, (WARM, COLD) if warm else (COLD,), started)
+
+    async def range(self, symbol: str, start_us: int, end_us: int, *, limit: int = 1_000_000) -> Answer:
+        """Trades of `symbol` with `start_us <= timestamp <= end_us`, oldest first, stitched across tiers."""
+        check_symbol(symbol)
+        started = time.perf_counter()
+        hot = self._hot_ready(symbol)
+        if hot is not None and hot.rows and start_us > min(r.timestamp for r in hot.rows):
+            rows = sorted(
+                (r for r in hot.rows if start_us <= r.timestamp <= end_us), key=lambda r: (r.timestamp, r.trade_id)
+            )
+            self.metrics.latency.labels(HOT).observe(time.perf_counter() - started)
+            return self._done(rows[:limit], (HOT,), started)
+        floor = await self._warm_floor(symbol)
+        warm_key = keys.warm_key(symbol, self.exchange)
+        if floor is not None and start_us > floor:
+            warm = await self._warm(["ZRANGE", warm_key, start_us, end_us, "BYSCORE", "LIMIT", 0, limit, "WITHSCORES"])
+            return self._done(warm, (WARM,), started)
+        where = f" AND timestamp >= '{us_to_iso(start_us)}' AND timestamp <= '{us_to_iso(end_us)}'"
+        cold = await self._cold(symbol, where, "ASC", limit)
+        tiers: tuple[str, ...] = (COLD,)
+        warm = []
+        if floor is not None and end_us > floor:
+            # The newest part may not be in QuestDB yet: WARM fills it in.
+            lo = max(start_us, floor)
+            warm = await self._warm(["ZRANGE", warm_key, lo, end_us, "BYSCORE", "LIMIT", 0, limit, "WITHSCORES"])
+            tiers = (WARM, COLD)
+        return self._done(merge(cold, warm)[:limit], tiers, started)
+
+
+def _pairs(flat: Any) -> list[tuple[bytes, Any]]:
+    """ZRANGE WITHSCORES reply: RESP2 flat list or RESP3 list of [member, score] pairs."""
+    if not flat:
+        return []
+    if isinstance(flat[0], list):
+        return [(p[0], p[1]) for p in flat]
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+__all__ = ["COLD", "HOT", "WARM", "Answer", "QuestDBError", "TickRow", "TieredMarketData"]

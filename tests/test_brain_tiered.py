@@ -1,0 +1,119 @@
+"""TieredMarketData and `tickbridge query` against real redis-server and QuestDB: tier choice and seamless stitching."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from conftest import eventually
+from tickbridge.brain import query
+from tickbridge.brain.consumer import BrainConsumer
+from tickbridge.brain.loadgen import TradeSource
+from tickbridge.brain.tiered import COLD, HOT, WARM, TieredMarketData
+from tickbridge.brain.writer import BrainWriter
+from tickbridge.core import keys
+from tickbridge.core.questdb_io import QuestDBHttp
+from tickbridge.core.redis_io import ensure_group, make_client
+from tickbridge.core.settings import Settings
+from tickbridge.devstack.servers import QuestDBServer, RedisServer
+
+pytestmark = pytest.mark.timeout(90)
+
+SYM = "BTCUSDT"
+
+
+async def test_tiers_answer_and_stitch_seamlessly(
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    qserver = questdb_factory()
+    settings = Settings(
+        brain_redis_url=redis_server.url,
+        brain_questdb_url=qserver.url,
+        symbols=(SYM,),
+        hot_ticks=100,
+        warm_window_s=300,
+        writer_flush_interval_s=0.1,
+        consumer_name="t",
+    )
+    brain = make_client(redis_server.url)
+    qdb = QuestDBHttp(qserver.url)
+    await ensure_group(brain, keys.DEFAULT_STREAM_KEY, keys.DEFAULT_CONSUMER_GROUP)
+    now = time.time_ns() // 1000
+    # 2,000 trades an hour ago (COLD only), then 1,000 in the last seconds (WARM and COLD).
+    old = TradeSource([SYM], first_id=1, start_us=now - 3_600_000_000, step_us=1000)
+    await old.append(brain, keys.DEFAULT_STREAM_KEY, 2000)
+    new = TradeSource([SYM], first_id=2001, start_us=now - 10_000_000, step_us=5000)
+    await new.append(brain, keys.DEFAULT_STREAM_KEY, 1000)
+    consumer = BrainConsumer(settings, CollectorRegistry())
+    writer = BrainWriter(settings, CollectorRegistry())
+    tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(writer.run())]
+    registry = CollectorRegistry()
+    try:
+
+        async def loaded() -> bool:
+            await qdb.wait_applied("trades")
+            return bool(await qdb.scalar("SELECT count() FROM trades") == 3000)
+
+        await eventually(loaded, timeout=30, interval=0.2, what="3000 rows in QuestDB")
+        await eventually(lambda: _zcard(brain, 1000), timeout=5, what="WARM holds the recent 1000 only")
+
+        async with TieredMarketData(settings, registry=registry) as md:
+            a = await md.recent(SYM, 50)
+            assert a.tiers == (HOT,) and [r.trade_id for r in a.rows] == list(range(2951, 3001))
+            a = await md.recent(SYM, 500)
+            assert a.tiers == (WARM,) and [r.trade_id for r in a.rows] == list(range(2501, 3001))
+            a = await md.recent(SYM, 1500)
+            assert a.tiers == (WARM, COLD) and [r.trade_id for r in a.rows] == list(range(1501, 3001))
+            a = await md.range(SYM, now - 3_700_000_000, now + 1_000_000)
+            assert a.tiers == (WARM, COLD) and [r.trade_id for r in a.rows] == list(range(1, 3001))
+            last = a.rows[-1]
+            assert (last.price, last.side) == (float(new_price(3000)), "SELL")
+            a = await md.range(SYM, now - 3_600_000_000, now - 3_600_000_000 + 9_999)
+            assert a.tiers == (COLD,) and [r.trade_id for r in a.rows] == list(range(1, 11))
+            a = await md.range(SYM, now - 8_000_000, now + 1_000_000)  # inside WARM, before HOT's oldest
+            assert a.tiers == (WARM,) and [r.trade_id for r in a.rows] == list(range(2401, 3001))
+            hot_oldest = md.hot(SYM)[0].timestamp
+            a = await md.range(SYM, hot_oldest + 1, now + 1_000_000)
+            assert a.tiers == (HOT,) and [r.trade_id for r in a.rows] == list(range(2902, 3001))
+
+            # HOT follows new ticks.
+            await new.append(brain, keys.DEFAULT_STREAM_KEY, 10, live=True)
+            await eventually(lambda: _hot_last(md, 3010), timeout=10, what="HOT follows")
+            for tier in (HOT, WARM, COLD):
+                count = registry.get_sample_value("tickbridge_tiered_latency_seconds_count", {"tier": tier})
+                assert count and count > 0
+
+        # The CLI shows the same answers for a person.
+        monkeypatch.setenv("BRAIN_REDIS_URL", redis_server.url)
+        monkeypatch.setenv("BRAIN_QUESTDB_URL", qserver.url)
+        monkeypatch.setenv("SYMBOLS", SYM)
+        capsys.readouterr()
+        await asyncio.to_thread(query.main, [SYM, "--recent", "5", "--no-follow"])
+        out = capsys.readouterr().out
+        assert "3010" in out and "warm" in out
+    finally:
+        consumer.request_stop()
+        writer.request_stop()
+        await asyncio.gather(*tasks)
+        await brain.aclose()
+        await qdb.close()
+
+
+def new_price(trade_id: int) -> str:
+    return f"{100 + (trade_id % 1000) / 100:.2f}"
+
+
+async def _zcard(client: object, n: int) -> bool:
+    return bool(await client.zcard(keys.warm_key(SYM)) == n)  # type: ignore[attr-defined]
+
+
+async def _hot_last(md: TieredMarketData, trade_id: int) -> bool:
+    rows = md.hot(SYM)
+    return bool(rows and rows[-1].trade_id == trade_id)
