@@ -37,8 +37,10 @@ class SimConfig:
     book_updates_per_trade: float = 1.0
     #: How RATE is spread over symbols: "zipf" (first symbols busiest, like real markets) or "even".
     weights: Literal["zipf", "even"] = "zipf"
-    #: Slow-consumer policy: a connection whose unsent bytes exceed this is dropped (as Binance does).
+    #: Slow-consumer policy (Binance drops clients that do not keep up): a connection whose unsent bytes
+    #: stay above `max_send_buffer_bytes` for longer than `slow_consumer_grace_s` is dropped.
     max_send_buffer_bytes: int = 64 * 1024 * 1024
+    slow_consumer_grace_s: float = 1.0
     #: Delay between the `serverShutdown` event and the close.
     shutdown_grace_s: float = 1.0
     #: REST weight budget per IP per minute (`X-MBX-USED-WEIGHT-1M`), over it 429 + Retry-After.

@@ -70,6 +70,7 @@ class Conn:
         self.opened = now
         self.last_ping = now
         self.closing = False
+        self.caught_up = now
 
 
 class RestError(Exception):
@@ -90,6 +91,7 @@ class SimServer:
         self.conns: set[Conn] = set()
         self.subs: dict[str, set[Conn]] = {}
         self.max_send_buffer = config.max_send_buffer_bytes
+        self.slow_grace = config.slow_consumer_grace_s
         self.paused = False
         self.stall_until = 0.0
         self.failed: BaseException | None = None
@@ -257,11 +259,12 @@ class SimServer:
         self._fault("stall")
         self.stall_until = max(self.stall_until, time.monotonic() + seconds)
 
-    def slow_consumer(self, max_buffer_bytes: int | None = 65536) -> None:
-        """Binance's slow-client policy with a small budget: a connection whose unsent bytes exceed
-        `max_buffer_bytes` is dropped. `None` restores the configured default."""
+    def slow_consumer(self, max_buffer_bytes: int | None = 65536, grace_s: float | None = 0.5) -> None:
+        """Tighten the slow-client policy (Binance disconnects clients that do not keep up): a connection
+        whose unsent bytes stay above `max_buffer_bytes` for `grace_s` is dropped. `None` = configured value."""
         self._fault("slow_consumer")
         self.max_send_buffer = self.config.max_send_buffer_bytes if max_buffer_bytes is None else max_buffer_bytes
+        self.slow_grace = self.config.slow_consumer_grace_s if grace_s is None else grace_s
 
     def burst(self, n_trades: int, symbol: str | None = None) -> None:
         """Emit `n_trades` extra trades at once (over the weighted symbols, or one symbol)."""
@@ -348,11 +351,21 @@ class SimServer:
         if self.stalled:
             c.held.append(data)
             c.held_bytes += len(data)
-            if c.held_bytes > self.max_send_buffer:
-                self._drop(c, "slow_consumer")
+            if c.held_bytes > self.config.max_send_buffer_bytes:  # bound our own memory during a long stall
+                self._drop(c, "stall_backlog")
             return
+        if c.held:  # end of a stall: the backlog goes first, in order
+            held, c.held, c.held_bytes = c.held, [], 0
+            c.transport.write(b"".join(held))
         c.transport.write(data)
-        if c.transport.get_write_buffer_size() > self.max_send_buffer:
+        self._check_backlog(c)
+
+    def _check_backlog(self, c: Conn) -> None:
+        """Slow-consumer policy: drop a connection whose unsent bytes stay over budget past the grace time."""
+        now = time.monotonic()
+        if c.transport.get_write_buffer_size() <= self.max_send_buffer:
+            c.caught_up = now
+        elif now - c.caught_up > self.slow_grace:
             self._drop(c, "slow_consumer")
 
     def _emit(self, stream: str, data: str) -> None:
@@ -447,7 +460,7 @@ class SimServer:
                     n, carry = cap, 0.0
             if n:
                 self._produce(n, None, now_ms)
-            budget = 20_000
+            budget = 5_000  # per tick, so a big burst does not freeze the loop (pings, readers)
             while self._bursts and budget > 0:
                 count, sym = self._bursts.popleft()
                 take = min(count, budget)
@@ -564,14 +577,15 @@ class SimServer:
             if was_stalled and not stalled:
                 for c in list(self.conns):
                     if c.held:
-                        held, c.held, c.held_bytes = c.held, [], 0
-                        self._send(c, b"".join(held))
+                        self._send(c, b"")
                     c.last_ping = now
                     c.pings.clear()
             was_stalled = stalled
             for c in list(self.conns):
                 if c.closing:
                     continue
+                if not stalled:
+                    self._check_backlog(c)
                 if now - c.opened >= cfg.lifetime_s:
                     # Binance just disconnects at 24 h (no serverShutdown first).
                     self._spawn(self._close(c, 1000, "", "lifetime"))
@@ -890,7 +904,7 @@ class SimServer:
             elif action == "stall":
                 self.stall(float(seconds or 1.0))
             elif action == "slow_consumer":
-                self.slow_consumer(None if count is None else int(count))
+                self.slow_consumer(None if count is None else int(count), None if seconds is None else float(seconds))
             elif action == "burst":
                 self.burst(int(count or 1000), None if symbol is None else str(symbol))
             elif action == "pause":
