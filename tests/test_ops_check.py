@@ -1,0 +1,114 @@
+"""`tickbridge check <role>`, the compose healthcheck: exit 0 for a live role, 1 for a dead, wrong or stuck one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from tickbridge.core.metrics import counter
+from tickbridge.devstack.servers import free_port, wait_until
+from tickbridge.ops import check as check_mod
+from tickbridge.ops.check import check, evaluate
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _run_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tickbridge", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def collector_endpoint() -> Iterator[tuple[int, CollectorRegistry]]:
+    """A real /metrics endpoint serving a collector-like registry."""
+    registry = CollectorRegistry()
+    counter("collector_ticks", "ticks", ("symbol",), registry=registry).labels("BTCUSDT").inc(3)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    yield port, registry
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_evaluate_requires_the_roles_series() -> None:
+    text = "# TYPE tickbridge_collector_ticks_total counter\ntickbridge_collector_ticks_total 5\n"
+    assert evaluate("collector", text, 60).healthy
+    # Another role's endpoint (or a process that registered nothing yet) is not this role.
+    assert not evaluate("forwarder", text, 60).healthy
+    assert not evaluate("collector", "", 60).healthy
+    assert not evaluate("collector", "garbage{{{\n", 60).healthy
+
+
+def test_evaluate_flags_a_stale_liveness_gauge(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(check_mod.LIVENESS_GAUGES, "writer", ("tickbridge_writer_heartbeat_timestamp_seconds",))
+    text = "tickbridge_writer_rows_total 1\ntickbridge_writer_heartbeat_timestamp_seconds {ts}\n"
+    now = 1_000_000.0
+    assert evaluate("writer", text.format(ts=now - 5), 60, now=now).healthy
+    stale = evaluate("writer", text.format(ts=now - 120), 60, now=now)
+    assert not stale.healthy and "stuck" in stale.reason
+    # A role that does not export the gauge is judged on its series alone.
+    assert evaluate("writer", "tickbridge_writer_rows_total 1\n", 60, now=now).healthy
+
+
+def test_check_against_a_live_endpoint_then_a_dead_one(
+    collector_endpoint: tuple[int, CollectorRegistry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, registry = collector_endpoint
+    assert check("collector", port).healthy
+    assert not check("consumer", port).healthy
+    # A liveness gauge the main loop stopped refreshing makes it unhealthy.
+    gauge_name = "tickbridge_collector_test_heartbeat_timestamp_seconds"
+    monkeypatch.setitem(check_mod.LIVENESS_GAUGES, "collector", (gauge_name,))
+    beat = Gauge(gauge_name, "test", registry=registry)
+    beat.set(time.time())
+    assert check("collector", port, max_age=60).healthy
+    beat.set(time.time() - 600)
+    assert not check("collector", port, max_age=60).healthy
+    # Nothing listening: unhealthy, quickly.
+    started = time.monotonic()
+    assert not check("collector", free_port(), timeout=2).healthy
+    assert time.monotonic() - started < 5
+
+
+def test_cli_exit_codes_and_metrics_port_from_env(collector_endpoint: tuple[int, CollectorRegistry]) -> None:
+    port, _ = collector_endpoint
+    ok = _run_check("collector", env={"METRICS_PORT": str(port)})
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("healthy: collector")
+    assert _run_check("collector", "--port", str(port), "--quiet").stdout == ""
+    wrong = _run_check("forwarder", "--port", str(port))
+    assert wrong.returncode == 1 and wrong.stderr.startswith("unhealthy: forwarder")
+    dead = _run_check("collector", "--port", str(free_port()))
+    assert dead.returncode == 1 and "unhealthy" in dead.stderr
+    # A broken configuration is "unhealthy" (exit 1), never a traceback.
+    bad = _run_check("collector", env={"METRICS_PORT": "not-a-port"})
+    assert bad.returncode == 1 and bad.stderr.startswith("unhealthy: config error: METRICS_PORT")
+
+
+def test_check_a_real_role_process() -> None:
+    """`tickbridge sim` (a role needing no Redis) is healthy while it runs and unhealthy once stopped."""
+    metrics_port, ws_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tickbridge", "sim", "--port", str(ws_port), "--metrics-port", str(metrics_port),
+         "--symbols", "BTCUSDT", "--rate", "10"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: check("sim", metrics_port).healthy, 30, "sim healthy", proc)
+        assert _run_check("sim", "--port", str(metrics_port)).returncode == 0
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert _run_check("sim", "--port", str(metrics_port)).returncode == 1

@@ -1,0 +1,152 @@
+"""The committed server configs, run on real servers: redis/vps.conf, redis/brain.conf, questdb/*/server.conf.
+
+Each server starts from the committed file, with only what differs on this machine overridden on the
+command line (port, bind address, directories, certificate paths): what is tested is what compose mounts.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import ssl
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.exceptions
+
+from tickbridge.devstack.servers import REPO_ROOT, QuestDBServer, RedisServer, free_port
+from tickbridge.devstack.tls import make_certs, render_acl
+
+pytestmark = pytest.mark.timeout(120)
+
+PASSWORDS = {
+    name: f"pw-{name.lower()}"
+    for name in set(re.findall(r"#@([A-Z0-9_]+)@", "".join(p.read_text() for p in (REPO_ROOT / "redis").glob("*.acl"))))
+}
+
+
+class ConfRedis(RedisServer):
+    """redis-server started from a committed config file; the command line overrides host-specific paths."""
+
+    def __init__(self, conf: Path, overrides: list[str], workdir: Path) -> None:
+        super().__init__(workdir=workdir)
+        self.conf = conf
+        self.overrides = overrides
+
+    def command(self) -> list[str]:
+        return [
+            shutil.which("redis-server") or "redis-server", str(self.conf),
+            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir), "--daemonize", "no",
+            *self.overrides,
+        ]  # fmt: skip
+
+
+@pytest.fixture
+def vps_redis(tmp_path: Path) -> Iterator[ConfRedis]:
+    acl = render_acl(REPO_ROOT / "redis" / "users.vps.acl", tmp_path / "users.acl", PASSWORDS)
+    server = ConfRedis(REPO_ROOT / "redis" / "vps.conf", ["--aclfile", str(acl)], tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _client(port: int, user: str, password: str, **kwargs: object) -> redis.Redis:
+    return redis.Redis(port=port, username=user, password=password, socket_timeout=5, **kwargs)  # type: ignore[arg-type]
+
+
+def test_vps_redis_conf_durability_and_memory(vps_redis: ConfRedis) -> None:
+    admin = _client(vps_redis.port, "admin", PASSWORDS["VPS_REDIS_ADMIN_PASSWORD"])
+    config = {
+        k: v for part in ("appendonly", "appendfsync", "maxmemory*", "save") for k, v in admin.config_get(part).items()
+    }
+    assert config["appendonly"] == "yes"
+    assert config["appendfsync"] == "everysec"
+    assert config["maxmemory-policy"] == "noeviction"
+    assert int(config["maxmemory"]) == 1100 * 2**20
+    assert config["save"] == ""
+    # Every client authenticates: the default user is off.
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=vps_redis.port, socket_timeout=5).ping()
+    collector = _client(vps_redis.port, "collector", PASSWORDS["VPS_REDIS_COLLECTOR_PASSWORD"])
+    entry_id = collector.xadd("market:vps:stream", {"symbol": "BTCUSDT", "type": "TRADE"})
+    forwarder = _client(vps_redis.port, "forwarder", PASSWORDS["VPS_REDIS_FORWARDER_PASSWORD"])
+    assert [e[0] for e in forwarder.xrange("market:vps:stream")] == [entry_id]
+    # The AOF is written as configured (everysec) and survives a restart with the entry.
+    vps_redis.restart()
+    assert forwarder.xlen("market:vps:stream") == 1
+
+
+def test_brain_redis_conf_tls_requires_client_certificate(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    acl = render_acl(REPO_ROOT / "redis" / "users.brain.acl", tmp_path / "users.acl", PASSWORDS)
+    tls_port = free_port()
+    overrides = [
+        "--aclfile", str(acl), "--tls-port", str(tls_port),
+        "--tls-cert-file", str(certs.server_cert), "--tls-key-file", str(certs.server_key),
+        "--tls-ca-cert-file", str(certs.ca),
+    ]  # fmt: skip
+    server = ConfRedis(REPO_ROOT / "redis" / "brain.conf", overrides, tmp_path / "redis")
+    server.start()
+    try:
+        admin = _client(server.port, "admin", PASSWORDS["BRAIN_REDIS_ADMIN_PASSWORD"])
+        assert admin.config_get("tls-auth-clients")["tls-auth-clients"] == "yes"
+        assert admin.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        assert admin.config_get("appendfsync")["appendfsync"] == "everysec"
+        # Without a client certificate the TLS handshake is refused.
+        assert not _tls_ping_without_client_cert(tls_port, certs.ca)
+        # With the certificate AND the forwarder's password the VPS may append to the stream.
+        tls = dict(ssl=True, ssl_ca_certs=str(certs.ca), ssl_certfile=str(certs.client_cert),
+                   ssl_keyfile=str(certs.client_key))  # fmt: skip
+        forwarder = _client(tls_port, "forwarder", PASSWORDS["BRAIN_REDIS_FORWARDER_PASSWORD"], **tls)
+        forwarder.xadd("market:vps:stream", {"symbol": "BTCUSDT"}, id="1-1")
+        assert admin.xlen("market:vps:stream") == 1
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            _client(tls_port, "forwarder", "wrong", **tls).ping()
+    finally:
+        server.stop()
+
+
+def _tls_ping_without_client_cert(port: int, ca: Path) -> bool:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as sock,
+        ):
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except (ssl.SSLError, OSError):
+        return False
+
+
+@pytest.mark.parametrize("host", ["vps", "brain"])
+def test_questdb_server_conf_starts_and_exports_metrics(host: str, tmp_path: Path) -> None:
+    conf = {}
+    for line in (REPO_ROOT / "questdb" / host / "server.conf").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            conf[key.strip()] = value.strip()
+    # Bind addresses are the compose network's; this machine uses the fixture's free loopback ports.
+    binds = {k for k in conf if k.endswith(".bind.to")}
+    assert binds == {"http.net.bind.to", "http.min.net.bind.to", "pg.net.bind.to"}
+    assert conf["metrics.enabled"] == "true" and conf["http.min.net.bind.to"].endswith(":9003")
+    server = QuestDBServer(workdir=tmp_path / "questdb", extra_conf={k: v for k, v in conf.items() if k not in binds})
+    server.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.min_port}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert "questdb_memory_rss" in metrics or "questdb_json_queries_total" in metrics
+        with urllib.request.urlopen(f"{server.url}/exec?query=SELECT%201", timeout=10) as resp:
+            assert resp.status == 200
+        # QuestDB names keys it does not recognise ("Invalid settings ... probable typos") in its log.
+        log = "".join(p.read_text(errors="replace") for p in (server.workdir / "log").glob("*"))
+        assert "server-main" in log
+        assert "Invalid settings" not in log, log[log.find("Invalid settings") :][:500]
+        if host == "vps":
+            assert "resolved RAM usage limit: 512.0 MiB" in log
+    finally:
+        server.stop()
