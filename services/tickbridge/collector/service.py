@@ -65,6 +65,17 @@ class SnapshotResult:
     snapshot: dict[str, Any] | None
 
 
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """Inbox marker: frames of `gen` are primary from here on (every frame of the old one is ahead of it)."""
+
+    gen: int
+
+
+#: Events held per non-primary connection while they are ahead of the primary (bounded).
+MAX_HELD = 100_000
+
+
 def stream_url(base: str, symbols: Iterable[str]) -> str:
     """Combined-stream URL with `<sym>@trade` and `<sym>@depth@100ms` for each symbol."""
     names = [f"{s.lower()}@{kind}" for s in symbols for kind in ("trade", "depth@100ms")]
@@ -99,9 +110,13 @@ class Collector(Service):
         self.depth = {s: DepthSync(s) for s in self.symbols}
         self.last_trade: dict[str, int] = {}
         self._hot: dict[str, deque[Tick]] = {s: deque(maxlen=settings.hot_ticks) for s in self.symbols}
-        self.inbox: asyncio.Queue[tuple[int, int, bytes | str] | SnapshotResult | None] = asyncio.Queue(inbox_size)
+        self.inbox: asyncio.Queue[tuple[int, int, bytes | str] | SnapshotResult | Switch | None] = asyncio.Queue(
+            inbox_size
+        )
         self.conns: dict[int, Connection] = {}
-        self.primary_gen = 0
+        self.primary_gen = 0  # the processor's view (set by `Switch` markers, in frame order)
+        self._active_gen = 0  # the manager's view
+        self._held: dict[int, deque[Trade | DepthDiff]] = {}
         self._next_gen = 0
         self._wake = asyncio.Event()
         self._shutdown_gens: set[int] = set()
@@ -168,7 +183,7 @@ class Collector(Service):
 
     # --- connections --------------------------------------------------------------------------
 
-    async def _connect(self, reason: str) -> Connection | None:
+    async def _connect(self, reason: str, *, primary: bool) -> Connection | None:
         self._next_gen += 1
         gen = self._next_gen
         try:
@@ -183,6 +198,9 @@ class Collector(Service):
         now = time.monotonic()
         conn = Connection(gen=gen, ws=ws, opened=now, last_frame=now)
         assert self._tg is not None
+        if primary:  # before any frame of this connection
+            self._active_gen = gen
+            await self.inbox.put(Switch(gen))
         conn.task = self._tg.create_task(self._read(conn), name=f"collector-ws-{gen}")
         self.conns[gen] = conn
         self.metrics.reconnects.labels(reason).inc()
@@ -251,13 +269,12 @@ class Collector(Service):
         reason = "start"
         try:
             while not self.stopping.is_set():
-                primary = self.conns.get(self.primary_gen)
+                primary = self.conns.get(self._active_gen)
                 if primary is None:
-                    conn = await self._connect(reason)
+                    conn = await self._connect(reason, primary=True)
                     if conn is None:
                         await self.sleep_or_stop(backoff.next())
                         continue
-                    self.primary_gen = conn.gen
                     self.metrics.connection_up.set(1)
                     self.started.set()
                     continue
@@ -289,7 +306,7 @@ class Collector(Service):
     async def _rotate(self, old: Connection, reason: str, backoff: Backoff) -> None:
         """Make-before-break: open the replacement, let it join the books, then retire `old`."""
         log.info("rotating connection %d (%s)", old.gen, reason)
-        new = await self._connect(reason)
+        new = await self._connect(reason, primary=False)
         if new is None:
             if reason == "stale" or old.closed.is_set():
                 await self._close(old)  # nothing to keep: plain reconnect with backoff
@@ -305,9 +322,10 @@ class Collector(Service):
                     log.warning("connection %d did not join every book in %.0fs", new.gen, self.join_timeout_s)
                     break
                 await self._wait_wake(0.05)
-        self.primary_gen = new.gen
+        await self._close(old)  # its reader has put every frame it got into the inbox
+        self._active_gen = new.gen
+        await self.inbox.put(Switch(new.gen))
         self.metrics.connection_up.set(1)
-        await self._close(old)
         log.info("connection %d is primary, %d retired", new.gen, old.gen)
 
     def _joined_all(self, gen: int) -> bool:
@@ -331,6 +349,8 @@ class Collector(Service):
                     gap = self._on_frame(item[0], item[1], item[2], out)
                     if gap is not None:
                         await self._backfill(gap, out)
+                elif isinstance(item, Switch):
+                    await self._switch(item.gen, out)
                 else:
                     self._on_snapshot(item, out)
                 if len(out) >= OUT_BATCH:
@@ -346,6 +366,25 @@ class Collector(Service):
                 await writer.close_input()
                 return
 
+    async def _switch(self, gen: int, out: list[Item]) -> None:
+        """Make `gen` primary and replay what it delivered ahead of the old primary, in order."""
+        self.primary_gen = gen
+        held = self._held.pop(gen, deque())
+        self._held.clear()
+        for ev in held:
+            if isinstance(ev, Trade):
+                gap = self._on_trade(ev, gen, out)
+                if gap is not None:
+                    await self._backfill(gap, out)
+            else:
+                self._on_depth(self.depth[ev.symbol], ev, gen, out)
+
+    def _hold(self, gen: int, ev: Trade | DepthDiff) -> None:
+        held = self._held.get(gen)
+        if held is None:
+            held = self._held[gen] = deque(maxlen=MAX_HELD)
+        held.append(ev)
+
     def _dead_letter(self, rej: Rejected, recv: int, out: list[Item]) -> None:
         self.metrics.dead_letters.labels(rej.reason).inc()
         out.append(DeadLetter(rej.reason, rej.detail, rej.raw, recv))
@@ -359,16 +398,7 @@ class Collector(Service):
             if ev.symbol not in self.depth:
                 self._dead_letter(Rejected("unknown_symbol", ev.symbol, _raw(raw)), recv, out)
                 return None
-            last = self.last_trade.get(ev.symbol)
-            if last is not None:
-                if ev.trade_id <= last:
-                    self._m_dup_trade.inc()
-                    return None
-                if ev.trade_id > last + 1:
-                    if gen != self.primary_gen:
-                        return None  # overlap: the primary connection delivers the missing ones
-                    return ev
-            self._emit_trade(ev, out)
+            return self._on_trade(ev, gen, out)
         elif kind is DepthDiff:
             assert isinstance(ev, DepthDiff)
             sync = self.depth.get(ev.symbol)
@@ -385,6 +415,20 @@ class Collector(Service):
             self._wake.set()
         elif kind is ControlReply:
             pass
+        return None
+
+    def _on_trade(self, ev: Trade, gen: int, out: list[Item]) -> Trade | None:
+        last = self.last_trade.get(ev.symbol)
+        if last is not None:
+            if ev.trade_id <= last:
+                self._m_dup_trade.inc()
+                return None
+            if ev.trade_id > last + 1:
+                if gen != self.primary_gen:
+                    self._hold(gen, ev)  # overlap: the primary may still deliver the ones before it
+                    return None
+                return ev
+        self._emit_trade(ev, out)
         return None
 
     def _emit_trade(self, ev: Trade, out: list[Item]) -> None:
@@ -409,6 +453,8 @@ class Collector(Service):
             self._m_dup_depth.inc()
             if sync.valid:
                 self._joined[ev.symbol] = gen
+        elif outcome is Outcome.AHEAD:
+            self._hold(gen, ev)
         elif outcome is Outcome.BUFFERED:
             self._request_snapshot(ev.symbol, 0.0)
         elif outcome is Outcome.GAP:

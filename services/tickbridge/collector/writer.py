@@ -84,7 +84,7 @@ class StreamWriter:
         while not done:
             first = await self.queue.get()
             if first is None:
-                return
+                break
             items = list(first)
             while len(items) < self.max_batch_items and not self.queue.empty():
                 more = self.queue.get_nowait()
@@ -94,6 +94,18 @@ class StreamWriter:
                 items.extend(more)
             if items:
                 await self._write(items)
+        await self._final_trim()
+
+    async def _final_trim(self) -> None:
+        """Trim every WARM key once more on shutdown (periodic trims may lag a fast replay)."""
+        cmds: list[Command] = [
+            ("ZREMRANGEBYSCORE", keys.warm_key(symbol), "-inf", f"({ts - self.warm_window_us}")
+            for symbol, ts in self._latest_ts.items()
+        ]
+        try:
+            await execute_packed(self.client, cmds)
+        except _RETRY_ERRORS as exc:
+            log.warning("final WARM trim failed: %s", exc)
 
     def _commands(self, items: list[Item]) -> list[Command]:
         stream = self.stream_key

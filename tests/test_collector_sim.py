@@ -1,0 +1,224 @@
+"""Collector against the simulator: the real captures replayed, and faults with a zero-loss oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import itertools
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from conftest import eventually
+from test_collector_parser import capture_lines, rebuild_offline
+from tickbridge.collector.service import Collector
+from tickbridge.core import keys
+from tickbridge.core.settings import Settings
+from tickbridge.core.tick import DepthDiff, Trade, decode_entry
+from tickbridge.devstack.servers import RedisServer
+from tickbridge.sim import SimConfig, SimServer
+
+pytestmark = pytest.mark.timeout(90)
+
+SYMBOLS = ("BTCUSDT", "ETHUSDT")
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def read_stream(client: Any) -> list[Trade | DepthDiff]:
+    ticks: list[Trade | DepthDiff] = []
+    last = "-"
+    while True:
+        batch = await client.xrange(keys.DEFAULT_STREAM_KEY, min=last, count=10_000)
+        if last != "-":
+            batch = batch[1:]
+        if not batch:
+            return ticks
+        ticks += [decode_entry(f) for _, f in batch]
+        last = batch[-1][0]
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Any]:
+    c: Any = aioredis.Redis.from_url(redis_server.url)
+    yield c
+    await c.aclose()
+
+
+async def run_collector(
+    settings: Settings, registry: CollectorRegistry, **kw: Any
+) -> tuple[Collector, asyncio.Task[None]]:
+    collector = Collector(settings, registry, **kw)
+    task = asyncio.create_task(collector.run())
+    await asyncio.wait_for(collector.started.wait(), 10)
+    return collector, task
+
+
+async def stop_collector(collector: Collector, task: asyncio.Task[None]) -> None:
+    collector.request_stop()
+    await asyncio.wait_for(task, 20)
+
+
+async def test_replay_of_real_captures(binance_data: Path, redis_server: RedisServer, client: Any) -> None:
+    files = (binance_data / "ethusdt_20240808.gz", binance_data / "ethusdt_20240809.gz")
+    sim = SimServer(SimConfig(mode="replay", replay_files=files, speed=0.0, symbols=("ETHUSDT",)))
+    await sim.start()
+    registry = CollectorRegistry()
+    settings = Settings(
+        binance_ws_url=sim.ws_url, binance_rest_url=sim.rest_url, symbols=("ETHUSDT",),
+        vps_redis_url=redis_server.url, depth_snapshot_limit=5000,
+    )  # fmt: skip
+    collector, task = await run_collector(settings, registry)
+    try:
+        await eventually(lambda: _true(sim.replay_done), timeout=60, what="replay finished")
+        await eventually(lambda: _true(collector.last_trade.get("ETHUSDT") == 1520553439), what="last trade")
+        lid, bids, asks, _ = rebuild_offline(capture_lines(binance_data))
+        await eventually(lambda: _true(collector.book("ETHUSDT").last_update_id == lid), what="last depth event")
+        await eventually(lambda: _true(collector.writer is not None and collector.writer.queue.empty()), what="drain")
+    finally:
+        await stop_collector(collector, task)
+        await sim.stop()
+    expected: dict[int, dict[str, Any]] = {}
+    for name in files:
+        with gzip.open(name, "rb") as fh:
+            for line in fh:
+                msg = orjson.loads(line.split(b" ", 1)[1])
+                if msg.get("stream", "").endswith("@trade"):
+                    expected[msg["data"]["t"]] = msg["data"]
+    ticks = await read_stream(client)
+    trades = [t for t in ticks if isinstance(t, Trade)]
+    assert [t.trade_id for t in trades] == sorted(expected)  # each exactly once, in order
+    for t in trades:
+        raw = expected[t.trade_id]
+        assert (t.symbol, t.price, t.volume, t.timestamp) == ("ETHUSDT", raw["p"], raw["q"], raw["T"] * 1000)
+        assert t.side == ("SELL" if raw["m"] else "BUY")
+    book = collector.book("ETHUSDT")
+    assert book.last_update_id == lid and book.bids == bids and book.asks == asks
+    depth = [t for t in ticks if isinstance(t, DepthDiff)]
+    assert all(b.first_update_id == a.last_update_id + 1 for a, b in itertools.pairwise(depth))
+    assert depth[-1].last_update_id == lid
+    for metric in ("trade_gaps", "depth_gaps", "resyncs", "backfilled_trades", "lost_trades"):
+        assert value(registry, f"tickbridge_collector_{metric}_total", symbol="ETHUSDT") == 0, metric
+    assert value(registry, "tickbridge_collector_book_valid", symbol="ETHUSDT") == 1
+    warm = await client.zrange(keys.warm_key("ETHUSDT"), 0, 0, withscores=True)
+    assert warm and warm[0][1] >= trades[-1].timestamp - 300_000_000  # trimmed to 5 minutes
+
+
+async def check_exactly_once(sim: SimServer, collector: Collector, client: Any) -> dict[str, list[int]]:
+    """Pause the sim, let the collector catch up, then every symbol's trade IDs are contiguous, no repeats."""
+    sim.pause()
+    stats = sim.stats()["symbols"]
+    ids: dict[str, list[int]] = defaultdict(list)
+
+    async def caught_up() -> bool:
+        ids.clear()
+        for t in await read_stream(client):
+            if isinstance(t, Trade):
+                ids[t.symbol].append(t.trade_id)
+        return all(ids[s] and ids[s][-1] == stats[s]["last_trade_id"] for s in SYMBOLS)
+
+    await eventually(caught_up, what="every trade the sim generated is in the stream")
+    for sym in SYMBOLS:
+        got = ids[sym]
+        assert got == list(range(got[0], stats[sym]["last_trade_id"] + 1)), f"{sym}: lost, duplicated or reordered"
+    return ids
+
+
+def synthetic(**kw: Any) -> SimServer:
+    return SimServer(SimConfig(symbols=SYMBOLS, rate=1000.0, seed=7, weights="even", **kw))
+
+
+def settings_for(sim: SimServer, redis_server: RedisServer, **kw: Any) -> Settings:
+    return Settings(
+        binance_ws_url=sim.ws_url, binance_rest_url=sim.rest_url, symbols=SYMBOLS, vps_redis_url=redis_server.url,
+        **kw,
+    )  # fmt: skip
+
+
+async def test_faults_lose_and_duplicate_nothing(redis_server: RedisServer, client: Any) -> None:
+    sim = synthetic(shutdown_grace_s=1.0)
+    await sim.start()
+    registry = CollectorRegistry()
+    collector, task = await run_collector(settings_for(sim, redis_server), registry, join_timeout_s=3.0)
+    try:
+        await eventually(lambda: _true(all(collector.book_valid(s) for s in SYMBOLS)), what="books valid")
+        # A skipped update ID: only that book resyncs.
+        sim.skip_update_ids("BTCUSDT", 3)
+        await eventually(
+            lambda: _true(value(registry, "tickbridge_collector_resyncs_total", symbol="BTCUSDT") == 1), what="resync"
+        )
+        await eventually(lambda: _true(collector.book_valid("BTCUSDT")), what="BTC valid again")
+        assert value(registry, "tickbridge_collector_resyncs_total", symbol="ETHUSDT") == 0
+        # Trades missing from the WebSocket are back-filled from REST before the next one is appended.
+        sim.skip_trade_ids("ETHUSDT", 7)
+        await eventually(
+            lambda: _true(value(registry, "tickbridge_collector_backfilled_trades_total", symbol="ETHUSDT") >= 7),
+            what="back-fill",
+        )
+        # Forced disconnects, one during a burst.
+        for i, burst in enumerate((0, 3000)):
+            if burst:
+                sim.burst(burst)
+                await asyncio.sleep(0.05)
+            sim.drop_connections()
+            await eventually(
+                lambda n=i + 1: _true(
+                    value(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == n
+                    and value(registry, "tickbridge_collector_connection_up") == 1
+                ),
+                what="reconnected",
+            )
+        assert value(registry, "tickbridge_collector_reconnects_total", reason="disconnect") >= 2
+        # serverShutdown: make-before-break, the old connection closes after the grace period.
+        gaps_before = sum(value(registry, "tickbridge_collector_trade_gaps_total", symbol=s) for s in SYMBOLS)
+        sim.server_shutdown()
+        await eventually(
+            lambda: _true(value(registry, "tickbridge_collector_reconnects_total", reason="server_shutdown") == 1),
+            what="rotation on serverShutdown",
+        )
+        await eventually(lambda: _true(len(collector.conns) == 1), what="old connection retired")
+        await asyncio.sleep(0.5)
+        gaps_after = sum(value(registry, "tickbridge_collector_trade_gaps_total", symbol=s) for s in SYMBOLS)
+        assert gaps_after == gaps_before  # the overlap covered everything
+        assert value(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == 2
+        await check_exactly_once(sim, collector, client)
+        assert value(registry, "tickbridge_collector_lost_trades_total", symbol="ETHUSDT") == 0
+    finally:
+        await stop_collector(collector, task)
+        await sim.stop()
+
+
+async def test_rotation_before_lifetime_is_seamless(redis_server: RedisServer, client: Any) -> None:
+    sim = synthetic(lifetime_s=3.0)
+    await sim.start()
+    registry = CollectorRegistry()
+    settings = settings_for(sim, redis_server, ws_max_lifetime_s=1.5)
+    collector, task = await run_collector(settings, registry, join_timeout_s=1.0)
+    try:
+        await eventually(lambda: _true(all(collector.book_valid(s) for s in SYMBOLS)), what="books valid")
+        await eventually(
+            lambda: _true(value(registry, "tickbridge_collector_reconnects_total", reason="lifetime") >= 3),
+            timeout=20,
+            what="three rotations",
+        )
+        await check_exactly_once(sim, collector, client)
+        for sym in SYMBOLS:
+            assert value(registry, "tickbridge_collector_trade_gaps_total", symbol=sym) == 0
+            assert value(registry, "tickbridge_collector_resyncs_total", symbol=sym) == 0
+        assert value(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == 0
+        assert value(registry, "tickbridge_collector_duplicates_total", type="TRADE") > 0  # the overlap happened
+    finally:
+        await stop_collector(collector, task)
+        await sim.stop()
+
+
+async def _true(v: bool) -> bool:
+    return v
