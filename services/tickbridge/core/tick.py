@@ -71,6 +71,14 @@ def check_symbol(value: object) -> str:
     return value
 
 
+def check_exchange(value: object) -> str:
+    """Only `binance_spot`: the exchange names Redis keys (`market:<exchange>:trades:<SYMBOL>`), so a stray
+    value would write outside the keys the ACLs allow (and stall the consumer) or where nobody reads."""
+    if value != EXCHANGE:
+        raise TickError(f"exchange: expected {EXCHANGE!r}, got {str(value)[:40]!r}")
+    return EXCHANGE
+
+
 def check_levels(name: str, value: object) -> tuple[Level, ...]:
     if not isinstance(value, list | tuple):
         raise TickError(f"{name}: expected a list of [price, qty], got {type(value).__name__}")
@@ -100,6 +108,7 @@ class Trade:
 
     def __post_init__(self) -> None:
         check_symbol(self.symbol)
+        check_exchange(self.exchange)
         check_decimal("price", self.price, positive=True)
         check_decimal("volume", self.volume, positive=True)
         if self.side not in ("BUY", "SELL"):
@@ -132,6 +141,7 @@ class DepthDiff:
 
     def __post_init__(self) -> None:
         check_symbol(self.symbol)
+        check_exchange(self.exchange)
         check_int("timestamp", self.timestamp, MIN_TS_US, MAX_TS_US)
         check_int("first_update_id", self.first_update_id)
         check_int("last_update_id", self.last_update_id)

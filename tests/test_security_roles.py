@@ -1,0 +1,212 @@
+"""Roles under the real security setup: each role's own code, its ACL user, TLS to the Brain (issue 7).
+
+Poisoned stream entries reach the Brain consumer over TLS exactly as the forwarder would append them;
+each is counted and dead-lettered with its raw payload, the consumer keeps running, and no valid tick
+around it is lost or duplicated. Every role started with a broken variable exits with one line naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from conftest import eventually
+from tickbridge.brain.consumer import BrainConsumer
+from tickbridge.core import keys
+from tickbridge.core.redis_io import make_client
+from tickbridge.core.settings import Settings
+from tickbridge.core.tick import Trade
+from tickbridge.devstack.tls import BRAIN_ACL, CertPaths, SecureRedisServer, acl_variables, make_certs, render_acl
+
+pytestmark = pytest.mark.timeout(90)
+
+STREAM = keys.DEFAULT_STREAM_KEY
+TS = 1_723_161_255_342_000
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    return make_certs(tmp_path_factory.mktemp("pki") / "certs")
+
+
+@pytest.fixture
+def passwords() -> dict[str, str]:
+    return {name: secrets.token_urlsafe(24) for name in acl_variables(BRAIN_ACL.read_text())}
+
+
+@pytest.fixture
+def brain(certs: CertPaths, passwords: dict[str, str], tmp_path: Path) -> Iterator[SecureRedisServer]:
+    server = SecureRedisServer(aclfile=render_acl(BRAIN_ACL, tmp_path / "brain.acl", passwords), certs=certs,
+                               plain_port=False, workdir=tmp_path / "brain")  # fmt: skip
+    server.start()
+    yield server
+    server.stop()
+
+
+def tls_settings(server: SecureRedisServer, user: str, passwords: dict[str, str], **kw: object) -> Settings:
+    assert server.certs is not None
+    return Settings(
+        brain_redis_url=server.url_for(user, passwords[f"BRAIN_REDIS_{user.upper()}_PASSWORD"]),
+        redis_tls_ca=str(server.certs.ca),
+        redis_tls_cert=str(server.certs.client_cert),
+        redis_tls_key=str(server.certs.client_key),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def admin(brain: SecureRedisServer, passwords: dict[str, str]) -> AsyncIterator[aioredis.Redis]:
+    settings = tls_settings(brain, "admin", passwords)
+    client = make_client(settings.brain_redis_url, settings)
+    yield client
+    await client.aclose()
+
+
+def trade_fields(symbol: str, trade_id: int) -> list[bytes]:
+    t = Trade(symbol, f"{61000 + trade_id}.5", "0.001", "BUY", TS + trade_id, trade_id, TS + trade_id + 7)
+    return [str(x).encode() for x in t.fields()]
+
+
+def poisoned(base: list[bytes], field: bytes, value: bytes | None) -> list[bytes]:
+    """`base` with `field` set to `value` (None removes it)."""
+    out: list[bytes] = []
+    for name, old in zip(base[::2], base[1::2], strict=True):
+        if name == field:
+            if value is not None:
+                out += [name, value]
+        else:
+            out += [name, old]
+    return out
+
+
+#: (label, fields) of entries no consumer may write: each must become one dead letter.
+POISON: list[tuple[str, list[bytes]]] = [
+    ("invalid utf-8", poisoned(trade_fields("BTCUSDT", 0), b"price", b"\xff\xfe61000")),
+    ("nan price", poisoned(trade_fields("BTCUSDT", 0), b"price", b"NaN")),
+    ("inf volume", poisoned(trade_fields("BTCUSDT", 0), b"volume", b"inf")),
+    ("negative volume", poisoned(trade_fields("BTCUSDT", 0), b"volume", b"-1")),
+    ("huge integer", poisoned(trade_fields("BTCUSDT", 0), b"trade_id", b"9" * 5000)),
+    ("missing trade_id", poisoned(trade_fields("BTCUSDT", 0), b"trade_id", None)),
+    ("unknown type", poisoned(trade_fields("BTCUSDT", 0), b"type", b"KLINE")),
+    ("symbol with newline", poisoned(trade_fields("BTCUSDT", 0), b"symbol", b"BTCUSDT\n")),
+    ("lower-case symbol", poisoned(trade_fields("BTCUSDT", 0), b"symbol", b"btcusdt")),
+    ("depth with bad json", [b"type", b"DEPTH", b"symbol", b"BTCUSDT", b"bids", b"[[", b"asks", b"[]"]),
+    ("oversized field", poisoned(trade_fields("BTCUSDT", 0), b"side", b"B" * 1_000_000)),
+    ("nothing known", [b"hello", b"world"]),
+    ("foreign exchange", poisoned(trade_fields("BTCUSDT", 0), b"exchange", b"evil")),
+    ("exchange smuggling a key", poisoned(trade_fields("BTCUSDT", 0), b"exchange", b"x:warm:BTCUSDT:y")),
+]
+
+
+async def test_consumer_dead_letters_poison_over_tls_and_loses_no_valid_tick(
+    brain: SecureRedisServer, passwords: dict[str, str], admin: aioredis.Redis
+) -> None:
+    forwarder_settings = tls_settings(brain, "forwarder", passwords)
+    forwarder = make_client(forwarder_settings.brain_redis_url, forwarder_settings)
+    # Valid trades with poison between them, appended by the forwarder's user with explicit IDs.
+    valid: dict[str, list[bytes]] = {"BTCUSDT": [], "ETHUSDT": []}
+    poison_ids: dict[bytes, tuple[str, list[bytes]]] = {}
+    seq = 0
+    try:
+        for i in range(1, 3 * len(POISON) + 3):
+            symbol = "BTCUSDT" if i % 2 else "ETHUSDT"
+            seq += 1
+            entry_id = f"{1_723_161_255_000 + seq}-0".encode()
+            await forwarder.execute_command("XADD", STREAM, entry_id, *trade_fields(symbol, i))  # type: ignore[no-untyped-call]
+            valid[symbol].append(entry_id)
+            if i % 3 == 0 and POISON:
+                label, fields = POISON[(i // 3 - 1) % len(POISON)]
+                seq += 1
+                entry_id = f"{1_723_161_255_000 + seq}-0".encode()
+                await forwarder.execute_command("XADD", STREAM, entry_id, *fields)  # type: ignore[no-untyped-call]
+                poison_ids[entry_id] = (label, fields)
+    finally:
+        await forwarder.aclose()
+    assert {label for label, _ in poison_ids.values()} == {label for label, _ in POISON}
+
+    registry = CollectorRegistry()
+    consumer = BrainConsumer(
+        tls_settings(brain, "consumer", passwords, symbols=("BTCUSDT", "ETHUSDT"), consumer_name="c1"),
+        registry,
+        monitor_interval_s=0.2,
+    )
+    task = asyncio.create_task(consumer.run())
+    try:
+        want_valid = sum(len(v) for v in valid.values())
+
+        async def all_handled() -> bool:
+            if task.done():
+                return True
+            n = sum([await admin.xlen(keys.trades_key(s)) for s in valid])
+            return n >= want_valid and await admin.xlen(keys.CONSUMER_DEAD_LETTER) >= len(poison_ids)
+
+        await eventually(all_handled, timeout=30, what="every entry written or dead-lettered")
+        assert not task.done(), f"the consumer stopped: {task.exception() if task.done() else ''}"
+
+        # Every valid tick exactly once, in stream order, per symbol.
+        for symbol, ids in valid.items():
+            rows: list[tuple[bytes, dict[bytes, bytes]]] = await admin.xrange(keys.trades_key(symbol))  # type: ignore[assignment]
+            assert [fields[b"src_id"] for _, fields in rows] == ids, symbol
+        # Every poisoned entry once in the dead-letter stream, with a reason and its raw fields.
+        letters: list[tuple[bytes, dict[bytes, bytes]]] = await admin.xrange(keys.CONSUMER_DEAD_LETTER)  # type: ignore[assignment]
+        by_src = {fields.get(b"src_id"): fields for _, fields in letters}
+        assert len(letters) == len(poison_ids) == len(by_src)
+        for entry_id, (label, fields) in poison_ids.items():
+            letter = by_src.get(entry_id)
+            assert letter is not None, f"{label}: no dead letter for {entry_id!r}"
+            assert letter.get(b"reason"), label
+            raw = dict(zip(fields[::2], fields[1::2], strict=True))
+            assert {k: letter.get(k) for k in raw} == raw, f"{label}: raw payload not kept byte for byte"
+        dead = registry.get_sample_value("tickbridge_consumer_dead_letters_total")
+        assert dead == len(poison_ids)
+        pending = await admin.xpending(STREAM, keys.DEFAULT_CONSUMER_GROUP)
+        assert pending["pending"] == 0
+
+        # Still running: a later tick comes through.
+        await admin.xadd(STREAM, dict(zip(*[iter(trade_fields("BTCUSDT", 999))] * 2, strict=True)),
+                         id=f"{1_723_161_255_000 + seq + 1}-0")  # fmt: skip
+
+        async def later_tick() -> bool:
+            return await admin.xlen(keys.trades_key("BTCUSDT")) == len(valid["BTCUSDT"]) + 1
+
+        await eventually(later_tick, timeout=15, what="a tick after the poison")
+    finally:
+        consumer.request_stop()
+        await asyncio.wait_for(task, 15)
+
+
+# -- broken configuration: one line naming the variable ---------------------------------------------
+
+ROLES = ("collector", "forwarder", "consumer", "writer", "sim")
+BROKEN: list[tuple[str, str]] = [
+    ("VPS_REDIS_URL", "http://nowhere"),
+    ("BRAIN_REDIS_URL", "rediss//missing-colon"),
+    ("SYMBOLS", "BTC-USDT"),
+    ("RAM_BUFFER_BYTES", "-5"),
+    ("CONSUMER_BATCH", "lots"),
+    ("METRICS_PORT", "70000"),
+    ("LOG_LEVEL", "LOUD"),
+]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_each_role_with_a_broken_variable_exits_with_one_line_naming_it(role: str, tmp_path: Path) -> None:
+    # Settings are validated as a whole, so two variables per role cover the loader; rotate which.
+    i = ROLES.index(role)
+    for name, value in (BROKEN[i % len(BROKEN)], BROKEN[(i + 3) % len(BROKEN)]):
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), name: value}
+        proc = subprocess.run([sys.executable, "-m", "tickbridge", role], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, check=False)  # fmt: skip
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode != 0, f"{role} started with {name}={value!r}"
+        assert len(lines) == 1 and name in lines[0], f"{role} with {name}={value!r}: {proc.stderr[-500:]!r}"
+        assert "Traceback" not in proc.stderr and value not in proc.stdout
