@@ -238,3 +238,64 @@ async def test_rest_errors_weights_and_429() -> None:
         params = {"symbol": "BTCUSDT", "limit": "1001"}
         async with http.get(sim.rest_url + "/api/v3/historicalTrades", params=params) as r:
             assert r.status in (400, 429)
+
+
+async def test_stale_snapshot_is_rejected_then_retry_syncs() -> None:
+    cfg = SimConfig(symbols=("BTCUSDT",), rate=400.0, seed=8)
+    async with running_sim(cfg) as sim:
+        await asyncio.sleep(0.3)
+        sim.stale_snapshot("BTCUSDT", 1)
+        await asyncio.sleep(0.3)  # the market moves on; the next snapshot served is the frozen one
+        async with websockets.connect(f"{sim.ws_url}/ws/btcusdt@depth@100ms") as ws:
+            book = LocalBook()
+            book.on_event(json.loads(await ws.recv()))
+            url = sim.rest_url + "/api/v3/depth"
+            stale = await get_json(url, symbol="BTCUSDT", limit=1000)
+            assert stale["lastUpdateId"] < book.buffer[0]["U"]
+            assert not book.sync(stale)  # step 4: too old, fetch again
+            fresh = await get_json(url, symbol="BTCUSDT", limit=1000)
+            assert book.sync(fresh)
+
+
+async def test_duplicate_trades_resent_with_same_ids() -> None:
+    cfg = SimConfig(symbols=("BTCUSDT",), rate=0.0, seed=8)
+    async with running_sim(cfg) as sim, websockets.connect(f"{sim.ws_url}/ws/btcusdt@trade") as ws:
+        sim.burst(5)
+        first = [json.loads(await ws.recv()) for _ in range(5)]
+        sim.duplicate_trades("BTCUSDT", 3)
+        again = [json.loads(await ws.recv()) for _ in range(3)]
+        assert [t["t"] for t in again] == [t["t"] for t in first[2:]]
+        assert [(t["p"], t["q"], t["T"], t["m"]) for t in again] == [
+            (t["p"], t["q"], t["T"], t["m"]) for t in first[2:]
+        ]
+
+
+async def test_repeated_429s_lead_to_418_ban() -> None:
+    cfg = SimConfig(symbols=("BTCUSDT",), rate=0.0, rest_weight_limit=10, rest_429s_before_ban=2, rest_ban_s=30)
+    async with running_sim(cfg) as sim, aiohttp.ClientSession() as http:
+        statuses = []
+        for _ in range(6):
+            async with http.get(sim.rest_url + "/api/v3/depth", params={"symbol": "BTCUSDT"}) as r:
+                statuses.append(r.status)
+                if r.status == 418:
+                    assert int(r.headers["Retry-After"]) > 0
+        assert statuses == [200, 200, 429, 429, 429, 418]
+
+
+async def test_time_unit_microsecond() -> None:
+    cfg = SimConfig(symbols=("BTCUSDT",), rate=0.0, seed=8)
+    async with (
+        running_sim(cfg) as sim,
+        websockets.connect(f"{sim.ws_url}/stream?streams=btcusdt@trade&timeUnit=MICROSECOND") as us,
+        websockets.connect(f"{sim.ws_url}/stream?streams=btcusdt@trade") as ms,
+    ):
+        sim.burst(1)
+        a, b = json.loads(await us.recv())["data"], json.loads(await ms.recv())["data"]
+        assert a["t"] == b["t"] and a["E"] == b["E"] * 1000 and a["T"] == b["T"] * 1000
+        assert len(str(a["E"])) == 16
+        async with aiohttp.ClientSession() as http:
+            params = {"symbol": "BTCUSDT", "limit": "1"}
+            async with http.get(
+                sim.rest_url + "/api/v3/historicalTrades", params=params, headers={"X-MBX-TIME-UNIT": "MICROSECOND"}
+            ) as r:
+                assert (await r.json())[0]["time"] == a["T"]

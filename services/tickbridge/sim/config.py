@@ -45,6 +45,9 @@ class SimConfig:
     shutdown_grace_s: float = 1.0
     #: REST weight budget per IP per minute (`X-MBX-USED-WEIGHT-1M`), over it 429 + Retry-After.
     rest_weight_limit: int = 6000
+    #: 429s per minute an IP may ignore before a 418 ban of `rest_ban_s` (Binance: 2 min to 3 days).
+    rest_429s_before_ban: int = 10
+    rest_ban_s: float = 120.0
     #: Incoming frames (text, ping, pong) per rolling second before a 1008 close.
     max_incoming_per_s: int = 5
     max_streams: int = 1024

@@ -39,6 +39,8 @@ FAULT_ACTIONS = (
     "burst",
     "pause",
     "resume",
+    "stale_snapshot",
+    "duplicate_trades",
 )
 
 
@@ -52,13 +54,21 @@ def _depth_weight(limit: int) -> int:
     return 250
 
 
+def _micro(request: web.Request) -> bool:
+    """REST `X-MBX-TIME-UNIT: MICROSECOND` header."""
+    return request.headers.get("X-MBX-TIME-UNIT", "").lower() == "microsecond"
+
+
 class Conn:
     """One client WebSocket connection."""
 
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport, combined: bool, peer: str) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport, combined: bool, peer: str, micro: bool
+    ) -> None:
         self.ws = ws
         self.transport = transport
         self.combined = combined
+        self.micro = micro  # timeUnit=MICROSECOND: E and T in µs
         self.peer = peer
         self.streams: dict[str, None] = {}  # ordered set, for LIST_SUBSCRIPTIONS
         self.out: list[bytes] = []
@@ -104,6 +114,9 @@ class SimServer:
         self._connect_times: dict[str, deque[float]] = {}
         self._weights: dict[str, tuple[int, int]] = {}
         self._faults: dict[str, int] = {}
+        self._rejections: dict[str, tuple[int, int]] = {}  # peer -> (minute, 429s sent)
+        self._banned_until: dict[str, float] = {}
+        self._stale: dict[str, tuple[int, dict[str, Any]]] = {}  # symbol -> (requests left, frozen snapshot)
         # Replay state.
         self.capture: list[CaptureLine] = []
         self.replay_pos = 0
@@ -226,7 +239,7 @@ class SimServer:
         conns = [c for c in self.conns if not c.closing]
         for c in conns:
             body = b'{"stream":"!serverShutdown","data":' + event + b"}" if c.combined else event
-            self._send(c, wire.frame(body))
+            self._send(c, wire.frame(wire.to_micro(body) if c.micro else body))
 
         async def close_later() -> None:
             await asyncio.sleep(self.config.shutdown_grace_s)
@@ -265,6 +278,34 @@ class SimServer:
         self._fault("slow_consumer")
         self.max_send_buffer = self.config.max_send_buffer_bytes if max_buffer_bytes is None else max_buffer_bytes
         self.slow_grace = self.config.slow_consumer_grace_s if grace_s is None else grace_s
+
+    def stale_snapshot(self, symbol: str, n: int = 1) -> None:
+        """The next `n` depth snapshots of `symbol` are frozen now: a client that starts buffering later
+        gets `lastUpdateId` < its first buffered `U` and must fetch again (procedure step 4)."""
+        self._fault("stale_snapshot")
+        sym = self._known(symbol)
+        if self.config.mode == "synthetic":
+            snap = self.markets[sym].snapshot(5000)
+        else:
+            book = self._replay_books.get(sym)
+            if book is None:
+                raise ValueError("the replay has not reached its snapshot yet")
+            snap = book.snapshot(5000)
+        self._stale[sym] = (n, snap)
+
+    def duplicate_trades(self, symbol: str, n: int = 1) -> None:
+        """Send the last `n` trades of `symbol` again on its trade stream (the client must drop them)."""
+        self._fault("duplicate_trades")
+        sym = self._known(symbol)
+        stream = sym.lower() + "@trade"
+        now_ms = time.time_ns() // 1_000_000
+        for r in self._history(sym).rows(None, n):
+            self._emit(
+                stream,
+                f'{{"e":"trade","E":{max(now_ms, r["time"])},"s":"{sym}","t":{r["id"]},"p":"{r["price"]}",'
+                f'"q":"{r["qty"]}","T":{r["time"]},"m":{"true" if r["isBuyerMaker"] else "false"},"M":true}}',
+            )
+        self._flush_out()
 
     def burst(self, n_trades: int, symbol: str | None = None) -> None:
         """Emit `n_trades` extra trades at once (over the weighted symbols, or one symbol)."""
@@ -371,39 +412,36 @@ class SimServer:
     def _emit(self, stream: str, data: str) -> None:
         """Queue one event for every subscriber of `stream` (framed once per wire form)."""
         subs = self.subs.get(stream)
-        if not subs:
-            return
-        payload = data.encode()
-        raw_frame: bytes | None = None
-        combined_frame: bytes | None = None
-        for c in subs:
-            if c.combined:
-                if combined_frame is None:
-                    combined_frame = wire.frame(b'{"stream":"' + stream.encode() + b'","data":' + payload + b"}")
-                c.out.append(combined_frame)
-            else:
-                if raw_frame is None:
-                    raw_frame = wire.frame(payload)
-                c.out.append(raw_frame)
-        kind = stream.partition("@")[2]
-        self._sent[kind] = self._sent.get(kind, 0) + len(subs)
+        if subs:
+            self._fanout(stream, subs, data.encode(), None, None)
 
     def _emit_exact(self, stream: str, combined_text: bytes, data: dict[str, Any]) -> None:
         """Replay: combined clients get the captured bytes verbatim."""
         subs = self.subs.get(stream)
-        if not subs:
-            return
-        raw_frame: bytes | None = None
-        combined_frame: bytes | None = None
+        if subs:
+            self._fanout(stream, subs, None, combined_text, data)
+
+    def _fanout(
+        self,
+        stream: str,
+        subs: set[Conn],
+        payload: bytes | None,
+        combined: bytes | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        frames: dict[tuple[bool, bool], bytes] = {}
         for c in subs:
-            if c.combined:
-                if combined_frame is None:
-                    combined_frame = wire.frame(combined_text)
-                c.out.append(combined_frame)
-            else:
-                if raw_frame is None:
-                    raw_frame = wire.frame(orjson.dumps(data))
-                c.out.append(raw_frame)
+            key = (c.combined, c.micro)
+            f = frames.get(key)
+            if f is None:
+                if c.combined and combined is not None:
+                    body = combined
+                else:
+                    if payload is None:
+                        payload = orjson.dumps(data)
+                    body = b'{"stream":"' + stream.encode() + b'","data":' + payload + b"}" if c.combined else payload
+                f = frames[key] = wire.frame(wire.to_micro(body) if c.micro else body)
+            c.out.append(f)
         kind = stream.partition("@")[2]
         self._sent[kind] = self._sent.get(kind, 0) + len(subs)
 
@@ -621,6 +659,9 @@ class SimServer:
         else:
             combined = False
             names = [s for s in request.match_info.get("streams", "").split("/") if s]
+        time_unit = request.query.get("timeUnit", "millisecond").lower()
+        if time_unit not in ("millisecond", "microsecond"):
+            return web.json_response({"code": 2, "msg": "Invalid request: invalid timeUnit"}, status=400)
         if any(not wire.valid_stream(s) for s in names):
             return web.json_response({"code": 2, "msg": "Invalid request: invalid stream"}, status=400)
         if len(set(names)) > self.config.max_streams:
@@ -629,7 +670,7 @@ class SimServer:
         await ws.prepare(request)
         transport = request.transport
         assert transport is not None
-        c = Conn(ws, transport, combined, peer)
+        c = Conn(ws, transport, combined, peer, time_unit == "microsecond")
         self.conns.add(c)
         self.metrics.connections.set(len(self.conns))
         self.metrics.connects.inc()
@@ -745,7 +786,7 @@ class SimServer:
                 status = 200
                 resp = web.Response(body=orjson.dumps(body), content_type="application/json")
             except RestError as exc:
-                used = self._charge(peer, 1) if exc.status != 429 else self._used(peer)
+                used = self._charge(peer, 1) if exc.status not in (418, 429) else self._used(peer)
                 status = exc.status
                 resp = web.Response(
                     body=orjson.dumps({"code": exc.code, "msg": exc.msg}),
@@ -768,8 +809,24 @@ class SimServer:
         """429 before doing the work if this request would exceed the per-minute weight."""
         peer = request.remote or "?"
         limit = self.config.rest_weight_limit
+        now = time.time()
+        banned = self._banned_until.get(peer, 0.0)
+        if now < banned:
+            raise RestError(
+                418,
+                -1003,
+                f"Way too much request weight used; IP banned until {int(banned * 1000)}. "
+                "Please use WebSocket Streams for live updates to avoid bans.",
+                {"Retry-After": str(max(1, int(banned - now)))},
+            )
         if self._used(peer) + weight > limit:
-            retry = 60 - int(time.time() % 60)
+            minute = int(now // 60)
+            window, count = self._rejections.get(peer, (minute, 0))
+            count = count + 1 if window == minute else 1
+            self._rejections[peer] = (minute, count)
+            if count > self.config.rest_429s_before_ban:  # kept hammering after 429s: a 418 ban
+                self._banned_until[peer] = now + self.config.rest_ban_s
+            retry = 60 - int(now % 60)
             raise RestError(
                 429,
                 -1003,
@@ -809,6 +866,14 @@ class SimServer:
         weight = _depth_weight(limit)
         self._precheck(request, weight)
         sym = self._symbol_param(request)
+        stale = self._stale.get(sym)
+        if stale is not None:
+            left, snap = stale
+            if left <= 1:
+                del self._stale[sym]
+            else:
+                self._stale[sym] = (left - 1, snap)
+            return {**snap, "bids": snap["bids"][:limit], "asks": snap["asks"][:limit]}, weight
         if self.config.mode == "synthetic":
             return self.markets[sym].snapshot(limit), weight
         ready = self._replay_snap_ready[sym]
@@ -836,18 +901,27 @@ class SimServer:
         sym = self._symbol_param(request)
         limit = self._trade_limit(request)
         from_id = self._int_param(request, "fromId", None)
-        return self._history(sym).rows(from_id, limit), 25
+        rows = self._history(sym).rows(from_id, limit)
+        if _micro(request):
+            for r in rows:
+                r["time"] *= 1000
+        return rows, 25
 
     async def _recent(self, request: web.Request) -> tuple[Any, int]:
         self._precheck(request, 25)
         sym = self._symbol_param(request)
-        return self._history(sym).rows(None, self._trade_limit(request)), 25
+        rows = self._history(sym).rows(None, self._trade_limit(request))
+        if _micro(request):
+            for r in rows:
+                r["time"] *= 1000
+        return rows, 25
 
     async def _agg(self, request: web.Request) -> tuple[Any, int]:
         """One aggregate per trade (`a` = `f` = `l` = trade ID): simple and gap-free."""
         self._precheck(request, 4)
         sym = self._symbol_param(request)
         rows = self._history(sym).rows(self._int_param(request, "fromId", None), self._trade_limit(request))
+        micro = _micro(request)
         return [
             {
                 "a": r["id"],
@@ -855,7 +929,7 @@ class SimServer:
                 "q": r["qty"],
                 "f": r["id"],
                 "l": r["id"],
-                "T": r["time"],
+                "T": r["time"] * 1000 if micro else r["time"],
                 "m": r["isBuyerMaker"],
                 "M": True,
             }
@@ -868,7 +942,7 @@ class SimServer:
 
     async def _time(self, request: web.Request) -> tuple[Any, int]:
         self._precheck(request, 1)
-        return {"serverTime": time.time_ns() // 1_000_000}, 1
+        return {"serverTime": time.time_ns() // (1000 if _micro(request) else 1_000_000)}, 1
 
     async def _exchange_info(self, request: web.Request) -> tuple[Any, int]:
         self._precheck(request, 20)
@@ -907,6 +981,10 @@ class SimServer:
                 self.slow_consumer(None if count is None else int(count), None if seconds is None else float(seconds))
             elif action == "burst":
                 self.burst(int(count or 1000), None if symbol is None else str(symbol))
+            elif action == "stale_snapshot":
+                self.stale_snapshot(str(symbol), int(count or 1))
+            elif action == "duplicate_trades":
+                self.duplicate_trades(str(symbol), int(count or 1))
             elif action == "pause":
                 self.pause()
             elif action == "resume":

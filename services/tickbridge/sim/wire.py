@@ -30,6 +30,14 @@ def split_stream(name: str) -> tuple[str, str]:
     return sym.upper(), kind
 
 
+_MS_TIMES = re.compile(rb'"([ET])":(\d{13})(?=[,}])')
+
+
+def to_micro(payload: bytes) -> bytes:
+    """`timeUnit=MICROSECOND`: event/trade times (`E`, `T`) in µs (16 digits)."""
+    return _MS_TIMES.sub(rb'"\1":\g<2>000', payload)
+
+
 def frame(payload: bytes, opcode: int = 0x1) -> bytes:
     """One unmasked, final server frame (text by default)."""
     n = len(payload)
