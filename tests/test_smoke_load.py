@@ -1,0 +1,67 @@
+"""Smoke of `make load-test`: the real pipeline at 1,000 trades/s over the 50 symbols for 20 s.
+
+Asserts what the full run asserts (zero loss, zero duplicates, order, the achieved rate at each end, latency
+percentiles measured, the report files written); the full rates run only through `make load-test`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tickbridge.devstack import loadtest, report
+
+
+def test_report_from_synthetic_numbers(tmp_path: Path) -> None:
+    """The report, the plot and the summary come out of plain numbers (no stack)."""
+    assert report.percentiles([float(i) for i in range(1, 101)]) == {
+        "p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0, "mean": 50.5, "n": 100.0,
+    }  # fmt: skip
+    assert report.percentiles([])["n"] == 0
+    timeline = [
+        {"t": float(t), "rate": {"exchange": 1000.0, "questdb": 990.0 + t}, "cpu": {"writer": 10.0 + t},
+         "latency": {"exchange_to_brain_redis": {"p50": 5.0, "p99": 40.0}}}
+        for t in range(10)
+    ]  # fmt: skip
+    lat = report.percentiles([1.0, 2.0, 3.0])
+    doc = {
+        "rate_target": 1000.0, "duration_s": 10.0, "machine": report.machine_info(), "symbols": ["BTCUSDT"],
+        "rates": {hop: {"mean": 1000.0, "max_1s": 1010.0, "ratio": 1.0} for hop in loadtest.HOPS},
+        "latency_ms": {"exchange_to_brain_redis": lat, "exchange_to_questdb": report.percentiles([])},
+        "processes": {"writer": {"cpu_mean": 10.0, "cpu_max": 20.0, "rss_max_mb": 50.0}},
+        "system_cpu": {"mean": 50.0, "max": 90.0}, "redis_memory": {"vps-redis": {"start_mb": 1.0, "max_mb": 2.0,
+        "end_mb": 2.0}}, "drain_s": 0.5, "oracle": {"expected": 10, "rows": 10, "lost": 0, "duplicated": 0,
+        "out_of_order": 0, "ok": True}, "checks": {"oracle": True}, "pass": True, "timeline": timeline,
+    }  # fmt: skip
+    paths = report.write_load_report(doc, tmp_path)
+    assert paths["png"].stat().st_size > 10_000
+    md = paths["md"].read_text()
+    assert "RATE=1000 trades/s" in md and "PASS" in md and "nproc" not in md
+    assert json.loads(paths["json"].read_text())["latency_ms"]["exchange_to_questdb"]["p50"] is None  # NaN -> null
+    assert "| 1,000 |" in paths["summary"].read_text()
+
+
+@pytest.mark.load
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_load_smoke_50_symbols_1000_per_s(tmp_path: Path) -> None:
+    opts = loadtest.LoadOptions(rate=1000.0, duration=20.0, out=tmp_path / "results", warmup=4.0, progress=False,
+                                workdir=tmp_path / "stack", drain_timeout=90.0)  # fmt: skip
+    doc = loadtest.run(opts)
+    oracle = doc["oracle"]
+    assert oracle["expected"] > 15_000
+    assert (oracle["lost"], oracle["duplicated"], oracle["out_of_order"]) == (0, 0, 0), oracle
+    assert oracle["ok"]
+    assert doc["drain_s"] is not None
+    # The full run holds 1 %; a 20-s smoke on a shared 2-core machine gets a little slack.
+    for hop in ("exchange", "brain_trades", "questdb"):
+        ratio = doc["rates"][hop]["ratio"]
+        assert ratio is not None and abs(ratio - 1.0) < 0.05, (hop, doc["rates"][hop])
+    lat = doc["latency_ms"]["exchange_to_brain_redis"]
+    assert lat["n"] > 100 and not math.isnan(lat["p99"]) and 0 <= lat["p50"] <= lat["p99"] <= lat["max"]
+    assert doc["processes"]["writer"]["rss_max_mb"] > 0
+    for suffix in ("md", "json", "png"):
+        assert (tmp_path / "results" / f"load-1000.{suffix}").stat().st_size > 0
