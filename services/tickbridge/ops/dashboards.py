@@ -1,0 +1,534 @@
+"""Grafana dashboards of the VPS and the Brain, generated from one compact description.
+
+    python -m tickbridge.ops.dashboards        # rewrites grafana/dashboards/{vps,brain}/*.json
+
+PromQL stays plain (no template variables, fixed windows) so every panel can be evaluated as-is
+against a Prometheus scraping the native stack. Panels fed by node-exporter exist only on a real host:
+they sit in their own row, select `job="node"`, and their description starts with `node-exporter:`
+(`panel_queries` reports them with `node=True`, for a live-stack test to skip).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATASOURCE = {"type": "prometheus", "uid": "tickbridge-prometheus"}
+NODE_PREFIX = "node-exporter: "
+#: Host interfaces only: not loopback, container veths or Docker bridges.
+_NIC = 'job="node",device!~"lo|veth.*|docker.*|br-.*|tb-.*"'
+OUT_DIR = Path(__file__).resolve().parents[3] / "grafana" / "dashboards"
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One graph (or stat) with its queries as (PromQL, legend)."""
+
+    title: str
+    queries: tuple[tuple[str, str], ...]
+    unit: str = "short"
+    description: str = ""
+    stat: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    title: str
+    panels: tuple[Panel, ...]
+    node: bool = False
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    """A panel's query as the live-stack test sees it."""
+
+    dashboard: str
+    title: str
+    expr: str
+    node: bool
+
+
+def _q(expr: str, legend: str = "") -> tuple[str, str]:
+    return (expr, legend)
+
+
+def _quantiles(metric: str, by: str = "", window: str = "1m") -> tuple[tuple[str, str], ...]:
+    group = f"le, {by}" if by else "le"
+    suffix = f" {{{{{by}}}}}" if by else ""
+    return tuple(
+        _q(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[{window}])))", f"p{int(q * 100)}{suffix}")
+        for q in (0.5, 0.99)
+    )
+
+
+def _process_row(jobs: str) -> Row:
+    sel = f'job=~"{jobs}"'
+    return Row(
+        "Processes",
+        (
+            Panel(
+                "Resident memory", (_q(f"max by (job) (process_resident_memory_bytes{{{sel}}})", "{{job}}"),), "bytes"
+            ),
+            Panel(
+                "CPU", (_q(f"sum by (job) (rate(process_cpu_seconds_total{{{sel}}}[1m]))", "{{job}}"),), "percentunit"
+            ),
+            Panel("Open file descriptors", (_q(f"max by (job) (process_open_fds{{{sel}}})", "{{job}}"),)),
+        ),
+    )
+
+
+def _questdb_row(job: str, title: str) -> Row:
+    sel = f'job="{job}"'
+    return Row(
+        title,
+        (
+            Panel(
+                "Rows committed / applied per second",
+                (
+                    _q(f"sum(rate(questdb_committed_rows_total{{{sel}}}[1m]))", "committed"),
+                    _q(f"sum(rate(questdb_wal_apply_written_rows_total{{{sel}}}[1m]))", "WAL applied"),
+                ),
+                "ops",
+            ),
+            Panel(
+                "Memory",
+                (
+                    _q(f"max(questdb_memory_rss{{{sel}}})", "RSS"),
+                    _q(f"max(questdb_memory_mem_used{{{sel}}})", "native used"),
+                    _q(f"max(questdb_memory_jvm_total{{{sel}}})", "JVM heap"),
+                ),
+                "bytes",
+            ),
+            Panel(
+                "Suspended tables and errors",
+                (
+                    _q(f"max(questdb_suspended_tables{{{sel}}})", "suspended tables"),
+                    _q(f"sum(increase(questdb_unhandled_errors_total{{{sel}}}[5m]))", "unhandled errors / 5m"),
+                    _q(
+                        f"sum(questdb_wal_apply_seq_txn{{{sel}}}) - sum(questdb_wal_apply_writer_txn{{{sel}}})",
+                        "WAL txns not applied",
+                    ),
+                ),
+                description="A suspended table accepts writes but applies none (docs/monitoring.md).",
+            ),
+        ),
+    )
+
+
+VPS: tuple[Row, ...] = (
+    Row(
+        "Exchange and collector",
+        (
+            Panel(
+                "Exchange connection",
+                (
+                    _q("max(tickbridge_collector_connection_up)", "connected"),
+                    _q("max(tickbridge_collector_connections_open)", "open sockets"),
+                ),
+                stat=True,
+                description="1 while a WebSocket is the primary; 2 sockets open during a make-before-break reconnect.",
+            ),
+            Panel(
+                "Ingest rate", (_q("sum by (type) (rate(tickbridge_collector_ticks_total[1m]))", "{{type}}"),), "ops"
+            ),
+            Panel(
+                "Ingest per symbol",
+                (_q("sum by (symbol) (rate(tickbridge_collector_ticks_total[1m]))", "{{symbol}}"),),
+                "ops",
+            ),
+            Panel(
+                "Exchange to collector latency",
+                _quantiles("tickbridge_collector_latency_seconds", "type"),
+                "s",
+                "Binance event time to collector receive time (includes clock offset).",
+            ),
+            Panel(
+                "Reconnects",
+                (
+                    _q("sum by (reason) (increase(tickbridge_collector_reconnects_total[5m]))", "{{reason}}"),
+                    _q("sum(increase(tickbridge_collector_connect_failures_total[5m]))", "failed attempts"),
+                ),
+                description="Per 5 minutes.",
+            ),
+            Panel(
+                "Order books",
+                (
+                    _q("sum(tickbridge_collector_book_valid)", "valid books"),
+                    _q("count(tickbridge_collector_book_valid)", "books"),
+                    _q("sum(increase(tickbridge_collector_resyncs_total[5m]))", "resyncs / 5m"),
+                ),
+            ),
+            Panel(
+                "Gaps, back-fill and loss",
+                (
+                    _q("sum(increase(tickbridge_collector_trade_gaps_total[5m]))", "trade gaps"),
+                    _q("sum(increase(tickbridge_collector_depth_gaps_total[5m]))", "depth gaps"),
+                    _q("sum(increase(tickbridge_collector_backfilled_trades_total[5m]))", "back-filled trades"),
+                    _q("sum(increase(tickbridge_collector_lost_trades_total[5m]))", "lost trades"),
+                ),
+                description="Per 5 minutes. Lost trades are gaps REST could not fill.",
+            ),
+            Panel(
+                "Collector errors",
+                (
+                    _q(
+                        "sum by (reason) (increase(tickbridge_collector_dead_letters_total[5m]))",
+                        "dead letter: {{reason}}",
+                    ),
+                    _q("sum(increase(tickbridge_collector_redis_errors_total[5m]))", "Redis write errors"),
+                    _q("sum by (queue) (increase(tickbridge_collector_queue_full_total[5m]))", "queue full: {{queue}}"),
+                    _q("sum(increase(tickbridge_collector_duplicates_total[5m]))", "duplicates dropped"),
+                ),
+                description="Per 5 minutes.",
+            ),
+            Panel(
+                "Ticks per Redis transaction",
+                _quantiles("tickbridge_collector_batch_ticks"),
+                description="Batching of stream writes (higher under load).",
+            ),
+        ),
+    ),
+    Row(
+        "Stream and forwarder",
+        (
+            Panel(
+                "Forwarder mode",
+                (_q("max by (mode) (tickbridge_forwarder_mode)", "{{mode}}"),),
+                description="direct, ram_backlog (Brain slow or away, Redis holds it), disk_spill, replay.",
+            ),
+            Panel(
+                "Links",
+                (_q("max by (target) (tickbridge_forwarder_connected)", "{{target}}"),),
+                description="1 while the forwarder reaches the Brain Redis, the VPS Redis, the VPS QuestDB.",
+            ),
+            Panel(
+                "Forward rate",
+                (
+                    _q("sum(rate(tickbridge_forwarder_sent_total[1m]))", "sent to Brain"),
+                    _q("sum(rate(tickbridge_forwarder_replayed_total[1m]))", "replayed from buffer"),
+                    _q("sum(rate(tickbridge_forwarder_already_delivered_total[1m]))", "already on Brain"),
+                    _q("sum(tickbridge_forwarder_send_rate)", "delivered (forwarder)"),
+                ),
+                "ops",
+            ),
+            Panel(
+                "Stream depth",
+                (_q("sum(tickbridge_forwarder_backlog_entries)", "undelivered entries"),),
+                description="Entries not yet confirmed by the Brain (Redis and buffer).",
+            ),
+            Panel(
+                "Stream memory",
+                (_q("sum(tickbridge_forwarder_redis_stream_bytes)", "VPS stream"),),
+                "bytes",
+                "MEMORY USAGE of the VPS stream; spilling starts at RAM_BUFFER_BYTES.",
+            ),
+            Panel(
+                "Stream lag",
+                (
+                    _q("max(tickbridge_forwarder_backlog_oldest_age_seconds)", "oldest undelivered"),
+                    _q("max(tickbridge_forwarder_replay_eta_seconds)", "replay ETA"),
+                ),
+                "s",
+            ),
+            Panel(
+                "Brain round trip", _quantiles("tickbridge_forwarder_batch_seconds"), "s", "XADD batch to the Brain."
+            ),
+            Panel(
+                "Retries per minute",
+                (_q("sum by (target) (increase(tickbridge_forwarder_retries_total[1m]))", "{{target}}"),),
+            ),
+            Panel(
+                "Errors per minute",
+                (
+                    _q("sum by (target) (increase(tickbridge_forwarder_errors_total[1m]))", "{{target}}"),
+                    _q("sum(increase(tickbridge_forwarder_rewinds_total[1m]))", "rewinds"),
+                ),
+            ),
+        ),
+    ),
+    Row(
+        "QuestDB spill buffer",
+        (
+            Panel(
+                "Buffer rows",
+                (
+                    _q("sum(tickbridge_forwarder_buffer_rows)", "rows"),
+                    _q("sum(tickbridge_forwarder_buffer_undelivered_rows)", "undelivered"),
+                ),
+            ),
+            Panel(
+                "Buffer size",
+                (_q("sum(tickbridge_forwarder_buffer_bytes)", "on disk"),),
+                "bytes",
+                "Alert at 80 % of DISK_BUFFER_BYTES.",
+            ),
+            Panel("Buffer span", (_q("max(tickbridge_forwarder_buffer_hours)", "hours held"),), "h"),
+            Panel(
+                "Spill and replay",
+                (
+                    _q("sum(rate(tickbridge_forwarder_spilled_total[1m]))", "spilled"),
+                    _q("sum(rate(tickbridge_forwarder_replayed_total[1m]))", "replayed"),
+                ),
+                "ops",
+            ),
+            Panel(
+                "Dropped ticks",
+                (_q("sum(increase(tickbridge_forwarder_dropped_total[5m]))", "dropped / 5m"),),
+                description="Undelivered ticks deleted past DISK_BUFFER_BYTES: data loss.",
+            ),
+        ),
+    ),
+    _questdb_row("questdb-vps", "QuestDB (VPS)"),
+    _process_row("collector|forwarder"),
+    Row(
+        "Host (node-exporter)",
+        (
+            Panel(
+                "CPU per core",
+                (_q('1 - avg by (cpu) (rate(node_cpu_seconds_total{job="node",mode="idle"}[1m]))', "core {{cpu}}"),),
+                "percentunit",
+                "Core 0: collector and Redis; core 1: forwarder and QuestDB.",
+            ),
+            Panel(
+                "Memory",
+                (
+                    _q('node_memory_MemTotal_bytes{job="node"} - node_memory_MemAvailable_bytes{job="node"}', "used"),
+                    _q('node_memory_MemTotal_bytes{job="node"}', "total"),
+                ),
+                "bytes",
+            ),
+            Panel(
+                "Disk space used",
+                (
+                    _q(
+                        '1 - node_filesystem_avail_bytes{job="node",mountpoint="/"}'
+                        ' / node_filesystem_size_bytes{job="node",mountpoint="/"}',
+                        "/",
+                    ),
+                ),
+                "percentunit",
+            ),
+            Panel(
+                "Disk I/O",
+                (
+                    _q('sum by (device) (rate(node_disk_written_bytes_total{job="node"}[1m]))', "write {{device}}"),
+                    _q('sum by (device) (rate(node_disk_read_bytes_total{job="node"}[1m]))', "read {{device}}"),
+                ),
+                "Bps",
+            ),
+            Panel(
+                "Network",
+                (
+                    _q(
+                        f"sum by (device) (rate(node_network_receive_bytes_total{{{_NIC}}}[1m]))",
+                        "in {{device}}",
+                    ),
+                    _q(
+                        f"sum by (device) (rate(node_network_transmit_bytes_total{{{_NIC}}}[1m]))",
+                        "out {{device}}",
+                    ),
+                ),
+                "Bps",
+            ),
+            Panel("Load", (_q('node_load1{job="node"}', "1 min"), _q('node_load5{job="node"}', "5 min"))),
+        ),
+        node=True,
+    ),
+)
+
+BRAIN: tuple[Row, ...] = (
+    Row(
+        "VPS link and consumer",
+        (
+            Panel(
+                "VPS link",
+                (_q("max(tickbridge_consumer_vps_link_up)", "ticks arriving"),),
+                stat=True,
+                description="0 once staleness passes its threshold; the VPSDisconnected alert fires after 5 minutes.",
+            ),
+            Panel(
+                "Data staleness",
+                (_q("max(tickbridge_consumer_data_staleness_seconds)", "newest tick age"),),
+                "s",
+                "Now minus the exchange time of the newest tick in the Brain stream.",
+            ),
+            Panel(
+                "Consumer lag",
+                (
+                    _q("max(tickbridge_consumer_lag_entries)", "undelivered to the group"),
+                    _q("max(tickbridge_consumer_pending_entries)", "pending (not acked)"),
+                ),
+            ),
+            Panel(
+                "Lag age",
+                (
+                    _q("max(tickbridge_consumer_lag_seconds)", "oldest unhandled"),
+                    _q("max(tickbridge_consumer_oldest_pending_age_seconds)", "oldest pending"),
+                ),
+                "s",
+            ),
+            Panel(
+                "Consumer throughput",
+                (
+                    _q("sum(tickbridge_consumer_throughput_ticks_per_second)", "handled (consumer)"),
+                    _q("sum by (outcome) (rate(tickbridge_consumer_entries_total[1m]))", "{{outcome}}"),
+                ),
+                "ops",
+            ),
+            Panel("Consumer batch time", _quantiles("tickbridge_consumer_batch_seconds"), "s"),
+            Panel(
+                "Consumer errors and re-deliveries",
+                (
+                    _q("sum by (kind) (increase(tickbridge_consumer_errors_total[5m]))", "error: {{kind}}"),
+                    _q("sum(increase(tickbridge_consumer_claimed_total[5m]))", "claimed / re-delivered"),
+                    _q("sum(increase(tickbridge_consumer_dead_letters_total[5m]))", "dead-lettered"),
+                    _q("max(tickbridge_consumer_dead_letter_entries)", "dead-letter stream length"),
+                ),
+                description="Per 5 minutes.",
+            ),
+        ),
+    ),
+    Row(
+        "Writer",
+        (
+            Panel("Rows written", (_q("sum by (table) (rate(tickbridge_writer_rows_total[1m]))", "{{table}}"),), "ops"),
+            Panel(
+                "Write latency", _quantiles("tickbridge_writer_write_seconds", "table"), "s", "ILP flush to QuestDB."
+            ),
+            Panel(
+                "Writer backlog",
+                (
+                    _q("max(tickbridge_writer_backlog_entries)", "in per-symbol streams"),
+                    _q("max(tickbridge_writer_buffered_rows)", "buffered in memory"),
+                ),
+            ),
+            Panel(
+                "Last flush age",
+                (_q("time() - max(tickbridge_writer_last_flush_timestamp_seconds)", "since last flush"),),
+                "s",
+            ),
+            Panel("Rows per flush", _quantiles("tickbridge_writer_batch_rows")),
+            Panel(
+                "Writer errors",
+                (
+                    _q("sum by (kind) (increase(tickbridge_writer_errors_total[5m]))", "{{kind}}"),
+                    _q("sum(increase(tickbridge_writer_dead_letters_total[5m]))", "dead-lettered"),
+                    _q("max(tickbridge_writer_suspended_tables)", "suspended tables"),
+                ),
+                description="Per 5 minutes; a suspended table needs RESUME WAL (docs/monitoring.md).",
+            ),
+        ),
+    ),
+    Row(
+        "Tiered reads (HOT / WARM / COLD)",
+        (
+            Panel(
+                "Tier latency",
+                _quantiles("tickbridge_tiered_latency_seconds", "tier", "5m"),
+                "s",
+                "Read latency per tier of the process using TieredMarketData (scraped when it exposes /metrics).",
+            ),
+            Panel(
+                "Answers by tier",
+                (_q("sum by (tier) (rate(tickbridge_tiered_answers_total[5m]))", "{{tier}}"),),
+                "ops",
+            ),
+        ),
+    ),
+    _questdb_row("questdb-brain", "QuestDB (Brain)"),
+    _process_row("consumer|writer"),
+)
+
+DASHBOARDS: dict[str, tuple[str, tuple[Row, ...]]] = {
+    "vps": ("tickbridge VPS", VPS),
+    "brain": ("tickbridge Brain", BRAIN),
+}
+
+
+def _panel_json(panel: Panel, pid: int, x: int, y: int, node: bool) -> dict[str, Any]:
+    description = (NODE_PREFIX if node else "") + panel.description
+    targets = [
+        {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
+        for i, (expr, legend) in enumerate(panel.queries)
+    ]
+    body: dict[str, Any] = {
+        "id": pid,
+        "type": "stat" if panel.stat else "timeseries",
+        "title": panel.title,
+        "description": description.strip(),
+        "datasource": DATASOURCE,
+        "gridPos": {"h": 8, "w": 8, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+        "targets": targets,
+    }
+    if panel.stat:
+        body["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                           "colorMode": "background", "graphMode": "none", "textMode": "value_and_name"}  # fmt: skip
+    else:
+        body["options"] = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                           "tooltip": {"mode": "multi", "sort": "desc"}}  # fmt: skip
+    return body
+
+
+def build(host: str) -> dict[str, Any]:
+    """The dashboard JSON for `host` ("vps" or "brain")."""
+    title, rows = DASHBOARDS[host]
+    panels: list[dict[str, Any]] = []
+    pid, y = 1, 0
+    for row in rows:
+        panels.append({"id": pid, "type": "row", "title": row.title, "collapsed": False, "panels": [],
+                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}})  # fmt: skip
+        pid, y = pid + 1, y + 1
+        for i, panel in enumerate(row.panels):
+            panels.append(_panel_json(panel, pid, (i % 3) * 8, y + (i // 3) * 8, row.node))
+            pid += 1
+        y += ((len(row.panels) + 2) // 3) * 8
+    return {
+        "uid": f"tickbridge-{host}",
+        "title": title,
+        "tags": ["tickbridge", host],
+        "timezone": "utc",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": False,
+        "graphTooltip": 1,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {"list": []},
+        "annotations": {"list": []},
+        "panels": panels,
+    }
+
+
+def render(host: str) -> str:
+    return json.dumps(build(host), indent=2) + "\n"
+
+
+def path_for(host: str, root: Path = OUT_DIR) -> Path:
+    return root / host / f"tickbridge-{host}.json"
+
+
+def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
+    """Every (panel, PromQL) of a dashboard JSON; `node` marks node-exporter panels."""
+    result = []
+    for panel in dashboard["panels"]:
+        node = panel.get("description", "").startswith(NODE_PREFIX.strip())
+        for target in panel.get("targets", []):
+            result.append(PanelQuery(dashboard["uid"], panel["title"], target["expr"], node))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    root = Path(argv[0]) if argv else OUT_DIR
+    for host in DASHBOARDS:
+        path = path_for(host, root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(host))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
