@@ -1,13 +1,17 @@
 #!lua name=tickbridge_brain
 
 -- One atomic step per consumer batch: XACK each Brain-stream entry and, only if this call acked it
--- (XACK returned 1), append it to its target stream and the WARM sorted set. A crash before the call
--- changes nothing; after it, the entry is acked and written exactly once. XACK == 0 means another
--- consumer (or an earlier attempt) already did the work.
+-- (XACK returned 1), append it to its target stream (and a trade to the WARM sorted set). A crash
+-- before the call changes nothing; after it, the entry is acked and written exactly once. XACK == 0
+-- means another consumer (or an earlier attempt) already did the work. Trades in the contract's
+-- field order travel as their 9 values only (names added here) to keep the call small on the wire.
 --
--- KEYS[1] = the Brain stream; KEYS[2..] = target streams and WARM sorted sets referenced by index.
--- ARGV = group, warm_window_us, then per entry:
---   id, target_index, warm_index (0 = none), score, member, nfields, field, value, ...
+-- KEYS[1] = the Brain stream; KEYS[2..] = target streams and WARM sorted sets, referenced by index.
+-- ARGV = group, warm_window_us, then per entry: id, target_index, warm_index (0 = none), kind, ...
+--   kind 't': a trade in the contract's field order, followed by its 9 values
+--   kind 'w': any other valid trade, followed by score, member, nfields, field, value, ...
+--   kind 'p': an order-book diff, followed by nfields, field, value, ...
+--   kind 'd': dead letter, followed by the reason, nfields, field, value, ... (target = dead-letter stream)
 -- Returns {written, already_acked}.
 local function ingest(keys, args)
   local stream = keys[1]
@@ -19,16 +23,34 @@ local function ingest(keys, args)
   local newest = {}
   while i <= n do
     local id = args[i]
-    local target = tonumber(args[i + 1])
+    local target = keys[tonumber(args[i + 1])]
     local warm = tonumber(args[i + 2])
-    local nfields = tonumber(args[i + 5])
-    local first = i + 6
-    local last = first + nfields - 1
+    local kind = args[i + 3]
+    local score, member
+    local fields
+    i = i + 4
+    if kind == 't' then
+      fields = {'symbol', args[i], 'exchange', args[i + 1], 'type', args[i + 2], 'price', args[i + 3],
+                'volume', args[i + 4], 'side', args[i + 5], 'timestamp', args[i + 6], 'trade_id', args[i + 7],
+                'recv_ts', args[i + 8]}
+      i = i + 9
+    else
+      if kind == 'w' then
+        score, member = tonumber(args[i]), args[i + 1]
+        i = i + 2
+      end
+      local nfields = tonumber(args[i])
+      fields = {unpack(args, i + 1, i + nfields)}
+      i = i + 1 + nfields
+    end
     if redis.call('XACK', stream, group, id) == 1 then
-      redis.call('XADD', keys[target], '*', 'src_id', id, unpack(args, first, last))
+      redis.call('XADD', target, '*', 'src_id', id, unpack(fields))
       if warm > 0 then
-        local score = tonumber(args[i + 3])
-        redis.call('ZADD', keys[warm], score, args[i + 4])
+        if kind == 't' then
+          score = tonumber(fields[14])
+          member = fields[16] .. '|' .. fields[8] .. '|' .. fields[10] .. '|' .. fields[12] .. '|' .. fields[18]
+        end
+        redis.call('ZADD', keys[warm], score, member)
         if newest[warm] == nil or newest[warm] < score then
           newest[warm] = score
         end
@@ -37,11 +59,10 @@ local function ingest(keys, args)
     else
       dup = dup + 1
     end
-    i = last + 1
   end
   -- WARM keeps the last `window` µs before its newest tick.
-  for warm, score in pairs(newest) do
-    redis.call('ZREMRANGEBYSCORE', keys[warm], '-inf', '(' .. string.format('%.0f', score - window))
+  for w, s in pairs(newest) do
+    redis.call('ZREMRANGEBYSCORE', keys[w], '-inf', '(' .. string.format('%.0f', s - window))
   end
   return {written, dup}
 end

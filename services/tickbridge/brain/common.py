@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from importlib import resources
@@ -13,6 +14,7 @@ from redis.exceptions import ResponseError
 
 from tickbridge.core.redis_io import execute_packed
 from tickbridge.core.settings import Settings
+from tickbridge.core.tick import MAX_ID, MAX_TS_US, MIN_TS_US
 
 #: Name of the Redis function that acks Brain-stream entries and writes them atomically.
 INGEST_FUNCTION = "tickbridge_brain_ingest"
@@ -96,3 +98,38 @@ async def group_floor(client: aioredis.Redis, stream: str) -> tuple[int, int] | 
         low = min(candidates)
         floor = low if floor is None else min(floor, low)
     return floor
+
+
+_DEC = rb"(?=[0-9.]*[1-9])[0-9]{1,20}(?:\.[0-9]{1,18})?"  # a decimal string > 0
+#: A trade entry in the contract's field order, fields joined with NUL (which no valid value contains).
+_TRADE = re.compile(
+    rb"symbol\0([A-Z0-9]{2,32})\0exchange\0([a-z0-9_]{1,64})\0type\0TRADE\0price\0"
+    + _DEC
+    + rb"\0volume\0"
+    + _DEC
+    + rb"\0side\0(?:BUY|SELL)\0timestamp\0([0-9]{16})\0trade_id\0([0-9]{1,19})"
+    + rb"\0recv_ts\0([0-9]{16})"
+)
+_MIN_TS = str(MIN_TS_US).encode()
+_MAX_TS = str(MAX_TS_US).encode()
+_MAX_ID = str(MAX_ID).encode()
+
+
+def fast_trade(fields: list[bytes]) -> tuple[bytes, bytes] | None:
+    """(symbol, exchange) if `fields` is a valid trade in the contract's field order, else None.
+
+    The same rules as `decode_entry` in one regex (several times faster than building a dict and a
+    dataclass); anything else (depth diffs, other field orders, invalid values) returns None and the
+    caller falls back to `decode_entry` for the precise verdict.
+    """
+    if len(fields) != 18:
+        return None
+    m = _TRADE.fullmatch(b"\0".join(fields))
+    if m is None:
+        return None
+    ts, tid, recv = m.group(3), m.group(4), m.group(5)
+    if not (_MIN_TS <= ts <= _MAX_TS and _MIN_TS <= recv <= _MAX_TS):
+        return None
+    if len(tid) == 19 and tid > _MAX_ID:
+        return None
+    return m.group(1), m.group(2)

@@ -31,6 +31,7 @@ from tickbridge.brain.common import (
     INGEST_FUNCTION,
     RawEntry,
     check,
+    fast_trade,
     group_floor,
     id_key,
     id_ms,
@@ -136,6 +137,8 @@ class BrainConsumer(Service):
         self.handled = 0
         self._need_recover = True
         self._last_claim = 0.0
+        self._keys: dict[tuple[bytes, bytes], tuple[str, str]] = {}
+        self._inflight: asyncio.Task[tuple[int, int]] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -176,15 +179,18 @@ class BrainConsumer(Service):
             except TRANSIENT_ERRORS as exc:
                 self.metrics.errors.labels("redis").inc()
                 log.warning("Brain Redis unavailable (%s); retrying", exc)
+                await self._drop_inflight()
                 ready = False
                 self._need_recover = True
                 await self.sleep_or_stop(backoff.next())
             except ResponseError as exc:
                 self.metrics.errors.labels("response").inc()
                 log.error("Redis error: %s", exc)
+                await self._drop_inflight()
                 ready = False  # NOGROUP / missing function: recreate, then re-read our PEL
                 self._need_recover = True
                 await self.sleep_or_stop(backoff.next())
+        await self._drop_inflight()
 
     # ---------------------------------------------------------------- reading
 
@@ -199,10 +205,16 @@ class BrainConsumer(Service):
         return next(iter(streams.values()), [])
 
     async def read_new(self) -> int:
-        """Read and handle one batch of new entries (blocks up to `block_ms`)."""
-        entries = await self._read(">", block=True)
-        if entries:
-            await self.process(entries, recovered=False)
+        """Read and validate one batch of new entries while the previous batch's call runs in Redis.
+
+        Python work overlaps Redis work; at most one call is in flight, and it is awaited before
+        anything else (recovery, claiming, stopping) touches the group.
+        """
+        entries = await self._read(">", block=self._inflight is None)
+        built = self._build(entries, {}) if entries else None
+        await self._finish_inflight()
+        if built is not None:
+            self._inflight = asyncio.create_task(self._call(built[0], len(entries), built[1]))
         return len(entries)
 
     async def recover_own(self) -> int:
@@ -260,8 +272,13 @@ class BrainConsumer(Service):
 
     async def process(self, entries: Sequence[RawEntry], *, recovered: bool) -> tuple[int, int]:
         """Validate a batch and hand it to the atomic ingest function; returns (written, duplicates)."""
-        assert self.client is not None
+        await self._finish_inflight()
         counts = await self._delivery_counts(entries) if recovered else {}
+        cmd, dead = self._build(entries, counts)
+        return await self._call(cmd, len(entries), dead)
+
+    def _build(self, entries: Sequence[RawEntry], counts: dict[bytes, int]) -> tuple[list[str | bytes | int], int]:
+        """The FCALL for a batch (validation happens here) and the number of dead letters in it."""
         key_index: dict[str, int] = {}
         key_list: list[str] = [self.stream]
 
@@ -274,41 +291,53 @@ class BrainConsumer(Service):
 
         args: list[str | bytes | int] = [self.group, self.warm_window_us]
         dead = 0
-        newest = 0
+        dl = 0
         for entry_id, fields in entries:
             if fields is None:  # deleted from the stream while pending: nothing left to write
-                args += [entry_id, index(keys.CONSUMER_DEAD_LETTER), 0, 0, b"", 4,
-                         "reason", "entry deleted while pending", "src_stream", self.stream]  # fmt: skip
+                dl = dl or index(keys.CONSUMER_DEAD_LETTER)
+                args += [entry_id, dl, 0, "d", 4, "reason", "entry deleted while pending", "src_stream", self.stream]
                 dead += 1
                 continue
             deliveries = counts.get(entry_id, 1)
-            reason: str | None = None
             if deliveries > self.settings.consumer_max_deliveries:
                 reason = f"delivered {deliveries} times"
             else:
+                fast = fast_trade(fields)
+                if fast is not None:  # the common case, without building a dict and a dataclass
+                    trades, warm = self._trade_keys(fast[0], fast[1])
+                    args += [entry_id, index(trades), index(warm), "t", *fields[1::2]]
+                    continue
                 try:
                     tick = decode_entry(fields)
                 except TickError as exc:
                     reason = str(exc)
-            if reason is not None:
-                raw = list(fields) if len(fields) % 2 == 0 else [*fields, b""]
-                args += [entry_id, index(keys.CONSUMER_DEAD_LETTER), 0, 0, b"", len(raw) + 2, "reason", reason, *raw]
-                dead += 1
-                continue
-            if isinstance(tick, Trade):
-                member = f"{tick.trade_id}|{tick.price}|{tick.volume}|{tick.side}|{tick.recv_ts}"
-                target = index(keys.trades_key(tick.symbol, tick.exchange))
-                warm = index(keys.warm_key(tick.symbol, tick.exchange))
-                args += [entry_id, target, warm, tick.timestamp, member, len(fields), *fields]
-            else:
-                args += [entry_id, index(keys.depth_key(tick.symbol, tick.exchange)), 0, 0, b"", len(fields), *fields]
-            newest = max(newest, tick.timestamp)
-        cmd: list[str | bytes | int] = ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *args]
+                else:
+                    if isinstance(tick, Trade):
+                        member = f"{tick.trade_id}|{tick.price}|{tick.volume}|{tick.side}|{tick.recv_ts}"
+                        target = index(keys.trades_key(tick.symbol, tick.exchange))
+                        warm_idx = index(keys.warm_key(tick.symbol, tick.exchange))
+                        args += [entry_id, target, warm_idx, "w", tick.timestamp, member, len(fields), *fields]
+                    else:
+                        target = index(keys.depth_key(tick.symbol, tick.exchange))
+                        args += [entry_id, target, 0, "p", len(fields), *fields]
+                    continue
+            dl = dl or index(keys.CONSUMER_DEAD_LETTER)
+            raw = (
+                [b"reason", reason.encode(), *fields]
+                if len(fields) % 2 == 0
+                else [b"reason", reason.encode(), *fields, b""]
+            )
+            args += [entry_id, dl, 0, "d", len(raw), *raw]
+            dead += 1
+        return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *args], dead
+
+    async def _call(self, cmd: list[str | bytes | int], n: int, dead: int) -> tuple[int, int]:
+        assert self.client is not None
         started = time.perf_counter()
         (reply,) = await execute_packed(self.client, [cmd])
         written, dup = check(reply)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(entries))
+        self.metrics.batch_size.observe(n)
         if dead:
             # Dead letters are "written" to the dead-letter stream by the same call; split the count.
             self.metrics.dead_letters.inc(dead)
@@ -317,8 +346,27 @@ class BrainConsumer(Service):
         self.metrics.entries.labels("written").inc(max(0, int(written) - dead))
         if dup:
             self.metrics.entries.labels("duplicate").inc(int(dup))
-        self.handled += len(entries)
+        self.handled += n
         return int(written), int(dup)
+
+    async def _drop_inflight(self) -> None:
+        """Wait for the call in flight; if it failed, its entries stay pending and are re-read later."""
+        try:
+            await self._finish_inflight()
+        except MONITOR_ERRORS as exc:
+            log.warning("batch call failed (%s); its entries stay pending", exc)
+
+    async def _finish_inflight(self) -> None:
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
+
+    def _trade_keys(self, symbol: bytes, exchange: bytes) -> tuple[str, str]:
+        cached = self._keys.get((symbol, exchange))
+        if cached is None:
+            sym, exch = symbol.decode(), exchange.decode()
+            cached = self._keys[(symbol, exchange)] = (keys.trades_key(sym, exch), keys.warm_key(sym, exch))
+        return cached
 
     # ---------------------------------------------------------------- monitoring
 

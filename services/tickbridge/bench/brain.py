@@ -1,0 +1,256 @@
+"""`make bench-brain`: Brain catch-up rate from a 1,000,000-tick backlog, and HOT/WARM/COLD tier latencies.
+
+Starts its own redis-server and QuestDB, fills the Brain stream, then runs `tickbridge consumer` and
+`tickbridge writer` as processes and times until every row is visible in QuestDB `trades`. Ceilings
+measured in the same run: `redis-benchmark` XADD (pipeline 128) and a raw XREADGROUP+XACK drain from
+Python; for latencies, a Redis PING round trip and a trivial QuestDB `/exec` query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from tickbridge.brain.loadgen import TradeSource
+from tickbridge.brain.tiered import TieredMarketData
+from tickbridge.core import keys
+from tickbridge.core.questdb_io import QuestDBHttp
+from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
+from tickbridge.core.settings import Settings
+from tickbridge.devstack.servers import QuestDBServer, RedisServer
+
+SYMBOLS = (
+    "BTCUSDT",
+    "ETHUSDT",
+    "BNBUSDT",
+    "SOLUSDT",
+    "XRPUSDT",
+    "DOGEUSDT",
+    "ADAUSDT",
+    "TRXUSDT",
+    "AVAXUSDT",
+    "LINKUSDT",
+)
+DESIGN = {"hot": "0.01 ms", "warm": "0.1-0.3 ms", "cold": "50-200 ms"}
+DESIGN_P99_MS = {"hot": 0.01, "warm": 0.3, "cold": 200.0}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def redis_benchmark_xadd(port: int, n: int = 200_000) -> float:
+    """`redis-benchmark` XADD of a tick-sized entry, 1 connection, pipeline 128 (ops/s)."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return float("nan")
+    cmd = [
+        exe, "-p", str(port), "-c", "1", "-P", "128", "-n", str(n), "-q",
+        "XADD", "bench:ceiling", "*", "symbol", "BTCUSDT", "exchange", "binance_spot", "type", "TRADE",
+        "price", "65000.01", "volume", "0.001", "side", "BUY", "timestamp", "1763900000000000",
+        "trade_id", "123456789", "recv_ts", "1763900000001500",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    match = re.findall(r"([\d.]+) requests per second", out)
+    return float(match[-1]) if match else float("nan")
+
+
+async def drain_ceiling(url: str, n: int = 200_000) -> float:
+    """Raw XREADGROUP COUNT 1000 + XACK from Python, no processing (entries/s)."""
+    client = make_client(url)
+    stream = "bench:drain"
+    source = TradeSource(SYMBOLS)
+    await source.append(client, stream, n)
+    await ensure_group(client, stream, "g")
+    started = time.perf_counter()
+    done = 0
+    while done < n:
+        (reply,) = await execute_packed(
+            client, [["XREADGROUP", "GROUP", "g", "c", "COUNT", 1000, "STREAMS", stream, ">"]]
+        )
+        entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+        await execute_packed(client, [["XACK", stream, "g", *[e[0] for e in entries]]])
+        done += len(entries)
+    rate = n / (time.perf_counter() - started)
+    await client.delete(stream)
+    await client.aclose()
+    return rate
+
+
+async def timed(fn: Callable[[], Awaitable[object]], count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        await fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return samples
+
+
+def start_role(role: str, env: dict[str, str], logdir: Path, name: str) -> subprocess.Popen[bytes]:
+    out = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "tickbridge", role], env={**env, "CONSUMER_NAME": name}, stdout=out, stderr=out
+    )
+
+
+async def catch_up(
+    redis: RedisServer, qdb_server: QuestDBServer, ticks: int, consumers: int, workdir: Path
+) -> dict[str, float]:
+    client = make_client(redis.url)
+    qdb = QuestDBHttp(qdb_server.url)
+    await ensure_group(client, keys.DEFAULT_STREAM_KEY, keys.DEFAULT_CONSUMER_GROUP)
+    now = time.time_ns() // 1000
+    # Exchange times over the last ~1,000 s: WARM keeps the last 300 s, the rest is COLD only.
+    source = TradeSource(SYMBOLS, start_us=now - ticks * 1000, step_us=1000)
+    t0 = time.perf_counter()
+    await source.append(client, keys.DEFAULT_STREAM_KEY, ticks, chunk=10_000)
+    fill_rate = ticks / (time.perf_counter() - t0)
+    print(f"backlog: {ticks:,} ticks in the Brain stream ({fill_rate:,.0f} XADD/s from Python while filling)")
+
+    env = {
+        **os.environ,
+        "BRAIN_REDIS_URL": redis.url,
+        "BRAIN_QUESTDB_URL": qdb_server.url,
+        "SYMBOLS": ",".join(SYMBOLS),
+        "METRICS_PORT": "0",
+        "CONSUMER_BATCH": "2000",
+        "WRITER_BATCH_ROWS": "50000",
+        "WRITER_FLUSH_INTERVAL_S": "0.5",
+        "LOG_LEVEL": "WARNING",
+    }
+    procs = [start_role("consumer", env, workdir, f"bench-c{i}") for i in range(consumers)]
+    procs.append(start_role("writer", env, workdir, "bench-w"))
+    started = time.perf_counter()
+    consumed_at: float | None = None
+    visible = 0
+    try:
+        while True:
+            await asyncio.sleep(0.25)
+            if consumed_at is None:
+                info = (await client.xinfo_groups(keys.DEFAULT_STREAM_KEY))[0]
+                if info["lag"] == 0 and info["pending"] == 0:
+                    consumed_at = time.perf_counter() - started
+            try:
+                visible = int(await qdb.scalar("SELECT count() FROM trades") or 0)
+            except Exception:
+                visible = 0
+            if visible >= ticks:
+                break
+            if time.perf_counter() - started > 600:
+                raise TimeoutError(f"only {visible:,} rows visible after 600 s")
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"a role exited with {p.returncode}; logs in {workdir}")
+        total = time.perf_counter() - started
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+    await client.aclose()
+    await qdb.close()
+    return {
+        "total_s": total,
+        "rate": ticks / total,
+        "consumer_s": consumed_at or total,
+        "consumer_rate": ticks / (consumed_at or total),
+    }
+
+
+async def tier_latencies(redis: RedisServer, qdb_server: QuestDBServer, rounds: int) -> dict[str, list[float]]:
+    settings = Settings(
+        brain_redis_url=redis.url, brain_questdb_url=qdb_server.url, symbols=SYMBOLS, hot_ticks=100, warm_window_s=300
+    )
+    out: dict[str, list[float]] = {}
+    async with TieredMarketData(settings, registry=CollectorRegistry()) as md:
+        sym = SYMBOLS[0]
+        now = time.time_ns() // 1000
+        for _ in range(100):  # warm-up: connections, QuestDB query plans
+            await md.recent(sym, 10)
+            await md.recent(sym, 500)
+        out["hot"] = await timed(lambda: _expect(md.recent(sym, 10), "hot"), rounds * 10)
+        # WARM: ~10 trades from a minute ago (older than HOT's 100, inside the 5-minute window).
+        w0 = md.hot(sym)[0].timestamp - 60_000_000
+        out["warm"] = await timed(lambda: _expect(md.range(sym, w0, w0 + 100_000), "warm"), rounds)
+        out["warm_recent500"] = await timed(lambda: _expect(md.recent(sym, 500), "warm"), rounds // 4)
+        old_start = now - 900_000_000
+        for _ in range(10):
+            await md.range(sym, old_start, old_start + 50_000)
+        out["cold"] = await timed(
+            lambda: _expect(md.range(sym, old_start, old_start + 50_000), "cold"), max(50, rounds // 10)
+        )
+        client = md.redis
+        out["ceiling_redis_ping"] = await timed(lambda: execute_packed(client, [["PING"]]), rounds)
+        out["ceiling_questdb_select1"] = await timed(lambda: md.qdb.rows("SELECT 1"), max(50, rounds // 10))
+    return out
+
+
+async def _expect(answer: Awaitable[object], tier: str) -> None:
+    got = await answer
+    tiers: tuple[str, ...] = getattr(got, "tiers", ("?",))
+    if tiers[-1] != tier:
+        raise AssertionError(f"expected the {tier} tier, got {tiers}")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="tb-bench-brain-"))
+    redis = RedisServer(workdir=workdir / "redis")
+    qdb = QuestDBServer(workdir=workdir / "questdb")
+    redis.start()
+    qdb.start()
+    try:
+        print(f"tickbridge bench-brain  (cpus={os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}: noisy if >2)")
+        xadd = redis_benchmark_xadd(redis.port)
+        drain = await drain_ceiling(redis.url)
+        r = await catch_up(redis, qdb, args.ticks, args.consumers, workdir)
+        lat = await tier_latencies(redis, qdb, args.rounds)
+    finally:
+        redis.stop()
+        qdb.stop()
+    print()
+    print("catch-up (Brain stream backlog -> rows visible in QuestDB trades)")
+    took = f"{args.ticks:,} in {r['total_s']:.1f} s"
+    print(f"  end to end      {r['rate']:>10,.0f} ticks/s  ({took}; aim 100,000, design needs 28,800)")
+    print(f"  consumer alone  {r['consumer_rate']:>10,.0f} ticks/s  (group drained after {r['consumer_s']:.1f} s)")
+    print(f"  ceiling: redis-benchmark XADD P128   {xadd:>10,.0f} ops/s  -> end to end = {r['rate'] / xadd:.2f}x")
+    print(f"  ceiling: XREADGROUP+XACK (Python)    {drain:>10,.0f} entries/s -> end to end = {r['rate'] / drain:.2f}x, "
+          f"consumer = {r['consumer_rate'] / drain:.2f}x")  # fmt: skip
+    print()
+    print("tier latencies (ms)              p50       p99     design    p99 vs design")
+    for tier in ("hot", "warm", "cold"):
+        s = lat[tier]
+        print(f"  {tier:<6} n={len(s):<6}     {pct(s, 0.5):>9.4f} {pct(s, 0.99):>9.4f}   {DESIGN[tier]:>10}   "
+              f"{DESIGN_P99_MS[tier] / pct(s, 0.99):>6.1f}x better")  # fmt: skip
+    for name in ("warm_recent500", "ceiling_redis_ping", "ceiling_questdb_select1"):
+        s = lat[name]
+        print(f"  {name:<24} {pct(s, 0.5):>9.4f} {pct(s, 0.99):>9.4f}")
+    warm_ratio = pct(lat["warm"], 0.5) / pct(lat["ceiling_redis_ping"], 0.5)
+    cold_ratio = pct(lat["cold"], 0.5) / pct(lat["ceiling_questdb_select1"], 0.5)
+    print(f"  WARM p50 = {warm_ratio:.1f}x a Redis PING; COLD p50 = {cold_ratio:.1f}x a QuestDB SELECT 1")
+    print(f"  (mean HOT {statistics.fmean(lat['hot']) * 1000:.1f} µs)")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tickbridge.bench.brain", description=__doc__)
+    p.add_argument("--ticks", type=int, default=1_000_000)
+    p.add_argument("--consumers", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2000)
+    asyncio.run(main_async(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
