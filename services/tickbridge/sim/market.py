@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import zlib
+from statistics import NormalDist
 from array import array
 from bisect import bisect_left, insort
 from typing import Any
@@ -109,6 +110,15 @@ class TradeHistory:
         return out
 
 
+_QUANTILES = 1024
+_NORMAL_Z = [NormalDist().inv_cdf((i + 0.5) / _QUANTILES) for i in range(_QUANTILES)]
+
+
+def _lognormal_table(mu: float, sigma: float, lot: int) -> list[int]:
+    """Lot-rounded lognormal quantiles: one `random()` per draw instead of `lognormvariate` (hot path)."""
+    return [(int(math.exp(mu + sigma * z)) + 1) * lot for z in _NORMAL_Z]
+
+
 def _pow10_units(exponent: int) -> int:
     """10**exponent in 1e-8 units, at least 1."""
     return max(1, round(10.0 ** (exponent + 8)))
@@ -127,8 +137,9 @@ class SymbolMarket:
         self.tick = _pow10_units(min(math.floor(math.log10(ref)) - 6, -2))
         self.lot = _pow10_units(min(math.floor(math.log10(1.0 / ref)), 0))
         lot_value = ref * self.lot / SCALE
-        self.trade_mu = math.log(max(1.0, 150.0 / lot_value))  # median trade ~150 USDT
-        self.level_mu = math.log(max(1.0, 3000.0 / lot_value))  # median level ~3000 USDT
+        # Median trade ~150 USDT, median resting level ~3000 USDT, both lognormal.
+        self.trade_sizes = _lognormal_table(math.log(max(1.0, 150.0 / lot_value)), 1.2, self.lot)
+        self.level_sizes = _lognormal_table(math.log(max(1.0, 3000.0 / lot_value)), 1.3, self.lot)
         self.depth_levels = max(10, depth_levels)
         self.updates_per_trade = updates_per_trade
         self.update_id = rng.randrange(10_000_000_000, 50_000_000_000)
@@ -156,7 +167,7 @@ class SymbolMarket:
         self.asks = sorted(self.ask_qty)
 
     def _level_qty(self) -> int:
-        return (int(self.rng.lognormvariate(self.level_mu, 1.3)) + 1) * self.lot
+        return self.level_sizes[int(self.rng.random() * _QUANTILES)]
 
     # -- book mutations (each = one update ID) ----------------------------------------------------------
 
@@ -189,54 +200,45 @@ class SymbolMarket:
         while len(levels) > self.depth_levels:
             self._set(bid, levels[0] if bid else levels[-1], 0)
 
-    def _refill(self, bid: bool) -> None:
-        """Keep the side deep: add a level beyond the far end."""
-        levels = self.bids if bid else self.asks
-        gap = self.rng.randint(1, 3) * self.tick
-        if bid:
-            price = levels[0] - gap if levels else self.asks[0] - gap
-            if price > 0:
-                self._set(True, price, self._level_qty())
+    def _place(self, bid: bool) -> None:
+        """A new order at a random distance from the touch, densest near it (offset ~ U² · 2·depth ticks)."""
+        levels, book = (self.bids, self.bid_qty) if bid else (self.asks, self.ask_qty)
+        u = self.rng.random()
+        offset = int(u * u * 2 * self.depth_levels) * self.tick
+        if levels:
+            price = levels[-1] - offset if bid else levels[0] + offset
         else:
-            price = levels[-1] + gap if levels else self.bids[-1] + gap
-            self._set(False, price, self._level_qty())
+            price = self.asks[0] - self.tick - offset if bid else self.bids[-1] + self.tick + offset
+        if price > 0:
+            self._set(bid, price, book.get(price, 0) + self._level_qty())
 
     def _quote_inside(self) -> None:
-        """A market maker narrows a wide spread (this is what makes the price walk)."""
+        """A market maker quotes inside a wide spread (this keeps it tight and makes the price walk)."""
         best_bid, best_ask = self.bids[-1], self.asks[0]
-        if best_ask - best_bid <= self.tick:
+        ticks = (best_ask - best_bid) // self.tick
+        if ticks <= 1:
             return
+        k = 1 + int(self.rng.random() * (ticks - 1))  # 1 .. ticks-1: strictly inside
         if self.rng.random() < 0.5:
-            self._set(True, best_bid + self.tick, self._level_qty())
-            self._trim(True)
+            self._set(True, best_bid + k * self.tick, self._level_qty())
         else:
-            self._set(False, best_ask - self.tick, self._level_qty())
-            self._trim(False)
+            self._set(False, best_ask - k * self.tick, self._level_qty())
 
     def _noise(self) -> None:
-        """A random order added, amended or cancelled near the touch (~40 % removals, as in real data)."""
+        """An order amended or cancelled near the touch (~40 % removals, as in real data), then the side
+        is topped up to `depth_levels` with a new order and trimmed at the far end."""
         rng = self.rng
         bid = rng.random() < 0.5
         levels = self.bids if bid else self.asks
         n = len(levels)
-        if n < 5:
-            self._refill(bid)
-            return
-        idx = rng.randrange(min(20, n))
-        price = levels[n - 1 - idx] if bid else levels[idx]
         r = rng.random()
-        if r < 0.45:
-            self._set(bid, price, self._level_qty())
-        elif r < 0.85:
-            self._set(bid, price, 0)
-            self._refill(bid)
-        else:
-            offset = rng.randint(1, 40) * self.tick
-            new = price - offset if bid else price + offset
-            best_other = self.asks[0] if bid else self.bids[-1]
-            if new > 0 and (new < best_other if bid else new > best_other):
-                self._set(bid, new, self._level_qty())
-                self._trim(bid)
+        if n > 1 and r < 0.85:
+            idx = int(rng.random() * min(20, n - 1))  # never empties the side
+            price = levels[n - 1 - idx] if bid else levels[idx]
+            self._set(bid, price, self._level_qty() if r < 0.45 else 0)
+        if len(levels) < self.depth_levels:
+            self._place(bid)
+        self._trim(bid)
 
     # -- trades ---------------------------------------------------------------------------------------
 
@@ -250,13 +252,13 @@ class SymbolMarket:
         else:
             price = self.bids[-1]
             avail = self.bid_qty[price]
-        qty = min((int(rng.lognormvariate(self.trade_mu, 1.2)) + 1) * self.lot, avail)
+        qty = min(self.trade_sizes[int(rng.random() * _QUANTILES)], avail)
         left = avail - qty
         self._set(not taker_buys, price, left)
-        if left == 0:
-            self._refill(not taker_buys)
-            if rng.random() < 0.7:
-                self._quote_inside()
+        if left == 0 and not (self.asks if taker_buys else self.bids):
+            self._place(not taker_buys)  # never let a side run empty
+        if rng.random() < 0.5:
+            self._quote_inside()
         extra = self.updates_per_trade
         while extra > 0:
             if extra >= 1 or rng.random() < extra:
