@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from statistics import NormalDist
 from array import array
 from bisect import bisect_left, insort
+from statistics import NormalDist
 from typing import Any
 
 SCALE = 100_000_000
