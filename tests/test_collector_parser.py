@@ -202,3 +202,25 @@ def test_replay_captures_offline(binance_data: Path) -> None:
     assert sync.book.bids == bids and sync.book.asks == asks
     top_bid, top_ask = sync.book.sorted_bids()[0], sync.book.sorted_asks()[0]
     assert float(top_bid[0]) < float(top_ask[0])  # not crossed
+
+
+@pytest.mark.parametrize(
+    "levels",
+    [
+        [["1.5", "0"]], [["0.000", "1"]], [["1", 2]], [[1, "2"]], [["1", "2", "3"]], [("1", "2")], "x", None,
+        [["1e5", "1"]], [["-1", "1"]], [["1.", "1"]], [["1.5\n", "1"]], [], [["00.10", "0.00000000"]],
+    ],
+)  # fmt: skip
+def test_fast_levels_agree_with_core_check(levels: object) -> None:
+    from tickbridge.collector.parser import fast_levels
+    from tickbridge.core.tick import TickError, check_levels
+
+    try:
+        expected: object = check_levels("b", levels)
+    except TickError as exc:
+        expected = str(exc)
+    try:
+        got: object = fast_levels("b", levels)
+    except TickError as exc:
+        got = str(exc)
+    assert got == expected
