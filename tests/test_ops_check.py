@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -9,12 +10,17 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from conftest import eventually
+from tickbridge.brain.consumer import BrainConsumer
+from tickbridge.core import keys
 from tickbridge.core.metrics import counter
-from tickbridge.devstack.servers import free_port, wait_until
+from tickbridge.core.settings import Settings
+from tickbridge.devstack.servers import RedisServer, free_port, wait_until
 from tickbridge.ops import check as check_mod
-from tickbridge.ops.check import check, evaluate
+from tickbridge.ops.check import check, check_heartbeat, evaluate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -112,3 +118,31 @@ def test_check_a_real_role_process() -> None:
         proc.terminate()
         proc.wait(20)
     assert _run_check("sim", "--port", str(metrics_port)).returncode == 1
+
+
+async def test_heartbeat_of_a_real_consumer(redis_server: RedisServer) -> None:
+    """`--heartbeat` follows the consumer's own heartbeat key: fresh while it runs, expired once it stops."""
+    settings = Settings(_env_file=None, brain_redis_url=redis_server.url, consumer_name="consumer-1")  # type: ignore[call-arg]
+    assert not check_heartbeat("consumer", settings).healthy  # not started yet
+    consumer = BrainConsumer(settings, CollectorRegistry(), monitor_interval_s=0.2)
+
+    async def beating() -> bool:
+        return check_heartbeat("consumer", settings).healthy
+
+    task = asyncio.create_task(consumer.run())
+    try:
+        await eventually(beating, 20, what="consumer heartbeat")
+    finally:
+        consumer.request_stop()
+        await asyncio.wait_for(task, 30)
+    # After the role stopped, the key expires (TTL) and the check fails: simulate the expiry.
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.ttl(keys.heartbeat_key("consumer", "consumer-1")) <= 15
+    client.delete(keys.heartbeat_key("consumer", "consumer-1"))
+    assert "expired" in check_heartbeat("consumer", settings).reason
+    # Roles without a heartbeat key, or without a known instance name, are reported as such.
+    assert not check_heartbeat("collector", settings).healthy
+    anonymous = Settings(_env_file=None, brain_redis_url=redis_server.url)  # type: ignore[call-arg]
+    assert "CONSUMER_NAME" in check_heartbeat("consumer", anonymous).reason
+    dead = Settings(_env_file=None, brain_redis_url=f"redis://127.0.0.1:{free_port()}/0", consumer_name="c")  # type: ignore[call-arg]
+    assert not check_heartbeat("consumer", dead, timeout=1).healthy

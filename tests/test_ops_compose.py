@@ -186,6 +186,9 @@ def test_roles_healthcheck_is_tickbridge_check_on_the_scraped_port(host: str, co
     for role in ROLES[host]:
         svc = compose["services"][role]
         assert svc["healthcheck"]["test"][1:4] == ["tickbridge", "check", role]
+        if "--heartbeat" in svc["healthcheck"]["test"]:
+            # The heartbeat key is named after the instance: a fixed name, stable across restarts.
+            assert svc["environment"]["CONSUMER_NAME"], role
         port = svc["environment"]["METRICS_PORT"]
         assert f'"{role}:{port}"' in prom, f"prometheus.{host}.yml does not scrape {role}:{port}"
 

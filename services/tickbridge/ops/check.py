@@ -4,7 +4,11 @@ A role is healthy when its own `/metrics` endpoint (METRICS_PORT, else the role'
 answers within the timeout with the role's `tickbridge_<role>_*` series, and, when the role exports a
 liveness gauge (a Unix timestamp its main loop refreshes), that gauge is fresh. The endpoint lives in
 the role's process, so a dead process fails the check; a stuck loop fails it through the gauge (and
-the role's own Watchdog crashes it). No Redis or QuestDB credentials are needed to run it.
+the role's own Watchdog crashes it). No Redis or QuestDB credentials are needed for that.
+
+`--heartbeat` also requires the role's heartbeat key (`tickbridge:heartbeat:<role>:<CONSUMER_NAME>`,
+SET with a 15 s TTL by the Brain roles' monitor loop) in the Brain Redis, read with the role's own
+credentials: the /metrics endpoint is served by a thread, so only the key proves the event loop runs.
 """
 
 from __future__ import annotations
@@ -16,11 +20,17 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+import redis
+import redis.exceptions
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+from tickbridge.core import keys
 from tickbridge.core.metrics import NAMESPACE
 from tickbridge.core.settings import DEFAULT_METRICS_PORTS, Settings, config_error_line
+
+#: Roles that keep a heartbeat key in the Brain Redis (keys.heartbeat_key, TTL 15 s).
+HEARTBEAT_ROLES = ("consumer", "writer")
 
 #: Liveness gauges (Unix seconds of the last loop iteration) per role; absent ones are not required.
 LIVENESS_GAUGES: dict[str, tuple[str, ...]] = {
@@ -79,6 +89,27 @@ def check(role: str, port: int, host: str = "127.0.0.1", timeout: float = 3.0, m
     return evaluate(role, text, max_age)
 
 
+def check_heartbeat(role: str, settings: Settings, timeout: float = 3.0) -> CheckResult:
+    """Healthy if the role's heartbeat key exists (its monitor loop refreshed it within the TTL)."""
+    if role not in HEARTBEAT_ROLES:
+        return CheckResult(False, f"{role} keeps no heartbeat key (only {', '.join(HEARTBEAT_ROLES)})")
+    if not settings.consumer_name:
+        return CheckResult(False, "CONSUMER_NAME is not set: the heartbeat key name is unknown")
+    key = keys.heartbeat_key(role, settings.consumer_name)
+    kwargs: dict[str, object] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if settings.brain_redis_url.startswith("rediss://"):
+        kwargs.update(ssl_ca_certs=settings.redis_tls_ca, ssl_certfile=settings.redis_tls_cert,
+                      ssl_keyfile=settings.redis_tls_key)  # fmt: skip
+    try:
+        with redis.Redis.from_url(settings.brain_redis_url, **kwargs) as client:
+            value = client.get(key)
+    except (redis.exceptions.RedisError, OSError) as exc:
+        return CheckResult(False, f"heartbeat {key}: {exc}")
+    if value is None:
+        return CheckResult(False, f"heartbeat {key} expired: the event loop is stuck or the role is not running")
+    return CheckResult(True, f"heartbeat {key} fresh")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tickbridge check", description="Health check of a tickbridge role.")
     parser.add_argument("role", choices=sorted(DEFAULT_METRICS_PORTS))
@@ -86,6 +117,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for /metrics")
     parser.add_argument("--max-age", type=float, default=60.0, help="oldest acceptable liveness gauge, seconds")
+    parser.add_argument("--heartbeat", action="store_true", help="also require the heartbeat key (consumer, writer)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")
     return parser.parse_args(argv)
 
@@ -93,14 +125,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     """Exit 0 if the role is healthy, 1 if not (one line on stderr says why)."""
     args = parse_args(argv)
-    port = args.port
-    if port is None:
-        try:
-            port = Settings().metrics_port_for(args.role)
-        except ValidationError as exc:
-            print(f"unhealthy: {config_error_line(exc)}", file=sys.stderr)
-            raise SystemExit(1) from None
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"unhealthy: {config_error_line(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    port = args.port if args.port is not None else settings.metrics_port_for(args.role)
     result = check(args.role, port, args.host, args.timeout, args.max_age)
+    if result.healthy and args.heartbeat:
+        beat = check_heartbeat(args.role, settings, args.timeout)
+        result = CheckResult(beat.healthy, f"{result.reason}; {beat.reason}")
     if not result.healthy:
         print(f"unhealthy: {args.role}: {result.reason}", file=sys.stderr)
         raise SystemExit(1)
