@@ -95,6 +95,10 @@ def expected_from_sim_stats(stats: dict[str, Any]) -> dict[str, tuple[int, int]]
     per_symbol = stats.get("symbols", stats)
     out: dict[str, tuple[int, int]] = {}
     for symbol, info in per_symbol.items():
-        if isinstance(info, dict) and info.get("trades", 0) and info.get("first_trade_id") is not None:
-            out[symbol] = (int(info["first_trade_id"]), int(info["last_trade_id"]))
+        if not isinstance(info, dict) or not info.get("trades", 0):
+            continue
+        # Trades generated before any client subscribed were never emitted: start at the first one sent.
+        first = info.get("first_sent_trade_id", info.get("first_trade_id"))
+        if first is not None and info.get("last_trade_id") is not None:
+            out[symbol] = (int(first), int(info["last_trade_id"]))
     return out

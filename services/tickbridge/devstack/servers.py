@@ -92,6 +92,11 @@ class ManagedProcess:
     startup_timeout = 30.0
 
     def start(self) -> ManagedProcess:
+        self.spawn()
+        return self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start the process without waiting (pair with `wait_ready` to start several at once)."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
@@ -101,6 +106,9 @@ class ManagedProcess:
                 env=self.env(),
                 start_new_session=True,
             )
+
+    def wait_ready(self) -> ManagedProcess:
+        assert self.proc is not None, "spawn() first"
         try:
             wait_until(self.ready, self.startup_timeout, self.name, self.proc)
         except ServerError as exc:

@@ -136,9 +136,16 @@ class NativeStack:
         self._started.append(proc)
         proc.start()
 
+    def _start_all(self, procs: list[ManagedProcess]) -> None:
+        """Spawn several processes at once, then wait for each to be ready."""
+        for proc in procs:
+            self._started.append(proc)
+            proc.spawn()
+        for proc in procs:
+            proc.wait_ready()
+
     def start_servers(self) -> None:
-        for server in (self.vps_redis, self.brain_redis, self.vps_questdb, self.brain_questdb):
-            self._start(server)
+        self._start_all([self.vps_redis, self.brain_redis, self.vps_questdb, self.brain_questdb])
         if self.config.with_toxiproxy:
             self.toxiproxy = ToxiproxyServer(workdir=self.workdir / "toxiproxy")
             self._start(self.toxiproxy)
@@ -194,10 +201,13 @@ class NativeStack:
             self.start_servers()
             if self.config.source == "sim":
                 self.start_sim()
-            # Brain first, so the forwarder finds it; then the VPS side.
+            # Every role retries its servers by itself, so they can start together.
+            procs: list[ManagedProcess] = []
             for role in ("writer", "consumer", "forwarder", "collector"):
                 if role in roles:
-                    self.start_role(role)
+                    self.roles[role] = RoleProcess(role, self.env_for(role), free_port(), workdir=self.workdir / role)
+                    procs.append(self.roles[role])
+            self._start_all(procs)
             if self.config.with_prometheus:
                 self.start_prometheus()
         except BaseException:
