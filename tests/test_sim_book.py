@@ -4,6 +4,7 @@ update-ID gaps, trade back-fill, REST weights and errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from typing import Any
@@ -18,6 +19,16 @@ from tickbridge.sim import SimConfig, SimServer
 from tickbridge.sim.testing import LocalBook, running_sim
 
 pytestmark = pytest.mark.timeout(45)
+
+
+async def stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
+        await task
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def get_json(url: str, **params: Any) -> Any:
@@ -78,7 +89,7 @@ async def test_snapshot_plus_diffs_equals_internal_book(stream_kind: str) -> Non
             await eventually(applied_some, timeout=10, what="diffs applied after the snapshot")
             await assert_book_equals_sim(sim, reader)
             assert reader.book.gaps == 0 and reader.resyncs == 1
-            task.cancel()
+            await stop_task(task)
 
 
 async def test_skip_update_ids_forces_a_resync_that_recovers() -> None:
@@ -100,7 +111,7 @@ async def test_skip_update_ids_forces_a_resync_that_recovers() -> None:
 
             await eventually(resynced, timeout=10, what="gap detected and resynced")
             await assert_book_equals_sim(sim, reader)
-            task.cancel()
+            await stop_task(task)
 
 
 async def test_ids_contiguous_and_match_stats() -> None:
@@ -136,7 +147,7 @@ async def test_ids_contiguous_and_match_stats() -> None:
                 )
 
             await eventually(drained, timeout=10, what="all generated events received")
-            task.cancel()
+            await stop_task(task)
         for sym, st in stats.items():
             ids = trades[sym]
             assert ids == list(range(ids[0], ids[-1] + 1)), f"{sym} trade IDs not contiguous"
@@ -299,3 +310,32 @@ async def test_time_unit_microsecond() -> None:
                 sim.rest_url + "/api/v3/historicalTrades", params=params, headers={"X-MBX-TIME-UNIT": "MICROSECOND"}
             ) as r:
                 assert (await r.json())[0]["time"] == a["T"]
+
+
+async def test_big_diff_with_capped_quantity_keeps_the_book_exact() -> None:
+    cfg = SimConfig(symbols=("BTCUSDT",), rate=300.0, seed=12)
+    async with running_sim(cfg) as sim:
+        stream = "btcusdt@depth@100ms"
+        sizes: list[int] = []
+        async with websockets.connect(f"{sim.ws_url}/stream?streams={stream}", max_size=None) as ws:
+            reader = DepthReader(sim, ws, "BTCUSDT", stream)
+            orig = reader.book.on_event
+
+            def spy(ev: dict[str, Any]) -> None:
+                sizes.append(len(ev["b"]) + len(ev["a"]))
+                if any(q == "92233720368.54775807" for _, q in ev["a"]):
+                    sizes.append(-1)
+                orig(ev)
+
+            reader.book.on_event = spy  # type: ignore[method-assign]
+            task = asyncio.create_task(reader.run())
+
+            async def synced() -> bool:
+                return reader.book.applied >= 2
+
+            await eventually(synced, timeout=10, what="sync")
+            sim.big_diff("BTCUSDT", 1000)
+            await eventually(lambda: _true(-1 in sizes), timeout=10, what="the big diff")
+            await assert_book_equals_sim(sim, reader)
+            await stop_task(task)
+        assert max(sizes) >= 1000 and reader.book.gaps == 0

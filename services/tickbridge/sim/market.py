@@ -18,6 +18,8 @@ from statistics import NormalDist
 from typing import Any
 
 SCALE = 100_000_000
+#: Binance caps overflowing quantities at the signed 64-bit maximum at precision 8.
+MAX_QTY = 2**63 - 1
 
 #: Rough mid-2024 prices so the synthetic tape looks like the real one.
 REFERENCE_PRICES: dict[str, float] = {
@@ -322,6 +324,18 @@ class SymbolMarket:
         self.w100_first = self.w1000_first = 0
         self.w100_bids, self.w100_asks, self.w1000_bids, self.w1000_asks = {}, {}, {}, {}
         self.update_id += max(1, n)
+
+    def big_diff(self, n: int) -> None:
+        """~n-level window: `n` deep bid levels appear and vanish (removals of prices no snapshot showed),
+        and the deepest ask gets Binance's capped quantity (92233720368.54775807, the cap since 2022-05)."""
+        far = self.bids[0]
+        for k in range(1, n + 1):
+            price = far - k * self.tick
+            if price <= 0:
+                break
+            self._set(True, price, self.lot)
+            self._set(True, price, 0)
+        self._set(False, self.asks[-1], MAX_QTY)
 
     def snapshot(self, limit: int) -> dict[str, Any]:
         """`/api/v3/depth` body; `lastUpdateId` is the current counter, so it matches the diff stream."""

@@ -41,6 +41,7 @@ FAULT_ACTIONS = (
     "resume",
     "stale_snapshot",
     "duplicate_trades",
+    "big_diff",
 )
 
 
@@ -111,6 +112,8 @@ class SimServer:
         self._bursts: deque[tuple[int, str | None]] = deque()
         self._sent: dict[str, int] = {}  # this tick, per stream kind
         self._sent_total: dict[str, int] = {}
+        # First trade ID actually sent per symbol: trades generated before anyone subscribed were never emitted.
+        self._first_sent: dict[str, int] = {}
         self._connect_times: dict[str, deque[float]] = {}
         self._weights: dict[str, tuple[int, int]] = {}
         self._faults: dict[str, int] = {}
@@ -293,6 +296,14 @@ class SimServer:
             snap = book.snapshot(5000)
         self._stale[sym] = (n, snap)
 
+    def big_diff(self, symbol: str, n: int = 1000) -> None:
+        """Next depth window of `symbol` carries ~n levels, mostly removals of never-seen prices, plus one
+        level with the capped quantity (synthetic mode)."""
+        self._fault("big_diff")
+        if self.config.mode != "synthetic":
+            raise ValueError("big_diff needs synthetic mode")
+        self.markets[self._known(symbol)].big_diff(n)
+
     def duplicate_trades(self, symbol: str, n: int = 1) -> None:
         """Send the last `n` trades of `symbol` again on its trade stream (the client must drop them)."""
         self._fault("duplicate_trades")
@@ -349,6 +360,9 @@ class SimServer:
                 hist, last_u = self._replay_hist[sym], self._replay_last_u.get(sym, 0)
             per[sym] = {
                 "first_trade_id": hist.first_id,
+                "first_sent_trade_id": self._first_sent.get(
+                    sym, hist.first_id if self.config.mode == "replay" else None
+                ),
                 "last_trade_id": hist.last_id,
                 "trades": hist.count,
                 "last_update_id": last_u,
@@ -536,6 +550,7 @@ class SimServer:
             else:
                 stream = m.stream_prefix + "@trade"
                 if stream in subs:
+                    self._first_sent.setdefault(sym, tid)
                     self._emit(stream, m.trade_json(tid, price, qty, maker, trade_ms, now_ms))
             ticker_stream = m.stream_prefix + "@bookTicker"
             if ticker_stream in subs:
@@ -983,6 +998,8 @@ class SimServer:
                 self.burst(int(count or 1000), None if symbol is None else str(symbol))
             elif action == "stale_snapshot":
                 self.stale_snapshot(str(symbol), int(count or 1))
+            elif action == "big_diff":
+                self.big_diff(str(symbol), int(count or 1000))
             elif action == "duplicate_trades":
                 self.duplicate_trades(str(symbol), int(count or 1))
             elif action == "pause":
