@@ -11,11 +11,13 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from conftest import eventually
+from tickbridge.brain.common import fast_trade
 from tickbridge.brain.consumer import BrainConsumer
-from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth
+from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth, make_trade
 from tickbridge.core import keys
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
+from tickbridge.core.tick import TickError, decode_entry
 from tickbridge.devstack.servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -177,3 +179,42 @@ async def test_metrics_and_trimming(brain: aioredis.Redis, redis_server: RedisSe
     assert await brain.xlen(STREAM) < 1000  # acked entries trimmed (approximate: whole nodes)
     info = await brain.xinfo_stream(STREAM)
     assert info["last-generated-id"]  # the top ID stays: the forwarder's duplicate check keeps working
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"price": "0.00000000"},
+        {"price": "1e5"},
+        {"price": "-1.0"},
+        {"volume": "0"},
+        {"volume": "0.0001"},
+        {"side": "buy"},
+        {"symbol": "btcusdt"},
+        {"symbol": "B"},
+        {"timestamp": "1"},
+        {"timestamp": "9999999999999999"},
+        {"trade_id": "9223372036854775808"},
+        {"trade_id": "9223372036854775807"},
+        {"trade_id": "12a"},
+        {"recv_ts": ""},
+        {"type": "DEPTH"},
+        {"exchange": "binance_spot\x00type"},
+        {"price": "100.0\x00volume"},
+    ],
+)
+def test_fast_trade_check_agrees_with_decode_entry(change: dict[str, str]) -> None:
+    fields = [str(x).encode() for x in make_trade("BTCUSDT", 7, 1_763_900_000_000_000).fields()]
+    for name, value in change.items():
+        fields[fields.index(name.encode()) + 1] = value.encode()
+    try:
+        decode_entry(fields)
+        valid = True
+    except TickError:
+        valid = False
+    fast = fast_trade(fields)
+    # The fast path may decline a valid entry (then decode_entry decides), never accept an invalid one.
+    assert not (fast is not None and not valid)
+    if not change:
+        assert fast == (b"BTCUSDT", b"binance_spot")
