@@ -20,6 +20,7 @@ import redis.exceptions
 
 from tickbridge.devstack.servers import REPO_ROOT, QuestDBServer, RedisServer, free_port
 from tickbridge.devstack.tls import make_certs, render_acl
+from tickbridge.ops import secrets_init
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,8 +47,13 @@ class ConfRedis(RedisServer):
 
 
 @pytest.fixture
-def vps_redis(tmp_path: Path) -> Iterator[ConfRedis]:
-    acl = render_acl(REPO_ROOT / "redis" / "users.vps.acl", tmp_path / "users.acl", PASSWORDS)
+def vps_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ConfRedis]:
+    # Rendered by the compose `init` step's code, from the environment, as in a deployment.
+    for name, value in PASSWORDS.items():
+        monkeypatch.setenv(name, value)
+    acl = tmp_path / "acl" / "users.acl"
+    secrets_init.main(["--acl", str(REPO_ROOT / "redis" / "users.vps.acl"), str(acl)])
+    assert acl.stat().st_mode & 0o777 == 0o600
     server = ConfRedis(REPO_ROOT / "redis" / "vps.conf", ["--aclfile", str(acl)], tmp_path / "redis")
     server.start()
     yield server
@@ -83,11 +89,16 @@ def test_vps_redis_conf_durability_and_memory(vps_redis: ConfRedis) -> None:
 def test_brain_redis_conf_tls_requires_client_certificate(tmp_path: Path) -> None:
     certs = make_certs(tmp_path / "certs")
     acl = render_acl(REPO_ROOT / "redis" / "users.brain.acl", tmp_path / "users.acl", PASSWORDS)
+    # The server's files as the Brain's `init` step hands them to redis (keys 0600, certificates 0644).
+    tls = tmp_path / "acl" / "tls"
+    secrets_init.main(["--tls", str(certs.directory), str(tls), "ca.crt", "server.crt", "server.key"])
+    assert (tls / "server.key").stat().st_mode & 0o777 == 0o600
+    assert (tls / "server.crt").stat().st_mode & 0o777 == 0o644
     tls_port = free_port()
     overrides = [
         "--aclfile", str(acl), "--tls-port", str(tls_port),
-        "--tls-cert-file", str(certs.server_cert), "--tls-key-file", str(certs.server_key),
-        "--tls-ca-cert-file", str(certs.ca),
+        "--tls-cert-file", str(tls / "server.crt"), "--tls-key-file", str(tls / "server.key"),
+        "--tls-ca-cert-file", str(tls / "ca.crt"),
     ]  # fmt: skip
     server = ConfRedis(REPO_ROOT / "redis" / "brain.conf", overrides, tmp_path / "redis")
     server.start()
@@ -110,11 +121,24 @@ def test_brain_redis_conf_tls_requires_client_certificate(tmp_path: Path) -> Non
         server.stop()
 
 
+def test_secrets_init_names_a_missing_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VPS_REDIS_ADMIN_PASSWORD", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        secrets_init.main(["--acl", str(REPO_ROOT / "redis" / "users.vps.acl"), str(tmp_path / "users.acl")])
+    assert exc.value.code == 2
+    assert "VPS_REDIS_ADMIN_PASSWORD" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        secrets_init.main(["--tls", str(tmp_path / "nowhere"), str(tmp_path / "tls"), "ca.crt"])
+    assert "make certs" in capsys.readouterr().err
+
+
 def _tls_ping_without_client_cert(port: int, ca: Path) -> bool:
     ctx = ssl.create_default_context(cafile=str(ca))
     try:
         with (
-            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
             ctx.wrap_socket(raw, server_hostname="localhost") as sock,
         ):
             sock.sendall(b"PING\r\n")
