@@ -327,7 +327,8 @@ class SymbolMarket:
 
     def big_diff(self, n: int) -> None:
         """~n-level window: `n` deep bid levels appear and vanish (removals of prices no snapshot showed),
-        and the deepest ask gets Binance's capped quantity (92233720368.54775807, the cap since 2022-05)."""
+        and a mid-book ask (out of reach of trades and trims) gets Binance's capped quantity
+        (92233720368.54775807, the cap since 2022-05)."""
         far = self.bids[0]
         for k in range(1, n + 1):
             price = far - k * self.tick
@@ -335,7 +336,7 @@ class SymbolMarket:
                 break
             self._set(True, price, self.lot)
             self._set(True, price, 0)
-        self._set(False, self.asks[-1], MAX_QTY)
+        self._set(False, self.asks[len(self.asks) // 2], MAX_QTY)
 
     def snapshot(self, limit: int) -> dict[str, Any]:
         """`/api/v3/depth` body; `lastUpdateId` is the current counter, so it matches the diff stream."""
