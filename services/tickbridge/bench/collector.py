@@ -6,6 +6,10 @@ Three processes on this machine: redis-server, the simulator (`tickbridge sim`) 
 - Max rate: the collector is paused (SIGSTOP) while the simulator keeps producing, then resumed; the
   best 1-second rate at which it drains the backlog is what it sustains (the simulator alone cannot
   out-produce it on this machine).
+- Replay burst: a second simulator replays the real ETHUSDT captures as fast as it can into a second
+  collector; rate = ticks / (last - first stream entry time).
+- Blaster: a minimal WebSocket server sends pre-formatted trade frames (50 symbols, contiguous IDs) as
+  fast as it can; this is the collector's own ceiling, free of the simulator's generation cost.
 - Ceiling: `redis-benchmark` pipelined (-P 128) XADD of a 9-field trade entry on the same redis-server.
 """
 
@@ -22,12 +26,15 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psutil  # type: ignore[import-untyped]
 import redis
 
+from tickbridge.core import keys
 from tickbridge.core.keys import DEFAULT_STREAM_KEY
+from tickbridge.core.tick import parse_stream_id
 from tickbridge.devstack.servers import RedisServer, free_port
 
 ENTRY = [
@@ -69,6 +76,107 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise SystemExit(f"simulator not up on port {port}")
 
 
+def replay_burst(py: str, env: dict[str, str], workdir: Path, redis_url: str, client: redis.Redis) -> tuple[int, float]:
+    """Ticks and ticks/s of a full-speed replay of the real captures through a fresh collector."""
+    data = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "binance"
+    files = sorted(data.glob("*.gz"))
+    if not files:
+        return 0, float("nan")
+    port = free_port()
+    replay_args = [a for f in files for a in ("--replay", str(f))]
+    sim = subprocess.Popen(
+        [py, "-m", "tickbridge", "sim", "--port", str(port), "--mode", "replay", "--speed", "0",
+         "--symbols", "ETHUSDT", "--metrics-port", "0", *replay_args],
+        env=env, cwd=workdir,
+    )  # fmt: skip
+    collector: subprocess.Popen[bytes] | None = None
+    key = "bench:replay"
+    client.delete(key, keys.COLLECTOR_LAST_TRADE_IDS, keys.warm_key("ETHUSDT"))  # a fresh collector
+    try:
+        wait_port(port)
+        collector = subprocess.Popen(
+            [py, "-m", "tickbridge", "collector"], cwd=workdir,
+            env={**env, "BINANCE_WS_URL": f"ws://127.0.0.1:{port}", "BINANCE_REST_URL": f"http://127.0.0.1:{port}",
+                 "VPS_REDIS_URL": redis_url, "SYMBOLS": "ETHUSDT", "STREAM_KEY": key},
+        )  # fmt: skip
+        last, stable = -1, 0
+        deadline = time.monotonic() + 120
+        while stable < 10 and time.monotonic() < deadline:  # 2 s without growth: the replay is over
+            time.sleep(0.2)
+            n = client.xlen(key)
+            stable = stable + 1 if n == last and n > 0 else 0
+            last = n
+        first: Any = client.xrange(key, count=1)
+        final: Any = client.xrevrange(key, count=1)
+        span_ms = parse_stream_id(final[0][0])[0] - parse_stream_id(first[0][0])[0]
+        return last, last / max(span_ms / 1000, 0.001)
+    finally:
+        for proc in (collector, sim):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+
+
+async def _blast(port: int, total: int) -> None:
+    """Serve one connection: `total` trade frames round-robin over the default symbols, then idle."""
+    import asyncio
+
+    from websockets.asyncio.server import ServerConnection, serve
+
+    from tickbridge.core.settings import DEFAULT_SYMBOLS
+
+    done = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        templates = [
+            (b'{"stream":"%s@trade","data":{"e":"trade","E":%%d,"s":"%s","t":%%d,"p":"61837.63000000",'
+             b'"q":"0.02000000","T":%%d,"m":%%s,"M":true}}') % (s.lower().encode(), s.encode())
+            for s in DEFAULT_SYMBOLS
+        ]  # fmt: skip
+        n_sym = len(templates)
+        now_ms = time.time_ns() // 1_000_000
+        for i in range(total):
+            ts = now_ms + i // 1000
+            await ws.send(templates[i % n_sym] % (ts, 1 + i // n_sym, ts, b"true" if i & 1 else b"false"))
+        done.set()
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", port, compression=None, max_queue=None):
+        await asyncio.sleep(3600)
+
+
+def blaster_rate(py: str, env: dict[str, str], workdir: Path, redis_url: str, client: redis.Redis, total: int) -> float:
+    """Ticks/s one collector appends from the blaster (first to last stream entry)."""
+    port = free_port()
+    key = "bench:blast"
+    client.delete(key, keys.COLLECTOR_LAST_TRADE_IDS)
+    blaster = subprocess.Popen(
+        [py, "-m", "tickbridge.bench.collector", "--blaster", str(port), str(total)], cwd=workdir
+    )
+    collector: subprocess.Popen[bytes] | None = None
+    try:
+        time.sleep(1.0)
+        collector = subprocess.Popen(
+            [py, "-m", "tickbridge", "collector"], cwd=workdir,
+            env={**env, "BINANCE_WS_URL": f"ws://127.0.0.1:{port}", "BINANCE_REST_URL": f"http://127.0.0.1:{port}",
+                 "VPS_REDIS_URL": redis_url, "STREAM_KEY": key},
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while client.xlen(key) < total and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first: Any = client.xrange(key, count=1)
+        final: Any = client.xrevrange(key, count=1)
+        if not first:
+            return float("nan")
+        span_ms = parse_stream_id(final[0][0])[0] - parse_stream_id(first[0][0])[0]
+        return int(client.xlen(key)) / max(span_ms / 1000, 0.001)
+    finally:
+        for proc in (collector, blaster):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+
+
 def rate_over(client: redis.Redis, seconds: float) -> float:
     start_n, start_t = client.xlen(DEFAULT_STREAM_KEY), time.monotonic()
     time.sleep(seconds)
@@ -80,7 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
     p.add_argument("--max-rate", type=float, default=30_000.0, help="simulator trades/s during the max phase")
     p.add_argument("--pause", type=float, default=10.0, help="seconds the collector is stopped to build a backlog")
+    p.add_argument("--blast-ticks", type=int, default=200_000, help="trades sent by the blaster")
+    p.add_argument("--blaster", nargs=2, type=int, metavar=("PORT", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.blaster:
+        import asyncio
+
+        asyncio.run(_blast(*args.blaster))
+        return
     workdir = Path(tempfile.mkdtemp(prefix="tb-bench-collector-"))
     redis_server = RedisServer(workdir=workdir / "redis")
     redis_server.start()
@@ -130,6 +245,12 @@ def main(argv: list[str] | None = None) -> None:
         # Best 1-second window while the backlog drains: the collector's own ceiling.
         drain = max((n2 - n1) / (t2 - t1) for (t1, n1), (t2, n2) in zip(samples, samples[4:], strict=False))
         alive = collector.poll() is None
+        collector.terminate()
+        collector.wait(10)
+        procs[0].terminate()
+        procs[0].wait(10)
+        replay_ticks, replay_rate = replay_burst(py, env, workdir, redis_server.url, client)
+        blast = blaster_rate(py, env, workdir, redis_server.url, client, args.blast_ticks)
         print("collector benchmark (50 symbols, simulator -> collector -> redis-server, one 2-vCPU machine)")
         print(f"  ceiling  redis-benchmark XADD 9-field entry, 1 conn, pipeline 128: {ceiling:,.0f} ops/s")
         print(f"  steady   {steady:,.0f} ticks/s appended, collector CPU {cpu:.1f}% of a core "
@@ -137,7 +258,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  max      {drain:,.0f} ticks/s sustained draining a backlog (CPU {drain_cpu:.0f}% over the window), "
               f"= {drain / ceiling:.1%} of the XADD ceiling (aim >= 20,000 ticks/s)")  # fmt: skip
         print(f"           the simulator alone produced {produced:,.0f} ticks/s at --rate {args.max_rate:,.0f}")
-        print(f"  collector still running: {alive}")
+        print(f"  replay   {replay_rate:,.0f} ticks/s: {replay_ticks:,} ticks of the real captures replayed at full "
+              f"speed, = {replay_rate / ceiling:.1%} of the XADD ceiling")  # fmt: skip
+        print(f"  blaster  {blast:,.0f} ticks/s: {args.blast_ticks:,} trades from a minimal WebSocket server, "
+              f"= {blast / ceiling:.1%} of the XADD ceiling (aim >= 20,000 ticks/s)")  # fmt: skip
+        print(f"  per core {steady / max(cpu / 100, 1e-9):,.0f} ticks per CPU-second at the steady rate "
+              "(what one fully busy core would carry at that batching)")  # fmt: skip
+        print(f"  collector survived the SIGSTOP/SIGCONT backlog: {alive}")
     finally:
         for proc_ in reversed(procs):
             if proc_.poll() is None:

@@ -46,6 +46,8 @@ WS_MAX_SIZE = 16 * MAX_FRAME_BYTES
 #: Trades a single gap may back-fill; beyond that the rest is counted as lost.
 MAX_BACKFILL = 200_000
 OUT_BATCH = 1000
+#: Trade latency is observed for one trade in 8 (the histogram is a sample; depth: every event).
+LATENCY_SAMPLE_MASK = 7
 
 
 @dataclass(eq=False)
@@ -130,6 +132,10 @@ class Collector(Service):
         m = self.metrics
         self._m_trade = {s: m.ticks.labels(s, "TRADE") for s in self.symbols}
         self._m_depth = {s: m.ticks.labels(s, "DEPTH") for s in self.symbols}
+        # Counted locally per tick and flushed to Prometheus per batch (a labelled inc costs ~1 µs).
+        self._n_trade = dict.fromkeys(self.symbols, 0)
+        self._n_depth = dict.fromkeys(self.symbols, 0)
+        self._n_emitted = 0
         self._m_lat_trade = m.latency.labels("TRADE")
         self._m_lat_depth = m.latency.labels("DEPTH")
         self._m_dup_trade = m.duplicates.labels("TRADE")
@@ -354,12 +360,14 @@ class Collector(Service):
                 else:
                     self._on_snapshot(item, out)
                 if len(out) >= OUT_BATCH:
+                    self._flush_counts()
                     await writer.put(out)
                     out = []
                 if inbox.empty():
                     break
                 item = inbox.get_nowait()
             if out:
+                self._flush_counts()
                 await writer.put(out)
                 out = []
             if stop:
@@ -384,6 +392,13 @@ class Collector(Service):
         if held is None:
             held = self._held[gen] = deque(maxlen=MAX_HELD)
         held.append(ev)
+
+    def _flush_counts(self) -> None:
+        for counts, metric in ((self._n_trade, self._m_trade), (self._n_depth, self._m_depth)):
+            for sym, n in counts.items():
+                if n:
+                    metric[sym].inc(n)
+                    counts[sym] = 0
 
     def _dead_letter(self, rej: Rejected, recv: int, out: list[Item]) -> None:
         self.metrics.dead_letters.labels(rej.reason).inc()
@@ -435,14 +450,16 @@ class Collector(Service):
         self.last_trade[ev.symbol] = ev.trade_id
         out.append(ev)
         self._hot[ev.symbol].append(ev)
-        self._m_trade[ev.symbol].inc()
-        self._m_lat_trade.observe(max(ev.recv_ts - ev.timestamp, 0) / 1e6)
+        self._n_trade[ev.symbol] += 1
+        self._n_emitted += 1
+        if not self._n_emitted & LATENCY_SAMPLE_MASK:
+            self._m_lat_trade.observe(max(ev.recv_ts - ev.timestamp, 0) / 1e6)
 
     def _emit_depth(self, ev: DepthDiff, out: list[Item]) -> None:
         out.append(ev)
         self._hot[ev.symbol].append(ev)
-        self._m_depth[ev.symbol].inc()
-        self._m_lat_depth.observe(max(ev.recv_ts - ev.timestamp, 0) / 1e6)
+        self._n_depth[ev.symbol] += 1
+        self._m_lat_depth.observe(max(ev.recv_ts - ev.timestamp, 0) / 1e6)  # ~10/s per symbol: every one
 
     def _on_depth(self, sync: DepthSync, ev: DepthDiff, gen: int, out: list[Item]) -> None:
         outcome = sync.on_event(ev, primary=gen == self.primary_gen)

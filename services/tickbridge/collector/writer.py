@@ -145,15 +145,20 @@ class StreamWriter:
         stream = self.stream_key
         cmds: list[Command] = [("MULTI",)]
         last_ids: dict[str, int] = {}
+        warm: dict[str, list[str | int]] = {}  # one ZADD per symbol and batch
         latest = self._latest_ts
         for item in items:
             if isinstance(item, Trade):
                 cmds.append(("XADD", stream, "*", *item.fields()))
+                symbol = item.symbol
                 member = f"{item.trade_id}|{item.price}|{item.volume}|{item.side}|{item.timestamp}"
-                cmds.append(("ZADD", keys.warm_key(item.symbol), item.timestamp, member))
-                last_ids[item.symbol] = item.trade_id
-                if item.timestamp > latest.get(item.symbol, 0):
-                    latest[item.symbol] = item.timestamp
+                args = warm.get(symbol)
+                if args is None:
+                    args = warm[symbol] = ["ZADD", keys.warm_key(symbol)]
+                args += (item.timestamp, member)
+                last_ids[symbol] = item.trade_id
+                if item.timestamp > latest.get(symbol, 0):
+                    latest[symbol] = item.timestamp
             elif isinstance(item, DepthDiff):
                 cmds.append(("XADD", stream, "*", *item.fields()))
             else:
@@ -161,6 +166,7 @@ class StreamWriter:
                     ("XADD", keys.COLLECTOR_DEAD_LETTER, "MAXLEN", "~", DEAD_LETTER_MAXLEN, "*",
                      "reason", item.reason, "detail", item.detail, "raw", item.raw, "recv_ts", item.recv_ts)
                 )  # fmt: skip
+        cmds.extend(warm.values())
         if last_ids:
             flat: list[str | int] = []
             for symbol, trade_id in last_ids.items():
