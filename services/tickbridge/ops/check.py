@@ -1,10 +1,10 @@
 """`tickbridge check <role>`: the compose healthcheck of a role (exit 0 healthy, 1 not).
 
 A role is healthy when its own `/metrics` endpoint (METRICS_PORT, else the role's default port)
-answers within the timeout with the role's `tickbridge_<role>_*` series, and, when the role exports a
-liveness gauge (a Unix timestamp its main loop refreshes), that gauge is fresh. The endpoint lives in
-the role's process, so a dead process fails the check; a stuck loop fails it through the gauge (and
-the role's own Watchdog crashes it). No Redis or QuestDB credentials are needed for that.
+answers within the timeout with the role's `tickbridge_<role>_*` series. The endpoint lives in the
+role's process, so a dead or restarting process fails the check, and a process of another role (or one
+that has not registered its metrics yet) does too. No Redis or QuestDB credentials are needed for that.
+A stuck event loop is the role's own Watchdog's job (it crashes the process).
 
 `--heartbeat` also requires the role's heartbeat key (`tickbridge:heartbeat:<role>:<CONSUMER_NAME>`,
 SET with a 15 s TTL by the Brain roles' monitor loop) in the Brain Redis, read with the role's own
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,15 +31,6 @@ from tickbridge.core.settings import DEFAULT_METRICS_PORTS, Settings, config_err
 #: Roles that keep a heartbeat key in the Brain Redis (keys.heartbeat_key, TTL 15 s).
 HEARTBEAT_ROLES = ("consumer", "writer")
 
-#: Liveness gauges (Unix seconds of the last loop iteration) per role; absent ones are not required.
-LIVENESS_GAUGES: dict[str, tuple[str, ...]] = {
-    "collector": (),
-    "forwarder": (),
-    "consumer": (),
-    "writer": (),
-    "sim": (),
-}
-
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -50,27 +40,17 @@ class CheckResult:
     reason: str
 
 
-def evaluate(role: str, text: str, max_age: float, now: float | None = None) -> CheckResult:
-    """Judge a role's `/metrics` text: its series are present and its liveness gauges are fresh."""
-    now = time.time() if now is None else now
+def evaluate(role: str, text: str) -> CheckResult:
+    """Judge a role's `/metrics` text: the role's own series are there."""
     prefix = f"{NAMESPACE}_{role}_"
-    samples: dict[str, float] = {}
     try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name.startswith(prefix) and sample.name not in samples:
-                    samples[sample.name] = sample.value
+        names = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
     except ValueError as exc:
         return CheckResult(False, f"unparseable /metrics: {exc}")
-    if not samples:
+    own = {name for name in names if name.startswith(prefix)}
+    if not own:
         return CheckResult(False, f"no {prefix}* series: not a {role} process, or not started yet")
-    for gauge in LIVENESS_GAUGES.get(role, ()):
-        if gauge not in samples:
-            continue
-        age = now - samples[gauge]
-        if age > max_age:
-            return CheckResult(False, f"{gauge} is {age:.0f}s old (limit {max_age:.0f}s): main loop stuck")
-    return CheckResult(True, f"{len(samples)} {prefix}* series")
+    return CheckResult(True, f"{len(own)} {prefix}* series")
 
 
 def fetch(url: str, timeout: float) -> str:
@@ -79,14 +59,14 @@ def fetch(url: str, timeout: float) -> str:
     return body.decode("utf-8", errors="replace")
 
 
-def check(role: str, port: int, host: str = "127.0.0.1", timeout: float = 3.0, max_age: float = 60.0) -> CheckResult:
+def check(role: str, port: int, host: str = "127.0.0.1", timeout: float = 3.0) -> CheckResult:
     """Fetch and judge `http://host:port/metrics` of `role`."""
     url = f"http://{host}:{port}/metrics"
     try:
         text = fetch(url, timeout)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         return CheckResult(False, f"{url}: {exc}")
-    return evaluate(role, text, max_age)
+    return evaluate(role, text)
 
 
 def check_heartbeat(role: str, settings: Settings, timeout: float = 3.0) -> CheckResult:
@@ -116,7 +96,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="metrics port (default: METRICS_PORT, else the role's default)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for /metrics")
-    parser.add_argument("--max-age", type=float, default=60.0, help="oldest acceptable liveness gauge, seconds")
     parser.add_argument("--heartbeat", action="store_true", help="also require the heartbeat key (consumer, writer)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")
     return parser.parse_args(argv)
@@ -131,7 +110,7 @@ def main(argv: list[str]) -> None:
         print(f"unhealthy: {config_error_line(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
     port = args.port if args.port is not None else settings.metrics_port_for(args.role)
-    result = check(args.role, port, args.host, args.timeout, args.max_age)
+    result = check(args.role, port, args.host, args.timeout)
     if result.healthy and args.heartbeat:
         beat = check_heartbeat(args.role, settings, args.timeout)
         result = CheckResult(beat.healthy, f"{result.reason}; {beat.reason}")
