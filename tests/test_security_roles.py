@@ -210,3 +210,21 @@ def test_each_role_with_a_broken_variable_exits_with_one_line_naming_it(role: st
         assert proc.returncode != 0, f"{role} started with {name}={value!r}"
         assert len(lines) == 1 and name in lines[0], f"{role} with {name}={value!r}: {proc.stderr[-500:]!r}"
         assert "Traceback" not in proc.stderr and value not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BRAIN_REDIS_URL", "http://forwarder:{pw}@brain.example.net:6380/0"),
+        ("VPS_REDIS_URL", "redis//collector:{pw}@redis:6379/0"),
+        ("BRAIN_REDIS_URL", "https://forwarder:{pw}-and-a-very-long-tail-past-the-sixty-character-cut@brain:6380/0"),
+        ("VPS_QUESTDB_URL", "ftp://user:{pw}@questdb:9000"),
+    ],
+)
+def test_config_error_never_prints_a_password(name: str, value: str, tmp_path: Path) -> None:
+    password = secrets.token_hex(12)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), name: value.format(pw=password)}
+    proc = subprocess.run([sys.executable, "-m", "tickbridge", "consumer"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 2 and name in proc.stderr, proc.stderr
+    assert password not in proc.stderr + proc.stdout and password[:6] not in proc.stderr, proc.stderr

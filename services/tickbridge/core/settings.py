@@ -6,6 +6,7 @@ A wrong or missing value ends the process with exactly one line naming the varia
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Annotated, Literal, NoReturn
 from urllib.parse import urlparse
@@ -128,13 +129,25 @@ class Settings(BaseSettings):
         return self.metrics_port if self.metrics_port is not None else DEFAULT_METRICS_PORTS.get(role, 9100)
 
 
+# `user:password@` after an optional `scheme://` (or a mistyped `scheme//`), up to the last `@`.
+_URL_CREDENTIALS = re.compile(r"(?i)([a-z0-9+.-]*:?//)?[^\s'\"/]*@")
+_SECRET_NAMES = ("PASSWORD", "SECRET", "TOKEN", "_KEY")
+
+
+def redact_secrets(text: str) -> str:
+    """`redis://user:pw@host` -> `redis://***@host`: config errors and logs never carry a password."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
 def config_error_line(exc: ValidationError) -> str:
-    """One line naming the first offending variable."""
+    """One line naming the first offending variable (credentials in URLs and secret values redacted)."""
     err = exc.errors()[0]
     name = str(err["loc"][0]).upper() if err["loc"] else "CONFIG"
     value = err.get("input")
-    shown = "" if isinstance(value, dict) or value is None else f" (got {str(value)[:60]!r})"
-    return f"config error: {name}: {err['msg']}{shown}"
+    shown = "" if isinstance(value, dict) or value is None else f" (got {redact_secrets(str(value))[:60]!r})"
+    if any(part in name for part in _SECRET_NAMES):
+        shown = ""
+    return redact_secrets(f"config error: {name}: {err['msg']}{shown}")
 
 
 def die(line: str, code: int = 2) -> NoReturn:
