@@ -30,6 +30,7 @@ from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, ex
 from tickbridge.core.settings import Settings
 from tickbridge.forwarder.buffer import RawEntry, SpillBuffer, StreamId, format_id, parse_id
 from tickbridge.forwarder.metrics import ForwarderMetrics
+from tickbridge.forwarder.rawlink import RawRedis, RawReplyError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Forwarder(Service):
         *,
         buffer_table: str = "vps_buffer",
         spill_batch: int = 50_000,
+        replay_batch: int = 20_000,
         maintain_interval: float = 0.2,
         stats_interval: float = 2.0,
     ) -> None:
@@ -73,10 +75,12 @@ class Forwarder(Service):
         self.key = settings.stream_key
         self.batch = settings.forward_batch
         self.spill_batch = spill_batch
+        self.replay_batch = max(replay_batch, self.batch)
         self.maintain_interval = maintain_interval
         self.stats_interval = stats_interval
         self.vps = make_client(settings.vps_redis_url, settings, timeout=10.0)
         self.brain = make_client(settings.brain_redis_url, settings, timeout=5.0)
+        self.brain_raw = RawRedis(settings.brain_redis_url, settings, timeout=10.0)
         self.buffer = SpillBuffer(settings.vps_questdb_url, settings, table=buffer_table)
         self.checkpoint: StreamId = ZERO  # highest ID the Brain holds
         self.buffer_high: StreamId = ZERO  # highest ID moved to the QuestDB buffer
@@ -129,6 +133,7 @@ class Forwarder(Service):
                 await client.aclose()
             except Exception:
                 log.debug("close failed", exc_info=True)
+        await self.brain_raw.close()
         await self.buffer.close()
         log.info("forwarder stopped at checkpoint %s (%d delivered this run)", format_id(self.checkpoint),
                  self._delivered)  # fmt: skip
@@ -212,6 +217,8 @@ class Forwarder(Service):
         self.metrics.connected.labels("vps").set(1)
         await self._try_recover_buffer()
         self.retained = await self._count_retained()
+        # Nothing older is known to be confirmed: the retention window starts now.
+        self.confirms.append((time.monotonic(), self.checkpoint, self.replay_ts))
         self.vps_ready = True
         log.info("state: checkpoint %s, buffer high %s, buffer %s", format_id(self.checkpoint),
                  format_id(self.buffer_high), "pending" if self.buffer_pending else "delivered")  # fmt: skip
@@ -260,9 +267,9 @@ class Forwarder(Service):
 
     # ------------------------------------------------------------------ Brain link
 
-    async def _connect_brain(self) -> None:
+    async def _brain_top(self) -> StreamId:
+        """The Brain stream's last-generated-id: what the Brain holds (survives its own trimming)."""
         try:
-            await ensure_group(self.brain, self.key, self.settings.consumer_group, "0")
             info = await execute_packed(self.brain, [("XINFO", "STREAM", self.key)])
         except TRANSIENT_ERRORS as exc:
             raise LinkDown("brain", exc) from exc
@@ -270,38 +277,57 @@ class Forwarder(Service):
             raise LinkDown("brain", str(info[0]))
         flat = info[0]
         fields = flat if isinstance(flat, dict) else {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
-        top = parse_id(fields[b"last-generated-id"])
+        return parse_id(fields[b"last-generated-id"])
+
+    async def _adopt_top(self, top: StreamId) -> None:
+        """Make the Brain's top the checkpoint; behind ours means the Brain lost writes: rewind and resend."""
+        if top == self.checkpoint:
+            return
         if top < self.checkpoint:
             self.metrics.rewinds.inc()
             log.warning("Brain stream top %s is behind the checkpoint %s (the Brain lost acknowledged writes): "
                         "resending from the VPS copy", format_id(top), format_id(self.checkpoint))  # fmt: skip
-        if top != self.checkpoint:
-            self.checkpoint = top
-            if self.buffer_known:
-                # Where the buffer replay must restart (rows up to the Brain's top are delivered).
-                cursor = await self._questdb(self.buffer.first_after(top))
-                self.buffer_pending = cursor is not None
-                if cursor is not None:
-                    self.replay_ts = cursor - 1
-            await self._save_state(confirmed_id=format_id(top))
+        self.checkpoint = top
+        if self.buffer_known:
+            # Where the buffer replay must restart (rows up to the Brain's top are delivered).
+            cursor = await self._questdb(self.buffer.first_after(top))
+            self.buffer_pending = cursor is not None
+            if cursor is not None:
+                self.replay_ts = cursor - 1
+        await self._save_state(confirmed_id=format_id(top))
+
+    async def _connect_brain(self) -> None:
+        try:
+            await ensure_group(self.brain, self.key, self.settings.consumer_group, "0")
+        except TRANSIENT_ERRORS as exc:
+            raise LinkDown("brain", exc) from exc
+        await self._adopt_top(await self._brain_top())
         self.brain_up = True
         self.catching_up = True
         self._brain_backoff.reset()
         self.metrics.connected.labels("brain").set(1)
         log.info("Brain connected: resuming after %s", format_id(self.checkpoint))
 
+    async def _check_brain(self) -> None:
+        """While idle, notice a Brain restart that lost data (no write fails to tell us)."""
+        try:
+            await ensure_group(self.brain, self.key, self.settings.consumer_group, "0")
+        except TRANSIENT_ERRORS as exc:
+            raise LinkDown("brain", exc) from exc
+        await self._adopt_top(await self._brain_top())
+
     async def _send(self, ids: Sequence[bytes | str], commands: Sequence[Command]) -> int:
         """XADD a batch with the original IDs; advance the checkpoint over what the Brain now holds."""
         t0 = time.perf_counter()
         try:
-            replies = await execute_packed(self.brain, commands)
+            replies = await self.brain_raw.execute(commands)
         except TRANSIENT_ERRORS as exc:
             raise LinkDown("brain", exc) from exc
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         sent = dup = 0
-        failed: ResponseError | None = None
+        failed: RawReplyError | None = None
         for reply in replies:
-            if isinstance(reply, ResponseError):
+            if isinstance(reply, RawReplyError):
                 if "equal or smaller than the target stream top" in str(reply):
                     dup += 1
                     continue
@@ -334,6 +360,7 @@ class Forwarder(Service):
                 self._next_brain_try = now + self._brain_backoff.next()
         if not self.buffer_known and (self.spill_pending or self.buffer_pending or self.buffer_high > self.checkpoint):
             await self._try_recover_buffer()
+        await self._set_mode()
         await self._maintain()
         await self._set_mode()
         if not self.brain_up:
@@ -370,7 +397,7 @@ class Forwarder(Service):
         if time.monotonic() < self._next_qdb_try:
             await self.sleep_or_stop(self.maintain_interval)
             return True
-        rows = await self._questdb(self.buffer.page(self.replay_ts, self.batch))
+        rows = await self._questdb(self.buffer.page(self.replay_ts, self.replay_batch))
         if not rows:
             self.buffer_pending = False
             self.replay_ts = max(self.replay_ts, self.buffer.last_ts)
@@ -420,6 +447,13 @@ class Forwarder(Service):
                 await self._link_down(exc)
         if now - self._last_stats >= self.stats_interval:
             self._last_stats = now
+            if self.brain_up:
+                try:
+                    await self._check_brain()
+                except LinkDown as exc:
+                    if exc.target != "brain":
+                        raise
+                    await self._link_down(exc)
             await self._stats()
 
     def _retention_floor(self) -> tuple[StreamId, int]:
@@ -568,6 +602,6 @@ class Forwarder(Service):
         self.metrics.replay_eta.set(eta)
         if backlog > self.batch and now - self._last_progress_log >= 5.0:
             self._last_progress_log = now
+            eta_text = f"{eta:.0f}s" if eta >= 0 else ("measuring" if self.brain_up else "unknown (Brain unreachable)")
             log.info("%s: backlog %d (buffer %d, redis ~%d), oldest %.0fs, drain %.0f/s, ETA %s",
-                     self.mode, backlog, buffer_backlog, redis_backlog, age, self.rate,
-                     f"{eta:.0f}s" if eta >= 0 else "unknown (Brain unreachable)")  # fmt: skip
+                     self.mode, backlog, buffer_backlog, redis_backlog, age, self.rate, eta_text)  # fmt: skip

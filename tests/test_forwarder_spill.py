@@ -1,0 +1,188 @@
+"""Long outages: the backlog spills to the QuestDB buffer, replays oldest first; the disk budget drops the oldest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from conftest import eventually
+from test_forwarder_flow import make_settings, running, sample
+from tickbridge.core import keys
+from tickbridge.core.redis_io import make_client
+from tickbridge.devstack.servers import QuestDBServer, RedisServer
+from tickbridge.forwarder.buffer import SpillBuffer
+from tickbridge.forwarder.loadgen import LiveWriter, preload, read_stream, trade_fields, verify
+from tickbridge.forwarder.service import Forwarder
+
+pytestmark = pytest.mark.timeout(180)
+HOUR_MS = 3_600_000
+
+
+async def test_spill_200k_then_replay_in_order(
+    redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer
+) -> None:
+    """1. Brain down. 2. 230k ticks backlog + live ticks, RAM budget 1 MB: >= 200k go to QuestDB.
+    3. Brain back: buffer replayed first, then Redis, while live ticks keep arriving.
+    Result: every VPS ID once, strictly increasing, byte-identical."""
+    vps, brain = redis_factory(), redis_factory()
+    brain.stop()
+    settings = make_settings(vps, brain, questdb_server, ram_buffer_bytes=1_000_000, forward_batch=5000)
+    vps_c = make_client(vps.url)
+    n = 230_000
+    start = (int(time.time() * 1000) - HOUR_MS, 0)
+    ids = await preload(vps_c, settings.stream_key, n, start=start, step_ms=0.02)
+    expected: dict[bytes, list[bytes] | None] = {eid: trade_fields(i) for i, eid in enumerate(ids)}
+    registry = CollectorRegistry()
+    table = f"vb_{uuid.uuid4().hex[:8]}"
+    fw = Forwarder(settings, registry, buffer_table=table)
+    writer = LiveWriter(vps_c, settings.stream_key, rate=1000)
+    stop_writer = asyncio.Event()
+    async with running(fw), asyncio.TaskGroup() as tg:
+        tg.create_task(writer.run(stop_writer))
+
+        async def spilled() -> bool:
+            return sample(registry, "tickbridge_forwarder_spilled_total") >= 200_000
+
+        await eventually(spilled, 90, interval=0.2, what=">= 200k ticks spilled to QuestDB")
+
+        async def disk_mode() -> bool:
+            return sample(registry, "tickbridge_forwarder_mode", mode="disk_spill") == 1
+
+        await eventually(disk_mode, 5, what="disk_spill mode")
+        assert int(await vps_c.memory_usage(settings.stream_key) or 0) < 2 * settings.ram_buffer_bytes
+
+        async def stats_seen() -> bool:
+            return sample(registry, "tickbridge_forwarder_buffer_rows") >= 200_000
+
+        await eventually(stats_seen, 10, what="buffer rows metric")
+        assert sample(registry, "tickbridge_forwarder_buffer_bytes") > 0
+        assert sample(registry, "tickbridge_forwarder_backlog_entries") >= 200_000
+        assert sample(registry, "tickbridge_forwarder_backlog_oldest_age_seconds") >= 3500
+        brain.start()
+        brain_c = make_client(brain.url)
+
+        async def replaying() -> bool:
+            return sample(registry, "tickbridge_forwarder_replayed_total") > 0
+
+        await eventually(replaying, 30, what="replay started")
+
+        async def caught_up() -> bool:
+            return sample(registry, "tickbridge_forwarder_mode", mode="direct") == 1
+
+        await eventually(caught_up, 60, interval=0.2, what="replay finished")
+        stop_writer.set()
+    total = n + len(writer.acked)
+
+    async def drained() -> bool:
+        return int(await brain_c.xlen(settings.stream_key)) >= total
+
+    async with running(Forwarder(settings, CollectorRegistry(), buffer_table=table)):
+        await eventually(drained, 30, what="every tick on the Brain")
+    expected.update({eid: None for _, eid in writer.acked})
+    verdict = verify(await read_stream(brain_c, settings.stream_key), expected)
+    assert verdict.ok, (verdict.missing[:5], verdict)
+    assert verdict.delivered == total
+    assert sample(registry, "tickbridge_forwarder_replayed_total") >= 200_000
+    # Delivered buffer partitions are dropped (all rows sit in the preload's hour, now delivered).
+    buf = SpillBuffer(questdb_server.url, table=table)
+
+    async def cleaned() -> bool:
+        # the preload's hour is delivered and past: dropped (the live ticks' hour may remain)
+        return all(p.min_ts > int(ids[-1].split(b"-")[0]) * 1000 for p in await buf.partitions())
+
+    async with running(Forwarder(settings, CollectorRegistry(), buffer_table=table)):
+        await eventually(cleaned, 30, what="delivered buffer partitions dropped")
+    await buf.close()
+    await vps_c.aclose()
+    await brain_c.aclose()
+
+
+async def test_disk_budget_drops_oldest_counted(
+    redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backlog over 4 hourly partitions; the disk budget fits two: the two oldest hours are dropped,
+    counted and logged; the rest arrives in order."""
+    vps, brain = redis_factory(), redis_factory()
+    brain.stop()
+    settings = make_settings(vps, brain, questdb_server, ram_buffer_bytes=200_000, forward_batch=5000)
+    vps_c = make_client(vps.url)
+    hour0 = (int(time.time() * 1000) // HOUR_MS - 6) * HOUR_MS
+    per_hour = 10_000
+    ids = await preload(vps_c, settings.stream_key, 4 * per_hour, start=(hour0, 0), step_ms=HOUR_MS / per_hour)
+    table = f"vb_{uuid.uuid4().hex[:8]}"
+    registry = CollectorRegistry()
+    async with running(Forwarder(settings, registry, buffer_table=table)):
+
+        async def spilled() -> bool:
+            return sample(registry, "tickbridge_forwarder_spilled_total") >= 4 * per_hour - 2000
+
+        await eventually(spilled, 60, what="backlog spilled")
+    buf = SpillBuffer(questdb_server.url, table=table)
+    parts = await buf.partitions()
+    assert len(parts) == 4, parts
+    budget = parts[2].disk_bytes + parts[3].disk_bytes + 1
+    settings = settings.model_copy(update={"disk_buffer_bytes": budget})
+    registry = CollectorRegistry()
+    with caplog.at_level(logging.ERROR):
+        async with running(Forwarder(settings, registry, buffer_table=table)):
+
+            async def dropped() -> bool:
+                return sample(registry, "tickbridge_forwarder_dropped_total") >= parts[0].rows + parts[1].rows
+
+            await eventually(dropped, 30, what="oldest partitions dropped")
+            brain.start()
+            brain_c = make_client(brain.url)
+            rest = len(ids) - parts[0].rows - parts[1].rows
+
+            async def delivered() -> bool:
+                return int(await brain_c.xlen(settings.stream_key)) >= rest
+
+            await eventually(delivered, 60, what="the rest delivered")
+    assert sample(registry, "tickbridge_forwarder_dropped_total") == parts[0].rows + parts[1].rows == 2 * per_hour
+    assert any("DISK BUFFER FULL" in r.getMessage() for r in caplog.records)
+    assert (await vps_c.hget(keys.FORWARDER_STATE, "dropped_total")) == str(2 * per_hour).encode()
+    kept = {eid: trade_fields(i) for i, eid in enumerate(ids) if i >= 2 * per_hour}
+    verdict = verify(await read_stream(brain_c, settings.stream_key), kept)  # type: ignore[arg-type]
+    assert verdict.ok, verdict
+    await buf.close()
+    await vps_c.aclose()
+    await brain_c.aclose()
+
+
+async def test_brain_lost_writes_are_resent(
+    redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer
+) -> None:
+    """The Brain Redis restarts empty (no persistence): its top is behind the checkpoint; the forwarder
+    rewinds and resends from the VPS copy kept for `delivered_retention_s`."""
+    vps, brain = redis_factory(), redis_factory()
+    settings = make_settings(vps, brain, questdb_server, delivered_retention_s=60)
+    vps_c = make_client(vps.url)
+    ids = await preload(vps_c, settings.stream_key, 3000)
+    registry = CollectorRegistry()
+    async with running(Forwarder(settings, registry, buffer_table=f"vb_{uuid.uuid4().hex[:8]}")):
+        brain_c = make_client(brain.url)
+
+        async def delivered() -> bool:
+            return int(await brain_c.xlen(settings.stream_key)) >= len(ids)
+
+        await eventually(delivered, 30, what="first delivery")
+        await brain_c.aclose()
+        brain.kill9()
+        brain.start()
+        brain_c = make_client(brain.url)
+
+        async def rewound() -> bool:
+            return sample(registry, "tickbridge_forwarder_rewinds_total") >= 1
+
+        await eventually(rewound, 30, what="rewind detected")
+        await eventually(delivered, 30, what="resent after the Brain lost its data")
+    verdict = verify(await read_stream(brain_c, settings.stream_key), {e: trade_fields(i) for i, e in enumerate(ids)})
+    assert verdict.ok, verdict
+    await vps_c.aclose()
+    await brain_c.aclose()
