@@ -218,9 +218,9 @@ def test_memory_limits_fit_the_vps(host: str, compose: dict[str, Any]) -> None:
         assert maxmemory and int(maxmemory.group(1)) + 200 <= limits["redis"]
 
 
-def test_vps_cpu_pinning(host: str, compose: dict[str, Any]) -> None:
-    if host != "vps":
-        pytest.skip("the Brain's cores are the operator's")
+def test_vps_cpu_pinning() -> None:
+    """VPS core 0: collector and Redis; core 1: forwarder and QuestDB (the Brain's cores are the operator's)."""
+    compose = load_compose(COMPOSE_FILES["vps"], _env())
     cpus = {name: svc.get("cpuset") for name, svc in compose["services"].items()}
     assert cpus["collector"] == cpus["redis"] == "0"
     assert cpus["forwarder"] == cpus["questdb"] == "1"
