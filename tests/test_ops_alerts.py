@@ -4,15 +4,17 @@ rules use defined by a role (so a rename cannot silently disarm an alert)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tickbridge.devstack.servers import REPO_ROOT
+from tickbridge.devstack.servers import REPO_ROOT, PrometheusServer, wait_until
 from tickbridge.ops.catalog import referenced_series, role_series
 
 pytestmark = pytest.mark.timeout(60)
@@ -112,3 +114,25 @@ def test_rules_use_only_series_the_roles_define() -> None:
 def test_native_stack_loads_exactly_these_rule_files() -> None:
     """devstack.stack globs prometheus/*rules*.yml: the two rule files, not the promtool test files."""
     assert sorted(PROM.glob("*rules*.yml")) == sorted(RULE_FILES.values())
+
+
+def test_rules_load_and_evaluate_in_a_real_prometheus(tmp_path: Path) -> None:
+    """The Prometheus the native stack runs loads both rule files and evaluates every rule without error."""
+    config = tmp_path / "prometheus.yml"
+    rule_lines = "".join(f"  - {path}\n" for path in RULE_FILES.values())
+    config.write_text(f"global:\n  evaluation_interval: 1s\nrule_files:\n{rule_lines}scrape_configs: []\n")
+    server = PrometheusServer(config, workdir=tmp_path / "run")
+    server.start()
+    try:
+
+        def evaluated() -> list[dict[str, Any]]:
+            with urllib.request.urlopen(f"{server.url}/api/v1/rules", timeout=5) as resp:
+                groups = json.loads(resp.read())["data"]["groups"]
+            return [rule for group in groups for rule in group["rules"]]
+
+        wait_until(lambda: all(r["health"] != "unknown" for r in evaluated()), 30, "rules evaluated")
+        rules = evaluated()
+        assert {r["name"] for r in rules} == set(_rules())
+        assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+    finally:
+        server.stop()
