@@ -13,6 +13,20 @@
 --   kind 'p': an order-book diff, followed by nfields, field, value, ...
 --   kind 'd': dead letter, followed by the reason, nfields, field, value, ... (target = dead-letter stream)
 -- Returns {written, already_acked}.
+local function add_warm(warm, zkey, score, member)
+  local entry = warm[zkey]
+  if entry == nil then
+    entry = {args = {}, newest = score}
+    warm[zkey] = entry
+  end
+  local za = entry.args
+  za[#za + 1] = score
+  za[#za + 1] = member
+  if entry.newest < score then
+    entry.newest = score
+  end
+end
+
 local function ingest(keys, args)
   local stream = keys[1]
   local group = args[1]
@@ -20,49 +34,53 @@ local function ingest(keys, args)
   local n = #args
   local i = 3
   local written, dup = 0, 0
-  local newest = {}
+  local warm = {}
+  local call = redis.call
   while i <= n do
     local id = args[i]
     local target = keys[tonumber(args[i + 1])]
-    local warm = tonumber(args[i + 2])
+    local warm_index = tonumber(args[i + 2])
     local kind = args[i + 3]
-    local score, member
-    local fields
     i = i + 4
     if kind == 't' then
-      fields = {'symbol', args[i], 'exchange', args[i + 1], 'type', args[i + 2], 'price', args[i + 3],
-                'volume', args[i + 4], 'side', args[i + 5], 'timestamp', args[i + 6], 'trade_id', args[i + 7],
-                'recv_ts', args[i + 8]}
+      if call('XACK', stream, group, id) == 1 then
+        call('XADD', target, '*', 'src_id', id, 'symbol', args[i], 'exchange', args[i + 1], 'type', args[i + 2],
+             'price', args[i + 3], 'volume', args[i + 4], 'side', args[i + 5], 'timestamp', args[i + 6],
+             'trade_id', args[i + 7], 'recv_ts', args[i + 8])
+        local member = args[i + 7] .. '|' .. args[i + 3] .. '|' .. args[i + 4] .. '|' .. args[i + 5] .. '|' .. args[i + 8]
+        add_warm(warm, keys[warm_index], tonumber(args[i + 6]), member)
+        written = written + 1
+      else
+        dup = dup + 1
+      end
       i = i + 9
     else
+      local score, member
       if kind == 'w' then
         score, member = tonumber(args[i]), args[i + 1]
         i = i + 2
       end
       local nfields = tonumber(args[i])
-      fields = {unpack(args, i + 1, i + nfields)}
+      if call('XACK', stream, group, id) == 1 then
+        call('XADD', target, '*', 'src_id', id, unpack(args, i + 1, i + nfields))
+        if warm_index > 0 then
+          add_warm(warm, keys[warm_index], score, member)
+        end
+        written = written + 1
+      else
+        dup = dup + 1
+      end
       i = i + 1 + nfields
     end
-    if redis.call('XACK', stream, group, id) == 1 then
-      redis.call('XADD', target, '*', 'src_id', id, unpack(fields))
-      if warm > 0 then
-        if kind == 't' then
-          score = tonumber(fields[14])
-          member = fields[16] .. '|' .. fields[8] .. '|' .. fields[10] .. '|' .. fields[12] .. '|' .. fields[18]
-        end
-        redis.call('ZADD', keys[warm], score, member)
-        if newest[warm] == nil or newest[warm] < score then
-          newest[warm] = score
-        end
-      end
-      written = written + 1
-    else
-      dup = dup + 1
-    end
   end
-  -- WARM keeps the last `window` µs before its newest tick.
-  for w, s in pairs(newest) do
-    redis.call('ZREMRANGEBYSCORE', keys[w], '-inf', '(' .. string.format('%.0f', s - window))
+  -- One ZADD per WARM key (in chunks: Lua's C stack limits unpack), then keep the last `window` µs
+  -- before its newest tick.
+  for zkey, entry in pairs(warm) do
+    local za = entry.args
+    for from = 1, #za, 2000 do
+      call('ZADD', zkey, unpack(za, from, math.min(from + 1999, #za)))
+    end
+    call('ZREMRANGEBYSCORE', zkey, '-inf', '(' .. string.format('%.0f', entry.newest - window))
   end
   return {written, dup}
 end
