@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
+import secrets
 import socket
 import ssl
 import subprocess
@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tickbridge.devstack.servers import REPO_ROOT, RedisServer, free_port
+from tickbridge.devstack.stack import NativeStack, StackConfig
 
 CERTS_SCRIPT = REPO_ROOT / "scripts" / "certs.sh"
 VPS_ACL = REPO_ROOT / "redis" / "users.vps.acl"
@@ -177,5 +178,51 @@ class SecureRedisServer(RedisServer):
         return redis_url("redis", self.port, user, password)
 
 
-def redis_cli() -> str:
-    return shutil.which("redis-cli") or "redis-cli"
+#: role -> (its user on the VPS Redis, its user on the Brain Redis); None: the role has no business there.
+ROLE_USERS: dict[str, tuple[str | None, str | None]] = {
+    "collector": ("collector", None),
+    "forwarder": ("forwarder", "forwarder"),
+    "consumer": (None, "consumer"),
+    "writer": (None, "writer"),
+}
+
+
+class SecureNativeStack(NativeStack):
+    """The native stack as deployed: ACL users on both Redis servers (random passwords, rendered from the
+    committed templates), the Brain's Redis reachable only over TLS with a client certificate from the
+    private CA, and each role holding only its own credentials."""
+
+    def __init__(self, config: StackConfig) -> None:
+        if config.with_toxiproxy:
+            raise ValueError("SecureNativeStack does not route the TLS link through toxiproxy")
+        super().__init__(config)
+        self.certs = make_certs(self.workdir / "certs")
+        names = acl_variables(VPS_ACL.read_text()) + acl_variables(BRAIN_ACL.read_text())
+        self.passwords = {name: secrets.token_urlsafe(24) for name in names}
+        acl_dir = self.workdir / "acl"
+        self.vps_redis = SecureRedisServer(aclfile=render_acl(VPS_ACL, acl_dir / "vps.acl", self.passwords),
+                                           appendonly=True, workdir=self.workdir / "vps-redis")  # fmt: skip
+        self.brain_redis = SecureRedisServer(aclfile=render_acl(BRAIN_ACL, acl_dir / "brain.acl", self.passwords),
+                                             certs=self.certs, plain_port=False, appendonly=True,
+                                             workdir=self.workdir / "brain-redis")  # fmt: skip
+
+    def user_url(self, host: str, user: str) -> str:
+        """URL of `user` on `host` ("vps" or "brain"): plain on the VPS, TLS to the Brain."""
+        server = self.vps_redis if host == "vps" else self.brain_redis
+        assert isinstance(server, SecureRedisServer)
+        return server.url_for(user, self.passwords[f"{host.upper()}_REDIS_{user.upper()}_PASSWORD"])
+
+    def env_for(self, role: str) -> dict[str, str]:
+        env = super().env_for(role)
+        vps_user, brain_user = ROLE_USERS.get(role, (None, None))
+        # A role without a user on a host gets an address without credentials: unusable (default user off).
+        env["VPS_REDIS_URL"] = (
+            self.user_url("vps", vps_user) if vps_user else f"redis://127.0.0.1:{self.vps_redis.port}/0"
+        )
+        if brain_user:
+            env["BRAIN_REDIS_URL"] = self.user_url("brain", brain_user)
+            env.update(self.certs.client_env())
+        else:
+            assert isinstance(self.brain_redis, SecureRedisServer)
+            env["BRAIN_REDIS_URL"] = f"rediss://127.0.0.1:{self.brain_redis.tls_port}/0"
+        return env
