@@ -246,11 +246,6 @@ class TieredMarketData:
         self.metrics.latency.labels(COLD).observe(time.perf_counter() - started)
         return [TickRow(int(r[0]), int(r[1]), float(r[2]), float(r[3]), str(r[4]), int(r[5] or 0)) for r in rows]
 
-    async def _warm_floor(self, symbol: str) -> int | None:
-        """WARM holds every tick newer than this (its newest tick minus the window); None if WARM is empty."""
-        newest = await self._warm(["ZRANGE", keys.warm_key(symbol, self.exchange), -1, -1, "WITHSCORES"])
-        return newest[0].timestamp - self.window_us if newest else None
-
     def _done(self, rows: list[TickRow], tiers: tuple[str, ...], started: float) -> Answer:
         self.metrics.answers.labels(tiers[-1]).inc()
         return Answer(rows, tiers, time.perf_counter() - started)
@@ -285,21 +280,28 @@ class TieredMarketData:
             )
             self.metrics.latency.labels(HOT).observe(time.perf_counter() - started)
             return self._done(rows[:limit], (HOT,), started)
-        floor = await self._warm_floor(symbol)
+        # One round trip: WARM's newest tick (its coverage) and the WARM part of the range.
         warm_key = keys.warm_key(symbol, self.exchange)
+        started_warm = time.perf_counter()
+        newest_r, range_r = await execute_packed(
+            self.redis,
+            [
+                ["ZRANGE", warm_key, -1, -1, "WITHSCORES"],
+                ["ZRANGE", warm_key, start_us, end_us, "BYSCORE", "LIMIT", 0, limit, "WITHSCORES"],
+            ],
+        )
+        newest = _pairs(check(newest_r))
+        warm = [parse_warm_member(m, float(sc)) for m, sc in _pairs(check(range_r))]
+        self.metrics.latency.labels(WARM).observe(time.perf_counter() - started_warm)
+        floor = int(float(newest[0][1])) - self.window_us if newest else None
         if floor is not None and start_us > floor:
-            warm = await self._warm(["ZRANGE", warm_key, start_us, end_us, "BYSCORE", "LIMIT", 0, limit, "WITHSCORES"])
             return self._done(warm, (WARM,), started)
         where = f" AND timestamp >= '{us_to_iso(start_us)}' AND timestamp <= '{us_to_iso(end_us)}'"
         cold = await self._cold(symbol, where, "ASC", limit)
-        tiers: tuple[str, ...] = (COLD,)
-        warm = []
         if floor is not None and end_us > floor:
             # The newest part may not be in QuestDB yet: WARM fills it in.
-            lo = max(start_us, floor)
-            warm = await self._warm(["ZRANGE", warm_key, lo, end_us, "BYSCORE", "LIMIT", 0, limit, "WITHSCORES"])
-            tiers = (WARM, COLD)
-        return self._done(merge(cold, warm)[:limit], tiers, started)
+            return self._done(merge(cold, warm)[:limit], (WARM, COLD), started)
+        return self._done(cold, (COLD,), started)
 
 
 def _pairs(flat: Any) -> list[tuple[bytes, Any]]:
