@@ -401,7 +401,7 @@ class SimServer:
 
     def _send(self, c: Conn, data: bytes) -> None:
         """Send (or hold while stalled) one pre-framed message."""
-        if c.closing:
+        if c.closing or c.transport.is_closing():
             return
         if self.stalled:
             c.held.append(data)
@@ -507,8 +507,9 @@ class SimServer:
                 carry += self.rate * dt
                 n = int(carry)
                 carry -= n
-                cap = int(self.rate * 0.5) + 1
-                if n > cap:  # a stalled loop does not replay the whole backlog in one go
+                # A late loop does not replay its whole backlog at once, and no tick may freeze the loop.
+                cap = min(int(self.rate * 0.5) + 1, 10_000)
+                if n > cap:
                     n, carry = cap, 0.0
             if n:
                 self._produce(n, None, now_ms)
