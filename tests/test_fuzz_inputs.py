@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
+from tickbridge.brain.common import fast_trade
 from tickbridge.collector.parser import (
     MAX_RAW_KEPT,
     REASONS,
@@ -308,3 +309,41 @@ def test_parse_frame_rejects_known_bad_frames(raw: bytes) -> None:
     ev = parse_frame(raw, RECV)
     check_frame_result(raw, ev)
     assert isinstance(ev, Rejected), ev
+
+
+# -- the Brain consumer's fast path must agree with decode_entry --------------------------------------
+
+
+def fast_and_full(raw: list[bytes]) -> tuple[tuple[bytes, bytes] | None, Trade | DepthDiff | None]:
+    try:
+        tick: Trade | DepthDiff | None = decode_entry(raw)
+    except TickError:
+        tick = None
+    return fast_trade(raw), tick
+
+
+@given(trades, st.lists(st.tuples(st.integers(0, 8), nasty_bytes), max_size=2))
+def test_fuzz_consumer_fast_path_accepts_only_what_decode_entry_accepts(
+    t: Trade, mutations: list[tuple[int, bytes]]
+) -> None:
+    """`fast_trade` skips `decode_entry` for speed; whatever it lets through must be a valid trade."""
+    raw = entry(t)
+    for index, value in mutations:
+        if raw[2 * index] != b"exchange":  # the exchange field: see the xfail below
+            raw[2 * index + 1] = value
+    fast, tick = fast_and_full(raw)
+    if fast is not None:
+        assert isinstance(tick, Trade), f"fast path accepted what decode_entry rejects: {raw!r}"
+        assert fast == (tick.symbol.encode(), tick.exchange.encode())
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="brain/common.py fast_trade accepts any [a-z0-9_] exchange, decode_entry only binance_spot: such an "
+    "entry names keys outside the consumer's ACL and stalls it (test_security_roles, foreign exchange)",
+)
+@pytest.mark.parametrize("exchange", [b"evil", b"binance_futures", b"x"])
+def test_consumer_fast_path_rejects_a_foreign_exchange(exchange: bytes) -> None:
+    raw = entry(Trade("BTCUSDT", "61000.5", "0.25", "SELL", 1_723_161_255_342_000, 7, 1_723_161_255_343_000))
+    raw[3] = exchange
+    assert fast_and_full(raw) == (None, None)
