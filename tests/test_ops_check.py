@@ -17,8 +17,9 @@ from conftest import eventually
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.core import keys
 from tickbridge.core.metrics import counter
-from tickbridge.core.settings import Settings
+from tickbridge.core.settings import DEFAULT_METRICS_PORTS, Settings
 from tickbridge.devstack.servers import RedisServer, free_port, wait_until
+from tickbridge.ops import check as check_mod
 from tickbridge.ops.check import check, check_heartbeat, evaluate
 
 pytestmark = pytest.mark.timeout(60)
@@ -45,6 +46,10 @@ def collector_endpoint() -> Iterator[tuple[int, CollectorRegistry]]:
     server.shutdown()
     server.server_close()
     thread.join(5)
+
+
+def test_roles_are_the_settings_roles() -> None:
+    assert set(check_mod.ROLES) == set(DEFAULT_METRICS_PORTS)
 
 
 def test_evaluate_requires_the_roles_series() -> None:

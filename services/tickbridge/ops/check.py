@@ -9,25 +9,31 @@ A stuck event loop is the role's own Watchdog's job (it crashes the process).
 `--heartbeat` also requires the role's heartbeat key (`tickbridge:heartbeat:<role>:<CONSUMER_NAME>`,
 SET with a 15 s TTL by the Brain roles' monitor loop) in the Brain Redis, read with the role's own
 credentials: the /metrics endpoint is served by a thread, so only the key proves the event loop runs.
+
+It runs every few seconds in the role's container, on the role's CPU: without `--heartbeat` and with
+METRICS_PORT set (as compose does) it imports neither pydantic nor redis.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import redis
-import redis.exceptions
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import ValidationError
 
 from tickbridge.core import keys
 from tickbridge.core.metrics import NAMESPACE
-from tickbridge.core.settings import DEFAULT_METRICS_PORTS, Settings, config_error_line
 
+if TYPE_CHECKING:
+    from tickbridge.core.settings import Settings
+
+#: Roles with a /metrics endpoint (the keys of settings.DEFAULT_METRICS_PORTS, kept here to stay light).
+ROLES = ("collector", "forwarder", "consumer", "writer", "sim")
 #: Roles that keep a heartbeat key in the Brain Redis (keys.heartbeat_key, TTL 15 s).
 HEARTBEAT_ROLES = ("consumer", "writer")
 
@@ -75,6 +81,8 @@ def check_heartbeat(role: str, settings: Settings, timeout: float = 3.0) -> Chec
         return CheckResult(False, f"{role} keeps no heartbeat key (only {', '.join(HEARTBEAT_ROLES)})")
     if not settings.consumer_name:
         return CheckResult(False, "CONSUMER_NAME is not set: the heartbeat key name is unknown")
+    import redis  # here, not at module level: only --heartbeat needs it
+
     key = keys.heartbeat_key(role, settings.consumer_name)
     kwargs: dict[str, object] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if settings.brain_redis_url.startswith("rediss://"):
@@ -83,7 +91,7 @@ def check_heartbeat(role: str, settings: Settings, timeout: float = 3.0) -> Chec
     try:
         with redis.Redis.from_url(settings.brain_redis_url, **kwargs) as client:
             value = client.get(key)
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except (redis.RedisError, OSError) as exc:
         return CheckResult(False, f"heartbeat {key}: {exc}")
     if value is None:
         return CheckResult(False, f"heartbeat {key} expired: the event loop is stuck or the role is not running")
@@ -92,7 +100,7 @@ def check_heartbeat(role: str, settings: Settings, timeout: float = 3.0) -> Chec
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tickbridge check", description="Health check of a tickbridge role.")
-    parser.add_argument("role", choices=sorted(DEFAULT_METRICS_PORTS))
+    parser.add_argument("role", choices=ROLES)
     parser.add_argument("--port", type=int, help="metrics port (default: METRICS_PORT, else the role's default)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for /metrics")
@@ -101,17 +109,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str]) -> None:
-    """Exit 0 if the role is healthy, 1 if not (one line on stderr says why)."""
-    args = parse_args(argv)
+def _settings() -> Settings:
+    """Settings, or exit 1 with the config error line (an unhealthy check, not a traceback)."""
+    from pydantic import ValidationError
+
+    from tickbridge.core.settings import Settings, config_error_line
+
     try:
-        settings = Settings()
+        return Settings()
     except ValidationError as exc:
         print(f"unhealthy: {config_error_line(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
-    port = args.port if args.port is not None else settings.metrics_port_for(args.role)
+
+
+def main(argv: list[str]) -> None:
+    """Exit 0 if the role is healthy, 1 if not (one line on stderr says why)."""
+    args = parse_args(argv)
+    port = args.port
+    env_port = os.environ.get("METRICS_PORT", "")
+    if port is None and env_port.isdigit():
+        port = int(env_port)
+    settings = _settings() if port is None or args.heartbeat else None
+    if port is None:
+        assert settings is not None
+        port = settings.metrics_port_for(args.role)
     result = check(args.role, port, args.host, args.timeout)
-    if result.healthy and args.heartbeat:
+    if result.healthy and settings is not None and args.heartbeat:
         beat = check_heartbeat(args.role, settings, args.timeout)
         result = CheckResult(beat.healthy, f"{result.reason}; {beat.reason}")
     if not result.healthy:
