@@ -270,3 +270,28 @@ def test_each_role_container_gets_a_valid_configuration(host: str, compose: dict
         # Least privilege: a container sees only its own Redis password.
         secrets = [k for k in env if "PASSWORD" in k and k != "QUESTDB_PASSWORD"]
         assert secrets == [], f"{role} receives {secrets}"
+
+
+#: The code each role's container runs, to find the settings it reads.
+ROLE_SOURCES = {
+    "collector": ["collector"],
+    "forwarder": ["forwarder"],
+    "consumer": ["brain/consumer.py", "brain/common.py"],
+    "writer": ["brain/writer.py", "brain/common.py"],
+}
+
+
+def test_each_role_container_gets_every_setting_its_code_reads(host: str, compose: dict[str, Any]) -> None:
+    """A setting the code reads but compose does not pass would silently take its default (e.g. a
+    CONSUMER_GROUP changed in .env reaching the consumer but not the forwarder)."""
+    package = REPO_ROOT / "services" / "tickbridge"
+    for role in ROLES[host]:
+        files: list[Path] = []
+        for source in ROLE_SOURCES[role]:
+            path = package / source
+            files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        read = set(re.findall(r"settings\.([a-z_]+)", "".join(f.read_text() for f in files)))
+        fields = read & set(Settings.model_fields)
+        given = {k.lower() for k in compose["services"][role]["environment"]}
+        missing = fields - given - {"metrics_port"}
+        assert not missing, f"{role} reads {sorted(missing)} but compose does not pass them"
