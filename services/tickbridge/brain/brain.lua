@@ -3,15 +3,16 @@
 -- One atomic step per consumer batch: XACK each Brain-stream entry and, only if this call acked it
 -- (XACK returned 1), append it to its target stream (and a trade to the WARM sorted set). A crash
 -- before the call changes nothing; after it, the entry is acked and written exactly once. XACK == 0
--- means another consumer (or an earlier attempt) already did the work. Trades in the contract's
--- field order travel as their 9 values only (names added here) to keep the call small on the wire.
+-- means another consumer (or an earlier attempt) already did the work.
 --
 -- KEYS[1] = the Brain stream; KEYS[2..] = target streams and WARM sorted sets, referenced by index.
--- ARGV = group, warm_window_us, then per entry: id, target_index, warm_index (0 = none), kind, ...
---   kind 't': a trade in the contract's field order, followed by its 9 values
---   kind 'w': any other valid trade, followed by score, member, nfields, field, value, ...
---   kind 'p': an order-book diff, followed by nfields, field, value, ...
---   kind 'd': dead letter, followed by the reason, nfields, field, value, ... (target = dead-letter stream)
+-- ARGV = group, warm_window_us, H, then H triples (trade stream index k, symbol, exchange): the
+-- trade stream KEYS[k] has its WARM zset at KEYS[k + 1]. Then per entry: id, target_index, kind, ...
+--   kind 't': a trade in the contract's field order: price, volume, side, timestamp, trade_id, recv_ts
+--   kind 'w': any other valid trade: warm_index, score, member, nfields, field, value, ...
+--   kind 'p': an order-book diff: nfields, field, value, ...
+--   kind 'd': dead letter (target = dead-letter stream): nfields, field, value, ... (with the reason)
+-- Arguments cost more than the commands here, so the common case sends as few as possible.
 -- Returns {written, already_acked}.
 local function add_warm(warm, zkey, score, member)
   local entry = warm[zkey]
@@ -31,38 +32,45 @@ local function ingest(keys, args)
   local stream = keys[1]
   local group = args[1]
   local window = tonumber(args[2])
+  local pairs_count = tonumber(args[3])
+  local symbol_of, exchange_of = {}, {}
+  local i = 4
+  for _ = 1, pairs_count do
+    local k = tonumber(args[i])
+    symbol_of[k], exchange_of[k] = args[i + 1], args[i + 2]
+    i = i + 3
+  end
   local n = #args
-  local i = 3
   local written, dup = 0, 0
   local warm = {}
   local call = redis.call
   while i <= n do
     local id = args[i]
-    local target = keys[tonumber(args[i + 1])]
-    local warm_index = tonumber(args[i + 2])
-    local kind = args[i + 3]
-    i = i + 4
+    local k = tonumber(args[i + 1])
+    local kind = args[i + 2]
+    i = i + 3
     if kind == 't' then
       if call('XACK', stream, group, id) == 1 then
-        call('XADD', target, '*', 'src_id', id, 'symbol', args[i], 'exchange', args[i + 1], 'type', args[i + 2],
-             'price', args[i + 3], 'volume', args[i + 4], 'side', args[i + 5], 'timestamp', args[i + 6],
-             'trade_id', args[i + 7], 'recv_ts', args[i + 8])
-        local member = args[i + 7] .. '|' .. args[i + 3] .. '|' .. args[i + 4] .. '|' .. args[i + 5] .. '|' .. args[i + 8]
-        add_warm(warm, keys[warm_index], tonumber(args[i + 6]), member)
+        local price, volume, side, ts, trade_id, recv_ts =
+          args[i], args[i + 1], args[i + 2], args[i + 3], args[i + 4], args[i + 5]
+        call('XADD', keys[k], '*', 'src_id', id, 'symbol', symbol_of[k], 'exchange', exchange_of[k],
+             'type', 'TRADE', 'price', price, 'volume', volume, 'side', side, 'timestamp', ts,
+             'trade_id', trade_id, 'recv_ts', recv_ts)
+        add_warm(warm, keys[k + 1], tonumber(ts), trade_id .. '|' .. price .. '|' .. volume .. '|' .. side .. '|' .. recv_ts)
         written = written + 1
       else
         dup = dup + 1
       end
-      i = i + 9
+      i = i + 6
     else
-      local score, member
+      local warm_index, score, member = 0, nil, nil
       if kind == 'w' then
-        score, member = tonumber(args[i]), args[i + 1]
-        i = i + 2
+        warm_index, score, member = tonumber(args[i]), tonumber(args[i + 1]), args[i + 2]
+        i = i + 3
       end
       local nfields = tonumber(args[i])
       if call('XACK', stream, group, id) == 1 then
-        call('XADD', target, '*', 'src_id', id, unpack(args, i + 1, i + nfields))
+        call('XADD', keys[k], '*', 'src_id', id, unpack(args, i + 1, i + nfields))
         if warm_index > 0 then
           add_warm(warm, keys[warm_index], score, member)
         end

@@ -289,13 +289,27 @@ class BrainConsumer(Service):
                 idx = key_index[key] = len(key_list)
             return idx
 
-        args: list[str | bytes | int] = [self.group, self.warm_window_us]
+        # Trades in the contract's order send 6 values; symbol and exchange travel once per key pair
+        # (trade stream at index k, its WARM zset at k + 1) in `header`.
+        header: list[str | bytes | int] = []
+        pair_index: dict[tuple[bytes, bytes], int] = {}
+
+        def trade_pair(symbol: bytes, exchange: bytes) -> int:
+            idx = pair_index.get((symbol, exchange))
+            if idx is None:
+                trades, warm = self._trade_keys(symbol, exchange)
+                key_list.extend((trades, warm))
+                idx = pair_index[(symbol, exchange)] = len(key_list) - 1
+                header.extend((idx, symbol, exchange))
+            return idx
+
+        args: list[str | bytes | int] = []
         dead = 0
         dl = 0
         for entry_id, fields in entries:
             if fields is None:  # deleted from the stream while pending: nothing left to write
                 dl = dl or index(keys.CONSUMER_DEAD_LETTER)
-                args += [entry_id, dl, 0, "d", 4, "reason", "entry deleted while pending", "src_stream", self.stream]
+                args += [entry_id, dl, "d", 4, "reason", "entry deleted while pending", "src_stream", self.stream]
                 dead += 1
                 continue
             deliveries = counts.get(entry_id, 1)
@@ -304,8 +318,7 @@ class BrainConsumer(Service):
             else:
                 fast = fast_trade(fields)
                 if fast is not None:  # the common case, without building a dict and a dataclass
-                    trades, warm = self._trade_keys(fast[0], fast[1])
-                    args += [entry_id, index(trades), index(warm), "t", *fields[1::2]]
+                    args += [entry_id, trade_pair(fast[0], fast[1]), "t", *fields[7::2]]
                     continue
                 try:
                     tick = decode_entry(fields)
@@ -316,10 +329,10 @@ class BrainConsumer(Service):
                         member = f"{tick.trade_id}|{tick.price}|{tick.volume}|{tick.side}|{tick.recv_ts}"
                         target = index(keys.trades_key(tick.symbol, tick.exchange))
                         warm_idx = index(keys.warm_key(tick.symbol, tick.exchange))
-                        args += [entry_id, target, warm_idx, "w", tick.timestamp, member, len(fields), *fields]
+                        args += [entry_id, target, "w", warm_idx, tick.timestamp, member, len(fields), *fields]
                     else:
                         target = index(keys.depth_key(tick.symbol, tick.exchange))
-                        args += [entry_id, target, 0, "p", len(fields), *fields]
+                        args += [entry_id, target, "p", len(fields), *fields]
                     continue
             dl = dl or index(keys.CONSUMER_DEAD_LETTER)
             raw = (
@@ -327,9 +340,10 @@ class BrainConsumer(Service):
                 if len(fields) % 2 == 0
                 else [b"reason", reason.encode(), *fields, b""]
             )
-            args += [entry_id, dl, 0, "d", len(raw), *raw]
+            args += [entry_id, dl, "d", len(raw), *raw]
             dead += 1
-        return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *args], dead
+        head = [self.group, self.warm_window_us, len(header) // 3, *header]
+        return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *head, *args], dead
 
     async def _call(self, cmd: list[str | bytes | int], n: int, dead: int) -> tuple[int, int]:
         assert self.client is not None
