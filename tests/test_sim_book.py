@@ -122,6 +122,7 @@ async def test_ids_contiguous_and_match_stats() -> None:
         trades: dict[str, list[int]] = {}
         depth: dict[str, list[tuple[int, int]]] = {}
         tickers: dict[str, list[int]] = {}
+        depth_times: dict[str, list[int]] = {}
         async with websockets.connect(f"{sim.ws_url}/stream?streams={'/'.join(streams)}", max_queue=None) as ws:
 
             async def read() -> None:
@@ -133,6 +134,7 @@ async def test_ids_contiguous_and_match_stats() -> None:
                         trades.setdefault(d["s"], []).append(d["t"])
                     else:
                         depth.setdefault(d["s"], []).append((d["U"], d["u"]))
+                        depth_times.setdefault(d["s"], []).append(d["E"])
 
             task = asyncio.create_task(read())
             await asyncio.sleep(1.5)
@@ -158,6 +160,9 @@ async def test_ids_contiguous_and_match_stats() -> None:
             ticks = tickers[sym]
             assert ticks == sorted(ticks) and len(set(ticks)) == len(ticks)
             assert spans[0][0] <= ticks[-1] <= spans[-1][1]  # one ID space shared with depth
+            times = depth_times[sym]
+            assert all(t % 100 == 0 for t in times)  # on the 100 ms grid, never closer than 100 ms
+            assert all(b - a >= 100 for a, b in itertools.pairwise(times))
         # RATE is spread over symbols, busiest first (zipf weights)
         assert stats["BTCUSDT"]["trades"] > stats["SOLUSDT"]["trades"]
         total = sum(st["trades"] for st in stats.values())

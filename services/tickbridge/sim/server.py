@@ -522,14 +522,16 @@ class SimServer:
                 if count > take:
                     self._bursts.appendleft((count - take, sym))
             if now_ms >= next100:
+                grid_ms = now_ms // 100 * 100  # E on the grid, events exactly 100 ms apart as on Binance
                 for m in self.markets.values():
-                    msg = m.flush100(now_ms)
+                    msg = m.flush100(grid_ms)
                     if msg is not None:
                         self._emit(m.stream_prefix + "@depth@100ms", msg)
                 next100 = (now_ms // 100 + 1) * 100
             if now_ms >= next1000:
+                grid_ms = now_ms // 1000 * 1000
                 for m in self.markets.values():
-                    msg = m.flush1000(now_ms)
+                    msg = m.flush1000(grid_ms)
                     if msg is not None:
                         self._emit(m.stream_prefix + "@depth", msg)
                 next1000 = (now_ms // 1000 + 1) * 1000
