@@ -223,3 +223,17 @@ async def _true(value: bool) -> bool:
 
 async def _eq(coro: Awaitable[object], expected: object) -> bool:
     return await coro == expected
+
+
+def test_bad_configuration_exits_with_one_line(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SYMBOLS": "BTCUSDT,btc-usdt", "METRICS_PORT": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tickbridge", "collector"], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("config error: SYMBOLS:") and len(proc.stderr.strip().splitlines()) == 1

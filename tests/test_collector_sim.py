@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import itertools
 from collections import defaultdict
@@ -132,6 +133,14 @@ async def check_exactly_once(sim: SimServer, collector: Collector, client: Any) 
     return ids
 
 
+async def caught_up(sim: SimServer, collector: Collector) -> None:
+    """Wait until the collector has appended every trade the sim had generated when this was called."""
+    stats = sim.stats()["symbols"]
+    for sym in SYMBOLS:
+        target = stats[sym]["last_trade_id"]
+        await eventually(functools.partial(_last_at_least, collector, sym, target), what=f"{sym} caught up")
+
+
 def synthetic(**kw: Any) -> SimServer:
     return SimServer(SimConfig(symbols=SYMBOLS, rate=1000.0, seed=7, weights="even", **kw))
 
@@ -169,15 +178,10 @@ async def test_faults_lose_and_duplicate_nothing(redis_server: RedisServer, clie
                 sim.burst(burst)
                 await asyncio.sleep(0.05)
             sim.drop_connections()
-            await eventually(
-                lambda n=i + 1: _true(
-                    value(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == n
-                    and value(registry, "tickbridge_collector_connection_up") == 1
-                ),
-                what="reconnected",
-            )
+            await eventually(functools.partial(_reconnected, registry, i + 1), what="reconnected")
         assert value(registry, "tickbridge_collector_reconnects_total", reason="disconnect") >= 2
         # serverShutdown: make-before-break, the old connection closes after the grace period.
+        await caught_up(sim, collector)  # the last reconnect's back-fill is done before we count
         gaps_before = sum(value(registry, "tickbridge_collector_trade_gaps_total", symbol=s) for s in SYMBOLS)
         sim.server_shutdown()
         await eventually(
@@ -222,3 +226,85 @@ async def test_rotation_before_lifetime_is_seamless(redis_server: RedisServer, c
 
 async def _true(v: bool) -> bool:
     return v
+
+
+async def _last_at_least(collector: Collector, symbol: str, n: int) -> bool:
+    return collector.last_trade.get(symbol, 0) >= n
+
+
+async def _reconnected(registry: CollectorRegistry, n: int) -> bool:
+    return (
+        value(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == n
+        and value(registry, "tickbridge_collector_connection_up") == 1
+    )
+
+
+async def test_answers_pings_and_reconnects_a_stale_stream(redis_server: RedisServer, client: Any) -> None:
+    sim = synthetic(ping_interval_s=0.2, pong_timeout_s=0.6)  # no pong in 0.6 s: the sim closes (1008)
+    await sim.start()
+    registry = CollectorRegistry()
+    collector, task = await run_collector(settings_for(sim, redis_server, ws_stale_timeout_s=1.0), registry)
+    try:
+        await eventually(lambda: _true(all(collector.book_valid(s) for s in SYMBOLS)), what="books valid")
+        first = next(iter(collector.conns))
+        await asyncio.sleep(2.0)  # several ping intervals and pong timeouts: the connection must survive them
+        assert list(collector.conns) == [first]
+        assert value(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == 0
+        sim.stall(2.5)  # silence longer than ws_stale_timeout_s: the watchdog replaces the connection
+        await eventually(
+            lambda: _true(value(registry, "tickbridge_collector_reconnects_total", reason="stale") >= 1),
+            what="stale reconnect",
+        )
+        await check_exactly_once(sim, collector, client)
+    finally:
+        await stop_collector(collector, task)
+        await sim.stop()
+
+
+async def test_kill_9_and_restart_lose_and_duplicate_nothing(
+    redis_server: RedisServer, client: Any, tmp_path: Path
+) -> None:
+    """A collector process killed with SIGKILL; the next one resumes from the hash and back-fills the gap."""
+    import os
+    import signal
+    import sys
+
+    sim = synthetic()
+    await sim.start()
+    env = {
+        **os.environ, "BINANCE_WS_URL": sim.ws_url, "BINANCE_REST_URL": sim.rest_url, "SYMBOLS": ",".join(SYMBOLS),
+        "VPS_REDIS_URL": redis_server.url, "METRICS_PORT": "0", "LOG_LEVEL": "WARNING",
+    }  # fmt: skip
+    cmd = [sys.executable, "-m", "tickbridge", "collector"]
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env, cwd=tmp_path)
+    try:
+        await eventually(lambda: _gt(client.xlen(keys.DEFAULT_STREAM_KEY), 500), what="first collector writing")
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await asyncio.sleep(1.0)  # trades keep coming while no collector runs
+        proc = await asyncio.create_subprocess_exec(*cmd, env=env, cwd=tmp_path)
+        before = await client.xlen(keys.DEFAULT_STREAM_KEY)
+        await eventually(lambda: _gt(client.xlen(keys.DEFAULT_STREAM_KEY), before + 500), what="second collector")
+        sim.pause()
+        stats = sim.stats()["symbols"]
+
+        async def complete() -> bool:
+            last = await client.hgetall(keys.COLLECTOR_LAST_TRADE_IDS)
+            return all(int(last.get(s.encode(), 0)) == stats[s]["last_trade_id"] for s in SYMBOLS)
+
+        await eventually(complete, what="every trade appended")
+        ids: dict[str, list[int]] = defaultdict(list)
+        for t in await read_stream(client):
+            if isinstance(t, Trade):
+                ids[t.symbol].append(t.trade_id)
+        for sym in SYMBOLS:
+            assert ids[sym] == list(range(ids[sym][0], stats[sym]["last_trade_id"] + 1)), sym
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)
+        await sim.stop()
+
+
+async def _gt(coro: Any, n: int) -> bool:
+    return int(await coro) > n
