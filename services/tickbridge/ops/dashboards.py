@@ -55,6 +55,12 @@ def _q(expr: str, legend: str = "") -> tuple[str, str]:
     return (expr, legend)
 
 
+def _events(counter: str, window: str = "5m", selector: str = "") -> str:
+    """Events of a counter over a window; 0 rather than "No data" before a labelled counter's first event."""
+    sel = f"{{{selector}}}" if selector else ""
+    return f"sum(increase({counter}{sel}[{window}])) or vector(0)"
+
+
 def _quantiles(metric: str, by: str = "", window: str = "1m") -> tuple[tuple[str, str], ...]:
     group = f"le, {by}" if by else "le"
     suffix = f" {{{{{by}}}}}" if by else ""
@@ -106,7 +112,7 @@ def _questdb_row(job: str, title: str) -> Row:
                 "Suspended tables and errors",
                 (
                     _q(f"max(questdb_suspended_tables{{{sel}}})", "suspended tables"),
-                    _q(f"sum(increase(questdb_unhandled_errors_total{{{sel}}}[5m]))", "unhandled errors / 5m"),
+                    _q(_events("questdb_unhandled_errors_total", "5m", sel), "unhandled errors / 5m"),
                     _q(
                         f"sum(questdb_wal_apply_seq_txn{{{sel}}}) - sum(questdb_wal_apply_writer_txn{{{sel}}})",
                         "WAL txns not applied",
@@ -149,7 +155,7 @@ VPS: tuple[Row, ...] = (
                 "Reconnects",
                 (
                     _q("sum by (reason) (increase(tickbridge_collector_reconnects_total[5m]))", "{{reason}}"),
-                    _q("sum(increase(tickbridge_collector_connect_failures_total[5m]))", "failed attempts"),
+                    _q(_events("tickbridge_collector_connect_failures_total", "5m"), "failed attempts"),
                 ),
                 description="Per 5 minutes.",
             ),
@@ -158,16 +164,16 @@ VPS: tuple[Row, ...] = (
                 (
                     _q("sum(tickbridge_collector_book_valid)", "valid books"),
                     _q("count(tickbridge_collector_book_valid)", "books"),
-                    _q("sum(increase(tickbridge_collector_resyncs_total[5m]))", "resyncs / 5m"),
+                    _q(_events("tickbridge_collector_resyncs_total", "5m"), "resyncs / 5m"),
                 ),
             ),
             Panel(
                 "Gaps, back-fill and loss",
                 (
-                    _q("sum(increase(tickbridge_collector_trade_gaps_total[5m]))", "trade gaps"),
-                    _q("sum(increase(tickbridge_collector_depth_gaps_total[5m]))", "depth gaps"),
-                    _q("sum(increase(tickbridge_collector_backfilled_trades_total[5m]))", "back-filled trades"),
-                    _q("sum(increase(tickbridge_collector_lost_trades_total[5m]))", "lost trades"),
+                    _q(_events("tickbridge_collector_trade_gaps_total", "5m"), "trade gaps"),
+                    _q(_events("tickbridge_collector_depth_gaps_total", "5m"), "depth gaps"),
+                    _q(_events("tickbridge_collector_backfilled_trades_total", "5m"), "back-filled trades"),
+                    _q(_events("tickbridge_collector_lost_trades_total", "5m"), "lost trades"),
                 ),
                 description="Per 5 minutes. Lost trades are gaps REST could not fill.",
             ),
@@ -178,9 +184,9 @@ VPS: tuple[Row, ...] = (
                         "sum by (reason) (increase(tickbridge_collector_dead_letters_total[5m]))",
                         "dead letter: {{reason}}",
                     ),
-                    _q("sum(increase(tickbridge_collector_redis_errors_total[5m]))", "Redis write errors"),
+                    _q(_events("tickbridge_collector_redis_errors_total", "5m"), "Redis write errors"),
                     _q("sum by (queue) (increase(tickbridge_collector_queue_full_total[5m]))", "queue full: {{queue}}"),
-                    _q("sum(increase(tickbridge_collector_duplicates_total[5m]))", "duplicates dropped"),
+                    _q(_events("tickbridge_collector_duplicates_total", "5m"), "duplicates dropped"),
                 ),
                 description="Per 5 minutes.",
             ),
@@ -244,7 +250,7 @@ VPS: tuple[Row, ...] = (
                 "Errors per minute",
                 (
                     _q("sum by (target) (increase(tickbridge_forwarder_errors_total[1m]))", "{{target}}"),
-                    _q("sum(increase(tickbridge_forwarder_rewinds_total[1m]))", "rewinds"),
+                    _q(_events("tickbridge_forwarder_rewinds_total", "1m"), "rewinds"),
                 ),
             ),
         ),
@@ -276,7 +282,7 @@ VPS: tuple[Row, ...] = (
             ),
             Panel(
                 "Dropped ticks",
-                (_q("sum(increase(tickbridge_forwarder_dropped_total[5m]))", "dropped / 5m"),),
+                (_q(_events("tickbridge_forwarder_dropped_total", "5m"), "dropped / 5m"),),
                 description="Undelivered ticks deleted past DISK_BUFFER_BYTES: data loss.",
             ),
         ),
@@ -383,8 +389,8 @@ BRAIN: tuple[Row, ...] = (
                 "Consumer errors and re-deliveries",
                 (
                     _q("sum by (kind) (increase(tickbridge_consumer_errors_total[5m]))", "error: {{kind}}"),
-                    _q("sum(increase(tickbridge_consumer_claimed_total[5m]))", "claimed / re-delivered"),
-                    _q("sum(increase(tickbridge_consumer_dead_letters_total[5m]))", "dead-lettered"),
+                    _q(_events("tickbridge_consumer_claimed_total", "5m"), "claimed / re-delivered"),
+                    _q(_events("tickbridge_consumer_dead_letters_total", "5m"), "dead-lettered"),
                     _q("max(tickbridge_consumer_dead_letter_entries)", "dead-letter stream length"),
                 ),
                 description="Per 5 minutes.",
@@ -415,7 +421,7 @@ BRAIN: tuple[Row, ...] = (
                 "Writer errors",
                 (
                     _q("sum by (kind) (increase(tickbridge_writer_errors_total[5m]))", "{{kind}}"),
-                    _q("sum(increase(tickbridge_writer_dead_letters_total[5m]))", "dead-lettered"),
+                    _q(_events("tickbridge_writer_dead_letters_total", "5m"), "dead-lettered"),
                     _q("max(tickbridge_writer_suspended_tables)", "suspended tables"),
                 ),
                 description="Per 5 minutes; a suspended table needs RESUME WAL (docs/monitoring.md).",
