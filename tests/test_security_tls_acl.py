@@ -199,6 +199,17 @@ async def test_server_not_signed_by_our_ca_is_refused_by_the_client(
     await assert_refused(make_client(url, settings, timeout=3))
 
 
+async def test_server_certificate_for_another_name_is_refused(
+    secure_factory: Callable[..., SecureRedisServer], passwords: dict[str, str], tmp_path: Path
+) -> None:
+    """Signed by our CA but issued for another host: the client checks the name, not only the CA."""
+    certs = make_certs(tmp_path / "other-name", server_san="DNS:brain.invalid")
+    server = secure_factory(aclfile=render_acl(BRAIN_ACL, tmp_path / "b.acl", passwords), certs=certs,
+                            plain_port=False)  # fmt: skip
+    url = server.url_for("forwarder", passwords["BRAIN_REDIS_FORWARDER_PASSWORD"])
+    await assert_refused(make_client(url, tls_settings(certs.ca, certs.client_cert, certs.client_key), timeout=3))
+
+
 async def test_forwarder_appends_over_tls_with_its_user(brain: SecureRedisServer, passwords: dict[str, str]) -> None:
     client = client_for(brain, "brain", "forwarder", passwords)
     try:

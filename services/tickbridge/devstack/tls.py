@@ -65,9 +65,11 @@ class CertPaths:
                 "REDIS_TLS_KEY": str(self.client_key)}  # fmt: skip
 
 
-def make_certs(out_dir: Path, *, client_cn: str = "tickbridge-forwarder") -> CertPaths:
+def make_certs(
+    out_dir: Path, *, client_cn: str = "tickbridge-forwarder", server_san: str = "DNS:localhost,IP:127.0.0.1"
+) -> CertPaths:
     """Run `scripts/certs.sh OUT_DIR` (the same script as `make certs`)."""
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "TLS_CLIENT_CN": client_cn}
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "TLS_CLIENT_CN": client_cn, "TLS_SERVER_SAN": server_san}
     subprocess.run(["bash", str(CERTS_SCRIPT), str(out_dir)], check=True, capture_output=True, env=env, timeout=60)
     return CertPaths(out_dir)
 
@@ -162,9 +164,11 @@ class SecureRedisServer(RedisServer):
     def ready(self) -> bool:
         if self.certs is None:
             return super().ready()
+        ctx = self.client_context()
+        ctx.check_hostname = False  # readiness only: tests also start servers whose name does not match
         with (
             socket.create_connection(("127.0.0.1", self.tls_port), timeout=1) as raw,
-            self.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
         ):
             sock.sendall(b"PING\r\n")
             reply = sock.recv(64)
