@@ -47,7 +47,7 @@ async def test_high_rate_drains_without_gaps(tmp_path: Path) -> None:
         print(f"drained {result.trades_per_s:,.0f} trades/s ({result.messages_per_s:,.0f} msgs/s)")
         assert result.trade_gaps == 0 and result.depth_gaps == 0
         # Conservative floor: the 2-core machine is shared; the report has the real figures.
-        assert result.trades_per_s > 3_000
+        assert result.trades_per_s > 2_000
         assert stats["totals"]["trades"] >= result.trades
     finally:
         proc.terminate()
