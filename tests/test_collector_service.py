@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -237,3 +238,25 @@ def test_bad_configuration_exits_with_one_line(tmp_path: Any) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("config error: SYMBOLS:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+async def test_frame_over_the_websocket_limit_reconnects_without_loss(
+    exchange: ScriptedExchange, redis_server: RedisServer
+) -> None:
+    """Above the parser's limit frames are dead-lettered; above the socket's own limit (16 MiB) the
+    connection closes with 1009: counted, reconnected, and the trade sent meanwhile is back-filled."""
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    registry = CollectorRegistry()
+    collector, task = await start(settings_for(exchange, redis_server), registry)
+    await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+    exchange.history = {i: history_row(i) for i in range(1, 10)}
+    await exchange.send(trade(1))
+    await eventually(lambda: _eq(trade_ids(client), [1]), what="trade 1")
+    with contextlib.suppress(ConnectionError):  # the collector closes the socket as soon as it sees the size
+        await exchange.send(b'{"stream":"btcusdt@trade","data":"' + b"x" * (17 << 20) + b'"}', trade(2))
+    await eventually(lambda: _true(len(exchange.clients) == 2), what="reconnected")
+    await exchange.send(trade(3))
+    await eventually(lambda: _eq(trade_ids(client), [1, 2, 3]), what="trades 1..3")
+    assert count(registry, "tickbridge_collector_dead_letters_total", reason="oversized") == 1
+    assert count(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == 1
+    await stop(collector, task)

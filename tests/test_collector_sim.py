@@ -7,7 +7,7 @@ import functools
 import gzip
 import itertools
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +308,34 @@ async def test_kill_9_and_restart_lose_and_duplicate_nothing(
 
 async def _gt(coro: Any, n: int) -> bool:
     return int(await coro) > n
+
+
+async def test_redis_restart_loses_and_duplicates_nothing(
+    redis_factory: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    """Redis killed and restarted (AOF always) under load: the writer retries its batch exactly once."""
+    redis_server = redis_factory(appendonly=True, appendfsync="always")
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    sim = synthetic()
+    await sim.start()
+    registry = CollectorRegistry()
+    collector, task = await run_collector(settings_for(sim, redis_server), registry)
+    try:
+        await eventually(functools.partial(_xlen_over, client, 300), what="ticks flowing")
+        await asyncio.to_thread(redis_server.kill9)
+        await asyncio.sleep(1.0)  # the writer fails and retries; the reader fills the bounded queues
+        await asyncio.to_thread(redis_server.restart)
+        await client.aclose()
+        client = aioredis.Redis.from_url(redis_server.url)  # the old pooled connection died with the server
+        await eventually(
+            lambda: _true(value(registry, "tickbridge_collector_redis_errors_total") >= 1), what="errors seen"
+        )
+        await check_exactly_once(sim, collector, client)
+    finally:
+        await stop_collector(collector, task)
+        await sim.stop()
+        await client.aclose()
+
+
+async def _xlen_over(client: Any, n: int) -> bool:
+    return int(await client.xlen(keys.DEFAULT_STREAM_KEY)) > n
