@@ -149,7 +149,8 @@ async def test_slow_consumer_is_dropped_fast_one_survives() -> None:
 
 
 async def test_burst_pause_resume() -> None:
-    async with running_sim(cfg(rate=200.0)) as sim, websockets.connect(sim.ws_url + "/ws/ethusdt@trade") as ws:
+    reg = CollectorRegistry()
+    async with running_sim(cfg(rate=200.0), reg) as sim, websockets.connect(sim.ws_url + "/ws/ethusdt@trade") as ws:
         ids: list[int] = []
 
         async def read() -> None:
@@ -168,6 +169,10 @@ async def test_burst_pause_resume() -> None:
         await eventually(lambda: _true(ids[-1] == frozen + 2000), timeout=10, what="burst delivered")
         sim.resume()
         await eventually(lambda: _true(ids[-1] > frozen + 2000), timeout=5, what="trades after resume")
+        assert reg.get_sample_value("tickbridge_sim_connections") == 1
+        sent = reg.get_sample_value("tickbridge_sim_messages_sent_total", {"stream_type": "trade"})
+        assert sent is not None and sent >= len(ids)
+        assert reg.get_sample_value("tickbridge_sim_faults_injected_total", {"action": "burst"}) == 1
         await stop_task(task)
         assert ids == list(range(ids[0], ids[-1] + 1))
 

@@ -224,6 +224,7 @@ class SimServer:
     # -- faults (in-process API) ---------------------------------------------------------------------------
 
     def _fault(self, action: str) -> None:
+        log.info("fault injected: %s", action)
         self._faults[action] = self._faults.get(action, 0) + 1
         self.metrics.faults.labels(action).inc()
 
@@ -475,6 +476,7 @@ class SimServer:
         if c.closing:
             return
         c.closing = True
+        log.info("dropping %s (%s)", c.peer, reason)
         self.metrics.disconnects.labels(reason).inc()
         c.transport.abort()
 
@@ -482,6 +484,7 @@ class SimServer:
         if c.closing:
             return
         c.closing = True
+        log.info("closing %s with %d (%s)", c.peer, code, reason)
         self.metrics.disconnects.labels(reason).inc()
         try:
             await asyncio.wait_for(c.ws.close(code=code, message=message.encode(), drain=False), 5.0)
@@ -692,6 +695,7 @@ class SimServer:
         self.conns.add(c)
         self.metrics.connections.set(len(self.conns))
         self.metrics.connects.inc()
+        log.info("client %s connected: %s, %d streams", peer, request.path, len(names))
         for name in names:
             self._subscribe(c, name)
         if self.config.mode == "replay" and self.config.replay_autostart:
@@ -705,6 +709,7 @@ class SimServer:
             self.metrics.connections.set(len(self.conns))
             if not c.closing:
                 self.metrics.disconnects.labels("client").inc()
+                log.info("client %s disconnected", peer)
                 c.closing = True
         return ws
 
