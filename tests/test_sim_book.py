@@ -344,3 +344,29 @@ async def test_big_diff_with_capped_quantity_keeps_the_book_exact() -> None:
             await assert_book_equals_sim(sim, reader)
             await stop_task(task)
         assert max(sizes) >= 1000 and reader.book.gaps == 0
+
+
+async def test_prices_and_sizes_look_like_the_real_market() -> None:
+    cfg = SimConfig(symbols=("BTCUSDT", "ETHUSDT", "NEWCOINUSDT"), rate=0.0, seed=13, weights="even")
+    async with running_sim(cfg) as sim:
+        sim.burst(6000)
+
+        async def done() -> bool:
+            return bool(sim.stats()["totals"]["trades"] == 6000)
+
+        await eventually(done, timeout=20, what="burst")
+        for sym, (low, high) in {
+            "BTCUSDT": (55_000, 67_000),
+            "ETHUSDT": (2_400, 3_000),
+            "NEWCOINUSDT": (0, 1e6),
+        }.items():
+            rows = await get_json(sim.rest_url + "/api/v3/historicalTrades", symbol=sym, limit=1000)
+            prices = [float(r["price"]) for r in rows]
+            notionals = sorted(float(r["quoteQty"]) for r in rows)
+            assert low < min(prices) and max(prices) < high, sym
+            assert 20 < notionals[len(notionals) // 2] < 2_000, sym  # median trade ~150 USDT
+            assert 0.2 < sum(r["isBuyerMaker"] for r in rows) / len(rows) < 0.8, sym
+            snap = await get_json(sim.rest_url + "/api/v3/depth", symbol=sym, limit=5000)
+            best_bid, best_ask = float(snap["bids"][0][0]), float(snap["asks"][0][0])
+            assert 0 < best_ask - best_bid < best_bid * 0.001, sym  # a tight spread, never crossed
+            assert len(snap["bids"]) >= 150 and len(snap["asks"]) >= 150, sym
