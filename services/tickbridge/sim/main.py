@@ -54,6 +54,12 @@ def parse_args(argv: list[str], default_symbols: tuple[str, ...], default_metric
     p.add_argument("--ping-interval", type=float, default=20.0)
     p.add_argument("--pong-timeout", type=float, default=60.0)
     p.add_argument("--depth-levels", type=int, default=200)
+    p.add_argument(
+        "--max-send-buffer",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="slow-consumer policy: drop a client whose unsent bytes stay above this for 1 s",
+    )
     p.add_argument("--metrics-port", type=int, default=default_metrics_port, help="0 disables /metrics")
     a = p.parse_args(argv)
     symbols = tuple(s.strip().upper() for s in a.symbols.split(",") if s.strip())
@@ -79,6 +85,7 @@ def parse_args(argv: list[str], default_symbols: tuple[str, ...], default_metric
         replay_files=tuple(a.replay),
         speed=a.speed,
         depth_levels=a.depth_levels,
+        max_send_buffer_bytes=a.max_send_buffer,
     )
     return config, a.metrics_port
 
