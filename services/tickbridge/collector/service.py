@@ -328,6 +328,10 @@ class Collector(Service):
                     log.warning("connection %d did not join every book in %.0fs", new.gen, self.join_timeout_s)
                     break
                 await self._wait_wake(0.05)
+        if new.closed.is_set() and not old.closed.is_set() and reason != "stale":
+            await self._close(new)  # the replacement died first: keep the old one, try again later
+            await self.sleep_or_stop(backoff.next())
+            return
         await self._close(old)  # its reader has put every frame it got into the inbox
         self._active_gen = new.gen
         await self.inbox.put(Switch(new.gen))
