@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry
+from redis.exceptions import ResponseError
 
 from tickbridge.brain.common import check, parse_read_reply
 from tickbridge.core import keys
@@ -42,6 +43,8 @@ TIER_BUCKETS = (
 )  # fmt: skip
 
 HOT, WARM, COLD = "hot", "warm", "cold"
+#: Errors after which the follower refills HOT from WARM instead of dying.
+FOLLOW_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
 
 
 class TickRow(NamedTuple):
@@ -207,7 +210,7 @@ class TieredMarketData:
                             hot.add(parse_stream_fields(fields))
                     if entries:
                         last[sym] = entries[-1][0].decode()
-            except TRANSIENT_ERRORS as exc:
+            except FOLLOW_ERRORS as exc:
                 # Lost Redis: HOT may have a gap, so refill it from WARM when Redis is back.
                 self.metrics.errors.inc()
                 log.warning("tiered follower: %s", exc)
@@ -222,7 +225,8 @@ class TieredMarketData:
         return list(hot.rows) if hot else []
 
     def _hot_ready(self, symbol: str) -> _Hot | None:
-        if not self.follow or not self._ready.is_set():
+        """HOT for `symbol` only while the follower keeps it current (else callers fall back to WARM)."""
+        if not self.follow or not self._ready.is_set() or self._task is None or self._task.done():
             return None
         return self._hot.get(symbol)
 
