@@ -110,6 +110,14 @@ async def test_skip_update_ids_forces_a_resync_that_recovers() -> None:
                 return reader.book.gaps == 1 and reader.resyncs == 2 and reader.book.synced
 
             await eventually(resynced, timeout=10, what="gap detected and resynced")
+            applied = reader.book.applied
+            sim.duplicate_depth("BTCUSDT")  # an old event again: ignored by the procedure, no gap
+
+            async def moved_on() -> bool:
+                return reader.book.applied > applied + 2
+
+            await eventually(moved_on, timeout=10, what="more diffs after the duplicate")
+            assert reader.book.gaps == 1
             await assert_book_equals_sim(sim, reader)
             await stop_task(task)
 

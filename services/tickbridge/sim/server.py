@@ -42,6 +42,7 @@ FAULT_ACTIONS = (
     "stale_snapshot",
     "duplicate_trades",
     "big_diff",
+    "duplicate_depth",
 )
 
 
@@ -119,6 +120,7 @@ class SimServer:
         self._faults: dict[str, int] = {}
         self._rejections: dict[str, tuple[int, int]] = {}  # peer -> (minute, 429s sent)
         self._banned_until: dict[str, float] = {}
+        self._last_depth: dict[str, tuple[str, str]] = {}  # stream -> (symbol, last payload) for duplicates
         self._stale: dict[str, tuple[int, dict[str, Any]]] = {}  # symbol -> (requests left, frozen snapshot)
         # Replay state.
         self.capture: list[CaptureLine] = []
@@ -304,6 +306,15 @@ class SimServer:
         if self.config.mode != "synthetic":
             raise ValueError("big_diff needs synthetic mode")
         self.markets[self._known(symbol)].big_diff(n)
+
+    def duplicate_depth(self, symbol: str) -> None:
+        """Send the symbol's last diff-depth events again (`u` <= the client's book ID: it must ignore them)."""
+        self._fault("duplicate_depth")
+        sym = self._known(symbol)
+        for stream, (s, payload) in list(self._last_depth.items()):
+            if s == sym:
+                self._emit(stream, payload)
+        self._flush_out()
 
     def duplicate_trades(self, symbol: str, n: int = 1) -> None:
         """Send the last `n` trades of `symbol` again on its trade stream (the client must drop them)."""
@@ -530,6 +541,7 @@ class SimServer:
                     msg = m.flush100(grid_ms)
                     if msg is not None:
                         self._emit(m.stream_prefix + "@depth@100ms", msg)
+                        self._last_depth[m.stream_prefix + "@depth@100ms"] = (m.symbol, msg)
                 next100 = (now_ms // 100 + 1) * 100
             if now_ms >= next1000:
                 grid_ms = now_ms // 1000 * 1000
@@ -537,6 +549,7 @@ class SimServer:
                     msg = m.flush1000(grid_ms)
                     if msg is not None:
                         self._emit(m.stream_prefix + "@depth", msg)
+                        self._last_depth[m.stream_prefix + "@depth"] = (m.symbol, msg)
                 next1000 = (now_ms // 1000 + 1) * 1000
             self._flush_out()
 
@@ -1008,6 +1021,8 @@ class SimServer:
                 self.stale_snapshot(str(symbol), int(count or 1))
             elif action == "big_diff":
                 self.big_diff(str(symbol), int(count or 1000))
+            elif action == "duplicate_depth":
+                self.duplicate_depth(str(symbol))
             elif action == "duplicate_trades":
                 self.duplicate_trades(str(symbol), int(count or 1))
             elif action == "pause":
