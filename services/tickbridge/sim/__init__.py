@@ -27,7 +27,8 @@ back-fill), `stall(seconds)` (nothing sent, not even pings; the backlog follows 
 `slow_consumer(max_buffer_bytes, grace_s)` (drop clients whose unsent bytes stay over budget),
 `burst(n, sym=None)`, `pause()` / `resume()`, `stale_snapshot(sym, n)`, `duplicate_trades(sym, n)`,
 `duplicate_depth(sym)`, `big_diff(sym, n)` (~n-level diff with Binance's capped quantity).
-`stats()` / `GET /_sim/stats`; `set_rate()` / `POST /_sim/rate {"rate": r}`. Replay mode serves a capture (see `replay.py`).
+`stats()` / `GET /_sim/stats`; `set_rate()` / `POST /_sim/rate {"rate": r}`.
+Replay mode serves a capture (see `replay.py`).
 """
 
 from tickbridge.sim.config import SimConfig
