@@ -181,19 +181,24 @@ def sc_brain_outage_ram(ctx: Ctx) -> None:
 
 def sc_brain_outage_spill(ctx: Ctx) -> None:
     seconds = ctx.d(45, 15)
-    ev = ctx.fault(f"VPS->Brain link cut for {seconds:.0f}s with RAM_BUFFER_BYTES={SMALL_RAM_BUDGET}")
+    ev = ctx.fault(f"VPS->Brain link cut for >= {seconds:.0f}s with RAM_BUFFER_BYTES={SMALL_RAM_BUDGET}")
     ctx.stack.set_brain_link(False)
+    t_cut = time.monotonic()
     try:
         ctx.steady(seconds)
+        # Keep the link down until the spill is under way (the budget check runs every few seconds).
+        poll(lambda: bool(role_metric(ctx.stack, "forwarder", "tickbridge_forwarder_spilled_total")), 60.0, 0.5)
+        ctx.steady(ctx.d(5, 2))
         spilled = role_metric(ctx.stack, "forwarder", "tickbridge_forwarder_spilled_total")
     finally:
         ctx.stack.set_brain_link(True)
+    ev.what += f" (link actually down {time.monotonic() - t_cut:.1f}s)"
     ctx.evidence.append(f"entries spilled to the VPS QuestDB buffer during the cut: {spilled}")
     if not spilled:
         ctx.problems.append("the forwarder did not spill to the QuestDB buffer: the scenario did not test the spill")
     ctx.recovered(ev)
-    ctx.evidence.append(f"replayed from the buffer: "
-                        f"{role_metric(ctx.stack, 'forwarder', 'tickbridge_forwarder_replayed_total')}")  # fmt: skip
+    replayed = role_metric(ctx.stack, "forwarder", "tickbridge_forwarder_replayed_total")
+    ctx.evidence.append(f"replayed from the buffer: {replayed}")
 
 
 def sc_link_flap(ctx: Ctx) -> None:

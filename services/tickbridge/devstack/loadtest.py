@@ -11,10 +11,14 @@ the oracle (loss, duplicates, order by trade ID). Writes `load-<rate>.md/.json/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
+import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from tickbridge.core.settings import DEFAULT_SYMBOLS
 from tickbridge.devstack import oracle, report
-from tickbridge.devstack.faults import LatencySample, Probe, sim_trades_total, start_load
+from tickbridge.devstack.faults import LatencySample, Probe, scrape_metrics, sim_trades_total, start_load
 from tickbridge.devstack.stack import NativeStack, StackConfig
 
 console = Console(stderr=True)
@@ -78,8 +82,10 @@ def run(opts: LoadOptions) -> dict[str, Any]:
     """One load run; returns the report document (also written to `opts.out`)."""
     machine = report.machine_info()
     # The simulator starts at rate 0 and gets RATE once the collector is connected (see `start_load`).
+    # Logs are kept when the run fails (each process logs to <workdir>/<name>/<name>.log).
+    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix=f"tickbridge-load-{int(opts.rate)}-"))
     cfg = StackConfig(source="sim", rate=0.0, symbols=opts.symbols, seed=opts.seed, with_prometheus=False,
-                      workdir=opts.workdir)  # fmt: skip
+                      workdir=workdir)  # fmt: skip
     stack = NativeStack(cfg)
     notes: list[str] = []
     doc: dict[str, Any] = {}
@@ -91,14 +97,31 @@ def run(opts: LoadOptions) -> dict[str, Any]:
         console.print(f"stack up and loaded in {time.monotonic() - t_start:.1f}s")
         probe = Probe(stack)
         doc = _measure(stack, probe, opts, notes)
+        doc["role_metrics"] = _role_metrics(stack)
         probe.close()
     finally:
         stack.cleanup()
+    if doc.get("pass") and opts.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    elif not doc.get("pass"):
+        notes.append(f"stack files and logs kept in {workdir}")
     doc.update({"kind": "load", "machine": machine, "notes": notes, "command": opts.command,
                 "symbols": list(opts.symbols or DEFAULT_SYMBOLS)})  # fmt: skip
     paths = report.write_load_report(doc, opts.out)
     console.print(f"report: {paths['md']}")
     return doc
+
+
+def _role_metrics(stack: NativeStack) -> dict[str, dict[str, float]]:
+    """Every role's counters at the end (evidence: reconnects, back-fills, retries, drops)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, proc in stack.roles.items():
+        with contextlib.suppress(Exception):
+            out[name] = {k: v for k, v in scrape_metrics(proc.metrics_port).items() if "_total" in k}
+    if stack.sim is not None:
+        with contextlib.suppress(Exception):
+            out["sim"] = {k: v for k, v in scrape_metrics(stack.sim.metrics_port).items() if "_total" in k}
+    return out
 
 
 def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[str]) -> dict[str, Any]:
@@ -108,6 +131,9 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
     cpu: dict[str, list[float]] = {}
     rss: dict[str, float] = {}
     sys_cpu: list[float] = []
+    other_cpu: list[float] = []
+    loadavg: list[float] = []
+    ncpu = psutil.cpu_count() or 1
     redis_mem: dict[str, list[float]] = {}
     timeline: list[dict[str, Any]] = []
     psutil.cpu_percent(None)
@@ -146,6 +172,10 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
                     rss[name] = max(rss.get(name, 0.0), r)
                     row["cpu"][name] = round(c, 1)
                 sys_cpu.append(psutil.cpu_percent(None))
+                # CPU the rest of the machine (other work, not this stack) took, in % of one core.
+                ours = sum(row["cpu"].values())
+                other_cpu.append(max(0.0, sys_cpu[-1] * ncpu - ours))
+                loadavg.append(os.getloadavg()[0])
                 for name, mb in probe.redis_memory_mb().items():
                     if mb is not None:
                         redis_mem.setdefault(name, []).append(mb)
@@ -217,7 +247,12 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
         "rates": rates,
         "latency_ms": latency,
         "processes": processes,
-        "system_cpu": {"mean": sum(sys_cpu) / len(sys_cpu) if sys_cpu else None, "max": max(sys_cpu, default=None)},
+        "system_cpu": {
+            "mean": _mean(sys_cpu),
+            "max": max(sys_cpu, default=None),
+            "other_work_mean_pct_of_core": _mean(other_cpu),
+            "loadavg1_mean": _mean(loadavg),
+        },
         "redis_memory": redis_memory,
         "drain_s": drain_s,
         "oracle": {
@@ -227,13 +262,28 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
             "duplicated": result.duplicated,
             "out_of_order": result.out_of_order,
             "ok": result.ok,
-            "symbols_failing": [s.symbol for s in result.symbols if not s.ok],
+            "symbols_failing": [
+                {
+                    "symbol": s.symbol,
+                    "expected": s.expected,
+                    "rows": s.rows,
+                    "missing": s.missing,
+                    "duplicates": s.duplicates,
+                    "out_of_order": s.out_of_order,
+                }
+                for s in result.symbols
+                if not s.ok
+            ],
         },
         "checks": checks,
         "pass": all(checks.values()),
         "timeline": timeline,
         "workdir": str(stack.workdir),
     }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _within(ratio: float | None, tolerance: float) -> bool:

@@ -149,6 +149,26 @@ LATENCY_LABELS: dict[str, str] = {
 }
 
 
+_EVIDENCE_WORDS = (
+    "error",
+    "drop",
+    "reconnect",
+    "gap",
+    "backfill",
+    "back_fill",
+    "retr",
+    "resync",
+    "dead",
+    "disconnect",
+    "spill",
+    "replay",
+    "rewind",
+    "fault",
+    "claim",
+    "stale",
+)
+
+
 def load_markdown(doc: dict[str, Any]) -> str:
     """The human report of one load run."""
     target = doc["rate_target"]
@@ -193,7 +213,9 @@ def load_markdown(doc: dict[str, Any]) -> str:
     lines.append(md_table(["process", "CPU mean %", "CPU max %", "RSS max MiB"], rows))
     sys_cpu = doc.get("system_cpu", {})
     lines.append(f"\nWhole machine CPU: mean {_fmt(sys_cpu.get('mean'))} %, max {_fmt(sys_cpu.get('max'))} % "
-                 f"(of {doc['machine'].get('nproc')} cores = 100 %).\n")  # fmt: skip
+                 f"(of {doc['machine'].get('nproc')} cores = 100 %). CPU taken by other work on the shared machine "
+                 f"(not this stack): mean {_fmt(sys_cpu.get('other_work_mean_pct_of_core'))} % of one core; "
+                 f"1-min load average during the run: mean {_fmt(sys_cpu.get('loadavg1_mean'), 2)}.\n")  # fmt: skip
     lines.append("## Redis memory\n")
     rows = [[name, m.get("start_mb"), m.get("max_mb"), m.get("end_mb")] for name, m in doc["redis_memory"].items()]
     lines.append(md_table(["server", "start MiB", "max MiB", "end MiB"], rows))
@@ -202,6 +224,18 @@ def load_markdown(doc: dict[str, Any]) -> str:
     lines.append(md_table(["expected", "rows", "lost", "duplicated", "out of order", "result"], [[
         oracle.get("expected"), oracle.get("rows"), oracle.get("lost"), oracle.get("duplicated"),
         oracle.get("out_of_order"), "OK" if oracle.get("ok") else "FAIL"]]))  # fmt: skip
+    failing = oracle.get("symbols_failing") or []
+    if failing:
+        lines.append("\nSymbols failing the oracle: " + ", ".join(
+            f"{f['symbol']} (missing {f['missing']}, dup {f['duplicates']}, ooo {f['out_of_order']})"
+            if isinstance(f, dict) else str(f) for f in failing[:20]) + "\n")  # fmt: skip
+    counters = []
+    for role, metrics in (doc.get("role_metrics") or {}).items():
+        for name, value in sorted(metrics.items()):
+            if value and any(w in name for w in _EVIDENCE_WORDS):
+                counters.append(f"{role}: `{name}` = {value:g}")
+    if counters:
+        lines.append("\nRole counters at the end (faults, retries, back-fills): " + "; ".join(counters) + "\n")
     checks = doc.get("checks", {})
     if checks:
         lines.append("\n## Acceptance checks\n")
