@@ -27,14 +27,14 @@ HOUR_MS = 3_600_000
 async def test_spill_200k_then_replay_in_order(
     redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer
 ) -> None:
-    """1. Brain down. 2. 230k ticks backlog + live ticks, RAM budget 1 MB: >= 200k go to QuestDB.
+    """1. Brain down. 2. 210k ticks backlog + live ticks, RAM budget 1 MB: >= 200k go to QuestDB.
     3. Brain back: buffer replayed first, then Redis, while live ticks keep arriving.
     Result: every VPS ID once, strictly increasing, byte-identical."""
     vps, brain = redis_factory(), redis_factory()
     brain.stop()
     settings = make_settings(vps, brain, questdb_server, ram_buffer_bytes=1_000_000, forward_batch=5000)
     vps_c = make_client(vps.url)
-    n = 230_000
+    n = 210_000
     start = (int(time.time() * 1000) - HOUR_MS, 0)
     ids = await preload(vps_c, settings.stream_key, n, start=start, step_ms=0.02)
     expected: dict[bytes, list[bytes] | None] = {eid: trade_fields(i) for i, eid in enumerate(ids)}

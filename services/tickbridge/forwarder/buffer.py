@@ -70,7 +70,8 @@ def decode_payload(payload: str) -> list[str] | list[bytes]:
     doc = orjson.loads(payload)
     if isinstance(doc, dict):
         return [base64.b64decode(x) for x in doc["b64"]]
-    return [str(x) for x in doc]
+    fields: list[str] = doc
+    return fields
 
 
 def _field(fields: Sequence[bytes], name: bytes) -> str:

@@ -108,6 +108,8 @@ class Forwarder(Service):
         self._delivered = 0
         self.rate = 0.0
         self.dropped_total = 0
+        self._prefetch: tuple[tuple[str, Any], asyncio.Task[Any]] | None = None
+        self._saved_checkpoint: tuple[StreamId, int] = (ZERO, -1)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,9 +125,12 @@ class Forwarder(Service):
             await self._close()
 
     async def _close(self) -> None:
+        self._drop_prefetch()
         if self.vps_ready:
             try:
-                await self._save_state(mode="stopped")
+                await self._save_state(
+                    mode="stopped", confirmed_id=format_id(self.checkpoint), replay_ts=self.replay_ts
+                )
             except Exception:
                 log.warning("could not save state on stop", exc_info=True)
         for client in (self.vps, self.brain):
@@ -156,6 +161,7 @@ class Forwarder(Service):
                 await self.sleep_or_stop(0.002)
 
     async def _link_down(self, exc: LinkDown) -> None:
+        self._drop_prefetch()
         self.metrics.errors.labels(exc.target).inc()
         self.metrics.retries.labels(exc.target).inc()
         self.metrics.connected.labels(exc.target).set(0)
@@ -376,33 +382,74 @@ class Forwarder(Service):
             return True
         return await self._forward_redis()
 
-    async def _forward_redis(self) -> bool:
-        cursor = max(self.checkpoint, self.buffer_high)
+    # Read-ahead: the next page (Redis or buffer) is fetched while the current batch is in flight to the
+    # Brain. It is used only if it starts exactly where the checkpoint ended up; otherwise it is dropped.
+
+    def _drop_prefetch(self) -> None:
+        if self._prefetch is None:
+            return
+        _, task = self._prefetch
+        self._prefetch = None
+        if task.done():
+            if not task.cancelled():
+                task.exception()  # a stale read's failure does not matter; retrieve it so it is not logged
+        else:
+            task.cancel()
+
+    async def _take_prefetch(self, key: tuple[str, Any]) -> Any:
+        if self._prefetch is None or self._prefetch[0] != key:
+            self._drop_prefetch()
+            return None
+        _, task = self._prefetch
+        self._prefetch = None
+        return await task
+
+    def _start_prefetch(self, key: tuple[str, Any], coro: Any) -> None:
+        self._drop_prefetch()
+        self._prefetch = (key, asyncio.create_task(coro))
+
+    async def _read_redis(self, cursor: StreamId) -> list[RawEntry]:
         # BLOCK: wait for new entries without spinning; short so maintenance and stop stay responsive.
         reply = await self._vps("XREAD", "COUNT", self.batch, "BLOCK", 50, "STREAMS", self.key, format_id(cursor))
         if not reply:
-            self.catching_up = False
-            return True
+            return []
         # RESP3 answers a map {stream: entries}, RESP2 a list of [stream, entries]
         entries: list[RawEntry] = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+        return entries
+
+    async def _forward_redis(self) -> bool:
+        cursor = max(self.checkpoint, self.buffer_high)
+        entries = await self._take_prefetch(("redis", cursor))
+        if entries is None:
+            entries = await self._read_redis(cursor)
+        if not entries:
+            self.catching_up = False
+            return True
+        self.catching_up = len(entries) >= self.batch
+        if self.catching_up:
+            self._start_prefetch(("redis", parse_id(entries[-1][0])), self._read_redis(parse_id(entries[-1][0])))
         ids = [e[0] for e in entries]
         commands: list[Command] = [(b"XADD", self.key, e[0], *e[1]) for e in entries]
         done = await self._send(ids, commands)
         self.retained += done
-        self.catching_up = len(entries) >= self.batch
-        await self._confirmed()
+        self._confirmed()
         return True
 
     async def _replay_page(self) -> bool:
         if time.monotonic() < self._next_qdb_try:
             await self.sleep_or_stop(self.maintain_interval)
             return True
-        rows = await self._questdb(self.buffer.page(self.replay_ts, self.replay_batch))
+        rows = await self._take_prefetch(("buffer", self.replay_ts))
+        if rows is None:
+            rows = await self._questdb(self.buffer.page(self.replay_ts, self.replay_batch))
         if not rows:
             self.buffer_pending = False
             self.replay_ts = max(self.replay_ts, self.buffer.last_ts)
             log.info("buffer replay complete at %s; continuing from Redis", format_id(self.checkpoint))
             return True
+        if len(rows) >= self.replay_batch:
+            nxt = rows[-1].ts
+            self._start_prefetch(("buffer", nxt), self._questdb(self.buffer.page(nxt, self.replay_batch)))
         rows = [r for r in rows if r.entry_id > self.checkpoint] or rows[-1:]
         ids = [format_id(r.entry_id) for r in rows]
         commands: list[Command] = [(b"XADD", self.key, ids[i], *r.fields) for i, r in enumerate(rows)]
@@ -410,13 +457,18 @@ class Forwarder(Service):
         self.metrics.replayed.inc(done)
         if done:
             self.replay_ts = rows[done - 1].ts
-        await self._confirmed()
+        self._confirmed()
         return True
 
-    async def _confirmed(self) -> None:
+    def _confirmed(self) -> None:
+        """Record a confirmed batch; the state hash copy is written by `_maintain` (the Brain's top is the truth)."""
         cursor = self.replay_ts if self.buffer_pending else self.buffer.last_ts
         self.confirms.append((time.monotonic(), self.checkpoint, cursor))
-        await self._save_state(confirmed_id=format_id(self.checkpoint), replay_ts=self.replay_ts)
+
+    async def _save_checkpoint(self) -> None:
+        if (self.checkpoint, self.replay_ts) != self._saved_checkpoint:
+            await self._save_state(confirmed_id=format_id(self.checkpoint), replay_ts=self.replay_ts)
+            self._saved_checkpoint = (self.checkpoint, self.replay_ts)
 
     # ------------------------------------------------------------------ mode, maintenance, stats
 
@@ -438,6 +490,7 @@ class Forwarder(Service):
         if now - self._last_maintain < self.maintain_interval:
             return
         self._last_maintain = now
+        await self._save_checkpoint()
         await self._trim()
         await self._enforce_ram_budget()
         if self.buffer_known and now >= self._next_qdb_try:
