@@ -260,3 +260,43 @@ async def test_frame_over_the_websocket_limit_reconnects_without_loss(
     assert count(registry, "tickbridge_collector_dead_letters_total", reason="oversized") == 1
     assert count(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == 1
     await stop(collector, task)
+
+
+async def test_rest_client_honours_retry_after_and_weight_budget() -> None:
+    import time
+
+    from tickbridge.collector.rest import RestClient, RestError
+
+    calls: list[float] = []
+
+    async def depth(request: web.Request) -> web.Response:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return web.json_response({"code": -1003, "msg": "Too much request weight used"}, status=429,
+                                     headers={"Retry-After": "1"})  # fmt: skip
+        return web.json_response({"lastUpdateId": 7, "bids": [], "asks": []})
+
+    async def bad(request: web.Request) -> web.Response:
+        return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400)
+
+    app = web.Application()
+    app.router.add_get("/api/v3/depth", depth)
+    app.router.add_get("/api/v3/historicalTrades", bad)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    rest = RestClient(f"http://127.0.0.1:{port}")
+    try:
+        assert (await rest.depth("BTCUSDT", 1000))["lastUpdateId"] == 7
+        assert len(calls) == 2 and calls[1] - calls[0] >= 0.95  # waited for Retry-After
+        with pytest.raises(RestError, match="HTTP 400"):  # a client error is not retried
+            await rest.historical_trades("BTCUSDT", 1)
+        rest.budget.tokens, rest.budget.updated = 0.0, time.monotonic()  # exhausted: wait for the refill (100/s)
+        started = time.monotonic()
+        await rest.depth("BTCUSDT", 1000)  # weight 50
+        assert time.monotonic() - started >= 0.4
+    finally:
+        await rest.close()
+        await runner.cleanup()
