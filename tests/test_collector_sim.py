@@ -339,3 +339,28 @@ async def test_redis_restart_loses_and_duplicates_nothing(
 
 async def _xlen_over(client: Any, n: int) -> bool:
     return int(await client.xlen(keys.DEFAULT_STREAM_KEY)) > n
+
+
+async def test_keeps_trying_until_the_exchange_is_up(redis_server: RedisServer, client: Any) -> None:
+    from tickbridge.devstack.servers import free_port
+
+    port = free_port()
+    registry = CollectorRegistry()
+    settings = Settings(
+        binance_ws_url=f"ws://127.0.0.1:{port}", binance_rest_url=f"http://127.0.0.1:{port}", symbols=SYMBOLS,
+        vps_redis_url=redis_server.url,
+    )  # fmt: skip
+    collector = Collector(settings, registry, reconnect_base_s=0.05)
+    task = asyncio.create_task(collector.run())
+    sim = SimServer(SimConfig(symbols=SYMBOLS, rate=500.0, seed=3, port=port))
+    try:
+        await eventually(
+            lambda: _true(value(registry, "tickbridge_collector_connect_failures_total") >= 3), what="failed attempts"
+        )
+        assert value(registry, "tickbridge_collector_connection_up") == 0
+        await sim.start()
+        await eventually(lambda: _true(all(collector.book_valid(s) for s in SYMBOLS)), what="connected, books valid")
+        await check_exactly_once(sim, collector, client)
+    finally:
+        await stop_collector(collector, task)
+        await sim.stop()
