@@ -218,3 +218,25 @@ def test_fast_trade_check_agrees_with_decode_entry(change: dict[str, str]) -> No
     assert not (fast is not None and not valid)
     if not change:
         assert fast == (b"BTCUSDT", b"binance_spot")
+
+
+async def test_entry_that_keeps_failing_is_dead_lettered_without_harming_its_batch(
+    brain: aioredis.Redis, redis_server: RedisServer, running: Running
+) -> None:
+    await ensure_group(brain, STREAM, GROUP)
+    await brain.set(keys.trades_key("XRPUSDT"), "not a stream")  # every XADD to it fails (WRONGTYPE)
+    good = TradeSource(["BTCUSDT"])
+    await good.append(brain, STREAM, 5)
+    bad_cmd = TradeSource(["XRPUSDT"]).next_commands(STREAM, 1)[0]
+    bad_id = await brain.xadd(STREAM, as_mapping(bad_cmd[3:]))
+    await good.append(brain, STREAM, 5)
+    registry = CollectorRegistry()
+    running.start(BrainConsumer(settings_for(redis_server, consumer_name="me", consumer_max_deliveries=2), registry))
+
+    await eventually(lambda: _eq(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=20, what="dead-lettered")
+    dl = (await brain.xrange(keys.CONSUMER_DEAD_LETTER))[0][1]
+    assert dl[b"src_id"] == bad_id and b"delivered 3 times" in dl[b"reason"]
+    trade_ids = [int(f[b"trade_id"]) for _, f in await brain.xrange(keys.trades_key("BTCUSDT"))]
+    assert sorted(trade_ids) == list(range(1, 11))  # the rest of the batch: written exactly once
+    await eventually(lambda: _pending_zero(brain), timeout=5, what="group drained")
+    assert (registry.get_sample_value("tickbridge_consumer_errors_total", {"kind": "response"}) or 0) >= 2

@@ -1,9 +1,13 @@
 #!lua name=tickbridge_brain
 
--- One atomic step per consumer batch: XACK each Brain-stream entry and, only if this call acked it
--- (XACK returned 1), append it to its target stream (and a trade to the WARM sorted set). A crash
--- before the call changes nothing; after it, the entry is acked and written exactly once. XACK == 0
--- means another consumer (or an earlier attempt) already did the work.
+-- One atomic step per consumer batch: append each Brain-stream entry to its target stream and XACK
+-- it; if the XACK returned 0 (another consumer or an earlier attempt already did the work) the
+-- append is undone (XDEL) before anyone can see it, and a trade goes to the WARM sorted set only if
+-- acked. A crash before the call changes nothing; after it, the entry is written exactly once.
+-- Appending before acking matters because Redis does not roll a script back: if an XADD fails
+-- (e.g. WRONGTYPE) the call stops with that entry still pending, to be retried and, if it keeps
+-- failing, dead-lettered by the consumer. Entries before it in the batch are complete (WARM, a
+-- cache, may miss them).
 --
 -- KEYS[1] = the Brain stream; KEYS[2..] = target streams and WARM sorted sets, referenced by index.
 -- ARGV = group, warm_window_us, H, then H triples (trade stream index k, symbol, exchange): the
@@ -50,15 +54,16 @@ local function ingest(keys, args)
     local kind = args[i + 2]
     i = i + 3
     if kind == 't' then
+      local price, volume, side, ts, trade_id, recv_ts =
+        args[i], args[i + 1], args[i + 2], args[i + 3], args[i + 4], args[i + 5]
+      local new_id = call('XADD', keys[k], '*', 'src_id', id, 'symbol', symbol_of[k], 'exchange', exchange_of[k],
+                          'type', 'TRADE', 'price', price, 'volume', volume, 'side', side, 'timestamp', ts,
+                          'trade_id', trade_id, 'recv_ts', recv_ts)
       if call('XACK', stream, group, id) == 1 then
-        local price, volume, side, ts, trade_id, recv_ts =
-          args[i], args[i + 1], args[i + 2], args[i + 3], args[i + 4], args[i + 5]
-        call('XADD', keys[k], '*', 'src_id', id, 'symbol', symbol_of[k], 'exchange', exchange_of[k],
-             'type', 'TRADE', 'price', price, 'volume', volume, 'side', side, 'timestamp', ts,
-             'trade_id', trade_id, 'recv_ts', recv_ts)
         add_warm(warm, keys[k + 1], tonumber(ts), trade_id .. '|' .. price .. '|' .. volume .. '|' .. side .. '|' .. recv_ts)
         written = written + 1
       else
+        call('XDEL', keys[k], new_id)
         dup = dup + 1
       end
       i = i + 6
@@ -69,13 +74,14 @@ local function ingest(keys, args)
         i = i + 3
       end
       local nfields = tonumber(args[i])
+      local new_id = call('XADD', keys[k], '*', 'src_id', id, unpack(args, i + 1, i + nfields))
       if call('XACK', stream, group, id) == 1 then
-        call('XADD', keys[k], '*', 'src_id', id, unpack(args, i + 1, i + nfields))
         if warm_index > 0 then
           add_warm(warm, keys[warm_index], score, member)
         end
         written = written + 1
       else
+        call('XDEL', keys[k], new_id)
         dup = dup + 1
       end
       i = i + 1 + nfields

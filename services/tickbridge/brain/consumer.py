@@ -139,6 +139,7 @@ class BrainConsumer(Service):
         self._last_claim = 0.0
         self._keys: dict[tuple[bytes, bytes], tuple[str, str]] = {}
         self._inflight: asyncio.Task[tuple[int, int]] | None = None
+        self._isolate = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -187,6 +188,7 @@ class BrainConsumer(Service):
                 self.metrics.errors.labels("response").inc()
                 log.error("Redis error: %s", exc)
                 await self._drop_inflight()
+                self._isolate = True  # a failed ingest call: retry its entries one by one
                 ready = False  # NOGROUP / missing function: recreate, then re-read our PEL
                 self._need_recover = True
                 await self.sleep_or_stop(backoff.next())
@@ -218,19 +220,35 @@ class BrainConsumer(Service):
         return len(entries)
 
     async def recover_own(self) -> int:
-        """Handle this consumer's own pending entries (delivered before a crash, never acked)."""
+        """Handle this consumer's own pending entries (delivered before a crash, never acked).
+
+        After a failed ingest call the entries are retried one per call, so only an entry that keeps
+        failing stays pending (and reaches the dead-letter stream after CONSUMER_MAX_DELIVERIES).
+        """
         total = 0
         cursor = "0"
+        failed: ResponseError | None = None
         while not self.stopping.is_set():
             entries = await self._read(cursor, block=False)
             if not entries:
                 break
             self.metrics.claimed.inc(len(entries))
-            await self.process(entries, recovered=True)
+            if self._isolate:
+                for entry in entries:
+                    try:
+                        await self.process([entry], recovered=True)
+                    except ResponseError as exc:
+                        failed = exc
+                        log.warning("entry %s failed again: %s", entry[0].decode(), exc)
+            else:
+                await self.process(entries, recovered=True)
             total += len(entries)
             cursor = entries[-1][0].decode()
         if total:
             log.info("re-handled %d own pending entries", total)
+        if failed is not None:
+            raise failed  # back off; the failing entries are re-read (and counted) on the next round
+        self._isolate = False
         return total
 
     async def claim_idle(self) -> int:
