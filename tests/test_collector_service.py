@@ -300,3 +300,25 @@ async def test_rest_client_honours_retry_after_and_weight_budget() -> None:
     finally:
         await rest.close()
         await runner.cleanup()
+
+
+async def test_waits_for_redis_at_start(exchange: ScriptedExchange, redis_factory: Any) -> None:
+    from tickbridge.devstack.servers import free_port
+
+    port = free_port()
+    registry = CollectorRegistry()
+    settings = Settings(
+        binance_ws_url=f"ws://127.0.0.1:{exchange.port}", binance_rest_url=f"http://127.0.0.1:{exchange.port}",
+        symbols=("BTCUSDT",), vps_redis_url=f"redis://127.0.0.1:{port}/0",
+    )  # fmt: skip
+    collector = Collector(settings, registry)
+    task = asyncio.create_task(collector.run())
+    await eventually(lambda: _true(count(registry, "tickbridge_collector_redis_errors_total") >= 1), what="retrying")
+    assert not task.done()
+    redis_server = await asyncio.to_thread(redis_factory, port=port)
+    await asyncio.wait_for(collector.started.wait(), 20)
+    await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+    await exchange.send(trade(1))
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    await eventually(lambda: _eq(trade_ids(client), [1]), what="trade appended")
+    await stop(collector, task)

@@ -34,7 +34,7 @@ from tickbridge.collector.writer import DeadLetter, Item, StreamWriter
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service
-from tickbridge.core.redis_io import make_client
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import DepthDiff, Tick, TickError, Trade, check_levels
 
@@ -164,7 +164,9 @@ class Collector(Service):
     async def run(self) -> None:
         client = make_client(self.settings.vps_redis_url, self.settings)
         try:
-            stored = await client.hgetall(keys.COLLECTOR_LAST_TRADE_IDS)
+            stored = await self._load_last_ids(client)
+            if stored is None:
+                return  # stopped before Redis answered
             for raw_sym, tid in stored.items():
                 sym = raw_sym.decode() if isinstance(raw_sym, bytes) else raw_sym
                 if sym in self.depth:
@@ -182,7 +184,21 @@ class Collector(Service):
         finally:
             await self.rest.close()
             await client.aclose()
-        log.info("collector stopped: %d ticks written", self.writer.written)
+        log.info("collector stopped: %d ticks written", self.writer.written if self.writer else 0)
+
+    async def _load_last_ids(self, client: Any) -> dict[Any, Any] | None:
+        """The last appended trade ID per symbol; waits for Redis (a restart of both must not crash-loop)."""
+        backoff = Backoff(base=0.2, cap=10.0)
+        while True:
+            try:
+                stored: dict[Any, Any] = await client.hgetall(keys.COLLECTOR_LAST_TRADE_IDS)
+                return stored
+            except TRANSIENT_ERRORS as exc:
+                delay = backoff.next()
+                log.warning("VPS Redis not reachable (%s), retrying in %.1fs", exc, delay)
+                self.metrics.redis_errors.inc()
+                if await self.sleep_or_stop(delay):
+                    return None
 
     def _on_rest(self, endpoint: str, status: str) -> None:
         self.metrics.rest_requests.labels(endpoint, status).inc()
