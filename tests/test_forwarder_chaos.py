@@ -76,7 +76,7 @@ async def test_kill9_forwarder_across_flow_spill_replay(
     env = {
         "VPS_REDIS_URL": vps.url, "BRAIN_REDIS_URL": brain.url, "VPS_QUESTDB_URL": questdb_server.url,
         "RAM_BUFFER_BYTES": "400000", "FORWARD_BATCH": "5000", "DELIVERED_RETENTION_S": "0.5", "METRICS_PORT": "0",
-        "FORWARDER_BUFFER_TABLE": f"vb_{uuid.uuid4().hex[:8]}", "LOG_LEVEL": "INFO",
+        "FORWARDER_BUFFER_TABLE": f"vb_{uuid.uuid4().hex[:8]}", "LOG_LEVEL": "INFO", "FORWARDER_SPILL_BATCH": "10000",
     }  # fmt: skip
     fw = ForwarderProcess(env, tmp_path / "forwarder.log")
     writer = LiveWriter(vps_c, settings.stream_key, rate=1500)
@@ -125,7 +125,7 @@ async def test_kill9_forwarder_across_flow_spill_replay(
     assert verdict.ok, (kills, verdict.missing[:5], verdict, log[-3000:])
     print("modes at the kills:", kills)
     assert len(kills) >= 10
-    assert {"ram_backlog", "disk_spill"} & set(kills), kills
+    assert "disk_spill" in kills, kills
     assert {"replay", "direct"} & set(kills), kills
     assert "spilled" in log and "Brain connected" in log
     await vps_c.aclose()

@@ -11,6 +11,8 @@ from tickbridge.forwarder.service import Forwarder
 
 #: Buffer table name override (tests sharing one QuestDB); the contract name is `vps_buffer`.
 TABLE_ENV = "FORWARDER_BUFFER_TABLE"
+#: Entries per spill transaction (default 50,000).
+SPILL_BATCH_ENV = "FORWARDER_SPILL_BATCH"
 
 
 def main(argv: list[str]) -> None:
@@ -22,4 +24,5 @@ def main(argv: list[str]) -> None:
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("forwarder"), settings.metrics_bind)
     table = os.environ.get(TABLE_ENV, "vps_buffer")
-    run_service(lambda: Forwarder(settings, buffer_table=table))
+    spill_batch = int(os.environ.get(SPILL_BATCH_ENV, "50000"))
+    run_service(lambda: Forwarder(settings, buffer_table=table, spill_batch=spill_batch))
