@@ -33,6 +33,8 @@ class ScriptedExchange:
         self.connected = asyncio.Event()
         self.snapshot: dict[str, Any] = {"lastUpdateId": 100, "bids": [["10.0", "1.0"]], "asks": [["11.0", "2.0"]]}
         self.history: dict[int, dict[str, Any]] = {}
+        self.history_gate = asyncio.Event()  # historicalTrades answers once this is set
+        self.history_gate.set()
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -67,6 +69,7 @@ class ScriptedExchange:
         return web.json_response(self.snapshot)
 
     async def _trades(self, request: web.Request) -> web.Response:
+        await self.history_gate.wait()
         start, limit = int(request.query["fromId"]), int(request.query["limit"])
         rows = [self.history[i] for i in range(start, start + limit) if i in self.history]
         return web.json_response(rows)
@@ -321,4 +324,24 @@ async def test_waits_for_redis_at_start(exchange: ScriptedExchange, redis_factor
     await exchange.send(trade(1))
     client: Any = aioredis.Redis.from_url(redis_server.url)
     await eventually(lambda: _eq(trade_ids(client), [1]), what="trade appended")
+    await stop(collector, task)
+
+
+async def test_backfill_blocks_only_its_symbol(exchange: ScriptedExchange, redis_server: RedisServer) -> None:
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    collector, task = await start(settings_for(exchange, redis_server), CollectorRegistry())
+    await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+    exchange.history = {i: history_row(i) for i in range(1, 10)}
+    exchange.history_gate.clear()  # REST hangs until the test lets it answer
+    await exchange.send(trade(1), trade(4), trade(5), trade(1, "ETHUSDT"), trade(2, "ETHUSDT"))
+
+    async def symbols_ids() -> list[tuple[str, int]]:
+        return [(t.symbol, t.trade_id) for t in await stream_ticks(client) if isinstance(t, Trade)]
+
+    await eventually(lambda: _eq(symbols_ids(), [("BTCUSDT", 1), ("ETHUSDT", 1), ("ETHUSDT", 2)]), what="ETH flows")
+    assert [t.trade_id for t in collector.hot("BTCUSDT") if isinstance(t, Trade)] == [1]
+    exchange.history_gate.set()
+    await eventually(lambda: _eq(trade_ids(client), [1, 1, 2, 2, 3, 4, 5]), what="BTC back-filled in order")
+    btc = [t.trade_id for t in await stream_ticks(client) if isinstance(t, Trade) and t.symbol == "BTCUSDT"]
+    assert btc == [1, 2, 3, 4, 5]
     await stop(collector, task)

@@ -2,8 +2,9 @@
 
 Data flow: one reader task per WebSocket connection puts raw frames into a bounded inbox (a full inbox
 stops the reader: TCP backpressure). A single processor task parses, deduplicates and routes them, so
-every per-symbol decision (trade-ID order, back-fill, book updates, snapshot results) happens in one
-place, in order. It hands batches to the `StreamWriter` through a second bounded queue.
+every per-symbol decision (trade-ID order, book updates) happens in one place, in order; REST work
+(snapshots, trade back-fill) runs in background tasks whose results come back through the same inbox.
+The processor hands batches to the `StreamWriter` through a second bounded queue.
 
 Make-before-break: on the lifetime limit, `serverShutdown` or a stale stream the manager opens a second
 connection to the same URL, waits until it delivers data that joins every valid book (an event that is
@@ -68,6 +69,16 @@ class SnapshotResult:
 
 
 @dataclass(frozen=True, slots=True)
+class BackfillResult:
+    """Trades fetched from REST for `first..last` of `symbol` (ascending, possibly incomplete)."""
+
+    symbol: str
+    first: int
+    last: int
+    trades: list[Trade]
+
+
+@dataclass(frozen=True, slots=True)
 class Switch:
     """Inbox marker: frames of `gen` are primary from here on (every frame of the old one is ahead of it)."""
 
@@ -112,8 +123,8 @@ class Collector(Service):
         self.depth = {s: DepthSync(s) for s in self.symbols}
         self.last_trade: dict[str, int] = {}
         self._hot: dict[str, deque[Tick]] = {s: deque(maxlen=settings.hot_ticks) for s in self.symbols}
-        self.inbox: asyncio.Queue[tuple[int, int, bytes | str] | SnapshotResult | Switch | None] = asyncio.Queue(
-            inbox_size
+        self.inbox: asyncio.Queue[tuple[int, int, bytes | str] | SnapshotResult | BackfillResult | Switch | None] = (
+            asyncio.Queue(inbox_size)
         )
         self.conns: dict[int, Connection] = {}
         self.primary_gen = 0  # the processor's view (set by `Switch` markers, in frame order)
@@ -124,6 +135,9 @@ class Collector(Service):
         self._shutdown_gens: set[int] = set()
         self._joined: dict[str, int] = {}
         self._snap_tasks: dict[str, asyncio.Task[None]] = {}
+        self._backfill_tasks: dict[str, asyncio.Task[None]] = {}
+        #: Symbols with a back-fill in flight -> their later trades (gen, trade), appended after it.
+        self._parked: dict[str, list[tuple[int, Trade]]] = {}
         self._snap_backoff: dict[str, Backoff] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.rest = RestClient(settings.binance_rest_url, on_request=self._on_rest)
@@ -321,7 +335,9 @@ class Collector(Service):
             for conn in list(self.conns.values()):
                 await self._close(conn)
             self.metrics.connection_up.set(0)
-            for task in self._snap_tasks.values():
+            # Unfinished REST work is dropped: the hash still holds the last appended trade ID, so the next
+            # start back-fills that gap again, and the books resync anyway.
+            for task in (*self._snap_tasks.values(), *self._backfill_tasks.values()):
                 task.cancel()
             await self.inbox.put(None)
 
@@ -372,38 +388,40 @@ class Collector(Service):
                     stop = True
                     break
                 if isinstance(item, tuple):
-                    gap = self._on_frame(item[0], item[1], item[2], out)
-                    if gap is not None:
-                        await self._backfill(gap, out)
+                    self._on_frame(item[0], item[1], item[2], out)
                 elif isinstance(item, Switch):
-                    await self._switch(item.gen, out)
+                    self._switch(item.gen, out)
+                elif isinstance(item, BackfillResult):
+                    self._on_backfill(item, out)
                 else:
                     self._on_snapshot(item, out)
                 if len(out) >= OUT_BATCH:
-                    self._flush_counts()
-                    await writer.put(out)
+                    await self._flush(out)
                     out = []
                 if inbox.empty():
                     break
                 item = inbox.get_nowait()
             if out:
-                self._flush_counts()
-                await writer.put(out)
+                await self._flush(out)
                 out = []
             if stop:
                 await writer.close_input()
                 return
 
-    async def _switch(self, gen: int, out: list[Item]) -> None:
+    async def _flush(self, out: list[Item]) -> None:
+        assert self.writer is not None
+        self._flush_counts()
+        for i in range(0, len(out), OUT_BATCH):  # a large back-fill goes out in transactions of OUT_BATCH
+            await self.writer.put(out[i : i + OUT_BATCH])
+
+    def _switch(self, gen: int, out: list[Item]) -> None:
         """Make `gen` primary and replay what it delivered ahead of the old primary, in order."""
         self.primary_gen = gen
         held = self._held.pop(gen, deque())
         self._held.clear()
         for ev in held:
             if isinstance(ev, Trade):
-                gap = self._on_trade(ev, gen, out)
-                if gap is not None:
-                    await self._backfill(gap, out)
+                self._on_trade(ev, gen, out)
             else:
                 self._on_depth(self.depth[ev.symbol], ev, gen, out)
 
@@ -424,22 +442,22 @@ class Collector(Service):
         self.metrics.dead_letters.labels(rej.reason).inc()
         out.append(DeadLetter(rej.reason, rej.detail, rej.raw, recv))
 
-    def _on_frame(self, gen: int, recv: int, raw: bytes | str, out: list[Item]) -> Trade | None:
-        """Route one frame; returns a trade that must wait for a back-fill of the gap before it."""
+    def _on_frame(self, gen: int, recv: int, raw: bytes | str, out: list[Item]) -> None:
+        """Route one frame."""
         ev = parse_frame(raw, recv)
         kind = type(ev)
         if kind is Trade:
             assert isinstance(ev, Trade)
             if ev.symbol not in self.depth:
                 self._dead_letter(Rejected("unknown_symbol", ev.symbol, _raw(raw)), recv, out)
-                return None
-            return self._on_trade(ev, gen, out)
+                return
+            self._on_trade(ev, gen, out)
         elif kind is DepthDiff:
             assert isinstance(ev, DepthDiff)
             sync = self.depth.get(ev.symbol)
             if sync is None:
                 self._dead_letter(Rejected("unknown_symbol", ev.symbol, _raw(raw)), recv, out)
-                return None
+                return
             self._on_depth(sync, ev, gen, out)
         elif kind is Rejected:
             assert isinstance(ev, Rejected)
@@ -450,21 +468,24 @@ class Collector(Service):
             self._wake.set()
         elif kind is ControlReply:
             pass
-        return None
 
-    def _on_trade(self, ev: Trade, gen: int, out: list[Item]) -> Trade | None:
+    def _on_trade(self, ev: Trade, gen: int, out: list[Item]) -> None:
+        parked = self._parked.get(ev.symbol)
+        if parked is not None:  # a back-fill is in flight: keep ID order, append after it
+            parked.append((gen, ev))
+            return
         last = self.last_trade.get(ev.symbol)
         if last is not None:
             if ev.trade_id <= last:
                 self._m_dup_trade.inc()
-                return None
+                return
             if ev.trade_id > last + 1:
                 if gen != self.primary_gen:
                     self._hold(gen, ev)  # overlap: the primary may still deliver the ones before it
-                    return None
-                return ev
+                else:
+                    self._start_backfill(ev, gen, last)
+                return
         self._emit_trade(ev, out)
-        return None
 
     def _emit_trade(self, ev: Trade, out: list[Item]) -> None:
         self.last_trade[ev.symbol] = ev.trade_id
@@ -551,18 +572,22 @@ class Collector(Service):
                 self.metrics.depth_gaps.labels(symbol).inc()
             self._request_snapshot(symbol, backoff.next())
 
-    async def _backfill(self, trade: Trade, out: list[Item]) -> None:
-        """Fetch the trades between the last one appended and `trade` from REST, then emit `trade`."""
+    def _start_backfill(self, trade: Trade, gen: int, last: int) -> None:
+        """A gap before `trade` on the primary: fetch it from REST in the background, park the symbol."""
         symbol = trade.symbol
-        first = self.last_trade[symbol] + 1
-        end = trade.trade_id - 1
         self.metrics.trade_gaps.labels(symbol).inc()
-        log.warning("%s: trade gap %d..%d, back-filling", symbol, first, end)
-        if end - first + 1 > MAX_BACKFILL:
-            self.metrics.lost_trades.labels(symbol).inc(end - first + 1 - MAX_BACKFILL)
-            first = end - MAX_BACKFILL + 1
-        next_id = first
-        filled = 0
+        log.warning("%s: trade gap %d..%d, back-filling", symbol, last + 1, trade.trade_id - 1)
+        self._parked[symbol] = [(gen, trade)]
+        assert self._tg is not None
+        self._backfill_tasks[symbol] = self._tg.create_task(
+            self._fetch_backfill(symbol, last + 1, trade.trade_id - 1), name=f"collector-backfill-{symbol}"
+        )
+
+    async def _fetch_backfill(self, symbol: str, first: int, end: int) -> None:
+        """Pages of `historicalTrades` for `first..end`; the processor appends them (other symbols go on)."""
+        start = max(first, end - MAX_BACKFILL + 1)
+        trades: list[Trade] = []
+        next_id = start
         while next_id <= end:
             try:
                 rows = await self.rest.historical_trades(symbol, next_id, min(1000, end - next_id + 1))
@@ -578,30 +603,40 @@ class Collector(Service):
                     if tid > end:
                         break
                     maker = row["isBuyerMaker"]
-                    filled_trade = Trade(
+                    trades.append(Trade(
                         symbol=symbol, price=row["price"], volume=row["qty"], side="SELL" if maker else "BUY",
                         timestamp=to_us(row["time"]), trade_id=tid, recv_ts=now_us(),
-                    )  # fmt: skip
+                    ))  # fmt: skip
                 except (KeyError, TypeError, TickError) as exc:
                     log.error("%s: bad historical trade %s: %s", symbol, str(row)[:200], exc)
                     continue
-                if tid > next_id:
-                    self.metrics.lost_trades.labels(symbol).inc(tid - next_id)
-                self._emit_trade(filled_trade, out)
-                filled += 1
                 next_id = tid + 1
                 progressed = True
-                if len(out) >= OUT_BATCH:
-                    assert self.writer is not None
-                    await self.writer.put(out[:])
-                    out.clear()
             if not progressed:
                 break
-        if next_id <= end:
-            self.metrics.lost_trades.labels(symbol).inc(end - next_id + 1)
-        self.metrics.backfilled.labels(symbol).inc(filled)
-        log.info("%s: back-filled %d trades", symbol, filled)
-        self._emit_trade(trade, out)
+        await self.inbox.put(BackfillResult(symbol, first, end, trades))
+
+    def _on_backfill(self, res: BackfillResult, out: list[Item]) -> None:
+        """Append the fetched trades, then the trades parked meanwhile (which may start another back-fill)."""
+        symbol = res.symbol
+        self._backfill_tasks.pop(symbol, None)
+        parked = self._parked.pop(symbol, [])
+        next_id = res.first
+        for trade in res.trades:
+            if trade.trade_id < next_id:
+                continue
+            if trade.trade_id > next_id:
+                self.metrics.lost_trades.labels(symbol).inc(trade.trade_id - next_id)
+            self._emit_trade(trade, out)
+            next_id = trade.trade_id + 1
+        if next_id <= res.last:
+            self.metrics.lost_trades.labels(symbol).inc(res.last - next_id + 1)
+            log.error("%s: %d trades could not be back-filled", symbol, res.last - next_id + 1)
+        self.last_trade[symbol] = max(self.last_trade.get(symbol, 0), res.last)
+        self.metrics.backfilled.labels(symbol).inc(len(res.trades))
+        log.info("%s: back-filled %d trades", symbol, len(res.trades))
+        for gen, trade in parked:
+            self._on_trade(trade, gen, out)
 
 
 def _raw(raw: bytes | str) -> bytes:
