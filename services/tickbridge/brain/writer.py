@@ -59,6 +59,20 @@ DEPTH_DDL = (
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, QuestDBError, IngressError)
 MONITOR_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError, QuestDBError)
 
+#: Field names of a trade in a per-symbol stream, as the consumer writes it.
+_TRADE_LAYOUT = [
+    b"src_id",
+    b"symbol",
+    b"exchange",
+    b"type",
+    b"price",
+    b"volume",
+    b"side",
+    b"timestamp",
+    b"trade_id",
+    b"recv_ts",
+]
+
 _EMPTY_LEVELS = np.empty((0, 2), dtype=np.float64)
 
 
@@ -140,6 +154,8 @@ class BrainWriter(Service):
         self._last_discover = 0.0
         self._grouped: set[str] = set()
         self._pending_dead: list[tuple[bytes, bytes, str]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._texts: dict[bytes, str] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -216,19 +232,23 @@ class BrainWriter(Service):
                     self._last_claim = now
                 await self.read_new()
                 if self._due():
-                    await self.flush_all()
+                    await self.start_flush()
                 backoff.reset()
             except OUTAGE_ERRORS as exc:
-                # Redis or QuestDB unavailable: keep the batch (unacked), back off, re-read our PEL later.
+                # Redis or QuestDB unavailable: nothing unflushed was acked; drop what we hold, back
+                # off and re-read our pending entries (a re-sent row is absorbed by DEDUP).
                 self.metrics.errors.labels(type(exc).__name__).inc()
                 log.warning("writer: %s; retrying", exc)
                 ready = ready and not isinstance(exc, QuestDBError)
+                await self._drop_flushing()
+                self._reset_batches()
                 await self.sleep_or_stop(backoff.next())
             except ResponseError as exc:
                 self.metrics.errors.labels("redis_response").inc()
                 log.error("writer: Redis error %s", exc)
                 ready = False
                 self._grouped.clear()
+                await self._drop_flushing()
                 self._reset_batches()
                 await self.sleep_or_stop(backoff.next())
         await self._final_flush()
@@ -237,14 +257,15 @@ class BrainWriter(Service):
         """Forget unflushed rows (their entries stay pending and are re-read from our PEL)."""
         for batch in self.batches.values():
             batch.clear()
+        self._pending_dead = []
         self._first_row_at = None
         self._need_recover = True
 
     async def _final_flush(self) -> None:
-        if not any(b.rows for b in self.batches.values()):
-            return
         try:
-            await self.flush_all(retry=False)
+            await self._await_flushing()
+            if any(b.rows for b in self.batches.values()):
+                await self.flush_all(retry=False)
         except Exception as exc:  # stopping: unacked entries are re-sent by the next writer
             log.warning("final flush failed (%s); entries stay pending", exc)
 
@@ -336,12 +357,30 @@ class BrainWriter(Service):
         """Turn stream entries into ILP rows in the per-table buffers."""
         n = 0
         trades, depth = self.batches[TRADES_TABLE], self.batches[DEPTH_TABLE]
+        text = self._text
         dead: list[tuple[bytes, bytes, str]] = []
         for stream, entries in got.items():
             for entry_id, fields in entries:
                 if fields is None:
                     continue
-                f = dict(zip(fields[::2], fields[1::2], strict=True))
+                if len(fields) == 20 and fields[0::2] == _TRADE_LAYOUT and fields[7] == b"TRADE":
+                    # The consumer's layout: positional access, no dict (the common case).
+                    try:
+                        trades.buffer.row(
+                            TRADES_TABLE,
+                            symbols={"exchange": text(fields[5]), "symbol": text(fields[3]), "side": text(fields[13])},
+                            columns={"price": float(fields[9]), "volume": float(fields[11]),
+                                     "trade_id": int(fields[17]), "recv_ts": TimestampMicros(int(fields[19]))},
+                            at=TimestampMicros(int(fields[15])),
+                        )  # fmt: skip
+                    except (ValueError, TypeError, IngressError) as exc:
+                        dead.append((stream, entry_id, f"{type(exc).__name__}: {exc}"[:300]))
+                        continue
+                    trades.rows += 1
+                    trades.ids.setdefault(stream, []).append(entry_id)
+                    n += 1
+                    continue
+                f = dict(zip(fields[::2], fields[1::2], strict=False))
                 try:
                     kind = f[b"type"]
                     if kind == b"TRADE":
@@ -381,13 +420,61 @@ class BrainWriter(Service):
         self.metrics.buffered.set(self._rows())
         return n
 
+    def _text(self, raw: bytes) -> str:
+        """Decode a symbol-like value once (few distinct values)."""
+        value = self._texts.get(raw)
+        if value is None:
+            value = raw.decode()
+            if len(self._texts) < 10_000:
+                self._texts[raw] = value
+        return value
+
     # ---------------------------------------------------------------- flushing
 
+    def _swap(self) -> tuple[dict[str, TableBatch], list[tuple[bytes, bytes, str]]]:
+        """Hand the current batches over for flushing and start new ones for reading."""
+        frozen, dead = self.batches, self._pending_dead
+        self.batches = {t: TableBatch(t, self._new_buffer()) for t in frozen}
+        self._pending_dead = []
+        self._first_row_at = None
+        return frozen, dead
+
+    def _new_buffer(self) -> Buffer:
+        if self.sender is not None:
+            return self.sender.new_buffer()
+        return Buffer(protocol_version=2)  # the version ilp_conf() asks for
+
+    async def start_flush(self) -> None:
+        """Flush the current batches in the background while the next ones are read (one at a time)."""
+        await self._await_flushing()
+        frozen, dead = self._swap()
+        self._flushing = asyncio.create_task(self._flush_batches(frozen, dead, retry=True))
+
     async def flush_all(self, *, retry: bool = True) -> None:
+        """Flush everything held now and wait for it."""
+        await self._await_flushing()
+        frozen, dead = self._swap()
+        await self._flush_batches(frozen, dead, retry=retry)
+
+    async def _await_flushing(self) -> None:
+        task, self._flushing = self._flushing, None
+        if task is not None:
+            await task
+
+    async def _drop_flushing(self) -> None:
+        """Wait for the background flush; if it failed, its entries stay pending (re-read later)."""
+        try:
+            await self._await_flushing()
+        except Exception as exc:
+            log.warning("background flush failed (%s); its entries stay pending", exc)
+
+    async def _flush_batches(
+        self, batches: dict[str, TableBatch], dead: list[tuple[bytes, bytes, str]], *, retry: bool
+    ) -> None:
         """Flush each table (one transaction each), then ack its entries; retry with backoff until done."""
         backoff = Backoff(base=0.2, cap=5.0)
-        rows_in_batch = self._rows()
-        for batch in self.batches.values():
+        rows_in_batch = sum(b.rows for b in batches.values())
+        for batch in batches.values():
             while batch.rows:
                 try:
                     await self._flush_table(batch)
@@ -401,10 +488,9 @@ class BrainWriter(Service):
                     if await self.sleep_or_stop(backoff.next()):
                         raise
                 self.watchdog.beat("write")
-        await self._flush_dead()
+        await self._flush_dead(dead)
         if rows_in_batch:
             self.metrics.batch_rows.observe(rows_in_batch)
-        self._first_row_at = None
         self.metrics.buffered.set(self._rows())
 
     async def _replace_sender(self) -> None:
@@ -435,19 +521,18 @@ class BrainWriter(Service):
         self.written += batch.rows
         batch.clear()
 
-    async def _flush_dead(self) -> None:
+    async def _flush_dead(self, dead: list[tuple[bytes, bytes, str]]) -> None:
         assert self.client is not None
-        if not self._pending_dead:
+        if not dead:
             return
         cmds: list[Command] = [["MULTI"]]
-        for stream, entry_id, reason in self._pending_dead:
+        for stream, entry_id, reason in dead:
             cmds.append(["XADD", WRITER_DEAD_LETTER, "*", "stream", stream, "src_id", entry_id, "reason", reason])
             cmds.append(["XACK", stream, self.group, entry_id])
         cmds.append(["EXEC"])
         await execute_packed(self.client, cmds)
-        self.metrics.dead_letters.inc(len(self._pending_dead))
-        log.error("%d entries could not become rows; see %s", len(self._pending_dead), WRITER_DEAD_LETTER)
-        self._pending_dead = []
+        self.metrics.dead_letters.inc(len(dead))
+        log.error("%d entries could not become rows; see %s", len(dead), WRITER_DEAD_LETTER)
 
     # ---------------------------------------------------------------- monitoring
 
