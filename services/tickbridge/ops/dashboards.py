@@ -173,6 +173,16 @@ VPS: tuple[Row, ...] = (
                 description="Per 5 minutes.",
             ),
             Panel(
+                "Exchange REST requests",
+                (
+                    _q(
+                        "sum by (status) (increase(tickbridge_collector_rest_requests_total[5m]))",
+                        "HTTP {{status}}",
+                    ),
+                ),
+                description="Per 5 minutes: depth snapshots and trade back-fill; 429/418 are rate limits and bans.",
+            ),
+            Panel(
                 "Order books",
                 (
                     _q("sum(tickbridge_collector_book_valid)", "valid books"),
