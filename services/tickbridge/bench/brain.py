@@ -253,7 +253,7 @@ async def main_async(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tickbridge.bench.brain", description=__doc__)
     p.add_argument("--ticks", type=int, default=1_000_000)
-    p.add_argument("--consumers", type=int, default=1)
+    p.add_argument("--consumers", type=int, default=2, help="consumer processes in the group")
     p.add_argument("--rounds", type=int, default=2000)
     asyncio.run(main_async(p.parse_args(argv)))
 

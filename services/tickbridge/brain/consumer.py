@@ -1,12 +1,20 @@
 """`tickbridge consumer`: the Brain stream (consumer group) -> per-symbol streams + WARM sorted sets.
 
 Exactly once with several instances: each batch is one call of the Redis function
-`tickbridge_brain_ingest` (brain.lua) that, per entry, XACKs it and only if that XACK returned 1
-appends the tick to `market:<exchange>:trades|depth:<SYMBOL>` (with `src_id` = the Brain-stream ID)
-and the WARM zset. The call is atomic, so a crash before or after it never duplicates, and an entry
-another consumer already handled (XACK 0) is skipped. Entries are decoded and validated in Python
-first; invalid ones, and entries delivered more than CONSUMER_MAX_DELIVERIES times, go to the
-dead-letter stream through the same function (acked exactly once as well).
+`tickbridge_brain_ingest` (brain.lua) that, per entry, appends the tick to
+`market:<exchange>:trades|depth:<SYMBOL>` (with `src_id` = the Brain-stream ID) and XACKs it; if the
+XACK returned 0 (another consumer already handled it) the append is undone inside the same call, and
+only acked trades go to the WARM zset. The call is atomic, so a crash before or after it never
+duplicates. (Per-symbol explicit IDs are not used for dedup: two consumers interleave IDs per
+symbol, so a lower ID from one would be rejected after the other wrote a higher one.)
+
+Entries are decoded and validated in Python first; invalid ones, and entries delivered more than
+CONSUMER_MAX_DELIVERIES times, go to the dead-letter stream through the same function (acked exactly
+once as well). An entry whose append fails (Redis does not roll a script back) stays pending, the
+batch is retried entry by entry, and the entry is dead-lettered once it passed the delivery limit.
+
+Trimming: the Brain stream is trimmed (MINID, approximate) below the oldest entry any group still
+needs, keeping `trim_retention_s` of history.
 
 On start the consumer re-reads its own pending entries, then claims entries idle for
 CONSUMER_CLAIM_IDLE_MS from consumers that died (XAUTOCLAIM, cursor loop, also periodically).
@@ -21,7 +29,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -33,7 +40,6 @@ from tickbridge.brain.common import (
     check,
     fast_trade,
     group_floor,
-    id_key,
     id_ms,
     instance_name,
     load_functions,
@@ -488,10 +494,6 @@ def _field(fields: list[bytes] | None, name: bytes) -> int | None:
             except ValueError:
                 return None
     return None
-
-
-def id_sort_key(entry: tuple[bytes, Any]) -> tuple[int, int]:
-    return id_key(entry[0])
 
 
 def main(argv: list[str]) -> None:
