@@ -6,10 +6,13 @@ command line (port, bind address, directories, certificate paths): what is teste
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import shutil
 import socket
 import ssl
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +150,13 @@ def _tls_ping_without_client_cert(port: int, ca: Path) -> bool:
         return False
 
 
+class AuthQuestDB(QuestDBServer):
+    """QuestDB with the credentials compose passes (QDB_HTTP_USER / QDB_HTTP_PASSWORD)."""
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "QDB_HTTP_USER": "qdb-user", "QDB_HTTP_PASSWORD": "qdb-password"}
+
+
 @pytest.mark.parametrize("host", ["vps", "brain"])
 def test_questdb_server_conf_starts_and_exports_metrics(host: str, tmp_path: Path) -> None:
     conf = {}
@@ -158,13 +168,21 @@ def test_questdb_server_conf_starts_and_exports_metrics(host: str, tmp_path: Pat
     binds = {k for k in conf if k.endswith(".bind.to")}
     assert binds == {"http.net.bind.to", "http.min.net.bind.to", "pg.net.bind.to"}
     assert conf["metrics.enabled"] == "true" and conf["http.min.net.bind.to"].endswith(":9003")
-    server = QuestDBServer(workdir=tmp_path / "questdb", extra_conf={k: v for k, v in conf.items() if k not in binds})
+    server = AuthQuestDB(workdir=tmp_path / "questdb", extra_conf={k: v for k, v in conf.items() if k not in binds})
     server.start()
     try:
+        # As in compose: Basic auth on 9000 (QDB_HTTP_USER/PASSWORD), health and /metrics on 9003 without it.
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.min_port}/", timeout=10) as resp:
+            assert resp.status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{server.min_port}/metrics", timeout=10) as resp:
             metrics = resp.read().decode()
-        assert "questdb_memory_rss" in metrics or "questdb_json_queries_total" in metrics
-        with urllib.request.urlopen(f"{server.url}/exec?query=SELECT%201", timeout=10) as resp:
+        assert "questdb_suspended_tables" in metrics and "questdb_memory_rss" in metrics
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(f"{server.url}/exec?query=SELECT%201", timeout=10)
+        assert denied.value.code == 401
+        request = urllib.request.Request(f"{server.url}/exec?query=SELECT%201")
+        request.add_header("Authorization", "Basic " + base64.b64encode(b"qdb-user:qdb-password").decode())
+        with urllib.request.urlopen(request, timeout=10) as resp:
             assert resp.status == 200
         # QuestDB names keys it does not recognise ("Invalid settings ... probable typos") in its log.
         log = "".join(p.read_text(errors="replace") for p in (server.workdir / "log").glob("*"))
