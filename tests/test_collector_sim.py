@@ -219,6 +219,14 @@ async def test_rotation_before_lifetime_is_seamless(redis_server: RedisServer, c
             assert value(registry, "tickbridge_collector_resyncs_total", symbol=sym) == 0
         assert value(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == 0
         assert value(registry, "tickbridge_collector_duplicates_total", type="TRADE") > 0  # the overlap happened
+        # Book updates too: each symbol's DEPTH entries chain U == previous u + 1 across every rotation.
+        chains: dict[str, list[DepthDiff]] = defaultdict(list)
+        for t in await read_stream(client):
+            if isinstance(t, DepthDiff):
+                chains[t.symbol].append(t)
+        for sym in SYMBOLS:
+            assert len(chains[sym]) > 20
+            assert all(b.first_update_id == a.last_update_id + 1 for a, b in itertools.pairwise(chains[sym])), sym
     finally:
         await stop_collector(collector, task)
         await sim.stop()
