@@ -8,14 +8,19 @@ import re
 import time
 from datetime import UTC, datetime
 
+import aiohttp
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
 from tickbridge.brain.tiered import Answer, TieredMarketData, us_to_iso
+from tickbridge.core.questdb_io import QuestDBError
+from tickbridge.core.redis_io import TRANSIENT_ERRORS
 from tickbridge.core.settings import die, load_settings
 from tickbridge.core.tick import TickError, check_symbol
 
+#: Servers unreachable or refusing the query: one line, exit 1.
+QUERY_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, QuestDBError, aiohttp.ClientError)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s|m|h|d)$")
 _UNIT_US = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 
@@ -92,4 +97,7 @@ def main(argv: list[str]) -> None:
         args.symbol = check_symbol(args.symbol.upper())
     except TickError as exc:
         die(f"tickbridge query: {exc}")
-    asyncio.run(run_query(args))
+    try:
+        asyncio.run(run_query(args))
+    except QUERY_ERRORS as exc:
+        die(f"tickbridge query: {type(exc).__name__}: {exc}", code=1)

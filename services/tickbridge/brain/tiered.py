@@ -152,12 +152,15 @@ class TieredMarketData:
     async def __aexit__(self, *exc: object | TracebackType) -> None:
         await self.close()
 
-    async def start(self) -> None:
-        """Prefill HOT from WARM and start following the per-symbol streams (if `follow`)."""
+    async def start(self, ready_timeout: float = 5.0) -> None:
+        """Prefill HOT from WARM and start following the per-symbol streams (if `follow`).
+
+        Waits up to `ready_timeout` for HOT; until it is ready, answers come from WARM/COLD.
+        """
         if self.follow:
             self._task = asyncio.create_task(self._follow())
             ready = asyncio.create_task(self._ready.wait())
-            await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([ready, self._task], timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
             if self._task.done():
                 self._task.result()
