@@ -310,6 +310,24 @@ def write_load_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def slowest_hop(doc: dict[str, Any]) -> str:
+    """The hop adding the most median latency, with its share in ms."""
+    lat = doc.get("latency_ms", {})
+
+    def p50(key: str) -> float:
+        value = lat.get(key, {}).get("p50")
+        return float(value) if isinstance(value, int | float) and not math.isnan(value) else 0.0
+
+    steps = {
+        "exchange→collector": p50("exchange_to_collector"),
+        "collector→VPS stream": p50("exchange_to_vps_stream") - p50("exchange_to_collector"),
+        "VPS→Brain Redis": p50("exchange_to_brain_redis") - p50("exchange_to_vps_stream"),
+        "Brain Redis→QuestDB": p50("exchange_to_questdb") - p50("exchange_to_brain_redis"),
+    }
+    name = max(steps, key=lambda k: steps[k])
+    return f"{name} ({steps[name]:,.0f} ms)"
+
+
 def write_load_summary(out_dir: Path) -> Path:
     """`load-summary.md`: every `load-*.json` in the folder side by side, to see where the knee is."""
     docs = []
@@ -327,16 +345,22 @@ def write_load_summary(out_dir: Path) -> Path:
         rows.append([
             int(d.get("rate_target", 0)), d.get("duration_s"), rates.get("exchange", {}).get("mean"),
             rates.get("questdb", {}).get("mean"), lat.get("p50"), lat.get("p99"), qlat.get("p50"), qlat.get("p99"),
-            sys_cpu.get("mean"), d.get("drain_s"), oracle.get("lost"), oracle.get("duplicated"),
-            "PASS" if d.get("pass") else "FAIL",
+            slowest_hop(d), sys_cpu.get("other_work_mean_pct_of_core"), d.get("drain_s"), oracle.get("lost"),
+            oracle.get("duplicated"), "PASS" if d.get("pass") else "FAIL",
         ])  # fmt: skip
     text = ["# Load tests: all rates\n"]
     if docs:
         text.append(machine_markdown(docs[-1].get("machine", {})))
     text.append(md_table([
         "RATE", "s", "sim achieved /s", "QuestDB /s", "Brain Redis p50 ms", "p99 ms", "QuestDB p50 ms", "p99 ms",
-        "machine CPU %", "drain s", "lost", "dup", "result",
+        "largest p50 delay", "other work CPU % of a core", "drain s", "lost", "dup", "result",
     ], rows))  # fmt: skip
+    text.append(
+        "\n`largest p50 delay`: the hop that adds the most median latency (exchange→collector receive = the "
+        "collector's WebSocket reading; receive→VPS stream = the collector's processing and XADD; VPS stream→Brain "
+        "per-symbol stream = forwarder and consumer). `other work`: CPU the rest of the shared machine took during "
+        "the run (not this stack).\n"
+    )
     knee = [d for d in docs if not d.get("pass")]
     if docs:
         text.append("\nPer-rate reports: " + ", ".join(f"[{int(d['rate_target'])}](load-{int(d['rate_target'])}.md)"
