@@ -139,6 +139,8 @@ async def caught_up(sim: SimServer, collector: Collector) -> None:
     for sym in SYMBOLS:
         target = stats[sym]["last_trade_id"]
         await eventually(functools.partial(_last_at_least, collector, sym, target), what=f"{sym} caught up")
+        book_target = stats[sym]["last_update_id"]
+        await eventually(functools.partial(_book_at_least, collector, sym, book_target), what=f"{sym} book")
 
 
 def synthetic(**kw: Any) -> SimServer:
@@ -183,6 +185,7 @@ async def test_faults_lose_and_duplicate_nothing(redis_server: RedisServer, clie
         # serverShutdown: make-before-break, the old connection closes after the grace period.
         await caught_up(sim, collector)  # the last reconnect's back-fill is done before we count
         gaps_before = sum(value(registry, "tickbridge_collector_trade_gaps_total", symbol=s) for s in SYMBOLS)
+        resyncs_before = sum(value(registry, "tickbridge_collector_resyncs_total", symbol=s) for s in SYMBOLS)
         sim.server_shutdown()
         await eventually(
             lambda: _true(value(registry, "tickbridge_collector_reconnects_total", reason="server_shutdown") == 1),
@@ -192,6 +195,7 @@ async def test_faults_lose_and_duplicate_nothing(redis_server: RedisServer, clie
         await asyncio.sleep(0.5)
         gaps_after = sum(value(registry, "tickbridge_collector_trade_gaps_total", symbol=s) for s in SYMBOLS)
         assert gaps_after == gaps_before  # the overlap covered everything
+        assert sum(value(registry, "tickbridge_collector_resyncs_total", symbol=s) for s in SYMBOLS) == resyncs_before
         assert value(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == 2
         await check_exactly_once(sim, collector, client)
         assert value(registry, "tickbridge_collector_lost_trades_total", symbol="ETHUSDT") == 0
@@ -238,6 +242,10 @@ async def _true(v: bool) -> bool:
 
 async def _last_at_least(collector: Collector, symbol: str, n: int) -> bool:
     return collector.last_trade.get(symbol, 0) >= n
+
+
+async def _book_at_least(collector: Collector, symbol: str, n: int) -> bool:
+    return collector.book_valid(symbol) and collector.book(symbol).last_update_id >= n
 
 
 async def _reconnected(registry: CollectorRegistry, n: int) -> bool:
