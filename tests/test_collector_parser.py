@@ -8,10 +8,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tickbridge.collector.book import DepthSync, Outcome
-from tickbridge.collector.parser import ControlReply, Rejected, ServerShutdown, parse_frame
-from tickbridge.core.tick import DepthDiff, Trade
+from tickbridge.collector.parser import REASONS, ControlReply, Rejected, ServerShutdown, parse_frame
+from tickbridge.core.tick import DepthDiff, Trade, decode_entry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -224,3 +226,34 @@ def test_fast_levels_agree_with_core_check(levels: object) -> None:
     except TickError as exc:
         got = str(exc)
     assert got == expected
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4),
+    max_leaves=12,
+)
+_keys = st.sampled_from(["e", "E", "s", "t", "p", "q", "T", "m", "U", "u", "b", "a", "stream", "data", "result", "id"])
+
+
+@pytest.mark.timeout(900)  # `make fuzz` runs 10,000 examples
+@given(
+    raw=st.binary(max_size=200)
+    | st.builds(lambda d: orjson.dumps(d), st.dictionaries(_keys, _json, max_size=8))
+    | st.builds(
+        lambda d, stream: orjson.dumps({"stream": stream, "data": {**TRADE, **d}}),
+        st.dictionaries(_keys, _json, max_size=3),
+        st.sampled_from(["btcusdt@trade", "btcusdt@depth@100ms", "x"]),
+    )
+    | st.builds(
+        lambda d: orjson.dumps({"stream": "btcusdt@depth@100ms", "data": {**DEPTH, **d}}),
+        st.dictionaries(_keys, _json, max_size=3),
+    )
+)
+def test_fuzz_parse_frame_never_raises(raw: bytes) -> None:
+    ev = parse_frame(raw, RECV)
+    assert isinstance(ev, Trade | DepthDiff | ServerShutdown | ControlReply | Rejected)
+    if isinstance(ev, Rejected):
+        assert ev.reason in REASONS and ev.raw == raw[:4096]
+    elif isinstance(ev, Trade | DepthDiff):
+        assert decode_entry([str(v).encode() for v in ev.fields()]) == ev  # what the stream stores round-trips
