@@ -15,7 +15,7 @@ from tickbridge.brain.common import fast_trade
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth, make_trade
 from tickbridge.core import keys
-from tickbridge.core.redis_io import ensure_group, make_client
+from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import TickError, decode_entry
 from tickbridge.devstack.servers import RedisServer
@@ -240,3 +240,28 @@ async def test_entry_that_keeps_failing_is_dead_lettered_without_harming_its_bat
     assert sorted(trade_ids) == list(range(1, 11))  # the rest of the batch: written exactly once
     await eventually(lambda: _pending_zero(brain), timeout=5, what="group drained")
     assert (registry.get_sample_value("tickbridge_consumer_errors_total", {"kind": "response"}) or 0) >= 2
+
+
+async def test_ingest_call_replayed_writes_nothing_twice(brain: aioredis.Redis, redis_server: RedisServer) -> None:
+    """Two consumers racing for the same entries (or a retried call): XACK 0 undoes the append."""
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(SYMBOLS)
+    await source.append(brain, STREAM, 30)
+    await brain.xadd(STREAM, as_mapping(make_depth("BTCUSDT", 5, source.ts).fields()))
+    svc = BrainConsumer(settings_for(redis_server, consumer_name="me"), CollectorRegistry())
+    svc.client = make_client(redis_server.url)
+    try:
+        await svc._setup()
+        entries = await svc._read(">", block=False)
+        assert len(entries) == 31
+        cmd, dead = svc._build(entries, {})
+        assert dead == 0
+        first, second = await execute_packed(brain, [cmd, cmd])
+        assert first == [31, 0] and second == [0, 31]
+        for sym in SYMBOLS:
+            ids = await src_ids(brain, keys.trades_key(sym))
+            assert len(ids) == len(set(ids)) == 10
+            assert await brain.zcard(keys.warm_key(sym)) == 10
+        assert await brain.xlen(keys.depth_key("BTCUSDT")) == 1
+    finally:
+        await svc.client.aclose()
