@@ -28,8 +28,7 @@ from tickbridge.core.tick import DepthDiff, Trade
 
 log = logging.getLogger(__name__)
 
-#: Token of the last batch applied by a collector (exactly-once retries).
-LAST_BATCH_KEY = "tickbridge:collector:last_batch"
+LAST_BATCH_KEY = keys.COLLECTOR_LAST_BATCH
 DEAD_LETTER_MAXLEN = 10_000
 TRIM_INTERVAL_S = 1.0
 #: A link failure, or an error reply such as OOM or LOADING: retry the same batch, never drop it.

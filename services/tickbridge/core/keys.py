@@ -13,6 +13,8 @@ DEFAULT_CONSUMER_GROUP = "brain-consumer-group"
 COLLECTOR_DEAD_LETTER = "tickbridge:deadletter:collector"
 #: Last trade ID appended per symbol (VPS hash): trade-gap detection across restarts.
 COLLECTOR_LAST_TRADE_IDS = "tickbridge:collector:last_trade_id"
+#: Token of the last batch the collector applied (a retried MULTI/EXEC is recognised, never doubled).
+COLLECTOR_LAST_BATCH = "tickbridge:collector:last_batch"
 #: Forwarder state on the VPS (hash): what the Brain confirmed, what went to the disk buffer.
 FORWARDER_STATE = "tickbridge:forwarder:state"
 #: Entries that failed too often in the Brain consumer.
