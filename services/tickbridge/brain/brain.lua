@@ -11,11 +11,12 @@
 --
 -- KEYS[1] = the Brain stream; KEYS[2..] = target streams and WARM sorted sets, referenced by index.
 -- ARGV = group, warm_window_us, H, then H triples (trade stream index k, symbol, exchange): the
--- trade stream KEYS[k] has its WARM zset at KEYS[k + 1]. Then per entry: id, target_index, kind, ...
---   kind 't': a trade in the contract's field order: price, volume, side, timestamp, trade_id, recv_ts
---   kind 'w': any other valid trade: warm_index, score, member, nfields, field, value, ...
---   kind 'p': an order-book diff: nfields, field, value, ...
---   kind 'd': dead letter (target = dead-letter stream): nfields, field, value, ... (with the reason)
+-- trade stream KEYS[k] has its WARM zset at KEYS[k + 1]. Then records, each starting with a kind:
+--   'T', k, count, then count x (id, price, volume, side, timestamp, trade_id, recv_ts): trades in the
+--        contract's field order for the key pair k (the common case)
+--   'w', id, target_index, warm_index, score, member, nfields, field, value, ...: any other valid trade
+--   'p', id, target_index, nfields, field, value, ...: an order-book diff
+--   'd', id, dead_letter_index, nfields, field, value, ... (with the reason): a dead letter
 -- Arguments cost more than the commands here, so the common case sends as few as possible.
 -- Returns {written, already_acked}.
 local function add_warm(warm, zkey, score, member)
@@ -49,25 +50,32 @@ local function ingest(keys, args)
   local warm = {}
   local call = redis.call
   while i <= n do
-    local id = args[i]
-    local k = tonumber(args[i + 1])
-    local kind = args[i + 2]
-    i = i + 3
-    if kind == 't' then
-      local price, volume, side, ts, trade_id, recv_ts =
-        args[i], args[i + 1], args[i + 2], args[i + 3], args[i + 4], args[i + 5]
-      local new_id = call('XADD', keys[k], '*', 'src_id', id, 'symbol', symbol_of[k], 'exchange', exchange_of[k],
-                          'type', 'TRADE', 'price', price, 'volume', volume, 'side', side, 'timestamp', ts,
-                          'trade_id', trade_id, 'recv_ts', recv_ts)
-      if call('XACK', stream, group, id) == 1 then
-        add_warm(warm, keys[k + 1], tonumber(ts), trade_id .. '|' .. price .. '|' .. volume .. '|' .. side .. '|' .. recv_ts)
-        written = written + 1
-      else
-        call('XDEL', keys[k], new_id)
-        dup = dup + 1
+    local kind = args[i]
+    if kind == 'T' then
+      -- A run of `count` trades for the key pair k: id, price, volume, side, timestamp, trade_id, recv_ts.
+      local k = tonumber(args[i + 1])
+      local count = tonumber(args[i + 2])
+      local target, zkey, symbol, exchange = keys[k], keys[k + 1], symbol_of[k], exchange_of[k]
+      i = i + 3
+      for _ = 1, count do
+        local id, price, volume, side, ts, trade_id, recv_ts =
+          args[i], args[i + 1], args[i + 2], args[i + 3], args[i + 4], args[i + 5], args[i + 6]
+        local new_id = call('XADD', target, '*', 'src_id', id, 'symbol', symbol, 'exchange', exchange,
+                            'type', 'TRADE', 'price', price, 'volume', volume, 'side', side, 'timestamp', ts,
+                            'trade_id', trade_id, 'recv_ts', recv_ts)
+        if call('XACK', stream, group, id) == 1 then
+          add_warm(warm, zkey, tonumber(ts), trade_id .. '|' .. price .. '|' .. volume .. '|' .. side .. '|' .. recv_ts)
+          written = written + 1
+        else
+          call('XDEL', target, new_id)
+          dup = dup + 1
+        end
+        i = i + 7
       end
-      i = i + 6
     else
+      local id = args[i + 1]
+      local k = tonumber(args[i + 2])
+      i = i + 3
       local warm_index, score, member = 0, nil, nil
       if kind == 'w' then
         warm_index, score, member = tonumber(args[i]), tonumber(args[i + 1]), args[i + 2]

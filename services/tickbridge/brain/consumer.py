@@ -328,12 +328,13 @@ class BrainConsumer(Service):
             return idx
 
         args: list[str | bytes | int] = []
+        runs: dict[tuple[bytes, bytes], list[bytes]] = {}  # (symbol, exchange) -> 7 values per trade
         dead = 0
         dl = 0
         for entry_id, fields in entries:
             if fields is None:  # deleted from the stream while pending: nothing left to write
                 dl = dl or index(keys.CONSUMER_DEAD_LETTER)
-                args += [entry_id, dl, "d", 4, "reason", "entry deleted while pending", "src_stream", self.stream]
+                args += ["d", entry_id, dl, 4, "reason", "entry deleted while pending", "src_stream", self.stream]
                 dead += 1
                 continue
             deliveries = counts.get(entry_id, 1)
@@ -342,7 +343,10 @@ class BrainConsumer(Service):
             else:
                 fast = fast_trade(fields)
                 if fast is not None:  # the common case, without building a dict and a dataclass
-                    args += [entry_id, trade_pair(fast[0], fast[1]), "t", *fields[7::2]]
+                    run = runs.get(fast)
+                    if run is None:
+                        run = runs[fast] = []
+                    run += (entry_id, *fields[7::2])
                     continue
                 try:
                     tick = decode_entry(fields)
@@ -353,10 +357,10 @@ class BrainConsumer(Service):
                         member = f"{tick.trade_id}|{tick.price}|{tick.volume}|{tick.side}|{tick.recv_ts}"
                         target = index(keys.trades_key(tick.symbol, tick.exchange))
                         warm_idx = index(keys.warm_key(tick.symbol, tick.exchange))
-                        args += [entry_id, target, "w", warm_idx, tick.timestamp, member, len(fields), *fields]
+                        args += ["w", entry_id, target, warm_idx, tick.timestamp, member, len(fields), *fields]
                     else:
                         target = index(keys.depth_key(tick.symbol, tick.exchange))
-                        args += [entry_id, target, "p", len(fields), *fields]
+                        args += ["p", entry_id, target, len(fields), *fields]
                     continue
             dl = dl or index(keys.CONSUMER_DEAD_LETTER)
             raw = (
@@ -364,8 +368,10 @@ class BrainConsumer(Service):
                 if len(fields) % 2 == 0
                 else [b"reason", reason.encode(), *fields, b""]
             )
-            args += [entry_id, dl, "d", len(raw), *raw]
+            args += ["d", entry_id, dl, len(raw), *raw]
             dead += 1
+        for (symbol, exchange), run in runs.items():
+            args += ["T", trade_pair(symbol, exchange), len(run) // 7, *run]
         head = [self.group, self.warm_window_us, len(header) // 3, *header]
         return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *head, *args], dead
 
