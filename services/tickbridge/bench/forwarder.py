@@ -3,7 +3,8 @@ QuestDB buffer, next to `redis-benchmark` pipelined XADD measured in the same ru
 in Redis memory and QuestDB disk, in hours of outage on a 4 GB / 50 GB VPS at 1,200 ticks/s.
 
 Real servers on this machine: VPS redis-server, Brain redis-server, VPS QuestDB; the forwarder runs
-in-process (uvloop) with the default settings except the RAM budget of the buffer phase.
+in-process (uvloop, GC tuned as in `tickbridge forwarder`) with the default settings except the RAM budget
+of the buffer phase.
 1. Redis drain: 1M entries preloaded in the VPS stream (explicit IDs, contract layout), Brain up,
    forwarder started; rate = entries / time from the first to the last arrival on the Brain.
 2. QuestDB drain: 1M entries preloaded, Brain down, RAM budget 2 MB so the forwarder spills them to
@@ -28,7 +29,7 @@ from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
 from tickbridge.devstack.servers import QuestDBServer, RedisServer
 from tickbridge.forwarder.loadgen import preload, trade_fields
-from tickbridge.forwarder.service import Forwarder
+from tickbridge.forwarder.service import Forwarder, tune_gc
 
 KEY = "market:vps:stream"
 TICKS_PER_S = 1200
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ticks", type=int, default=1_000_000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    tune_gc()  # as `tickbridge forwarder` does
     try:
         import uvloop
 

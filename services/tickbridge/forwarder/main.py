@@ -7,7 +7,7 @@ import os
 from tickbridge.core.lifecycle import run_service, setup_logging
 from tickbridge.core.metrics import serve_metrics
 from tickbridge.core.settings import load_settings
-from tickbridge.forwarder.service import Forwarder
+from tickbridge.forwarder.service import Forwarder, tune_gc
 
 #: Buffer table name override (tests sharing one QuestDB); the contract name is `vps_buffer`.
 TABLE_ENV = "FORWARDER_BUFFER_TABLE"
@@ -24,5 +24,6 @@ def main(argv: list[str]) -> None:
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("forwarder"), settings.metrics_bind)
     table = os.environ.get(TABLE_ENV, "vps_buffer")
+    tune_gc()
     spill_batch = int(os.environ.get(SPILL_BATCH_ENV, "50000"))
     run_service(lambda: Forwarder(settings, buffer_table=table, spill_batch=spill_batch))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import math
 import time
@@ -38,6 +39,14 @@ ZERO: StreamId = (0, 0)
 QUESTDB_ERRORS: tuple[type[BaseException], ...] = (
     QuestDBError, IngressError, aiohttp.ClientError, TimeoutError, OSError,
 )  # fmt: skip
+
+
+def tune_gc() -> None:
+    """Fewer young-generation collections: a 5,000-entry batch allocates ~100k short-lived objects, and the
+    default threshold (700) collects ~150 times per batch; measured +50-70% drain rate on this host."""
+    gc.collect()
+    gc.freeze()  # startup objects (modules, settings) are never garbage: keep them out of every scan
+    gc.set_threshold(200_000, 50, 100)
 
 
 class LinkDown(Exception):
@@ -559,7 +568,8 @@ class Forwarder(Service):
         per_entry = usage / length
         excess = math.ceil((usage - 0.8 * budget) / per_entry)
         try:
-            await self._spill(max(excess, 1))
+            # Bounded per step so the loop keeps beating the watchdog and answering a stop.
+            await self._spill(min(max(excess, 1), 4 * self.spill_batch))
         except LinkDown as exc:
             if exc.target != "questdb":
                 raise
