@@ -358,6 +358,7 @@ class BrainWriter(Service):
         n = 0
         trades, depth = self.batches[TRADES_TABLE], self.batches[DEPTH_TABLE]
         text = self._text
+        texts = self._texts
         dead: list[tuple[bytes, bytes, str]] = []
         for stream, entries in got.items():
             for entry_id, fields in entries:
@@ -368,7 +369,9 @@ class BrainWriter(Service):
                     try:
                         trades.buffer.row(
                             TRADES_TABLE,
-                            symbols={"exchange": text(fields[5]), "symbol": text(fields[3]), "side": text(fields[13])},
+                            symbols={"exchange": texts.get(fields[5]) or text(fields[5]),
+                                     "symbol": texts.get(fields[3]) or text(fields[3]),
+                                     "side": texts.get(fields[13]) or text(fields[13])},
                             columns={"price": float(fields[9]), "volume": float(fields[11]),
                                      "trade_id": int(fields[17]), "recv_ts": TimestampMicros(int(fields[19]))},
                             at=TimestampMicros(int(fields[15])),
