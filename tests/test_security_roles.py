@@ -114,15 +114,12 @@ async def test_consumer_dead_letters_poison_over_tls_and_loses_no_valid_tick(
     await run_poison(brain, passwords, admin, POISON, timeout=30)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="brain/common.py fast_trade lets any [a-z0-9_] exchange past decode_entry's check: the ingest call "
-    "then names market:evil:* keys, the consumer's ACL refuses the whole batch, and the consumer retries forever",
-)
 async def test_consumer_dead_letters_a_foreign_exchange(
     brain: SecureRedisServer, passwords: dict[str, str], admin: aioredis.Redis
 ) -> None:
-    await run_poison(brain, passwords, admin, FOREIGN_EXCHANGE, timeout=10)
+    """The fast path lets it through, the ingest call is refused (keys outside the ACL), and the consumer's
+    entry-by-entry retry dead-letters it: slower than a decode error, but nothing stalls or is lost."""
+    await run_poison(brain, passwords, admin, FOREIGN_EXCHANGE, timeout=30)
 
 
 async def run_poison(
