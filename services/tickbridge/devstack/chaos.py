@@ -47,6 +47,8 @@ from tickbridge.devstack.stack import ROLES, NativeStack, StackConfig
 
 console = Console(stderr=True)
 
+#: Recoveries slower than this are called out in the report (not a failure: the oracle decides that).
+SLOW_RECOVERY_S = 30.0
 #: RAM budget that makes a ~10 s outage spill to the VPS QuestDB at the chaos rate.
 SMALL_RAM_BUDGET = 4_000_000
 
@@ -66,6 +68,8 @@ class ChaosOptions:
     recovery_timeout: float = 180.0
     drain_timeout: float = 240.0
     workdir: Path | None = None
+    #: Keep every scenario's files and logs, not only the failing ones.
+    keep: bool = False
     command: str = ""
 
 
@@ -120,6 +124,8 @@ class Ctx:
         ev.recovery_s = None if rec is None else round(rec, 2)
         if rec is None:
             self.problems.append(f"no recovery within {self.opts.recovery_timeout:.0f}s after: {ev.what}")
+        elif rec > SLOW_RECOVERY_S:
+            self.evidence.append(f"slow recovery ({rec:.1f}s > {SLOW_RECOVERY_S:.0f}s) after: {ev.what}")
         console.print(f"  [green]recovered[/] in {ev.recovery_s}s" if rec is not None else "  [red]NOT recovered")
 
     def steady(self, seconds: float) -> None:
@@ -528,7 +534,7 @@ def run(names: list[str], opts: ChaosOptions) -> dict[str, Any]:
             finally:
                 stack.stop()
             results.append(res)
-            if res.ok:
+            if res.ok and not opts.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
     doc: dict[str, Any] = {
         "kind": "chaos",
@@ -546,7 +552,7 @@ def run(names: list[str], opts: ChaosOptions) -> dict[str, Any]:
     if opts.out is not None:
         paths = report.write_chaos_report(doc, opts.out)
         console.print(f"report: {paths['md']}")
-    if doc["ok"] and opts.workdir is None:
+    if doc["ok"] and opts.workdir is None and not opts.keep:
         shutil.rmtree(base, ignore_errors=True)
     return doc
 
@@ -562,6 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--symbols", help="comma-separated symbols (default: the 50 USDT pairs)")
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="results folder")
     parser.add_argument("--workdir", type=Path, help="keep the stacks' files (logs) here")
+    parser.add_argument("--keep", action="store_true", help="keep the logs of passing scenarios too")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args(argv)
@@ -571,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     symbols = tuple(s.strip().upper() for s in args.symbols.split(",")) if args.symbols else ()
     opts = ChaosOptions(rate=args.rate, symbols=symbols, quick=args.quick, scale=args.scale, shared=args.shared,
-                        out=args.out, seed=args.seed, workdir=args.workdir,
+                        out=args.out, seed=args.seed, workdir=args.workdir, keep=args.keep,
                         command="python -m tickbridge.devstack.chaos " + shlex.join(
                             sys.argv[1:] if argv is None else argv))  # fmt: skip
     doc = run(args.scenario or [s.name for s in SCENARIOS], opts)
