@@ -248,3 +248,26 @@ def test_config_error_never_prints_a_password(name: str, value: str, tmp_path: P
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 2 and name in proc.stderr, proc.stderr
     assert password not in proc.stderr + proc.stdout and password[:6] not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("role", "tls_env", "name"),
+    [
+        ("forwarder", {"REDIS_TLS_CA": "/nonexistent/ca.crt"}, "REDIS_TLS_CA"),
+        ("consumer", {"REDIS_TLS_CERT": "missing/client.crt", "REDIS_TLS_KEY": "missing/client.key"}, "REDIS_TLS_CERT"),
+        ("writer", {"REDIS_TLS_CERT": "{ca}"}, "REDIS_TLS_KEY"),
+    ],
+)
+def test_a_role_with_broken_tls_files_exits_with_one_line_naming_the_variable(
+    role: str, tls_env: dict[str, str], name: str, tmp_path: Path
+) -> None:
+    """Not an endless "connection failed, retrying" loop: the role refuses to start and says why."""
+    existing = tmp_path / "present.crt"
+    existing.write_text("x")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "METRICS_PORT": "0",
+           "BRAIN_REDIS_URL": "rediss://x:y@127.0.0.1:1/0",
+           **{k: v.format(ca=existing) for k, v in tls_env.items()}}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "tickbridge", role], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"config error: {name}:"), proc.stderr

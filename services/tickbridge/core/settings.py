@@ -6,6 +6,7 @@ A wrong or missing value ends the process with exactly one line naming the varia
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Annotated, Literal, NoReturn
@@ -155,9 +156,31 @@ def die(line: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+def tls_file_error(settings: Settings) -> str | None:
+    """One line naming a TLS variable whose file a `rediss://` connection would fail on, else None.
+
+    Checked when a process starts (not in the model, which also describes other hosts' containers): a
+    missing file would otherwise show up as an endless "connection failed, retrying" loop.
+    """
+    if not any(url.startswith("rediss://") for url in (settings.vps_redis_url, settings.brain_redis_url)):
+        return None
+    files = {"REDIS_TLS_CA": settings.redis_tls_ca, "REDIS_TLS_CERT": settings.redis_tls_cert,
+             "REDIS_TLS_KEY": settings.redis_tls_key}  # fmt: skip
+    for name, value in files.items():
+        if value and not os.access(value, os.R_OK):
+            return f"config error: {name}: file not found or not readable (got {value[:60]!r})"
+    if bool(settings.redis_tls_cert) != bool(settings.redis_tls_key):
+        return "config error: REDIS_TLS_KEY: REDIS_TLS_CERT and REDIS_TLS_KEY go together (client certificate)"
+    return None
+
+
 def load_settings() -> Settings:
     """Load settings or exit with one line naming the variable."""
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         die(config_error_line(exc))
+    error = tls_file_error(settings)
+    if error is not None:
+        die(error)
+    return settings
