@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,3 +139,64 @@ async def test_short_outage_no_loss_no_duplicates(
 @pytest.mark.skipif(not os.environ.get("FORWARDER_FULL_OUTAGE"), reason="set FORWARDER_FULL_OUTAGE=1 (60 s)")
 async def test_one_minute_outage(redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer) -> None:
     await run_outage(redis_factory, questdb_server, 60.0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _acl_line(path: Path, user: str) -> str | None:
+    """The project's ACL rule for `user`, with the password placeholder replaced by `>pw`."""
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        if line.startswith(f"user {user} "):
+            return re.sub(r"#@[A-Z_]+@", ">pw", line)
+    return None
+
+
+def _acl_files(tmp_path: Path) -> dict[str, Path] | None:
+    files = {}
+    for host in ("vps", "brain"):
+        rule = _acl_line(REPO / "redis" / f"users.{host}.acl", "forwarder")
+        if rule is None:
+            return None
+        files[host] = tmp_path / f"{host}.acl"
+        files[host].write_text(f"user default on nopass ~* &* +@all\n{rule}\n")
+    return files
+
+
+async def test_runs_under_the_project_acls(
+    redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer, tmp_path: Path
+) -> None:
+    """The forwarder needs only the commands `redis/users.{vps,brain}.acl` grant its user (password in the URL)."""
+    acls = _acl_files(tmp_path)
+    if acls is None:
+        pytest.skip("no forwarder ACL rules in redis/")
+    servers = {host: redis_factory(extra=["--aclfile", str(path)]) for host, path in acls.items()}
+    vps, brain = servers["vps"], servers["brain"]
+
+    def with_user(url: str) -> str:
+        return url.replace("redis://", "redis://forwarder:pw@")
+
+    settings = make_settings(vps, brain, questdb_server).model_copy(
+        update={"vps_redis_url": with_user(vps.url), "brain_redis_url": with_user(brain.url)}
+    )
+    vps_c, brain_c = make_client(vps.url), make_client(brain.url)
+    ids = await preload(vps_c, settings.stream_key, 3000)
+    registry = CollectorRegistry()
+    async with running(Forwarder(settings, registry, buffer_table=f"vb_{uuid.uuid4().hex[:8]}")):
+
+        async def delivered() -> bool:
+            return int(await brain_c.xlen(settings.stream_key)) >= len(ids)
+
+        await eventually(delivered, 30, what="delivery with ACL-restricted users")
+
+        async def idle_check_done() -> bool:  # the idle Brain check and the stats run under the ACL too
+            return sample(registry, "tickbridge_forwarder_checkpoint_ms") > 0
+
+        await eventually(idle_check_done, 10, what="a stats cycle")
+        assert sample(registry, "tickbridge_forwarder_errors_total", target="brain") == 0
+    verdict = verify(await read_stream(brain_c, settings.stream_key), {e: trade_fields(i) for i, e in enumerate(ids)})
+    assert verdict.ok, verdict
+    await vps_c.aclose()
+    await brain_c.aclose()

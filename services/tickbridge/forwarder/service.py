@@ -112,6 +112,7 @@ class Forwarder(Service):
         self._next_qdb_try = 0.0
         self._last_maintain = 0.0
         self._last_stats = 0.0
+        self._last_clean = 0.0
         self._last_progress_log = 0.0
         self._rate_mark = (time.monotonic(), 0)
         self._delivered = 0
@@ -502,7 +503,8 @@ class Forwarder(Service):
         await self._save_checkpoint()
         await self._trim()
         await self._enforce_ram_budget()
-        if self.buffer_known and now >= self._next_qdb_try:
+        if self.buffer_known and now >= self._next_qdb_try and now - self._last_clean >= 1.0:
+            self._last_clean = now
             try:
                 await self._clean_buffer()
             except LinkDown as exc:
