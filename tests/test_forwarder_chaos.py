@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -22,7 +23,7 @@ from conftest import eventually
 from test_forwarder_flow import make_settings, running, sample
 from tickbridge.core import keys
 from tickbridge.core.redis_io import make_client
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
+from tickbridge.devstack.servers import QuestDBServer, RedisServer, ToxiproxyServer, free_port
 from tickbridge.forwarder.loadgen import LiveWriter, preload, read_stream, trade_fields, verify
 from tickbridge.forwarder.service import Forwarder
 
@@ -241,6 +242,60 @@ async def test_questdb_kill9_during_spill(
     expected: dict[bytes, list[bytes] | None] = {eid: trade_fields(i) for i, eid in enumerate(ids)}
     expected.update({eid: None for _, eid in writer.acked})
     verdict = verify(await read_stream(brain_c, settings.stream_key), expected)
+    assert verdict.ok, (verdict.missing[:5], verdict)
+    await vps_c.aclose()
+    await brain_c.aclose()
+
+
+async def test_blackholed_brain_link(
+    redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer, toxiproxy: ToxiproxyServer
+) -> None:
+    """The VPS->Brain link silently drops everything (toxiproxy `timeout` toxic, no RST: a real partition).
+    Result: the forwarder times out, holds the backlog (ram_backlog), and after the link heals delivers
+    every tick once, in order."""
+    vps, brain = redis_factory(), redis_factory()
+    port = free_port()
+    async with aiohttp.ClientSession() as http:
+        body = {"name": "brain", "listen": f"127.0.0.1:{port}", "upstream": f"127.0.0.1:{brain.port}"}
+        async with http.post(f"{toxiproxy.api}/proxies", json=body) as resp:
+            assert resp.status == 201, await resp.text()
+        settings = make_settings(vps, brain, questdb_server).model_copy(
+            update={"brain_redis_url": f"redis://127.0.0.1:{port}/0"}
+        )
+        vps_c, brain_c = make_client(vps.url), make_client(brain.url)
+        registry = CollectorRegistry()
+        writer = LiveWriter(vps_c, settings.stream_key, rate=1500)
+        stop_writer = asyncio.Event()
+        async with running(Forwarder(settings, registry, buffer_table=f"vb_{uuid.uuid4().hex[:8]}")):
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(writer.run(stop_writer))
+
+                async def flowing() -> bool:
+                    return int(await brain_c.xlen(settings.stream_key)) > 500
+
+                await eventually(flowing, 20, what="ticks flowing through the proxy")
+                toxic = {"name": "blackhole", "type": "timeout", "attributes": {"timeout": 0}}
+                async with http.post(f"{toxiproxy.api}/proxies/brain/toxics", json=toxic) as resp:
+                    assert resp.status == 200, await resp.text()
+
+                async def backlog_mode() -> bool:
+                    return sample(registry, "tickbridge_forwarder_mode", mode="ram_backlog") == 1
+
+                await eventually(backlog_mode, 30, what="the partition noticed (timeouts)")
+                async with http.delete(f"{toxiproxy.api}/proxies/brain/toxics/blackhole") as resp:
+                    assert resp.status == 204, await resp.text()
+
+                async def direct() -> bool:
+                    return sample(registry, "tickbridge_forwarder_mode", mode="direct") == 1
+
+                await eventually(direct, 60, what="caught up after the partition")
+                stop_writer.set()
+
+            async def drained() -> bool:
+                return int(await brain_c.xlen(settings.stream_key)) >= len(writer.acked)
+
+            await eventually(drained, 30, what="every tick on the Brain")
+    verdict = verify(await read_stream(brain_c, settings.stream_key), {eid: None for _, eid in writer.acked})
     assert verdict.ok, (verdict.missing[:5], verdict)
     await vps_c.aclose()
     await brain_c.aclose()
