@@ -51,6 +51,8 @@ class ForwarderMetrics:
         )
         self.buffer_bytes = gauge("forwarder_buffer_bytes", "Disk size of the QuestDB buffer partitions", registry=r)
         self.buffer_hours = gauge("forwarder_buffer_hours", "Time span held in the QuestDB buffer", registry=r)
+        self.ram_budget = gauge("forwarder_ram_budget_bytes", "RAM_BUFFER_BYTES (VPS stream budget)", registry=r)
+        self.disk_budget = gauge("forwarder_disk_budget_bytes", "DISK_BUFFER_BYTES (QuestDB buffer budget)", registry=r)
         self.checkpoint_ms = gauge("forwarder_checkpoint_ms", "Millisecond part of the confirmed entry ID", registry=r)
         self.batch_seconds = histogram("forwarder_batch_seconds", "Brain XADD batch round trip", registry=r)
         for target in ("brain", "vps", "questdb"):

@@ -81,6 +81,8 @@ class Forwarder(Service):
         super().__init__()
         self.settings = settings
         self.metrics = ForwarderMetrics(registry if registry is not None else REGISTRY)
+        self.metrics.ram_budget.set(settings.ram_buffer_bytes)
+        self.metrics.disk_budget.set(settings.disk_buffer_bytes)
         self.key = settings.stream_key
         self.batch = settings.forward_batch
         self.spill_batch = spill_batch
