@@ -232,6 +232,7 @@ class Forwarder(Service):
         self.buffer.last_ts = max(self.buffer.last_ts, int(state.get("buffer_ts", "0")))
         self.spill_pending = bool(state.get("spill_pending"))
         self.buffer_known = False
+        self.trimmed_to = ZERO  # a restarted VPS Redis may hold entries again that we had trimmed
         self.metrics.connected.labels("vps").set(1)
         await self._try_recover_buffer()
         self.retained = await self._count_retained()
@@ -525,15 +526,13 @@ class Forwarder(Service):
     def _retention_floor(self) -> tuple[StreamId, int]:
         """Checkpoint and buffer cursor confirmed more than `delivered_retention_s` ago."""
         limit = time.monotonic() - self.settings.delivered_retention_s
-        floor: tuple[StreamId, int] = (ZERO, 0)
+        floor: tuple[StreamId, int] | None = None
         while self.confirms and self.confirms[0][0] <= limit:
             _, cp, cursor = self.confirms.popleft()
             floor = (cp, cursor)
-        if floor[0] != ZERO:
-            # keep the newest expired confirmation as the floor for the next call
-            self.confirms.appendleft((limit, *floor))
-        elif self.confirms and self.confirms[0][0] == limit:
-            floor = self.confirms[0][1:]
+        if floor is None:
+            return ZERO, 0
+        self.confirms.appendleft((limit, *floor))  # the newest expired confirmation stays the floor
         return floor
 
     async def _trim(self, floor: StreamId | None = None) -> None:
