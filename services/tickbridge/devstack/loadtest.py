@@ -112,15 +112,20 @@ def run(opts: LoadOptions) -> dict[str, Any]:
     return doc
 
 
+def _kept_metric(name: str) -> bool:
+    """Counters, and histogram sums/counts (their ratio is the mean, e.g. a batch round trip)."""
+    return "_total" in name or name.split("{")[0].endswith(("_sum", "_count"))
+
+
 def _role_metrics(stack: NativeStack) -> dict[str, dict[str, float]]:
     """Every role's counters at the end (evidence: reconnects, back-fills, retries, drops)."""
     out: dict[str, dict[str, float]] = {}
     for name, proc in stack.roles.items():
         with contextlib.suppress(Exception):
-            out[name] = {k: v for k, v in scrape_metrics(proc.metrics_port).items() if "_total" in k}
+            out[name] = {k: v for k, v in scrape_metrics(proc.metrics_port).items() if _kept_metric(k)}
     if stack.sim is not None:
         with contextlib.suppress(Exception):
-            out["sim"] = {k: v for k, v in scrape_metrics(stack.sim.metrics_port).items() if "_total" in k}
+            out["sim"] = {k: v for k, v in scrape_metrics(stack.sim.metrics_port).items() if _kept_metric(k)}
     return out
 
 

@@ -169,6 +169,31 @@ _EVIDENCE_WORDS = (
 )
 
 
+def _role_metric_lines(role_metrics: dict[str, dict[str, float]]) -> list[str]:
+    """Non-zero fault/retry counters, and the mean of every timing histogram, as markdown lines."""
+    lines: list[str] = []
+    counters = []
+    for role, metrics in role_metrics.items():
+        for name, value in sorted(metrics.items()):
+            if value and any(w in name for w in _EVIDENCE_WORDS):
+                counters.append(f"{role}: `{name}` = {value:g}")
+    if counters:
+        lines.append("\nRole counters at the end (faults, retries, back-fills): " + "; ".join(counters) + "\n")
+    means = []
+    for role, metrics in role_metrics.items():
+        for name, total in sorted(metrics.items()):
+            base, _, labels = name.partition("{")
+            if base.endswith("_sum"):
+                count = metrics.get(base[:-4] + "_count" + (("{" + labels) if labels else ""))
+                if count:
+                    means.append(f"{role}: `{base[:-4]}{{{labels}` mean {total / count * 1000:,.1f} ms over {count:g}"
+                                 if labels else f"{role}: `{base[:-4]}` mean {total / count * 1000:,.1f} ms over "
+                                 f"{count:g}")  # fmt: skip
+    if means:
+        lines.append("\nRole timing histograms (mean per observation): " + "; ".join(means) + "\n")
+    return lines
+
+
 def load_markdown(doc: dict[str, Any]) -> str:
     """The human report of one load run."""
     target = doc["rate_target"]
@@ -229,13 +254,7 @@ def load_markdown(doc: dict[str, Any]) -> str:
         lines.append("\nSymbols failing the oracle: " + ", ".join(
             f"{f['symbol']} (missing {f['missing']}, dup {f['duplicates']}, ooo {f['out_of_order']})"
             if isinstance(f, dict) else str(f) for f in failing[:20]) + "\n")  # fmt: skip
-    counters = []
-    for role, metrics in (doc.get("role_metrics") or {}).items():
-        for name, value in sorted(metrics.items()):
-            if value and any(w in name for w in _EVIDENCE_WORDS):
-                counters.append(f"{role}: `{name}` = {value:g}")
-    if counters:
-        lines.append("\nRole counters at the end (faults, retries, back-fills): " + "; ".join(counters) + "\n")
+    lines += _role_metric_lines(doc.get("role_metrics") or {})
     checks = doc.get("checks", {})
     if checks:
         lines.append("\n## Acceptance checks\n")
