@@ -21,11 +21,11 @@ import pytest
 import redis
 import redis.exceptions
 
-from tickbridge.devstack.servers import REPO_ROOT, QuestDBServer, RedisServer, free_port
+from tickbridge.devstack.servers import REPO_ROOT, QuestDBServer, RedisServer, free_port, wait_until
 from tickbridge.devstack.tls import make_certs, render_acl
 from tickbridge.ops import secrets_init
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
 PASSWORDS = {
     name: f"pw-{name.lower()}"
@@ -172,23 +172,27 @@ def test_questdb_server_conf_starts_and_exports_metrics(host: str, tmp_path: Pat
     server.start()
     try:
         # As in compose: Basic auth on 9000 (QDB_HTTP_USER/PASSWORD), health and /metrics on 9003 without it.
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.min_port}/", timeout=10) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.min_port}/", timeout=30) as resp:
             assert resp.status == 200
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.min_port}/metrics", timeout=10) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.min_port}/metrics", timeout=30) as resp:
             metrics = resp.read().decode()
         assert "questdb_suspended_tables" in metrics and "questdb_memory_rss" in metrics
         with pytest.raises(urllib.error.HTTPError) as denied:
-            urllib.request.urlopen(f"{server.url}/exec?query=SELECT%201", timeout=10)
+            urllib.request.urlopen(f"{server.url}/exec?query=SELECT%201", timeout=30)
         assert denied.value.code == 401
         request = urllib.request.Request(f"{server.url}/exec?query=SELECT%201")
         request.add_header("Authorization", "Basic " + base64.b64encode(b"qdb-user:qdb-password").decode())
-        with urllib.request.urlopen(request, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=30) as resp:
             assert resp.status == 200
-        # QuestDB names keys it does not recognise ("Invalid settings ... probable typos") in its log.
-        log = "".join(p.read_text(errors="replace") for p in (server.workdir / "log").glob("*"))
-        assert "server-main" in log
-        assert "Invalid settings" not in log, log[log.find("Invalid settings") :][:500]
+
+        # QuestDB names keys it does not recognise ("Invalid settings ... probable typos") in its log, which
+        # it writes asynchronously: wait for the configuration summary before reading it.
+        def log() -> str:
+            return "".join(p.read_text(errors="replace") for p in (server.workdir / "log").glob("*"))
+
+        wait_until(lambda: "resolved RAM usage limit" in log(), 60, "QuestDB configuration log")
+        assert "Invalid settings" not in log(), log()[log().find("Invalid settings") :][:500]
         if host == "vps":
-            assert "resolved RAM usage limit: 512.0 MiB" in log
+            assert "resolved RAM usage limit: 512.0 MiB" in log()
     finally:
         server.stop()

@@ -250,7 +250,10 @@ VPS: tuple[Row, ...] = (
             ),
             Panel(
                 "Stream memory",
-                (_q("sum(tickbridge_forwarder_redis_stream_bytes)", "VPS stream"),),
+                (
+                    _q("sum(tickbridge_forwarder_redis_stream_bytes)", "VPS stream"),
+                    _q("sum(tickbridge_forwarder_ram_budget_bytes)", "budget (RAM_BUFFER_BYTES)"),
+                ),
                 "bytes",
                 "MEMORY USAGE of the VPS stream; spilling starts at RAM_BUFFER_BYTES.",
             ),
@@ -290,9 +293,12 @@ VPS: tuple[Row, ...] = (
             ),
             Panel(
                 "Buffer size",
-                (_q("sum(tickbridge_forwarder_buffer_bytes)", "on disk"),),
+                (
+                    _q("sum(tickbridge_forwarder_buffer_bytes)", "on disk"),
+                    _q("sum(tickbridge_forwarder_disk_budget_bytes)", "budget (DISK_BUFFER_BYTES)"),
+                ),
                 "bytes",
-                "Alert at 80 % of DISK_BUFFER_BYTES.",
+                "Alert at 80 % of the budget.",
             ),
             Panel("Buffer span", (_q("max(tickbridge_forwarder_buffer_hours)", "hours held"),), "h"),
             Panel(
