@@ -508,6 +508,7 @@ def run(names: list[str], opts: ChaosOptions) -> dict[str, Any]:
     results: list[ScenarioResult] = []
     scenarios = [BY_NAME[n] for n in names]
     t_all = time.monotonic()
+    machine = report.machine_info()  # at the start: the load average before this run
     if opts.shared:
         budget = next((s.ram_buffer_bytes for s in scenarios if s.ram_buffer_bytes), None)
         stack = NativeStack(_stack_config(opts, budget, base / "shared"))
@@ -538,7 +539,7 @@ def run(names: list[str], opts: ChaosOptions) -> dict[str, Any]:
                 shutil.rmtree(workdir, ignore_errors=True)
     doc: dict[str, Any] = {
         "kind": "chaos",
-        "machine": report.machine_info(),
+        "machine": machine,
         "rate": opts.rate,
         "n_symbols": len(opts.symbols) or 50,
         "mode": ("quick" if opts.quick else f"full, durations x{opts.scale:g}") + (", shared stack" if opts.shared
