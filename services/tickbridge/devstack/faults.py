@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
@@ -93,6 +94,7 @@ class Probe:
         self.stream_key = keys.DEFAULT_STREAM_KEY
         self._seen: dict[str, bytes] = {}
         self._procs: dict[str, tuple[int, psutil.Process]] = {}
+        self._wait: dict[str, tuple[int, float, int]] = {}
 
     def close(self) -> None:
         self.vps.close()
@@ -192,6 +194,23 @@ class Probe:
             with contextlib.suppress(psutil.Error):
                 p = cached[1]
                 out[name] = (p.cpu_percent(None), p.memory_info().rss / 2**20)
+        return out
+
+    def runqueue_wait(self) -> dict[str, float]:
+        """name -> % of one core its threads spent runnable but waiting for a CPU since the previous call
+        (/proc/<pid>/task/*/schedstat): high = starved of CPU, low with low CPU% = waiting on I/O."""
+        out: dict[str, float] = {}
+        now = time.monotonic()
+        for name, (pid, _) in list(self._procs.items()):
+            total = 0
+            with contextlib.suppress(OSError, ValueError):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    with contextlib.suppress(OSError, ValueError, IndexError):
+                        total += int((task / "schedstat").read_text().split()[1])
+            prev = self._wait.get(name)
+            self._wait[name] = (pid, now, total)
+            if prev is not None and prev[0] == pid and now > prev[1]:
+                out[name] = max(0.0, (total - prev[2]) / 1e9 / (now - prev[1]) * 100)
         return out
 
     def redis_memory_mb(self) -> dict[str, float | None]:

@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -129,20 +129,47 @@ def _role_metrics(stack: NativeStack) -> dict[str, dict[str, float]]:
     return out
 
 
+@dataclass
+class Resources:
+    """Per-second resource series: CPU, run-queue wait and RSS per process, the machine, Redis memory."""
+
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    waits: dict[str, list[float]] = field(default_factory=dict)
+    rss: dict[str, float] = field(default_factory=dict)
+    sys_cpu: list[float] = field(default_factory=list)
+    other_cpu: list[float] = field(default_factory=list)
+    loadavg: list[float] = field(default_factory=list)
+    redis_mem: dict[str, list[float]] = field(default_factory=dict)
+
+    def prime(self, probe: Probe) -> None:
+        psutil.cpu_percent(None)
+        probe.resources()  # the first call has no interval
+        probe.runqueue_wait()
+
+    def sample(self, probe: Probe, row: dict[str, Any]) -> None:
+        for name, (c, r) in probe.resources().items():
+            self.cpu.setdefault(name, []).append(c)
+            self.rss[name] = max(self.rss.get(name, 0.0), r)
+            row["cpu"][name] = round(c, 1)
+        for name, w in probe.runqueue_wait().items():
+            self.waits.setdefault(name, []).append(w)
+        self.sys_cpu.append(psutil.cpu_percent(None))
+        # CPU the rest of the machine (other work, not this stack) took, in % of one core.
+        ours = sum(row["cpu"].values())
+        self.other_cpu.append(max(0.0, self.sys_cpu[-1] * (psutil.cpu_count() or 1) - ours))
+        self.loadavg.append(os.getloadavg()[0])
+        for name, mb in probe.redis_memory_mb().items():
+            if mb is not None:
+                self.redis_mem.setdefault(name, []).append(mb)
+
+
 def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[str]) -> dict[str, Any]:
     series: dict[str, list[tuple[float, int | None]]] = {hop: [] for hop in HOPS}
     samples: list[LatencySample] = []
     qdb_lag: list[tuple[float, float]] = []
-    cpu: dict[str, list[float]] = {}
-    rss: dict[str, float] = {}
-    sys_cpu: list[float] = []
-    other_cpu: list[float] = []
-    loadavg: list[float] = []
-    ncpu = psutil.cpu_count() or 1
-    redis_mem: dict[str, list[float]] = {}
     timeline: list[dict[str, Any]] = []
-    psutil.cpu_percent(None)
-    probe.resources()  # prime per-process CPU counters
+    res = Resources()
+    res.prime(probe)
     t0 = time.monotonic()
     wall0 = time.time()
     next_full = t0
@@ -172,18 +199,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
                         a, b = prev_counts.get(hop), counts.get(hop)
                         row["rate"][hop] = (b - a) / (now - prev_t) if a is not None and b is not None else None
                 prev_counts, prev_t = counts, now
-                for name, (c, r) in probe.resources().items():
-                    cpu.setdefault(name, []).append(c)
-                    rss[name] = max(rss.get(name, 0.0), r)
-                    row["cpu"][name] = round(c, 1)
-                sys_cpu.append(psutil.cpu_percent(None))
-                # CPU the rest of the machine (other work, not this stack) took, in % of one core.
-                ours = sum(row["cpu"].values())
-                other_cpu.append(max(0.0, sys_cpu[-1] * ncpu - ours))
-                loadavg.append(os.getloadavg()[0])
-                for name, mb in probe.redis_memory_mb().items():
-                    if mb is not None:
-                        redis_mem.setdefault(name, []).append(mb)
+                res.sample(probe, row)
                 window = [s for s in samples if s.brain_ms / 1000 - wall0 > elapsed - 1.0]
                 lat = _latency_values(window)
                 row["latency"]["exchange_to_brain_redis"] = {
@@ -231,11 +247,18 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
     latency = {k: report.percentiles(v) for k, v in lat_values.items()}
     latency["exchange_to_questdb"] = report.percentiles([v for t, v in qdb_lag if t >= warm])
     processes = {
-        name: {"cpu_mean": sum(v) / len(v), "cpu_max": max(v), "rss_max_mb": rss.get(name)}
-        for name, v in sorted(cpu.items())
+        name: {
+            "cpu_mean": sum(v) / len(v),
+            "cpu_max": max(v),
+            "rss_max_mb": res.rss.get(name),
+            "runqueue_wait_mean": _mean(res.waits.get(name, [])),
+        }
+        for name, v in sorted(res.cpu.items())
         if v
     }
-    redis_memory = {name: {"start_mb": v[0], "max_mb": max(v), "end_mb": v[-1]} for name, v in redis_mem.items() if v}
+    redis_memory = {
+        name: {"start_mb": v[0], "max_mb": max(v), "end_mb": v[-1]} for name, v in res.redis_mem.items() if v
+    }
     checks = {
         "zero loss, zero duplicates, order kept (oracle)": result.ok,
         f"simulator achieved RATE within {opts.tolerance:.0%}": _within(rates["exchange"]["ratio"], opts.tolerance),
@@ -253,10 +276,10 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
         "latency_ms": latency,
         "processes": processes,
         "system_cpu": {
-            "mean": _mean(sys_cpu),
-            "max": max(sys_cpu, default=None),
-            "other_work_mean_pct_of_core": _mean(other_cpu),
-            "loadavg1_mean": _mean(loadavg),
+            "mean": _mean(res.sys_cpu),
+            "max": max(res.sys_cpu, default=None),
+            "other_work_mean_pct_of_core": _mean(res.other_cpu),
+            "loadavg1_mean": _mean(res.loadavg),
         },
         "redis_memory": redis_memory,
         "drain_s": drain_s,

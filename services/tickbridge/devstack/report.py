@@ -186,9 +186,10 @@ def _role_metric_lines(role_metrics: dict[str, dict[str, float]]) -> list[str]:
             if base.endswith("_sum"):
                 count = metrics.get(base[:-4] + "_count" + (("{" + labels) if labels else ""))
                 if count:
-                    means.append(f"{role}: `{base[:-4]}{{{labels}` mean {total / count * 1000:,.1f} ms over {count:g}"
-                                 if labels else f"{role}: `{base[:-4]}` mean {total / count * 1000:,.1f} ms over "
-                                 f"{count:g}")  # fmt: skip
+                    mean = total / count
+                    shown = f"{mean * 1000:,.1f} ms" if base[:-4].endswith("_seconds") else f"{mean:,.1f}"
+                    labelled = f"{base[:-4]}{{{labels}" if labels else base[:-4]
+                    means.append(f"{role}: `{labelled}` mean {shown} over {count:g}")
     if means:
         lines.append("\nRole timing histograms (mean per observation): " + "; ".join(means) + "\n")
     return lines
@@ -234,8 +235,13 @@ def load_markdown(doc: dict[str, Any]) -> str:
         "and the writer's flush interval).\n"
     )
     lines.append("## Processes (CPU % of one core, RSS)\n")
-    rows = [[name, p.get("cpu_mean"), p.get("cpu_max"), p.get("rss_max_mb")] for name, p in doc["processes"].items()]
-    lines.append(md_table(["process", "CPU mean %", "CPU max %", "RSS max MiB"], rows))
+    rows = [[name, p.get("cpu_mean"), p.get("cpu_max"), p.get("runqueue_wait_mean"), p.get("rss_max_mb")]
+            for name, p in doc["processes"].items()]  # fmt: skip
+    lines.append(md_table(["process", "CPU mean %", "CPU max %", "waiting for a CPU mean %", "RSS max MiB"], rows))
+    lines.append(
+        "\n`waiting for a CPU`: time its threads were runnable but not running (`/proc/<pid>/task/*/schedstat`), "
+        "in % of one core: high means starved by the machine, low with low CPU means waiting on I/O.\n"
+    )
     sys_cpu = doc.get("system_cpu", {})
     lines.append(f"\nWhole machine CPU: mean {_fmt(sys_cpu.get('mean'))} %, max {_fmt(sys_cpu.get('max'))} % "
                  f"(of {doc['machine'].get('nproc')} cores = 100 %). CPU taken by other work on the shared machine "
