@@ -64,7 +64,7 @@ def vps_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ConfR
 
 
 def _client(port: int, user: str, password: str, **kwargs: object) -> redis.Redis:
-    return redis.Redis(port=port, username=user, password=password, socket_timeout=5, **kwargs)  # type: ignore[arg-type]
+    return redis.Redis(port=port, username=user, password=password, socket_timeout=15, **kwargs)  # type: ignore[arg-type]
 
 
 def test_vps_redis_conf_durability_and_memory(vps_redis: ConfRedis) -> None:
