@@ -174,9 +174,15 @@ def test_questdb_server_conf_starts_and_exports_metrics(host: str, tmp_path: Pat
         # As in compose: Basic auth on 9000 (QDB_HTTP_USER/PASSWORD), health and /metrics on 9003 without it.
         with urllib.request.urlopen(f"http://127.0.0.1:{server.min_port}/", timeout=30) as resp:
             assert resp.status == 200
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.min_port}/metrics", timeout=30) as resp:
-            metrics = resp.read().decode()
-        assert "questdb_suspended_tables" in metrics and "questdb_memory_rss" in metrics
+
+        def metrics() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.min_port}/metrics", timeout=30) as resp:
+                return str(resp.read().decode())
+
+        # Some gauges register a moment after /ping answers: poll for the ones the alerts and panels use.
+        wait_until(
+            lambda: all(m in metrics() for m in ("questdb_suspended_tables", "questdb_memory_rss")), 60, "metrics"
+        )
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(f"{server.url}/exec?query=SELECT%201", timeout=30)
         assert denied.value.code == 401
