@@ -27,7 +27,7 @@ SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "BNBUSDT", "DOGEUSDT")
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeStack]:
-    s = NativeStack(StackConfig(symbols=SYMBOLS, rate=300, workdir=tmp_path_factory.mktemp("stack")))
+    s = NativeStack(StackConfig(symbols=SYMBOLS, rate=300, workdir=tmp_path_factory.mktemp("stack"), with_reader=True))
     s.start()
     try:
         yield s

@@ -77,6 +77,8 @@ class ConsumerMetrics:
             "consumer_claimed_total", "Entries re-delivered from the PEL or claimed", registry=registry
         )
         self.errors = counter("consumer_errors_total", "Batch failures by kind", ("kind",), registry=registry)
+        for kind in ("redis", "response"):  # exported at 0 so dashboards show "none yet"
+            self.errors.labels(kind)
         self.batch_seconds = histogram("consumer_batch_seconds", "Time of one ingest call", registry=registry)
         self.batch_size = histogram(
             "consumer_batch_entries",

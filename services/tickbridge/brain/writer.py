@@ -89,6 +89,8 @@ class WriterMetrics:
         )
         self.latency = histogram("writer_write_seconds", "ILP flush latency by table", ("table",), registry=registry)
         self.errors = counter("writer_errors_total", "Errors by kind", ("kind",), registry=registry)
+        for kind in ("redis_response", "questdb_flush"):  # exported at 0 so dashboards show "none yet"
+            self.errors.labels(kind)
         self.backlog = gauge(
             "writer_backlog_entries", "Entries in per-symbol streams not yet in QuestDB", registry=registry
         )

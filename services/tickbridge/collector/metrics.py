@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from tickbridge.collector.parser import REASONS
 from tickbridge.core.metrics import counter, gauge, histogram
 
 _TICK_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -36,6 +37,11 @@ class CollectorMetrics:
         )
         self.dead_letters = c("dead_letters", "Malformed or unexpected frames dead-lettered", ("reason",))
         self.queue_full = c("queue_full", "Times the reader or processor waited on a full queue", ("queue",))
+        # Export every known label at 0, so dashboards and alerts see "none yet" rather than "no data".
+        for reason in REASONS:
+            self.dead_letters.labels(reason)
+        for queue in ("inbox", "writer"):
+            self.queue_full.labels(queue)
         self.redis_errors = c("redis_errors", "Failed stream writes (retried)")
         self.batch_size = histogram(
             "collector_batch_ticks", "Ticks per Redis transaction", buckets=_TICK_BUCKETS, registry=registry

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
     symbols = tuple(s.strip().upper() for s in args.symbols.split(",")) if args.symbols else ()
-    stack = NativeStack(StackConfig(source=args.source, rate=args.rate, symbols=symbols))
+    stack = NativeStack(StackConfig(source=args.source, rate=args.rate, symbols=symbols, with_reader=True))
     ok = True
     try:
         with console.status("starting Redis x2, QuestDB x2, simulator, collector, forwarder, consumer, writer, "

@@ -50,6 +50,8 @@ class RoleProcess(ManagedProcess):
         self.args = args or []
 
     def command(self) -> list[str]:
+        if self.role == "reader":  # trading-code stand-in, not a deployable role
+            return [sys.executable, "-m", "tickbridge.devstack.reader", *self.args]
         return [sys.executable, "-m", "tickbridge", self.role, *self.args]
 
     def env(self) -> dict[str, str]:
@@ -76,6 +78,8 @@ class StackConfig:
     disk_buffer_bytes: int | None = None
     with_prometheus: bool = True
     with_toxiproxy: bool = False
+    #: Also run a process embedding TieredMarketData (a trading-code stand-in) so tier metrics exist.
+    with_reader: bool = False
     workdir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     sim_args: list[str] = field(default_factory=list)
@@ -191,7 +195,7 @@ class NativeStack:
             lines += [f"  - {path}" for path in rule_files]
         lines.append("scrape_configs:")
         for job, targets in jobs.items():
-            host = "brain" if job in ("consumer", "writer", "questdb-brain") else "vps"
+            host = "brain" if job in ("consumer", "writer", "reader", "questdb-brain") else "vps"
             lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {json.dumps(targets)}",
                       f"        labels: {{host: {host}}}"]  # fmt: skip
         return "\n".join(lines) + "\n"
@@ -203,8 +207,9 @@ class NativeStack:
                 self.start_sim()
             # Every role retries its servers by itself, so they can start together.
             procs: list[ManagedProcess] = []
-            for role in ("writer", "consumer", "forwarder", "collector"):
-                if role in roles:
+            wanted = (*roles, "reader") if self.config.with_reader else roles
+            for role in ("writer", "consumer", "forwarder", "collector", "reader"):
+                if role in wanted:
                     self.roles[role] = RoleProcess(role, self.env_for(role), free_port(), workdir=self.workdir / role)
                     procs.append(self.roles[role])
             self._start_all(procs)
