@@ -12,6 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from tickbridge.core import keys
 from tickbridge.core.redis_io import execute_packed
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import MAX_ID, MAX_TS_US, MIN_TS_US
@@ -103,7 +104,9 @@ async def group_floor(client: aioredis.Redis, stream: str) -> tuple[int, int] | 
 _DEC = rb"(?=[0-9.]*[1-9])[0-9]{1,20}(?:\.[0-9]{1,18})?"  # a decimal string > 0
 #: A trade entry in the contract's field order, fields joined with NUL (which no valid value contains).
 _TRADE = re.compile(
-    rb"symbol\0([A-Z0-9]{2,32})\0exchange\0([a-z0-9_]{1,64})\0type\0TRADE\0price\0"
+    rb"symbol\0([A-Z0-9]{2,32})\0exchange\0("
+    + re.escape(keys.EXCHANGE.encode())
+    + rb")\0type\0TRADE\0price\0"
     + _DEC
     + rb"\0volume\0"
     + _DEC

@@ -56,7 +56,8 @@ def pack(commands: Sequence[Command]) -> bytes:
 async def execute_packed(
     client: aioredis.Redis, commands: Sequence[Command] | bytes, count: int | None = None
 ) -> list[Any]:
-    """Send a batch in one write and read every reply, raw (bytes, nested lists).
+    """Send a batch in one write and read every reply, undecoded (bytes; nested lists, or dicts for the
+    map replies of RESP3, which redis-py 8 negotiates by default: callers handle both shapes).
 
     Error replies are returned in place as `ResponseError` instances (the connection stays usable),
     so a caller can treat e.g. an XADD "ID equal or smaller" as already delivered. Connection errors
