@@ -35,7 +35,7 @@ test-fast: deps
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not chaos and not load"
 
 demo: deps
-	$(PY) -m tickbridge.devstack.demo --source $(SOURCE)
+	$(PY) -m tickbridge.devstack.demo --source $(SOURCE) $(DEMO_ARGS)
 
 bench: bench-collector bench-forwarder bench-brain
 
