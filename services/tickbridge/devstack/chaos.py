@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.error
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -432,13 +433,29 @@ def _stack_config(opts: ChaosOptions, ram_buffer_bytes: int | None, workdir: Pat
 def _drain_and_check(stack: NativeStack, opts: ChaosOptions) -> tuple[oracle.OracleReport, float | None, int]:
     """Pause the exchange, wait until the Brain holds every trade, run the oracle."""
     t = time.monotonic()
-    stack.sim_fault("pause")
-    stats = stack.sim_stats()
+    _retry(lambda: stack.sim_fault("pause"))
+    stats: dict[str, Any] = _retry(stack.sim_stats)
     expected = oracle.expected_from_sim_stats(stats)
     total = sim_trades_total(stats)
     drained = poll(lambda: oracle.count_trades(stack.brain_questdb.url) >= total, opts.drain_timeout, 0.5)
     drain_s = time.monotonic() - t if drained else None
-    return oracle.check_trades(stack.brain_questdb.url, expected), drain_s, total
+    return _retry(lambda: oracle.check_trades(stack.brain_questdb.url, expected)), drain_s, total
+
+
+def _retry(call: Callable[[], Any], attempts: int = 8) -> Any:
+    """The oracle's HTTP reads, retried on transient answers (a 429 or 5xx once ended an oracle run)."""
+    for i in range(attempts):
+        try:
+            return call()
+        except urllib.error.HTTPError as exc:
+            if i == attempts - 1 or not (exc.code == 429 or exc.code >= 500):
+                raise RuntimeError(f"HTTP {exc.code} from {exc.url}") from exc
+            console.print(f"  [yellow]HTTP {exc.code} from {exc.url}: retrying")
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if i == attempts - 1:
+                raise
+        time.sleep(min(10.0, 0.5 * 2**i))
+    raise AssertionError("unreachable")
 
 
 def run_scenario(sc: Scenario, stack: NativeStack, opts: ChaosOptions, rng: random.Random,
