@@ -271,6 +271,11 @@ async def test_answers_pings_and_reconnects_a_stale_stream(redis_server: RedisSe
             lambda: _true(value(registry, "tickbridge_collector_reconnects_total", reason="stale") >= 1),
             what="stale reconnect",
         )
+        # Let the rotations the stall set off finish (one connection, data flowing) before pausing the sim:
+        # with a 1 s stale timeout a paused sim would otherwise keep replacing a half-joined connection.
+        await eventually(lambda: _true(len(collector.conns) == 1 and not sim.stalled), what="rotation settled")
+        await asyncio.sleep(0.5)
+        await eventually(lambda: _true(len(collector.conns) == 1), what="rotation settled")
         await check_exactly_once(sim, collector, client)
     finally:
         await stop_collector(collector, task)
