@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
+from tickbridge.core.lifecycle import Service
 from tickbridge.devstack.servers import ManagedProcess, QuestDBServer, RedisServer, ToxiproxyServer
 
 # Hypothesis profiles (issue 7), registered here because pytest loads this file before the hypothesis
@@ -109,3 +110,29 @@ def _no_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name in {"SYMBOLS", "VPS_REDIS_URL", "BRAIN_REDIS_URL", "STREAM_KEY", "METRICS_PORT"}:
             monkeypatch.delenv(name)
+
+
+class ServiceRunner:
+    """Roles run in-process as tasks; `stop()` asks each to stop and awaits its orderly shutdown."""
+
+    def __init__(self, stop_timeout: float = 30.0) -> None:
+        self.stop_timeout = stop_timeout
+        self.items: list[tuple[Service, asyncio.Task[None]]] = []
+
+    def start(self, svc: Any) -> Any:
+        self.items.append((svc, asyncio.create_task(svc.run())))
+        return svc
+
+    async def stop(self) -> None:
+        for svc, _ in self.items:
+            svc.request_stop()
+        for _, task in self.items:
+            await asyncio.wait_for(task, self.stop_timeout)
+        self.items.clear()
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[ServiceRunner]:
+    runner = ServiceRunner()
+    yield runner
+    await runner.stop()

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from conftest import eventually
+from conftest import ServiceRunner, eventually
 from tickbridge.brain.common import fast_trade
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth, make_trade
@@ -40,28 +40,6 @@ async def brain(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-class Running:
-    def __init__(self) -> None:
-        self.items: list[tuple[BrainConsumer, asyncio.Task[None]]] = []
-
-    def start(self, svc: BrainConsumer) -> BrainConsumer:
-        self.items.append((svc, asyncio.create_task(svc.run())))
-        return svc
-
-    async def stop(self) -> None:
-        for svc, _ in self.items:
-            svc.request_stop()
-        for _, task in self.items:
-            await asyncio.wait_for(task, 10)
-
-
-@pytest.fixture
-async def running() -> AsyncIterator[Running]:
-    r = Running()
-    yield r
-    await r.stop()
-
-
 async def src_ids(client: aioredis.Redis, key: str) -> list[bytes]:
     return [fields[b"src_id"] for _, fields in await client.xrange(key)]
 
@@ -71,7 +49,7 @@ async def total_written(client: aioredis.Redis) -> int:
 
 
 async def test_writes_trades_depth_warm_and_dead_letters(
-    brain: aioredis.Redis, redis_server: RedisServer, running: Running
+    brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
 ) -> None:
     await ensure_group(brain, STREAM, GROUP)
     source = TradeSource(SYMBOLS)
@@ -79,7 +57,7 @@ async def test_writes_trades_depth_warm_and_dead_letters(
     await brain.xadd(STREAM, as_mapping(make_depth("BTCUSDT", 10, source.ts).fields()))
     await brain.xadd(STREAM, {"type": "TRADE", "symbol": "BTCUSDT", "price": "nan"})
     registry = CollectorRegistry()
-    running.start(BrainConsumer(settings_for(redis_server, consumer_name="c1"), registry))
+    services.start(BrainConsumer(settings_for(redis_server, consumer_name="c1"), registry))
 
     await eventually(lambda: _eq(total_written(brain), 300), timeout=10, what="300 trades written")
     await eventually(lambda: _eq(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=5, what="dead letter")
@@ -104,7 +82,7 @@ async def _eq(awaitable: Any, value: int) -> bool:
 
 
 async def test_recovers_own_pel_claims_dead_consumer_and_dead_letters_poison(
-    brain: aioredis.Redis, redis_server: RedisServer, running: Running
+    brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
 ) -> None:
     await ensure_group(brain, STREAM, GROUP)
     # A poison entry: delivered to "me" again and again (e.g. the process crashed while handling it).
@@ -119,7 +97,7 @@ async def test_recovers_own_pel_claims_dead_consumer_and_dead_letters_poison(
     await brain.xreadgroup(GROUP, "me", {STREAM: ">"}, count=10)
     await brain.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=10)
     registry = CollectorRegistry()
-    running.start(BrainConsumer(settings_for(redis_server, consumer_name="me", consumer_max_deliveries=3), registry))
+    services.start(BrainConsumer(settings_for(redis_server, consumer_name="me", consumer_max_deliveries=3), registry))
 
     await eventually(lambda: _eq(total_written(brain), 30), timeout=15, what="30 trades written once")
     await eventually(lambda: _eq(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=5, what="poison dead-lettered")
@@ -138,13 +116,13 @@ async def _pending_zero(client: aioredis.Redis) -> bool:
 
 
 async def test_two_consumers_share_the_load_without_duplicates(
-    brain: aioredis.Redis, redis_server: RedisServer, running: Running
+    brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
 ) -> None:
     await ensure_group(brain, STREAM, GROUP)
     source = TradeSource(SYMBOLS)
     registries = [CollectorRegistry(), CollectorRegistry()]
-    a = running.start(BrainConsumer(settings_for(redis_server, consumer_name="a", consumer_batch=200), registries[0]))
-    b = running.start(BrainConsumer(settings_for(redis_server, consumer_name="b", consumer_batch=200), registries[1]))
+    a = services.start(BrainConsumer(settings_for(redis_server, consumer_name="a", consumer_batch=200), registries[0]))
+    b = services.start(BrainConsumer(settings_for(redis_server, consumer_name="b", consumer_batch=200), registries[1]))
     for _ in range(20):  # a steady flow, so both consumers get batches
         await source.append(brain, STREAM, 1000)
         await asyncio.sleep(0.01)
@@ -156,7 +134,7 @@ async def test_two_consumers_share_the_load_without_duplicates(
         assert trade_ids == list(range(1, count + 1))
 
 
-async def test_metrics_and_trimming(brain: aioredis.Redis, redis_server: RedisServer, running: Running) -> None:
+async def test_metrics_and_trimming(brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner) -> None:
     await ensure_group(brain, STREAM, GROUP)
     source = TradeSource(SYMBOLS, start_us=None)
     await source.append(brain, STREAM, 1000, live=True)
@@ -164,7 +142,7 @@ async def test_metrics_and_trimming(brain: aioredis.Redis, redis_server: RedisSe
     svc = BrainConsumer(
         settings_for(redis_server, consumer_name="m"), registry, trim_retention_s=0, monitor_interval_s=0.1
     )
-    running.start(svc)
+    services.start(svc)
     await eventually(lambda: _eq(total_written(brain), 1000), timeout=10, what="written")
 
     async def metrics_ok() -> bool:
@@ -221,7 +199,7 @@ def test_fast_trade_check_agrees_with_decode_entry(change: dict[str, str]) -> No
 
 
 async def test_entry_that_keeps_failing_is_dead_lettered_without_harming_its_batch(
-    brain: aioredis.Redis, redis_server: RedisServer, running: Running
+    brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
 ) -> None:
     await ensure_group(brain, STREAM, GROUP)
     await brain.set(keys.trades_key("XRPUSDT"), "not a stream")  # every XADD to it fails (WRONGTYPE)
@@ -231,7 +209,7 @@ async def test_entry_that_keeps_failing_is_dead_lettered_without_harming_its_bat
     bad_id = await brain.xadd(STREAM, as_mapping(bad_cmd[3:]))
     await good.append(brain, STREAM, 5)
     registry = CollectorRegistry()
-    running.start(BrainConsumer(settings_for(redis_server, consumer_name="me", consumer_max_deliveries=2), registry))
+    services.start(BrainConsumer(settings_for(redis_server, consumer_name="me", consumer_max_deliveries=2), registry))
 
     await eventually(lambda: _eq(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=20, what="dead-lettered")
     dl = (await brain.xrange(keys.CONSUMER_DEAD_LETTER))[0][1]

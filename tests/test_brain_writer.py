@@ -10,12 +10,11 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from conftest import eventually
+from conftest import ServiceRunner, eventually
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth
 from tickbridge.brain.writer import BrainWriter
 from tickbridge.core import keys
-from tickbridge.core.lifecycle import Service
 from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
@@ -45,29 +44,6 @@ def settings_for(redis: RedisServer, qdb: QuestDBServer, **kw: Any) -> Settings:
     return Settings(**base)
 
 
-class Services:
-    def __init__(self) -> None:
-        self.items: list[tuple[Service, asyncio.Task[None]]] = []
-
-    def start(self, svc: Service) -> Any:
-        self.items.append((svc, asyncio.create_task(svc.run())))
-        return svc
-
-    async def stop(self) -> None:
-        for svc, _ in self.items:
-            svc.request_stop()
-        for _, task in self.items:
-            await asyncio.wait_for(task, 30)
-        self.items.clear()
-
-
-@pytest.fixture
-async def services() -> AsyncIterator[Services]:
-    s = Services()
-    yield s
-    await s.stop()
-
-
 @pytest.fixture
 async def brain(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     client = make_client(redis_server.url)
@@ -92,7 +68,7 @@ async def test_writes_exactly_once_and_resend_is_deduplicated(
     brain: aioredis.Redis,
     redis_server: RedisServer,
     questdb_factory: Callable[..., QuestDBServer],
-    services: Services,
+    services: ServiceRunner,
 ) -> None:
     qserver = questdb_factory()
     qdb = QuestDBHttp(qserver.url)
@@ -147,7 +123,7 @@ async def test_questdb_restart_mid_flow_loses_and_duplicates_nothing(
     brain: aioredis.Redis,
     redis_server: RedisServer,
     questdb_factory: Callable[..., QuestDBServer],
-    services: Services,
+    services: ServiceRunner,
 ) -> None:
     qserver = questdb_factory()
     qdb = QuestDBHttp(qserver.url)
@@ -200,7 +176,7 @@ async def test_suspended_table_is_reported(
     brain: aioredis.Redis,
     redis_server: RedisServer,
     questdb_factory: Callable[..., QuestDBServer],
-    services: Services,
+    services: ServiceRunner,
 ) -> None:
     qserver = questdb_factory(extra_conf={"dev.mode.enabled": "true"})  # SUSPEND WAL needs dev mode
     qdb = QuestDBHttp(qserver.url)
