@@ -196,7 +196,7 @@ def test_questdb_server_conf_starts_and_exports_metrics(host: str, tmp_path: Pat
         def log() -> str:
             return "".join(p.read_text(errors="replace") for p in (server.workdir / "log").glob("*"))
 
-        wait_until(lambda: "resolved RAM usage limit" in log(), 60, "QuestDB configuration log")
+        wait_until(lambda: "resolved RAM usage limit" in log(), 180, "QuestDB configuration log")
         assert "Invalid settings" not in log(), log()[log().find("Invalid settings") :][:500]
         if host == "vps":
             assert "resolved RAM usage limit: 512.0 MiB" in log()
