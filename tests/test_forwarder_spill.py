@@ -16,7 +16,7 @@ from test_forwarder_flow import make_settings, running, sample
 from tickbridge.core import keys
 from tickbridge.core.redis_io import make_client
 from tickbridge.devstack.servers import QuestDBServer, RedisServer
-from tickbridge.forwarder.buffer import SpillBuffer
+from tickbridge.forwarder.buffer import SpillBuffer, parse_id
 from tickbridge.forwarder.loadgen import LiveWriter, preload, read_stream, trade_fields, verify
 from tickbridge.forwarder.service import Forwarder
 
@@ -93,19 +93,67 @@ async def test_spill_200k_then_replay_in_order(
     assert verdict.ok, (verdict.missing[:5], verdict)
     assert verdict.delivered == total
     assert sample(registry, "tickbridge_forwarder_replayed_total") >= 200_000
-    # Delivered buffer partitions are dropped (all rows sit in the preload's hour, now delivered).
+    # Every row is delivered, so every partition goes, the writer's current hour included: the buffer ends
+    # empty whatever the minute of the hour (the next spill gets a ts above the cursor, a fresh partition).
     buf = SpillBuffer(questdb_server.url, table=table)
 
     async def cleaned() -> bool:
-        # Every delivered hour before the current one is dropped. The current hour's partition stays by
-        # design (it may still be written), and it can hold the preload's newest rows when the run starts
-        # late in an hour: the check must not depend on the minute of the hour.
-        hour = 3_600_000_000
-        current_hour = time.time_ns() // 1000 // hour * hour
-        return all(p.max_ts >= current_hour for p in await buf.partitions())
+        return not [p for p in await buf.partitions() if p.rows]
 
     async with running(Forwarder(settings, CollectorRegistry(), buffer_table=table)):
         await eventually(cleaned, 120, what="delivered buffer partitions dropped")  # drops are async (WAL)
+    await buf.close()
+    await vps_c.aclose()
+    await brain_c.aclose()
+
+
+async def test_spill_again_after_the_buffer_was_emptied(
+    redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer
+) -> None:
+    """Two outages within one hour, one forwarder throughout: the first spill is delivered and its partition
+    dropped (the writer's head partition too); the second spill lands in the same hour again and arrives
+    whole. Guards the cleanup rule "drop every partition at or below the cursor"."""
+    vps, brain = redis_factory(), redis_factory(appendonly=True)
+    brain.stop()
+    settings = make_settings(vps, brain, questdb_server, ram_buffer_bytes=300_000, forward_batch=5000)
+    vps_c = make_client(vps.url)
+    n = 30_000
+    first = await preload(vps_c, settings.stream_key, n, step_ms=0.01)
+    table = f"vb_{uuid.uuid4().hex[:8]}"
+    registry = CollectorRegistry()
+    buf = SpillBuffer(questdb_server.url, table=table)
+
+    async def buffer_empty() -> bool:
+        return not [p for p in await buf.partitions() if p.rows]
+
+    async with running(Forwarder(settings, registry, buffer_table=table)):
+
+        async def spilled(count: int) -> bool:
+            return sample(registry, "tickbridge_forwarder_spilled_total") >= count
+
+        await eventually(lambda: spilled(n // 2), 60, what="first outage spilled")
+        brain.start()
+        brain_c = make_client(brain.url)
+
+        async def delivered(count: int) -> bool:
+            return int(await brain_c.xlen(settings.stream_key)) >= count
+
+        await eventually(lambda: delivered(n), 60, what="first backlog delivered")
+        await eventually(buffer_empty, 60, what="first spill's partitions dropped")
+        await brain_c.aclose()
+        brain.stop()
+        top = parse_id(first[-1])
+        second = await preload(vps_c, settings.stream_key, n, start=(top[0] + 1, 0), step_ms=0.01)
+        already = sample(registry, "tickbridge_forwarder_spilled_total")
+        await eventually(lambda: spilled(already + n // 2), 60, what="second outage spilled")
+        brain.start()
+        brain_c = make_client(brain.url)
+        await eventually(lambda: delivered(2 * n), 60, what="second backlog delivered")
+    expected: dict[bytes, list[bytes] | None] = {eid: trade_fields(i) for i, eid in enumerate(first)}
+    expected.update({eid: trade_fields(i) for i, eid in enumerate(second)})
+    verdict = verify(await read_stream(brain_c, settings.stream_key), expected)
+    assert verdict.ok, (verdict.missing[:5], verdict)
+    assert verdict.delivered == 2 * n
     await buf.close()
     await vps_c.aclose()
     await brain_c.aclose()

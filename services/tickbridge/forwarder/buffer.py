@@ -197,9 +197,13 @@ class SpillBuffer:
         )
         return [Partition(str(r[0]), _ts_micros(r[1]), _ts_micros(r[2]), int(r[3] or 0), int(r[4] or 0)) for r in rows]
 
-    async def drop_before(self, cutoff_ts: int) -> int:
-        """Drop every partition that ends before the hour of `cutoff_ts` (all its rows are delivered)."""
-        parts = [p for p in await self.partitions() if p.rows and p.max_ts < cutoff_ts - cutoff_ts % 3_600_000_000]
+    async def drop_delivered(self, cursor_ts: int) -> int:
+        """Drop every partition whose rows all lie at or below `cursor_ts` (delivered); return the rows dropped.
+
+        The partition holding the writer's head may go too: the forwarder spills and cleans in one task, and a
+        later spill gets `ts > last_ts >= cursor_ts`, so it lands in a fresh partition, never in a dropped one.
+        """
+        parts = [p for p in await self.partitions() if p.rows and p.max_ts <= cursor_ts]
         if not parts:
             return 0
         await self._drop([p.name for p in parts])

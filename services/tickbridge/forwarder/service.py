@@ -609,7 +609,7 @@ class Forwarder(Service):
         """Drop delivered hourly partitions; over the disk budget drop the oldest, counting lost ticks."""
         _, cursor = self._retention_floor()
         if cursor > 0:
-            await self._questdb(self.buffer.drop_before(cursor))
+            await self._questdb(self.buffer.drop_delivered(cursor))
         parts = await self._questdb(self.buffer.partitions())
         total = sum(p.disk_bytes for p in parts)
         budget = self.settings.disk_buffer_bytes
