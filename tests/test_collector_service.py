@@ -268,7 +268,7 @@ async def test_frame_over_the_websocket_limit_reconnects_without_loss(
 async def test_rest_client_honours_retry_after_and_weight_budget() -> None:
     import time
 
-    from tickbridge.collector.rest import RestClient, RestError
+    from tickbridge.collector.rest import RestClient, RestError, WeightBudget
 
     calls: list[float] = []
 
@@ -296,10 +296,60 @@ async def test_rest_client_honours_retry_after_and_weight_budget() -> None:
         assert len(calls) == 2 and calls[1] - calls[0] >= 0.95  # waited for Retry-After
         with pytest.raises(RestError, match="HTTP 400"):  # a client error is not retried
             await rest.historical_trades("BTCUSDT", 1)
-        rest.budget.tokens, rest.budget.updated = 0.0, time.monotonic()  # exhausted: wait for the refill (100/s)
-        started = time.monotonic()
+        # This minute's weight spent (1-s "minutes" here): the next call waits for the next one.
+        rest.budget = WeightBudget(window_s=1.0, skew_s=0.0)
+        rest.budget.observe(rest.budget.limit)
+        window = rest.budget.window
         await rest.depth("BTCUSDT", 1000)  # weight 50
-        assert time.monotonic() - started >= 0.4
+        assert rest.budget.window > window and rest.budget.used >= 50
+    finally:
+        await rest.close()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("phase", [0.5, 0.01], ids=["mid-minute", "inside-the-skew"])
+async def test_restarted_client_spends_only_what_the_exchange_has_left(phase: float) -> None:
+    """A collector restarted within a minute its previous run nearly spent: the first answer's
+    `X-MBX-USED-WEIGHT-1M` tells it, so 40 concurrent snapshots (2,000 weight over a 300-per-window
+    exchange) all arrive without a single 429 (repeated 429s earn a 418 IP ban on Binance). Also when it
+    starts just after the exchange's minute began but before its own (skewed) minute did."""
+    import time
+
+    from tickbridge.collector.rest import RestClient, WeightBudget
+
+    window_s, limit = 1.0, 300
+    await asyncio.sleep((phase - time.time() % window_s) % window_s)
+    used: dict[int, int] = {int(time.time() // window_s): 250}  # the previous run's spending this window
+    answers: list[int] = []
+
+    async def depth(request: web.Request) -> web.Response:
+        window = int(time.time() // window_s)
+        if used.get(window, 0) + 50 > limit:
+            answers.append(429)
+            headers = {"Retry-After": "1", "X-MBX-USED-WEIGHT-1M": str(used[window])}
+            return web.json_response({"code": -1003, "msg": "Too much request weight"}, status=429, headers=headers)
+        used[window] = used.get(window, 0) + 50
+        answers.append(200)
+        return web.json_response(
+            {"lastUpdateId": 7, "bids": [], "asks": []}, headers={"X-MBX-USED-WEIGHT-1M": str(used[window])}
+        )
+
+    app = web.Application()
+    app.router.add_get("/api/v3/depth", depth)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    rest = RestClient(f"http://127.0.0.1:{port}")
+    # The exchange's limit, all of it ours (share 1.0); our window starts 50 ms after the exchange's.
+    rest.budget = WeightBudget(limit, share=1.0, window_s=window_s, skew_s=0.05)
+    try:
+        snaps = await asyncio.gather(*(rest.depth(f"S{i}USDT", 1000) for i in range(40)))
+        assert all(s["lastUpdateId"] == 7 for s in snaps)
+        assert answers.count(429) == 0, answers
+        assert answers.count(200) == 40
+        assert all(v <= limit for v in used.values()), used
     finally:
         await rest.close()
         await runner.cleanup()

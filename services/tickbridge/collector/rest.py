@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,9 +16,13 @@ from tickbridge.core.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
-#: REQUEST_WEIGHT per minute allowed per IP (binance-protocol.md §5); we keep a margin.
+#: REQUEST_WEIGHT per minute allowed per IP (binance-protocol.md §5).
 WEIGHT_PER_MINUTE = 6000
+#: The share of it we spend: the rest absorbs the few requests that clock skew at a minute boundary lets
+#: slip past our count, and anything else on the host's IP.
+WEIGHT_SHARE = 0.9
 HISTORICAL_TRADES_WEIGHT = 25
+USED_WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
 
 
 class RestError(RuntimeError):
@@ -34,25 +40,67 @@ def depth_weight(limit: int) -> int:
 
 
 class WeightBudget:
-    """Token bucket refilled continuously at `per_minute` / 60 per second."""
+    """The exchange's REQUEST_WEIGHT count for the current wall-clock minute, kept in step with its header.
 
-    def __init__(self, per_minute: int = WEIGHT_PER_MINUTE) -> None:
-        self.capacity = float(per_minute)
-        self.tokens = float(per_minute)
-        self.rate = per_minute / 60.0
-        self.updated = time.monotonic()
-        self.blocked_until = 0.0  # after a 429/418 Retry-After
+    Binance counts weight per IP in fixed minutes and reports the count (`X-MBX-USED-WEIGHT-1M`) on every
+    answer. A restarted collector cannot know what its previous run spent this minute, so until the first
+    answer tells it (`synced`) requests go one at a time; then they go while the count stays under our
+    share, and otherwise wait for the next minute. (Firing 50 snapshots blind after a crash loop earned 429s,
+    and repeated 429s earn a 418 IP ban.) Our minute starts `skew_s` after the wall-clock one, so a clock
+    slightly ahead of the exchange's does not spend a minute the exchange has not begun.
+    """
+
+    def __init__(
+        self, per_minute: int = WEIGHT_PER_MINUTE, *, share: float = WEIGHT_SHARE, window_s: float = 60.0,
+        skew_s: float = 1.0,
+    ) -> None:  # fmt: skip
+        self.limit = int(per_minute * share)
+        self.window_s = window_s
+        self.skew_s = skew_s
+        self.window = -1
+        self.used = 0
+        self.blocked_until = 0.0  # monotonic, after a 429/418 Retry-After
+        self.synced = False
+        self._probe = asyncio.Lock()
+
+    def _roll(self) -> float:
+        """Start a new count when our minute changed; return seconds left in it."""
+        shifted = time.time() - self.skew_s
+        window = int(shifted // self.window_s)
+        if window > self.window:
+            self.window, self.used = window, 0
+        return (self.window + 1) * self.window_s - shifted
 
     async def take(self, weight: int) -> None:
         while True:
-            now = time.monotonic()
-            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
-            wait = self.blocked_until - now
-            if wait <= 0 and self.tokens >= weight:
-                self.tokens -= weight
+            left = self._roll()
+            blocked = self.blocked_until - time.monotonic()
+            if blocked <= 0 and self.used + weight <= self.limit:
+                self.used += weight
                 return
-            await asyncio.sleep(max(wait, (weight - self.tokens) / self.rate, 0.01))
+            await asyncio.sleep(max(blocked, 0.01) if blocked > 0 else max(left, 0.01))
+
+    def observe(self, used: int) -> None:
+        """The exchange's count for this minute: ours never stays below it."""
+        self._roll()
+        wall = int(time.time() // self.window_s)
+        if wall > self.window:  # the exchange's minute began `skew_s` before ours: adopt it and its count
+            self.window, self.used = wall, used
+        else:
+            self.used = max(self.used, used)
+        self.synced = True
+
+    @contextlib.asynccontextmanager
+    async def slot(self, weight: int) -> AsyncIterator[None]:
+        """Admit one request of `weight`; before the first answer, one request at a time."""
+        if not self.synced:
+            async with self._probe:
+                if not self.synced:
+                    await self.take(weight)
+                    yield
+                    return
+        await self.take(weight)
+        yield
 
 
 class RestClient:
@@ -77,12 +125,14 @@ class RestClient:
         backoff = Backoff(base=0.2, cap=5.0)
         last_error = ""
         for _ in range(self.attempts):
-            await self.budget.take(weight)
             status = "error"
             try:
-                async with self._session.get(self.base_url + endpoint, params=params) as resp:
+                async with self.budget.slot(weight), self._session.get(self.base_url + endpoint, params=params) as resp:
                     status = str(resp.status)
                     body = await resp.read()
+                    used = resp.headers.get(USED_WEIGHT_HEADER, "")
+                    # An exchange without the header leaves our own count as the only one.
+                    self.budget.observe(int(used) if used.isdigit() else 0)
                     if resp.status == 200:
                         return orjson.loads(body)
                     last_error = f"HTTP {resp.status}: {body[:200]!r}"
