@@ -43,7 +43,7 @@ from tickbridge.devstack.faults import (
     vps_buffer_rows,
     wait_caught_up,
 )
-from tickbridge.devstack.servers import ManagedProcess
+from tickbridge.devstack.servers import ManagedProcess, stop_on_signals
 from tickbridge.devstack.stack import ROLES, NativeStack, StackConfig
 
 console = Console(stderr=True)
@@ -590,6 +590,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args(argv)
+    stop_on_signals()
     if args.list:
         for sc in SCENARIOS:
             print(f"{sc.name:<26} {sc.description}")

@@ -9,23 +9,18 @@ contract's check query against the Brain's QuestDB.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
-from types import FrameType
 
 from rich.console import Console
 from rich.table import Table
 
 from tickbridge.devstack import oracle
+from tickbridge.devstack.servers import stop_on_signals
 from tickbridge.devstack.stack import NativeStack, StackConfig
 from tickbridge.devstack.status import Endpoints, watch
 
 console = Console()
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 def check_query_table(stack: NativeStack) -> Table:
@@ -59,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, help="run this many seconds, then stop (default: until Ctrl-C)")
     parser.add_argument("--check", action="store_true", help="at the end, drain and verify no loss/duplicates")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_signals()
 
     symbols = tuple(s.strip().upper() for s in args.symbols.split(",")) if args.symbols else ()
     stack = NativeStack(StackConfig(source=args.source, rate=args.rate, symbols=symbols, with_reader=True))

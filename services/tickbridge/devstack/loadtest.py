@@ -31,6 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from tickbridge.core.settings import DEFAULT_SYMBOLS
 from tickbridge.devstack import oracle, report
 from tickbridge.devstack.faults import LatencySample, Probe, scrape_metrics, sim_trades_total, start_load
+from tickbridge.devstack.servers import stop_on_signals
 from tickbridge.devstack.stack import NativeStack, StackConfig
 
 console = Console(stderr=True)
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, help="keep the stack's files (logs) here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    stop_on_signals()
     symbols = tuple(s.strip().upper() for s in args.symbols.split(",")) if args.symbols else ()
     opts = LoadOptions(rate=args.rate, duration=args.duration, out=args.out, symbols=symbols, warmup=args.warmup,
                        workdir=args.workdir, progress=not args.no_progress,

@@ -60,6 +60,18 @@ def wait_until(check: object, timeout: float, what: str, proc: subprocess.Popen[
     raise ServerError(f"{what}: not ready after {timeout:.0f}s")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (the terminal closed) unwind like Ctrl-C, so the `finally` that stops every child
+    runs. The children are in their own sessions (they must not get the terminal's Ctrl-C before the
+    roles drain), so without this a closed terminal left the whole stack running."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+
+
 class ManagedProcess:
     """A child process we own: stop by PID, kill -9, SIGSTOP/SIGCONT, restart with the same args."""
 

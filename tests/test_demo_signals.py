@@ -1,0 +1,41 @@
+"""`make demo` leaves nothing running however it ends: Ctrl-C, SIGTERM, or the terminal closing (SIGHUP)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT], ids=["hup", "term", "int"])
+def test_demo_stops_every_process_on_a_signal(sig: signal.Signals, tmp_path: Path) -> None:
+    log = tmp_path / "demo.log"
+    with log.open("wb") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "tickbridge.devstack.demo", "--symbols", "BTCUSDT,ETHUSDT", "--rate", "100"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while b"pipeline up" not in log.read_bytes():
+            assert demo.poll() is None, log.read_text(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "demo did not come up"
+            time.sleep(0.2)
+        children = psutil.Process(demo.pid).children(recursive=True)
+        names = {c.name() for c in children}
+        assert {"redis-server", "java"} <= names and len(children) >= 10, names  # servers, roles, sim, prometheus
+        demo.send_signal(sig)
+        demo.wait(90)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+        assert b"all processes stopped" in log.read_bytes()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
