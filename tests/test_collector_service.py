@@ -265,10 +265,31 @@ async def test_frame_over_the_websocket_limit_reconnects_without_loss(
     await stop(collector, task)
 
 
+@contextlib.asynccontextmanager
+async def rest_exchange(routes: dict[str, Any]) -> AsyncIterator[Any]:
+    """A scripted REST exchange (`path -> handler`) on a free port and a `RestClient` pointed at it."""
+    from tickbridge.collector.rest import RestClient
+
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    rest = RestClient(f"http://127.0.0.1:{port}")
+    try:
+        yield rest
+    finally:
+        await rest.close()
+        await runner.cleanup()
+
+
 async def test_rest_client_honours_retry_after_and_weight_budget() -> None:
     import time
 
-    from tickbridge.collector.rest import RestClient, RestError, WeightBudget
+    from tickbridge.collector.rest import RestError, WeightBudget
 
     calls: list[float] = []
 
@@ -282,16 +303,7 @@ async def test_rest_client_honours_retry_after_and_weight_budget() -> None:
     async def bad(request: web.Request) -> web.Response:
         return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400)
 
-    app = web.Application()
-    app.router.add_get("/api/v3/depth", depth)
-    app.router.add_get("/api/v3/historicalTrades", bad)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rest = RestClient(f"http://127.0.0.1:{port}")
-    try:
+    async with rest_exchange({"/api/v3/depth": depth, "/api/v3/historicalTrades": bad}) as rest:
         assert (await rest.depth("BTCUSDT", 1000))["lastUpdateId"] == 7
         assert len(calls) == 2 and calls[1] - calls[0] >= 0.95  # waited for Retry-After
         with pytest.raises(RestError, match="HTTP 400"):  # a client error is not retried
@@ -302,9 +314,6 @@ async def test_rest_client_honours_retry_after_and_weight_budget() -> None:
         window = rest.budget.window
         await rest.depth("BTCUSDT", 1000)  # weight 50
         assert rest.budget.window > window and rest.budget.used >= 50
-    finally:
-        await rest.close()
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize("phase", [0.5, 0.01], ids=["mid-minute", "inside-the-skew"])
@@ -315,7 +324,7 @@ async def test_restarted_client_spends_only_what_the_exchange_has_left(phase: fl
     starts just after the exchange's minute began but before its own (skewed) minute did."""
     import time
 
-    from tickbridge.collector.rest import RestClient, WeightBudget
+    from tickbridge.collector.rest import WeightBudget
 
     window_s, limit = 1.0, 300
     await asyncio.sleep((phase - time.time() % window_s) % window_s)
@@ -334,25 +343,14 @@ async def test_restarted_client_spends_only_what_the_exchange_has_left(phase: fl
             {"lastUpdateId": 7, "bids": [], "asks": []}, headers={"X-MBX-USED-WEIGHT-1M": str(used[window])}
         )
 
-    app = web.Application()
-    app.router.add_get("/api/v3/depth", depth)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rest = RestClient(f"http://127.0.0.1:{port}")
-    # The exchange's limit, all of it ours (share 1.0); our window starts 50 ms after the exchange's.
-    rest.budget = WeightBudget(limit, share=1.0, window_s=window_s, skew_s=0.05)
-    try:
+    async with rest_exchange({"/api/v3/depth": depth}) as rest:
+        # The exchange's limit, all of it ours (share 1.0); our window starts 50 ms after the exchange's.
+        rest.budget = WeightBudget(limit, share=1.0, window_s=window_s, skew_s=0.05)
         snaps = await asyncio.gather(*(rest.depth(f"S{i}USDT", 1000) for i in range(40)))
         assert all(s["lastUpdateId"] == 7 for s in snaps)
         assert answers.count(429) == 0, answers
         assert answers.count(200) == 40
         assert all(v <= limit for v in used.values()), used
-    finally:
-        await rest.close()
-        await runner.cleanup()
 
 
 async def test_waits_for_redis_at_start(exchange: ScriptedExchange, redis_factory: Any) -> None:

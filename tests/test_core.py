@@ -161,3 +161,45 @@ async def test_questdb_helpers_see_rows_only_when_applied(questdb_server: QuestD
 def test_settings_constructible_in_tests() -> None:
     s = Settings(symbols=("BTCUSDT",), ram_buffer_bytes=10)  # type: ignore[arg-type]
     assert s.symbols == ("BTCUSDT",) and s.ram_buffer_bytes == 10
+
+
+_STOP_SCRIPT = """
+import asyncio, sys
+from tickbridge.core.lifecycle import Service, run_service, setup_logging
+
+class Role(Service):
+    name = "role"
+
+    async def run(self) -> None:
+        print("ready", flush=True)
+        await self.stopping.wait()
+        if sys.argv[1] == "hangs":  # its last flush retries a server that is gone
+            while True:
+                await asyncio.sleep(0.1)
+
+setup_logging()
+run_service(Role, stop_timeout=1.0)
+"""
+
+
+@pytest.mark.parametrize("behaviour", ["stops", "hangs"])
+def test_a_stop_that_hangs_ends_with_one_error_line(behaviour: str) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _STOP_SCRIPT, behaviour], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"ready"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=20)[0].decode()
+    took = time.monotonic() - started
+    if behaviour == "stops":
+        assert proc.returncode == 0 and took < 1.0, out
+        assert "did not stop" not in out
+    else:
+        assert proc.returncode == 1 and 1.0 <= took < 5.0, out
+        assert "role did not stop within 1s" in out, out

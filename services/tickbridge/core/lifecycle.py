@@ -84,8 +84,17 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
-def run_service(factory: Callable[[], Service]) -> None:
-    """Run a service under uvloop with signal handling; exit 1 if it crashed."""
+#: How long a role may take to stop after SIGTERM/SIGINT before it exits anyway.
+STOP_TIMEOUT_S = 30.0
+
+
+def run_service(factory: Callable[[], Service], *, stop_timeout: float = STOP_TIMEOUT_S) -> None:
+    """Run a service under uvloop with signal handling; exit 1 if it crashed or could not stop in time.
+
+    A stop that hangs (its last flush retrying a server that is gone) ends after `stop_timeout` with one
+    error line and exit 1: every role is built to survive `kill -9` at any instant, so what it still held
+    is recovered on restart (back-fill, pending entries, unacked keys), and a hung process helps nobody.
+    """
     try:
         import uvloop
 
@@ -98,6 +107,11 @@ def run_service(factory: Callable[[], Service]) -> None:
         loop = asyncio.get_running_loop()
         signals_seen = 0
 
+        def stop_overdue() -> None:
+            log.error("%s did not stop within %.0fs (a server it must flush to is unreachable?): exiting; "
+                      "what it held is recovered on restart", service.name, stop_timeout)  # fmt: skip
+            os._exit(1)
+
         def on_signal(sig: signal.Signals) -> None:
             nonlocal signals_seen
             signals_seen += 1
@@ -106,6 +120,7 @@ def run_service(factory: Callable[[], Service]) -> None:
                 os._exit(130)
             log.info("%s received: stopping %s", sig.name, service.name)
             service.request_stop()
+            loop.call_later(stop_timeout, stop_overdue)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
