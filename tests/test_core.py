@@ -196,10 +196,8 @@ def test_a_stop_that_hangs_ends_with_one_error_line(behaviour: str) -> None:
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=20)[0].decode()
-    took = time.monotonic() - started
-    if behaviour == "stops":
-        assert proc.returncode == 0 and took < 1.0, out
-        assert "did not stop" not in out
+    if behaviour == "stops":  # exit 0: it returned by itself, before the deadline (which exits 1)
+        assert proc.returncode == 0 and "did not stop" not in out, out
     else:
-        assert proc.returncode == 1 and 1.0 <= took < 5.0, out
+        assert proc.returncode == 1 and time.monotonic() - started >= 1.0, out
         assert "role did not stop within 1s" in out, out

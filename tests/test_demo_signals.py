@@ -5,11 +5,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+
+from tickbridge.devstack.servers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -23,11 +24,7 @@ def test_demo_stops_every_process_on_a_signal(sig: signal.Signals, tmp_path: Pat
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while b"pipeline up" not in log.read_bytes():
-            assert demo.poll() is None, log.read_text(errors="replace")[-2000:]
-            assert time.monotonic() < deadline, "demo did not come up"
-            time.sleep(0.2)
+        wait_until(lambda: b"pipeline up" in log.read_bytes(), 120, f"demo (log {log})", demo)
         children = psutil.Process(demo.pid).children(recursive=True)
         names = {c.name() for c in children}
         assert {"redis-server", "java"} <= names and len(children) >= 10, names  # servers, roles, sim, prometheus

@@ -78,7 +78,7 @@ class WeightBudget:
             if blocked <= 0 and self.used + weight <= self.limit:
                 self.used += weight
                 return
-            await asyncio.sleep(max(blocked, 0.01) if blocked > 0 else max(left, 0.01))
+            await asyncio.sleep(max(blocked if blocked > 0 else left, 0.01))  # the block, else the minute
 
     def observe(self, used: int) -> None:
         """The exchange's count for this minute: ours never stays below it."""
