@@ -19,8 +19,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from prometheus_client import CollectorRegistry
 
 from tickbridge.brain.loadgen import TradeSource
@@ -107,9 +109,31 @@ def start_role(role: str, env: dict[str, str], logdir: Path, name: str) -> subpr
     )
 
 
-async def catch_up(
-    redis: RedisServer, qdb_server: QuestDBServer, ticks: int, consumers: int, workdir: Path
-) -> dict[str, float]:
+@dataclass
+class CatchUp:
+    """One catch-up run: times, and where the CPU went (seconds per process, Redis µs per command)."""
+
+    total_s: float
+    consumer_s: float
+    cpu: dict[str, float]
+    commandstats: dict[str, tuple[int, float]]  # command -> (calls, usec total)
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def _commandstats(info: object) -> dict[str, tuple[int, float]]:
+    """`INFO commandstats` (raw reply) -> {command: (calls, usec)}."""
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    out: dict[str, tuple[int, float]] = {}
+    for m in re.finditer(r"cmdstat_([a-z|]+):calls=(\d+),usec=(\d+)", text):
+        out[m.group(1)] = (int(m.group(2)), float(m.group(3)))
+    return out
+
+
+async def catch_up(redis: RedisServer, qdb_server: QuestDBServer, ticks: int, consumers: int, workdir: Path) -> CatchUp:
     client = make_client(redis.url)
     qdb = QuestDBHttp(qdb_server.url)
     await ensure_group(client, keys.DEFAULT_STREAM_KEY, keys.DEFAULT_CONSUMER_GROUP)
@@ -132,8 +156,13 @@ async def catch_up(
         "WRITER_FLUSH_INTERVAL_S": "0.5",
         "LOG_LEVEL": "WARNING",
     }
+    await execute_packed(client, [["CONFIG", "RESETSTAT"]])
+    servers = {"redis-server": psutil.Process(redis.pid), "questdb": psutil.Process(qdb_server.pid)}
+    cpu_before = {name: _cpu_s(p) for name, p in servers.items()}
     procs = [start_role("consumer", env, workdir, f"bench-c{i}") for i in range(consumers)]
     procs.append(start_role("writer", env, workdir, "bench-w"))
+    names = [f"consumer {i + 1}" for i in range(consumers)] + ["writer"]
+    roles = {name: psutil.Process(p.pid) for name, p in zip(names, procs, strict=True)}
     started = time.perf_counter()
     consumed_at: float | None = None
     visible = 0
@@ -156,6 +185,9 @@ async def catch_up(
                 if p.poll() is not None:
                     raise RuntimeError(f"a role exited with {p.returncode}; logs in {workdir}")
         total = time.perf_counter() - started
+        cpu = {name: _cpu_s(p) - cpu_before[name] for name, p in servers.items()}
+        cpu.update({name: _cpu_s(p) for name, p in roles.items()})
+        (stats,) = await execute_packed(client, [["INFO", "commandstats"]])
     finally:
         for p in procs:
             p.terminate()
@@ -163,12 +195,19 @@ async def catch_up(
             p.wait(30)
     await client.aclose()
     await qdb.close()
-    return {
-        "total_s": total,
-        "rate": ticks / total,
-        "consumer_s": consumed_at or total,
-        "consumer_rate": ticks / (consumed_at or total),
-    }
+    return CatchUp(total_s=total, consumer_s=consumed_at or total, cpu=cpu, commandstats=_commandstats(stats))
+
+
+def print_cpu(r: CatchUp, ticks: int) -> None:
+    """Where the catch-up's CPU went: per process, and inside Redis per command (µs per tick)."""
+    cores = os.cpu_count() or 1
+    total = sum(r.cpu.values())
+    print(f"  CPU during the catch-up: {total:.1f} core-s of {r.total_s * cores:.1f} available ({cores} cores)")
+    for name, seconds in sorted(r.cpu.items(), key=lambda kv: -kv[1]):
+        print(f"    {name:<14} {seconds:>6.1f} s  {seconds * 1e6 / ticks:>6.2f} µs/tick")
+    busiest = sorted(r.commandstats.items(), key=lambda kv: -kv[1][1])[:6]
+    inside = ", ".join(f"{cmd} {usec / ticks:.2f}" for cmd, (_calls, usec) in busiest)
+    print(f"    inside Redis, µs/tick: {inside}")
 
 
 async def tier_latencies(redis: RedisServer, qdb_server: QuestDBServer, rounds: int) -> dict[str, list[float]]:
@@ -226,13 +265,15 @@ async def main_async(args: argparse.Namespace) -> None:
         qdb.stop()
     print()
     print("catch-up (Brain stream backlog -> rows visible in QuestDB trades)")
-    took = f"{args.ticks:,} in {r['total_s']:.1f} s"
-    print(f"  end to end      {r['rate']:>10,.0f} ticks/s  ({took}; aim 100,000, design needs 28,800)")
-    print(f"  consumer alone  {r['consumer_rate']:>10,.0f} ticks/s  (group drained after {r['consumer_s']:.1f} s)")
+    rate, consumer_rate = args.ticks / r.total_s, args.ticks / r.consumer_s
+    took = f"{args.ticks:,} in {r.total_s:.1f} s"
+    print(f"  end to end      {rate:>10,.0f} ticks/s  ({took}; aim 100,000, design needs 28,800)")
+    print(f"  consumer alone  {consumer_rate:>10,.0f} ticks/s  (group drained after {r.consumer_s:.1f} s)")
     print("  ceilings: mean of before and after the catch-up")
-    print(f"  ceiling: redis-benchmark XADD P128   {xadd:>10,.0f} ops/s  -> end to end = {r['rate'] / xadd:.2f}x")
-    print(f"  ceiling: XREADGROUP+XACK (Python)    {drain:>10,.0f} entries/s -> end to end = {r['rate'] / drain:.2f}x, "
-          f"consumer = {r['consumer_rate'] / drain:.2f}x")  # fmt: skip
+    print(f"  ceiling: redis-benchmark XADD P128   {xadd:>10,.0f} ops/s  -> end to end = {rate / xadd:.2f}x")
+    print(f"  ceiling: XREADGROUP+XACK (Python)    {drain:>10,.0f} entries/s -> end to end = {rate / drain:.2f}x, "
+          f"consumer = {consumer_rate / drain:.2f}x")  # fmt: skip
+    print_cpu(r, args.ticks)
     print()
     print("tier latencies (ms)              p50       p99     design   design/p50  design/p99  (>1 = faster)")
     for tier in ("hot", "warm", "cold"):

@@ -25,11 +25,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from tickbridge.core.lifecycle import tune_gc
 from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
 from tickbridge.devstack.servers import QuestDBServer, RedisServer
 from tickbridge.forwarder.loadgen import preload, trade_fields
-from tickbridge.forwarder.service import Forwarder, tune_gc
+from tickbridge.forwarder.service import Forwarder
 
 KEY = "market:vps:stream"
 TICKS_PER_S = 1200

@@ -49,7 +49,7 @@ from tickbridge.brain.common import (
 )
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
-from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging
+from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging, tune_gc
 from tickbridge.core.metrics import counter, gauge, histogram, serve_metrics
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings, load_settings
@@ -512,4 +512,5 @@ def main(argv: list[str]) -> None:
     settings = load_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("consumer"), settings.metrics_bind)
+    tune_gc()
     run_service(lambda: BrainConsumer(settings))

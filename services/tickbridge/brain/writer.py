@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 from tickbridge.brain.common import check, group_floor, instance_name, parse_info_pairs, parse_read_reply
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
-from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging
+from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging, tune_gc
 from tickbridge.core.metrics import counter, gauge, histogram, serve_metrics
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
@@ -604,4 +604,5 @@ def main(argv: list[str]) -> None:
     settings = load_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("writer"), settings.metrics_bind)
+    tune_gc()
     run_service(lambda: BrainWriter(settings))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -18,6 +19,18 @@ import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+
+def tune_gc() -> None:
+    """Fewer young-generation collections, for the roles that move batches of stream entries.
+
+    A 5,000-entry batch allocates ~100k short-lived objects, and the default threshold (700) collects
+    ~150 times per batch. Measured on this host: forwarder drain +50-70 %; Brain catch-up see the
+    Brain README. Cycles are still collected, just less often.
+    """
+    gc.collect()
+    gc.freeze()  # startup objects (modules, settings) are never garbage: keep them out of every scan
+    gc.set_threshold(200_000, 50, 100)
 
 
 class StuckTaskError(RuntimeError):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from tickbridge.core.lifecycle import run_service, setup_logging
+from tickbridge.core.lifecycle import run_service, setup_logging, tune_gc
 from tickbridge.core.metrics import serve_metrics
 from tickbridge.core.settings import load_settings
-from tickbridge.forwarder.service import Forwarder, tune_gc
+from tickbridge.forwarder.service import Forwarder
 
 #: Buffer table name override (tests sharing one QuestDB); the contract name is `vps_buffer`.
 TABLE_ENV = "FORWARDER_BUFFER_TABLE"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import logging
 import math
 import time
@@ -39,14 +38,6 @@ ZERO: StreamId = (0, 0)
 QUESTDB_ERRORS: tuple[type[BaseException], ...] = (
     QuestDBError, IngressError, aiohttp.ClientError, TimeoutError, OSError,
 )  # fmt: skip
-
-
-def tune_gc() -> None:
-    """Fewer young-generation collections: a 5,000-entry batch allocates ~100k short-lived objects, and the
-    default threshold (700) collects ~150 times per batch; measured +50-70% drain rate on this host."""
-    gc.collect()
-    gc.freeze()  # startup objects (modules, settings) are never garbage: keep them out of every scan
-    gc.set_threshold(200_000, 50, 100)
 
 
 class LinkDown(Exception):
