@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 
 from tickbridge.brain.loadgen import TradeSource
