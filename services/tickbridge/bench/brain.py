@@ -1,7 +1,9 @@
 """`make bench-brain`: Brain catch-up rate from a 1,000,000-tick backlog, and HOT/WARM/COLD tier latencies.
 
-Starts its own redis-server and QuestDB, fills the Brain stream, then runs `tickbridge consumer` and
-`tickbridge writer` as processes and times until every row is visible in QuestDB `trades`. Ceilings
+Starts its own redis-server and QuestDB and runs `tickbridge consumer` and `tickbridge writer` as
+processes. Once they are ready they are paused, the Brain stream is filled, and the clock runs from
+their resumption until every row is visible in QuestDB `trades`; CPU seconds per process and Redis
+time per command over that interval show where the time goes. Ceilings
 measured in the same run: `redis-benchmark` XADD (pipeline 128) and a raw XREADGROUP+XACK drain from
 Python; for latencies, a Redis PING round trip and a trivial QuestDB `/exec` query.
 """
@@ -13,6 +15,7 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -133,37 +136,62 @@ def _commandstats(info: object) -> dict[str, tuple[int, float]]:
     return out
 
 
-async def catch_up(redis: RedisServer, qdb_server: QuestDBServer, ticks: int, consumers: int, workdir: Path) -> CatchUp:
+async def catch_up(
+    redis: RedisServer,
+    qdb_server: QuestDBServer,
+    ticks: int,
+    consumers: int,
+    workdir: Path,
+    *,
+    consumer_batch: int = 2000,
+    writer_batch: int = 50_000,
+) -> CatchUp:
     client = make_client(redis.url)
     qdb = QuestDBHttp(qdb_server.url)
     await ensure_group(client, keys.DEFAULT_STREAM_KEY, keys.DEFAULT_CONSUMER_GROUP)
-    now = time.time_ns() // 1000
-    # Exchange times over the last ~1,000 s: WARM keeps the last 300 s, the rest is COLD only.
-    source = TradeSource(SYMBOLS, start_us=now - ticks * 1000, step_us=1000)
-    t0 = time.perf_counter()
-    await source.append(client, keys.DEFAULT_STREAM_KEY, ticks, chunk=10_000)
-    fill_rate = ticks / (time.perf_counter() - t0)
-    print(f"backlog: {ticks:,} ticks in the Brain stream ({fill_rate:,.0f} XADD/s from Python while filling)")
-
     env = {
         **os.environ,
         "BRAIN_REDIS_URL": redis.url,
         "BRAIN_QUESTDB_URL": qdb_server.url,
         "SYMBOLS": ",".join(SYMBOLS),
         "METRICS_PORT": "0",
-        "CONSUMER_BATCH": "2000",
-        "WRITER_BATCH_ROWS": "50000",
+        "CONSUMER_BATCH": str(consumer_batch),
+        "WRITER_BATCH_ROWS": str(writer_batch),
         "WRITER_FLUSH_INTERVAL_S": "0.5",
         "LOG_LEVEL": "WARNING",
     }
-    await execute_packed(client, [["CONFIG", "RESETSTAT"]])
-    servers = {"redis-server": psutil.Process(redis.pid), "questdb": psutil.Process(qdb_server.pid)}
-    cpu_before = {name: _cpu_s(p) for name, p in servers.items()}
-    procs = [start_role("consumer", env, workdir, f"bench-c{i}") for i in range(consumers)]
+    # The roles start on an empty stream and are paused (SIGSTOP) once ready, the backlog is filled,
+    # and the clock starts when they resume: the figure is the processing rate, not Python start-up.
+    names = [f"bench-c{i}" for i in range(consumers)]
+    procs = [start_role("consumer", env, workdir, name) for name in names]
     procs.append(start_role("writer", env, workdir, "bench-w"))
-    names = [f"consumer {i + 1}" for i in range(consumers)] + ["writer"]
-    roles = {name: psutil.Process(p.pid) for name, p in zip(names, procs, strict=True)}
+    spawned = time.perf_counter()
+    beats = [keys.heartbeat_key("consumer", n) for n in names] + [keys.heartbeat_key("writer", "bench-w")]
+    while await client.exists(*beats) < len(beats):
+        if time.perf_counter() - spawned > 60:
+            raise TimeoutError(f"the roles did not report ready within 60 s; logs in {workdir}")
+        await asyncio.sleep(0.1)
+    ready_s = time.perf_counter() - spawned
+    for p in procs:
+        p.send_signal(signal.SIGSTOP)
+
+    now = time.time_ns() // 1000
+    # Exchange times over the last ~1,000 s: WARM keeps the last 300 s, the rest is COLD only.
+    source = TradeSource(SYMBOLS, start_us=now - ticks * 1000, step_us=1000)
+    t0 = time.perf_counter()
+    await source.append(client, keys.DEFAULT_STREAM_KEY, ticks, chunk=10_000)
+    fill_rate = ticks / (time.perf_counter() - t0)
+    print(f"roles ready in {ready_s:.1f} s, then paused; backlog: {ticks:,} ticks in the Brain stream "
+          f"({fill_rate:,.0f} XADD/s from Python while filling)")  # fmt: skip
+
+    await execute_packed(client, [["CONFIG", "RESETSTAT"]])
+    watched = {"redis-server": psutil.Process(redis.pid), "questdb": psutil.Process(qdb_server.pid)}
+    watched.update({f"consumer {i + 1}": psutil.Process(p.pid) for i, p in enumerate(procs[:-1])})
+    watched["writer"] = psutil.Process(procs[-1].pid)
+    cpu_before = {name: _cpu_s(p) for name, p in watched.items()}
     started = time.perf_counter()
+    for p in procs:
+        p.send_signal(signal.SIGCONT)
     consumed_at: float | None = None
     visible = 0
     try:
@@ -185,11 +213,11 @@ async def catch_up(redis: RedisServer, qdb_server: QuestDBServer, ticks: int, co
                 if p.poll() is not None:
                     raise RuntimeError(f"a role exited with {p.returncode}; logs in {workdir}")
         total = time.perf_counter() - started
-        cpu = {name: _cpu_s(p) - cpu_before[name] for name, p in servers.items()}
-        cpu.update({name: _cpu_s(p) for name, p in roles.items()})
+        cpu = {name: _cpu_s(p) - cpu_before[name] for name, p in watched.items()}
         (stats,) = await execute_packed(client, [["INFO", "commandstats"]])
     finally:
         for p in procs:
+            p.send_signal(signal.SIGCONT)
             p.terminate()
         for p in procs:
             p.wait(30)
@@ -202,7 +230,9 @@ def print_cpu(r: CatchUp, ticks: int) -> None:
     """Where the catch-up's CPU went: per process, and inside Redis per command (µs per tick)."""
     cores = os.cpu_count() or 1
     total = sum(r.cpu.values())
-    print(f"  CPU during the catch-up: {total:.1f} core-s of {r.total_s * cores:.1f} available ({cores} cores)")
+    per_tick_us = total * 1e6 / ticks
+    print(f"  CPU during the catch-up: {total:.1f} core-s of {r.total_s * cores:.1f} available ({cores} cores), "
+          f"{per_tick_us:.1f} core-µs per tick: 100,000 ticks/s would need {per_tick_us / 10:.1f} cores")  # fmt: skip
     for name, seconds in sorted(r.cpu.items(), key=lambda kv: -kv[1]):
         print(f"    {name:<14} {seconds:>6.1f} s  {seconds * 1e6 / ticks:>6.2f} µs/tick")
     busiest = sorted(r.commandstats.items(), key=lambda kv: -kv[1][1])[:6]
@@ -256,7 +286,15 @@ async def main_async(args: argparse.Namespace) -> None:
         # Ceilings before and after the catch-up: the machine is shared, so bracket the run.
         xadd_before = redis_benchmark_xadd(redis.port)
         drain_before = await drain_ceiling(redis.url)
-        r = await catch_up(redis, qdb, args.ticks, args.consumers, workdir)
+        r = await catch_up(
+            redis,
+            qdb,
+            args.ticks,
+            args.consumers,
+            workdir,
+            consumer_batch=args.consumer_batch,
+            writer_batch=args.writer_batch,
+        )
         xadd = (xadd_before + redis_benchmark_xadd(redis.port)) / 2
         drain = (drain_before + await drain_ceiling(redis.url)) / 2
         lat = await tier_latencies(redis, qdb, args.rounds)
@@ -295,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tickbridge.bench.brain", description=__doc__)
     p.add_argument("--ticks", type=int, default=1_000_000)
     p.add_argument("--consumers", type=int, default=2, help="consumer processes in the group")
+    p.add_argument("--consumer-batch", type=int, default=2000, help="CONSUMER_BATCH of the consumers")
+    p.add_argument("--writer-batch", type=int, default=50_000, help="WRITER_BATCH_ROWS of the writer")
     p.add_argument("--rounds", type=int, default=2000)
     asyncio.run(main_async(p.parse_args(argv)))
 
