@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from conftest import eventually
 from tickbridge.brain import query
@@ -117,3 +119,62 @@ async def _zcard(client: object, n: int) -> bool:
 async def _hot_last(md: TieredMarketData, trade_id: int) -> bool:
     rows = md.hot(SYM)
     return bool(rows and rows[-1].trade_id == trade_id)
+
+
+async def test_warm_reads_with_concurrent_callers_a_redis_restart_and_an_error_reply(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """WARM reads go through a lean connection when it is free and through the pool otherwise: the answers
+    are the same either way, a broken link (Redis restarted) costs no answer, and an error reply is raised
+    as redis-py's `ResponseError`, as before."""
+    server = redis_factory(appendonly=True)  # the restart keeps WARM
+    settings = Settings(
+        brain_redis_url=server.url,
+        brain_questdb_url="http://127.0.0.1:9",  # never asked: every request is inside WARM
+        symbols=(SYM,),
+        hot_ticks=100,
+        warm_window_s=300,
+    )
+    client = make_client(server.url)
+    now = time.time_ns() // 1000
+    first = now - 10_000_000
+    members: list[int | str] = []
+    for i in range(1000):  # trade i + 1 at first + i * 10 ms
+        ts = first + i * 10_000
+        members += [ts, f"{i + 1}|{new_price(i + 1)}|0.5|BUY|{ts + 1500}"]
+    await client.execute_command("ZADD", keys.warm_key(SYM), *members)
+    await client.set(keys.warm_key("ETHUSDT"), "not a sorted set")
+
+    def expected(k: int) -> list[int]:
+        return list(range(10 * k + 1, 10 * k + 11))  # the 10 trades of the k-th 100 ms
+
+    try:
+        async with TieredMarketData(settings, registry=CollectorRegistry(), follow=False) as md:
+            answers = await asyncio.gather(*(md.range(SYM, first + k * 100_000, first + k * 100_000 + 99_999)
+                                             for k in range(50)))  # fmt: skip
+            for k, a in enumerate(answers):
+                assert a.tiers == (WARM,) and [r.trade_id for r in a.rows] == expected(k)
+            recents = await asyncio.gather(*(md.recent(SYM, n) for n in (1, 10, 500)))
+            assert [[r.trade_id for r in a.rows] for a in recents] == [
+                [1000],
+                list(range(991, 1001)),
+                list(range(501, 1001)),
+            ]
+            assert all(a.tiers == (WARM,) for a in recents)
+            assert (recents[0].rows[0].price, recents[0].rows[0].side) == (float(new_price(1000)), "BUY")
+
+            await asyncio.to_thread(server.restart)  # both connections to it are now broken
+            for k in (0, 49, 7):
+                a = await md.range(SYM, first + k * 100_000, first + k * 100_000 + 99_999)
+                assert a.tiers == (WARM,) and [r.trade_id for r in a.rows] == expected(k)
+
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                await md.range("ETHUSDT", first, now)
+            a = await md.recent(SYM, 10)  # the link is still good after an error reply
+            assert [r.trade_id for r in a.rows] == list(range(991, 1001))
+
+            await asyncio.to_thread(server.stop)  # Redis gone: redis-py's error, as before
+            with pytest.raises(RedisConnectionError):
+                await md.recent(SYM, 10)
+    finally:
+        await client.aclose()

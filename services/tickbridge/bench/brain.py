@@ -165,36 +165,36 @@ async def catch_up(
     names = [f"bench-c{i}" for i in range(consumers)]
     procs = [start_role("consumer", env, workdir, name) for name in names]
     procs.append(start_role("writer", env, workdir, "bench-w"))
-    spawned = time.perf_counter()
-    beats = [keys.heartbeat_key("consumer", n) for n in names] + [keys.heartbeat_key("writer", "bench-w")]
-    while await client.exists(*beats) < len(beats):
-        if time.perf_counter() - spawned > 60:
-            raise TimeoutError(f"the roles did not report ready within 60 s; logs in {workdir}")
-        await asyncio.sleep(0.1)
-    ready_s = time.perf_counter() - spawned
-    for p in procs:
-        p.send_signal(signal.SIGSTOP)
+    try:  # from here on every exit resumes and stops the roles
+        spawned = time.perf_counter()
+        beats = [keys.heartbeat_key("consumer", n) for n in names] + [keys.heartbeat_key("writer", "bench-w")]
+        while await client.exists(*beats) < len(beats):
+            if time.perf_counter() - spawned > 60 or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a role exited or did not report ready within 60 s; logs in {workdir}")
+            await asyncio.sleep(0.1)
+        ready_s = time.perf_counter() - spawned
+        for p in procs:
+            p.send_signal(signal.SIGSTOP)
 
-    now = time.time_ns() // 1000
-    # Exchange times over the last ~1,000 s: WARM keeps the last 300 s, the rest is COLD only.
-    source = TradeSource(SYMBOLS, start_us=now - ticks * 1000, step_us=1000)
-    t0 = time.perf_counter()
-    await source.append(client, keys.DEFAULT_STREAM_KEY, ticks, chunk=10_000)
-    fill_rate = ticks / (time.perf_counter() - t0)
-    print(f"roles ready in {ready_s:.1f} s, then paused; backlog: {ticks:,} ticks in the Brain stream "
-          f"({fill_rate:,.0f} XADD/s from Python while filling)")  # fmt: skip
+        now = time.time_ns() // 1000
+        # Exchange times over the last ~1,000 s: WARM keeps the last 300 s, the rest is COLD only.
+        source = TradeSource(SYMBOLS, start_us=now - ticks * 1000, step_us=1000)
+        t0 = time.perf_counter()
+        await source.append(client, keys.DEFAULT_STREAM_KEY, ticks, chunk=10_000)
+        fill_rate = ticks / (time.perf_counter() - t0)
+        print(f"roles ready in {ready_s:.1f} s, then paused; backlog: {ticks:,} ticks in the Brain stream "
+              f"({fill_rate:,.0f} XADD/s from Python while filling)")  # fmt: skip
 
-    await execute_packed(client, [["CONFIG", "RESETSTAT"]])
-    watched = {"redis-server": psutil.Process(redis.pid), "questdb": psutil.Process(qdb_server.pid)}
-    watched.update({f"consumer {i + 1}": psutil.Process(p.pid) for i, p in enumerate(procs[:-1])})
-    watched["writer"] = psutil.Process(procs[-1].pid)
-    cpu_before = {name: _cpu_s(p) for name, p in watched.items()}
-    started = time.perf_counter()
-    for p in procs:
-        p.send_signal(signal.SIGCONT)
-    consumed_at: float | None = None
-    visible = 0
-    try:
+        await execute_packed(client, [["CONFIG", "RESETSTAT"]])
+        watched = {"redis-server": psutil.Process(redis.pid), "questdb": psutil.Process(qdb_server.pid)}
+        watched.update({f"consumer {i + 1}": psutil.Process(p.pid) for i, p in enumerate(procs[:-1])})
+        watched["writer"] = psutil.Process(procs[-1].pid)
+        cpu_before = {name: _cpu_s(p) for name, p in watched.items()}
+        started = time.perf_counter()
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+        consumed_at: float | None = None
+        visible = 0
         while True:
             await asyncio.sleep(0.25)
             if consumed_at is None:

@@ -3,7 +3,9 @@
 - HOT: the last HOT_TICKS trades per symbol, kept current by a background task that XREADs the
   per-symbol streams (prefilled from WARM at start).
 - WARM: the consumer's sorted set `market:<exchange>:warm:<SYMBOL>` (score = exchange time µs,
-  member `trade_id|price|volume|side|recv_ts`), the last WARM_WINDOW_S before its newest tick.
+  member `trade_id|price|volume|side|recv_ts`), the last WARM_WINDOW_S before its newest tick. Read
+  through one lean connection (`core.rawlink`: both replies of a range in one read) when it is free,
+  else through the redis-py pool; a stale lean link is reopened once, so a Redis restart costs no answer.
 - COLD: QuestDB `trades` over HTTP `/exec`.
 
 `recent()` and `range()` answer from the fastest tier that covers the request; a request older than
@@ -27,11 +29,13 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tickbridge.brain.common import check, parse_read_reply
 from tickbridge.core import keys
 from tickbridge.core.metrics import counter, histogram
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp
+from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import check_symbol
@@ -142,6 +146,10 @@ class TieredMarketData:
         self._hot_latency = self.metrics.latency.labels(HOT)
         self.follow = follow
         self.redis: aioredis.Redis = make_client(settings.brain_redis_url, settings)
+        # WARM reads: one lean connection (both replies of a range in one read, parsed in C); a read
+        # that finds it busy (concurrent callers) or broken goes through the pool instead.
+        self._raw = RawRedis(settings.brain_redis_url, settings)
+        self._raw_lock = asyncio.Lock()
         self.qdb = QuestDBHttp(settings.brain_questdb_url, settings)
         self._hot: dict[str, _Hot] = {}
         self._ready = asyncio.Event()
@@ -172,6 +180,7 @@ class TieredMarketData:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._raw.close()
         await self.redis.aclose()
         await self.qdb.close()
 
@@ -237,9 +246,25 @@ class TieredMarketData:
 
     # ---------------------------------------------------------------- WARM and COLD access
 
+    async def _warm_exec(self, cmds: Sequence[Command]) -> list[Any]:
+        """Run WARM commands in one round trip; error replies in place as `ResponseError` (as the pool does)."""
+        if not self._raw_lock.locked():
+            async with self._raw_lock:
+                for _attempt in range(2):
+                    try:
+                        replies = await self._raw.execute(cmds)
+                    except OSError as exc:  # ConnectionError, refused, unreachable, TimeoutError
+                        if isinstance(exc, TimeoutError) or isinstance(exc.__cause__, TimeoutError):
+                            raise RedisTimeoutError(str(exc)) from exc  # waiting again would only double the wait
+                        # A read is safe to repeat: a stale link (Redis restarted) is reopened once.
+                        log.debug("lean WARM link: %s", exc)
+                        continue
+                    return [ResponseError(str(r)) if isinstance(r, RawReplyError) else r for r in replies]
+        return await execute_packed(self.redis, cmds)
+
     async def _warm(self, cmd: Command) -> list[TickRow]:
         started = time.perf_counter()
-        (reply,) = await execute_packed(self.redis, [cmd])
+        (reply,) = await self._warm_exec([cmd])
         rows = [parse_warm_member(m, float(s)) for m, s in _pairs(check(reply))]
         self.metrics.latency.labels(WARM).observe(time.perf_counter() - started)
         return rows
@@ -292,8 +317,7 @@ class TieredMarketData:
         # One round trip: WARM's newest tick (its coverage) and the WARM part of the range.
         warm_key = keys.warm_key(symbol, self.exchange)
         started_warm = time.perf_counter()
-        newest_r, range_r = await execute_packed(
-            self.redis,
+        newest_r, range_r = await self._warm_exec(
             [
                 ["ZRANGE", warm_key, -1, -1, "WITHSCORES"],
                 ["ZRANGE", warm_key, start_us, end_us, "BYSCORE", "LIMIT", 0, limit, "WITHSCORES"],

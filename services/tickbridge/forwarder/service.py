@@ -26,11 +26,11 @@ from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service, Watchdog
 from tickbridge.core.questdb_io import QuestDBError
+from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.forwarder.buffer import RawEntry, SpillBuffer, StreamId, format_id, parse_id
 from tickbridge.forwarder.metrics import ForwarderMetrics
-from tickbridge.forwarder.rawlink import RawRedis, RawReplyError
 
 log = logging.getLogger(__name__)
 
