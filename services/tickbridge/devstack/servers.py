@@ -6,6 +6,7 @@ by PID (SIGTERM, then SIGKILL). `kill9()`, `pause()`/`resume()` and `restart()` 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -29,10 +30,21 @@ class ServerError(RuntimeError):
     """A server did not start or answer in time."""
 
 
+#: Ports this process handed out lately. A port is chosen long before its server binds it (a stack picks
+#: the simulator's port, then starts four servers), and the kernel may offer the same free port again.
+_ISSUED: collections.deque[int] = collections.deque(maxlen=2000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port that this process has not handed out lately."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _ISSUED:
+            _ISSUED.append(port)
+            return port
+    raise ServerError("no free loopback port found in 100 tries")
 
 
 def find_java() -> str:
