@@ -25,8 +25,8 @@ def tune_gc() -> None:
     """Fewer young-generation collections, for the roles that move batches of stream entries.
 
     A 5,000-entry batch allocates ~100k short-lived objects, and the default threshold (700) collects
-    ~150 times per batch. Measured on this host: forwarder drain +50-70 %; Brain catch-up see the
-    Brain README. Cycles are still collected, just less often.
+    ~150 times per batch. Measured on this host: forwarder drain +50-70 %, Brain writer 7.7 -> 4.6-5.0
+    µs per tick (`brain/README.md`). Cycles are still collected, just less often.
     """
     gc.collect()
     gc.freeze()  # startup objects (modules, settings) are never garbage: keep them out of every scan
