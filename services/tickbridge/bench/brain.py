@@ -3,9 +3,9 @@
 Starts its own redis-server and QuestDB and runs `tickbridge consumer` and `tickbridge writer` as
 processes. Once they are ready they are paused, the Brain stream is filled, and the clock runs from
 their resumption until every row is visible in QuestDB `trades`; CPU seconds per process and Redis
-time per command over that interval show where the time goes. Ceilings
-measured in the same run: `redis-benchmark` XADD (pipeline 128) and a raw XREADGROUP+XACK drain from
-Python; for latencies, a Redis PING round trip and a trivial QuestDB `/exec` query.
+time per command over that interval show where the time goes. Ceilings measured in the same run:
+`redis-benchmark` XADD (pipeline 128) and a raw XREADGROUP+XACK drain from Python; for latencies, a Redis
+PING round trip (pool and lean link) and a trivial QuestDB `/exec` query.
 """
 
 from __future__ import annotations

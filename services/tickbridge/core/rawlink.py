@@ -3,8 +3,8 @@
 `redis.asyncio` reads a pipelined reply at a time through Python (an asyncio timeout context per reply),
 which caps a batch of XADDs near 30k/s on a loaded 2-vCPU host, and costs ~40 µs per extra reply. Here
 the whole batch is parsed by one `hiredis.Reader` loop over the socket buffer. Used by the forwarder's
-Brain write path and by the WARM reads of `TieredMarketData`. Supports `redis://` and `rediss://` (TLS files from the
-settings), a password/user from the URL and the database number.
+Brain write path and by the WARM reads of `TieredMarketData`. Supports `redis://` and `rediss://` (TLS
+files from the settings), a password/user from the URL and the database number.
 """
 
 from __future__ import annotations
