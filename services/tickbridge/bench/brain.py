@@ -238,7 +238,7 @@ def print_cpu(r: CatchUp, ticks: int) -> None:
         print(f"    {name:<14} {seconds:>6.1f} s  {seconds * 1e6 / ticks:>6.2f} µs/tick")
     busiest = sorted(r.commandstats.items(), key=lambda kv: -kv[1][1])[:6]
     inside = ", ".join(f"{cmd} {usec / ticks:.2f}" for cmd, (_calls, usec) in busiest)
-    print(f"    inside Redis, µs/tick: {inside}")
+    print(f"    inside Redis, µs/tick (fcall includes the commands it runs): {inside}")
 
 
 async def tier_latencies(redis: RedisServer, qdb_server: QuestDBServer, rounds: int) -> dict[str, list[float]]:
