@@ -5,7 +5,8 @@
 - WARM: the consumer's sorted set `market:<exchange>:warm:<SYMBOL>` (score = exchange time µs,
   member `trade_id|price|volume|side|recv_ts`), the last WARM_WINDOW_S before its newest tick. Read
   through one lean connection (`core.rawlink`: both replies of a range in one read) when it is free,
-  else through the redis-py pool; a stale lean link is reopened once, so a Redis restart costs no answer.
+  else through the redis-py pool. Stale connections (Redis restarted) are replaced and the read sent
+  once more, on either path, so a restart costs no answer.
 - COLD: QuestDB `trades` over HTTP `/exec`.
 
 `recent()` and `range()` answer from the fastest tier that covers the request; a request older than
@@ -36,7 +37,7 @@ from tickbridge.core import keys
 from tickbridge.core.metrics import counter, histogram
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp
 from tickbridge.core.rawlink import RawRedis, RawReplyError
-from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, execute_read, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import check_symbol
 
@@ -264,7 +265,7 @@ class TieredMarketData:
                         log.debug("lean WARM link: %s", exc)
                         continue
                     return [ResponseError(str(r)) if isinstance(r, RawReplyError) else r for r in replies]
-        return await execute_packed(self.redis, cmds)
+        return await execute_read(self.redis, cmds)
 
     async def _warm(self, cmd: Command) -> list[TickRow]:
         started = time.perf_counter()

@@ -12,6 +12,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from tickbridge.core.settings import Settings
@@ -89,6 +90,20 @@ async def execute_packed(
             with contextlib.suppress(Exception):
                 await conn.disconnect()
         await pool.release(conn)
+
+
+async def execute_read(client: aioredis.Redis, commands: Sequence[Command]) -> list[Any]:
+    """`execute_packed` for commands that are safe to repeat (reads).
+
+    After a Redis restart every idle connection of the pool is stale, and redis-py finds out only
+    when the reply does not come. The first such failure drops the idle connections and sends the
+    batch once more, so a restart costs the caller no answer; Redis still gone raises as before.
+    """
+    try:
+        return await execute_packed(client, commands)
+    except RedisConnectionError:
+        await client.connection_pool.disconnect(inuse_connections=False)
+        return await execute_packed(client, commands)
 
 
 def is_duplicate_id_error(reply: object) -> bool:
