@@ -235,7 +235,7 @@ async def test_ingest_call_replayed_writes_nothing_twice(brain: aioredis.Redis, 
         cmd, dead = svc._build(entries, {})
         assert dead == 0
         first, second = await execute_packed(brain, [cmd, cmd])
-        assert first == [31, 0] and second == [0, 31]
+        assert first == [31, 0, 0] and second == [0, 31, 0]
         for sym in SYMBOLS:
             ids = await src_ids(brain, keys.trades_key(sym))
             assert len(ids) == len(set(ids)) == 10
@@ -243,3 +243,45 @@ async def test_ingest_call_replayed_writes_nothing_twice(brain: aioredis.Redis, 
         assert await brain.xlen(keys.depth_key("BTCUSDT")) == 1
     finally:
         await svc.client.aclose()
+
+
+async def test_mixed_entries_keep_per_symbol_order_and_are_written_once(
+    brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
+) -> None:
+    """Regular trades, valid trades in another field order, order-book diffs and an invalid entry land
+    once each, and every per-symbol stream keeps the order of the Brain stream (an odd-layout trade used
+    to go ahead of its batch's regular trades of the same symbol). A WARM key of the wrong type is
+    counted and costs no trade (it used to fail the whole call after the writes)."""
+    await ensure_group(brain, STREAM, GROUP)
+    await brain.set(keys.warm_key("SOLUSDT"), "not a sorted set")
+    expected: dict[str, list[int]] = {s: [] for s in SYMBOLS}
+    depth_ids: list[int] = []
+    ts = 1_763_900_000_000_000
+    for i in range(1, 601):
+        sym = SYMBOLS[i % 3]
+        fields = make_trade(sym, i, ts + i).fields()
+        if i % 50 == 7:  # the same trade, fields in another order: valid, decoded the slow way
+            pairs = list(zip(fields[::2], fields[1::2], strict=True))
+            fields = [x for pair in reversed(pairs) for x in pair]
+        await brain.xadd(STREAM, as_mapping(fields))
+        expected[sym].append(i)
+        if i % 20 == 0:
+            await brain.xadd(STREAM, as_mapping(make_depth(sym, i, ts + i).fields()))
+            depth_ids.append(i)
+        if i == 300:
+            await brain.xadd(STREAM, {"type": "TRADE", "symbol": "BTCUSDT", "price": "nan"})
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings_for(redis_server, consumer_name="c1", consumer_batch=100), registry))
+
+    await eventually(lambda: _eq(total_written(brain), 600), timeout=15, what="600 trades written")
+    await eventually(lambda: _pending_zero(brain), timeout=5, what="group drained")
+    for sym in SYMBOLS:
+        trade_ids = [int(f[b"trade_id"]) for _, f in await brain.xrange(keys.trades_key(sym))]
+        assert trade_ids == expected[sym]
+        per_symbol = [int(f[b"first_update_id"]) for _, f in await brain.xrange(keys.depth_key(sym))]
+        assert per_symbol == [i for i in depth_ids if SYMBOLS[i % 3] == sym]
+    assert await brain.xlen(keys.CONSUMER_DEAD_LETTER) == 1
+    assert await brain.zcard(keys.warm_key("BTCUSDT")) == 200
+    assert (registry.get_sample_value("tickbridge_consumer_errors_total", {"kind": "warm"}) or 0) >= 1
+    assert registry.get_sample_value("tickbridge_consumer_errors_total", {"kind": "response"}) == 0
+    assert registry.get_sample_value("tickbridge_consumer_entries_total", {"outcome": "written"}) == 600 + 30

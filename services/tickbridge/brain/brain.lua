@@ -18,7 +18,7 @@
 --   'p', id, target_index, nfields, field, value, ...: an order-book diff
 --   'd', id, dead_letter_index, nfields, field, value, ... (with the reason): a dead letter
 -- Arguments cost more than the commands here, so the common case sends as few as possible.
--- Returns {written, already_acked}.
+-- Returns {written, already_acked, failed WARM commands}.
 local function add_warm(warm, zkey, score, member)
   local entry = warm[zkey]
   if entry == nil then
@@ -31,6 +31,23 @@ local function add_warm(warm, zkey, score, member)
   if entry.newest < score then
     entry.newest = score
   end
+end
+
+-- One ZADD per WARM key (in chunks: Lua's C stack limits unpack), then keep the last `window` µs
+-- before its newest tick. WARM is a cache: a failing command (a key of the wrong type) is counted
+-- and returned, and the ticks stay written. Returns the number of failed commands.
+local function write_warm(warm, window)
+  local failed = 0
+  for zkey, entry in pairs(warm) do
+    local za = entry.args
+    for from = 1, #za, 2000 do
+      local r = redis.pcall('ZADD', zkey, unpack(za, from, math.min(from + 1999, #za)))
+      if type(r) == 'table' and r.err then failed = failed + 1 end
+    end
+    local r = redis.pcall('ZREMRANGEBYSCORE', zkey, '-inf', '(' .. string.format('%.0f', entry.newest - window))
+    if type(r) == 'table' and r.err then failed = failed + 1 end
+  end
+  return failed
 end
 
 local function ingest(keys, args)
@@ -95,16 +112,7 @@ local function ingest(keys, args)
       i = i + 1 + nfields
     end
   end
-  -- One ZADD per WARM key (in chunks: Lua's C stack limits unpack), then keep the last `window` µs
-  -- before its newest tick.
-  for zkey, entry in pairs(warm) do
-    local za = entry.args
-    for from = 1, #za, 2000 do
-      call('ZADD', zkey, unpack(za, from, math.min(from + 1999, #za)))
-    end
-    call('ZREMRANGEBYSCORE', zkey, '-inf', '(' .. string.format('%.0f', entry.newest - window))
-  end
-  return {written, dup}
+  return {written, dup, write_warm(warm, window)}
 end
 
 redis.register_function('tickbridge_brain_ingest', ingest)

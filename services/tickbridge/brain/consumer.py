@@ -77,7 +77,7 @@ class ConsumerMetrics:
             "consumer_claimed_total", "Entries re-delivered from the PEL or claimed", registry=registry
         )
         self.errors = counter("consumer_errors_total", "Batch failures by kind", ("kind",), registry=registry)
-        for kind in ("redis", "response"):  # exported at 0 so dashboards show "none yet"
+        for kind in ("redis", "response", "warm"):  # exported at 0 so dashboards show "none yet"
             self.errors.labels(kind)
         self.batch_seconds = histogram("consumer_batch_seconds", "Time of one ingest call", registry=registry)
         self.batch_size = histogram(
@@ -356,6 +356,11 @@ class BrainConsumer(Service):
                     reason = str(exc)
                 else:
                     if isinstance(tick, Trade):
+                        # The symbol's trades so far go first: its stream keeps the Brain stream's order.
+                        pair = (tick.symbol.encode(), tick.exchange.encode())
+                        earlier = runs.pop(pair, None)
+                        if earlier:
+                            args += ["T", trade_pair(*pair), len(earlier) // 7, *earlier]
                         member = f"{tick.trade_id}|{tick.price}|{tick.volume}|{tick.side}|{tick.recv_ts}"
                         target = index(keys.trades_key(tick.symbol, tick.exchange))
                         warm_idx = index(keys.warm_key(tick.symbol, tick.exchange))
@@ -381,7 +386,10 @@ class BrainConsumer(Service):
         assert self.client is not None
         started = time.perf_counter()
         (reply,) = await execute_packed(self.client, [cmd])
-        written, dup = check(reply)
+        written, dup, warm_errors = check(reply)
+        if warm_errors:
+            self.metrics.errors.labels("warm").inc(warm_errors)
+            log.error("%d WARM commands failed (a key of the wrong type?); the ticks are written", warm_errors)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(n)
         if dead:
