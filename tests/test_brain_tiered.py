@@ -21,6 +21,7 @@ from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
+from tickbridge.core.tick import TickError
 from tickbridge.devstack.servers import QuestDBServer, RedisServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -182,3 +183,14 @@ async def test_warm_reads_with_concurrent_callers_a_redis_restart_and_an_error_r
                 await md.recent(SYM, 10)
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("name", ["binance_spot' OR '1'='1", "BINANCE_SPOT", ""])
+def test_unknown_exchange_or_symbol_is_refused_before_any_query(name: str) -> None:
+    """The exchange and the symbol name Redis keys and go into COLD's SQL: anything but a known exchange
+    and a plain symbol is refused with a one-line error, before a connection is made."""
+    settings = Settings(brain_redis_url="redis://127.0.0.1:9/0", brain_questdb_url="http://127.0.0.1:9")
+    with pytest.raises(TickError, match="exchange"):
+        TieredMarketData(settings, symbols=(SYM,), registry=CollectorRegistry(), exchange=name)
+    with pytest.raises(TickError, match="symbol"):
+        TieredMarketData(settings, symbols=("BTC'--",), registry=CollectorRegistry())

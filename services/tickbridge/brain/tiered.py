@@ -39,7 +39,7 @@ from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp
 from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, execute_read, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import check_symbol
+from tickbridge.core.tick import check_exchange, check_symbol
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class TieredMarketData:
     ) -> None:
         self.settings = settings
         self.symbols = [check_symbol(s) for s in (symbols or settings.symbols)]
-        self.exchange = exchange
+        self.exchange = check_exchange(exchange)  # it names Redis keys and goes into COLD's SQL
         self.hot_size = settings.hot_ticks
         self.window_us = int(settings.warm_window_s * 1_000_000)
         self.metrics = TieredMetrics(registry)
