@@ -22,7 +22,7 @@ from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import TickError
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
+from tickbridge.devstack.servers import QuestDBServer, RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -194,3 +194,16 @@ def test_unknown_exchange_or_symbol_is_refused_before_any_query(name: str) -> No
         TieredMarketData(settings, symbols=(SYM,), registry=CollectorRegistry(), exchange=name)
     with pytest.raises(TickError, match="symbol"):
         TieredMarketData(settings, symbols=("BTC'--",), registry=CollectorRegistry())
+
+
+def test_query_with_redis_down_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("BRAIN_REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setenv("BRAIN_QUESTDB_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(SystemExit) as exc:
+        query.main([SYM])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tickbridge query: ConnectionError") and f":{port}" in err[0]

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from tickbridge.brain.tiered import Answer, TieredMarketData, us_to_iso
 from tickbridge.core.questdb_io import QuestDBError
-from tickbridge.core.redis_io import TRANSIENT_ERRORS
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, make_client
 from tickbridge.core.settings import die, load_settings
 from tickbridge.core.tick import TickError, check_symbol
 
@@ -79,6 +79,12 @@ def render(symbol: str, answer: Answer, limit: int, console: Console) -> None:
 
 async def run_query(args: argparse.Namespace) -> None:
     settings = load_settings()
+    # A dead Redis is one line at once, not a HOT follower retrying until the ready timeout.
+    probe = make_client(settings.brain_redis_url, settings, timeout=3.0)
+    try:
+        await probe.ping()
+    finally:
+        await probe.aclose()
     async with TieredMarketData(settings, [args.symbol], CollectorRegistry(), follow=not args.no_follow) as md:
         now = time.time_ns() // 1000
         if args.since is not None:
