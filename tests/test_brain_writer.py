@@ -197,3 +197,38 @@ async def test_suspended_table_is_reported(
 
 async def _table_exists(qdb: QuestDBHttp) -> bool:
     return bool(await qdb.rows("SELECT table_name FROM tables() WHERE table_name = 'trades'"))
+
+
+async def test_a_per_symbol_key_of_the_wrong_type_stops_only_its_symbol(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: ServiceRunner,
+) -> None:
+    """`trades:SOLUSDT` holding a string (written by hand or by another program) is reported and left out;
+    the other symbols keep flowing into QuestDB exactly once, and SOLUSDT flows again once the key is fixed."""
+    qserver = questdb_factory()
+    qdb = QuestDBHttp(qserver.url)
+    settings = settings_for(redis_server, qserver)
+    await brain.set(keys.trades_key("SOLUSDT"), "not a stream")
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(("BTCUSDT", "ETHUSDT"))
+    await source.append(brain, STREAM, 2000)
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    services.start(BrainWriter(settings, registry, discover_interval_s=0.5))
+    try:
+        await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=30, interval=0.3, what="BTC, ETH")
+        assert (registry.get_sample_value("tickbridge_writer_errors_total", {"kind": "wrong_type"}) or 0) >= 1
+        assert registry.get_sample_value("tickbridge_writer_skipped_keys") == 1
+
+        await brain.delete(keys.trades_key("SOLUSDT"))  # fixed: the consumer's next SOLUSDT trade makes a stream
+        sol = TradeSource(("SOLUSDT",))
+        await sol.append(brain, STREAM, 500)
+        expected = {**source.counts(), **sol.counts()}
+        await eventually(lambda: all_exactly_once(expected)(qdb), timeout=30, interval=0.3, what="SOLUSDT again")
+        await eventually(
+            lambda: _true(registry.get_sample_value("tickbridge_writer_skipped_keys") == 0), timeout=5, what="0 skipped"
+        )
+    finally:
+        await qdb.close()

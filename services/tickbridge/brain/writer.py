@@ -89,12 +89,15 @@ class WriterMetrics:
         )
         self.latency = histogram("writer_write_seconds", "ILP flush latency by table", ("table",), registry=registry)
         self.errors = counter("writer_errors_total", "Errors by kind", ("kind",), registry=registry)
-        for kind in ("redis_response", "questdb_flush"):  # exported at 0 so dashboards show "none yet"
+        for kind in ("redis_response", "questdb_flush", "wrong_type"):  # exported at 0 so dashboards show "none yet"
             self.errors.labels(kind)
         self.backlog = gauge(
             "writer_backlog_entries", "Entries in per-symbol streams not yet in QuestDB", registry=registry
         )
         self.buffered = gauge("writer_buffered_rows", "Rows held in memory awaiting a flush", registry=registry)
+        self.skipped_keys = gauge(
+            "writer_skipped_keys", "Per-symbol keys left out because they are not streams", registry=registry
+        )
         self.suspended = gauge("writer_suspended_tables", "QuestDB WAL tables that are suspended", registry=registry)
         self.last_flush = gauge(
             "writer_last_flush_timestamp_seconds", "Unix time of the last confirmed flush", registry=registry
@@ -155,6 +158,9 @@ class BrainWriter(Service):
         self._last_claim = 0.0
         self._last_discover = 0.0
         self._grouped: set[str] = set()
+        #: Per-symbol keys that hold something other than a stream: left out of every read (one bad key
+        #: must not stop the other symbols) and looked at again at each discovery.
+        self._skipped: dict[str, None] = {}
         self._pending_dead: list[tuple[bytes, bytes, str]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._texts: dict[bytes, str] = {}
@@ -194,14 +200,42 @@ class BrainWriter(Service):
 
     async def _setup_groups(self, streams: Iterable[str]) -> None:
         assert self.client is not None
-        for stream in streams:
+        for stream in list(streams):
             if stream not in self._grouped:
-                await ensure_group(self.client, stream, self.group, "0")
+                try:
+                    await ensure_group(self.client, stream, self.group, "0")
+                except ResponseError as exc:
+                    if "WRONGTYPE" not in str(exc):
+                        raise
+                    self._skip(stream)
+                    continue
                 self._grouped.add(stream)
+
+    def _skip(self, stream: str) -> None:
+        self.streams.remove(stream)
+        self._skipped[stream] = None
+        self.metrics.errors.labels("wrong_type").inc()
+        self.metrics.skipped_keys.set(len(self._skipped))
+        log.error("%s is not a stream: left out until it is deleted or becomes one (other symbols go on)", stream)
+
+    async def _recheck_skipped(self) -> None:
+        """Bring back skipped keys that were deleted (MKSTREAM recreates them) or became streams."""
+        assert self.client is not None
+        if not self._skipped:
+            return
+        names = list(self._skipped)
+        types = await execute_packed(self.client, [["TYPE", name] for name in names])
+        for name, kind in zip(names, types, strict=True):
+            if kind in (b"stream", b"none", "stream", "none"):
+                del self._skipped[name]
+                self.streams.append(name)
+                log.info("%s is back", name)
+        self.metrics.skipped_keys.set(len(self._skipped))
 
     async def discover(self) -> None:
         """Add per-symbol streams that exist in Redis but are not in SYMBOLS (never lose a symbol)."""
         assert self.client is not None
+        await self._recheck_skipped()
         found: list[str] = []
         for pattern in ("market:*:trades:*", "market:*:depth:*"):
             async for key in self.client.scan_iter(match=pattern, count=1000, _type="stream"):
