@@ -15,7 +15,7 @@ from conftest import eventually
 from tickbridge.brain import query
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.loadgen import TradeSource
-from tickbridge.brain.tiered import COLD, HOT, WARM, TieredMarketData
+from tickbridge.brain.tiered import COLD, HOT, WARM, TickRow, TieredMarketData, _Hot
 from tickbridge.brain.writer import BrainWriter
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
@@ -207,3 +207,15 @@ def test_query_with_redis_down_says_so_in_one_line(
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tickbridge query: ConnectionError") and f":{port}" in err[0]
+
+
+def test_hot_keeps_the_newest_when_an_old_trade_arrives_late() -> None:
+    """A trade older than everything in a full HOT deque (a dead letter put back hours later) is not one of
+    the last N and must not push a recent one out."""
+    hot = _Hot(3)
+    for i, ts in enumerate((10, 20, 30), start=1):
+        hot.add(TickRow(ts, i, 1.0, 1.0, "BUY", ts))
+    hot.add(TickRow(5, 99, 1.0, 1.0, "BUY", 5))
+    assert [r.trade_id for r in hot.rows] == [1, 2, 3]
+    hot.add(TickRow(40, 4, 1.0, 1.0, "BUY", 40))
+    assert [r.trade_id for r in hot.rows] == [2, 3, 4] and hot.ids == {2, 3, 4}

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from conftest import ServiceRunner, eventually
+from tickbridge.brain import deadletters
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth
 from tickbridge.brain.writer import BrainWriter
@@ -232,3 +233,54 @@ async def test_a_per_symbol_key_of_the_wrong_type_stops_only_its_symbol(
         )
     finally:
         await qdb.close()
+
+
+async def test_dead_letters_replayed_after_the_fix_reach_questdb_exactly_once(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: ServiceRunner,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """While `trades:SOLUSDT` is not a stream, its trades are dead-lettered and the others flow. Once the
+    key is deleted, `tickbridge deadletters --replay` puts them back: the contract's check query is equal
+    for every symbol, the invalid entry stays quarantined, and a second replay repeats nothing."""
+    qserver = questdb_factory()
+    qdb = QuestDBHttp(qserver.url)
+    settings = settings_for(redis_server, qserver, consumer_max_deliveries=1)
+    await brain.set(keys.trades_key("SOLUSDT"), "not a stream")
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(SYMBOLS)
+    await source.append(brain, STREAM, 300)
+    await brain.xadd(STREAM, {"type": "TRADE", "symbol": "BTCUSDT", "price": "nan"})
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    services.start(BrainWriter(settings, CollectorRegistry(), discover_interval_s=0.5))
+    monkeypatch.setenv("BRAIN_REDIS_URL", redis_server.url)
+    try:
+        without_sol = {s: n for s, n in source.counts().items() if s != "SOLUSDT"}
+        await eventually(lambda: all_exactly_once(without_sol)(qdb), timeout=30, interval=0.3, what="BTC, ETH")
+        await eventually(lambda: _eq(brain.xlen(keys.CONSUMER_DEAD_LETTER), 101), timeout=20, what="dead letters")
+
+        await brain.delete(keys.trades_key("SOLUSDT"))
+        with pytest.raises(SystemExit) as exit_:
+            await asyncio.to_thread(deadletters.main, ["--replay"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert "replayed 100; still invalid 1" in out and "delivered 2 times" in out
+        await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=30, interval=0.3, what="all once")
+        sol = [int(f[b"trade_id"]) for _, f in await brain.xrange(keys.trades_key("SOLUSDT"))]
+        assert sol == list(range(1, 101))  # in their original order
+        left = await brain.xrange(keys.CONSUMER_DEAD_LETTER)
+        assert len(left) == 1 and left[0][1][b"price"] == b"nan"
+
+        with pytest.raises(SystemExit):
+            await asyncio.to_thread(deadletters.main, ["--replay"])
+        assert "replayed 0; still invalid 1" in capsys.readouterr().out
+        assert await brain.xlen(keys.trades_key("SOLUSDT")) == 100
+    finally:
+        await qdb.close()
+
+
+async def _eq(awaitable: Any, value: int) -> bool:
+    return bool(await awaitable == value)

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "writer": ("tickbridge.brain.writer", "main", "per-symbol keys -> QuestDB tables"),
     "sim": ("tickbridge.sim.main", "main", "Binance-compatible exchange simulator (WebSocket + REST)"),
     "query": ("tickbridge.brain.query", "main", "show recent ticks / a time range from the tiered cache"),
+    "deadletters": ("tickbridge.brain.deadletters", "main", "consumer dead letters by reason; --replay after a fix"),
     "check": ("tickbridge.ops.check", "main", "health check of a role (exit 0 healthy, 1 not)"),
     "status": ("tickbridge.devstack.status", "main", "live terminal view of a running pipeline"),
 }
@@ -20,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 def usage() -> str:
     lines = ["usage: tickbridge <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

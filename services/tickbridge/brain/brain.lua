@@ -116,3 +116,18 @@ local function ingest(keys, args)
 end
 
 redis.register_function('tickbridge_brain_ingest', ingest)
+
+-- Put a consumer dead letter back after its cause was fixed: append the tick to its per-symbol stream
+-- and delete the dead letter in one step (a failing XADD stops the call before the XDEL, so the dead
+-- letter stays). KEYS = dead-letter stream, target stream; ARGV = dead-letter ID, field, value, ...
+-- Returns 1, or 0 if the dead letter was already gone (replayed by someone else).
+local function replay(keys, args)
+  if #redis.call('XRANGE', keys[1], args[1], args[1]) == 0 then
+    return 0
+  end
+  redis.call('XADD', keys[2], '*', unpack(args, 2))
+  redis.call('XDEL', keys[1], args[1])
+  return 1
+end
+
+redis.register_function('tickbridge_brain_replay', replay)

@@ -121,6 +121,8 @@ class _Hot:
         if row.trade_id in self.ids:
             return
         if len(self.rows) == self.rows.maxlen:
+            if row.timestamp < self.rows[0].timestamp:
+                return  # older than all we hold (e.g. a dead letter put back): not one of the last N
             self.ids.discard(self.rows[0].trade_id)
         self.rows.append(row)
         self.ids.add(row.trade_id)

@@ -1,0 +1,145 @@
+"""`tickbridge deadletters [--replay]`: what the consumer quarantined, and putting it back after a fix.
+
+The consumer dead-letters an entry that is invalid or that failed CONSUMER_MAX_DELIVERIES times (for
+example while a per-symbol key held something other than a stream). Each dead letter keeps the entry's
+fields, its Brain-stream ID (`src_id`) and the reason. `--replay` decodes each one again; a valid tick
+is appended to its per-symbol stream and its dead letter deleted in one atomic call
+(`tickbridge_brain_replay`), so a replay that is interrupted or run twice repeats nothing. The writer
+takes it from there (and QuestDB's DEDUP would absorb a trade that was somehow written before).
+Entries that are still invalid stay where they are. WARM is not touched: it holds the last 5 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+from rich.console import Console
+from rich.table import Table
+
+from tickbridge.brain.common import check, load_functions
+from tickbridge.core import keys
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
+from tickbridge.core.settings import die, load_settings
+from tickbridge.core.tick import TickError, Trade, decode_entry
+
+REPLAY_FUNCTION = "tickbridge_brain_replay"
+#: Fields the consumer adds to a dead letter (the rest is the entry as it was).
+_ADDED = {b"src_id", b"reason", b"src_stream"}
+ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
+
+
+@dataclass
+class DeadLetter:
+    id: bytes
+    src_id: bytes
+    reason: str
+    fields: list[bytes]  # the original entry, flat
+
+
+@dataclass
+class ReplayResult:
+    replayed: int = 0
+    invalid: Counter[str] = field(default_factory=Counter)
+    failed: list[str] = field(default_factory=list)
+    gone: int = 0
+
+
+def parse_dead_letter(entry_id: bytes, flat: list[bytes]) -> DeadLetter:
+    """Split a dead letter into the consumer's additions and the original fields."""
+    src_id, reason = b"", ""
+    original: list[bytes] = []
+    for i in range(0, len(flat) - 1, 2):
+        name, value = flat[i], flat[i + 1]
+        if name == b"src_id" and not src_id:
+            src_id = value
+        elif name == b"reason" and not reason:
+            reason = value.decode(errors="replace")
+        elif name not in _ADDED:
+            original += [name, value]
+    return DeadLetter(entry_id, src_id, reason, original)
+
+
+async def read_all(client: aioredis.Redis, stream: str = keys.CONSUMER_DEAD_LETTER) -> list[DeadLetter]:
+    """Every dead letter, oldest first (read in pages of 1,000)."""
+    out: list[DeadLetter] = []
+    start = "-"
+    while True:
+        (page,) = await execute_packed(client, [["XRANGE", stream, start, "+", "COUNT", 1000]])
+        page = check(page)
+        out += [parse_dead_letter(e[0], e[1] or []) for e in page]
+        if len(page) < 1000:
+            return out
+        start = "(" + page[-1][0].decode()
+
+
+async def replay(client: aioredis.Redis, letters: list[DeadLetter]) -> ReplayResult:
+    """Put every dead letter that now decodes as a valid tick back into its per-symbol stream."""
+    await load_functions(client)
+    result = ReplayResult()
+    for letter in letters:
+        try:
+            tick = decode_entry(letter.fields)
+        except TickError as exc:
+            result.invalid[str(exc)] += 1
+            continue
+        target = (keys.trades_key if isinstance(tick, Trade) else keys.depth_key)(tick.symbol, tick.exchange)
+        cmd: Command = [
+            "FCALL", REPLAY_FUNCTION, 2, keys.CONSUMER_DEAD_LETTER, target, letter.id, "src_id", letter.src_id,
+            *tick.fields(),
+        ]  # fmt: skip
+        (reply,) = await execute_packed(client, [cmd])
+        if isinstance(reply, ResponseError):
+            result.failed.append(f"{letter.id.decode()} -> {target}: {reply}")
+        elif reply == 1:
+            result.replayed += 1
+        else:
+            result.gone += 1
+    return result
+
+
+def _summary(letters: list[DeadLetter], console: Console) -> None:
+    reasons = Counter(letter.reason for letter in letters)
+    table = Table(title=f"{keys.CONSUMER_DEAD_LETTER}: {len(letters)} entries")
+    table.add_column("reason")
+    table.add_column("entries", justify="right")
+    for reason, n in reasons.most_common():
+        table.add_row(reason[:100], str(n))
+    console.print(table)
+
+
+async def run(args: argparse.Namespace, console: Console) -> int:
+    settings = load_settings()
+    client = make_client(settings.brain_redis_url, settings)
+    try:
+        letters = await read_all(client)
+        _summary(letters, console)
+        if not args.replay:
+            return 0
+        result = await replay(client, letters)
+    finally:
+        await client.aclose()
+    console.print(f"replayed {result.replayed}; still invalid {sum(result.invalid.values())} (left in place)"
+                  + (f"; already gone {result.gone}" if result.gone else ""))  # fmt: skip
+    for reason, n in result.invalid.most_common(5):
+        console.print(f"  invalid x{n}: {reason[:100]}")
+    if result.failed:
+        console.print(f"failed {len(result.failed)} (left in place; is the cause fixed?): {result.failed[0]}")
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> None:
+    """`tickbridge deadletters [--replay]` (configured by BRAIN_REDIS_URL and the TLS variables)."""
+    p = argparse.ArgumentParser(prog="tickbridge deadletters", description=__doc__.split("\n\n")[0])
+    p.add_argument("--replay", action="store_true", help="put every entry that is now valid back (atomic per entry)")
+    args = p.parse_args(argv)
+    try:
+        code = asyncio.run(run(args, Console(width=120)))
+    except ERRORS as exc:
+        die(f"tickbridge deadletters: {type(exc).__name__}: {exc}", code=1)
+    raise SystemExit(code)
