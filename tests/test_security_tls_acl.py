@@ -342,6 +342,7 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
          ["XINFO", "GROUPS", STREAM], ["XADD", TRADES, "*", *TRADE_FIELDS], ["XADD", DEPTH, "*", "bids", "[]"],
          ["ZADD", WARM, TS, "t1"], ["ZREMRANGEBYSCORE", WARM, "-inf", TS - 1],
          ["XADD", "tickbridge:deadletter:consumer", "*", "raw", "x"], ["FUNCTION", "LOAD", "REPLACE", LUA_LIB],
+         ["XRANGE", "tickbridge:deadletter:consumer", "-", "+", "COUNT", 10],  # tickbridge deadletters
          ["FCALL", "deliver", 3, STREAM, TRADES, WARM, "61000.1", TS, "1-1"], ["XACK", STREAM, GROUP, "1-1"],
          ["XTRIM", STREAM, "MINID", "0"], ["XREVRANGE", STREAM, "+", "-", "COUNT", 1], ["XDEL", TRADES, "1-1"],
          ["SET", "tickbridge:heartbeat:consumer:c1", "1", "EX", 10]],
