@@ -66,7 +66,11 @@ async def test_forwards_in_order_byte_identical(
             return int(await brain_c.xlen(settings.stream_key)) >= len(expected)
 
         await eventually(all_there, 30, what="preloaded entries on the Brain")
-        assert sample(registry, "tickbridge_forwarder_mode", mode="direct") == 1
+
+        async def direct() -> bool:  # "replay" until the step after the last backlog batch
+            return sample(registry, "tickbridge_forwarder_mode", mode="direct") == 1
+
+        await eventually(direct, 10, what="mode direct once the backlog is delivered")
     verdict = verify(await read_stream(brain_c, settings.stream_key), expected)
     assert verdict.ok, verdict
     groups = await brain_c.xinfo_groups(settings.stream_key)
