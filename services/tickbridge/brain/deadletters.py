@@ -6,7 +6,9 @@ fields, its Brain-stream ID (`src_id`) and the reason. `--replay` decodes each o
 is appended to its per-symbol stream and its dead letter deleted in one atomic call
 (`tickbridge_brain_replay`), so a replay that is interrupted or run twice repeats nothing. The writer
 takes it from there (and QuestDB's DEDUP would absorb a trade that was somehow written before).
-Entries that are still invalid stay where they are. WARM is not touched: it holds the last 5 minutes.
+Entries that are still invalid stay where they are. A replayed tick lands after newer ones in its
+per-symbol stream (QuestDB orders by timestamp; HOT ignores a tick older than all it holds), and WARM
+is not touched: it holds the last 5 minutes.
 """
 
 from __future__ import annotations
