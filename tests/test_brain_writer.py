@@ -156,6 +156,52 @@ async def test_questdb_restart_mid_flow_loses_and_duplicates_nothing(
         await qdb.close()
 
 
+async def test_frozen_questdb_mid_flow_loses_and_duplicates_nothing(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: ServiceRunner,
+) -> None:
+    """A slow QuestDB at its worst: SIGSTOP for 25 s mid-flow. It keeps accepting connections but answers
+    nothing, so flushes time out while QuestDB may still commit them after SIGCONT. The writer retries
+    (DEDUP absorbs a batch that did land), reading pauses, the heartbeat goes on, and every trade ends up
+    in `trades` exactly once."""
+    qserver = questdb_factory()
+    qdb = QuestDBHttp(qserver.url)
+    settings = settings_for(redis_server, qserver)
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(SYMBOLS)
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    writer = services.start(BrainWriter(settings, registry, retry_timeout_ms=1000, monitor_interval_s=0.5))
+    stop_flow = asyncio.Event()
+
+    async def flow() -> None:
+        while not stop_flow.is_set():
+            await source.append(brain, STREAM, 50, live=True)
+            await asyncio.sleep(0.02)
+
+    flow_task = asyncio.create_task(flow())
+    try:
+        await eventually(lambda: _some_rows(qdb), timeout=20, what="first rows")
+        qserver.pause()
+        try:
+            await asyncio.sleep(25.0)  # the fault's duration (past the 10 s request timeout), not a wait
+            assert not writer.stopping.is_set()  # still running, not crashed by the stall
+            assert await brain.exists(keys.heartbeat_key("writer", writer.consumer))
+        finally:
+            qserver.resume()
+        await asyncio.sleep(1.0)  # keep flowing a little after QuestDB answers again
+        stop_flow.set()
+        await flow_task
+        check = all_exactly_once(source.counts())
+        await eventually(lambda: check(qdb), timeout=60, interval=0.3, what="all rows exactly once after the stall")
+        assert await _errors_seen(registry)  # the stall was noticed and counted
+    finally:
+        stop_flow.set()
+        await qdb.close()
+
+
 async def _some_rows(qdb: QuestDBHttp) -> bool:
     try:
         return bool(await qdb.scalar("SELECT count() FROM trades"))

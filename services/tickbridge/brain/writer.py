@@ -603,7 +603,8 @@ class BrainWriter(Service):
                     backlog += int(info.get(b"lag") or 0) + int(info[b"pending"])
         self.metrics.backlog.set(backlog)
         try:
-            suspended = await self.qdb.suspended_tables()
+            # Bounded: a stalled QuestDB must not hold the monitor loop (and so the heartbeat) past the TTL.
+            suspended = await asyncio.wait_for(self.qdb.suspended_tables(), timeout=5.0)
         except (QuestDBError, OSError, TimeoutError) as exc:
             log.debug("suspended check: %s", exc)
             return
