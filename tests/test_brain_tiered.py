@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from conftest import eventually
+from conftest import ServiceRunner, eventually
 from tickbridge.brain import query
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.loadgen import TradeSource
@@ -219,3 +220,57 @@ def test_hot_keeps_the_newest_when_an_old_trade_arrives_late() -> None:
     assert [r.trade_id for r in hot.rows] == [1, 2, 3]
     hot.add(TickRow(40, 4, 1.0, 1.0, "BUY", 40))
     assert [r.trade_id for r in hot.rows] == [2, 3, 4] and hot.ids == {2, 3, 4}
+
+
+async def test_a_trade_key_of_the_wrong_type_costs_hot_only_its_own_symbol(
+    redis_server: RedisServer, services: ServiceRunner
+) -> None:
+    """`trades:ETHUSDT` holding a string must not stop the HOT follower for every symbol: BTCUSDT answers
+    from HOT and stays current, ETHUSDT answers from WARM, and ETHUSDT joins HOT once its key is fixed."""
+    settings = Settings(
+        brain_redis_url=redis_server.url,
+        brain_questdb_url="http://127.0.0.1:9",  # never asked: every request is inside HOT or WARM
+        symbols=(SYM, "ETHUSDT"),
+        hot_ticks=100,
+        warm_window_s=300,
+        consumer_name="t",
+    )
+    brain = make_client(redis_server.url)
+    await brain.set(keys.trades_key("ETHUSDT"), "not a stream")
+    await ensure_group(brain, keys.DEFAULT_STREAM_KEY, keys.DEFAULT_CONSUMER_GROUP)
+    now = time.time_ns() // 1000
+    btc = TradeSource([SYM], start_us=now - 10_000_000, step_us=10_000)
+    await btc.append(brain, keys.DEFAULT_STREAM_KEY, 200)
+    eth_members: list[int | str] = []
+    for i in range(1, 21):  # ETHUSDT's WARM, as the consumer left it before the key went bad
+        eth_members += [now - 5_000_000 + i, f"{i}|{new_price(i)}|0.5|BUY|{now}"]
+    await brain.execute_command("ZADD", keys.warm_key("ETHUSDT"), *eth_members)
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    await eventually(lambda: _eq(brain.xlen(keys.trades_key(SYM)), 200), timeout=10, what="BTC written")
+    try:
+        md = TieredMarketData(settings, registry=CollectorRegistry(), recheck_s=0.5)
+        async with md:
+            a = await md.recent(SYM, 10)
+            assert a.tiers == (HOT,) and [r.trade_id for r in a.rows] == list(range(191, 201))
+            e = await md.recent("ETHUSDT", 5)
+            assert e.tiers == (WARM,) and [r.trade_id for r in e.rows] == list(range(16, 21))
+            await btc.append(brain, keys.DEFAULT_STREAM_KEY, 5, live=True)  # HOT stays current for BTC
+
+            async def btc_current() -> bool:
+                got = await md.recent(SYM, 1)
+                return got.tiers == (HOT,) and got.rows[0].trade_id == 205
+
+            await eventually(btc_current, timeout=10, what="BTC's HOT follows new trades")
+
+            await brain.delete(keys.trades_key("ETHUSDT"))  # fixed: ETHUSDT joins HOT at the next check
+
+            async def eth_hot() -> bool:
+                return (await md.recent("ETHUSDT", 5)).tiers == (HOT,)
+
+            await eventually(eth_hot, timeout=10, what="ETHUSDT back in HOT")
+    finally:
+        await brain.aclose()
+
+
+async def _eq(awaitable: Any, value: int) -> bool:
+    return bool(await awaitable == value)

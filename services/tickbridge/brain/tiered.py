@@ -139,6 +139,7 @@ class TieredMarketData:
         *,
         follow: bool = True,
         exchange: str = keys.EXCHANGE,
+        recheck_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.symbols = [check_symbol(s) for s in (symbols or settings.symbols)]
@@ -159,6 +160,10 @@ class TieredMarketData:
         self._raw_lock = asyncio.Lock()
         self.qdb = QuestDBHttp(settings.brain_questdb_url, settings)
         self._hot: dict[str, _Hot] = {}
+        #: Symbols whose trade key is not a stream: left out of HOT (they answer from WARM/COLD) so the
+        #: others keep following; looked at again every `recheck_s`.
+        self._excluded: set[str] = set()
+        self._recheck_s = recheck_s
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -198,15 +203,25 @@ class TieredMarketData:
         cmds: list[Command] = [["XINFO", "STREAM", keys.trades_key(s, self.exchange)] for s in self.symbols]
         infos = await execute_packed(self.redis, cmds)
         last: dict[str, str] = {}
+        excluded: set[str] = set()
         for sym, info in zip(self.symbols, infos, strict=True):
-            if isinstance(info, BaseException):
+            if isinstance(info, ResponseError) and "WRONGTYPE" in str(info):
+                excluded.add(sym)
+            elif isinstance(info, BaseException):
                 last[sym] = "0-0"
             else:
                 d = info if isinstance(info, dict) else {info[i]: info[i + 1] for i in range(0, len(info), 2)}
                 last[sym] = d[b"last-generated-id"].decode()
-        cmds = [["ZRANGE", keys.warm_key(s, self.exchange), -self.hot_size, -1, "WITHSCORES"] for s in self.symbols]
+        for sym in sorted(excluded - self._excluded):
+            self.metrics.errors.inc()
+            log.error("%s is not a stream: %s answers from WARM/COLD until it is fixed", keys.trades_key(sym), sym)
+        self._excluded = excluded
+        followed = [s for s in self.symbols if s not in excluded]
+        cmds = [["ZRANGE", keys.warm_key(s, self.exchange), -self.hot_size, -1, "WITHSCORES"] for s in followed]
         warm = await execute_packed(self.redis, cmds)
-        for sym, reply in zip(self.symbols, warm, strict=True):
+        for sym in excluded:
+            self._hot.pop(sym, None)
+        for sym, reply in zip(followed, warm, strict=True):
             hot = self._hot[sym] = _Hot(self.hot_size)
             for member, score in _pairs(check(reply)):
                 hot.add(parse_warm_member(member, float(score)))
@@ -214,14 +229,22 @@ class TieredMarketData:
 
     async def _follow(self) -> None:
         last: dict[str, str] | None = None
+        prefilled_at = 0.0
         while True:
             try:
+                if last is not None and self._excluded and time.monotonic() - prefilled_at > self._recheck_s:
+                    last = None  # an excluded key may be fixed by now: prefill again
                 if last is None:
                     last = await self._prefill()
+                    prefilled_at = time.monotonic()
                     self._ready.set()
-                streams = [keys.trades_key(s, self.exchange) for s in self.symbols]
+                followed = [s for s in self.symbols if s in last]
+                if not followed:
+                    await asyncio.sleep(min(1.0, self._recheck_s))
+                    continue
+                streams = [keys.trades_key(s, self.exchange) for s in followed]
                 cmd: list[str | int] = ["XREAD", "COUNT", 1000, "BLOCK", 1000, "STREAMS", *streams]
-                cmd += [last[s] for s in self.symbols]
+                cmd += [last[s] for s in followed]
                 (reply,) = await execute_packed(self.redis, [cmd])
                 for stream, entries in parse_read_reply(check(reply)).items():
                     sym = stream.decode().rsplit(":", 1)[1]
