@@ -1,7 +1,8 @@
 """Tiered market data for trading code: HOT (in-process deque), WARM (Brain Redis zset), COLD (QuestDB).
 
 - HOT: the last HOT_TICKS trades per symbol, kept current by a background task that XREADs the
-  per-symbol streams (prefilled from WARM at start).
+  per-symbol streams (prefilled from WARM at start). A symbol whose trade key is not a stream is left
+  out (it answers from WARM/COLD) instead of stopping the others.
 - WARM: the consumer's sorted set `market:<exchange>:warm:<SYMBOL>` (score = exchange time µs,
   member `trade_id|price|volume|side|recv_ts`), the last WARM_WINDOW_S before its newest tick. Read
   through one lean connection (`core.rawlink`: both replies of a range in one read) when it is free,
