@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -120,53 +120,13 @@ async def _no_backlog(client: aioredis.Redis) -> bool:
     return True
 
 
-async def test_questdb_restart_mid_flow_loses_and_duplicates_nothing(
-    brain: aioredis.Redis,
-    redis_server: RedisServer,
-    questdb_factory: Callable[..., QuestDBServer],
-    services: ServiceRunner,
+Fault = Callable[[QuestDBServer, BrainWriter, CollectorRegistry], Awaitable[None]]
+
+
+async def flow_through(
+    brain: aioredis.Redis, redis_server: RedisServer, qserver: QuestDBServer, services: ServiceRunner, fault: Fault
 ) -> None:
-    qserver = questdb_factory()
-    qdb = QuestDBHttp(qserver.url)
-    settings = settings_for(redis_server, qserver)
-    await ensure_group(brain, STREAM, GROUP)
-    source = TradeSource(SYMBOLS)
-    registry = CollectorRegistry()
-    services.start(BrainConsumer(settings, CollectorRegistry()))
-    services.start(BrainWriter(settings, registry, retry_timeout_ms=1000))
-    stop_flow = asyncio.Event()
-
-    async def flow() -> None:
-        while not stop_flow.is_set():
-            await source.append(brain, STREAM, 50, live=True)
-            await asyncio.sleep(0.02)
-
-    flow_task = asyncio.create_task(flow())
-    try:
-        await eventually(lambda: _some_rows(qdb), timeout=20, what="first rows")
-        await asyncio.to_thread(qserver.restart)  # graceful stop + start on the same ports
-        await eventually(lambda: _errors_seen(registry), timeout=20, what="writer noticed the outage")
-        await asyncio.sleep(1.0)  # keep flowing a little after QuestDB is back
-        stop_flow.set()
-        await flow_task
-        check = all_exactly_once(source.counts())
-        await eventually(lambda: check(qdb), timeout=40, interval=0.3, what="all rows exactly once after restart")
-    finally:
-        stop_flow.set()
-        await qdb.close()
-
-
-async def test_frozen_questdb_mid_flow_loses_and_duplicates_nothing(
-    brain: aioredis.Redis,
-    redis_server: RedisServer,
-    questdb_factory: Callable[..., QuestDBServer],
-    services: ServiceRunner,
-) -> None:
-    """A slow QuestDB at its worst: SIGSTOP for 25 s mid-flow. It keeps accepting connections but answers
-    nothing, so flushes time out while QuestDB may still commit them after SIGCONT. The writer retries
-    (DEDUP absorbs a batch that did land), reading pauses, the heartbeat goes on, and every trade ends up
-    in `trades` exactly once."""
-    qserver = questdb_factory()
+    """A steady flow through consumer and writer, `fault` once rows arrive, then every trade exactly once."""
     qdb = QuestDBHttp(qserver.url)
     settings = settings_for(redis_server, qserver)
     await ensure_group(brain, STREAM, GROUP)
@@ -184,6 +144,43 @@ async def test_frozen_questdb_mid_flow_loses_and_duplicates_nothing(
     flow_task = asyncio.create_task(flow())
     try:
         await eventually(lambda: _some_rows(qdb), timeout=20, what="first rows")
+        await fault(qserver, writer, registry)
+        await asyncio.sleep(1.0)  # keep flowing a little after QuestDB answers again
+        stop_flow.set()
+        await flow_task
+        check = all_exactly_once(source.counts())
+        await eventually(lambda: check(qdb), timeout=60, interval=0.3, what="all rows exactly once after the fault")
+        assert await _errors_seen(registry)  # the fault was noticed and counted
+    finally:
+        stop_flow.set()
+        await qdb.close()
+
+
+async def test_questdb_restart_mid_flow_loses_and_duplicates_nothing(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: ServiceRunner,
+) -> None:
+    async def restart(qserver: QuestDBServer, writer: BrainWriter, registry: CollectorRegistry) -> None:
+        await asyncio.to_thread(qserver.restart)  # graceful stop + start on the same ports
+        await eventually(lambda: _errors_seen(registry), timeout=20, what="writer noticed the outage")
+
+    await flow_through(brain, redis_server, questdb_factory(), services, restart)
+
+
+async def test_frozen_questdb_mid_flow_loses_and_duplicates_nothing(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: ServiceRunner,
+) -> None:
+    """A slow QuestDB at its worst: SIGSTOP for 25 s mid-flow. It keeps accepting connections but answers
+    nothing, so flushes time out while QuestDB may still commit them after SIGCONT. The writer retries
+    (DEDUP absorbs a batch that did land), reading pauses, the heartbeat goes on, and every trade ends up
+    in `trades` exactly once."""
+
+    async def freeze(qserver: QuestDBServer, writer: BrainWriter, registry: CollectorRegistry) -> None:
         qserver.pause()
         try:
             await asyncio.sleep(25.0)  # the fault's duration (past the 10 s request timeout), not a wait
@@ -191,15 +188,8 @@ async def test_frozen_questdb_mid_flow_loses_and_duplicates_nothing(
             assert await brain.exists(keys.heartbeat_key("writer", writer.consumer))
         finally:
             qserver.resume()
-        await asyncio.sleep(1.0)  # keep flowing a little after QuestDB answers again
-        stop_flow.set()
-        await flow_task
-        check = all_exactly_once(source.counts())
-        await eventually(lambda: check(qdb), timeout=60, interval=0.3, what="all rows exactly once after the stall")
-        assert await _errors_seen(registry)  # the stall was noticed and counted
-    finally:
-        stop_flow.set()
-        await qdb.close()
+
+    await flow_through(brain, redis_server, questdb_factory(), services, freeze)
 
 
 async def _some_rows(qdb: QuestDBHttp) -> bool:
