@@ -274,3 +274,30 @@ async def test_a_trade_key_of_the_wrong_type_costs_hot_only_its_own_symbol(
 
 async def _eq(awaitable: Any, value: int) -> bool:
     return bool(await awaitable == value)
+
+
+async def test_close_returns_after_trading_code_held_the_loop(redis_server: RedisServer) -> None:
+    """Trading code that answers from HOT for over a second never yields, so the follower's XREAD reply
+    waits to be resumed; a cancel landing then used to be absorbed, and `close()` took 5 s or more,
+    in a longer run here forever."""
+    settings = Settings(
+        brain_redis_url=redis_server.url, brain_questdb_url="http://127.0.0.1:9", symbols=(SYM,), hot_ticks=100
+    )
+    brain = make_client(redis_server.url)
+    now = time.time_ns() // 1000
+    members: list[int | str] = []
+    for i in range(1, 201):
+        members += [now - 5_000_000 + i, f"{i}|{new_price(i)}|0.5|BUY|{now}"]
+    await brain.execute_command("ZADD", keys.warm_key(SYM), *members)
+    try:
+        for _ in range(3):
+            md = TieredMarketData(settings, registry=CollectorRegistry())
+            await md.start()
+            busy_until = time.perf_counter() + 1.5  # past the follower's 1 s XREAD BLOCK
+            while time.perf_counter() < busy_until:
+                assert (await md.recent(SYM, 10)).tiers == (HOT,)
+            async with asyncio.timeout(3):  # a hang bound, not a speed claim (it used to take 5 s to forever)
+                await md.close()
+            assert md._task is not None and md._task.done()
+    finally:
+        await brain.aclose()

@@ -190,8 +190,13 @@ class TieredMarketData:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A cancel that lands while a finished read is waiting to be resumed can be absorbed inside
+            # redis-py's read (seen here after trading code held the loop for a while), and the follower
+            # would block on its next XREAD forever: repeat the cancel until the task has ended.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=0.2)
+            with contextlib.suppress(asyncio.CancelledError, *FOLLOW_ERRORS):
                 await self._task
         await self._raw.close()
         await self.redis.aclose()
