@@ -103,6 +103,11 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+async def equals(awaitable: Awaitable[object], expected: object) -> bool:
+    """`eventually(lambda: equals(client.xlen(key), 200))`: an awaited value compared, for polling."""
+    return bool(await awaitable == expected)
+
+
 @pytest.fixture(autouse=True)
 def _no_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Tests never read a developer's `.env`: run from a clean directory."""

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from conftest import ServiceRunner, eventually
+from conftest import ServiceRunner, equals, eventually
 from tickbridge.brain.common import fast_trade
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth, make_trade
@@ -59,8 +59,8 @@ async def test_writes_trades_depth_warm_and_dead_letters(
     registry = CollectorRegistry()
     services.start(BrainConsumer(settings_for(redis_server, consumer_name="c1"), registry))
 
-    await eventually(lambda: _eq(total_written(brain), 300), timeout=10, what="300 trades written")
-    await eventually(lambda: _eq(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=5, what="dead letter")
+    await eventually(lambda: equals(total_written(brain), 300), timeout=10, what="300 trades written")
+    await eventually(lambda: equals(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=5, what="dead letter")
     assert await brain.xlen(keys.depth_key("BTCUSDT")) == 1
     for sym in SYMBOLS:
         ids = await src_ids(brain, keys.trades_key(sym))
@@ -75,10 +75,6 @@ async def test_writes_trades_depth_warm_and_dead_letters(
     assert info["pending"] == 0
     assert registry.get_sample_value("tickbridge_consumer_dead_letters_total") == 1
     assert registry.get_sample_value("tickbridge_consumer_entries_total", {"outcome": "written"}) == 301
-
-
-async def _eq(awaitable: Any, value: int) -> bool:
-    return bool(await awaitable == value)
 
 
 async def test_recovers_own_pel_claims_dead_consumer_and_dead_letters_poison(
@@ -99,8 +95,8 @@ async def test_recovers_own_pel_claims_dead_consumer_and_dead_letters_poison(
     registry = CollectorRegistry()
     services.start(BrainConsumer(settings_for(redis_server, consumer_name="me", consumer_max_deliveries=3), registry))
 
-    await eventually(lambda: _eq(total_written(brain), 30), timeout=15, what="30 trades written once")
-    await eventually(lambda: _eq(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=5, what="poison dead-lettered")
+    await eventually(lambda: equals(total_written(brain), 30), timeout=15, what="30 trades written once")
+    await eventually(lambda: equals(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=5, what="poison dead-lettered")
     dl = (await brain.xrange(keys.CONSUMER_DEAD_LETTER))[0][1]
     assert dl[b"src_id"] == poison_id and b"delivered" in dl[b"reason"]
     ids: list[bytes] = []
@@ -126,7 +122,7 @@ async def test_two_consumers_share_the_load_without_duplicates(
     for _ in range(20):  # a steady flow, so both consumers get batches
         await source.append(brain, STREAM, 1000)
         await asyncio.sleep(0.01)
-    await eventually(lambda: _eq(total_written(brain), 20_000), timeout=30, what="20k written")
+    await eventually(lambda: equals(total_written(brain), 20_000), timeout=30, what="20k written")
     assert a.handled > 0 and b.handled > 0
     assert a.handled + b.handled == 20_000
     for sym, count in source.counts().items():
@@ -143,7 +139,7 @@ async def test_metrics_and_trimming(brain: aioredis.Redis, redis_server: RedisSe
         settings_for(redis_server, consumer_name="m"), registry, trim_retention_s=0, monitor_interval_s=0.1
     )
     services.start(svc)
-    await eventually(lambda: _eq(total_written(brain), 1000), timeout=10, what="written")
+    await eventually(lambda: equals(total_written(brain), 1000), timeout=10, what="written")
 
     async def metrics_ok() -> bool:
         link = registry.get_sample_value("tickbridge_consumer_vps_link_up")
@@ -211,7 +207,7 @@ async def test_entry_that_keeps_failing_is_dead_lettered_without_harming_its_bat
     registry = CollectorRegistry()
     services.start(BrainConsumer(settings_for(redis_server, consumer_name="me", consumer_max_deliveries=2), registry))
 
-    await eventually(lambda: _eq(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=20, what="dead-lettered")
+    await eventually(lambda: equals(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=20, what="dead-lettered")
     dl = (await brain.xrange(keys.CONSUMER_DEAD_LETTER))[0][1]
     assert dl[b"src_id"] == bad_id and b"delivered 3 times" in dl[b"reason"]
     trade_ids = [int(f[b"trade_id"]) for _, f in await brain.xrange(keys.trades_key("BTCUSDT"))]
@@ -273,7 +269,7 @@ async def test_mixed_entries_keep_per_symbol_order_and_are_written_once(
     registry = CollectorRegistry()
     services.start(BrainConsumer(settings_for(redis_server, consumer_name="c1", consumer_batch=100), registry))
 
-    await eventually(lambda: _eq(total_written(brain), 600), timeout=15, what="600 trades written")
+    await eventually(lambda: equals(total_written(brain), 600), timeout=15, what="600 trades written")
     await eventually(lambda: _pending_zero(brain), timeout=5, what="group drained")
     for sym in SYMBOLS:
         trade_ids = [int(f[b"trade_id"]) for _, f in await brain.xrange(keys.trades_key(sym))]

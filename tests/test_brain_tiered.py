@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from conftest import ServiceRunner, eventually
+from conftest import ServiceRunner, equals, eventually
 from tickbridge.brain import query
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.loadgen import TradeSource
@@ -246,7 +245,7 @@ async def test_a_trade_key_of_the_wrong_type_costs_hot_only_its_own_symbol(
         eth_members += [now - 5_000_000 + i, f"{i}|{new_price(i)}|0.5|BUY|{now}"]
     await brain.execute_command("ZADD", keys.warm_key("ETHUSDT"), *eth_members)
     services.start(BrainConsumer(settings, CollectorRegistry()))
-    await eventually(lambda: _eq(brain.xlen(keys.trades_key(SYM)), 200), timeout=10, what="BTC written")
+    await eventually(lambda: equals(brain.xlen(keys.trades_key(SYM)), 200), timeout=10, what="BTC written")
     try:
         md = TieredMarketData(settings, registry=CollectorRegistry(), recheck_s=0.5)
         async with md:
@@ -270,10 +269,6 @@ async def test_a_trade_key_of_the_wrong_type_costs_hot_only_its_own_symbol(
             await eventually(eth_hot, timeout=10, what="ETHUSDT back in HOT")
     finally:
         await brain.aclose()
-
-
-async def _eq(awaitable: Any, value: int) -> bool:
-    return bool(await awaitable == value)
 
 
 async def test_close_returns_after_trading_code_held_the_loop(redis_server: RedisServer) -> None:

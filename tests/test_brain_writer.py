@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from conftest import ServiceRunner, eventually
+from conftest import ServiceRunner, equals, eventually
 from tickbridge.brain import deadletters
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth
@@ -296,7 +296,7 @@ async def test_dead_letters_replayed_after_the_fix_reach_questdb_exactly_once(
     try:
         without_sol = {s: n for s, n in source.counts().items() if s != "SOLUSDT"}
         await eventually(lambda: all_exactly_once(without_sol)(qdb), timeout=30, interval=0.3, what="BTC, ETH")
-        await eventually(lambda: _eq(brain.xlen(keys.CONSUMER_DEAD_LETTER), 101), timeout=20, what="dead letters")
+        await eventually(lambda: equals(brain.xlen(keys.CONSUMER_DEAD_LETTER), 101), timeout=20, what="dead letters")
 
         await brain.delete(keys.trades_key("SOLUSDT"))
         with pytest.raises(SystemExit) as exit_:
@@ -316,7 +316,3 @@ async def test_dead_letters_replayed_after_the_fix_reach_questdb_exactly_once(
         assert await brain.xlen(keys.trades_key("SOLUSDT")) == 100
     finally:
         await qdb.close()
-
-
-async def _eq(awaitable: Any, value: int) -> bool:
-    return bool(await awaitable == value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
-from conftest import eventually
+from conftest import equals, eventually
 from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.settings import Settings
@@ -160,7 +160,7 @@ async def test_bad_input_never_crashes_nor_loses_good_ticks(
         b'{"result":null,"id":1}',  # a control reply: ignored, not dead-lettered
         trade(4),
     )
-    await eventually(lambda: _eq(trade_ids(client), [1, 2, 3, 4]), what="trades 1..4")
+    await eventually(lambda: equals(trade_ids(client), [1, 2, 3, 4]), what="trades 1..4")
     dead = await client.xrange(keys.COLLECTOR_DEAD_LETTER)
     reasons = [fields[b"reason"].decode() for _, fields in dead]
     assert sorted(reasons) == sorted(
@@ -193,7 +193,7 @@ async def test_depth_sync_gap_resync_and_trade_backfill_across_restart(
     await eventually(lambda: _true(collector.book_valid("BTCUSDT")), what="book synced")
     await exchange.send(depth(104, 105, [["9.0", "1.0"]]), depth(104, 105), trade(11), trade(14))
     exchange.history = {i: history_row(i) for i in range(1, 100)}
-    await eventually(lambda: _eq(trade_ids(client), [10, 11, 12, 13, 14]), what="back-filled 12, 13")
+    await eventually(lambda: equals(trade_ids(client), [10, 11, 12, 13, 14]), what="back-filled 12, 13")
     assert count(registry, "tickbridge_collector_trade_gaps_total", symbol="BTCUSDT") == 1
     assert count(registry, "tickbridge_collector_backfilled_trades_total", symbol="BTCUSDT") == 2
     assert collector.book("BTCUSDT").snapshot() == (105, [("10.0", "3.0"), ("9.0", "1.0")], [("11.0", "2.0")])
@@ -216,17 +216,13 @@ async def test_depth_sync_gap_resync_and_trade_backfill_across_restart(
     collector, task = await start(settings, registry2)
     await eventually(lambda: _true(len(exchange.clients) == 2), what="second connection")
     await exchange.send(trade(20), trade(21))
-    await eventually(lambda: _eq(trade_ids(client), list(range(10, 22))), what="restart back-fill")
+    await eventually(lambda: equals(trade_ids(client), list(range(10, 22))), what="restart back-fill")
     assert count(registry2, "tickbridge_collector_backfilled_trades_total", symbol="BTCUSDT") == 5
     await stop(collector, task)
 
 
 async def _true(value: bool) -> bool:
     return value
-
-
-async def _eq(coro: Awaitable[object], expected: object) -> bool:
-    return await coro == expected
 
 
 def test_bad_configuration_exits_with_one_line(tmp_path: Any) -> None:
@@ -254,12 +250,12 @@ async def test_frame_over_the_websocket_limit_reconnects_without_loss(
     await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
     exchange.history = {i: history_row(i) for i in range(1, 10)}
     await exchange.send(trade(1))
-    await eventually(lambda: _eq(trade_ids(client), [1]), what="trade 1")
+    await eventually(lambda: equals(trade_ids(client), [1]), what="trade 1")
     with contextlib.suppress(ConnectionError):  # the collector closes the socket as soon as it sees the size
         await exchange.send(b'{"stream":"btcusdt@trade","data":"' + b"x" * (17 << 20) + b'"}', trade(2))
     await eventually(lambda: _true(len(exchange.clients) == 2), what="reconnected")
     await exchange.send(trade(3))
-    await eventually(lambda: _eq(trade_ids(client), [1, 2, 3]), what="trades 1..3")
+    await eventually(lambda: equals(trade_ids(client), [1, 2, 3]), what="trades 1..3")
     assert count(registry, "tickbridge_collector_dead_letters_total", reason="oversized") == 1
     assert count(registry, "tickbridge_collector_reconnects_total", reason="disconnect") == 1
     await stop(collector, task)
@@ -371,7 +367,7 @@ async def test_waits_for_redis_at_start(exchange: ScriptedExchange, redis_factor
     await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
     await exchange.send(trade(1))
     client: Any = aioredis.Redis.from_url(redis_server.url)
-    await eventually(lambda: _eq(trade_ids(client), [1]), what="trade appended")
+    await eventually(lambda: equals(trade_ids(client), [1]), what="trade appended")
     await stop(collector, task)
 
 
@@ -386,10 +382,10 @@ async def test_backfill_blocks_only_its_symbol(exchange: ScriptedExchange, redis
     async def symbols_ids() -> list[tuple[str, int]]:
         return [(t.symbol, t.trade_id) for t in await stream_ticks(client) if isinstance(t, Trade)]
 
-    await eventually(lambda: _eq(symbols_ids(), [("BTCUSDT", 1), ("ETHUSDT", 1), ("ETHUSDT", 2)]), what="ETH flows")
+    await eventually(lambda: equals(symbols_ids(), [("BTCUSDT", 1), ("ETHUSDT", 1), ("ETHUSDT", 2)]), what="ETH flows")
     assert [t.trade_id for t in collector.hot("BTCUSDT") if isinstance(t, Trade)] == [1]
     exchange.history_gate.set()
-    await eventually(lambda: _eq(trade_ids(client), [1, 1, 2, 2, 3, 4, 5]), what="BTC back-filled in order")
+    await eventually(lambda: equals(trade_ids(client), [1, 1, 2, 2, 3, 4, 5]), what="BTC back-filled in order")
     btc = [t.trade_id for t in await stream_ticks(client) if isinstance(t, Trade) and t.symbol == "BTCUSDT"]
     assert btc == [1, 2, 3, 4, 5]
     await stop(collector, task)
