@@ -155,6 +155,37 @@ async def test_metrics_and_trimming(brain: aioredis.Redis, redis_server: RedisSe
     assert info["last-generated-id"]  # the top ID stays: the forwarder's duplicate check keeps working
 
 
+async def test_brain_redis_down_shows_in_metrics_instead_of_freezing(
+    brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
+) -> None:
+    """With the Brain Redis gone no tick can arrive: staleness must keep growing and the link read down,
+    so DataStale / VPSDisconnected / BrainRedisDown can fire (they used to keep their last healthy values)."""
+    await ensure_group(brain, STREAM, GROUP)
+    await TradeSource(SYMBOLS, start_us=None).append(brain, STREAM, 100, live=True)
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings_for(redis_server, consumer_name="d"), registry, monitor_interval_s=0.1))
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value(f"tickbridge_consumer_{name}")
+
+    async def reads(link: float, redis_up: float) -> bool:
+        return sample("vps_link_up") == link and sample("brain_redis_up") == redis_up
+
+    await eventually(lambda: reads(1, 1), timeout=10, what="link and Redis up")
+    redis_server.kill9()
+    await eventually(lambda: reads(0, 0), timeout=10, what="link and Redis down")
+    first = sample("data_staleness_seconds")
+    await asyncio.sleep(1.0)
+    later = sample("data_staleness_seconds")
+    assert first is not None and later is not None and later >= first + 0.8, (first, later)
+    redis_server.start()
+
+    async def redis_back() -> bool:
+        return sample("brain_redis_up") == 1
+
+    await eventually(redis_back, timeout=15, what="Redis back")
+
+
 @pytest.mark.parametrize(
     "change",
     [

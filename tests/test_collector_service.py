@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
 from conftest import equals, eventually
+from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT
 from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.settings import Settings
@@ -389,3 +390,17 @@ async def test_backfill_blocks_only_its_symbol(exchange: ScriptedExchange, redis
     btc = [t.trade_id for t in await stream_ticks(client) if isinstance(t, Trade) and t.symbol == "BTCUSDT"]
     assert btc == [1, 2, 3, 4, 5]
     await stop(collector, task)
+
+
+def test_counters_that_alerts_watch_exist_at_zero_before_the_first_event() -> None:
+    """TradesLost / ExchangeRateLimited / OrderBookResyncStorm use increase(): a series born at 1 shows no
+    increase, so the first lost trade or 429 of a process would never alert. They must exist at 0."""
+    registry = CollectorRegistry()
+    Collector(Settings(symbols=("BTCUSDT", "ETHUSDT")), registry)
+    for symbol in ("BTCUSDT", "ETHUSDT"):
+        for name in ("lost_trades", "resyncs", "trade_gaps", "depth_gaps", "backfilled_trades"):
+            assert registry.get_sample_value(f"tickbridge_collector_{name}_total", {"symbol": symbol}) == 0.0, name
+    for endpoint in (DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT):
+        for status in ("429", "418"):
+            labels = {"endpoint": endpoint, "status": status}
+            assert registry.get_sample_value("tickbridge_collector_rest_requests_total", labels) == 0.0, labels

@@ -39,7 +39,7 @@ COMPOSE_FILES = {"vps": REPO_ROOT / "compose.vps.yml", "brain": REPO_ROOT / "com
 ROLES = {"vps": ("collector", "forwarder"), "brain": ("consumer", "writer")}
 EXPECTED_SERVICES = {
     "vps": {"redis", "questdb", "collector", "forwarder", "prometheus", "grafana", "node-exporter"},
-    "brain": {"redis", "questdb", "consumer", "writer", "prometheus", "grafana"},
+    "brain": {"redis", "questdb", "consumer", "writer", "prometheus", "grafana", "node-exporter"},
 }
 #: One-shot init containers (restart "no"): they prepare secrets and exit.
 ONE_SHOT = {"init", "forwarder-tls"}

@@ -112,6 +112,11 @@ class ConsumerMetrics:
         self.dead_letter_length = gauge(
             "consumer_dead_letter_entries", "Length of the dead-letter stream", registry=registry
         )
+        self.brain_redis_up = gauge(
+            "consumer_brain_redis_up",
+            "1 while the consumer's last monitoring round reached the Brain Redis",
+            registry=registry,
+        )
 
 
 class BrainConsumer(Service):
@@ -143,6 +148,7 @@ class BrainConsumer(Service):
         self.watchdog = Watchdog(default_limit=120.0)
         self.client: aioredis.Redis | None = None
         self.handled = 0
+        self._newest_ts_us: int | None = None  # exchange time of the newest tick seen in the Brain stream
         self._need_recover = True
         self._last_claim = 0.0
         self._keys: dict[tuple[bytes, bytes], tuple[str, str]] = {}
@@ -433,11 +439,27 @@ class BrainConsumer(Service):
             last_handled, last_t = self.handled, now
             try:
                 await self.update_metrics()
+                self.metrics.brain_redis_up.set(1)
+            except TRANSIENT_ERRORS as exc:
+                log.debug("monitor: %s", exc)
+                self._brain_redis_unreachable()
+                continue
+            except ResponseError as exc:
+                log.debug("monitor: %s", exc)
+            try:
                 if now - last_trim > 5.0:
                     await self.trim()
                     last_trim = now
             except MONITOR_ERRORS as exc:
-                log.debug("monitor: %s", exc)
+                log.debug("trim: %s", exc)
+
+    def _brain_redis_unreachable(self) -> None:
+        """Without Redis no tick can arrive: staleness keeps growing from the newest tick seen, and the link
+        reads down, so DataStale and VPSDisconnected fire instead of freezing at their last healthy value."""
+        self.metrics.brain_redis_up.set(0)
+        self.metrics.vps_link_up.set(0)
+        if self._newest_ts_us is not None:
+            self.metrics.staleness.set(max(0.0, (now_us() - self._newest_ts_us) / 1e6))
 
     async def update_metrics(self) -> None:
         """Lag, pending, ages, staleness, VPS link status, dead letters, heartbeat."""
@@ -476,6 +498,7 @@ class BrainConsumer(Service):
             fields = newest_r[0][1]
             ts = _field(fields, b"timestamp")
             if ts is not None:
+                self._newest_ts_us = ts
                 staleness = max(0.0, (now_us() - ts) / 1e6)
                 self.metrics.staleness.set(staleness)
                 self.metrics.vps_link_up.set(1 if staleness < self.stale_after_s else 0)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry
 
 from tickbridge.collector.parser import REASONS
+from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT
 from tickbridge.core.metrics import counter, gauge, histogram
 
+REST_ENDPOINTS = (DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT)
 _TICK_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 
@@ -47,3 +51,13 @@ class CollectorMetrics:
             "collector_batch_ticks", "Ticks per Redis transaction", buckets=_TICK_BUCKETS, registry=registry
         )
         self.rest_requests = c("rest_requests", "REST requests by endpoint and status", ("endpoint", "status"))
+        # The statuses alerts look for, at 0: a series born at 1 shows no increase(), so the first 429 would pass.
+        for endpoint in REST_ENDPOINTS:
+            for status in ("429", "418"):
+                self.rest_requests.labels(endpoint, status)
+
+    def export_symbols(self, symbols: Iterable[str]) -> None:
+        """Create the per-symbol counters at 0, so the first gap, loss or resync of a symbol is an increase()."""
+        for symbol in symbols:
+            for per_symbol in (self.trade_gaps, self.depth_gaps, self.resyncs, self.backfilled, self.lost_trades):
+                per_symbol.labels(symbol)

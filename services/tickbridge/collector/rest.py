@@ -22,6 +22,8 @@ WEIGHT_PER_MINUTE = 6000
 #: slip past our count, and anything else on the host's IP.
 WEIGHT_SHARE = 0.9
 HISTORICAL_TRADES_WEIGHT = 25
+DEPTH_ENDPOINT = "/api/v3/depth"
+HISTORICAL_TRADES_ENDPOINT = "/api/v3/historicalTrades"
 USED_WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
 
 
@@ -153,7 +155,7 @@ class RestClient:
 
     async def depth(self, symbol: str, limit: int) -> dict[str, Any]:
         """The order-book snapshot `{"lastUpdateId", "bids", "asks"}`."""
-        snap = await self._get("/api/v3/depth", {"symbol": symbol, "limit": limit}, depth_weight(limit))
+        snap = await self._get(DEPTH_ENDPOINT, {"symbol": symbol, "limit": limit}, depth_weight(limit))
         if not isinstance(snap, dict) or not isinstance(snap.get("lastUpdateId"), int):
             raise RestError(f"depth {symbol}: unexpected body")
         return snap
@@ -161,7 +163,7 @@ class RestClient:
     async def historical_trades(self, symbol: str, from_id: int, limit: int = 1000) -> list[dict[str, Any]]:
         """Up to `limit` trades from `from_id` on: `{"id","price","qty","time","isBuyerMaker",...}`."""
         rows = await self._get(
-            "/api/v3/historicalTrades", {"symbol": symbol, "fromId": from_id, "limit": limit}, HISTORICAL_TRADES_WEIGHT
+            HISTORICAL_TRADES_ENDPOINT, {"symbol": symbol, "fromId": from_id, "limit": limit}, HISTORICAL_TRADES_WEIGHT
         )
         if not isinstance(rows, list):
             raise RestError(f"historicalTrades {symbol}: unexpected body")

@@ -156,6 +156,7 @@ class Collector(Service):
         self._m_dup_depth = m.duplicates.labels("DEPTH")
         for s in self.symbols:
             m.book_valid.labels(s).set(0)
+        m.export_symbols(self.symbols)
 
     # --- public views -------------------------------------------------------------------------
 
