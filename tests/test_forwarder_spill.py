@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from conftest import eventually
 from test_forwarder_flow import make_settings, running, sample
 from tickbridge.core import keys
-from tickbridge.core.redis_io import make_client
+from tickbridge.core.redis_io import execute_packed, make_client
 from tickbridge.devstack.servers import QuestDBServer, RedisServer
 from tickbridge.forwarder.buffer import SpillBuffer, parse_id
 from tickbridge.forwarder.loadgen import LiveWriter, preload, read_stream, trade_fields, verify
@@ -240,5 +241,60 @@ async def test_brain_lost_writes_are_resent(
         await eventually(delivered, 30, what="resent after the Brain lost its data")
     verdict = verify(await read_stream(brain_c, settings.stream_key), {e: trade_fields(i) for i, e in enumerate(ids)})
     assert verdict.ok, verdict
+    await vps_c.aclose()
+    await brain_c.aclose()
+
+
+async def test_spill_during_the_last_replay_page_is_replayed_too(
+    redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer
+) -> None:
+    """The read-ahead of the page after a full last page comes back empty. If a spill lands before that
+    empty page is used, it must not end the replay: the new rows were skipped, never sent nor counted.
+    (In production every spill over the budget is 4 x 50,000 rows, a multiple of the 20,000-row page, so
+    the last page is always full.) Live ticks arrive while the second (last) page is in flight."""
+    vps, brain = redis_factory(), redis_factory()
+    brain.stop()
+    settings = make_settings(vps, brain, questdb_server, ram_buffer_bytes=1)
+    vps_c = make_client(vps.url)
+    ids = await preload(vps_c, settings.stream_key, 40_000, step_ms=0.01)
+    expected: dict[bytes, list[bytes] | None] = {eid: trade_fields(i) for i, eid in enumerate(ids)}
+    registry = CollectorRegistry()
+    fw = Forwarder(settings, registry, buffer_table=f"vb_{uuid.uuid4().hex[:8]}", spill_batch=10_000,
+                   replay_batch=20_000)  # fmt: skip
+    live: list[bytes] = []
+    pages = 0
+    send = fw.brain_raw.execute
+
+    async def send_then_tick(commands: Any) -> Any:
+        nonlocal pages
+        replies = await send(commands)
+        if len(commands) == 20_000:
+            pages += 1
+            if pages == 2:  # the empty read-ahead is out; new ticks, then a step with maintenance (spill)
+                batch = [(b"XADD", settings.stream_key, b"*", *trade_fields(500_000 + k)) for k in range(5000)]
+                live.extend(await execute_packed(vps_c, batch))
+                await asyncio.sleep(fw.maintain_interval * 1.5)
+        return replies
+
+    fw.brain_raw.execute = send_then_tick  # type: ignore[method-assign]
+    async with running(fw):
+
+        async def spilled() -> bool:
+            return sample(registry, "tickbridge_forwarder_spilled_total") >= 40_000
+
+        await eventually(spilled, 60, interval=0.2, what="40k spilled")
+        brain.start()
+        brain_c = make_client(brain.url)
+
+        async def delivered() -> bool:
+            return pages >= 2 and int(await brain_c.xlen(settings.stream_key)) >= 45_000
+
+        await eventually(delivered, 60, interval=0.2, what="the backlog and the live ticks on the Brain")
+    assert len(live) == 5000
+    expected.update({eid: None for eid in live})
+    verdict = verify(await read_stream(brain_c, settings.stream_key), expected)
+    assert verdict.ok, (verdict.missing[:5], verdict)
+    assert sample(registry, "tickbridge_forwarder_spilled_total") == 45_000
+    assert sample(registry, "tickbridge_forwarder_replayed_total") == 45_000
     await vps_c.aclose()
     await brain_c.aclose()

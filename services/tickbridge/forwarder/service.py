@@ -444,7 +444,8 @@ class Forwarder(Service):
             await self.sleep_or_stop(self.maintain_interval)
             return True
         rows = await self._take_prefetch(("buffer", self.replay_ts))
-        if rows is None:
+        if not rows:
+            # An empty read-ahead may predate a spill since: only a fresh read can end the replay.
             rows = await self._questdb(self.buffer.page(self.replay_ts, self.replay_batch))
         if not rows:
             self.buffer_pending = False
@@ -583,6 +584,7 @@ class Forwarder(Service):
             self.spill_pending = True
             previous_ts = self.buffer.last_ts
             last_ts = await self._questdb(self.buffer.append(entries))
+            self._drop_prefetch()  # a page read before these rows landed may end too early
             if not self.buffer_pending:
                 self.buffer_pending = True
                 self.replay_ts = previous_ts
