@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.exceptions import OutOfMemoryError
 
-from conftest import eventually
+from conftest import equals, eventually
 from test_forwarder_flow import make_settings, running, sample
 from tickbridge.core import keys
 from tickbridge.core.redis_io import execute_packed, make_client
@@ -296,5 +297,94 @@ async def test_spill_during_the_last_replay_page_is_replayed_too(
     assert verdict.ok, (verdict.missing[:5], verdict)
     assert sample(registry, "tickbridge_forwarder_spilled_total") == 45_000
     assert sample(registry, "tickbridge_forwarder_replayed_total") == 45_000
+    await vps_c.aclose()
+    await brain_c.aclose()
+
+
+async def _fill_until_full(client: Any, key: str, start: int) -> list[bytes]:
+    """Append like the collector until the VPS Redis refuses with OOM; the IDs it accepted."""
+    accepted: list[bytes] = []
+    i = start
+    while True:
+        replies = await execute_packed(client, [(b"XADD", key, b"*", *trade_fields(i + k)) for k in range(500)])
+        i += 500
+        accepted += [r for r in replies if not isinstance(r, Exception)]
+        refused = [r for r in replies if isinstance(r, Exception)]
+        if refused:
+            assert isinstance(refused[0], OutOfMemoryError), refused[0]
+            return accepted
+        await asyncio.sleep(0.02)  # a collector's pace: the forwarder's maintenance sees the budget pass
+
+
+@pytest.mark.parametrize("first_back", ["questdb", "brain"])
+async def test_full_vps_redis_drains_when_questdb_or_the_brain_is_back(
+    redis_factory: Callable[..., RedisServer], questdb_factory: Callable[..., QuestDBServer], first_back: str
+) -> None:
+    """Brain and VPS QuestDB both down: the stream passes RAM_BUFFER_BYTES and then Redis' maxmemory, so Redis
+    refuses every write (OOM), the forwarder's state writes too. When QuestDB (or the Brain) comes back the
+    forwarder must free the memory: it used to exit on the refused HSET, and crash-loop for good. Then
+    every accepted tick reaches the Brain once, in order, and the collector can write again."""
+    vps, brain = redis_factory(extra=["--maxmemory", "24mb"]), redis_factory()
+    qdb = questdb_factory()
+    brain.stop()
+    qdb.stop()
+    settings = make_settings(vps, brain, qdb, ram_buffer_bytes=6_000_000)
+    vps_c = make_client(vps.url)
+    registry = CollectorRegistry()
+    async with running(Forwarder(settings, registry, buffer_table=f"vb_{uuid.uuid4().hex[:8]}")) as fw:
+        accepted = await _fill_until_full(vps_c, settings.stream_key, 0)
+        await asyncio.sleep(1.0)  # the forwarder meets the refusals (state writes, mode) and must stay up
+        (qdb if first_back == "questdb" else brain).start()
+
+        async def room_again() -> bool:
+            replies = await execute_packed(vps_c, [(b"XADD", settings.stream_key, b"*", *trade_fields(10**6))])
+            if isinstance(replies[0], Exception):
+                return False
+            accepted.append(replies[0])
+            return True
+
+        await eventually(room_again, 60, interval=0.5, what="room in the VPS Redis again")
+        if first_back == "questdb":
+            assert sample(registry, "tickbridge_forwarder_spilled_total") > 0
+            brain.start()
+        brain_c = make_client(brain.url)
+
+        async def delivered() -> bool:
+            return bool(await brain_c.exists(settings.stream_key)) and int(
+                await brain_c.xlen(settings.stream_key)
+            ) >= len(accepted)
+
+        await eventually(delivered, 90, interval=0.5, what="every accepted tick on the Brain")
+        assert not fw.stopping.is_set()
+    verdict = verify(await read_stream(brain_c, settings.stream_key), dict.fromkeys(accepted))
+    assert verdict.ok, (verdict.missing[:5], verdict)
+    assert verdict.delivered == len(accepted)
+    assert sample(registry, "tickbridge_forwarder_dropped_total") == 0
+    await vps_c.aclose()
+    await brain_c.aclose()
+
+
+async def test_questdb_down_at_start_is_noticed_when_it_comes_back(
+    redis_factory: Callable[..., RedisServer], questdb_factory: Callable[..., QuestDBServer]
+) -> None:
+    """Nothing pending, QuestDB down when the forwarder starts: once QuestDB is up, `connected{questdb}`
+    turns 1 and the buffer is known (gauges, cleanup), without waiting for the next spill. Delivery to the
+    Brain never waited for QuestDB."""
+    vps, brain = redis_factory(), redis_factory()
+    qdb = questdb_factory()
+    qdb.stop()
+    settings = make_settings(vps, brain, qdb)
+    vps_c, brain_c = make_client(vps.url), make_client(brain.url)
+    await preload(vps_c, settings.stream_key, 1000)
+    registry = CollectorRegistry()
+    async with running(Forwarder(settings, registry, buffer_table=f"vb_{uuid.uuid4().hex[:8]}")) as fw:
+        await eventually(lambda: equals(brain_c.xlen(settings.stream_key), 1000), 20, what="delivered without QuestDB")
+        assert sample(registry, "tickbridge_forwarder_connected", target="questdb") == 0
+        qdb.start()
+
+        async def noticed() -> bool:
+            return fw.buffer_known and sample(registry, "tickbridge_forwarder_connected", target="questdb") == 1
+
+        await eventually(noticed, 30, what="QuestDB noticed")
     await vps_c.aclose()
     await brain_c.aclose()

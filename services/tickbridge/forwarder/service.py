@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import REGISTRY, CollectorRegistry
 from questdb.ingress import IngressError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
@@ -46,6 +46,10 @@ class LinkDown(Exception):
     def __init__(self, target: str, cause: BaseException | str) -> None:
         super().__init__(f"{target}: {cause}")
         self.target = target
+
+
+class VpsFull(Exception):
+    """The VPS Redis refused a write with OOM (`maxmemory`, `noeviction`): it still reads, trims and deletes."""
 
 
 def next_id(entry_id: StreamId) -> str:
@@ -113,6 +117,10 @@ class Forwarder(Service):
         self.dropped_total = 0
         self._prefetch: tuple[tuple[str, Any], asyncio.Task[Any]] | None = None
         self._saved_checkpoint: tuple[StreamId, int] = (ZERO, -1)
+        self._last_full_log = -math.inf
+        #: The state hash holds a `spill_pending` marker (written ahead while QuestDB is down, so a spill can
+        #: start when Redis is already full).
+        self._marker_saved = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,6 +168,11 @@ class Forwarder(Service):
             except TRANSIENT_ERRORS as exc:
                 busy = False
                 await self._link_down(LinkDown("vps", exc))
+            except VpsFull as exc:
+                # Not a reason to stop: only delivering and spilling (then trimming) free the memory again.
+                busy = False
+                self._vps_full(exc)
+                await self.sleep_or_stop(self.maintain_interval)
             if not busy:
                 await self.sleep_or_stop(0.002)
 
@@ -193,6 +206,8 @@ class Forwarder(Service):
             raise LinkDown("vps", exc) from exc
         for reply in replies:
             if isinstance(reply, ResponseError):
+                if isinstance(reply, OutOfMemoryError):
+                    raise VpsFull(str(reply))
                 raise RuntimeError(f"VPS Redis rejected a command: {reply}")
         return replies
 
@@ -211,6 +226,24 @@ class Forwarder(Service):
             flat += [name, value]
         await self._vps("HSET", keys.FORWARDER_STATE, *flat)
 
+    async def _note_state(self, **fields: str | int) -> bool:
+        """A state write that recovery can do without (QuestDB or the Brain hold the truth): a full VPS Redis
+        skips it instead of stopping the forwarder, which is what frees memory again."""
+        try:
+            await self._save_state(**fields)
+            return True
+        except VpsFull as exc:
+            self._vps_full(exc)
+            return False
+
+    def _vps_full(self, exc: VpsFull) -> None:
+        self.metrics.errors.labels("vps").inc()
+        now = time.monotonic()
+        if now - self._last_full_log >= 5.0:
+            self._last_full_log = now
+            log.error("VPS Redis is full (%s): the collector's writes fail too; freeing memory by delivering, "
+                      "spilling and trimming", exc)  # fmt: skip
+
     # ------------------------------------------------------------------ recovery
 
     async def _recover_vps(self) -> None:
@@ -218,10 +251,12 @@ class Forwarder(Service):
         raw = await self._vps("HGETALL", keys.FORWARDER_STATE)
         pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
         state = {k.decode(): v.decode() for k, v in pairs}
-        self.checkpoint = max(self.checkpoint, parse_id(state.get("confirmed_id", "0-0")))
+        if not self.brain_up:  # connected, the checkpoint is the Brain's top (it may have just rewound)
+            self.checkpoint = max(self.checkpoint, parse_id(state.get("confirmed_id", "0-0")))
         self.buffer_high = max(self.buffer_high, parse_id(state.get("buffer_high_id", "0-0")))
         self.buffer.last_ts = max(self.buffer.last_ts, int(state.get("buffer_ts", "0")))
         self.spill_pending = bool(state.get("spill_pending"))
+        self._marker_saved = self.spill_pending
         self.buffer_known = False
         self.trimmed_to = ZERO  # a restarted VPS Redis may hold entries again that we had trimmed
         self.metrics.connected.labels("vps").set(1)
@@ -260,8 +295,10 @@ class Forwarder(Service):
             return False
         self.buffer_pending = cursor is not None
         self.replay_ts = cursor - 1 if cursor is not None else last_ts
-        await self._save_state(buffer_high_id=format_id(self.buffer_high), buffer_ts=self.buffer.last_ts)
-        await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")
+        # The marker goes only once the exact high is saved; while Redis is full it stays (QuestDB is the truth).
+        if await self._note_state(buffer_high_id=format_id(self.buffer_high), buffer_ts=self.buffer.last_ts):
+            await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")
+            self._marker_saved = False
         self.spill_pending = False
         self.buffer_known = True
         self._qdb_backoff.reset()
@@ -304,7 +341,7 @@ class Forwarder(Service):
             self.buffer_pending = cursor is not None
             if cursor is not None:
                 self.replay_ts = cursor - 1
-        await self._save_state(confirmed_id=format_id(top))
+        await self._note_state(confirmed_id=format_id(top))
 
     async def _connect_brain(self) -> None:
         try:
@@ -471,9 +508,11 @@ class Forwarder(Service):
         self.confirms.append((time.monotonic(), self.checkpoint, cursor))
 
     async def _save_checkpoint(self) -> None:
-        if (self.checkpoint, self.replay_ts) != self._saved_checkpoint:
-            await self._save_state(confirmed_id=format_id(self.checkpoint), replay_ts=self.replay_ts)
-            self._saved_checkpoint = (self.checkpoint, self.replay_ts)
+        current = (self.checkpoint, self.replay_ts)
+        if current != self._saved_checkpoint and await self._note_state(
+            confirmed_id=format_id(self.checkpoint), replay_ts=self.replay_ts
+        ):
+            self._saved_checkpoint = current
 
     # ------------------------------------------------------------------ mode, maintenance, stats
 
@@ -488,7 +527,7 @@ class Forwarder(Service):
             log.info("mode %s -> %s", self.mode or "start", mode)
             self.mode = mode
             self.metrics.set_mode(mode)
-            await self._save_state(mode=mode)
+            await self._note_state(mode=mode)
 
     async def _maintain(self) -> None:
         now = time.monotonic()
@@ -513,7 +552,23 @@ class Forwarder(Service):
                     if exc.target != "brain":
                         raise
                     await self._link_down(exc)
+            await self._probe_buffer()
             await self._stats()
+
+    async def _probe_buffer(self) -> None:
+        """With nothing pending, QuestDB is still looked at now and then, so its `connected` gauge, the buffer
+        gauges and the cleanup of delivered partitions come back when it does (not only at the next spill).
+        A short ping first: a frozen QuestDB must not hold up delivery."""
+        if self.buffer_known or time.monotonic() < self._next_qdb_try:
+            return
+        try:
+            alive = await asyncio.wait_for(self.buffer.http.ping(), 2.0)
+        except TimeoutError:
+            alive = False
+        if alive:
+            await self._try_recover_buffer()
+        else:
+            await self._link_down(LinkDown("questdb", "ping failed"))
 
     def _retention_floor(self) -> tuple[StreamId, int]:
         """Checkpoint and buffer cursor confirmed more than `delivered_retention_s` ago."""
@@ -548,6 +603,10 @@ class Forwarder(Service):
         self.metrics.redis_bytes.set(usage)
         budget = self.settings.ram_buffer_bytes
         if usage <= budget:
+            if self._marker_saved and not self.spill_pending and not self.buffer_known:
+                # The marker written ahead is not needed any more (no spill started since).
+                await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")
+                self._marker_saved = False
             return
         if self.checkpoint > self.trimmed_to:
             # The RAM budget wins over the rewind window: drop the delivered copies first.
@@ -556,7 +615,12 @@ class Forwarder(Service):
             if usage <= budget:
                 return
         if not self.buffer_known and not await self._try_recover_buffer():
-            return  # QuestDB unavailable: the backlog stays in Redis over budget (alerted by the metrics)
+            # QuestDB unavailable: the backlog stays in Redis over budget (alerted: RedisOverRamBudget). Write
+            # the spill marker now, while Redis still has room above the budget: if it fills up before QuestDB
+            # is back, the spill can start without a write Redis would refuse.
+            if not self._marker_saved and await self._note_state(spill_pending="ahead"):
+                self._marker_saved = True
+            return
         length = int(await self._vps("XLEN", self.key))
         if length == 0:
             return
@@ -569,6 +633,8 @@ class Forwarder(Service):
             if exc.target != "questdb":
                 raise
             await self._link_down(exc)
+        except VpsFull as exc:
+            self._vps_full(exc)  # no marker could be written: nothing moved, Redis keeps the backlog
 
     async def _spill(self, count: int) -> None:
         """Move the oldest `count` undelivered Redis entries to the buffer, commit-visible before trimming."""
@@ -580,7 +646,9 @@ class Forwarder(Service):
             if not entries:
                 return
             last = parse_id(entries[-1][0])
-            await self._save_state(spill_pending=format_id(last))
+            if not self._marker_saved:
+                await self._save_state(spill_pending=format_id(last))
+                self._marker_saved = True
             self.spill_pending = True
             previous_ts = self.buffer.last_ts
             last_ts = await self._questdb(self.buffer.append(entries))
@@ -589,8 +657,15 @@ class Forwarder(Service):
                 self.buffer_pending = True
                 self.replay_ts = previous_ts
             self.buffer_high = last
-            await self._save_state(buffer_high_id=format_id(last), buffer_ts=last_ts)
+            try:
+                await self._save_state(buffer_high_id=format_id(last), buffer_ts=last_ts)
+            except VpsFull:
+                # Trimming the spilled entries first is safe while the marker is saved: a restart takes the
+                # high from QuestDB. It frees the memory the write needs.
+                await self._trim()
+                await self._save_state(buffer_high_id=format_id(last), buffer_ts=last_ts)
             await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")
+            self._marker_saved = False
             self.spill_pending = False
             await self._trim()
             self.metrics.spilled.inc(len(entries))
@@ -621,7 +696,7 @@ class Forwarder(Service):
                 self.replay_ts = max(self.replay_ts, oldest.max_ts)
                 log.error("DISK BUFFER FULL (%d > %d bytes): dropped %d undelivered ticks, partition %s",
                           total + oldest.disk_bytes, budget, lost, oldest.name)  # fmt: skip
-                await self._save_state(dropped_total=self.dropped_total, replay_ts=self.replay_ts)
+                await self._note_state(dropped_total=self.dropped_total, replay_ts=self.replay_ts)
 
     async def _stats(self) -> None:
         now = time.monotonic()
