@@ -205,6 +205,10 @@ async def test_disk_budget_drops_oldest_counted(
     assert sample(registry, "tickbridge_forwarder_dropped_total") == parts[0].rows + parts[1].rows == 2 * per_hour
     assert any("DISK BUFFER FULL" in r.getMessage() for r in caplog.records)
     assert (await vps_c.hget(keys.FORWARDER_STATE, "dropped_total")) == str(2 * per_hour).encode()
+    restarted = Forwarder(settings, CollectorRegistry(), buffer_table=table)
+    await restarted._recover_vps()  # the lifetime count survives a restart (the next drop adds to it)
+    assert restarted.dropped_total == 2 * per_hour
+    await restarted._close()
     kept = {eid: trade_fields(i) for i, eid in enumerate(ids) if i >= 2 * per_hour}
     verdict = verify(await read_stream(brain_c, settings.stream_key), kept)  # type: ignore[arg-type]
     assert verdict.ok, verdict

@@ -115,6 +115,7 @@ class Forwarder(Service):
         self._delivered = 0
         self.rate = 0.0
         self.dropped_total = 0
+        self._buffer_backlog: tuple[int, StreamId | None] = (0, None)  # last read: rows, oldest ID
         self._prefetch: tuple[tuple[str, Any], asyncio.Task[Any]] | None = None
         self._saved_checkpoint: tuple[StreamId, int] = (ZERO, -1)
         self._last_full_log = -math.inf
@@ -257,6 +258,7 @@ class Forwarder(Service):
         self.buffer.last_ts = max(self.buffer.last_ts, int(state.get("buffer_ts", "0")))
         self.spill_pending = bool(state.get("spill_pending"))
         self._marker_saved = self.spill_pending
+        self.dropped_total = max(self.dropped_total, int(state.get("dropped_total", "0")))  # a lifetime count
         self.buffer_known = False
         self.trimmed_to = ZERO  # a restarted VPS Redis may hold entries again that we had trimmed
         self.metrics.connected.labels("vps").set(1)
@@ -708,8 +710,9 @@ class Forwarder(Service):
         self.metrics.checkpoint_ms.set(self.checkpoint[0])
         length = int(await self._vps("XLEN", self.key))
         redis_backlog = max(0, length - self.retained)
-        buffer_backlog = 0
-        oldest: StreamId | None = None
+        # While QuestDB cannot be read, the buffer's part of the backlog is its last known value, not 0:
+        # the gauges must not fall exactly when the buffer is out of reach.
+        buffer_backlog, oldest = self._buffer_backlog if self.buffer_pending or self.spill_pending else (0, None)
         if self.buffer_known and now >= self._next_qdb_try:
             try:
                 parts = await self._questdb(self.buffer.partitions())
@@ -718,9 +721,12 @@ class Forwarder(Service):
                 span = (parts[-1].max_ts - parts[0].min_ts) / 3.6e9 if parts else 0.0
                 self.metrics.buffer_hours.set(span)
                 if self.buffer_pending:
-                    buffer_backlog = await self._questdb(self.buffer.count_after(self.replay_ts))
+                    rows = await self._questdb(self.buffer.count_after(self.replay_ts))
                     first = await self._questdb(self.buffer.page(self.replay_ts, 1))
-                    oldest = first[0].entry_id if first else None
+                    self._buffer_backlog = (rows, first[0].entry_id if first else None)
+                else:
+                    self._buffer_backlog = (0, None)
+                buffer_backlog, oldest = self._buffer_backlog
             except LinkDown as exc:
                 await self._link_down(exc)
         self.metrics.buffer_undelivered.set(buffer_backlog)
