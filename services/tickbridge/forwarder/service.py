@@ -605,8 +605,13 @@ class Forwarder(Service):
         self.metrics.redis_bytes.set(usage)
         budget = self.settings.ram_buffer_bytes
         if usage <= budget:
-            if self._marker_saved and not self.spill_pending and not self.buffer_known:
-                # The marker written ahead is not needed any more (no spill started since).
+            if (
+                self._marker_saved
+                and not self.spill_pending
+                and await self._note_state(buffer_high_id=format_id(self.buffer_high), buffer_ts=self.buffer.last_ts)
+            ):
+                # No spill is in flight, so our buffer_high is exact: once saved, the marker (written ahead, or
+                # kept while Redis was full) is not needed any more.
                 await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")
                 self._marker_saved = False
             return
