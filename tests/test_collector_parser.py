@@ -257,3 +257,18 @@ def test_fuzz_parse_frame_never_raises(raw: bytes) -> None:
         assert ev.reason in REASONS and ev.raw == raw[:4096]
     elif isinstance(ev, Trade | DepthDiff):
         assert decode_entry([str(v).encode() for v in ev.fields()]) == ev  # what the stream stores round-trips
+
+
+def test_retry_after_header_values() -> None:
+    import email.utils
+    import time
+
+    from tickbridge.collector.rest import parse_retry_after
+
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("0.5") == 0.5
+    for bad in (None, "", "  ", "soon", "-3", "inf", "nan", "Wed, 99 Foo 2015 07:28:00 GMT"):
+        assert parse_retry_after(bad, default=4.0) == 4.0, bad
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: no wait
+    ahead = parse_retry_after(email.utils.formatdate(time.time() + 120, usegmt=True))
+    assert 118 <= ahead <= 120

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,6 +52,7 @@ class ScriptedExchange:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
+        self.history_gate.set()  # a handler still waiting on it would hold up the cleanup
         for ws in self.clients:
             await ws.close()
         assert self.runner is not None
@@ -75,6 +77,12 @@ class ScriptedExchange:
         rows = [self.history[i] for i in range(start, start + limit) if i in self.history]
         return web.json_response(rows)
 
+    async def drop(self) -> None:
+        """Close every connection from the exchange's side (no serverShutdown first)."""
+        for ws in self.clients:
+            if not ws.closed:
+                await ws.close()
+
     async def send(self, *frames: bytes | str) -> None:
         for ws in self.clients:
             if not ws.closed:
@@ -82,14 +90,16 @@ class ScriptedExchange:
                     await (ws.send_bytes(f) if isinstance(f, bytes) else ws.send_str(f))
 
 
-def trade(tid: int, symbol: str = "BTCUSDT", maker: bool = False) -> bytes:
-    data = {"e": "trade", "E": T0 + tid, "s": symbol, "t": tid, "p": f"{100 + tid}.50000000", "q": "0.01000000",
-            "T": T0 + tid, "m": maker, "M": True}  # fmt: skip
+def trade(tid: int, symbol: str = "BTCUSDT", maker: bool = False, time_ms: int | None = None) -> bytes:
+    t = T0 + tid if time_ms is None else time_ms
+    data = {"e": "trade", "E": t, "s": symbol, "t": tid, "p": f"{100 + tid}.50000000", "q": "0.01000000",
+            "T": t, "m": maker, "M": True}  # fmt: skip
     return orjson.dumps({"stream": f"{symbol.lower()}@trade", "data": data})
 
 
-def history_row(tid: int) -> dict[str, Any]:
-    return {"id": tid, "price": f"{100 + tid}.50000000", "qty": "0.01000000", "quoteQty": "1", "time": T0 + tid,
+def history_row(tid: int, time_ms: int | None = None) -> dict[str, Any]:
+    t = T0 + tid if time_ms is None else time_ms
+    return {"id": tid, "price": f"{100 + tid}.50000000", "qty": "0.01000000", "quoteQty": "1", "time": t,
             "isBuyerMaker": tid % 2 == 0, "isBestMatch": True}  # fmt: skip
 
 
@@ -125,8 +135,8 @@ def count(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-async def start(settings: Settings, registry: CollectorRegistry) -> tuple[Collector, asyncio.Task[None]]:
-    collector = Collector(settings, registry)
+async def start(settings: Settings, registry: CollectorRegistry, **kw: Any) -> tuple[Collector, asyncio.Task[None]]:
+    collector = Collector(settings, registry, **kw)
     task = asyncio.create_task(collector.run())
     await asyncio.wait_for(collector.started.wait(), 10)
     return collector, task
@@ -404,3 +414,153 @@ def test_counters_that_alerts_watch_exist_at_zero_before_the_first_event() -> No
         for status in ("429", "418"):
             labels = {"endpoint": endpoint, "status": status}
             assert registry.get_sample_value("tickbridge_collector_rest_requests_total", labels) == 0.0, labels
+
+
+async def symbols_ids(client: Any) -> list[tuple[str, int]]:
+    return [(t.symbol, t.trade_id) for t in await stream_ticks(client) if isinstance(t, Trade)]
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, registry: CollectorRegistry, **kw: Any) -> AsyncIterator[Collector]:
+    """A started collector, stopped also when the test fails (a stuck one would hang the fixtures' teardown)."""
+    collector, task = await start(settings, registry, **kw)
+    try:
+        yield collector
+    finally:
+        await stop(collector, task)
+
+
+async def test_stuck_backfill_ends_when_the_parked_trades_reach_the_cap(
+    exchange: ScriptedExchange, redis_server: RedisServer
+) -> None:
+    """historicalTrades never answers: once `max_parked` live trades wait behind the back-fill, it is given
+    up (the gap counted lost) and the symbol flows again, in order, each trade once; ETH never waited."""
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    registry = CollectorRegistry()
+    async with running(settings_for(exchange, redis_server), registry, max_parked=5) as collector:
+        await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+        exchange.history = {i: history_row(i) for i in range(1, 10)}
+        exchange.history_gate.clear()
+        await exchange.send(
+            trade(1), trade(10), trade(11), trade(1, "ETHUSDT"), trade(12), trade(2, "ETHUSDT"), trade(13)
+        )
+        frozen = [("BTCUSDT", 1), ("ETHUSDT", 1), ("ETHUSDT", 2)]
+        await eventually(lambda: equals(symbols_ids(client), frozen), timeout=10, what="ETH flows, BTC parked")
+        assert count(registry, "tickbridge_collector_lost_trades_total", symbol="BTCUSDT") == 0
+        await exchange.send(trade(14))  # the fifth parked trade: the cap
+        btc = [("BTCUSDT", i) for i in (10, 11, 12, 13, 14)]
+        await eventually(lambda: equals(symbols_ids(client), frozen + btc), timeout=10, what="BTC released at the cap")
+        assert count(registry, "tickbridge_collector_lost_trades_total", symbol="BTCUSDT") == 8  # 2..9
+        assert count(registry, "tickbridge_collector_backfilled_trades_total", symbol="BTCUSDT") == 0
+        exchange.history_gate.set()  # a late answer to the abandoned request must add nothing
+        await exchange.send(trade(15), trade(3, "ETHUSDT"), trade(16))
+        expected = frozen + btc + [("BTCUSDT", 15), ("ETHUSDT", 3), ("BTCUSDT", 16)]
+        await eventually(lambda: equals(symbols_ids(client), expected), timeout=10, what="live again")
+        assert await client.hget(keys.COLLECTOR_LAST_TRADE_IDS, "BTCUSDT") == b"16"
+        assert not collector._parked and count(registry, "tickbridge_collector_trade_gaps_total", symbol="BTCUSDT") == 1
+    assert await symbols_ids(client) == expected
+
+
+async def test_backfilled_trades_leave_the_latency_histogram_alone(
+    exchange: ScriptedExchange, redis_server: RedisServer
+) -> None:
+    """Back-filled trades are a minute old when REST returns them: that is not the stream's latency."""
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    registry = CollectorRegistry()
+    async with running(settings_for(exchange, redis_server), registry):
+        await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+        now_ms = int(time.time() * 1000)
+        exchange.history = {i: history_row(i, time_ms=now_ms - 60_000) for i in range(2, 200)}
+        live = [1, *range(200, 216)]
+        await exchange.send(*(trade(i, time_ms=now_ms) for i in live))
+        await eventually(lambda: equals(trade_ids(client), list(range(1, 216))), what="198 back-filled")
+        assert count(registry, "tickbridge_collector_backfilled_trades_total", symbol="BTCUSDT") == 198
+        n = count(registry, "tickbridge_collector_latency_seconds_count", type="TRADE")
+        total = count(registry, "tickbridge_collector_latency_seconds_sum", type="TRADE")
+        assert n == len(live) // 8  # one live trade in 8 is sampled, none of the back-filled ones
+        assert total < 5 * n  # each live trade took well under 5 s; a back-filled one would add 60 s
+
+
+async def test_a_command_failing_inside_the_transaction_is_retried_not_counted(
+    exchange: ScriptedExchange, redis_server: RedisServer
+) -> None:
+    """The stream key is a string (WRONGTYPE inside EXEC): nothing counts as written, the stored last IDs
+    stay where the stream is, errors are counted; once the key is deleted every trade arrives once, in order."""
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    await client.set(keys.DEFAULT_STREAM_KEY, "not a stream")
+    await client.hset(keys.COLLECTOR_LAST_TRADE_IDS, mapping={"BTCUSDT": 0})
+    registry = CollectorRegistry()
+    async with running(settings_for(exchange, redis_server), registry) as collector:
+        await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+        sent = [("BTCUSDT", 1), ("ETHUSDT", 1), ("BTCUSDT", 2), ("BTCUSDT", 3), ("ETHUSDT", 2)]
+        await exchange.send(*(trade(i, s) for s, i in sent))
+
+        async def failing() -> bool:
+            errors = count(registry, "tickbridge_collector_redis_errors_total")
+            return collector.last_trade == {"BTCUSDT": 3, "ETHUSDT": 2} and errors >= 2  # a retry failed too
+
+        await eventually(failing, timeout=10, what="writes failing")
+        assert collector.writer is not None and collector.writer.written == 0
+        # ETHUSDT had no stored ID: it is put just before its first unwritten trade (a restart back-fills it).
+        assert await client.hgetall(keys.COLLECTOR_LAST_TRADE_IDS) == {b"BTCUSDT": b"0", b"ETHUSDT": b"0"}
+        assert await client.get(keys.DEFAULT_STREAM_KEY) == b"not a stream"
+        await client.delete(keys.DEFAULT_STREAM_KEY)
+        await eventually(lambda: equals(symbols_ids(client), sent), timeout=10, what="written once the key is fixed")
+        assert await client.hgetall(keys.COLLECTOR_LAST_TRADE_IDS) == {b"BTCUSDT": b"3", b"ETHUSDT": b"2"}
+        assert collector.writer.written == 5
+        warm = await client.zrange(keys.warm_key("BTCUSDT"), 0, -1)
+        assert [m.split(b"|")[0] for m in warm] == [b"1", b"2", b"3"]
+        errors = count(registry, "tickbridge_collector_redis_errors_total")
+        await exchange.send(trade(4))
+        await eventually(lambda: equals(symbols_ids(client), [*sent, ("BTCUSDT", 4)]), what="writing normally")
+        assert count(registry, "tickbridge_collector_redis_errors_total") == errors
+
+
+async def test_books_are_invalid_while_disconnected_and_resync_after(
+    exchange: ScriptedExchange, redis_server: RedisServer
+) -> None:
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    registry = CollectorRegistry()
+    async with running(settings_for(exchange, redis_server), registry) as collector:
+        symbols = ("BTCUSDT", "ETHUSDT")
+        await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+        await exchange.send(*(depth(99, 103, symbol=s) for s in symbols))
+        await eventually(lambda: _true(all(collector.book_valid(s) for s in symbols)), what="books valid")
+        await exchange.drop()
+        await eventually(lambda: _true(not any(collector.book_valid(s) for s in symbols)), timeout=5, what="invalid")
+        assert all(count(registry, "tickbridge_collector_book_valid", symbol=s) == 0 for s in symbols)
+        await eventually(lambda: _true(len(exchange.clients) == 2), what="reconnected")
+        assert not any(collector.book_valid(s) for s in symbols)  # no depth event on the new connection yet
+        exchange.snapshot = {"lastUpdateId": 111, "bids": [["9.0", "1.0"]], "asks": [["12.0", "1.0"]]}
+        await exchange.send(*(depth(110, 112, symbol=s) for s in symbols))
+
+        async def resynced() -> bool:
+            return all(collector.book_valid(s) and collector.book(s).last_update_id == 112 for s in symbols)
+
+        await eventually(resynced, what="books resynced on the new connection")
+        assert all(count(registry, "tickbridge_collector_book_valid", symbol=s) == 1 for s in symbols)
+        assert all(count(registry, "tickbridge_collector_resyncs_total", symbol=s) == 1 for s in symbols)
+        depth_ids = [(t.symbol, t.first_update_id) for t in await stream_ticks(client) if isinstance(t, DepthDiff)]
+        assert depth_ids == [(s, u) for u in (99, 110) for s in symbols]
+
+
+async def test_rest_client_survives_a_retry_after_that_is_not_a_number() -> None:
+    """HTTP allows an HTTP-date in Retry-After, and a proxy may send anything: wait and go on, never crash."""
+    import email.utils
+
+    calls: list[float] = []
+
+    async def depth(request: web.Request) -> web.Response:
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            retry = "soon" if len(calls) == 1 else email.utils.formatdate(time.time() + 1.5, usegmt=True)
+            return web.json_response({"code": -1003, "msg": "Too much request weight used"}, status=429,
+                                     headers={"Retry-After": retry})  # fmt: skip
+        return web.json_response({"lastUpdateId": 7, "bids": [], "asks": []})
+
+    async with rest_exchange({"/api/v3/depth": depth}) as rest:
+        rest.default_retry_after_s = 0.3
+        assert (await rest.depth("BTCUSDT", 1000))["lastUpdateId"] == 7
+        assert len(calls) == 3
+        assert calls[1] - calls[0] >= 0.25  # the default wait for an unreadable value
+        assert calls[2] - calls[1] >= 0.45  # until the date (whole seconds: 0.5 .. 1.5 s from now)

@@ -210,13 +210,23 @@ async def test_rotation_before_lifetime_is_seamless(redis_server: RedisServer, c
     registry = CollectorRegistry()
     settings = settings_for(sim, redis_server, ws_max_lifetime_s=1.5)
     collector, task = await run_collector(settings, registry, join_timeout_s=1.0)
+    invalid: list[str] = []
+
+    async def watch_books() -> None:  # a rotation keeps continuity: no book may go invalid, not even briefly
+        while True:
+            invalid.extend(s for s in SYMBOLS if not collector.book_valid(s))
+            await asyncio.sleep(0.002)
+
+    watcher: asyncio.Task[None] | None = None
     try:
         await eventually(lambda: _true(all(collector.book_valid(s) for s in SYMBOLS)), what="books valid")
+        watcher = asyncio.create_task(watch_books())
         await eventually(
             lambda: _true(value(registry, "tickbridge_collector_reconnects_total", reason="lifetime") >= 3),
             timeout=20,
             what="three rotations",
         )
+        assert not invalid, invalid
         await check_exactly_once(sim, collector, client)
         for sym in SYMBOLS:
             assert value(registry, "tickbridge_collector_trade_gaps_total", symbol=sym) == 0
@@ -232,6 +242,8 @@ async def test_rotation_before_lifetime_is_seamless(redis_server: RedisServer, c
             assert len(chains[sym]) > 20
             assert all(b.first_update_id == a.last_update_id + 1 for a, b in itertools.pairwise(chains[sym])), sym
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await stop_collector(collector, task)
         await sim.stop()
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import email.utils
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +28,27 @@ HISTORICAL_TRADES_WEIGHT = 25
 DEPTH_ENDPOINT = "/api/v3/depth"
 HISTORICAL_TRADES_ENDPOINT = "/api/v3/historicalTrades"
 USED_WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
+#: The wait after a 429/418 whose `Retry-After` is missing or unreadable: long enough not to earn a ban by
+#: hammering, short enough to recover soon when it was just a 429.
+DEFAULT_RETRY_AFTER_S = 10.0
+
+
+def parse_retry_after(value: str | None, default: float = DEFAULT_RETRY_AFTER_S) -> float:
+    """Seconds to wait from a `Retry-After` header: delta-seconds or an HTTP-date (RFC 9110 §10.2.3);
+    anything else (missing, garbage, negative, not finite) is `default`, never an exception."""
+    if not value or not value.strip():
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return default
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive one is read as such
+            when = when.replace(tzinfo=datetime.UTC)
+        return max(when.timestamp() - time.time(), 0.0)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else default
 
 
 class RestError(RuntimeError):
@@ -111,6 +135,7 @@ class RestClient:
     def __init__(self, base_url: str, *, attempts: int = 6, timeout: float = 10.0, on_request: Any = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.attempts = attempts
+        self.default_retry_after_s = DEFAULT_RETRY_AFTER_S
         self.budget = WeightBudget()
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -139,9 +164,11 @@ class RestClient:
                         return orjson.loads(body)
                     last_error = f"HTTP {resp.status}: {body[:200]!r}"
                     if resp.status in (429, 418):
-                        retry_after = float(resp.headers.get("Retry-After", "1") or 1)
+                        header = resp.headers.get("Retry-After")
+                        retry_after = parse_retry_after(header, self.default_retry_after_s)
                         self.budget.blocked_until = time.monotonic() + retry_after
-                        log.warning("%s rate-limited (%s), retry after %.0fs", endpoint, resp.status, retry_after)
+                        log.warning("%s rate-limited (%s, Retry-After %r), retry after %.0fs", endpoint, resp.status,
+                                    header, retry_after)  # fmt: skip
                         continue
                     if 400 <= resp.status < 500:
                         raise RestError(f"{endpoint} {params}: {last_error}")

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 WS_MAX_SIZE = 16 * MAX_FRAME_BYTES
 #: Trades a single gap may back-fill; beyond that the rest is counted as lost.
 MAX_BACKFILL = 200_000
+#: Live trades of one symbol parked behind its back-fill. A stuck back-fill (6 attempts of 10 s per page, and
+#: a 429/418 Retry-After waited out on each) can freeze a symbol for minutes; 50,000 trades is about a minute
+#: of the busiest pair (~15 MB). Reaching it ends that back-fill early: the unfetched rest of the gap is lost
+#: (counted), which beats holding an unbounded backlog and stalling the symbol.
+MAX_PARKED = 50_000
 OUT_BATCH = 1000
 #: Trade latency is observed for one trade in 8 (the histogram is a sample; depth: every event).
 LATENCY_SAMPLE_MASK = 7
@@ -68,9 +73,12 @@ class SnapshotResult:
     snapshot: dict[str, Any] | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class BackfillResult:
-    """Trades fetched from REST for `first..last` of `symbol` (ascending, possibly incomplete)."""
+    """Trades fetched from REST for `first..last` of `symbol` (ascending, possibly incomplete).
+
+    The fetch task fills `trades` in place, so a back-fill ended early keeps what it already has.
+    """
 
     symbol: str
     first: int
@@ -81,6 +89,13 @@ class BackfillResult:
 @dataclass(frozen=True, slots=True)
 class Switch:
     """Inbox marker: frames of `gen` are primary from here on (every frame of the old one is ahead of it)."""
+
+    gen: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """Inbox marker: primary `gen` is gone with no replacement (after its last frame): books are unknown."""
 
     gen: int
 
@@ -112,6 +127,7 @@ class Collector(Service):
         inbox_size: int = 20_000,
         join_timeout_s: float = 10.0,
         reconnect_base_s: float = 0.1,
+        max_parked: int = MAX_PARKED,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -120,12 +136,13 @@ class Collector(Service):
         self.url = stream_url(settings.binance_ws_url, self.symbols)
         self.join_timeout_s = join_timeout_s
         self.reconnect_base_s = reconnect_base_s
+        self.max_parked = max_parked
         self.depth = {s: DepthSync(s) for s in self.symbols}
         self.last_trade: dict[str, int] = {}
         self._hot: dict[str, deque[Tick]] = {s: deque(maxlen=settings.hot_ticks) for s in self.symbols}
-        self.inbox: asyncio.Queue[tuple[int, int, bytes | str] | SnapshotResult | BackfillResult | Switch | None] = (
-            asyncio.Queue(inbox_size)
-        )
+        self.inbox: asyncio.Queue[
+            tuple[int, int, bytes | str] | SnapshotResult | BackfillResult | Switch | Disconnected | None
+        ] = asyncio.Queue(inbox_size)
         self.conns: dict[int, Connection] = {}
         self.primary_gen = 0  # the processor's view (set by `Switch` markers, in frame order)
         self._active_gen = 0  # the manager's view
@@ -138,6 +155,8 @@ class Collector(Service):
         self._backfill_tasks: dict[str, asyncio.Task[None]] = {}
         #: Symbols with a back-fill in flight -> their later trades (gen, trade), appended after it.
         self._parked: dict[str, list[tuple[int, Trade]]] = {}
+        #: The back-fill in flight per symbol; a result that is not this one was ended early (ignored).
+        self._backfills: dict[str, BackfillResult] = {}
         self._snap_backoff: dict[str, Backoff] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.rest = RestClient(settings.binance_rest_url, on_request=self._on_rest)
@@ -185,12 +204,16 @@ class Collector(Service):
             for raw_sym, tid in stored.items():
                 sym = raw_sym.decode() if isinstance(raw_sym, bytes) else raw_sym
                 if sym in self.depth:
-                    self.last_trade[sym] = int(tid)
+                    try:
+                        self.last_trade[sym] = int(tid)
+                    except ValueError:
+                        log.error("%s: stored last trade ID %r is not a number: starting without one", sym, tid)
             if self.last_trade:
                 log.info("resuming after trade IDs %s", self.last_trade)
             self.writer = StreamWriter(
-                client, self.settings.stream_key, self.metrics, warm_window_s=self.settings.warm_window_s
-            )
+                client, self.settings.stream_key, self.metrics, warm_window_s=self.settings.warm_window_s,
+                last_ids=self.last_trade,
+            )  # fmt: skip
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 tg.create_task(self.writer.run(), name="collector-writer")
@@ -326,6 +349,7 @@ class Collector(Service):
                     self.metrics.connection_up.set(0)
                     lived = time.monotonic() - primary.opened
                     await self._close(primary)
+                    await self.inbox.put(Disconnected(primary.gen))
                     if lived >= 5.0:
                         backoff.reset()
                     reason = "disconnect"
@@ -350,6 +374,7 @@ class Collector(Service):
             if reason == "stale" or old.closed.is_set():
                 await self._close(old)  # nothing to keep: plain reconnect with backoff
                 self.metrics.connection_up.set(0)
+                await self.inbox.put(Disconnected(old.gen))
             await self.sleep_or_stop(backoff.next())
             return
         if reason != "stale":
@@ -394,6 +419,8 @@ class Collector(Service):
                     self._switch(item.gen, out)
                 elif isinstance(item, BackfillResult):
                     self._on_backfill(item, out)
+                elif isinstance(item, Disconnected):
+                    self._invalidate_books(item.gen)
                 else:
                     self._on_snapshot(item, out)
                 if len(out) >= OUT_BATCH:
@@ -425,6 +452,19 @@ class Collector(Service):
                 self._on_trade(ev, gen, out)
             else:
                 self._on_depth(self.depth[ev.symbol], ev, gen, out)
+
+    def _invalidate_books(self, gen: int) -> None:
+        """The primary is gone without a replacement: whatever changed meanwhile is unknown, so no book is
+        valid until it resyncs on the next connection (its first event starts the usual snapshot sequence).
+        A make-before-break rotation never gets here: its overlap keeps the books continuous."""
+        n = 0
+        for symbol, sync in self.depth.items():
+            if sync.valid:
+                n += 1
+                self.metrics.resyncs.labels(symbol).inc()  # as the gap on the new connection used to count it
+            sync.reset()
+            self.metrics.book_valid.labels(symbol).set(0)
+        log.warning("connection %d lost: %d books invalid until they resync", gen, n)
 
     def _hold(self, gen: int, ev: Trade | DepthDiff) -> None:
         held = self._held.get(gen)
@@ -474,6 +514,8 @@ class Collector(Service):
         parked = self._parked.get(ev.symbol)
         if parked is not None:  # a back-fill is in flight: keep ID order, append after it
             parked.append((gen, ev))
+            if len(parked) >= self.max_parked:
+                self._end_backfill_early(ev.symbol, out)
             return
         last = self.last_trade.get(ev.symbol)
         if last is not None:
@@ -488,14 +530,15 @@ class Collector(Service):
                 return
         self._emit_trade(ev, out)
 
-    def _emit_trade(self, ev: Trade, out: list[Item]) -> None:
+    def _emit_trade(self, ev: Trade, out: list[Item], live: bool = True) -> None:
         self.last_trade[ev.symbol] = ev.trade_id
         out.append(ev)
         self._hot[ev.symbol].append(ev)
         self._n_trade[ev.symbol] += 1
-        self._n_emitted += 1
-        if not self._n_emitted & LATENCY_SAMPLE_MASK:
-            self._m_lat_trade.observe(max(ev.recv_ts - ev.timestamp, 0) / 1e6)
+        if live:  # a back-filled trade's receive time is when REST answered: not the stream's latency
+            self._n_emitted += 1
+            if not self._n_emitted & LATENCY_SAMPLE_MASK:
+                self._m_lat_trade.observe(max(ev.recv_ts - ev.timestamp, 0) / 1e6)
 
     def _emit_depth(self, ev: DepthDiff, out: list[Item]) -> None:
         out.append(ev)
@@ -579,15 +622,17 @@ class Collector(Service):
         self.metrics.trade_gaps.labels(symbol).inc()
         log.warning("%s: trade gap %d..%d, back-filling", symbol, last + 1, trade.trade_id - 1)
         self._parked[symbol] = [(gen, trade)]
+        res = self._backfills[symbol] = BackfillResult(symbol, last + 1, trade.trade_id - 1, [])
         assert self._tg is not None
         self._backfill_tasks[symbol] = self._tg.create_task(
-            self._fetch_backfill(symbol, last + 1, trade.trade_id - 1), name=f"collector-backfill-{symbol}"
+            self._fetch_backfill(res), name=f"collector-backfill-{symbol}"
         )
 
-    async def _fetch_backfill(self, symbol: str, first: int, end: int) -> None:
-        """Pages of `historicalTrades` for `first..end`; the processor appends them (other symbols go on)."""
-        start = max(first, end - MAX_BACKFILL + 1)
-        trades: list[Trade] = []
+    async def _fetch_backfill(self, res: BackfillResult) -> None:
+        """Pages of `historicalTrades` for `first..last` into `res.trades`; the processor appends them (other
+        symbols go on)."""
+        symbol, end, trades = res.symbol, res.last, res.trades
+        start = max(res.first, end - MAX_BACKFILL + 1)
         next_id = start
         while next_id <= end:
             try:
@@ -615,27 +660,46 @@ class Collector(Service):
                 progressed = True
             if not progressed:
                 break
-        await self.inbox.put(BackfillResult(symbol, first, end, trades))
+        await self.inbox.put(res)
 
     def _on_backfill(self, res: BackfillResult, out: list[Item]) -> None:
+        if self._backfills.get(res.symbol) is not res:
+            return  # ended early (its trades were appended then); it finished before it saw the cancel
+        del self._backfills[res.symbol]
+        self._backfill_tasks.pop(res.symbol, None)
+        self._finish_backfill(res, list(res.trades), out)
+
+    def _end_backfill_early(self, symbol: str, out: list[Item]) -> None:
+        """Too many trades parked: give up on the rest of the gap and let the symbol flow again."""
+        res = self._backfills.pop(symbol)
+        task = self._backfill_tasks.pop(symbol, None)
+        if task is not None:
+            task.cancel()  # it cannot add to `res.trades` any more: the cancel lands at its current await
+        fetched = list(res.trades)
+        first_lost = fetched[-1].trade_id + 1 if fetched else res.first
+        log.warning("%s: %d trades parked behind the back-fill of %d..%d: ending it early, %d..%d lost",
+                    symbol, len(self._parked[symbol]), res.first, res.last, first_lost, res.last)  # fmt: skip
+        self._finish_backfill(res, fetched, out)
+
+    def _finish_backfill(self, res: BackfillResult, trades: list[Trade], out: list[Item]) -> None:
         """Append the fetched trades, then the trades parked meanwhile (which may start another back-fill)."""
         symbol = res.symbol
-        self._backfill_tasks.pop(symbol, None)
         parked = self._parked.pop(symbol, [])
         next_id = res.first
-        for trade in res.trades:
+        for trade in trades:
             if trade.trade_id < next_id:
                 continue
             if trade.trade_id > next_id:
                 self.metrics.lost_trades.labels(symbol).inc(trade.trade_id - next_id)
-            self._emit_trade(trade, out)
+            self._emit_trade(trade, out, live=False)
             next_id = trade.trade_id + 1
         if next_id <= res.last:
             self.metrics.lost_trades.labels(symbol).inc(res.last - next_id + 1)
-            log.error("%s: %d trades could not be back-filled", symbol, res.last - next_id + 1)
+            log.error("%s: %d trades (%d..%d) could not be back-filled", symbol, res.last - next_id + 1, next_id,
+                      res.last)  # fmt: skip
         self.last_trade[symbol] = max(self.last_trade.get(symbol, 0), res.last)
-        self.metrics.backfilled.labels(symbol).inc(len(res.trades))
-        log.info("%s: back-filled %d trades", symbol, len(res.trades))
+        self.metrics.backfilled.labels(symbol).inc(len(trades))
+        log.info("%s: back-filled %d trades", symbol, len(trades))
         for gen, trade in parked:
             self._on_trade(trade, gen, out)
 

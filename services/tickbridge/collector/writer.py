@@ -3,7 +3,18 @@
 Per batch: `XADD STREAM_KEY *` per tick, `ZADD` to the WARM key per trade, `HSET` of the last trade ID
 per symbol (a restarted collector back-fills from there), dead letters (`XADD ... MAXLEN ~`), periodic
 WARM trims, and a `SET` of the batch token. The token makes a retry after an ambiguous failure (the
-connection dropped after EXEC was sent) exactly-once: if Redis already holds it, the batch is in.
+connection dropped after EXEC was sent) exactly-once: if Redis already holds it, that EXEC ran.
+
+EXEC runs every queued command even when one fails (e.g. WRONGTYPE: someone SET the stream key to a
+string), and Redis has no rollback; the collector's ACL allows neither scripts nor WATCH to make the
+transaction conditional. So "the EXEC ran" is not "the batch is in": the writer checks every reply. A
+batch is written only when every command in it succeeded; the failed ones are retried (only those: the
+XADDs that succeeded must not be repeated), with backoff, counted in `redis_errors`. A command's outcome
+is the same for every command on its key within one EXEC (a key's type cannot change inside it, and XADD
+`*` fails only on the key's type or an exhausted ID space), so retrying the failed ones keeps their order.
+If the stream's XADDs failed, the HSET of the last trade IDs in the same EXEC claimed ticks that are not
+in the stream: it is put back at once, before anything else, and before each retry the keys are probed
+(XLEN/ZCARD/HGET) so a broken key is not written to again until it is fixed.
 """
 
 from __future__ import annotations
@@ -86,6 +97,7 @@ class StreamWriter:
         max_batches: int = 64,
         max_batch_items: int = 5000,
         linger_s: float = 0.005,
+        last_ids: dict[str, int] | None = None,
     ) -> None:
         self.client = client
         self.stream_key = stream_key
@@ -98,6 +110,8 @@ class StreamWriter:
         self._seq = 0
         self._latest_ts: dict[str, int] = {}
         self._last_trim: dict[str, float] = {}
+        #: The last trade ID per symbol that the hash holds after the last batch that was fully written.
+        self._stored: dict[str, int] = dict(last_ids or {})
         self.written = 0  # ticks appended (tests, bench)
 
     async def put(self, batch: list[Item]) -> None:
@@ -140,9 +154,10 @@ class StreamWriter:
         except _RETRY_ERRORS as exc:
             log.warning("final WARM trim failed: %s", exc)
 
-    def _commands(self, items: list[Item]) -> list[Command]:
+    def _commands(self, items: list[Item]) -> tuple[list[Command], dict[str, int]]:
+        """The batch's data commands (without MULTI, the HSET of `last_ids` and the token) and `last_ids`."""
         stream = self.stream_key
-        cmds: list[Command] = [("MULTI",)]
+        cmds: list[Command] = []
         last_ids: dict[str, int] = {}
         warm: dict[str, list[str | int]] = {}  # one ZADD per symbol and batch
         latest = self._latest_ts
@@ -166,49 +181,142 @@ class StreamWriter:
                      "reason", item.reason, "detail", item.detail, "raw", item.raw, "recv_ts", item.recv_ts)
                 )  # fmt: skip
         cmds.extend(warm.values())
-        if last_ids:
-            flat: list[str | int] = []
-            for symbol, trade_id in last_ids.items():
-                flat += [symbol, trade_id]
-            cmds.append(("HSET", keys.COLLECTOR_LAST_TRADE_IDS, *flat))
         now = time.monotonic()
         for symbol in last_ids:
             if now - self._last_trim.get(symbol, 0.0) >= TRIM_INTERVAL_S:
                 self._last_trim[symbol] = now
                 cutoff = latest[symbol] - self.warm_window_us
                 cmds.append(("ZREMRANGEBYSCORE", keys.warm_key(symbol), "-inf", f"({cutoff}"))
-        return cmds
+        return cmds, last_ids
 
     async def _write(self, items: list[Item]) -> None:
+        """Write one batch; returns once every command of it succeeded (never drops, never repeats one)."""
         self._seq += 1
-        token = f"{self._token_prefix}:{self._seq}"
-        cmds = self._commands(items)
-        cmds.append(("SET", LAST_BATCH_KEY, token))
-        cmds.append(("EXEC",))
+        data, last_ids = self._commands(items)
+        st = _Batch(data, [("HSET", keys.COLLECTOR_LAST_TRADE_IDS, *_flat(last_ids))] if last_ids else [])
         backoff = Backoff(base=0.05, cap=2.0)
-        ambiguous = False
+        failures = 0
         while True:
             try:
-                if ambiguous and await self.client.get(LAST_BATCH_KEY) == token.encode():
-                    break  # the previous attempt was applied; its reply was lost
-                replies = await execute_batch(self.client, cmds)
-                result = replies[-1]
-                if isinstance(result, ResponseError):
-                    raise result
-                if isinstance(result, list):
-                    for reply in result:
-                        if isinstance(reply, ResponseError):
-                            log.error("stream write: command failed inside the batch: %s", reply)
-                break
+                if st.restore:
+                    await self._restore_last_ids(last_ids, items)
+                    st.restore = False
+                if st.ambiguous and await self._settle_lost_reply(st):
+                    break
+                if st.suspect and (broken := await self._probe([*st.pending, *st.commit])):
+                    raise _FailedInside(f"keys {sorted(broken)} still of the wrong type")
+                if await self._send(st):
+                    break
+            except _FailedInside as exc:
+                st.suspect = True
+                failures += 1
+                self.metrics.redis_errors.inc()
+                if failures == 1:
+                    log.error("stream write: %s; the batch (%d items) is not written, retrying until fixed", exc,
+                              len(items))  # fmt: skip
+                if not st.restore:  # a restore goes first, at once: until then a restart would skip ticks
+                    await asyncio.sleep(backoff.next())
             except _RETRY_ERRORS as exc:
-                ambiguous = True
                 self.metrics.redis_errors.inc()
                 delay = backoff.next()
                 log.warning("stream write failed (%s), retrying the batch in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
+        if failures:
+            log.info("stream write: the batch is in after %d failed attempts", failures)
+        self._stored.update(last_ids)
         n = 0
         for item in items:
             if not isinstance(item, DeadLetter):
                 n += 1
         self.written += n
         self.metrics.batch_size.observe(n)
+
+    async def _send(self, st: _Batch) -> bool:
+        """One MULTI/EXEC of what is pending; True when every command in it succeeded."""
+        st.attempt += 1
+        st.token = f"{self._token_prefix}:{self._seq}:{st.attempt}"  # per attempt: "it ran" means this one
+        st.ambiguous = True  # until its reply is read
+        cmds: list[Command] = [("MULTI",), *st.pending, *st.commit, ("SET", LAST_BATCH_KEY, st.token), ("EXEC",)]
+        replies = await execute_batch(self.client, cmds)
+        st.ambiguous = False
+        result = replies[-1]
+        if isinstance(result, ResponseError):
+            raise result  # EXECABORT: nothing ran
+        failed = [i for i, reply in enumerate(result) if isinstance(reply, ResponseError)]
+        if not failed:
+            return True
+        n = len(st.pending)
+        # The HSET succeeded although the stream's XADDs failed: the stored IDs claim ticks that are not in it.
+        stream_failed = any(st.pending[i][1] == self.stream_key for i in failed if i < n)
+        st.restore = stream_failed and bool(st.commit) and not isinstance(result[n], ResponseError)
+        first = result[failed[0]]
+        st.pending = [st.pending[i] for i in failed if i < n]  # the others are in: never send them again
+        raise _FailedInside(f"{len(failed)} of {len(result)} commands failed inside MULTI/EXEC: {first}")
+
+    async def _settle_lost_reply(self, st: _Batch) -> bool:
+        """After an EXEC whose reply was lost: True when it ran and every command in it succeeded."""
+        ran = await self.client.get(LAST_BATCH_KEY) == st.token.encode()
+        st.ambiguous = False
+        if not ran:
+            return False  # send it again
+        # It ran, but which of its commands failed is unknown: a key of the wrong type now was so in that EXEC
+        # (one fixed in the moment since would be taken as written: that needs a lost reply and an operator's
+        # fix within milliseconds of each other).
+        broken = await self._probe([*st.pending, *st.commit])
+        if not broken:
+            return True
+        st.restore = bool(st.commit) and self.stream_key in broken and keys.COLLECTOR_LAST_TRADE_IDS not in broken
+        st.pending = [c for c in st.pending if c[1] in broken]
+        raise _FailedInside(f"keys {sorted(broken)} failed in an EXEC whose reply was lost")
+
+    async def _probe(self, cmds: list[Command]) -> set[str]:
+        """The keys of `cmds` that are of the wrong type now (a read that fails just as the write would)."""
+        kinds: dict[str, str] = {}
+        for cmd in cmds:
+            kinds.setdefault(str(cmd[1]), str(cmd[0]))
+        probes: list[Command] = []
+        for key, kind in kinds.items():
+            if kind == "XADD":
+                probes.append(("XLEN", key))
+            elif kind == "HSET":
+                probes.append(("HGET", key, "-"))
+            else:  # ZADD, ZREMRANGEBYSCORE
+                probes.append(("ZCARD", key))
+        replies = await execute_batch(self.client, probes)
+        return {key for key, reply in zip(kinds, replies, strict=True) if isinstance(reply, ResponseError)}
+
+    async def _restore_last_ids(self, last_ids: dict[str, int], items: list[Item]) -> None:
+        """Put back the last trade IDs an EXEC advanced although its XADDs failed: what the hash held before,
+        or, for a symbol it did not hold, the ID before the batch's first trade (a restart back-fills it)."""
+        first: dict[str, int] = {}
+        for item in items:
+            if isinstance(item, Trade) and item.symbol not in first:
+                first[item.symbol] = item.trade_id
+        restored = {s: self._stored.get(s, first[s] - 1) for s in last_ids}
+        reply = (await execute_batch(self.client, [("HSET", keys.COLLECTOR_LAST_TRADE_IDS, *_flat(restored))]))[0]
+        if isinstance(reply, ResponseError):  # the hash was replaced meanwhile: nothing of ours left in it
+            log.error("stream write: could not restore the last trade IDs: %s", reply)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The retry state of one batch."""
+
+    pending: list[Command]  # data commands not yet known to be applied
+    commit: list[Command]  # the HSET of the last trade IDs: in every attempt, with the XADDs it vouches for
+    attempt: int = 0
+    token: str = ""
+    ambiguous: bool = False  # an EXEC was sent and its reply lost: did it run?
+    suspect: bool = False  # a command failed inside an EXEC: probe the keys before sending again
+    restore: bool = False  # the stored last IDs claim ticks that are not in the stream: put them back first
+
+
+class _FailedInside(Exception):
+    """A command failed inside an EXEC that ran (or a key the batch writes to is of the wrong type)."""
+
+
+def _flat(ids: dict[str, int]) -> list[str | int]:
+    flat: list[str | int] = []
+    for symbol, trade_id in ids.items():
+        flat += [symbol, trade_id]
+    return flat
