@@ -243,6 +243,10 @@ async def test_entry_that_keeps_failing_is_dead_lettered_without_harming_its_bat
     assert dl[b"src_id"] == bad_id and b"delivered 3 times" in dl[b"reason"]
     trade_ids = [int(f[b"trade_id"]) for _, f in await brain.xrange(keys.trades_key("BTCUSDT"))]
     assert sorted(trade_ids) == list(range(1, 11))  # the rest of the batch: written exactly once
+    # ... and in WARM, the ones before the failing entry too (the call used to stop at the failing XADD,
+    # leaving 1-5 written and acked but never in WARM)
+    warm_ids = sorted(int(m.split(b"|")[0]) for m in await brain.zrange(keys.warm_key("BTCUSDT"), 0, -1))
+    assert warm_ids == list(range(1, 11))
     await eventually(lambda: _pending_zero(brain), timeout=5, what="group drained")
     assert (registry.get_sample_value("tickbridge_consumer_errors_total", {"kind": "response"}) or 0) >= 2
 
@@ -262,7 +266,7 @@ async def test_ingest_call_replayed_writes_nothing_twice(brain: aioredis.Redis, 
         cmd, dead = svc._build(entries, {})
         assert dead == 0
         first, second = await execute_packed(brain, [cmd, cmd])
-        assert first == [31, 0, 0] and second == [0, 31, 0]
+        assert first == [31, 0, 0, 0, b""] and second == [0, 31, 0, 0, b""]
         for sym in SYMBOLS:
             ids = await src_ids(brain, keys.trades_key(sym))
             assert len(ids) == len(set(ids)) == 10

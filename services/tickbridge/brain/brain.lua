@@ -4,10 +4,11 @@
 -- it; if the XACK returned 0 (another consumer or an earlier attempt already did the work) the
 -- append is undone (XDEL) before anyone can see it, and a trade goes to the WARM sorted set only if
 -- acked. A crash before the call changes nothing; after it, the entry is written exactly once.
--- Appending before acking matters because Redis does not roll a script back: if an XADD fails
--- (e.g. WRONGTYPE) the call stops with that entry still pending, to be retried and, if it keeps
--- failing, dead-lettered by the consumer. Entries before it in the batch are complete (WARM, a
--- cache, may miss them).
+-- An XADD that fails (e.g. WRONGTYPE: the target key is not a stream) leaves its entry unacked,
+-- still pending, to be retried and, if it keeps failing, dead-lettered by the consumer; the call goes
+-- on with the other entries, WARM included. (Stopping the call there, as redis.call would, left the
+-- entries before it written and acked but never in WARM.) A failure is per key, so the entries of one
+-- symbol all fail or all succeed together and its order holds.
 --
 -- KEYS[1] = the Brain stream; KEYS[2..] = target streams and WARM sorted sets, referenced by index.
 -- ARGV = group, warm_window_us, H, then H triples (trade stream index k, symbol, exchange): the
@@ -18,7 +19,7 @@
 --   'p', id, target_index, nfields, field, value, ...: an order-book diff
 --   'd', id, dead_letter_index, nfields, field, value, ... (with the reason): a dead letter
 -- Arguments cost more than the commands here, so the common case sends as few as possible.
--- Returns {written, already_acked, failed WARM commands}.
+-- Returns {written, already_acked, failed WARM commands, entries left pending, first error or ''}.
 local function add_warm(warm, zkey, score, member)
   local entry = warm[zkey]
   if entry == nil then
@@ -63,9 +64,9 @@ local function ingest(keys, args)
     i = i + 3
   end
   local n = #args
-  local written, dup = 0, 0
+  local written, dup, failed, first_err = 0, 0, 0, ''
   local warm = {}
-  local call = redis.call
+  local call, pcall_ = redis.call, redis.pcall
   while i <= n do
     local kind = args[i]
     if kind == 'T' then
@@ -77,10 +78,13 @@ local function ingest(keys, args)
       for _ = 1, count do
         local id, price, volume, side, ts, trade_id, recv_ts =
           args[i], args[i + 1], args[i + 2], args[i + 3], args[i + 4], args[i + 5], args[i + 6]
-        local new_id = call('XADD', target, '*', 'src_id', id, 'symbol', symbol, 'exchange', exchange,
-                            'type', 'TRADE', 'price', price, 'volume', volume, 'side', side, 'timestamp', ts,
-                            'trade_id', trade_id, 'recv_ts', recv_ts)
-        if call('XACK', stream, group, id) == 1 then
+        local new_id = pcall_('XADD', target, '*', 'src_id', id, 'symbol', symbol, 'exchange', exchange,
+                              'type', 'TRADE', 'price', price, 'volume', volume, 'side', side, 'timestamp', ts,
+                              'trade_id', trade_id, 'recv_ts', recv_ts)
+        if type(new_id) == 'table' then
+          failed = failed + 1
+          if first_err == '' then first_err = target .. ': ' .. new_id.err end
+        elseif call('XACK', stream, group, id) == 1 then
           add_warm(warm, zkey, tonumber(ts), trade_id .. '|' .. price .. '|' .. volume .. '|' .. side .. '|' .. recv_ts)
           written = written + 1
         else
@@ -99,8 +103,11 @@ local function ingest(keys, args)
         i = i + 3
       end
       local nfields = tonumber(args[i])
-      local new_id = call('XADD', keys[k], '*', 'src_id', id, unpack(args, i + 1, i + nfields))
-      if call('XACK', stream, group, id) == 1 then
+      local new_id = pcall_('XADD', keys[k], '*', 'src_id', id, unpack(args, i + 1, i + nfields))
+      if type(new_id) == 'table' then
+        failed = failed + 1
+        if first_err == '' then first_err = keys[k] .. ': ' .. new_id.err end
+      elseif call('XACK', stream, group, id) == 1 then
         if warm_index > 0 then
           add_warm(warm, keys[warm_index], score, member)
         end
@@ -112,7 +119,7 @@ local function ingest(keys, args)
       i = i + 1 + nfields
     end
   end
-  return {written, dup, write_warm(warm, window)}
+  return {written, dup, write_warm(warm, window), failed, first_err}
 end
 
 redis.register_function('tickbridge_brain_ingest', ingest)

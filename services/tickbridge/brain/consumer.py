@@ -10,8 +10,9 @@ symbol, so a lower ID from one would be rejected after the other wrote a higher 
 
 Entries are decoded and validated in Python first; invalid ones, and entries delivered more than
 CONSUMER_MAX_DELIVERIES times, go to the dead-letter stream through the same function (acked exactly
-once as well). An entry whose append fails (Redis does not roll a script back) stays pending, the
-batch is retried entry by entry, and the entry is dead-lettered once it passed the delivery limit.
+once as well). An entry whose append fails (its target key is not a stream) stays pending while the call
+completes the rest of the batch, WARM included; the pending ones are retried entry by entry, and an
+entry is dead-lettered once it passed the delivery limit.
 
 Trimming: the Brain stream is trimmed (MINID, approximate) below the oldest entry any group still
 needs, keeping `trim_retention_s` of history.
@@ -392,7 +393,7 @@ class BrainConsumer(Service):
         assert self.client is not None
         started = time.perf_counter()
         (reply,) = await execute_packed(self.client, [cmd])
-        written, dup, warm_errors = check(reply)
+        written, dup, warm_errors, failed, first_error = check(reply)
         if warm_errors:
             self.metrics.errors.labels("warm").inc(warm_errors)
             log.error("%d WARM commands failed (a key of the wrong type?); the ticks are written", warm_errors)
@@ -406,7 +407,11 @@ class BrainConsumer(Service):
         self.metrics.entries.labels("written").inc(max(0, int(written) - dead))
         if dup:
             self.metrics.entries.labels("duplicate").inc(int(dup))
-        self.handled += n
+        self.handled += n - int(failed)
+        if failed:
+            # Left pending by the call (their target key refused the XADD): the loop backs off, retries them
+            # one by one and dead-letters the ones that keep failing; the rest of the batch is complete.
+            raise ResponseError(f"{failed} entries not written, left pending: {first_error.decode()}")
         return int(written), int(dup)
 
     async def _drop_inflight(self) -> None:
