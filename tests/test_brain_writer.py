@@ -209,25 +209,46 @@ async def _errors_seen(registry: CollectorRegistry) -> bool:
     )
 
 
-async def test_suspended_table_is_reported(
+async def test_suspended_table_is_reported_and_its_rows_wait_in_redis(
     brain: aioredis.Redis,
     redis_server: RedisServer,
     questdb_factory: Callable[..., QuestDBServer],
     services: ServiceRunner,
 ) -> None:
+    """While `trades` is suspended nothing is flushed to it or acked: rows taken into a suspended WAL are not
+    visible, and lost if the operator must resume past a bad transaction, so the Redis copies stay. After
+    RESUME WAL every trade is in `trades` exactly once."""
     qserver = questdb_factory(extra_conf={"dev.mode.enabled": "true"})  # SUSPEND WAL needs dev mode
     qdb = QuestDBHttp(qserver.url)
+    settings = settings_for(redis_server, qserver)
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(("BTCUSDT", "ETHUSDT"))
+    await source.append(brain, STREAM, 500)
     registry = CollectorRegistry()
-    services.start(BrainWriter(settings_for(redis_server, qserver), registry, monitor_interval_s=0.2))
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    writer = BrainWriter(settings, registry, monitor_interval_s=0.2)
+    services.start(writer)
     try:
-        await eventually(lambda: _table_exists(qdb), timeout=20, what="tables created")
+        await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=30, what="first trades")
         await qdb.exec("ALTER TABLE trades SUSPEND WAL")
 
         async def reported() -> bool:
             return registry.get_sample_value("tickbridge_writer_suspended_tables") == 1
 
         await eventually(reported, timeout=10, what="suspension reported")
+        written = writer.written
+        await source.append(brain, STREAM, 500)
+
+        async def held() -> bool:
+            kind = {"kind": "suspended"}
+            return (registry.get_sample_value("tickbridge_writer_errors_total", kind) or 0) >= 2
+
+        await eventually(held, timeout=10, what="flushes held back")
+        assert writer.written == written  # nothing flushed (nor acked) while suspended
+        backlog = sum([await brain.xlen(keys.trades_key(s)) for s in ("BTCUSDT", "ETHUSDT")])
+        assert backlog >= 500  # the Redis copies are kept
         await qdb.exec("ALTER TABLE trades RESUME WAL")
+        await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=30, what="all trades after RESUME")
     finally:
         await qdb.close()
 

@@ -357,6 +357,7 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
          ["XAUTOCLAIM", TRADES, "tickbridge-writer", "w1", 0, "0-0"], ["XINFO", "STREAM", TRADES],
          ["XTRIM", TRADES, "MINID", "0"], ["SET", "tickbridge:heartbeat:writer:w1", "1", "EX", 10],
          ["SCAN", "0", "MATCH", "market:binance_spot:trades:*", "TYPE", "stream"],
+         ["TYPE", TRADES],  # a skipped key (not a stream) is looked at again: WriterKeySkipped clears
          ["XADD", "tickbridge:deadletter:writer", "*", "stream", TRADES, "src_id", "1-1", "reason", "x"]],
         [["XADD", TRADES, "*", "forged", 1], ["XREADGROUP", "GROUP", GROUP, "w", "STREAMS", STREAM, ">"],
          ["XADD", STREAM, "*", "a", 1], ["DEL", TRADES], ["ZADD", WARM, 1, "x"], ["FUNCTION", "LOAD", LUA_LIB]],

@@ -56,7 +56,13 @@ DEPTH_DDL = (
 )
 
 #: Redis or QuestDB unavailable: keep the batch and retry.
-OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, QuestDBError, IngressError)
+
+
+class TableSuspended(Exception):
+    """The target WAL table is suspended: QuestDB would take the rows into its WAL and apply none."""
+
+
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, QuestDBError, IngressError, TableSuspended)
 MONITOR_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError, QuestDBError)
 
 #: Field names of a trade in a per-symbol stream, as the consumer writes it.
@@ -89,7 +95,8 @@ class WriterMetrics:
         )
         self.latency = histogram("writer_write_seconds", "ILP flush latency by table", ("table",), registry=registry)
         self.errors = counter("writer_errors_total", "Errors by kind", ("kind",), registry=registry)
-        for kind in ("redis_response", "questdb_flush", "wrong_type"):  # exported at 0 so dashboards show "none yet"
+        # Exported at 0 so dashboards show "none yet".
+        for kind in ("redis_response", "questdb_flush", "wrong_type", "suspended"):
             self.errors.labels(kind)
         self.backlog = gauge(
             "writer_backlog_entries", "Entries in per-symbol streams not yet in QuestDB", registry=registry
@@ -153,6 +160,8 @@ class BrainWriter(Service):
         self.batches: dict[str, TableBatch] = {}
         self.watchdog = Watchdog(default_limit=300.0)
         self.written = 0
+        #: WAL tables QuestDB reported suspended at the last check: nothing is flushed to them meanwhile.
+        self.suspended_tables: set[str] = set()
         self._first_row_at: float | None = None
         self._need_recover = True
         self._last_claim = 0.0
@@ -226,7 +235,9 @@ class BrainWriter(Service):
         names = list(self._skipped)
         types = await execute_packed(self.client, [["TYPE", name] for name in names])
         for name, kind in zip(names, types, strict=True):
-            if kind in (b"stream", b"none", "stream", "none"):
+            if isinstance(kind, ResponseError):  # e.g. NOPERM: an ACL without TYPE would keep it skipped for good
+                log.warning("cannot look at skipped key %s again: %s", name, kind)
+            elif kind in (b"stream", b"none", "stream", "none"):
                 del self._skipped[name]
                 self.streams.append(name)
                 log.info("%s is back", name)
@@ -515,6 +526,14 @@ class BrainWriter(Service):
         rows_in_batch = sum(b.rows for b in batches.values())
         for batch in batches.values():
             while batch.rows:
+                if batch.table in self.suspended_tables:
+                    # Keep the Redis copies until the table applies again: rows taken into a suspended WAL
+                    # are not visible, and are lost if the operator must resume past a bad transaction.
+                    self.metrics.errors.labels("suspended").inc()
+                    if not retry or await self.sleep_or_stop(backoff.next()):
+                        raise TableSuspended(batch.table)
+                    self.watchdog.beat("write")
+                    continue
                 try:
                     await self._flush_table(batch)
                 except IngressError as exc:
@@ -610,7 +629,11 @@ class BrainWriter(Service):
             return
         self.metrics.suspended.set(len(suspended))
         if suspended:
-            log.error("QuestDB WAL tables suspended (nothing becomes visible): %s", ", ".join(suspended))
+            log.error("QuestDB WAL tables suspended (nothing becomes visible; their rows wait in Redis): %s",
+                      ", ".join(suspended))  # fmt: skip
+        elif self.suspended_tables:
+            log.info("QuestDB WAL tables apply again: writing resumes")
+        self.suspended_tables = set(suspended)
 
     async def trim(self) -> None:
         """Trim each per-symbol stream below what its groups still need (WARM is the zset, not the stream)."""
