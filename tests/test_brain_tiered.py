@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -14,12 +14,12 @@ from redis.exceptions import ResponseError
 from conftest import ServiceRunner, equals, eventually
 from tickbridge.brain import query
 from tickbridge.brain.consumer import BrainConsumer
-from tickbridge.brain.loadgen import TradeSource
+from tickbridge.brain.loadgen import TradeSource, make_trade
 from tickbridge.brain.tiered import COLD, HOT, WARM, TickRow, TieredMarketData, _Hot
 from tickbridge.brain.writer import BrainWriter
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
-from tickbridge.core.redis_io import ensure_group, make_client
+from tickbridge.core.redis_io import Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import TickError
 from tickbridge.devstack.servers import QuestDBServer, RedisServer, free_port
@@ -294,5 +294,179 @@ async def test_close_returns_after_trading_code_held_the_loop(redis_server: Redi
             async with asyncio.timeout(3):  # a hang bound, not a speed claim (it used to take 5 s to forever)
                 await md.close()
             assert md._task is not None and md._task.done()
+    finally:
+        await brain.aclose()
+
+
+async def _ingest(
+    client: object, symbol: str, trade_ids: Iterable[int], ts: Callable[[int], int], *, warm: bool = True
+) -> None:
+    """Per-symbol stream entries (and WARM members) in this order, as the consumer writes them."""
+    cmds: list[Command] = []
+    for tid in trade_ids:
+        t = make_trade(symbol, tid, ts(tid))
+        cmds.append(["XADD", keys.trades_key(symbol), "*", *t.fields()])
+        if warm:
+            cmds.append(
+                ["ZADD", keys.warm_key(symbol), t.timestamp, f"{tid}|{t.price}|{t.volume}|{t.side}|{t.recv_ts}"]
+            )
+    for reply in await execute_packed(client, cmds):  # type: ignore[arg-type]
+        assert not isinstance(reply, BaseException), reply
+
+
+def _ids(rows: Iterable[TickRow]) -> list[int]:
+    return [r.trade_id for r in rows]
+
+
+def test_hot_orders_by_time_evicts_the_oldest_and_drops_duplicates() -> None:
+    """HOT holds the newest N by (timestamp, trade_id) whatever the arrival order."""
+    hot = _Hot(3)
+    for tid, ts in ((1, 10), (3, 30), (2, 20)):
+        hot.add(TickRow(ts, tid, 1.0, 1.0, "BUY", ts))
+    assert _ids(hot.rows) == [1, 2, 3]
+    hot.add(TickRow(25, 5, 1.0, 1.0, "BUY", 25))  # out of order, full: the oldest (1) goes
+    hot.add(TickRow(25, 4, 1.0, 1.0, "BUY", 25))  # same time: trade_id decides; 2 goes
+    hot.add(TickRow(30, 3, 1.0, 1.0, "BUY", 30))  # a duplicate
+    hot.add(TickRow(24, 6, 1.0, 1.0, "BUY", 24))  # older than all held
+    assert _ids(hot.rows) == [4, 5, 3] and hot.ids == {3, 4, 5}
+
+
+async def test_hot_holds_the_newest_by_time_when_batches_arrive_out_of_order(redis_server: RedisServer) -> None:
+    """With two consumers, a later batch (1101-1150) can land in the per-symbol stream before an earlier one
+    (1001-1100). HOT must still hold the newest 100 by exchange time, and `range()` may answer from HOT
+    only where HOT holds every trade: it used to return 1001-1100 for the newest 100, and 99 of 149 rows."""
+    settings = Settings(
+        brain_redis_url=redis_server.url,
+        brain_questdb_url="http://127.0.0.1:9",  # never asked: every request is inside HOT or WARM
+        symbols=(SYM,),
+        hot_ticks=100,
+        warm_window_s=300,
+    )
+    brain = make_client(redis_server.url)
+    now = time.time_ns() // 1000
+
+    def ts(tid: int) -> int:
+        return now - 10_000_000 + tid * 1000
+
+    await _ingest(brain, SYM, range(901, 1001), ts)
+    try:
+        async with TieredMarketData(settings, registry=CollectorRegistry()) as md:
+            assert (await md.recent(SYM, 100)).tiers == (HOT,)
+            await _ingest(brain, SYM, range(1101, 1151), ts)
+            await _ingest(brain, SYM, range(1001, 1101), ts)
+            await _ingest(brain, SYM, [1120, 950, 1151], ts)  # a duplicate, one older than HOT, then in order
+            await eventually(lambda: _hot_last(md, 1151), timeout=10, what="HOT read the whole stream")
+
+            a = await md.recent(SYM, 100)
+            assert a.tiers == (HOT,) and _ids(a.rows) == list(range(1052, 1152))
+            assert _ids(md.hot(SYM)) == list(range(1052, 1152))
+            a = await md.range(SYM, ts(1060), ts(1151))
+            assert a.tiers == (HOT,) and _ids(a.rows) == list(range(1060, 1152))
+            a = await md.range(SYM, ts(1002), ts(1151))  # older than HOT's oldest: WARM holds it all
+            assert a.tiers == (WARM,) and _ids(a.rows) == list(range(1002, 1152))
+    finally:
+        await brain.aclose()
+
+
+async def test_a_warm_key_of_the_wrong_type_costs_hot_only_its_own_symbol(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """WARM of ETHUSDT holding a string used to send the follower into a retry loop with HOT empty for every
+    symbol. Now BTCUSDT answers from HOT and stays current; ETHUSDT is left out of HOT (it could not be
+    prefilled, so HOT would miss trades it claims to hold) and its WARM reads fail naming the key, until
+    the key is fixed and ETHUSDT joins HOT at the next check."""
+    eth = "ETHUSDT"
+    settings = Settings(
+        brain_redis_url=redis_server.url,
+        brain_questdb_url="http://127.0.0.1:9",  # never asked: every request is inside HOT or WARM
+        symbols=(SYM, eth),
+        hot_ticks=100,
+        warm_window_s=300,
+    )
+    brain = make_client(redis_server.url)
+    now = time.time_ns() // 1000
+
+    def ts(tid: int) -> int:
+        return now - 10_000_000 + tid * 1000
+
+    await brain.set(keys.warm_key(eth), "not a sorted set")
+    await _ingest(brain, SYM, range(1, 201), ts)
+    await _ingest(brain, eth, range(1, 21), ts, warm=False)  # the consumer's WARM ZADD fails, the stream is written
+    registry = CollectorRegistry()
+    bad_warm = f"WRONGTYPE {keys.warm_key(eth)} is not a sorted set"
+    try:
+        async with TieredMarketData(settings, registry=registry, recheck_s=0.5) as md:
+            a = await md.recent(SYM, 10)
+            assert a.tiers == (HOT,) and _ids(a.rows) == list(range(191, 201))
+            with pytest.raises(ResponseError, match=bad_warm):
+                await md.recent(eth, 5)
+            with pytest.raises(ResponseError, match=bad_warm):
+                await md.range(eth, ts(1), ts(20))
+            await _ingest(brain, SYM, range(201, 206), ts)
+
+            async def btc_current() -> bool:
+                got = await md.recent(SYM, 1)
+                return got.tiers == (HOT,) and _ids(got.rows) == [205]
+
+            await eventually(btc_current, timeout=10, what="BTC's HOT follows new trades")
+            # Counted once, not once per retry (prefills run every 0.5 s while a key is bad).
+            assert registry.get_sample_value("tickbridge_tiered_follow_errors_total") == 1
+
+            # A person asking gets the same error in one line.
+            monkeypatch.setenv("BRAIN_REDIS_URL", redis_server.url)
+            monkeypatch.setenv("BRAIN_QUESTDB_URL", "http://127.0.0.1:9")
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as exc:
+                await asyncio.to_thread(query.main, [eth, "--no-follow"])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert exc.value.code == 1 and len(err) == 1 and bad_warm in err[0]
+
+            await brain.delete(keys.warm_key(eth))  # fixed: ETHUSDT joins HOT at the next check
+            await _ingest(brain, eth, range(21, 31), ts)
+
+            async def eth_hot() -> bool:
+                got = await md.recent(eth, 5)
+                return got.tiers == (HOT,) and _ids(got.rows) == list(range(26, 31))
+
+            await eventually(eth_hot, timeout=10, what="ETHUSDT back in HOT")
+            assert _ids((await md.recent(SYM, 3)).rows) == [203, 204, 205]
+    finally:
+        await brain.aclose()
+
+
+async def test_recent_of_zero_is_empty_and_of_a_negative_count_is_refused(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`recent(sym, 0)` used to send `ZRANGE key 0 -1` (the whole WARM window) and a negative n nearly all
+    of it. Whatever tier would answer: 0 is no rows, a negative count a ValueError."""
+    settings = Settings(
+        brain_redis_url=redis_server.url,
+        brain_questdb_url="http://127.0.0.1:9",  # unreachable: an empty answer needs no tier at all
+        symbols=(SYM,),
+        hot_ticks=100,
+        warm_window_s=300,
+    )
+    brain = make_client(redis_server.url)
+    now = time.time_ns() // 1000
+    await _ingest(brain, SYM, range(1, 301), lambda tid: now - 10_000_000 + tid * 1000)
+    try:
+        for follow, tier in ((False, WARM), (True, HOT)):
+            async with TieredMarketData(settings, registry=CollectorRegistry(), follow=follow) as md:
+                assert (await md.recent(SYM, 5)).tiers == (tier,)  # the tier that would answer
+                for symbol in (SYM, "ETHUSDT"):  # ETHUSDT has no trades: it would go to COLD
+                    assert (await md.recent(symbol, 0)).rows == []
+                    with pytest.raises(ValueError, match="n must be >= 0"):
+                        await md.recent(symbol, -3)
+                    with pytest.raises(ValueError, match="limit must be >= 0"):
+                        await md.range(symbol, now - 10_000_000, now, limit=-1)
+
+        monkeypatch.setenv("BRAIN_REDIS_URL", redis_server.url)
+        monkeypatch.setenv("BRAIN_QUESTDB_URL", "http://127.0.0.1:9")
+        capsys.readouterr()
+        await asyncio.to_thread(query.main, [SYM, "--recent", "0", "--no-follow"])
+        assert f"{SYM}: 0 trades" in capsys.readouterr().out
+        with pytest.raises(SystemExit) as exc:
+            query.main([SYM, "--recent", "-3"])
+        assert exc.value.code == 2 and "--recent" in capsys.readouterr().err
     finally:
         await brain.aclose()

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 from prometheus_client import CollectorRegistry
+from redis.exceptions import ResponseError
 from rich.console import Console
 from rich.table import Table
 
@@ -19,10 +20,20 @@ from tickbridge.core.redis_io import TRANSIENT_ERRORS, make_client
 from tickbridge.core.settings import die, load_settings
 from tickbridge.core.tick import TickError, check_symbol
 
-#: Servers unreachable or refusing the query: one line, exit 1.
-QUERY_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, QuestDBError, aiohttp.ClientError)
+#: Servers unreachable or refusing the query (e.g. a WARM key of the wrong type): one line, exit 1.
+QUERY_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError, QuestDBError, aiohttp.ClientError)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s|m|h|d)$")
 _UNIT_US = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
+
+
+def parse_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0: {text!r}")
+    return n
 
 
 def parse_duration_us(text: str) -> int:
@@ -49,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tickbridge query", description=__doc__)
     p.add_argument("symbol", help="e.g. BTCUSDT")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--recent", type=int, metavar="N", help="the newest N trades (default 20)")
+    what.add_argument("--recent", type=parse_count, metavar="N", help="the newest N trades (default 20)")
     what.add_argument("--since", type=parse_duration_us, metavar="DURATION", help="trades of the last 30s, 5m, 2h, ...")
     what.add_argument("--start", type=parse_time_us, metavar="TIME", help="range start (ISO-8601 UTC or epoch µs)")
     p.add_argument("--end", type=parse_time_us, metavar="TIME", help="range end (default now)")
@@ -92,7 +103,7 @@ async def run_query(args: argparse.Namespace) -> None:
         elif args.start is not None:
             answer = await md.range(args.symbol, args.start, args.end if args.end is not None else now)
         else:
-            answer = await md.recent(args.symbol, args.recent or 20)
+            answer = await md.recent(args.symbol, 20 if args.recent is None else args.recent)
     render(args.symbol, answer, args.limit, Console(width=120))
 
 

@@ -1,8 +1,10 @@
 """Tiered market data for trading code: HOT (in-process deque), WARM (Brain Redis zset), COLD (QuestDB).
 
-- HOT: the last HOT_TICKS trades per symbol, kept current by a background task that XREADs the
-  per-symbol streams (prefilled from WARM at start). A symbol whose trade key is not a stream is left
-  out (it answers from WARM/COLD) instead of stopping the others.
+- HOT: the newest HOT_TICKS trades per symbol by (timestamp, trade_id), whatever order they arrive in,
+  kept current by a background task that XREADs the per-symbol streams (prefilled from WARM at start).
+  A symbol whose trade key is not a stream, or whose WARM key is not a sorted set, is left out (it
+  answers from WARM/COLD; a WARM key of the wrong type is an error naming it) instead of stopping the
+  others.
 - WARM: the consumer's sorted set `market:<exchange>:warm:<SYMBOL>` (score = exchange time µs,
   member `trade_id|price|volume|side|recv_ts`), the last WARM_WINDOW_S before its newest tick. Read
   through one lean connection (`core.rawlink`: both replies of a range in one read) when it is free,
@@ -17,6 +19,7 @@ WARM is stitched from COLD and WARM, de-duplicated by trade_id, so the seam is i
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -112,20 +115,32 @@ def merge(*parts: Iterable[TickRow]) -> list[TickRow]:
 
 
 class _Hot:
-    """Last N trades of one symbol in arrival order, de-duplicated by trade_id."""
+    """The newest N trades of one symbol, sorted by (timestamp, trade_id), de-duplicated by trade_id.
+
+    Sorted, not in arrival order: batches of two consumers interleave in a per-symbol stream, and HOT
+    must still hold every trade newer than its oldest (`range()` relies on it) and no older one.
+    """
 
     def __init__(self, size: int) -> None:
         self.rows: deque[TickRow] = deque(maxlen=size)
         self.ids: set[int] = set()
 
     def add(self, row: TickRow) -> None:
+        # TickRow compares as (timestamp, trade_id, ...), and trade_ids held are unique.
         if row.trade_id in self.ids:
             return
-        if len(self.rows) == self.rows.maxlen:
-            if row.timestamp < self.rows[0].timestamp:
-                return  # older than all we hold (e.g. a dead letter put back): not one of the last N
-            self.ids.discard(self.rows[0].trade_id)
-        self.rows.append(row)
+        rows = self.rows
+        full = len(rows) == rows.maxlen
+        if not rows or row > rows[-1]:  # in order, the common case: O(1)
+            if full:
+                self.ids.discard(rows[0].trade_id)  # the append pushes it out
+            rows.append(row)
+        else:
+            if full:
+                if row < rows[0]:
+                    return  # older than all we hold (e.g. a dead letter put back): not one of the newest N
+                self.ids.discard(rows.popleft().trade_id)
+            bisect.insort(rows, row)
         self.ids.add(row.trade_id)
 
 
@@ -161,9 +176,10 @@ class TieredMarketData:
         self._raw_lock = asyncio.Lock()
         self.qdb = QuestDBHttp(settings.brain_questdb_url, settings)
         self._hot: dict[str, _Hot] = {}
-        #: Symbols whose trade key is not a stream: left out of HOT (they answer from WARM/COLD) so the
-        #: others keep following; looked at again every `recheck_s`.
-        self._excluded: set[str] = set()
+        #: Symbol -> its key of the wrong type (trade key not a stream, or WARM key not a sorted set):
+        #: left out of HOT (it answers from WARM/COLD) so the others keep following; looked at again
+        #: every `recheck_s`.
+        self._excluded: dict[str, str] = {}
         self._recheck_s = recheck_s
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -209,28 +225,36 @@ class TieredMarketData:
         cmds: list[Command] = [["XINFO", "STREAM", keys.trades_key(s, self.exchange)] for s in self.symbols]
         infos = await execute_packed(self.redis, cmds)
         last: dict[str, str] = {}
-        excluded: set[str] = set()
+        excluded: dict[str, str] = {}
         for sym, info in zip(self.symbols, infos, strict=True):
-            if isinstance(info, ResponseError) and "WRONGTYPE" in str(info):
-                excluded.add(sym)
+            if _wrong_type(info):
+                excluded[sym] = keys.trades_key(sym, self.exchange)
             elif isinstance(info, BaseException):
                 last[sym] = "0-0"
             else:
                 d = info if isinstance(info, dict) else {info[i]: info[i + 1] for i in range(0, len(info), 2)}
                 last[sym] = d[b"last-generated-id"].decode()
-        for sym in sorted(excluded - self._excluded):
-            self.metrics.errors.inc()
-            log.error("%s is not a stream: %s answers from WARM/COLD until it is fixed", keys.trades_key(sym), sym)
-        self._excluded = excluded
         followed = [s for s in self.symbols if s not in excluded]
         cmds = [["ZRANGE", keys.warm_key(s, self.exchange), -self.hot_size, -1, "WITHSCORES"] for s in followed]
         warm = await execute_packed(self.redis, cmds)
-        for sym in excluded:
-            self._hot.pop(sym, None)
+        prefilled: dict[str, _Hot] = {}
         for sym, reply in zip(followed, warm, strict=True):
-            hot = self._hot[sym] = _Hot(self.hot_size)
+            if _wrong_type(reply):
+                # Not prefilled, HOT would claim to hold trades it never saw: leave the symbol out.
+                excluded[sym] = keys.warm_key(sym, self.exchange)
+                del last[sym]
+                continue
+            hot = prefilled[sym] = _Hot(self.hot_size)
             for member, score in _pairs(check(reply)):
                 hot.add(parse_warm_member(member, float(score)))
+        for sym, key in sorted(excluded.items()):
+            if self._excluded.get(sym) != key:
+                self.metrics.errors.inc()
+                log.error("%s is of the wrong type: %s is left out of HOT until it is fixed", key, sym)
+        self._excluded = excluded
+        for sym in excluded:
+            self._hot.pop(sym, None)
+        self._hot.update(prefilled)
         return last
 
     async def _follow(self) -> None:
@@ -270,7 +294,7 @@ class TieredMarketData:
                 await asyncio.sleep(1.0)
 
     def hot(self, symbol: str) -> list[TickRow]:
-        """HOT ticks of `symbol`, oldest first (arrival order)."""
+        """HOT ticks of `symbol`, oldest first (by timestamp, trade_id)."""
         hot = self._hot.get(symbol)
         return list(hot.rows) if hot else []
 
@@ -301,7 +325,7 @@ class TieredMarketData:
     async def _warm(self, cmd: Command) -> list[TickRow]:
         started = time.perf_counter()
         (reply,) = await self._warm_exec([cmd])
-        rows = [parse_warm_member(m, float(s)) for m, s in _pairs(check(reply))]
+        rows = [parse_warm_member(m, float(s)) for m, s in _pairs(_check_warm(reply, cmd[1]))]
         self._warm_latency.observe(time.perf_counter() - started)
         return rows
 
@@ -323,14 +347,20 @@ class TieredMarketData:
     # ---------------------------------------------------------------- public API
 
     async def recent(self, symbol: str, n: int) -> Answer:
-        """The newest `n` trades of `symbol`, oldest first, from the fastest tier that holds them."""
+        """The newest `n` trades of `symbol`, oldest first, from the fastest tier that holds them.
+
+        `n == 0` is no rows and no tier (`tiers == ()`); a negative `n` is a ValueError.
+        """
         check_symbol(symbol)
         started = time.perf_counter()
+        if n <= 0:  # `ZRANGE key -n -1` would be the whole window for 0, most of it for n < 0
+            if n < 0:
+                raise ValueError(f"recent(): n must be >= 0, got {n}")
+            return Answer([], (), time.perf_counter() - started)
         hot = self._hot_ready(symbol)
         if hot is not None and n <= len(hot.rows):
-            rows = list(islice(reversed(hot.rows), n))
+            rows = list(islice(reversed(hot.rows), n))  # HOT is sorted: no sort here
             rows.reverse()
-            rows.sort()  # TickRow sorts by (timestamp, trade_id); arrival order is almost sorted
             self._hot_latency.observe(time.perf_counter() - started)
             return self._done(rows, (HOT,), started)
         warm = await self._warm(["ZRANGE", keys.warm_key(symbol, self.exchange), -n, -1, "WITHSCORES"])
@@ -342,12 +372,17 @@ class TieredMarketData:
         return self._done(rows, (WARM, COLD) if warm else (COLD,), started)
 
     async def range(self, symbol: str, start_us: int, end_us: int, *, limit: int = 1_000_000) -> Answer:
-        """Trades of `symbol` with `start_us <= timestamp <= end_us`, oldest first, stitched across tiers."""
+        """Trades of `symbol` with `start_us <= timestamp <= end_us`, oldest first, stitched across tiers
+        (at most `limit`, the oldest ones; a negative `limit` is a ValueError)."""
         check_symbol(symbol)
+        if limit < 0:  # each tier would read it differently (QuestDB's LIMIT -n is "the last n")
+            raise ValueError(f"range(): limit must be >= 0, got {limit}")
         started = time.perf_counter()
         hot = self._hot_ready(symbol)
-        if hot is not None and hot.rows and start_us > min(r.timestamp for r in hot.rows):
-            rows = sorted(r for r in hot.rows if start_us <= r.timestamp <= end_us)  # by (timestamp, trade_id)
+        # HOT holds every trade it has seen that is newer than its oldest row (`_Hot` keeps the newest N,
+        # sorted); one it evicted or ignored may share that row's timestamp, hence `>`.
+        if hot is not None and hot.rows and start_us > hot.rows[0].timestamp:
+            rows = [r for r in hot.rows if start_us <= r.timestamp <= end_us]  # already by (timestamp, trade_id)
             self._hot_latency.observe(time.perf_counter() - started)
             return self._done(rows[:limit], (HOT,), started)
         # One round trip: WARM's newest tick (its coverage) and the WARM part of the range.
@@ -359,8 +394,8 @@ class TieredMarketData:
                 ["ZRANGE", warm_key, start_us, end_us, "BYSCORE", "LIMIT", 0, limit, "WITHSCORES"],
             ],
         )
-        newest = _pairs(check(newest_r))
-        warm = [parse_warm_member(m, float(sc)) for m, sc in _pairs(check(range_r))]
+        newest = _pairs(_check_warm(newest_r, warm_key))
+        warm = [parse_warm_member(m, float(sc)) for m, sc in _pairs(_check_warm(range_r, warm_key))]
         self._warm_latency.observe(time.perf_counter() - started_warm)
         floor = int(float(newest[0][1])) - self.window_us if newest else None
         if floor is not None and start_us > floor:
@@ -371,6 +406,17 @@ class TieredMarketData:
             # The newest part may not be in QuestDB yet: WARM fills it in.
             return self._done(merge(cold, warm)[:limit], (WARM, COLD), started)
         return self._done(cold, (COLD,), started)
+
+
+def _wrong_type(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and "WRONGTYPE" in str(reply)
+
+
+def _check_warm(reply: Any, key: object) -> Any:
+    """`check()`, with the key named when WARM is not a sorted set (Redis' own message does not name it)."""
+    if _wrong_type(reply):
+        raise ResponseError(f"WRONGTYPE {key!s} is not a sorted set: no WARM answers until it is fixed") from reply
+    return check(reply)
 
 
 def _pairs(flat: Any) -> list[tuple[bytes, Any]]:
