@@ -393,6 +393,9 @@ async def test_keeps_trying_until_the_exchange_is_up(redis_server: RedisServer, 
         assert value(registry, "tickbridge_collector_connection_up") == 0
         await sim.start()
         await eventually(lambda: _true(all(collector.book_valid(s) for s in SYMBOLS)), what="connected, books valid")
+        # A symbol whose only trades came before the first connection has none to check yet (a fresh
+        # collector does not back-fill what it never saw): pausing then would wait for ever.
+        await eventually(lambda: _true(all(s in collector.last_trade for s in SYMBOLS)), what="a trade of each")
         await check_exactly_once(sim, collector, client)
     finally:
         await stop_collector(collector, task)
