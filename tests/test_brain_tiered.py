@@ -331,22 +331,29 @@ def test_hot_orders_by_time_evicts_the_oldest_and_drops_duplicates() -> None:
     assert _ids(hot.rows) == [4, 5, 3] and hot.ids == {3, 4, 5}
 
 
+def _hot_and_warm_only(server: RedisServer, *symbols: str) -> Settings:
+    return Settings(
+        brain_redis_url=server.url,
+        brain_questdb_url="http://127.0.0.1:9",  # never asked: every request is inside HOT or WARM
+        symbols=symbols,
+        hot_ticks=100,
+        warm_window_s=300,
+    )
+
+
+def _clock() -> Callable[[int], int]:
+    """Trade ID -> exchange time (µs), 1 ms apart, all within the last 10 s."""
+    now = time.time_ns() // 1000
+    return lambda tid: now - 10_000_000 + tid * 1000
+
+
 async def test_hot_holds_the_newest_by_time_when_batches_arrive_out_of_order(redis_server: RedisServer) -> None:
     """With two consumers, a later batch (1101-1150) can land in the per-symbol stream before an earlier one
     (1001-1100). HOT must still hold the newest 100 by exchange time, and `range()` may answer from HOT
     only where HOT holds every trade: it used to return 1001-1100 for the newest 100, and 99 of 149 rows."""
-    settings = Settings(
-        brain_redis_url=redis_server.url,
-        brain_questdb_url="http://127.0.0.1:9",  # never asked: every request is inside HOT or WARM
-        symbols=(SYM,),
-        hot_ticks=100,
-        warm_window_s=300,
-    )
+    settings = _hot_and_warm_only(redis_server, SYM)
     brain = make_client(redis_server.url)
-    now = time.time_ns() // 1000
-
-    def ts(tid: int) -> int:
-        return now - 10_000_000 + tid * 1000
+    ts = _clock()
 
     await _ingest(brain, SYM, range(901, 1001), ts)
     try:
@@ -376,18 +383,9 @@ async def test_a_warm_key_of_the_wrong_type_costs_hot_only_its_own_symbol(
     prefilled, so HOT would miss trades it claims to hold) and its WARM reads fail naming the key, until
     the key is fixed and ETHUSDT joins HOT at the next check."""
     eth = "ETHUSDT"
-    settings = Settings(
-        brain_redis_url=redis_server.url,
-        brain_questdb_url="http://127.0.0.1:9",  # never asked: every request is inside HOT or WARM
-        symbols=(SYM, eth),
-        hot_ticks=100,
-        warm_window_s=300,
-    )
+    settings = _hot_and_warm_only(redis_server, SYM, eth)
     brain = make_client(redis_server.url)
-    now = time.time_ns() // 1000
-
-    def ts(tid: int) -> int:
-        return now - 10_000_000 + tid * 1000
+    ts = _clock()
 
     await brain.set(keys.warm_key(eth), "not a sorted set")
     await _ingest(brain, SYM, range(1, 201), ts)
