@@ -87,6 +87,8 @@ class DepthSync:
         self.book = OrderBook()
         self.state = BookState.SYNCING
         self.buffer: deque[DepthDiff] = deque(maxlen=MAX_BUFFERED)
+        #: False from a disconnect until the next update shows the book missed nothing (or a resync).
+        self.confirmed = True
 
     @property
     def valid(self) -> bool:
@@ -119,6 +121,7 @@ class DepthSync:
 
     def _start_resync(self, ev: DepthDiff | None) -> None:
         self.state = BookState.SYNCING
+        self.confirmed = True  # a resync confirms by itself (the snapshot sequence)
         self.buffer.clear()
         if ev is not None:
             self.buffer.append(ev)
