@@ -48,6 +48,12 @@ class LinkDown(Exception):
         self.target = target
 
 
+#: State-hash field present while no spill is in flight. The marker "a spill may be in flight" is its
+#: absence: setting it is an HDEL, which a full Redis (OOM) still accepts, so a spill can always start and
+#: then free memory. Clearing it (HSET) comes after the spill trimmed, when there is room again.
+SPILL_CLEAR = "spill_clear"
+
+
 class VpsFull(Exception):
     """The VPS Redis refused a write with OOM (`maxmemory`, `noeviction`): it still reads, trims and deletes."""
 
@@ -119,8 +125,7 @@ class Forwarder(Service):
         self._prefetch: tuple[tuple[str, Any], asyncio.Task[Any]] | None = None
         self._saved_checkpoint: tuple[StreamId, int] = (ZERO, -1)
         self._last_full_log = -math.inf
-        #: The state hash holds a `spill_pending` marker (written ahead while QuestDB is down, so a spill can
-        #: start when Redis is already full).
+        #: The state hash says "a spill may be in flight" (`SPILL_CLEAR` absent, or the old `spill_pending`).
         self._marker_saved = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -256,8 +261,11 @@ class Forwarder(Service):
             self.checkpoint = max(self.checkpoint, parse_id(state.get("confirmed_id", "0-0")))
         self.buffer_high = max(self.buffer_high, parse_id(state.get("buffer_high_id", "0-0")))
         self.buffer.last_ts = max(self.buffer.last_ts, int(state.get("buffer_ts", "0")))
-        self.spill_pending = bool(state.get("spill_pending"))
+        # An empty hash is a fresh start (or a Redis that lost everything): nothing known was spilled.
+        self.spill_pending = bool(state.get("spill_pending")) or (bool(state) and SPILL_CLEAR not in state)
         self._marker_saved = self.spill_pending
+        if not state:
+            await self._clear_marker()
         self.dropped_total = max(self.dropped_total, int(state.get("dropped_total", "0")))  # a lifetime count
         self.buffer_known = False
         self.trimmed_to = ZERO  # a restarted VPS Redis may hold entries again that we had trimmed
@@ -299,14 +307,23 @@ class Forwarder(Service):
         self.replay_ts = cursor - 1 if cursor is not None else last_ts
         # The marker goes only once the exact high is saved; while Redis is full it stays (QuestDB is the truth).
         if await self._note_state(buffer_high_id=format_id(self.buffer_high), buffer_ts=self.buffer.last_ts):
-            await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")
-            self._marker_saved = False
+            await self._clear_marker()
         self.spill_pending = False
         self.buffer_known = True
         self._qdb_backoff.reset()
         self.metrics.connected.labels("questdb").set(1)
         await self._trim()
         return True
+
+    async def _set_marker(self) -> None:
+        await self._vps("HDEL", keys.FORWARDER_STATE, SPILL_CLEAR)  # allowed with Redis full
+        self._marker_saved = True
+
+    async def _clear_marker(self) -> None:
+        """Only once the exact buffer_high is saved (or nothing was ever spilled); skipped while Redis is full."""
+        if await self._note_state(**{SPILL_CLEAR: 1}):
+            await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")  # the field older versions wrote
+            self._marker_saved = False
 
     def _redis_path_safe(self) -> bool:
         """Redis entries may go to the Brain only when no buffer row can precede them."""
@@ -610,10 +627,9 @@ class Forwarder(Service):
                 and not self.spill_pending
                 and await self._note_state(buffer_high_id=format_id(self.buffer_high), buffer_ts=self.buffer.last_ts)
             ):
-                # No spill is in flight, so our buffer_high is exact: once saved, the marker (written ahead, or
-                # kept while Redis was full) is not needed any more.
-                await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")
-                self._marker_saved = False
+                # No spill is in flight, so our buffer_high is exact: once saved, the marker kept while Redis
+                # was full is not needed any more.
+                await self._clear_marker()
             return
         if self.checkpoint > self.trimmed_to:
             # The RAM budget wins over the rewind window: drop the delivered copies first.
@@ -622,12 +638,7 @@ class Forwarder(Service):
             if usage <= budget:
                 return
         if not self.buffer_known and not await self._try_recover_buffer():
-            # QuestDB unavailable: the backlog stays in Redis over budget (alerted: RedisOverRamBudget). Write
-            # the spill marker now, while Redis still has room above the budget: if it fills up before QuestDB
-            # is back, the spill can start without a write Redis would refuse.
-            if not self._marker_saved and await self._note_state(spill_pending="ahead"):
-                self._marker_saved = True
-            return
+            return  # QuestDB unavailable: the backlog stays in Redis over budget (alerted: RedisOverRamBudget)
         length = int(await self._vps("XLEN", self.key))
         if length == 0:
             return
@@ -641,7 +652,7 @@ class Forwarder(Service):
                 raise
             await self._link_down(exc)
         except VpsFull as exc:
-            self._vps_full(exc)  # no marker could be written: nothing moved, Redis keeps the backlog
+            self._vps_full(exc)  # a refused write stopped the spill: the marker stays set (QuestDB holds the truth)
 
     async def _spill(self, count: int) -> None:
         """Move the oldest `count` undelivered Redis entries to the buffer, commit-visible before trimming."""
@@ -654,8 +665,7 @@ class Forwarder(Service):
                 return
             last = parse_id(entries[-1][0])
             if not self._marker_saved:
-                await self._save_state(spill_pending=format_id(last))
-                self._marker_saved = True
+                await self._set_marker()
             self.spill_pending = True
             previous_ts = self.buffer.last_ts
             last_ts = await self._questdb(self.buffer.append(entries))
@@ -671,9 +681,8 @@ class Forwarder(Service):
                 # high from QuestDB. It frees the memory the write needs.
                 await self._trim()
                 await self._save_state(buffer_high_id=format_id(last), buffer_ts=last_ts)
-            await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")
-            self._marker_saved = False
             self.spill_pending = False
+            await self._clear_marker()
             await self._trim()
             self.metrics.spilled.inc(len(entries))
             count -= len(entries)
