@@ -501,7 +501,8 @@ class Forwarder(Service):
             return True
         rows = await self._take_prefetch(("buffer", self.replay_ts))
         if not rows:
-            # An empty read-ahead may predate a spill since: only a fresh read can end the replay.
+            # An empty read-ahead may predate a spill since: only a fresh read can end the replay. (A non-empty
+            # one stays right: a spill only adds rows after it. So spills keep the read-ahead, and its overlap.)
             rows = await self._questdb(self.buffer.page(self.replay_ts, self.replay_batch))
         if not rows:
             self.buffer_pending = False
@@ -669,7 +670,6 @@ class Forwarder(Service):
             self.spill_pending = True
             previous_ts = self.buffer.last_ts
             last_ts = await self._questdb(self.buffer.append(entries))
-            self._drop_prefetch()  # a page read before these rows landed may end too early
             if not self.buffer_pending:
                 self.buffer_pending = True
                 self.replay_ts = previous_ts
