@@ -240,15 +240,71 @@ async def test_suspended_table_is_reported_and_its_rows_wait_in_redis(
         await source.append(brain, STREAM, 500)
 
         async def held() -> bool:
-            kind = {"kind": "suspended"}
-            return (registry.get_sample_value("tickbridge_writer_errors_total", kind) or 0) >= 2
+            return "trades" in writer.held
 
-        await eventually(held, timeout=10, what="flushes held back")
+        await eventually(held, timeout=10, what="trades set aside")
+        assert (registry.get_sample_value("tickbridge_writer_errors_total", {"kind": "suspended"}) or 0) >= 1
+        await source.append(brain, STREAM, 500)  # more while held: not read, they wait in Redis
+        await asyncio.sleep(1.5)
         assert writer.written == written  # nothing flushed (nor acked) while suspended
         backlog = sum([await brain.xlen(keys.trades_key(s)) for s in ("BTCUSDT", "ETHUSDT")])
-        assert backlog >= 500  # the Redis copies are kept
+        assert backlog >= 1000  # the Redis copies are kept
         await qdb.exec("ALTER TABLE trades RESUME WAL")
         await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=30, what="all trades after RESUME")
+        assert writer.held == set()
+        assert writer.written == sum(source.counts().values())  # every row sent once: no re-read doubled
+    finally:
+        await qdb.close()
+
+
+async def test_a_suspended_depth_table_does_not_hold_the_trades_back(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: ServiceRunner,
+) -> None:
+    """`depth_updates` suspended: its diffs wait in Redis while every trade keeps reaching `trades` exactly
+    once; after RESUME WAL every diff is in `depth_updates` exactly once."""
+    qserver = questdb_factory(extra_conf={"dev.mode.enabled": "true"})
+    qdb = QuestDBHttp(qserver.url)
+    settings = settings_for(redis_server, qserver)
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(("BTCUSDT", "ETHUSDT"))
+    update_ids = iter(range(100, 100_000, 10))
+
+    async def append(trades: int, diffs: int) -> None:
+        await source.append(brain, STREAM, trades)
+        for _ in range(diffs):
+            await brain.xadd(STREAM, as_mapping(make_depth("ETHUSDT", next(update_ids), source.ts).fields()))
+
+    await append(300, 5)
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    writer = BrainWriter(settings, registry, monitor_interval_s=0.2)
+    services.start(writer)
+
+    async def depth_rows() -> list[int]:
+        await qdb.wait_applied("depth_updates")
+        return [int(r[0]) for r in await qdb.rows("SELECT last_update_id FROM depth_updates ORDER BY 1")]
+
+    try:
+        await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=30, what="first trades")
+        await eventually(lambda: equals(depth_rows(), [102, 112, 122, 132, 142]), timeout=30, what="first diffs")
+        await qdb.exec("ALTER TABLE depth_updates SUSPEND WAL")
+
+        async def reported() -> bool:
+            return registry.get_sample_value("tickbridge_writer_suspended_tables") == 1
+
+        await eventually(reported, timeout=10, what="suspension reported")
+        for _ in range(3):  # trades keep flowing while the diffs wait
+            await append(400, 5)
+            await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=20, what="trades while held")
+        assert writer.held == {"depth_updates"}
+        await qdb.exec("ALTER TABLE depth_updates RESUME WAL")
+        expected = list(range(102, 102 + 20 * 10, 10))
+        await eventually(lambda: equals(depth_rows(), expected), timeout=30, what="every diff once after RESUME")
+        assert await qdb.rows("SELECT count() FROM depth_updates") == [[20]]
+        assert writer.held == set()
     finally:
         await qdb.close()
 

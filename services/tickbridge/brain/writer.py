@@ -5,7 +5,9 @@ by SCAN). Rows are batched by size (WRITER_BATCH_ROWS) and time (WRITER_FLUSH_IN
 is one ILP-over-HTTP request (`transactional=True`: one request = one transaction), and the stream
 entries of a table are XACKed only after QuestDB confirmed it. A crash between flush and ack re-sends
 the rows, which the tables' `DEDUP UPSERT KEYS` absorb. When QuestDB is down or slow the batch is
-kept, reading pauses and the flush is retried with backoff: nothing is acked unflushed.
+kept, reading pauses and the flush is retried with backoff: nothing is acked unflushed. A suspended
+WAL table gets nothing: its rows are set aside (their entries stay pending) and its streams are not read
+until it applies again, while the other table keeps flowing.
 
 WARM lives in the consumer's sorted sets only, so the writer trims each per-symbol stream below what
 its group still needs.
@@ -58,11 +60,7 @@ DEPTH_DDL = (
 #: Redis or QuestDB unavailable: keep the batch and retry.
 
 
-class TableSuspended(Exception):
-    """The target WAL table is suspended: QuestDB would take the rows into its WAL and apply none."""
-
-
-OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, QuestDBError, IngressError, TableSuspended)
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, QuestDBError, IngressError)
 MONITOR_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError, QuestDBError)
 
 #: Field names of a trade in a per-symbol stream, as the consumer writes it.
@@ -162,6 +160,10 @@ class BrainWriter(Service):
         self.written = 0
         #: WAL tables QuestDB reported suspended at the last check: nothing is flushed to them meanwhile.
         self.suspended_tables: set[str] = set()
+        #: Tables whose rows were set aside because they were suspended: their streams are not read (the
+        #: entries wait in Redis, pending or unread) until the table applies again, while the other table
+        #: keeps flowing. A suspended `depth_updates` must not hold the trades back.
+        self.held: set[str] = set()
         self._first_row_at: float | None = None
         self._need_recover = True
         self._last_claim = 0.0
@@ -274,6 +276,8 @@ class BrainWriter(Service):
                 if self._need_recover:
                     await self.recover_own()
                     self._need_recover = False
+                if self.held - self.suspended_tables:
+                    await self._resume_held()
                 if now - self._last_claim > self.settings.consumer_claim_idle_ms / 2000:
                     await self.claim_idle()
                     self._last_claim = now
@@ -321,6 +325,19 @@ class BrainWriter(Service):
     def _rows(self) -> int:
         return sum(b.rows for b in self.batches.values())
 
+    async def _resume_held(self) -> None:
+        """Tables that apply again: read their streams again, from our own pending entries first."""
+        await self._await_flushing()  # a flush in flight may still set rows of these tables aside
+        resumed = self.held - self.suspended_tables
+        if not resumed:
+            return
+        self.held -= resumed
+        for table in resumed:
+            self.batches[table].clear()  # rows read before the hold: re-read below with the rest, once
+        streams = [s for s in self.streams if table_of(s) in resumed]
+        log.info("%s applies again: re-reading its %d streams", ", ".join(sorted(resumed)), len(streams))
+        await self.recover_own(streams)
+
     def _due(self) -> bool:
         rows = self._rows()
         if rows >= self.settings.writer_batch_rows:
@@ -334,12 +351,18 @@ class BrainWriter(Service):
     def _per_stream_count(self) -> int:
         return max(200, self.settings.writer_batch_rows // 8)
 
-    async def _read(self, starts: list[str], block_ms: int | None) -> dict[bytes, list[Any]]:
+    def _readable(self) -> list[str]:
+        """The streams to read: all but those of held (suspended) tables."""
+        if not self.held:
+            return self.streams
+        return [s for s in self.streams if table_of(s) not in self.held]
+
+    async def _read(self, streams: list[str], starts: list[str], block_ms: int | None) -> dict[bytes, list[Any]]:
         assert self.client is not None
         cmd: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self._per_stream_count()]
         if block_ms is not None:
             cmd += ["BLOCK", block_ms]
-        cmd += ["STREAMS", *self.streams, *starts]
+        cmd += ["STREAMS", *streams, *starts]
         (reply,) = await execute_packed(self.client, [cmd])
         return parse_read_reply(check(reply))
 
@@ -351,16 +374,21 @@ class BrainWriter(Service):
         else:
             left = self.settings.writer_flush_interval_s - (time.monotonic() - self._first_row_at)
             block = max(1, int(left * 1000))
-        got = await self._read([">"] * len(self.streams), min(block, 500))
+        streams = self._readable()
+        if not streams:  # every table suspended (or no stream yet): wait, without a busy loop
+            await self.sleep_or_stop(min(block, 500) / 1000)
+            return 0
+        got = await self._read(streams, [">"] * len(streams), min(block, 500))
         return self._add(got)
 
-    async def recover_own(self) -> int:
-        """Re-read our own pending entries (delivered before a crash or a failed flush)."""
-        cursors = {s: "0" for s in self.streams}
+    async def recover_own(self, streams: list[str] | None = None) -> int:
+        """Re-read our own pending entries (delivered before a crash or a failed flush), of `streams` or all."""
+        streams = list(self._readable() if streams is None else streams)
+        cursors = {s: "0" for s in streams}
         total = 0
-        while not self.stopping.is_set():
-            starts = [cursors[s] for s in self.streams]
-            got = await self._read(starts, None)
+        while streams and not self.stopping.is_set():
+            starts = [cursors[s] for s in streams]
+            got = await self._read(streams, starts, None)
             n = 0
             for stream, entries in got.items():
                 if entries:
@@ -379,7 +407,7 @@ class BrainWriter(Service):
         """Claim entries of writers that died (idle past CONSUMER_CLAIM_IDLE_MS)."""
         assert self.client is not None
         total = 0
-        for stream in self.streams:
+        for stream in self._readable():
             cursor = "0-0"
             for _ in range(100):
                 cmd: Command = [
@@ -527,13 +555,16 @@ class BrainWriter(Service):
         for batch in batches.values():
             while batch.rows:
                 if batch.table in self.suspended_tables:
-                    # Keep the Redis copies until the table applies again: rows taken into a suspended WAL
-                    # are not visible, and are lost if the operator must resume past a bad transaction.
+                    # Keep the Redis copies until the table applies again (rows taken into a suspended WAL
+                    # are not visible, and are lost if the operator must resume past a bad transaction):
+                    # the rows are set aside, their entries stay pending, and the other table goes on.
                     self.metrics.errors.labels("suspended").inc()
-                    if not retry or await self.sleep_or_stop(backoff.next()):
-                        raise TableSuspended(batch.table)
-                    self.watchdog.beat("write")
-                    continue
+                    if batch.table not in self.held:
+                        log.error("%s is suspended: %d rows set aside, its streams wait in Redis until it "
+                                  "applies again", batch.table, batch.rows)  # fmt: skip
+                    self.held.add(batch.table)
+                    batch.clear()
+                    break
                 try:
                     await self._flush_table(batch)
                 except IngressError as exc:
@@ -645,6 +676,11 @@ class BrainWriter(Service):
                 cmds.append(["XTRIM", stream, "MINID", "~", f"{floor[0]}-{floor[1]}"])
         if cmds:
             await execute_packed(self.client, cmds)
+
+
+def table_of(stream: str) -> str:
+    """The QuestDB table a per-symbol stream goes to (`market:<exchange>:depth:<SYMBOL>` or trades)."""
+    return DEPTH_TABLE if stream.split(":")[2:3] == ["depth"] else TRADES_TABLE
 
 
 def _levels(raw: bytes) -> Any:
