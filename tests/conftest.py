@@ -128,6 +128,14 @@ class ServiceRunner:
         self.items.append((svc, asyncio.create_task(svc.run())))
         return svc
 
+    async def stop_one(self, svc: Any) -> None:
+        """Stop one role (orderly) and forget it; the others keep running."""
+        for item in list(self.items):
+            if item[0] is svc:
+                svc.request_stop()
+                await asyncio.wait_for(item[1], self.stop_timeout)
+                self.items.remove(item)
+
     async def stop(self) -> None:
         for svc, _ in self.items:
             svc.request_stop()

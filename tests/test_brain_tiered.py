@@ -468,3 +468,75 @@ async def test_recent_of_zero_is_empty_and_of_a_negative_count_is_refused(
         assert exc.value.code == 2 and "--recent" in capsys.readouterr().err
     finally:
         await brain.aclose()
+
+
+async def test_a_writer_behind_more_than_warm_leaves_no_hole(
+    redis_server: RedisServer, questdb_factory: Callable[..., QuestDBServer], services: ServiceRunner
+) -> None:
+    """The writer stopped (QuestDB down, a long catch-up) while trades older than WARM's window reached the
+    Brain: they are in neither WARM nor QuestDB, only in the per-symbol stream. `range()` and `recent()` read
+    them back from there, pending ones included, so no hole opens between COLD and WARM, and nothing is
+    doubled once the writer has caught up."""
+    qserver = questdb_factory()
+    settings = Settings(
+        brain_redis_url=redis_server.url,
+        brain_questdb_url=qserver.url,
+        symbols=(SYM,),
+        hot_ticks=100,
+        warm_window_s=300,
+        writer_flush_interval_s=0.1,
+        consumer_claim_idle_ms=1000,
+        consumer_name="t",
+    )
+    brain = make_client(redis_server.url)
+    qdb = QuestDBHttp(qserver.url)
+    stream, key = keys.DEFAULT_STREAM_KEY, keys.trades_key(SYM)
+    await ensure_group(brain, stream, keys.DEFAULT_CONSUMER_GROUP)
+    now = time.time_ns() // 1000
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    writer = services.start(BrainWriter(settings, CollectorRegistry()))
+    try:
+        # 1..1000 an hour ago reach QuestDB; then the writer stops.
+        await TradeSource([SYM], first_id=1, start_us=now - 3_600_000_000).append(brain, stream, 1000)
+
+        async def in_questdb(n: int) -> bool:
+            await qdb.wait_applied("trades")
+            return bool(await qdb.scalar("SELECT count() FROM trades") == n)
+
+        await eventually(lambda: in_questdb(1000), timeout=30, interval=0.2, what="1000 rows in QuestDB")
+        await services.stop_one(writer)
+        # 1001..2000 half an hour ago (older than WARM's window) and 2001..3000 in the last seconds.
+        await TradeSource([SYM], first_id=1001, start_us=now - 1_800_000_000).append(brain, stream, 1000)
+        await TradeSource([SYM], first_id=2001, start_us=now - 10_000_000, step_us=5000).append(brain, stream, 1000)
+
+        async def consumed() -> bool:
+            last = await brain.xrevrange(key, count=1)
+            return bool(last and last[0][1][b"trade_id"] == b"3000")
+
+        await eventually(consumed, timeout=20, what="the consumer wrote 3000")
+        await eventually(lambda: _zcard(brain, 1000), timeout=5, what="WARM holds the recent 1000 only")
+        # A writer that read 300 of them and died before QuestDB confirmed: those are pending, not confirmed.
+        await brain.xreadgroup(keys.WRITER_GROUP, "gone", {key: ">"}, count=300)
+
+        registry = CollectorRegistry()
+        async with TieredMarketData(settings, registry=registry) as md:
+            a = await md.range(SYM, now - 7_200_000_000, now + 1_000_000)
+            assert a.tiers == (WARM, COLD) and [r.trade_id for r in a.rows] == list(range(1, 3001))
+            a = await md.range(SYM, now - 1_900_000_000, now - 1_700_000_000)
+            assert a.tiers == (COLD,) and [r.trade_id for r in a.rows] == list(range(1001, 2001))
+            a = await md.range(SYM, now - 7_200_000_000, now + 1_000_000, limit=1500)
+            assert [r.trade_id for r in a.rows] == list(range(1, 1501))
+            a = await md.recent(SYM, 2500)
+            assert a.tiers == (WARM, COLD) and [r.trade_id for r in a.rows] == list(range(501, 3001))
+            assert (registry.get_sample_value("tickbridge_tiered_backlog_rows_total") or 0) >= 2000
+
+            # The writer catches up (the dead one's pending entries claimed): the same answers, once each.
+            services.start(BrainWriter(settings, CollectorRegistry()))
+            await eventually(lambda: in_questdb(3000), timeout=30, interval=0.2, what="3000 rows in QuestDB")
+            a = await md.range(SYM, now - 7_200_000_000, now + 1_000_000)
+            assert [r.trade_id for r in a.rows] == list(range(1, 3001))
+            a = await md.recent(SYM, 2500)
+            assert [r.trade_id for r in a.rows] == list(range(501, 3001))
+    finally:
+        await brain.aclose()
+        await qdb.close()

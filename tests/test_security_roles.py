@@ -12,19 +12,24 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from prometheus_client import CollectorRegistry
 
 from conftest import eventually
 from tickbridge.brain.consumer import BrainConsumer
+from tickbridge.brain.tiered import COLD, HOT, WARM, TieredMarketData
+from tickbridge.brain.writer import TRADES_DDL
 from tickbridge.core import keys
-from tickbridge.core.redis_io import make_client
+from tickbridge.core.questdb_io import QuestDBHttp
+from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import Trade
+from tickbridge.devstack.servers import QuestDBServer
 from tickbridge.devstack.tls import BRAIN_ACL, CertPaths, SecureRedisServer, acl_variables, make_certs, render_acl
 
 pytestmark = pytest.mark.timeout(90)
@@ -271,3 +276,49 @@ def test_a_role_with_broken_tls_files_exits_with_one_line_naming_the_variable(
                           text=True, timeout=60, check=False)  # fmt: skip
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"config error: {name}:"), proc.stderr
+
+
+async def test_trading_code_reads_every_tier_as_the_reader_user_and_can_change_nothing(
+    brain: SecureRedisServer,
+    passwords: dict[str, str],
+    admin: aioredis.Redis,
+    questdb_factory: Callable[..., QuestDBServer],
+) -> None:
+    """`reader` (BRAIN_REDIS_READER_PASSWORD) over TLS: HOT, WARM and COLD with the writer's unconfirmed
+    backlog all answer; every write, and a group read that would change a pending list, is refused."""
+    qserver = questdb_factory()
+    qdb = QuestDBHttp(qserver.url)
+    await qdb.exec(TRADES_DDL)
+    await qdb.close()
+    key, warm = keys.trades_key("BTCUSDT"), keys.warm_key("BTCUSDT")
+    hour_ago = TS - 3_600_000_000
+    for i in range(1, 201):  # as the consumer writes them (1..100 an hour older: out of WARM), none confirmed
+        ts = (hour_ago if i <= 100 else TS) + i * 1000
+        t = Trade("BTCUSDT", f"{61000 + i}.5", "0.001", "BUY", ts, i, ts + 7)
+        await admin.xadd(key, dict(zip(*[iter(["src_id", f"{i}-0", *t.fields()])] * 2, strict=True)))
+        if i > 100:
+            await admin.zadd(warm, {f"{i}|{61000 + i}.5|0.001|BUY|{ts + 7}": ts})
+    await ensure_group(admin, key, keys.WRITER_GROUP, "0")
+    settings = tls_settings(brain, "reader", passwords, brain_questdb_url=qserver.url, symbols=("BTCUSDT",),
+                            hot_ticks=50, warm_window_s=300)  # fmt: skip
+    async with TieredMarketData(settings, registry=CollectorRegistry()) as md:
+        a = await md.recent("BTCUSDT", 20)
+        assert a.tiers == (HOT,) and [r.trade_id for r in a.rows] == list(range(181, 201))
+        a = await md.recent("BTCUSDT", 80)
+        assert a.tiers == (WARM,) and [r.trade_id for r in a.rows] == list(range(121, 201))
+        a = await md.recent("BTCUSDT", 150)  # COLD is empty: the backlog fills in 51..100
+        assert a.tiers == (WARM, COLD) and [r.trade_id for r in a.rows] == list(range(51, 201))
+        a = await md.range("BTCUSDT", hour_ago, hour_ago + 60_000)
+        assert a.tiers == (COLD,) and [r.trade_id for r in a.rows] == list(range(1, 61))
+        reader = md.redis
+        for command in (
+            ["XADD", key, "*", "a", "b"],
+            ["ZADD", warm, 1, "x"],
+            ["DEL", key],
+            ["XREADGROUP", "GROUP", keys.WRITER_GROUP, "r", "STREAMS", key, ">"],
+            ["XACK", key, keys.WRITER_GROUP, "1-0"],
+            ["GET", "tickbridge:writer:x"],
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await reader.execute_command(*command)
+    assert (await admin.xinfo_groups(key))[0]["pending"] == 0

@@ -10,7 +10,10 @@
   through one lean connection (`core.rawlink`: both replies of a range in one read) when it is free,
   else through the redis-py pool. Stale connections (Redis restarted) are replaced and the read sent
   once more, on either path, so a restart costs no answer.
-- COLD: QuestDB `trades` over HTTP `/exec`.
+- COLD: QuestDB `trades` over HTTP `/exec`, plus the trades the writer has not confirmed yet, read back
+  from the per-symbol stream (the writer trims it only below what it confirmed). Without them a writer
+  more than WARM's window behind (QuestDB down, a long catch-up) would leave a silent hole between COLD
+  and WARM.
 
 `recent()` and `range()` answer from the fastest tier that covers the request; a request older than
 WARM is stitched from COLD and WARM, de-duplicated by trade_id, so the seam is invisible.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import heapq
 import logging
 import time
 from collections import deque
@@ -36,7 +40,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tickbridge.brain.common import check, parse_read_reply
+from tickbridge.brain.common import check, id_key, parse_info_pairs, parse_read_reply
 from tickbridge.core import keys
 from tickbridge.core.metrics import counter, histogram
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp
@@ -53,6 +57,16 @@ TIER_BUCKETS = (
 )  # fmt: skip
 
 HOT, WARM, COLD = "hot", "warm", "cold"
+#: Latency label of the read-back of trades the writer has not confirmed (the per-symbol stream).
+BACKLOG = "backlog"
+#: A trade reaches the Brain after it happened (per-symbol entry IDs are Brain time), give or take the
+#: clock error between the exchange and the Brain: entries that arrived before `start - margin` hold
+#: no trade of a range.
+ARRIVAL_MARGIN_MS = 600_000
+#: Entries per XRANGE of the writer's backlog, and at most per answer (a writer hours behind): beyond
+#: it the answer may miss trades, counted in `tiered_backlog_truncated_total` and logged.
+BACKLOG_CHUNK = 10_000
+BACKLOG_MAX = 500_000
 #: Errors after which the follower refills HOT from WARM instead of dying.
 FOLLOW_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
 
@@ -85,6 +99,16 @@ class TieredMetrics:
         self.answers = counter("tiered_answers_total", "Answers by the slowest tier used", ("tier",), registry=registry)
         self.errors = counter(
             "tiered_follow_errors_total", "HOT follower errors (Redis unavailable)", registry=registry
+        )
+        self.backlog_rows = counter(
+            "tiered_backlog_rows_total",
+            "Rows answered from the per-symbol stream because the writer had not confirmed them yet",
+            registry=registry,
+        )
+        self.backlog_truncated = counter(
+            "tiered_backlog_truncated_total",
+            f"Answers whose read-back of the writer's backlog stopped at {BACKLOG_MAX} entries",
+            registry=registry,
         )
 
 
@@ -167,6 +191,7 @@ class TieredMarketData:
         self._hot_latency = self.metrics.latency.labels(HOT)
         self._warm_latency = self.metrics.latency.labels(WARM)
         self._cold_latency = self.metrics.latency.labels(COLD)
+        self._backlog_latency = self.metrics.latency.labels(BACKLOG)
         self._answers = {tier: self.metrics.answers.labels(tier) for tier in (HOT, WARM, COLD)}
         self.follow = follow
         self.redis: aioredis.Redis = make_client(settings.brain_redis_url, settings)
@@ -340,6 +365,58 @@ class TieredMarketData:
         self._cold_latency.observe(time.perf_counter() - started)
         return [TickRow(int(r[0]), int(r[1]), float(r[2]), float(r[3]), str(r[4]), int(r[5] or 0)) for r in rows]
 
+    async def _backlog(
+        self, symbol: str, lo_us: int | None, hi_us: int | None, *, keep: int, newest: bool
+    ) -> list[TickRow]:
+        """Trades of the per-symbol stream the writer has not confirmed (so maybe not in COLD yet), with
+        `lo_us <= timestamp <= hi_us`: at most `keep`, the newest ones if `newest`, else the oldest.
+
+        The writer's group says what is confirmed: everything after its last-delivered ID, and its
+        pending entries. A stream that is missing or not a stream has nothing to add.
+        """
+        if keep <= 0:
+            return []
+        key = keys.trades_key(symbol, self.exchange)
+        started = time.perf_counter()
+        groups_r, pending_r = await execute_read(
+            self.redis, [["XINFO", "GROUPS", key], ["XPENDING", key, keys.WRITER_GROUP]]
+        )
+        if isinstance(groups_r, ResponseError):
+            return []  # no such key, or the wrong type (HOT leaves the symbol out, the writer skips it)
+        start = _unconfirmed_from(groups_r, pending_r)
+        if lo_us is not None:
+            floor_ms = max(0, lo_us // 1000 - ARRIVAL_MARGIN_MS)
+            if start == "-" or id_key(start.lstrip("(")) < (floor_ms, 0):
+                start = f"{floor_ms}-0"
+        rows: list[TickRow] = []
+        scanned = 0
+        pick = heapq.nlargest if newest else heapq.nsmallest
+        while True:
+            (reply,) = await execute_read(self.redis, [["XRANGE", key, start, "+", "COUNT", BACKLOG_CHUNK]])
+            if isinstance(reply, ResponseError):
+                break  # the key changed type meanwhile: what was read stands
+            for _entry_id, fields in reply:
+                try:
+                    row = parse_stream_fields(fields)
+                except (KeyError, ValueError, TypeError):
+                    continue  # not a trade (the writer dead-letters it)
+                if (lo_us is None or row.timestamp >= lo_us) and (hi_us is None or row.timestamp <= hi_us):
+                    rows.append(row)
+            if len(rows) > keep:
+                rows = pick(keep, rows)
+            scanned += len(reply)
+            if len(reply) < BACKLOG_CHUNK:
+                break
+            if scanned >= BACKLOG_MAX:
+                self.metrics.backlog_truncated.inc()
+                log.warning("%s: the writer is more than %d entries behind; the answer may miss trades", key, scanned)
+                break
+            start = "(" + _text(reply[-1][0])
+        self._backlog_latency.observe(time.perf_counter() - started)
+        if rows:
+            self.metrics.backlog_rows.inc(len(rows))
+        return rows
+
     def _done(self, rows: list[TickRow], tiers: tuple[str, ...], started: float) -> Answer:
         self._answers[tiers[-1]].inc()
         return Answer(rows, tiers, time.perf_counter() - started)
@@ -366,9 +443,12 @@ class TieredMarketData:
         warm = await self._warm(["ZRANGE", keys.warm_key(symbol, self.exchange), -n, -1, "WITHSCORES"])
         if len(warm) >= n:
             return self._done(warm, (WARM,), started)
-        where = f" AND timestamp <= '{us_to_iso(warm[0].timestamp)}'" if warm else ""
-        cold = await self._cold(symbol, where, "DESC", n)
-        rows = merge(cold, warm)[-n:]
+        upto = warm[0].timestamp if warm else None
+        where = f" AND timestamp <= '{us_to_iso(upto)}'" if upto is not None else ""
+        cold, backlog = await asyncio.gather(
+            self._cold(symbol, where, "DESC", n), self._backlog(symbol, None, upto, keep=n, newest=True)
+        )
+        rows = merge(cold, backlog, warm)[-n:]
         return self._done(rows, (WARM, COLD) if warm else (COLD,), started)
 
     async def range(self, symbol: str, start_us: int, end_us: int, *, limit: int = 1_000_000) -> Answer:
@@ -401,11 +481,31 @@ class TieredMarketData:
         if floor is not None and start_us > floor:
             return self._done(warm, (WARM,), started)
         where = f" AND timestamp >= '{us_to_iso(start_us)}' AND timestamp <= '{us_to_iso(end_us)}'"
-        cold = await self._cold(symbol, where, "ASC", limit)
+        cold, backlog = await asyncio.gather(
+            self._cold(symbol, where, "ASC", limit),
+            self._backlog(symbol, start_us, end_us, keep=limit, newest=False),
+        )
         if floor is not None and end_us > floor:
             # The newest part may not be in QuestDB yet: WARM fills it in.
-            return self._done(merge(cold, warm)[:limit], (WARM, COLD), started)
-        return self._done(cold, (COLD,), started)
+            return self._done(merge(cold, backlog, warm)[:limit], (WARM, COLD), started)
+        return self._done(merge(cold, backlog)[:limit] if backlog else cold, (COLD,), started)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _unconfirmed_from(groups: Any, pending: Any) -> str:
+    """XRANGE start of what the writer has not confirmed: its oldest pending entry, else just after its
+    last-delivered ID (`-`, all of it, if the writer group does not exist yet)."""
+    for group in groups:
+        info = parse_info_pairs(group)
+        if _text(info[b"name"]) != keys.WRITER_GROUP:
+            continue
+        if not isinstance(pending, ResponseError) and pending and pending[0]:
+            return _text(pending[1])  # at or below last-delivered
+        return "(" + _text(info[b"last-delivered-id"])
+    return "-"
 
 
 def _wrong_type(reply: Any) -> bool:
