@@ -384,6 +384,9 @@ async def test_dead_letters_replayed_after_the_fix_reach_questdb_exactly_once(
         await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=30, interval=0.3, what="all once")
         sol = [int(f[b"trade_id"]) for _, f in await brain.xrange(keys.trades_key("SOLUSDT"))]
         assert sol == list(range(1, 101))  # in their original order
+        # WARM was empty for SOLUSDT (every trade failed): all of them are inside its window now.
+        warm = await brain.zrange(keys.warm_key("SOLUSDT"), 0, -1)
+        assert [int(m.split(b"|")[0]) for m in warm] == list(range(1, 101))
         left = await brain.xrange(keys.CONSUMER_DEAD_LETTER)
         assert len(left) == 1 and left[0][1][b"price"] == b"nan"
 
@@ -391,5 +394,6 @@ async def test_dead_letters_replayed_after_the_fix_reach_questdb_exactly_once(
             await asyncio.to_thread(deadletters.main, ["--replay"])
         assert "replayed 0; still invalid 1" in capsys.readouterr().out
         assert await brain.xlen(keys.trades_key("SOLUSDT")) == 100
+        assert await brain.zcard(keys.warm_key("SOLUSDT")) == 100
     finally:
         await qdb.close()

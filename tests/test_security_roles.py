@@ -21,6 +21,7 @@ import redis.exceptions
 from prometheus_client import CollectorRegistry
 
 from conftest import eventually
+from tickbridge.brain import deadletters
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.tiered import COLD, HOT, WARM, TieredMarketData
 from tickbridge.brain.writer import TRADES_DDL
@@ -322,3 +323,34 @@ async def test_trading_code_reads_every_tier_as_the_reader_user_and_can_change_n
             with pytest.raises(redis.exceptions.NoPermissionError):
                 await reader.execute_command(*command)
     assert (await admin.xinfo_groups(key))[0]["pending"] == 0
+
+
+async def test_dead_letter_replay_as_the_consumer_user_keeps_warm_whole(
+    brain: SecureRedisServer, passwords: dict[str, str], admin: aioredis.Redis
+) -> None:
+    """`c exec consumer tickbridge deadletters --replay` runs as `consumer`: each trade goes back to its stream,
+    and into WARM only if it is inside WARM's window (an older one would make WARM claim trades it lacks); a
+    newer one moves the window and trims WARM."""
+    warm = keys.warm_key("BTCUSDT")
+    newest = TS + 3_600_000_000
+    await admin.zadd(warm, {f"1|1.0|1|BUY|{newest}": newest, f"2|1.0|1|BUY|{newest}": newest - 200_000_000})
+    offsets = {10: -600_000_000, 11: -60_000_000, 12: +150_000_000}  # trade_id -> exchange time vs WARM's newest
+    for trade_id, offset in offsets.items():
+        t = Trade("BTCUSDT", "61000.5", "0.001", "SELL", newest + offset, trade_id, newest + offset + 7)
+        fields = ["src_id", f"{trade_id}-0", "reason", "delivered 5 times", *t.fields()]
+        await admin.xadd(keys.CONSUMER_DEAD_LETTER, dict(zip(fields[::2], fields[1::2], strict=True)))
+    settings = tls_settings(brain, "consumer", passwords)
+    consumer = make_client(settings.brain_redis_url, settings)
+    try:
+        result = await deadletters.replay(consumer, await deadletters.read_all(consumer), warm_window_s=300)
+    finally:
+        await consumer.aclose()
+    assert (result.replayed, result.failed) == (3, [])
+    stream = await admin.xrange(keys.trades_key("BTCUSDT"))
+    assert [int(f[b"trade_id"]) for _, f in stream] == [10, 11, 12]
+    assert await admin.xlen(keys.CONSUMER_DEAD_LETTER) == 0
+    # 10 is older than the window: not in WARM. 12 moved the window: 2 (350 s before 12) is trimmed.
+    members = await admin.zrange(warm, 0, -1, withscores=True)
+    assert [(int(m.split(b"|")[0]), int(s)) for m, s in members] == [
+        (11, newest - 60_000_000), (1, newest), (12, newest + 150_000_000),
+    ]  # fmt: skip

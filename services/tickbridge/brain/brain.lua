@@ -126,14 +126,31 @@ redis.register_function('tickbridge_brain_ingest', ingest)
 
 -- Put a consumer dead letter back after its cause was fixed: append the tick to its per-symbol stream
 -- and delete the dead letter in one step (a failing XADD stops the call before the XDEL, so the dead
--- letter stays). KEYS = dead-letter stream, target stream; ARGV = dead-letter ID, field, value, ...
+-- letter stays). A trade inside WARM's window (or any, if WARM is empty) also goes to WARM, which must
+-- hold every trade of its window; an older one stays out, or WARM would claim trades it lacks.
+-- KEYS = dead-letter stream, target stream, WARM sorted set ('' args for a depth diff);
+-- ARGV = dead-letter ID, window_us, WARM score or '', WARM member or '', field, value, ...
 -- Returns 1, or 0 if the dead letter was already gone (replayed by someone else).
 local function replay(keys, args)
   if #redis.call('XRANGE', keys[1], args[1], args[1]) == 0 then
     return 0
   end
-  redis.call('XADD', keys[2], '*', unpack(args, 2))
+  redis.call('XADD', keys[2], '*', unpack(args, 5))
   redis.call('XDEL', keys[1], args[1])
+  if args[3] ~= '' then
+    local window, score = tonumber(args[2]), tonumber(args[3])
+    -- WARM is a cache: a WARM key of the wrong type is left alone, the tick is back in its stream.
+    local newest = redis.pcall('ZRANGE', keys[3], -1, -1, 'WITHSCORES')
+    if type(newest) == 'table' and not newest.err then
+      local top = newest[2] and tonumber(newest[2]) or nil
+      if top == nil or score >= top - window then
+        redis.call('ZADD', keys[3], score, args[4])
+        if top ~= nil and score > top then
+          redis.call('ZREMRANGEBYSCORE', keys[3], '-inf', '(' .. string.format('%.0f', score - window))
+        end
+      end
+    end
+  end
   return 1
 end
 

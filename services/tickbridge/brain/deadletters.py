@@ -7,8 +7,9 @@ is appended to its per-symbol stream and its dead letter deleted in one atomic c
 (`tickbridge_brain_replay`), so a replay that is interrupted or run twice repeats nothing. The writer
 takes it from there (and QuestDB's DEDUP would absorb a trade that was somehow written before).
 Entries that are still invalid stay where they are. A replayed tick lands after newer ones in its
-per-symbol stream (QuestDB orders by timestamp; HOT ignores a tick older than all it holds), and WARM
-is not touched: it holds the last 5 minutes.
+per-symbol stream (QuestDB orders by timestamp; HOT ignores a tick older than all it holds). A trade
+inside WARM's window goes to WARM in the same call (WARM must hold every trade of its window); an older
+one does not (WARM would claim trades it lacks), and COLD answers for it.
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ async def read_all(client: aioredis.Redis, stream: str = keys.CONSUMER_DEAD_LETT
         start = "(" + page[-1][0].decode()
 
 
-async def replay(client: aioredis.Redis, letters: list[DeadLetter]) -> ReplayResult:
-    """Put every dead letter that now decodes as a valid tick back into its per-symbol stream."""
+async def replay(client: aioredis.Redis, letters: list[DeadLetter], *, warm_window_s: float = 300.0) -> ReplayResult:
+    """Put every dead letter that now decodes as a valid tick back into its per-symbol stream (and a trade
+    inside WARM's window into WARM)."""
     await load_functions(client)
+    window_us = int(warm_window_s * 1_000_000)
     result = ReplayResult()
     for letter in letters:
         try:
@@ -89,10 +92,16 @@ async def replay(client: aioredis.Redis, letters: list[DeadLetter]) -> ReplayRes
         except TickError as exc:
             result.invalid[str(exc)] += 1
             continue
-        target = (keys.trades_key if isinstance(tick, Trade) else keys.depth_key)(tick.symbol, tick.exchange)
+        if isinstance(tick, Trade):
+            target = keys.trades_key(tick.symbol, tick.exchange)
+            # The consumer's WARM member (`trade_id|price|volume|side|recv_ts`), scored by exchange time.
+            score: str | int = tick.timestamp
+            member = f"{tick.trade_id}|{tick.price}|{tick.volume}|{tick.side}|{tick.recv_ts}"
+        else:
+            target, score, member = keys.depth_key(tick.symbol, tick.exchange), "", ""
         cmd: Command = [
-            "FCALL", REPLAY_FUNCTION, 2, keys.CONSUMER_DEAD_LETTER, target, letter.id, "src_id", letter.src_id,
-            *tick.fields(),
+            "FCALL", REPLAY_FUNCTION, 3, keys.CONSUMER_DEAD_LETTER, target, keys.warm_key(tick.symbol, tick.exchange),
+            letter.id, window_us, score, member, "src_id", letter.src_id, *tick.fields(),
         ]  # fmt: skip
         (reply,) = await execute_packed(client, [cmd])
         if isinstance(reply, ResponseError):
@@ -122,7 +131,7 @@ async def run(args: argparse.Namespace, console: Console) -> int:
         _summary(letters, console)
         if not args.replay:
             return 0
-        result = await replay(client, letters)
+        result = await replay(client, letters, warm_window_s=settings.warm_window_s)
     finally:
         await client.aclose()
     console.print(f"replayed {result.replayed}; still invalid {sum(result.invalid.values())} (left in place)"
