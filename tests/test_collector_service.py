@@ -572,3 +572,31 @@ async def test_rest_client_survives_a_retry_after_that_is_not_a_number() -> None
         assert len(calls) == 3
         assert calls[1] - calls[0] >= 0.25  # the default wait for an unreadable value
         assert calls[2] - calls[1] >= 0.45  # until the date (whole seconds: 0.5 .. 1.5 s from now)
+
+
+async def test_trade_ids_starting_over_with_newer_times_are_a_new_sequence_not_duplicates(
+    exchange: ScriptedExchange, redis_server: RedisServer
+) -> None:
+    """The VPS Redis says BTCUSDT is at trade 5,000,000, its newest trade an hour old (BINANCE_WS_URL pointed
+    elsewhere before, or the exchange reset its IDs). Trades 1, 2, 3 made now are a new sequence: appended,
+    counted once as a reset, and followed from there; a real duplicate (an ID seen, not newer) is still dropped.
+    Before, every trade of the symbol was dropped as a duplicate until its IDs passed 5,000,000."""
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    now_ms = int(time.time() * 1000)
+    await client.hset(keys.COLLECTOR_LAST_TRADE_IDS, mapping={"BTCUSDT": 5_000_000, "ETHUSDT": 7})
+    await client.zadd(keys.warm_key("BTCUSDT"), {"5000000|1|1|BUY|1": (now_ms - 3_600_000) * 1000})
+    registry = CollectorRegistry()
+    async with running(settings_for(exchange, redis_server), registry) as collector:
+        await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+        await exchange.send(
+            trade(1, time_ms=now_ms), trade(2, time_ms=now_ms), trade(2, time_ms=now_ms), trade(3, time_ms=now_ms + 1),
+            trade(7, "ETHUSDT", time_ms=now_ms), trade(8, "ETHUSDT", time_ms=now_ms),  # ETH: no time known
+        )  # fmt: skip
+        expected = [("BTCUSDT", 1), ("BTCUSDT", 2), ("BTCUSDT", 3), ("ETHUSDT", 8)]
+        await eventually(lambda: equals(symbols_ids(client), expected), timeout=10, what="the new sequence")
+        assert count(registry, "tickbridge_collector_trade_id_resets_total", symbol="BTCUSDT") == 1
+        assert count(registry, "tickbridge_collector_trade_id_resets_total", symbol="ETHUSDT") == 0
+        assert count(registry, "tickbridge_collector_duplicates_total", type="TRADE") == 2  # BTC 2 again, ETH 7
+        assert count(registry, "tickbridge_collector_trade_gaps_total", symbol="BTCUSDT") == 0
+        assert await client.hget(keys.COLLECTOR_LAST_TRADE_IDS, "BTCUSDT") == b"3"
+        assert collector.last_trade["BTCUSDT"] == 3

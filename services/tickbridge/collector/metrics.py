@@ -36,6 +36,10 @@ class CollectorMetrics:
         self.book_valid = g("book_valid", "1 when the local book is valid, 0 while resyncing", ("symbol",))
         self.backfilled = c("backfilled_trades", "Trades recovered from REST historicalTrades", ("symbol",))
         self.lost_trades = c("lost_trades", "Trades in a gap that REST could not return", ("symbol",))
+        self.trade_id_resets = c(
+            "trade_id_resets", "Trade-ID sequences that went back with newer trade times (exchange or URL changed)",
+            ("symbol",),
+        )  # fmt: skip
         self.latency = histogram(
             "collector_latency_seconds", "Exchange event time to collector receive time", ("type",), registry=registry
         )
@@ -59,5 +63,6 @@ class CollectorMetrics:
     def export_symbols(self, symbols: Iterable[str]) -> None:
         """Create the per-symbol counters at 0, so the first gap, loss or resync of a symbol is an increase()."""
         for symbol in symbols:
-            for per_symbol in (self.trade_gaps, self.depth_gaps, self.resyncs, self.backfilled, self.lost_trades):
+            for per_symbol in (self.trade_gaps, self.depth_gaps, self.resyncs, self.backfilled, self.lost_trades,
+                              self.trade_id_resets):  # fmt: skip
                 per_symbol.labels(symbol)

@@ -37,7 +37,7 @@ from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import DepthDiff, Tick, TickError, Trade, check_levels
+from tickbridge.core.tick import MAX_TS_US, DepthDiff, Tick, TickError, Trade, check_levels
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ MAX_BACKFILL = 200_000
 #: of the busiest pair (~15 MB). Reaching it ends that back-fill early: the unfetched rest of the gap is lost
 #: (counted), which beats holding an unbounded backlog and stalling the symbol.
 MAX_PARKED = 50_000
+#: A trade at or below the last trade ID but more than this newer than the last trade's exchange time
+#: starts a new ID sequence (a real duplicate is never newer: IDs rise with time).
+ID_RESET_SLACK_US = 1_000_000
 OUT_BATCH = 1000
 #: Trade latency is observed for one trade in 8 (the histogram is a sample; depth: every event).
 LATENCY_SAMPLE_MASK = 7
@@ -139,6 +142,9 @@ class Collector(Service):
         self.max_parked = max_parked
         self.depth = {s: DepthSync(s) for s in self.symbols}
         self.last_trade: dict[str, int] = {}
+        #: Exchange time of the newest trade appended per symbol: a trade at or below `last_trade` that is
+        #: newer than it is no duplicate but a new ID sequence (see `_on_trade`).
+        self.last_trade_ts: dict[str, int] = {}
         self._hot: dict[str, deque[Tick]] = {s: deque(maxlen=settings.hot_ticks) for s in self.symbols}
         self.inbox: asyncio.Queue[
             tuple[int, int, bytes | str] | SnapshotResult | BackfillResult | Switch | Disconnected | None
@@ -212,6 +218,7 @@ class Collector(Service):
                         log.error("%s: stored last trade ID %r is not a number: starting without one", sym, tid)
             if self.last_trade:
                 log.info("resuming after trade IDs %s", self.last_trade)
+                await self._load_last_times(client)
             self.writer = StreamWriter(
                 client, self.settings.stream_key, self.metrics, warm_window_s=self.settings.warm_window_s,
                 last_ids=self.last_trade,
@@ -239,6 +246,21 @@ class Collector(Service):
                 self.metrics.redis_errors.inc()
                 if await self.sleep_or_stop(delay):
                     return None
+
+    async def _load_last_times(self, client: Any) -> None:
+        """The newest trade time per symbol from WARM (written in the same MULTI as the last trade IDs)."""
+        symbols = list(self.last_trade)
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for sym in symbols:
+                    pipe.zrange(keys.warm_key(sym), -1, -1, withscores=True)
+                replies = await pipe.execute(raise_on_error=False)
+        except TRANSIENT_ERRORS as exc:  # unknown: every ID at or below the stored one stays a duplicate
+            log.warning("newest trade times not read (%s): a reset of trade IDs goes unnoticed until a trade", exc)
+            return
+        for sym, reply in zip(symbols, replies, strict=True):
+            if isinstance(reply, list) and reply:
+                self.last_trade_ts[sym] = int(reply[0][1])
 
     def _on_rest(self, endpoint: str, status: str) -> None:
         self.metrics.rest_requests.labels(endpoint, status).inc()
@@ -524,8 +546,14 @@ class Collector(Service):
         last = self.last_trade.get(ev.symbol)
         if last is not None:
             if ev.trade_id <= last:
-                self._m_dup_trade.inc()
-                return
+                if ev.timestamp <= self.last_trade_ts.get(ev.symbol, MAX_TS_US) + ID_RESET_SLACK_US:
+                    self._m_dup_trade.inc()
+                    return
+                # Newer than every trade appended, yet an ID we passed: not a duplicate (IDs rise with time)
+                # but a new sequence (the exchange reset it, or BINANCE_WS_URL now points elsewhere).
+                # Dropping it as a duplicate would drop every trade of the symbol from now on.
+                self._restart_sequence(ev, last)
+                last = ev.trade_id - 1
             if ev.trade_id > last + 1:
                 if gen != self.primary_gen:
                     self._hold(gen, ev)  # overlap: the primary may still deliver the ones before it
@@ -534,8 +562,17 @@ class Collector(Service):
                 return
         self._emit_trade(ev, out)
 
+    def _restart_sequence(self, ev: Trade, last: int) -> None:
+        self.metrics.trade_id_resets.labels(ev.symbol).inc()
+        log.error("%s: trade ID %d after %d, but %.1f s newer than the last trade appended: a new ID sequence "
+                  "(exchange reset, or BINANCE_WS_URL changed); following it", ev.symbol, ev.trade_id, last,
+                  (ev.timestamp - self.last_trade_ts[ev.symbol]) / 1e6)  # fmt: skip
+        self.last_trade[ev.symbol] = ev.trade_id - 1
+
     def _emit_trade(self, ev: Trade, out: list[Item], live: bool = True) -> None:
         self.last_trade[ev.symbol] = ev.trade_id
+        if ev.timestamp > self.last_trade_ts.get(ev.symbol, 0):
+            self.last_trade_ts[ev.symbol] = ev.timestamp
         out.append(ev)
         self._hot[ev.symbol].append(ev)
         self._n_trade[ev.symbol] += 1
