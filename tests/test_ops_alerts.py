@@ -1,6 +1,7 @@
 """Prometheus configs and alert rules: `promtool check config`, `promtool check rules`, `promtool test rules`
-(every alert once firing and once not), the design's alerts with their severities, and every series the
-rules use defined by a role (so a rename cannot silently disarm an alert)."""
+(every alert once firing and once not), the design's alerts with their severities, every series the
+rules use defined by a role (so a rename cannot silently disarm an alert), and the committed Alertmanager
+config receiving them from a real Prometheus."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tickbridge.devstack.servers import REPO_ROOT, PrometheusServer, wait_until
+from tickbridge.devstack.servers import (
+    ALERTMANAGER_CONFIG,
+    REPO_ROOT,
+    AlertmanagerServer,
+    PrometheusServer,
+    wait_until,
+)
 from tickbridge.ops.catalog import referenced_series, role_series
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,6 +45,8 @@ DESIGN_ALERTS = {
     "BrainQuestDBTableSuspended": "critical",
 }
 
+#: Always-firing alerts (a dead man's switch at the receiving end pages when they stop).
+WATCHDOGS = {"VPSWatchdog", "BrainWatchdog"}
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (make deps)")
 
@@ -82,6 +91,9 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
             for check in case["alert_rule_test"]:
                 outcomes.setdefault(check["alertname"], set()).add(bool(check["exp_alerts"]))
     for alert in _rules():
+        if alert in WATCHDOGS:  # firing by design: there is no input under which it must stay quiet
+            assert outcomes.get(alert) == {True}, f"{alert}: needs its firing test case"
+            continue
         assert outcomes.get(alert) == {True, False}, f"{alert}: needs a firing and a not-firing test case"
 
 
@@ -136,3 +148,43 @@ def test_rules_load_and_evaluate_in_a_real_prometheus(tmp_path: Path) -> None:
         assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
     finally:
         server.stop()
+
+
+def test_alertmanager_config_is_valid() -> None:
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.fail("amtool missing: run `make deps` (Debian's prometheus-alertmanager)")
+    result = subprocess.run(
+        [amtool, "check-config", str(ALERTMANAGER_CONFIG)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alerts_reach_alertmanager_and_the_watchdog_is_routed_to_its_receiver(tmp_path: Path) -> None:
+    """Both rule files in a real Prometheus that sends to a real Alertmanager running the committed config,
+    as in compose: every host's watchdog arrives, and goes to the `watchdog` receiver (the dead man's switch),
+    not to the operator."""
+    alertmanager = AlertmanagerServer(workdir=tmp_path / "am")
+    alertmanager.start()
+    config = tmp_path / "prometheus.yml"
+    rule_lines = "".join(f"  - {path}\n" for path in RULE_FILES.values())
+    config.write_text(
+        f"global:\n  evaluation_interval: 1s\nrule_files:\n{rule_lines}scrape_configs: []\n"
+        f"alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['127.0.0.1:{alertmanager.port}']\n"
+    )
+    # Alerts of the first evaluations go out before Prometheus has found the Alertmanager; they are sent
+    # again after `resend-delay` (1 min by default, as in compose).
+    server = PrometheusServer(config, workdir=tmp_path / "run", extra=["--rules.alert.resend-delay=1s"])
+    server.start()
+    try:
+
+        def received() -> dict[str, list[str]]:
+            with urllib.request.urlopen(f"{alertmanager.url}/api/v2/alerts", timeout=5) as resp:
+                alerts = json.loads(resp.read())
+            return {a["labels"]["alertname"]: [r["name"] for r in a["receivers"]] for a in alerts}
+
+        wait_until(lambda: set(received()) >= WATCHDOGS, 30, "both watchdogs in Alertmanager")
+        assert {name: received()[name] for name in WATCHDOGS} == {name: ["watchdog"] for name in WATCHDOGS}
+    finally:
+        server.stop()
+        alertmanager.stop()

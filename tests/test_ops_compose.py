@@ -38,8 +38,8 @@ ENV_EXAMPLE = REPO_ROOT / ".env.example"
 COMPOSE_FILES = {"vps": REPO_ROOT / "compose.vps.yml", "brain": REPO_ROOT / "compose.brain.yml"}
 ROLES = {"vps": ("collector", "forwarder"), "brain": ("consumer", "writer")}
 EXPECTED_SERVICES = {
-    "vps": {"redis", "questdb", "collector", "forwarder", "prometheus", "grafana", "node-exporter"},
-    "brain": {"redis", "questdb", "consumer", "writer", "prometheus", "grafana", "node-exporter"},
+    "vps": {"redis", "questdb", "collector", "forwarder", "prometheus", "alertmanager", "grafana", "node-exporter"},
+    "brain": {"redis", "questdb", "consumer", "writer", "prometheus", "alertmanager", "grafana", "node-exporter"},
 }
 #: One-shot init containers (restart "no"): they prepare secrets and exit.
 ONE_SHOT = {"init", "forwarder-tls"}
@@ -48,6 +48,7 @@ DATA_DIRS = {
     "redis": "/data",
     "questdb": "/var/lib/questdb",
     "prometheus": "/prometheus",
+    "alertmanager": "/alertmanager",  # silences and notification state
     "grafana": "/var/lib/grafana",
 }
 VPS_RAM_BUDGET_MIB = 3.6 * 1024  # a "4 GB" VPS shows ~3.8 GiB; leave the OS and dockerd ~200 MiB or more
@@ -130,11 +131,12 @@ def test_every_service_runs_a_native_command(compose: dict[str, Any]) -> None:
 
 def test_native_stack_commands_match_the_canonical_list(tmp_path: Path) -> None:
     """The argv the native servers (devstack.servers) run are the canonical ones, and only those."""
-    from tickbridge.devstack.servers import PrometheusServer, QuestDBServer, RedisServer
+    from tickbridge.devstack.servers import AlertmanagerServer, PrometheusServer, QuestDBServer, RedisServer
 
     native = {
         "redis": RedisServer(workdir=tmp_path / "redis").command(),
         "prometheus": PrometheusServer(tmp_path / "p.yml", workdir=tmp_path / "prom").command(),
+        "alertmanager": AlertmanagerServer(workdir=tmp_path / "am").command(),
         "questdb": QuestDBServer(workdir=tmp_path / "questdb").command(),
         "writer": ["/venv/bin/python3.11", "-m", "tickbridge", "writer"],
     }

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"  VPS QuestDB {stack.vps_questdb.url}  Brain QuestDB {stack.brain_questdb.url}")
         if stack.prometheus is not None:
             console.print(f"  Prometheus {stack.prometheus.url}")
+        if stack.alertmanager is not None:
+            console.print(f"  Alertmanager {stack.alertmanager.url}")
         procs = {name: proc for name, proc in stack.roles.items()}
         if stack.sim is not None:
             procs = {"sim": stack.sim, **procs}

@@ -20,6 +20,8 @@ import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+#: The committed Alertmanager config, run as is by compose and by the native stack.
+ALERTMANAGER_CONFIG = REPO_ROOT / "alertmanager" / "alertmanager.yml"
 CACHE_DIR = Path(os.environ.get("TICKBRIDGE_CACHE", REPO_ROOT / ".cache"))
 QUESTDB_VERSION = "9.3.4"
 QUESTDB_JAR = Path(os.environ.get("QUESTDB_JAR", CACHE_DIR / f"questdb-{QUESTDB_VERSION}.jar"))
@@ -284,10 +286,11 @@ class PrometheusServer(ManagedProcess):
 
     name = "prometheus"
 
-    def __init__(self, config: Path, *, workdir: Path | None = None) -> None:
+    def __init__(self, config: Path, *, workdir: Path | None = None, extra: list[str] | None = None) -> None:
         super().__init__(workdir)
         self.config = config
         self.port = free_port()
+        self.extra = extra or []
 
     @property
     def url(self) -> str:
@@ -300,6 +303,37 @@ class PrometheusServer(ManagedProcess):
             f"--storage.tsdb.path={self.workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--web.enable-lifecycle",
+            *self.extra,
+        ]
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+            return int(resp.status) == 200
+
+
+class AlertmanagerServer(ManagedProcess):
+    """Debian's `prometheus-alertmanager` with the committed config, on a free port, without clustering."""
+
+    name = "alertmanager"
+
+    def __init__(
+        self, config: Path = REPO_ROOT / "alertmanager" / "alertmanager.yml", *, workdir: Path | None = None
+    ) -> None:
+        super().__init__(workdir)
+        self.config = config
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager",
+            f"--config.file={self.config}",
+            f"--storage.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--cluster.listen-address=",  # one instance: no gossip port to collide with
         ]
 
     def ready(self) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 from tickbridge.devstack.servers import (
     REPO_ROOT,
+    AlertmanagerServer,
     ManagedProcess,
     PrometheusServer,
     QuestDBServer,
@@ -102,6 +103,7 @@ class NativeStack:
         self.sim_port = free_port()
         self.roles: dict[str, RoleProcess] = {}
         self.prometheus: PrometheusServer | None = None
+        self.alertmanager: AlertmanagerServer | None = None
         self._started: list[ManagedProcess] = []
 
     # -- addresses ---------------------------------------------------------------------------------
@@ -178,6 +180,9 @@ class NativeStack:
     def start_prometheus(self, rules: list[Path] | None = None) -> None:
         cfg_path = self.workdir / "prometheus.yml"
         rule_files = rules if rules is not None else sorted((REPO_ROOT / "prometheus").glob("*rules*.yml"))
+        # The committed Alertmanager config, as in compose: firing alerts reach it (UI, amtool, receivers).
+        self.alertmanager = AlertmanagerServer(workdir=self.workdir / "alertmanager")
+        self._start(self.alertmanager)
         cfg_path.write_text(self.prometheus_config(rule_files))
         self.prometheus = PrometheusServer(cfg_path, workdir=self.workdir / "prometheus")
         self._start(self.prometheus)
@@ -190,6 +195,9 @@ class NativeStack:
         jobs["questdb-vps"] = [f"127.0.0.1:{self.vps_questdb.min_port}"]
         jobs["questdb-brain"] = [f"127.0.0.1:{self.brain_questdb.min_port}"]
         lines = ["global:", "  scrape_interval: 2s", "  evaluation_interval: 2s"]
+        if self.alertmanager is not None:
+            lines += ["alerting:", "  alertmanagers:", "    - static_configs:",
+                      f"        - targets: ['127.0.0.1:{self.alertmanager.port}']"]  # fmt: skip
         if rule_files:
             lines.append("rule_files:")
             lines += [f"  - {path}" for path in rule_files]

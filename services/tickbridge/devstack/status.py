@@ -99,7 +99,10 @@ class StatusReader:
         if self.ep.prometheus_url:
             with contextlib.suppress(Exception):
                 alerts = _http_json(f"{self.ep.prometheus_url}/api/v1/alerts")["data"]["alerts"]
-                v["alerts"] = [a["labels"].get("alertname", "?") for a in alerts if a.get("state") == "firing"]
+                v["alerts"] = [
+                    a["labels"].get("alertname", "?") for a in alerts
+                    if a.get("state") == "firing" and not a["labels"].get("alertname", "").endswith("Watchdog")
+                ]  # fmt: skip  (the watchdogs fire by design: the pipeline works)
         v["processes"] = {name: proc.alive() for name, proc in self.ep.processes.items()}
         snap = Snapshot(time.monotonic(), v)
         return snap

@@ -4,7 +4,8 @@ Each compose service must run what the native stack (`make demo`, the tests) run
 here is what is deployed there. A spec is a list of tokens matched as an ordered subsequence of the
 real argv: `<name>` matches any one argument, `--flag=<name>` any `--flag=...`, and the program
 matches by basename (`/usr/bin/redis-server` is `redis-server`; `python -m tickbridge` is
-`tickbridge`). Extra arguments (JVM sizing, retention, ...) are allowed.
+`tickbridge`; Debian's `prometheus-alertmanager` is `alertmanager`). Extra arguments (JVM sizing,
+retention, ...) are allowed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ NATIVE_COMMANDS: dict[str, list[str]] = {
     "redis": ["redis-server", "<conf>"],
     "questdb": ["java", "-m", "io.questdb/io.questdb.ServerMain", "-d", "<root>"],
     "prometheus": ["prometheus", "--config.file=<file>"],
+    "alertmanager": ["alertmanager", "--config.file=<file>"],
 }
 
 #: Compose services with no native counterpart, and why that is acceptable.
@@ -40,6 +42,8 @@ def normalize(argv: list[str]) -> list[str]:
     if not argv:
         return []
     program = os.path.basename(argv[0])
+    if program == "prometheus-alertmanager":  # Debian's name for the image's `alertmanager`
+        program = "alertmanager"
     rest = list(argv[1:])
     if re.fullmatch(r"python[0-9.]*", program) and rest[:2] == ["-m", "tickbridge"]:
         program, rest = "tickbridge", rest[2:]
