@@ -202,6 +202,10 @@ class BrainWriter(Service):
     async def _setup_questdb(self) -> None:
         await self.qdb.exec(TRADES_DDL)
         await self.qdb.exec(DEPTH_DDL)
+        # Known before the first flush: a writer (re)started while a table is suspended must not hand it rows.
+        self.suspended_tables = set(await self.qdb.suspended_tables())
+        if self.suspended_tables:
+            log.error("QuestDB WAL tables suspended at start: %s", ", ".join(sorted(self.suspended_tables)))
         if self.sender is None:
             self.sender = await asyncio.to_thread(self._new_sender)
         sender: Any = self.sender
