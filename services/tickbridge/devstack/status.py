@@ -99,10 +99,11 @@ class StatusReader:
         if self.ep.prometheus_url:
             with contextlib.suppress(Exception):
                 alerts = _http_json(f"{self.ep.prometheus_url}/api/v1/alerts")["data"]["alerts"]
+                # The watchdogs fire by design (the alert pipeline works): not news for the status line.
                 v["alerts"] = [
                     a["labels"].get("alertname", "?") for a in alerts
                     if a.get("state") == "firing" and not a["labels"].get("alertname", "").endswith("Watchdog")
-                ]  # fmt: skip  (the watchdogs fire by design: the pipeline works)
+                ]  # fmt: skip
         v["processes"] = {name: proc.alive() for name, proc in self.ep.processes.items()}
         snap = Snapshot(time.monotonic(), v)
         return snap
