@@ -325,6 +325,38 @@ async def test_trading_code_reads_every_tier_as_the_reader_user_and_can_change_n
     assert (await admin.xinfo_groups(key))[0]["pending"] == 0
 
 
+async def test_a_reader_without_the_backlog_commands_is_told_once(
+    brain: SecureRedisServer,
+    passwords: dict[str, str],
+    admin: aioredis.Redis,
+    questdb_factory: Callable[..., QuestDBServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A user made from the old docs' example (no XINFO GROUPS, XPENDING): COLD still answers, and the log says
+    once that it may miss what the writer has not confirmed, instead of a silent hole."""
+    qserver = questdb_factory()
+    qdb = QuestDBHttp(qserver.url)
+    await qdb.exec(TRADES_DDL)
+    await qdb.close()
+    password = secrets.token_urlsafe(16)
+    await admin.execute_command(
+        "ACL", "SETUSER", "oldreader", "on", f">{password}", "%R~market:*", "+ping", "+client|setname", "+client|id",
+        "+xread", "+xrange", "+xrevrange", "+xinfo|stream", "+zrange",
+    )  # fmt: skip
+    assert brain.certs is not None
+    settings = Settings(
+        brain_redis_url=brain.url_for("oldreader", password), brain_questdb_url=qserver.url, symbols=("BTCUSDT",),
+        redis_tls_ca=str(brain.certs.ca), redis_tls_cert=str(brain.certs.client_cert),
+        redis_tls_key=str(brain.certs.client_key),
+    )  # fmt: skip
+    caplog.set_level("WARNING", logger="tickbridge.brain.tiered")
+    async with TieredMarketData(settings, registry=CollectorRegistry(), follow=False) as md:
+        for _ in range(3):
+            assert (await md.recent("BTCUSDT", 10)).rows == []
+    warnings = [r.getMessage() for r in caplog.records if "writer has not confirmed" in r.getMessage()]
+    assert len(warnings) == 1 and "xinfo|groups" in warnings[0]
+
+
 async def test_dead_letter_replay_as_the_consumer_user_keeps_warm_whole(
     brain: SecureRedisServer, passwords: dict[str, str], admin: aioredis.Redis
 ) -> None:

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tickbridge.brain.common import check, id_key, parse_info_pairs, parse_read_reply
@@ -206,6 +206,7 @@ class TieredMarketData:
         #: every `recheck_s`.
         self._excluded: dict[str, str] = {}
         self._recheck_s = recheck_s
+        self._backlog_refused = False  # warned once that the ACL refuses the backlog read
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -382,6 +383,11 @@ class TieredMarketData:
             self.redis, [["XINFO", "GROUPS", key], ["XPENDING", key, keys.WRITER_GROUP]]
         )
         if isinstance(groups_r, ResponseError):
+            if isinstance(groups_r, NoPermissionError) and not self._backlog_refused:
+                # An ACL user without XINFO GROUPS/XPENDING/XRANGE: COLD answers without the writer's backlog.
+                self._backlog_refused = True
+                log.warning("COLD answers may miss what the writer has not confirmed yet: %s (the ACL user `reader` "
+                            "has the commands)", groups_r)  # fmt: skip
             return []  # no such key, or the wrong type (HOT leaves the symbol out, the writer skips it)
         start = _unconfirmed_from(groups_r, pending_r)
         if lo_us is not None:
