@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -29,6 +30,15 @@ pytestmark = pytest.mark.timeout(90)
 SYM = "BTCUSDT"
 
 
+def pipeline_settings(redis_server: RedisServer, qserver: QuestDBServer, **kw: Any) -> Settings:
+    """Consumer, writer and TieredMarketData on one Brain Redis and QuestDB, for SYM."""
+    base: dict[str, Any] = {
+        "brain_redis_url": redis_server.url, "brain_questdb_url": qserver.url, "symbols": (SYM,), "hot_ticks": 100,
+        "warm_window_s": 300, "writer_flush_interval_s": 0.1, "consumer_name": "t",
+    }  # fmt: skip
+    return Settings(**{**base, **kw})
+
+
 async def test_tiers_answer_and_stitch_seamlessly(
     redis_server: RedisServer,
     questdb_factory: Callable[..., QuestDBServer],
@@ -36,15 +46,7 @@ async def test_tiers_answer_and_stitch_seamlessly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     qserver = questdb_factory()
-    settings = Settings(
-        brain_redis_url=redis_server.url,
-        brain_questdb_url=qserver.url,
-        symbols=(SYM,),
-        hot_ticks=100,
-        warm_window_s=300,
-        writer_flush_interval_s=0.1,
-        consumer_name="t",
-    )
+    settings = pipeline_settings(redis_server, qserver)
     brain = make_client(redis_server.url)
     qdb = QuestDBHttp(qserver.url)
     await ensure_group(brain, keys.DEFAULT_STREAM_KEY, keys.DEFAULT_CONSUMER_GROUP)
@@ -478,16 +480,7 @@ async def test_a_writer_behind_more_than_warm_leaves_no_hole(
     them back from there, pending ones included, so no hole opens between COLD and WARM, and nothing is
     doubled once the writer has caught up."""
     qserver = questdb_factory()
-    settings = Settings(
-        brain_redis_url=redis_server.url,
-        brain_questdb_url=qserver.url,
-        symbols=(SYM,),
-        hot_ticks=100,
-        warm_window_s=300,
-        writer_flush_interval_s=0.1,
-        consumer_claim_idle_ms=1000,
-        consumer_name="t",
-    )
+    settings = pipeline_settings(redis_server, qserver, consumer_claim_idle_ms=1000)
     brain = make_client(redis_server.url)
     qdb = QuestDBHttp(qserver.url)
     stream, key = keys.DEFAULT_STREAM_KEY, keys.trades_key(SYM)

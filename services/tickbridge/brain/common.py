@@ -66,6 +66,11 @@ def parse_info_pairs(flat: list[Any] | dict[bytes, Any]) -> dict[bytes, Any]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
 
+def as_text(value: Any) -> str:
+    """A reply value as text (bytes decoded, anything else through str)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def id_ms(entry_id: bytes | str) -> int:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(text.partition("-")[0])

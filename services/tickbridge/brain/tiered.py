@@ -40,7 +40,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tickbridge.brain.common import check, id_key, parse_info_pairs, parse_read_reply
+from tickbridge.brain.common import as_text, check, id_key, parse_info_pairs, parse_read_reply
 from tickbridge.core import keys
 from tickbridge.core.metrics import counter, histogram
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp
@@ -417,7 +417,7 @@ class TieredMarketData:
                 self.metrics.backlog_truncated.inc()
                 log.warning("%s: the writer is more than %d entries behind; the answer may miss trades", key, scanned)
                 break
-            start = "(" + _text(reply[-1][0])
+            start = "(" + as_text(reply[-1][0])
         self._backlog_latency.observe(time.perf_counter() - started)
         if rows:
             self.metrics.backlog_rows.inc(len(rows))
@@ -497,20 +497,16 @@ class TieredMarketData:
         return self._done(merge(cold, backlog)[:limit] if backlog else cold, (COLD,), started)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _unconfirmed_from(groups: Any, pending: Any) -> str:
     """XRANGE start of what the writer has not confirmed: its oldest pending entry, else just after its
     last-delivered ID (`-`, all of it, if the writer group does not exist yet)."""
     for group in groups:
         info = parse_info_pairs(group)
-        if _text(info[b"name"]) != keys.WRITER_GROUP:
+        if as_text(info[b"name"]) != keys.WRITER_GROUP:
             continue
         if not isinstance(pending, ResponseError) and pending and pending[0]:
-            return _text(pending[1])  # at or below last-delivered
-        return "(" + _text(info[b"last-delivered-id"])
+            return as_text(pending[1])  # at or below last-delivered
+        return "(" + as_text(info[b"last-delivered-id"])
     return "-"
 
 

@@ -571,8 +571,7 @@ class Collector(Service):
 
     def _emit_trade(self, ev: Trade, out: list[Item], live: bool = True) -> None:
         self.last_trade[ev.symbol] = ev.trade_id
-        if ev.timestamp > self.last_trade_ts.get(ev.symbol, 0):
-            self.last_trade_ts[ev.symbol] = ev.timestamp
+        self.last_trade_ts[ev.symbol] = ev.timestamp  # emitted in ID order, so in time order
         out.append(ev)
         self._hot[ev.symbol].append(ev)
         self._n_trade[ev.symbol] += 1

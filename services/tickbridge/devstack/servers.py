@@ -281,20 +281,31 @@ class QuestDBServer(ManagedProcess):
             return int(resp.status) == 204
 
 
-class PrometheusServer(ManagedProcess):
+class _PrometheusProjectServer(ManagedProcess):
+    """A server of the Prometheus project (config file, free port, `/-/ready`)."""
+
+    def __init__(self, config: Path, *, workdir: Path | None = None) -> None:
+        super().__init__(workdir)
+        self.config = config
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+            return int(resp.status) == 200
+
+
+class PrometheusServer(_PrometheusProjectServer):
     """Debian's `prometheus` with a given config file, on a free port."""
 
     name = "prometheus"
 
     def __init__(self, config: Path, *, workdir: Path | None = None, extra: list[str] | None = None) -> None:
-        super().__init__(workdir)
-        self.config = config
-        self.port = free_port()
+        super().__init__(config, workdir=workdir)
         self.extra = extra or []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         return [
@@ -306,26 +317,14 @@ class PrometheusServer(ManagedProcess):
             *self.extra,
         ]
 
-    def ready(self) -> bool:
-        with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
-            return int(resp.status) == 200
 
-
-class AlertmanagerServer(ManagedProcess):
+class AlertmanagerServer(_PrometheusProjectServer):
     """Debian's `prometheus-alertmanager` with the committed config, on a free port, without clustering."""
 
     name = "alertmanager"
 
-    def __init__(
-        self, config: Path = REPO_ROOT / "alertmanager" / "alertmanager.yml", *, workdir: Path | None = None
-    ) -> None:
-        super().__init__(workdir)
-        self.config = config
-        self.port = free_port()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def __init__(self, config: Path = ALERTMANAGER_CONFIG, *, workdir: Path | None = None) -> None:
+        super().__init__(config, workdir=workdir)
 
     def command(self) -> list[str]:
         return [
@@ -335,10 +334,6 @@ class AlertmanagerServer(ManagedProcess):
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--cluster.listen-address=",  # one instance: no gossip port to collide with
         ]
-
-    def ready(self) -> bool:
-        with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
-            return int(resp.status) == 200
 
 
 class ToxiproxyServer(ManagedProcess):
