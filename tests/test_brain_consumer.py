@@ -236,7 +236,8 @@ async def test_entry_that_keeps_failing_is_dead_lettered_without_harming_its_bat
     bad_id = await brain.xadd(STREAM, as_mapping(bad_cmd[3:]))
     await good.append(brain, STREAM, 5)
     registry = CollectorRegistry()
-    services.start(BrainConsumer(settings_for(redis_server, consumer_name="me", consumer_max_deliveries=2), registry))
+    settings = settings_for(redis_server, consumer_name="me", consumer_max_deliveries=2, symbols=(*SYMBOLS, "XRPUSDT"))
+    services.start(BrainConsumer(settings, registry))
 
     await eventually(lambda: equals(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=20, what="dead-lettered")
     dl = (await brain.xrange(keys.CONSUMER_DEAD_LETTER))[0][1]
@@ -263,10 +264,10 @@ async def test_ingest_call_replayed_writes_nothing_twice(brain: aioredis.Redis, 
         await svc._setup()
         entries = await svc._read(">", block=False)
         assert len(entries) == 31
-        cmd, dead = svc._build(entries, {})
-        assert dead == 0
+        cmd, dead, truncated = svc._build(entries, {})
+        assert dead == truncated == 0
         first, second = await execute_packed(brain, [cmd, cmd])
-        assert first == [31, 0, 0, 0, b""] and second == [0, 31, 0, 0, b""]
+        assert first == [31, 0, 0, 0, b"", 0] and second == [0, 31, 0, 0, b"", 0]
         for sym in SYMBOLS:
             ids = await src_ids(brain, keys.trades_key(sym))
             assert len(ids) == len(set(ids)) == 10

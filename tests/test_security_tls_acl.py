@@ -345,8 +345,10 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
          ["XRANGE", "tickbridge:deadletter:consumer", "-", "+", "COUNT", 10],  # tickbridge deadletters
          ["FCALL", "deliver", 3, STREAM, TRADES, WARM, "61000.1", TS, "1-1"], ["XACK", STREAM, GROUP, "1-1"],
          ["XTRIM", STREAM, "MINID", "0"], ["XREVRANGE", STREAM, "+", "-", "COUNT", 1], ["XDEL", TRADES, "1-1"],
-         ["SET", "tickbridge:heartbeat:consumer:c1", "1", "EX", 10]],
+         ["SET", "tickbridge:heartbeat:consumer:c1", "1", "EX", 10],
+         ["INFO", "memory"]],  # BrainRedisMemoryHigh's gauges (issue 14); INFO's other sections stay denied
         [["XADD", STREAM, "*", "forged", 1], ["FCALL", "forge", 1, STREAM], ["XGROUP", "DESTROY", STREAM, GROUP],
+         ["INFO", "server"], ["INFO"],
          ["DEL", TRADES], ["FUNCTION", "DELETE", "tbsec"], ["HSET", "tickbridge:forwarder:state", "a", 1],
          ["XDEL", STREAM, "1-1"], ["XADD", WARM, "*", "a", 1]],
     ),

@@ -17,9 +17,17 @@
 --        contract's field order for the key pair k (the common case)
 --   'w', id, target_index, warm_index, score, member, nfields, field, value, ...: any other valid trade
 --   'p', id, target_index, nfields, field, value, ...: an order-book diff
---   'd', id, dead_letter_index, nfields, field, value, ... (with the reason): a dead letter
+--   'D', id, dead_letter_index, maxlen, nfields, field, value, ... (with the reason): a dead letter, in a
+--        stream capped at maxlen entries (XADD MAXLEN =; the evicted oldest ones are counted)
+--   'd', id, dead_letter_index, nfields, field, value, ...: a dead letter without a cap (older consumers)
 -- Arguments cost more than the commands here, so the common case sends as few as possible.
--- Returns {written, already_acked, failed WARM commands, entries left pending, first error or ''}.
+-- A record of more than MAX_UNPACK values (Lua's C stack limits `unpack`, and a script error would fail
+-- the batch on every retry) is never unpacked: a dead letter is written without the entry's fields (and
+-- acked), a tick is left pending (the consumer dead-letters it after its delivery limit).
+-- Returns {written, already_acked, failed WARM commands, entries left pending, first error or '',
+-- dead letters evicted by the cap}.
+local MAX_UNPACK = 4000
+
 local function add_warm(warm, zkey, score, member)
   local entry = warm[zkey]
   if entry == nil then
@@ -64,7 +72,7 @@ local function ingest(keys, args)
     i = i + 3
   end
   local n = #args
-  local written, dup, failed, first_err = 0, 0, 0, ''
+  local written, dup, failed, first_err, evicted = 0, 0, 0, '', 0
   local warm = {}
   local call, pcall_ = redis.call, redis.pcall
   while i <= n do
@@ -97,13 +105,41 @@ local function ingest(keys, args)
       local id = args[i + 1]
       local k = tonumber(args[i + 2])
       i = i + 3
-      local warm_index, score, member = 0, nil, nil
+      local warm_index, score, member, maxlen = 0, nil, nil, nil
       if kind == 'w' then
         warm_index, score, member = tonumber(args[i]), tonumber(args[i + 1]), args[i + 2]
         i = i + 3
+      elseif kind == 'D' then
+        maxlen = args[i]
+        i = i + 1
       end
       local nfields = tonumber(args[i])
-      local new_id = pcall_('XADD', keys[k], '*', 'src_id', id, unpack(args, i + 1, i + nfields))
+      local dead_letter = kind == 'd' or kind == 'D'
+      local before = 0
+      if maxlen then
+        before = pcall_('XLEN', keys[k])
+      end
+      local new_id
+      if nfields <= MAX_UNPACK and i + nfields <= n then
+        if maxlen then
+          new_id = pcall_('XADD', keys[k], 'MAXLEN', '=', maxlen, '*', 'src_id', id, unpack(args, i + 1, i + nfields))
+        else
+          new_id = pcall_('XADD', keys[k], '*', 'src_id', id, unpack(args, i + 1, i + nfields))
+        end
+      elseif dead_letter then
+        local note = 'record of ' .. nfields .. ' values: fields not copied (too many to unpack)'
+        if maxlen then
+          new_id = pcall_('XADD', keys[k], 'MAXLEN', '=', maxlen, '*', 'src_id', id, 'reason', note)
+        else
+          new_id = pcall_('XADD', keys[k], '*', 'src_id', id, 'reason', note)
+        end
+      else
+        new_id = {err = 'record of ' .. nfields .. ' values: too many to unpack'}
+      end
+      if type(new_id) ~= 'table' and maxlen and type(before) == 'number' then
+        local after = call('XLEN', keys[k])
+        if after < before + 1 then evicted = evicted + before + 1 - after end
+      end
       if type(new_id) == 'table' then
         failed = failed + 1
         if first_err == '' then first_err = keys[k] .. ': ' .. new_id.err end
@@ -119,7 +155,7 @@ local function ingest(keys, args)
       i = i + 1 + nfields
     end
   end
-  return {written, dup, write_warm(warm, window), failed, first_err}
+  return {written, dup, write_warm(warm, window), failed, first_err, evicted}
 end
 
 redis.register_function('tickbridge_brain_ingest', ingest)

@@ -8,11 +8,18 @@ only acked trades go to the WARM zset. The call is atomic, so a crash before or 
 duplicates. (Per-symbol explicit IDs are not used for dedup: two consumers interleave IDs per
 symbol, so a lower ID from one would be rejected after the other wrote a higher one.)
 
-Entries are decoded and validated in Python first; invalid ones, and entries delivered more than
-CONSUMER_MAX_DELIVERIES times, go to the dead-letter stream through the same function (acked exactly
-once as well). An entry whose append fails (its target key is not a stream) stays pending while the call
-completes the rest of the batch, WARM included; the pending ones are retried entry by entry, and an
-entry is dead-lettered once it passed the delivery limit.
+Entries are decoded and validated in Python first, and only the contract's fields of a valid tick of a
+configured symbol (SYMBOLS) travel on, in the contract's order (a trade in another field order is written
+in the contract's). Anything else (extra, duplicate or missing fields, invalid values, a symbol outside
+SYMBOLS), and entries delivered more than CONSUMER_MAX_DELIVERIES times, go to the dead-letter stream
+through the same function (acked exactly once as well), as a capped copy: at most `dead_letter_max_bytes`
+of the raw fields (a `truncated` field says what was cut), in a stream capped at `dead_letter_maxlen`
+entries (the oldest are evicted; both counted). A peer on the link can neither stall the consumer nor
+fill the Brain Redis with what it sends.
+
+An entry whose append fails (its target key is not a stream) stays pending while the call completes the
+rest of the batch, WARM included; the pending ones are retried entry by entry, and an entry is
+dead-lettered once it passed the delivery limit.
 
 Trimming: the Brain stream is trimmed (MINID, approximate) below the oldest entry any group still
 needs, keeping `trim_retention_s` of history.
@@ -54,11 +61,70 @@ from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logg
 from tickbridge.core.metrics import counter, gauge, histogram, serve_metrics
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings, load_settings
-from tickbridge.core.tick import TickError, Trade, decode_entry
+from tickbridge.core.tick import DEPTH_FIELDS, TRADE_FIELDS, DepthDiff, Tick, TickError, Trade, decode_entry
 
 log = logging.getLogger(__name__)
 
 MONITOR_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
+
+#: Dead-letter stream cap (XADD MAXLEN =): the oldest dead letters are evicted (counted) beyond it.
+DEAD_LETTER_MAXLEN = 10_000
+#: Bytes of an entry's raw fields (names and values) a dead letter copies at most; 10,000 x 16 KiB = 160 MB
+#: at worst, under a tenth of the Brain Redis' 2 GB `maxmemory`. A valid tick is far smaller (a trade
+#: ~150 B; a depth diff of Binance's 100 ms stream a few KiB), so a valid one stays replayable.
+DEAD_LETTER_MAX_BYTES = 16_384
+#: Field pairs a dead letter copies at most (the contract has 9; brain.lua unpacks them in one call).
+DEAD_LETTER_MAX_FIELDS = 64
+
+_TRADE_NAMES = frozenset(f.encode() for f in TRADE_FIELDS)
+_DEPTH_NAMES = frozenset(f.encode() for f in DEPTH_FIELDS)
+_CONTRACT_NAMES = _TRADE_NAMES | _DEPTH_NAMES
+_MAX_ITEMS = 2 * max(len(TRADE_FIELDS), len(DEPTH_FIELDS))
+
+
+def strict_decode(fields: list[bytes]) -> Tick:
+    """`decode_entry`, and exactly the contract's fields of its type, each once (`recv_ts` optional on a
+    depth diff, as `decode_entry` allows): extra fields would travel on to every reader of the per-symbol
+    stream, and thousands of them made brain.lua's `unpack` fail. Raises `TickError`."""
+    if len(fields) > _MAX_ITEMS:  # before any decoding: a wide entry costs nothing more than its length
+        raise TickError(f"{len(fields) // 2} fields, more than the contract's {_MAX_ITEMS // 2}")
+    names = fields[::2]
+    seen = set(names)
+    if len(seen) != len(names):
+        dup = next(n for i, n in enumerate(names) if n in names[:i])
+        raise TickError(f"duplicate field {dup[:40]!r}")
+    extra = seen - _CONTRACT_NAMES
+    if extra:
+        raise TickError(f"unexpected field {min(extra)[:40]!r}")
+    tick = decode_entry(fields)
+    extra = seen - (_TRADE_NAMES if isinstance(tick, Trade) else _DEPTH_NAMES)
+    if extra:
+        kind = "trade" if isinstance(tick, Trade) else "depth diff"
+        raise TickError(f"unexpected field {min(extra)[:40]!r} in a {kind}")
+    return tick
+
+
+def capped_copy(
+    fields: list[bytes], max_bytes: int, max_fields: int = DEAD_LETTER_MAX_FIELDS
+) -> tuple[list[bytes], str]:
+    """The first field pairs of an entry within `max_bytes` (names and values; the last one cut) and
+    `max_fields` pairs, and what was cut ('' when the copy is whole)."""
+    total = sum(map(len, fields))
+    pairs = len(fields) // 2
+    if total <= max_bytes and pairs <= max_fields:
+        return list(fields), ""
+    out: list[bytes] = []
+    left = max_bytes
+    for i in range(0, min(pairs, max_fields) * 2, 2):
+        if left <= 0:
+            break
+        name = fields[i][:left]
+        left -= len(name)
+        value = fields[i + 1][: max(left, 0)]
+        left -= len(value)
+        out += [name, value]
+    kept = sum(map(len, out))
+    return out, f"kept {len(out) // 2} of {pairs} fields, {kept} of {total} bytes"
 
 
 class ConsumerMetrics:
@@ -73,6 +139,16 @@ class ConsumerMetrics:
         )
         self.dead_letters = counter(
             "consumer_dead_letters_total", "Entries sent to the dead-letter stream", registry=registry
+        )
+        self.dead_letters_truncated = counter(
+            "consumer_dead_letters_truncated_total",
+            "Dead letters that keep only part of their entry's fields (the byte or field cap)",
+            registry=registry,
+        )
+        self.dead_letters_evicted = counter(
+            "consumer_dead_letters_evicted_total",
+            "Oldest dead letters evicted by the dead-letter stream's length cap",
+            registry=registry,
         )
         self.claimed = counter(
             "consumer_claimed_total", "Entries re-delivered from the PEL or claimed", registry=registry
@@ -118,6 +194,14 @@ class ConsumerMetrics:
             "1 while the consumer's last monitoring round reached the Brain Redis",
             registry=registry,
         )
+        self.brain_redis_used_memory = gauge(
+            "consumer_brain_redis_used_memory_bytes", "used_memory of the Brain Redis (INFO memory)", registry=registry
+        )
+        self.brain_redis_maxmemory = gauge(
+            "consumer_brain_redis_maxmemory_bytes",
+            "maxmemory of the Brain Redis (INFO memory; 0 = no limit)",
+            registry=registry,
+        )
 
 
 class BrainConsumer(Service):
@@ -134,6 +218,8 @@ class BrainConsumer(Service):
         trim_retention_s: float = 60.0,
         monitor_interval_s: float = 1.0,
         block_ms: int = 500,
+        dead_letter_maxlen: int = DEAD_LETTER_MAXLEN,
+        dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -145,6 +231,10 @@ class BrainConsumer(Service):
         self.trim_retention_s = trim_retention_s
         self.monitor_interval_s = monitor_interval_s
         self.block_ms = block_ms
+        self.dead_letter_maxlen = dead_letter_maxlen
+        self.dead_letter_max_bytes = dead_letter_max_bytes
+        self.symbols = frozenset(s.encode() for s in settings.symbols)
+        self._info_denied = False
         self.warm_window_us = int(settings.warm_window_s * 1_000_000)
         self.watchdog = Watchdog(default_limit=120.0)
         self.client: aioredis.Redis | None = None
@@ -231,7 +321,7 @@ class BrainConsumer(Service):
         built = self._build(entries, {}) if entries else None
         await self._finish_inflight()
         if built is not None:
-            self._inflight = asyncio.create_task(self._call(built[0], len(entries), built[1]))
+            self._inflight = asyncio.create_task(self._call(built[0], len(entries), built[1], built[2]))
         return len(entries)
 
     async def recover_own(self) -> int:
@@ -307,11 +397,12 @@ class BrainConsumer(Service):
         """Validate a batch and hand it to the atomic ingest function; returns (written, duplicates)."""
         await self._finish_inflight()
         counts = await self._delivery_counts(entries) if recovered else {}
-        cmd, dead = self._build(entries, counts)
-        return await self._call(cmd, len(entries), dead)
+        cmd, dead, truncated = self._build(entries, counts)
+        return await self._call(cmd, len(entries), dead, truncated)
 
-    def _build(self, entries: Sequence[RawEntry], counts: dict[bytes, int]) -> tuple[list[str | bytes | int], int]:
-        """The FCALL for a batch (validation happens here) and the number of dead letters in it."""
+    def _build(self, entries: Sequence[RawEntry], counts: dict[bytes, int]) -> tuple[list[str | bytes | int], int, int]:
+        """The FCALL for a batch (validation happens here), the number of dead letters in it and how many of
+        them keep only part of their entry."""
         key_index: dict[str, int] = {}
         key_list: list[str] = [self.stream]
 
@@ -338,12 +429,14 @@ class BrainConsumer(Service):
 
         args: list[str | bytes | int] = []
         runs: dict[tuple[bytes, bytes], list[bytes]] = {}  # (symbol, exchange) -> 7 values per trade
-        dead = 0
+        dead = truncated = 0
         dl = 0
+        symbols = self.symbols
         for entry_id, fields in entries:
             if fields is None:  # deleted from the stream while pending: nothing left to write
                 dl = dl or index(keys.CONSUMER_DEAD_LETTER)
-                args += ["d", entry_id, dl, 4, "reason", "entry deleted while pending", "src_stream", self.stream]
+                args += ["D", entry_id, dl, self.dead_letter_maxlen, 4,
+                         "reason", "entry deleted while pending", "src_stream", self.stream]  # fmt: skip
                 dead += 1
                 continue
             deliveries = counts.get(entry_id, 1)
@@ -351,49 +444,59 @@ class BrainConsumer(Service):
                 reason = f"delivered {deliveries} times"
             else:
                 fast = fast_trade(fields)
-                if fast is not None:  # the common case, without building a dict and a dataclass
+                if fast is not None and fast[0] in symbols:  # the common case, without a dict and a dataclass
                     run = runs.get(fast)
                     if run is None:
                         run = runs[fast] = []
                     run += (entry_id, *fields[7::2])
                     continue
-                try:
-                    tick = decode_entry(fields)
-                except TickError as exc:
-                    reason = str(exc)
-                else:
-                    if isinstance(tick, Trade):
-                        # The symbol's trades so far go first: its stream keeps the Brain stream's order.
-                        pair = (tick.symbol.encode(), tick.exchange.encode())
-                        earlier = runs.pop(pair, None)
-                        if earlier:
-                            args += ["T", trade_pair(*pair), len(earlier) // 7, *earlier]
-                        member = f"{tick.trade_id}|{tick.price}|{tick.volume}|{tick.side}|{tick.recv_ts}"
-                        target = index(keys.trades_key(tick.symbol, tick.exchange))
-                        warm_idx = index(keys.warm_key(tick.symbol, tick.exchange))
-                        args += ["w", entry_id, target, warm_idx, tick.timestamp, member, len(fields), *fields]
-                    else:
-                        target = index(keys.depth_key(tick.symbol, tick.exchange))
-                        args += ["p", entry_id, target, len(fields), *fields]
+                tick = self._verdict(fields)
+                if isinstance(tick, Trade):
+                    # Another field order: written in the contract's, in its symbol's run (the order of the
+                    # Brain stream per symbol holds).
+                    pair = (tick.symbol.encode(), tick.exchange.encode())
+                    run = runs.get(pair)
+                    if run is None:
+                        run = runs[pair] = []
+                    run += (entry_id, *(str(v).encode() for v in tick.fields()[7::2]))
                     continue
+                if isinstance(tick, DepthDiff):
+                    normal = tick.fields()
+                    args += ["p", entry_id, index(keys.depth_key(tick.symbol, tick.exchange)), len(normal), *normal]
+                    continue
+                reason = tick
             dl = dl or index(keys.CONSUMER_DEAD_LETTER)
-            raw = (
-                [b"reason", reason.encode(), *fields]
-                if len(fields) % 2 == 0
-                else [b"reason", reason.encode(), *fields, b""]
-            )
-            args += ["d", entry_id, dl, len(raw), *raw]
+            raw = fields if len(fields) % 2 == 0 else [*fields, b""]
+            copy, cut = capped_copy(raw, self.dead_letter_max_bytes)
+            extra: list[bytes] = [b"truncated", cut.encode()] if cut else []
+            truncated += bool(cut)
+            args += ["D", entry_id, dl, self.dead_letter_maxlen, 2 + len(extra) + len(copy),
+                     b"reason", reason.encode(), *extra, *copy]  # fmt: skip
             dead += 1
         for (symbol, exchange), run in runs.items():
             args += ["T", trade_pair(symbol, exchange), len(run) // 7, *run]
         head = [self.group, self.warm_window_us, len(header) // 3, *header]
-        return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *head, *args], dead
+        return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *head, *args], dead, truncated
 
-    async def _call(self, cmd: list[str | bytes | int], n: int, dead: int) -> tuple[int, int]:
+    def _verdict(self, fields: list[bytes]) -> Tick | str:
+        """The tick the entry holds, or why it is dead-lettered."""
+        try:
+            tick = strict_decode(fields)
+        except TickError as exc:
+            return str(exc)
+        if tick.symbol.encode() not in self.symbols:
+            # A per-symbol stream, WARM set, writer group and QuestDB symbol for any name the link sends
+            # would let it fill the Brain: only the configured symbols pass.
+            return f"symbol {tick.symbol!r} not in SYMBOLS"
+        return tick
+
+    async def _call(self, cmd: list[str | bytes | int], n: int, dead: int, truncated: int = 0) -> tuple[int, int]:
         assert self.client is not None
         started = time.perf_counter()
         (reply,) = await execute_packed(self.client, [cmd])
-        written, dup, warm_errors, failed, first_error = check(reply)
+        written, dup, warm_errors, failed, first_error, evicted = check(reply)
+        if evicted:
+            self.metrics.dead_letters_evicted.inc(int(evicted))
         if warm_errors:
             self.metrics.errors.labels("warm").inc(warm_errors)
             log.error("%d WARM commands failed (a key of the wrong type?); the ticks are written", warm_errors)
@@ -402,6 +505,7 @@ class BrainConsumer(Service):
         if dead:
             # Dead letters are "written" to the dead-letter stream by the same call; split the count.
             self.metrics.dead_letters.inc(dead)
+            self.metrics.dead_letters_truncated.inc(truncated)
             self.metrics.entries.labels("dead_letter").inc(dead)
             log.warning("%d entries sent to %s", dead, keys.CONSUMER_DEAD_LETTER)
         self.metrics.entries.labels("written").inc(max(0, int(written) - dead))
@@ -475,8 +579,10 @@ class BrainConsumer(Service):
             ["XREVRANGE", self.stream, "+", "-", "COUNT", 1],
             ["XLEN", keys.CONSUMER_DEAD_LETTER],
             ["SET", keys.heartbeat_key("consumer", self.consumer), str(time.time()), "EX", 15],
+            ["INFO", "memory"],
         ]
-        groups_r, pending_r, newest_r, dl_r, _ = await execute_packed(self.client, cmds)
+        groups_r, pending_r, newest_r, dl_r, _, memory_r = await execute_packed(self.client, cmds)
+        self._memory(memory_r)
         now_ms = time.time() * 1000
         ages: list[float] = []
         if not isinstance(groups_r, BaseException):
@@ -511,6 +617,22 @@ class BrainConsumer(Service):
             self.metrics.vps_link_up.set(0)
         if not isinstance(dl_r, BaseException):
             self.metrics.dead_letter_length.set(float(dl_r))
+
+    def _memory(self, reply: object) -> None:
+        """used_memory and maxmemory from INFO memory: BrainRedisMemoryHigh fires before `maxmemory` (with
+        `noeviction`) refuses the forwarder's XADDs and stops the pipeline."""
+        if isinstance(reply, BaseException):
+            if not self._info_denied:  # e.g. an ACL without +info: said once, the other metrics go on
+                self._info_denied = True
+                log.warning("no Brain Redis memory metrics: INFO memory failed (%s)", reply)
+            return
+        text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+        for line in text.splitlines():
+            name, _, value = line.partition(":")
+            if name == "used_memory":
+                self.metrics.brain_redis_used_memory.set(float(value))
+            elif name == "maxmemory":
+                self.metrics.brain_redis_maxmemory.set(float(value))
 
     async def trim(self) -> None:
         """Trim the Brain stream below what every group still needs, keeping `trim_retention_s` of history.

@@ -6,10 +6,12 @@ fields, its Brain-stream ID (`src_id`) and the reason. `--replay` decodes each o
 is appended to its per-symbol stream and its dead letter deleted in one atomic call
 (`tickbridge_brain_replay`), so a replay that is interrupted or run twice repeats nothing. The writer
 takes it from there (and QuestDB's DEDUP would absorb a trade that was somehow written before).
-Entries that are still invalid stay where they are. A replayed tick lands after newer ones in its
-per-symbol stream (QuestDB orders by timestamp; HOT ignores a tick older than all it holds). A trade
-inside WARM's window goes to WARM in the same call (WARM must hold every trade of its window); an older
-one does not (WARM would claim trades it lacks), and COLD answers for it.
+Entries that are still invalid stay where they are, and so do truncated ones: the consumer copies at most
+16 KiB of an entry's fields into its dead letter (`truncated` says what was cut), and the stream keeps the
+newest 10,000 (issue 14), so a capped copy is listed with its reason but never replayed. A replayed tick
+lands after newer ones in its per-symbol stream (QuestDB orders by timestamp; HOT ignores a tick older
+than all it holds). A trade inside WARM's window goes to WARM in the same call (WARM must hold every trade
+of its window); an older one does not (WARM would claim trades it lacks), and COLD answers for it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from tickbridge.core.tick import TickError, Trade, decode_entry
 
 REPLAY_FUNCTION = "tickbridge_brain_replay"
 #: Fields the consumer adds to a dead letter (the rest is the entry as it was).
-_ADDED = {b"src_id", b"reason", b"src_stream"}
+_ADDED = {b"src_id", b"reason", b"src_stream", b"truncated"}
+#: Why a truncated dead letter is left in place.
+TRUNCATED = "truncated copy (only part of the entry was kept): not replayable"
 ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
 
 
@@ -41,7 +45,8 @@ class DeadLetter:
     id: bytes
     src_id: bytes
     reason: str
-    fields: list[bytes]  # the original entry, flat
+    fields: list[bytes]  # the original entry, flat (only its first fields and bytes if `truncated`)
+    truncated: str = ""  # what the consumer's cap cut ('' = the whole entry)
 
 
 @dataclass
@@ -54,7 +59,7 @@ class ReplayResult:
 
 def parse_dead_letter(entry_id: bytes, flat: list[bytes]) -> DeadLetter:
     """Split a dead letter into the consumer's additions and the original fields."""
-    src_id, reason = b"", ""
+    src_id, reason, truncated = b"", "", ""
     original: list[bytes] = []
     for i in range(0, len(flat) - 1, 2):
         name, value = flat[i], flat[i + 1]
@@ -62,9 +67,11 @@ def parse_dead_letter(entry_id: bytes, flat: list[bytes]) -> DeadLetter:
             src_id = value
         elif name == b"reason" and not reason:
             reason = value.decode(errors="replace")
+        elif name == b"truncated" and not truncated:
+            truncated = value.decode(errors="replace")
         elif name not in _ADDED:
             original += [name, value]
-    return DeadLetter(entry_id, src_id, reason, original)
+    return DeadLetter(entry_id, src_id, reason, original, truncated)
 
 
 async def read_all(client: aioredis.Redis, stream: str = keys.CONSUMER_DEAD_LETTER) -> list[DeadLetter]:
@@ -87,6 +94,9 @@ async def replay(client: aioredis.Redis, letters: list[DeadLetter], *, warm_wind
     window_us = int(warm_window_s * 1_000_000)
     result = ReplayResult()
     for letter in letters:
+        if letter.truncated:
+            result.invalid[TRUNCATED] += 1
+            continue
         try:
             tick = decode_entry(letter.fields)
         except TickError as exc:
@@ -121,6 +131,9 @@ def _summary(letters: list[DeadLetter], console: Console) -> None:
     for reason, n in reasons.most_common():
         table.add_row(reason[:100], str(n))
     console.print(table)
+    truncated = sum(1 for letter in letters if letter.truncated)
+    if truncated:
+        console.print(f"{truncated} of them keep only part of their entry (capped copies: listed, never replayed)")
 
 
 async def run(args: argparse.Namespace, console: Console) -> int:
