@@ -420,9 +420,21 @@ BRAIN: tuple[Row, ...] = (
                     _q("sum by (kind) (increase(tickbridge_consumer_errors_total[5m]))", "error: {{kind}}"),
                     _q(_events("tickbridge_consumer_claimed_total", "5m"), "claimed / re-delivered"),
                     _q(_events("tickbridge_consumer_dead_letters_total", "5m"), "dead-lettered"),
+                    _q(_events("tickbridge_consumer_dead_letters_truncated_total", "5m"), "dead letters truncated"),
+                    _q(_events("tickbridge_consumer_dead_letters_evicted_total", "5m"), "dead letters evicted"),
                     _q("max(tickbridge_consumer_dead_letter_entries)", "dead-letter stream length"),
                 ),
                 description="Per 5 minutes.",
+            ),
+            Panel(
+                "Brain Redis memory",
+                (
+                    _q("max(tickbridge_consumer_brain_redis_used_memory_bytes)", "used"),
+                    _q("max(tickbridge_consumer_brain_redis_maxmemory_bytes)", "maxmemory"),
+                ),
+                "bytes",
+                "INFO memory, read by the consumer. BrainRedisMemoryHigh at 80 % of maxmemory, critical at 90 %: at "
+                "maxmemory (noeviction) Redis refuses every write and the pipeline stops.",
             ),
         ),
     ),
