@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -87,9 +88,16 @@ async def read_all(client: aioredis.Redis, stream: str = keys.CONSUMER_DEAD_LETT
         start = "(" + page[-1][0].decode()
 
 
-async def replay(client: aioredis.Redis, letters: list[DeadLetter], *, warm_window_s: float = 300.0) -> ReplayResult:
+async def replay(
+    client: aioredis.Redis,
+    letters: list[DeadLetter],
+    *,
+    warm_window_s: float = 300.0,
+    symbols: Collection[str] | None = None,
+) -> ReplayResult:
     """Put every dead letter that now decodes as a valid tick back into its per-symbol stream (and a trade
-    inside WARM's window into WARM)."""
+    inside WARM's window into WARM). With `symbols` (SYMBOLS), a tick of another symbol stays, as the
+    consumer would dead-letter it again (it creates no per-symbol key)."""
     await load_functions(client)
     window_us = int(warm_window_s * 1_000_000)
     result = ReplayResult()
@@ -101,6 +109,9 @@ async def replay(client: aioredis.Redis, letters: list[DeadLetter], *, warm_wind
             tick = decode_entry(letter.fields)
         except TickError as exc:
             result.invalid[str(exc)] += 1
+            continue
+        if symbols is not None and tick.symbol not in symbols:
+            result.invalid[f"symbol {tick.symbol!r} not in SYMBOLS"] += 1
             continue
         if isinstance(tick, Trade):
             target = keys.trades_key(tick.symbol, tick.exchange)
@@ -144,7 +155,7 @@ async def run(args: argparse.Namespace, console: Console) -> int:
         _summary(letters, console)
         if not args.replay:
             return 0
-        result = await replay(client, letters, warm_window_s=settings.warm_window_s)
+        result = await replay(client, letters, warm_window_s=settings.warm_window_s, symbols=settings.symbols)
     finally:
         await client.aclose()
     console.print(f"replayed {result.replayed}; still invalid {sum(result.invalid.values())} (left in place)"
