@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
@@ -109,6 +110,8 @@ async def test_extra_fields_never_reach_the_per_symbol_streams(
     stream (and on to everyone who reads it); one extra field, a duplicate field or a missing one as well."""
     junk = [x for i in range(3_000) for x in (b"junk%d" % i, b"\xff" * 8)]
     depth = [str(x).encode() for x in make_depth("ETHUSDT", 10, TS).fields()]
+    level = ["1" * 20 + "." + "1" * 18, "2" * 20 + "." + "2" * 18]
+    big_levels = orjson.dumps([level] * 10_000)  # the most decode_entry accepts: 850 KB a side
     cases = {
         "3,000 extra fields": trade("BTCUSDT", 2) + junk,
         "one extra field": [*trade("BTCUSDT", 3), b"note", b"hello"],
@@ -116,6 +119,8 @@ async def test_extra_fields_never_reach_the_per_symbol_streams(
         "missing field": trade("BTCUSDT", 5)[:-2],
         "depth with an extra field": [*depth, b"evil", b"1"],
         "depth with a duplicate field": [*depth, b"bids", b"[]"],
+        "oversize depth (valid levels, 1.7 MB)": [str(x).encode() for x in make_depth("ETHUSDT", 20, TS).fields()[:-6]]
+        + [b"bids", big_levels, b"asks", big_levels, b"recv_ts", str(TS).encode()],
     }
     good = [await xadd(brain, trade("BTCUSDT", 1))]
     bad = {await xadd(brain, fields): label for label, fields in cases.items()}

@@ -76,6 +76,10 @@ DEAD_LETTER_MAX_BYTES = 16_384
 #: Field pairs a dead letter copies at most (the contract has 9; brain.lua unpacks them in one call).
 DEAD_LETTER_MAX_FIELDS = 64
 
+#: Bytes of an entry at most: the collector's frame cap (`collector.parser.MAX_FRAME_BYTES`), so no entry the
+#: collector writes is larger; a bigger one (bids/asks of 10,000 levels of 38-digit decimals) is dead-lettered.
+MAX_ENTRY_BYTES = 1 << 20
+
 _TRADE_NAMES = frozenset(f.encode() for f in TRADE_FIELDS)
 _DEPTH_NAMES = frozenset(f.encode() for f in DEPTH_FIELDS)
 _CONTRACT_NAMES = _TRADE_NAMES | _DEPTH_NAMES
@@ -88,6 +92,9 @@ def strict_decode(fields: list[bytes]) -> Tick:
     stream, and thousands of them made brain.lua's `unpack` fail. Raises `TickError`."""
     if len(fields) > _MAX_ITEMS:  # before any decoding: a wide entry costs nothing more than its length
         raise TickError(f"{len(fields) // 2} fields, more than the contract's {_MAX_ITEMS // 2}")
+    size = sum(map(len, fields))
+    if size > MAX_ENTRY_BYTES:
+        raise TickError(f"{size} bytes, more than {MAX_ENTRY_BYTES}")
     names = fields[::2]
     seen = set(names)
     if len(seen) != len(names):
