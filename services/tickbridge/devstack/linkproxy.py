@@ -255,9 +255,11 @@ async def _serve(args: argparse.Namespace) -> None:
     async def mode(request: web.Request) -> web.Response:
         body: dict[str, Any] = await request.json()
         try:
-            await proxy.apply(str(body.get("mode", proxy.mode if proxy.mode in ("pass", "swallow") else "pass")),
-                              refuse=bool(body.get("refuse", True)), loss=body.get("loss"))  # fmt: skip
-        except ValueError as exc:
+            if "mode" in body:
+                await proxy.apply(str(body["mode"]), refuse=bool(body.get("refuse", True)), loss=body.get("loss"))
+            elif body.get("loss") is not None:
+                proxy.set_loss(float(body["loss"]))
+        except (ValueError, TypeError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"mode": proxy.mode, "loss": proxy.loss})
 
