@@ -570,8 +570,8 @@ SCENARIOS: list[Scenario] = [
     Scenario("vps_power_cut", "Whole-VPS power cut: collector, forwarder, VPS Redis and VPS QuestDB kill -9 at once "
              "(the exchange and the Brain stay up), all restarted together; once in steady flow, once while the "
              "link is down and the forwarder spills.", sc_vps_power_cut, ram_buffer_bytes=SMALL_RAM_BUDGET),
-    Scenario("combined", "Random faults from the first 19 scenarios, back to back, for several minutes.",
-             sc_combined),
+    Scenario("combined", "Random process kills, server crashes, link cuts and latency, and exchange faults, back "
+             "to back (sometimes two at once), for several minutes.", sc_combined),
 ]  # fmt: skip
 BY_NAME = {s.name: s for s in SCENARIOS}
 

@@ -37,6 +37,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tickbridge.core.redis_io import is_closed_transport_error
+
 MSS = 1448
 #: TCP's minimum retransmission timeout (Linux), doubled for each repeated loss of the same segment.
 RTO_S = 0.2
@@ -243,8 +245,12 @@ class LinkProxy:
                 writer.write(data)
                 await writer.drain()
                 self.stats.bytes += len(data)
-        except (OSError, ConnectionError, RuntimeError):
-            done.set()  # the peer went away (a RuntimeError is uvloop's write to a closed transport)
+        except (OSError, ConnectionError):
+            done.set()  # the peer went away
+        except RuntimeError as exc:
+            if not is_closed_transport_error(exc):  # uvloop's write to a transport the peer reset
+                raise
+            done.set()
 
 
 # -- as a process ---------------------------------------------------------------------------------------
