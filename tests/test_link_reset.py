@@ -32,6 +32,8 @@ from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.rawlink import RawRedis
 from tickbridge.core.redis_io import (
     TRANSIENT_ERRORS,
+    ResetSafeConnection,
+    ResetSafeSSLConnection,
     ensure_group,
     execute_packed,
     is_closed_transport_error,
@@ -73,6 +75,18 @@ def test_only_the_closed_transport_runtime_error_is_transient() -> None:
         pass
 
     assert not is_closed_transport_error(Sub(CLOSED))
+
+
+async def test_every_role_client_is_reset_safe() -> None:
+    """Every role's Redis client comes from `make_client` (VPS and Brain Redis in the collector, forwarder,
+    consumer, writer and TieredMarketData), plain or TLS: both connection classes convert the reset."""
+    for url, cls in (
+        ("redis://127.0.0.1:1/0", ResetSafeConnection),
+        ("rediss://127.0.0.1:1/0", ResetSafeSSLConnection),
+    ):
+        client = make_client(url)
+        assert client.connection_pool.connection_class is cls
+        await client.aclose()
 
 
 @pytest.mark.timeout(90)
