@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 
 import hiredis
 
-from tickbridge.core.redis_io import Command, pack
+from tickbridge.core.redis_io import Command, is_closed_transport_error, pack
 from tickbridge.core.settings import Settings
 
 
@@ -26,7 +26,8 @@ class RawReplyError(Exception):
 
 
 class RawRedis:
-    """One connection, (re)opened lazily; any I/O failure closes it and raises `ConnectionError`."""
+    """One connection, (re)opened lazily; any I/O failure closes it and raises `ConnectionError` (so does a
+    write to a connection the peer reset while it sat idle, which uvloop reports as a `RuntimeError`)."""
 
     def __init__(self, url: str, settings: Settings | None = None, *, timeout: float = 5.0) -> None:
         self.url = url
@@ -100,6 +101,11 @@ class RawRedis:
         except (OSError, ConnectionError, TimeoutError) as exc:
             await self.close()
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        except RuntimeError as exc:
+            await self.close()
+            if is_closed_transport_error(exc):  # uvloop: the peer reset the connection while it sat idle
+                raise ConnectionError(f"connection reset by the peer ({exc})") from exc
+            raise
         except BaseException:
             await self.close()  # cancelled mid-batch: never reuse a half-read connection
             raise

@@ -12,6 +12,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -30,6 +31,46 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 Command = Sequence[str | bytes | int | float]
 
 
+def is_closed_transport_error(exc: BaseException) -> bool:
+    """uvloop's answer to a write on a transport it has already closed because the peer reset the connection
+    (`RuntimeError: unable to perform operation on <TCPTransport closed=True ...>; the handler is closed`):
+    a dead connection like any other. Matched on its exact type and message: every other RuntimeError is a bug
+    and stays fatal."""
+    if type(exc) is not RuntimeError:
+        return False
+    text = str(exc)
+    return text.startswith("unable to perform operation on <") and text.endswith("; the handler is closed")
+
+
+class ClosedTransportError(RedisConnectionError):
+    """A command written to a connection the peer had reset (uvloop's closed-transport `RuntimeError`)."""
+
+
+async def _send_or_connection_error(send: Any, command: Any, check_health: bool) -> None:
+    try:
+        await send(command, check_health)
+    except RuntimeError as exc:
+        if not is_closed_transport_error(exc):
+            raise
+        raise ClosedTransportError(f"connection reset by the peer ({exc})") from exc
+
+
+class ResetSafeConnection(Connection):
+    """redis-py's connection, but a write to a reset connection raises `ConnectionError` (transient), not
+    uvloop's `RuntimeError`. Every write goes through `send_packed_command`: commands, pipelines, the
+    handshake of a fresh connection and the health-check PING. (redis-py has already dropped the connection.)"""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        await _send_or_connection_error(super().send_packed_command, command, check_health)
+
+
+class ResetSafeSSLConnection(SSLConnection):
+    """`ResetSafeConnection` for `rediss://`."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        await _send_or_connection_error(super().send_packed_command, command, check_health)
+
+
 def make_client(url: str, settings: Settings | None = None, *, timeout: float = 10.0) -> aioredis.Redis:
     """A bytes-returning asyncio client for `url` (`rediss://` uses the TLS files from settings)."""
     kwargs: dict[str, Any] = {
@@ -46,7 +87,13 @@ def make_client(url: str, settings: Settings | None = None, *, timeout: float = 
             kwargs["ssl_certfile"] = settings.redis_tls_cert
         if settings.redis_tls_key:
             kwargs["ssl_keyfile"] = settings.redis_tls_key
-    return aioredis.Redis.from_url(url, **kwargs)
+    client = aioredis.Redis.from_url(url, **kwargs)
+    pool = client.connection_pool
+    if pool.connection_class is SSLConnection:
+        pool.connection_class = ResetSafeSSLConnection
+    elif pool.connection_class is Connection:
+        pool.connection_class = ResetSafeConnection
+    return client
 
 
 def pack(commands: Sequence[Command]) -> bytes:

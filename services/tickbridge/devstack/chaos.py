@@ -6,6 +6,12 @@ injects its faults, measures the recovery after each one, then pauses the exchan
 hold everything and checks per symbol: every trade the exchange emitted is in the Brain's QuestDB `trades`
 exactly once, in order. Results go to `chaos.md/.json` in the results folder.
 
+A scenario fails on lost, duplicated or out-of-order trades, and on any process of the stack (role, server,
+simulator, proxy) that exits without the harness killing it: it is checked while the load runs, while the
+harness waits for a recovery or the drain, and once more after the oracle. The link faults toxiproxy cannot
+make (connections reset with a TCP RST or refused, segment loss) come from `LinkProxy`
+(`tickbridge.devstack.linkproxy`), which these scenarios put in front of toxiproxy.
+
 `--quick` shortens every fault phase (the smoke in `make test` uses it with `--shared`: several scenarios
 on one stack, with the oracle after each). `--scale` multiplies the full durations.
 """
@@ -14,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -52,6 +60,8 @@ console = Console(stderr=True)
 SLOW_RECOVERY_S = 30.0
 #: RAM budget that makes a ~10 s outage spill to the VPS QuestDB at the chaos rate.
 SMALL_RAM_BUDGET = 4_000_000
+#: What a power cut of the VPS takes down (the exchange, the link and the Brain stay up).
+VPS_PROCESSES = ("collector", "forwarder", "vps-redis", "vps-questdb")
 
 
 @dataclass
@@ -121,7 +131,7 @@ class Ctx:
 
     def recovered(self, ev: FaultEvent) -> None:
         """Measure how long until the Brain holds everything the exchange emitted by now."""
-        rec = wait_caught_up(self.stack, self.opts.recovery_timeout)
+        rec = wait_caught_up(self.stack, self.opts.recovery_timeout, on_poll=self.check_alive)
         ev.recovery_s = None if rec is None else round(rec, 2)
         if rec is None:
             self.problems.append(f"no recovery within {self.opts.recovery_timeout:.0f}s after: {ev.what}")
@@ -137,22 +147,32 @@ class Ctx:
             time.sleep(min(0.5, max(0.0, end - time.monotonic())))
 
     def check_alive(self) -> None:
-        for name, proc in self.stack.roles.items():
-            if name not in self.expected_down and not proc.alive():
-                code = proc.proc.returncode if proc.proc is not None else None
-                self.problems.append(f"{name} exited on its own (code {code}); log: {proc.log_path}")
-                console.print(f"  [red]{name} exited on its own (code {code}), restarting")
-                restart_process(proc)
+        """Every process the harness did not stop must be running: one that exited on its own (a role that
+        crashed, a server that died) fails the scenario; it is restarted so the run can go on."""
+        for name, proc in self.processes().items():
+            if name in self.expected_down or proc.proc is None or proc.proc.poll() is None:
+                continue
+            code = proc.proc.returncode
+            self.problems.append(f"{name} exited on its own (code {code}); log: {proc.log_path}")
+            console.print(f"  [red]{name} exited on its own (code {code}), restarting")
+            restart_process(proc)
 
-    def process(self, name: str) -> ManagedProcess:
+    def processes(self) -> dict[str, ManagedProcess]:
+        """Every process of the stack by name: roles, servers, the simulator, the proxies."""
         st = self.stack
-        servers: dict[str, ManagedProcess] = {
+        procs: dict[str, ManagedProcess] = {
             "vps-redis": st.vps_redis,
             "brain-redis": st.brain_redis,
             "vps-questdb": st.vps_questdb,
             "brain-questdb": st.brain_questdb,
+            **st.roles,
         }
-        return servers[name] if name in servers else st.roles[name]
+        extras = {"sim": st.sim, "toxiproxy": st.toxiproxy, "linkproxy": st.link_proxy}
+        procs.update({name: proc for name, proc in extras.items() if proc is not None})
+        return procs
+
+    def process(self, name: str) -> ManagedProcess:
+        return self.processes()[name]
 
     def crash(self, name: str, down_s: float) -> FaultEvent:
         """kill -9 a role or server, keep it down `down_s`, start it again (same ports, same data)."""
@@ -165,6 +185,37 @@ class Ctx:
             restart_process(proc)
         finally:
             self.expected_down.discard(name)
+        return ev
+
+    def power_cut(self, down_s: float) -> FaultEvent:
+        """The whole VPS loses power: SIGKILL to every VPS process at once, down `down_s`, then all start again
+        together as after a boot (each role retries its servers by itself). The kernel survives a kill -9, so
+        what Redis and QuestDB had written (not yet fsynced) is kept, unlike a real power loss."""
+        procs = [self.process(name) for name in VPS_PROCESSES]
+        self.expected_down.update(VPS_PROCESSES)
+        try:
+            pids = [p.proc.pid for p in procs if p.proc is not None and p.proc.poll() is None]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for p in procs:
+                if p.proc is not None:
+                    p.proc.wait(10)
+            ev = self.fault(f"VPS power cut: kill -9 of {', '.join(VPS_PROCESSES)} at once (pids {pids}), "
+                            f"down {down_s:.1f}s, all restarted")  # fmt: skip
+            time.sleep(down_s)
+            t_boot = time.monotonic()
+            for p in procs:
+                p.spawn()
+            for p in procs:
+                try:
+                    p.wait_ready()
+                except Exception as exc:  # a port in TIME_WAIT, a slow JVM: start it again
+                    console.print(f"  [yellow]{p.name} did not come back at once ({exc!r}): retrying")
+                    restart_process(p)
+            ev.what += f" (all up again {time.monotonic() - t_boot:.1f}s after the restart began)"
+        finally:
+            self.expected_down.difference_update(VPS_PROCESSES)
         return ev
 
     def link_cut(self, seconds: float, label: str = "") -> FaultEvent:
@@ -240,6 +291,93 @@ def sc_link_bandwidth(ctx: Ctx) -> None:
         ctx.steady(seconds)
     finally:
         remove_toxic(ctx.stack, "bw")
+    ctx.recovered(ev)
+
+
+def sc_link_reset(ctx: Ctx) -> None:
+    """The link as the internet breaks it: resets while it carries traffic, then an outage that first swallows
+    everything and then resets every connection and resets or refuses every new one."""
+    st = ctx.stack
+
+    def spilled() -> bool:
+        return bool(role_metric(st, "forwarder", "tickbridge_forwarder_spilled_total"))
+
+    last: FaultEvent | None = None
+    for _ in range(ctx.n(5, 2)):  # an idle connection reset between two batches, a batch reset mid-flight
+        ctx.steady(ctx.rng.uniform(1.0, 3.0))
+        last = ctx.fault("VPS->Brain link: every connection reset (RST), new ones reset for 1 s")
+        st.set_link_proxy("reset", refuse=False)
+        try:
+            ctx.steady(1.0)
+        finally:
+            st.set_link_proxy("pass")
+    if last is not None:
+        ctx.recovered(last)
+    swallow, down = ctx.d(15, 3), ctx.d(30, 6)
+    ev = ctx.fault(f"VPS->Brain link outage: swallows everything {swallow:.0f}s, then every connection reset and "
+                   f"new ones alternately reset or refused (2.5 s each) for >= {down:.0f}s")  # fmt: skip
+    t_cut = time.monotonic()
+    st.set_link_proxy("swallow")
+    try:
+        ctx.steady(swallow)
+        refuse, end = False, time.monotonic() + down
+        # Full mode keeps the link down until the spill is under way (up to a minute more).
+        while time.monotonic() < end or (not ctx.opts.quick and not spilled() and time.monotonic() < end + 60):
+            st.set_link_proxy("reset", refuse=refuse)
+            ctx.steady(min(2.5, max(0.5, end - time.monotonic())))
+            refuse = not refuse
+    finally:
+        st.set_link_proxy("pass")
+    ev.what += f" (link actually down {time.monotonic() - t_cut:.1f}s)"
+    spilled_n = role_metric(st, "forwarder", "tickbridge_forwarder_spilled_total")
+    stats = st.link_proxy_stats()
+    ctx.evidence.append(f"entries spilled during the outage: {spilled_n}; connections reset by the link: "
+                        f"{stats['reset']}, refused windows: {stats['refused_windows']}")  # fmt: skip
+    if not spilled_n and not ctx.opts.quick:
+        ctx.problems.append("the forwarder did not spill during the outage: the scenario did not test the spill")
+    ctx.recovered(ev)
+
+
+def _link_loss(loss: float) -> Callable[[Ctx], None]:
+    def action(ctx: Ctx) -> None:
+        seconds = ctx.d(45, 8)
+        ev = ctx.fault(
+            f"VPS->Brain link loses {loss:.0%} of its segments both ways for {seconds:.0f}s (emulated: "
+            "a lost segment arrives one RTO late, 200 ms doubling per repeat, the bytes behind it wait)"
+        )
+        ctx.stack.set_link_proxy(loss=loss)
+        try:
+            ctx.steady(seconds)
+            backlog = role_metric(ctx.stack, "forwarder", "tickbridge_forwarder_backlog_entries")
+        finally:
+            ctx.stack.set_link_proxy(loss=0.0)
+        stats = ctx.stack.link_proxy_stats()
+        ctx.evidence.append(f"chunks delayed by a lost segment: {stats['segments_delayed']}, longest delay "
+                            f"{stats['max_delay_s']:.1f}s; forwarder backlog at the end: {backlog}")  # fmt: skip
+        ctx.recovered(ev)
+
+    return action
+
+
+def sc_vps_power_cut(ctx: Ctx) -> None:
+    """Every VPS process killed at once and restarted: once under steady flow, once while the Brain link is
+    down and the forwarder spills (full mode)."""
+    ctx.steady(ctx.rng.uniform(2.0, ctx.d(8.0, 3.0)))
+    ctx.recovered(ctx.power_cut(ctx.rng.uniform(2.0, 5.0)))
+    if ctx.opts.quick:
+        return
+    ctx.steady(ctx.rng.uniform(2.0, 5.0))
+    ev = ctx.fault("VPS->Brain link cut until the forwarder spills, then a VPS power cut, link back 5 s later")
+    ctx.stack.set_brain_link(False)
+    try:
+        if not poll(lambda: bool(role_metric(ctx.stack, "forwarder", "tickbridge_forwarder_spilled_total")), 60.0,
+                    0.5, ctx.check_alive):  # fmt: skip
+            ctx.problems.append("no spill before the power cut: the cut hit an idle buffer")
+        ctx.steady(2.0)
+        ctx.power_cut(ctx.rng.uniform(2.0, 5.0))
+        ctx.steady(5.0)
+    finally:
+        ctx.stack.set_brain_link(True)
     ctx.recovered(ev)
 
 
@@ -390,6 +528,8 @@ class Scenario:
     description: str
     action: Callable[[Ctx], None]
     ram_buffer_bytes: int | None = None
+    #: Put `LinkProxy` in front of the VPS->Brain link (resets, refused connects, segment loss).
+    link_proxy: bool = False
 
 
 SCENARIOS: list[Scenario] = [
@@ -419,25 +559,40 @@ SCENARIOS: list[Scenario] = [
              sc_exchange_trade_gap),
     Scenario("exchange_server_shutdown", "Exchange sends `serverShutdown` and closes.", sc_exchange_server_shutdown),
     Scenario("exchange_burst_reconnect", "A trade burst while the collector reconnects.", sc_exchange_burst_reconnect),
-    Scenario("combined", "Random faults from the list above, back to back, for several minutes.", sc_combined),
+    Scenario("link_reset", "The link resets (TCP RST) every connection a few times under load; then an outage "
+             "that swallows everything (15 s), then resets every connection and resets or refuses every new one "
+             f"(30 s), with RAM_BUFFER_BYTES={SMALL_RAM_BUDGET} so the forwarder spills. No role may exit.",
+             sc_link_reset, ram_buffer_bytes=SMALL_RAM_BUDGET, link_proxy=True),
+    *[Scenario(f"link_loss_{pct}", f"{pct} % segment loss on the link both ways for 45 s, emulated by the link "
+               "proxy (netem is unavailable): a lost 1448-byte segment arrives one retransmission timeout later "
+               "(200 ms, doubled each time it is lost again, as TCP's RTO backoff) and every byte behind it waits.",
+               _link_loss(pct / 100), link_proxy=True) for pct in (1, 5, 10)],
+    Scenario("vps_power_cut", "Whole-VPS power cut: collector, forwarder, VPS Redis and VPS QuestDB kill -9 at once "
+             "(the exchange and the Brain stay up), all restarted together; once in steady flow, once while the "
+             "link is down and the forwarder spills.", sc_vps_power_cut, ram_buffer_bytes=SMALL_RAM_BUDGET),
+    Scenario("combined", "Random process kills, server crashes, link cuts and latency, and exchange faults, back "
+             "to back (sometimes two at once), for several minutes.", sc_combined),
 ]  # fmt: skip
 BY_NAME = {s.name: s for s in SCENARIOS}
 
 
 # -- running -------------------------------------------------------------------------------------------------
-def _stack_config(opts: ChaosOptions, ram_buffer_bytes: int | None, workdir: Path) -> StackConfig:
+def _stack_config(opts: ChaosOptions, ram_buffer_bytes: int | None, workdir: Path,
+                  link_proxy: bool = False) -> StackConfig:  # fmt: skip
     return StackConfig(source="sim", rate=0.0, symbols=opts.symbols, seed=opts.seed, with_prometheus=False,
-                       with_toxiproxy=True, ram_buffer_bytes=ram_buffer_bytes, workdir=workdir)  # fmt: skip
+                       with_toxiproxy=True, with_link_proxy=link_proxy, ram_buffer_bytes=ram_buffer_bytes,
+                       workdir=workdir)  # fmt: skip
 
 
-def _drain_and_check(stack: NativeStack, opts: ChaosOptions) -> tuple[oracle.OracleReport, float | None, int]:
+def _drain_and_check(stack: NativeStack, opts: ChaosOptions, on_poll: Callable[[], None] | None = None
+                     ) -> tuple[oracle.OracleReport, float | None, int]:  # fmt: skip
     """Pause the exchange, wait until the Brain holds every trade, run the oracle."""
     t = time.monotonic()
     _retry(lambda: stack.sim_fault("pause"))
     stats: dict[str, Any] = _retry(stack.sim_stats)
     expected = oracle.expected_from_sim_stats(stats)
     total = sim_trades_total(stats)
-    drained = poll(lambda: oracle.count_trades(stack.brain_questdb.url) >= total, opts.drain_timeout, 0.5)
+    drained = poll(lambda: oracle.count_trades(stack.brain_questdb.url) >= total, opts.drain_timeout, 0.5, on_poll)
     drain_s = time.monotonic() - t if drained else None
     return _retry(lambda: oracle.check_trades(stack.brain_questdb.url, expected)), drain_s, total
 
@@ -474,7 +629,7 @@ def run_scenario(sc: Scenario, stack: NativeStack, opts: ChaosOptions, rng: rand
         console.print(traceback.format_exc())
     res.duration_s = round(time.monotonic() - started, 1)
     try:
-        rep, drain_s, total = _drain_and_check(stack, opts)
+        rep, drain_s, total = _drain_and_check(stack, opts, ctx.check_alive)
         res.drain_s = None if drain_s is None else round(drain_s, 2)
         if drain_s is None:
             ctx.problems.append(f"the Brain did not hold all {total} trades within {opts.drain_timeout:.0f}s")
@@ -486,6 +641,10 @@ def run_scenario(sc: Scenario, stack: NativeStack, opts: ChaosOptions, rng: rand
     except Exception as exc:
         ctx.problems.append(f"oracle error: {exc!r}")
         now = before
+    try:
+        ctx.check_alive()  # a process that died during the drain fails the scenario too
+    except Exception as exc:
+        ctx.problems.append(f"harness error: {exc!r}")
     res.ticks_sent = now[0] - before[0]
     res.lost, res.duplicated, res.out_of_order = now[1] - before[1], now[2] - before[2], now[3] - before[3]
     res.faults = [asdict(e) for e in ctx.events]
@@ -528,7 +687,7 @@ def run(names: list[str], opts: ChaosOptions) -> dict[str, Any]:
     machine = report.machine_info()  # at the start: the load average before this run
     if opts.shared:
         budget = next((s.ram_buffer_bytes for s in scenarios if s.ram_buffer_bytes), None)
-        stack = NativeStack(_stack_config(opts, budget, base / "shared"))
+        stack = NativeStack(_stack_config(opts, budget, base / "shared", any(s.link_proxy for s in scenarios)))
         try:
             _start(stack, opts)
             before = (0, 0, 0, 0)
@@ -541,7 +700,7 @@ def run(names: list[str], opts: ChaosOptions) -> dict[str, Any]:
     else:
         for sc in scenarios:
             workdir = base / sc.name
-            stack = NativeStack(_stack_config(opts, sc.ram_buffer_bytes, workdir))
+            stack = NativeStack(_stack_config(opts, sc.ram_buffer_bytes, workdir, sc.link_proxy))
             try:
                 _start(stack, opts)
                 res, _ = run_scenario(sc, stack, opts, rng, (0, 0, 0, 0))

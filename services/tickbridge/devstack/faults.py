@@ -249,9 +249,11 @@ class FaultEvent:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def wait_caught_up(stack: NativeStack, timeout: float, interval: float = 0.25) -> float | None:
+def wait_caught_up(stack: NativeStack, timeout: float, interval: float = 0.25,
+                   on_poll: Callable[[], None] | None = None) -> float | None:  # fmt: skip
     """Seconds until the Brain's QuestDB holds every trade the exchange had emitted when this was called;
-    None on timeout. Includes the normal end-to-end latency."""
+    None on timeout. Includes the normal end-to-end latency. `on_poll` runs at every poll (the chaos
+    harness checks there that no process exited on its own)."""
     started = time.monotonic()
     target: int | None = None
     deadline = started + timeout
@@ -261,6 +263,8 @@ def wait_caught_up(stack: NativeStack, timeout: float, interval: float = 0.25) -
         if target is None:
             time.sleep(interval)
     while target is not None and time.monotonic() < deadline:
+        if on_poll is not None:
+            on_poll()
         with contextlib.suppress(Exception):
             if oracle.count_trades(stack.brain_questdb.url) >= target:
                 return time.monotonic() - started
@@ -318,9 +322,12 @@ def role_metric(stack: NativeStack, role: str, name: str) -> float | None:
     return None
 
 
-def poll(check: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
+def poll(check: Callable[[], bool], timeout: float, interval: float = 0.25,
+         on_poll: Callable[[], None] | None = None) -> bool:  # fmt: skip
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if on_poll is not None:
+            on_poll()
         with contextlib.suppress(Exception):
             if check():
                 return True

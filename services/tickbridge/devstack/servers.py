@@ -1,4 +1,4 @@
-"""Start and stop real `redis-server`, QuestDB, Prometheus and toxiproxy processes.
+"""Start and stop real `redis-server`, QuestDB, Prometheus, toxiproxy and link-proxy processes.
 
 Every server gets free loopback ports and its own directory, is polled until ready, and is stopped
 by PID (SIGTERM, then SIGKILL). `kill9()`, `pause()`/`resume()` and `restart()` exist for fault tests.
@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -356,4 +357,31 @@ class ToxiproxyServer(ManagedProcess):
 
     def ready(self) -> bool:
         with urllib.request.urlopen(f"{self.api}/version", timeout=1) as resp:
+            return int(resp.status) == 200
+
+
+class LinkProxyServer(ManagedProcess):
+    """`tickbridge.devstack.linkproxy` as a process: resets, refused connects and segment loss on a link."""
+
+    name = "linkproxy"
+
+    def __init__(self, upstream: tuple[str, int], *, seed: int | None = None, workdir: Path | None = None) -> None:
+        super().__init__(workdir)
+        self.upstream = upstream
+        self.seed = seed
+        self.port = free_port()
+        self.control_port = free_port()
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}"
+
+    def command(self) -> list[str]:
+        host, port = self.upstream
+        cmd = [sys.executable, "-m", "tickbridge.devstack.linkproxy", "--upstream", f"{host}:{port}",
+               "--listen-port", str(self.port), "--control-port", str(self.control_port)]  # fmt: skip
+        return cmd + (["--seed", str(self.seed)] if self.seed is not None else [])
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.api}/stats", timeout=1) as resp:
             return int(resp.status) == 200

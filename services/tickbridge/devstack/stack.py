@@ -3,7 +3,9 @@ the dashboard test and the end-to-end tests start.
 
 VPS: redis-server (AOF everysec), QuestDB (spill buffer), `tickbridge collector`, `tickbridge forwarder`.
 Brain: redis-server, QuestDB, `tickbridge consumer`, `tickbridge writer`. Plus the simulator (unless the
-source is the real exchange), Prometheus scraping every role, and optionally toxiproxy on the VPS->Brain link.
+source is the real exchange), Prometheus scraping every role, and optionally toxiproxy on the VPS->Brain link,
+with the link proxy (resets, refused connects, segment loss) in front of it: forwarder -> link proxy ->
+toxiproxy -> Brain Redis.
 Each process gets free loopback ports and its own directory and is stopped by PID.
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 from tickbridge.devstack.servers import (
     REPO_ROOT,
     AlertmanagerServer,
+    LinkProxyServer,
     ManagedProcess,
     PrometheusServer,
     QuestDBServer,
@@ -79,6 +82,8 @@ class StackConfig:
     disk_buffer_bytes: int | None = None
     with_prometheus: bool = True
     with_toxiproxy: bool = False
+    #: `LinkProxy` in front of the VPS->Brain link (faults toxiproxy cannot make: RST, refused, segment loss).
+    with_link_proxy: bool = False
     #: Also run a process embedding TieredMarketData (a trading-code stand-in) so tier metrics exist.
     with_reader: bool = False
     workdir: Path | None = None
@@ -98,6 +103,7 @@ class NativeStack:
         self.vps_questdb = QuestDBServer(workdir=self.workdir / "vps-questdb")
         self.brain_questdb = QuestDBServer(workdir=self.workdir / "brain-questdb")
         self.toxiproxy: ToxiproxyServer | None = None
+        self.link_proxy: LinkProxyServer | None = None
         self.brain_link_port: int | None = None
         self.sim: RoleProcess | None = None
         self.sim_port = free_port()
@@ -109,7 +115,9 @@ class NativeStack:
     # -- addresses ---------------------------------------------------------------------------------
     @property
     def brain_redis_url_for_vps(self) -> str:
-        """What the forwarder dials: through toxiproxy when enabled."""
+        """What the forwarder dials: through the link proxy and/or toxiproxy when enabled."""
+        if self.link_proxy is not None:
+            return f"redis://127.0.0.1:{self.link_proxy.port}/0"
         if self.brain_link_port is not None:
             return f"redis://127.0.0.1:{self.brain_link_port}/0"
         return self.brain_redis.url
@@ -160,6 +168,11 @@ class NativeStack:
                 "name": "brain_redis", "listen": f"127.0.0.1:{self.brain_link_port}",
                 "upstream": f"127.0.0.1:{self.brain_redis.port}", "enabled": True,
             })  # fmt: skip
+        if self.config.with_link_proxy:
+            upstream = self.brain_link_port if self.brain_link_port is not None else self.brain_redis.port
+            self.link_proxy = LinkProxyServer(("127.0.0.1", upstream), seed=self.config.seed,
+                                              workdir=self.workdir / "linkproxy")  # fmt: skip
+            self._start(self.link_proxy)
 
     def start_sim(self) -> None:
         cfg = self.config
@@ -258,6 +271,29 @@ class NativeStack:
     def set_brain_link(self, enabled: bool) -> None:
         """Cut or restore the VPS->Brain link (toxiproxy)."""
         self.toxi_request("POST", "/proxies/brain_redis", {"enabled": enabled})
+
+    def set_link_proxy(self, mode: str | None = None, *, refuse: bool = True, loss: float | None = None) -> Any:
+        """Switch the link proxy: mode `pass`, `swallow` or `reset` (`refuse`: new connects refused rather than
+        reset), and/or the segment loss probability (see `tickbridge.devstack.linkproxy`)."""
+        assert self.link_proxy is not None, "stack started without the link proxy"
+        body: dict[str, Any] = {"refuse": refuse}
+        if mode is not None:
+            body["mode"] = mode
+        if loss is not None:
+            body["loss"] = loss
+        return self._json_request(f"{self.link_proxy.api}/mode", "POST", body)
+
+    def link_proxy_stats(self) -> dict[str, Any]:
+        assert self.link_proxy is not None, "stack started without the link proxy"
+        result: dict[str, Any] = self._json_request(f"{self.link_proxy.api}/stats", "GET", None)
+        return result
+
+    def _json_request(self, url: str, method: str, body: dict[str, Any] | None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
 
     def sim_request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
