@@ -62,6 +62,14 @@ def test_only_the_brain_tls_port_is_published_beyond_loopback(host: str) -> None
 
 
 @pytest.mark.parametrize("host", HOSTS)
+def test_prometheus_runs_without_the_lifecycle_api(host: str) -> None:
+    """`--web.enable-lifecycle` lets anyone who reaches the port POST /-/quit or /-/reload: config changes
+    take a restart (or SIGHUP) instead (docs/deploy-vps.md, Day-2)."""
+    command = [str(a) for a in services(host)["prometheus"]["command"]]
+    assert command and not [a for a in command if "lifecycle" in a], command
+
+
+@pytest.mark.parametrize("host", HOSTS)
 def test_role_containers_are_non_root_read_only_without_capabilities(host: str) -> None:
     found = set()
     for name, svc in services(host).items():
