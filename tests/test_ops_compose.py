@@ -252,7 +252,8 @@ def test_env_example_documents_every_variable() -> None:
 def test_env_example_secrets_are_placeholders() -> None:
     env = _env()
     for name, value in env.items():
-        if re.search(r"PASSWORD|SECRET|TOKEN", name) or name in ("QUESTDB_USER", "GRAFANA_ADMIN_USER"):
+        user = name in ("QUESTDB_USER", "QUESTDB_READER_USER", "GRAFANA_ADMIN_USER")
+        if re.search(r"PASSWORD|SECRET|TOKEN", name) or user:
             assert value.startswith("change-me-"), f"{name} must be a change-me-... placeholder"
     for path in COMPOSE_FILES.values():
         assert "change-me" not in path.read_text(), f"{path.name} hard-codes a placeholder secret"

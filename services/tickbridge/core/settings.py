@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     redis_tls_key: str | None = None
     questdb_user: str | None = None
     questdb_password: str | None = None
+    # Read-only QuestDB login of the readers (TieredMarketData, `tickbridge query`): QuestDB's PG-wire
+    # read-only user (`pg.readonly.user`), which cannot DROP, INSERT, ALTER or CREATE.
+    questdb_reader_user: str | None = None
+    questdb_reader_password: str | None = None
+    brain_questdb_pg_url: str = "postgresql://localhost:8812/qdb"
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -149,7 +154,12 @@ class Settings(BaseSettings):
     def _check_redis(cls, value: str) -> str:
         return _check_url(value, ("redis", "rediss"))
 
-    @field_validator("questdb_user")
+    @field_validator("brain_questdb_pg_url")
+    @classmethod
+    def _check_pg(cls, value: str) -> str:
+        return _check_url(value, ("postgresql", "postgres"))
+
+    @field_validator("questdb_user", "questdb_reader_user")
     @classmethod
     def _check_user(cls, value: str | None) -> str | None:
         if value is not None and PLACEHOLDER_MARK in value.lower():
@@ -157,7 +167,7 @@ class Settings(BaseSettings):
                              f"choose a user name")  # fmt: skip
         return value
 
-    @field_validator("questdb_password")
+    @field_validator("questdb_password", "questdb_reader_password")
     @classmethod
     def _check_secret(cls, value: str | None) -> str | None:
         if value:  # empty: not set (no QuestDB login)
