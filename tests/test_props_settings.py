@@ -151,6 +151,9 @@ SECRET_CASES = [
     ("QUESTDB_PASSWORD", "change-me-questdb-password"),
     ("QUESTDB_PASSWORD", "admin"),
     ("QUESTDB_PASSWORD", "CHANGE-ME-questdb-password-0123456789"),
+    ("QUESTDB_READER_USER", "change-me-questdb-reader-user"),
+    ("QUESTDB_READER_PASSWORD", "change-me-questdb-reader-password"),
+    ("QUESTDB_READER_PASSWORD", "quest"),
 ]
 
 
@@ -180,6 +183,7 @@ def test_generated_secrets_are_accepted() -> None:
         "VPS_REDIS_URL": f"redis://collector:{secrets.token_urlsafe(24)}@127.0.0.1:6379/0",
         "BRAIN_REDIS_URL": f"rediss://forwarder:{secrets.token_hex(8)}@brain.example.net:6380/0",  # 16: the minimum
         "QUESTDB_USER": "tickbridge", "QUESTDB_PASSWORD": secrets.token_hex(24),
+        "QUESTDB_READER_USER": "reader", "QUESTDB_READER_PASSWORD": secrets.token_hex(24),
     })  # fmt: skip
     assert loaded is not None and code == 0 and text == "", text
     # No password in a URL (a local Redis without ACLs) is no secret to check.

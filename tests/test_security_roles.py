@@ -244,7 +244,7 @@ PLACEHOLDERS: dict[str, tuple[str, str]] = {
     "forwarder": ("BRAIN_REDIS_URL", "rediss://forwarder:change-me-brain-redis-forwarder-password@brain:6380/0"),
     "consumer": ("BRAIN_REDIS_URL", "redis://consumer:tooshort@redis:6379/0"),
     "writer": ("QUESTDB_PASSWORD", "change-me-questdb-password"),
-    "sim": ("QUESTDB_PASSWORD", "quest"),
+    "sim": ("QUESTDB_READER_PASSWORD", "quest"),
 }
 
 
