@@ -296,7 +296,7 @@ def test_a_role_with_broken_tls_files_exits_with_one_line_naming_the_variable(
     existing = tmp_path / "present.crt"
     existing.write_text("x")
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "METRICS_PORT": "0",
-           "BRAIN_REDIS_URL": "rediss://x:y@127.0.0.1:1/0",
+           "BRAIN_REDIS_URL": f"rediss://x:{secrets.token_hex(12)}@127.0.0.1:1/0",
            **{k: v.format(ca=existing) for k, v in tls_env.items()}}  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "tickbridge", role], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip
