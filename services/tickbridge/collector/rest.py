@@ -203,14 +203,13 @@ class RestClient:
                     if resp.status in (429, 418):
                         header = resp.headers.get("Retry-After")
                         retry_after = parse_retry_after(header, self.default_retry_after_s)
-                        if retry_after > self.max_retry_after_s:
+                        capped = retry_after > self.max_retry_after_s
+                        if capped:
                             self._capped(endpoint, "retry_after")
-                            log.warning("%s: Retry-After %r is over the cap: waiting %.0fs", endpoint, header,
-                                        self.max_retry_after_s)  # fmt: skip
                             retry_after = self.max_retry_after_s
                         self.budget.blocked_until = time.monotonic() + retry_after
-                        log.warning("%s rate-limited (%s, Retry-After %r), retry after %.0fs", endpoint, resp.status,
-                                    header, retry_after)  # fmt: skip
+                        log.warning("%s rate-limited (%s, Retry-After %r), retry after %.0fs%s", endpoint, resp.status,
+                                    header, retry_after, " (capped)" if capped else "")  # fmt: skip
                         continue
                     if 400 <= resp.status < 500:
                         raise RestError(f"{endpoint} {params}: {last_error}")
