@@ -5,6 +5,7 @@ read (issue 14): QuestDB's PG-wire read-only user, QUESTDB_READER_USER / QUESTDB
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterator
 
@@ -142,5 +143,24 @@ async def test_a_wrong_reader_password_is_one_clear_error(with_reader: tuple[Que
     try:
         with pytest.raises(QuestDBError, match="invalid username/password"):
             await reader.rows("SELECT 1")
+    finally:
+        await reader.close()
+
+
+async def test_the_reader_link_survives_a_questdb_restart(with_reader: tuple[QuestDBServer, str, str]) -> None:
+    """The read-only link is one PG connection: after QuestDB restarts, the next SELECT reopens it (same
+    ports) and answers, instead of every COLD answer failing until the trading process restarts."""
+    from tickbridge.core.questdb_io import reader_for
+
+    server, _, reader_password = with_reader
+    settings = Settings(
+        brain_questdb_pg_url=f"postgresql://127.0.0.1:{server.pg_port}/qdb", questdb_reader_user=READER,
+        questdb_reader_password=reader_password,
+    )  # fmt: skip
+    reader = reader_for(settings)
+    try:
+        assert await reader.scalar("SELECT 40 + 2") == 42
+        await asyncio.to_thread(server.restart)
+        assert await reader.scalar("SELECT 40 + 3") == 43
     finally:
         await reader.close()
