@@ -15,7 +15,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
 from conftest import equals, eventually
-from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT
+from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT, RestError
 from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.settings import Settings
@@ -273,10 +273,8 @@ async def test_frame_over_the_websocket_limit_reconnects_without_loss(
 
 
 @contextlib.asynccontextmanager
-async def rest_exchange(routes: dict[str, Any]) -> AsyncIterator[Any]:
-    """A scripted REST exchange (`path -> handler`) on a free port and a `RestClient` pointed at it."""
-    from tickbridge.collector.rest import RestClient
-
+async def rest_server(routes: dict[str, Any]) -> AsyncIterator[str]:
+    """A scripted REST exchange (`path -> handler`) on a free port; yields its base URL."""
     app = web.Application()
     for path, handler in routes.items():
         app.router.add_get(path, handler)
@@ -285,18 +283,29 @@ async def rest_exchange(routes: dict[str, Any]) -> AsyncIterator[Any]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rest = RestClient(f"http://127.0.0.1:{port}")
     try:
-        yield rest
+        yield f"http://127.0.0.1:{port}"
     finally:
-        await rest.close()
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def rest_exchange(routes: dict[str, Any]) -> AsyncIterator[Any]:
+    """A scripted REST exchange (`path -> handler`) on a free port and a `RestClient` pointed at it."""
+    from tickbridge.collector.rest import RestClient
+
+    async with rest_server(routes) as url:
+        rest = RestClient(url)
+        try:
+            yield rest
+        finally:
+            await rest.close()
 
 
 async def test_rest_client_honours_retry_after_and_weight_budget() -> None:
     import time
 
-    from tickbridge.collector.rest import RestError, WeightBudget
+    from tickbridge.collector.rest import WeightBudget
 
     calls: list[float] = []
 
@@ -600,3 +609,105 @@ async def test_trade_ids_starting_over_with_newer_times_are_a_new_sequence_not_d
         assert count(registry, "tickbridge_collector_trade_gaps_total", symbol="BTCUSDT") == 0
         assert await client.hget(keys.COLLECTOR_LAST_TRADE_IDS, "BTCUSDT") == b"3"
         assert collector.last_trade["BTCUSDT"] == 3
+
+
+# ---- capped waits and bodies (issue 14, item 7) ---------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def collector_rest(url: str, registry: CollectorRegistry) -> AsyncIterator[Any]:
+    """The collector's own REST client (its metrics wired) against `url`; the collector itself is not run."""
+    collector = Collector(Settings(binance_rest_url=url, symbols=("BTCUSDT",)), registry)
+    try:
+        yield collector.rest
+    finally:
+        await collector.rest.close()
+
+
+async def test_a_huge_retry_after_is_capped_counted_and_rest_work_resumes() -> None:
+    """`Retry-After: 1e9` (a broken or hostile proxy in front of the exchange) used to block every REST call of
+    the collector for 31 years: no snapshot, no back-fill, for good. The wait is capped, the cap counted."""
+    calls: list[float] = []
+
+    async def depth(request: web.Request) -> web.Response:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return web.json_response({"code": -1003, "msg": "Way too much request weight used"}, status=429,
+                                     headers={"Retry-After": "1e9"})  # fmt: skip
+        return web.json_response({"lastUpdateId": 7, "bids": [], "asks": []})
+
+    registry = CollectorRegistry()
+    async with rest_server({"/api/v3/depth": depth}) as url, collector_rest(url, registry) as rest:
+        rest.max_retry_after_s = 0.5  # the production cap is a minute or two: too long for a test
+        snap = await asyncio.wait_for(rest.depth("BTCUSDT", 1000), 10)
+        assert snap["lastUpdateId"] == 7
+        assert len(calls) == 2 and 0.45 <= calls[1] - calls[0] < 5
+        capped = count(registry, "tickbridge_collector_rest_capped_total", endpoint=DEPTH_ENDPOINT, what="retry_after")
+        assert capped == 1
+        assert await asyncio.wait_for(rest.depth("BTCUSDT", 1000), 5)  # and the next call goes at once
+    from tickbridge.collector.rest import MAX_RETRY_AFTER_S
+
+    assert 60 <= MAX_RETRY_AFTER_S <= 120
+
+
+async def test_an_oversized_rest_body_is_one_clear_error_counted_not_read_whole() -> None:
+    """A REST answer is read up to a byte limit (here 64 KiB; in production a few MiB, far above a 5000-level
+    snapshot): a bigger one, announced or streamed without a length, is refused with one error naming the
+    limit and counted; the next call works. Before, the whole body went into memory, however large."""
+    big = orjson.dumps([history_row(i) for i in range(1, 5000)])  # ~0.8 MB of valid JSON
+    sent: list[int] = []
+
+    async def trades(request: web.Request) -> web.StreamResponse:
+        if request.query.get("fromId") == "1":  # streamed in chunks, no Content-Length
+            resp = web.StreamResponse()
+            await resp.prepare(request)
+            for i in range(0, len(big), 16384):
+                await resp.write(big[i : i + 16384])
+                sent.append(i)
+            await resp.write_eof()
+            return resp
+        if request.query.get("fromId") == "2":  # announced with a Content-Length
+            return web.Response(body=big, content_type="application/json")
+        return web.json_response([history_row(3)])
+
+    registry = CollectorRegistry()
+    async with rest_server({"/api/v3/historicalTrades": trades}) as url, collector_rest(url, registry) as rest:
+        rest.max_body_bytes = 65536
+        for from_id in (1, 2):
+            with pytest.raises(RestError, match="over 65536 bytes") as exc:
+                await asyncio.wait_for(rest.historical_trades("BTCUSDT", from_id), 10)
+            assert len(str(exc.value)) < 300
+        capped = count(registry, "tickbridge_collector_rest_capped_total", endpoint=HISTORICAL_TRADES_ENDPOINT,
+                       what="body")  # fmt: skip
+        assert capped == 2
+        assert [r["id"] for r in await rest.historical_trades("BTCUSDT", 3)] == [3]
+
+
+async def test_a_trade_far_ahead_of_its_receive_time_is_dead_lettered_and_later_trades_still_land(
+    exchange: ScriptedExchange, redis_server: RedisServer
+) -> None:
+    """Trade 2 claims to happen an hour from now (a corrupt frame, a hostile or broken exchange side). Appended,
+    it topped WARM (whose trim keeps only the window before its newest tick) and the newest trade time (a real
+    new ID sequence after it would pass for duplicates). It is dead-lettered with its raw frame and counted;
+    its ID is a gap like any other: the back-fill gets the same bogus time from REST and refuses it too, so
+    the trade is counted lost; trades 3 and 4 land and WARM's top is trade 4."""
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    now_ms = int(time.time() * 1000)
+    future_ms = now_ms + 3_600_000
+    exchange.history = {2: history_row(2, time_ms=future_ms)}
+    registry = CollectorRegistry()
+    async with running(settings_for(exchange, redis_server), registry) as collector:
+        await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+        bogus = trade(2, time_ms=future_ms)
+        await exchange.send(trade(1, time_ms=now_ms), bogus, trade(3, time_ms=now_ms + 1), trade(4, time_ms=now_ms + 2))
+        await eventually(lambda: equals(trade_ids(client), [1, 3, 4]), timeout=10, what="trades 1, 3 and 4")
+        letters = await client.xrange(keys.COLLECTOR_DEAD_LETTER)
+        assert [f[b"reason"] for _, f in letters] == [b"future_time", b"future_time"]  # the frame, the REST row
+        assert letters[0][1][b"raw"] == bogus
+        assert count(registry, "tickbridge_collector_dead_letters_total", reason="future_time") == 2
+        assert count(registry, "tickbridge_collector_lost_trades_total", symbol="BTCUSDT") == 1
+        top = await client.zrange(keys.warm_key("BTCUSDT"), -1, -1, withscores=True)
+        assert [int(score) for _, score in top] == [(now_ms + 2) * 1000]
+        assert collector.last_trade_ts["BTCUSDT"] == (now_ms + 2) * 1000
+    # A restarted collector reads the newest trade time back from WARM: not an hour ahead either.
+    assert not (await client.zrangebyscore(keys.warm_key("BTCUSDT"), (now_ms + 10_000) * 1000, "+inf"))

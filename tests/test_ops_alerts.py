@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,13 @@ def test_rules_load_and_evaluate_in_a_real_prometheus(tmp_path: Path) -> None:
         rules = evaluated()
         assert {r["name"] for r in rules} == set(_rules())
         assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+        # No lifecycle API (issue 14): whoever reaches the port cannot reload a config or stop Prometheus.
+        for path in ("/-/reload", "/-/quit"):
+            request = urllib.request.Request(f"{server.url}{path}", method="POST")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=5)
+            assert refused.value.code == 403, path
+        assert server.proc is not None and server.proc.poll() is None
     finally:
         server.stop()
 

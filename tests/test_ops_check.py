@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import pytest
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
@@ -101,6 +103,28 @@ def test_check_a_real_role_process() -> None:
         proc.terminate()
         proc.wait(20)
     assert _run_check("sim", "--port", str(metrics_port)).returncode == 1
+
+
+def test_a_native_role_serves_metrics_on_loopback_unless_told_otherwise(tmp_path: Path) -> None:
+    """METRICS_BIND defaults to 127.0.0.1 (compose sets 0.0.0.0 for its Prometheus): a role started from a
+    checkout does not publish /metrics on every interface of the host."""
+    metrics_port, ws_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "METRICS_BIND"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tickbridge", "sim", "--port", str(ws_port), "--metrics-port", str(metrics_port),
+         "--symbols", "BTCUSDT", "--rate", "10"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: check("sim", metrics_port, timeout=10).healthy, 60, "sim healthy", proc)
+        listening = {
+            c.laddr.ip for c in psutil.Process(proc.pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == metrics_port
+        }  # fmt: skip
+        assert listening == {"127.0.0.1"}
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 async def test_heartbeat_of_a_real_consumer(redis_server: RedisServer) -> None:

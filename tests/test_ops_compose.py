@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import json
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+from pydantic import ValidationError
 
 from tickbridge.core.settings import DEFAULT_SYMBOLS, Settings
 from tickbridge.devstack.servers import QUESTDB_VERSION, REPO_ROOT
@@ -58,6 +60,11 @@ def _env() -> dict[str, str]:
     return parse_env_file(ENV_EXAMPLE)
 
 
+def _deployed_env() -> dict[str, str]:
+    """`.env.example` as the deploy docs have it filled in: every `change-me-…` replaced (a placeholder is refused)."""
+    return {k: secrets.token_hex(24) if v.startswith("change-me-") else v for k, v in _env().items()}
+
+
 @pytest.fixture(scope="module", params=sorted(COMPOSE_FILES))
 def host(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -65,7 +72,7 @@ def host(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def compose(host: str) -> dict[str, Any]:
-    return load_compose(COMPOSE_FILES[host], _env())
+    return load_compose(COMPOSE_FILES[host], _deployed_env())
 
 
 def _mib(value: str | int) -> float:
@@ -245,14 +252,27 @@ def test_env_example_documents_every_variable() -> None:
 def test_env_example_secrets_are_placeholders() -> None:
     env = _env()
     for name, value in env.items():
-        if re.search(r"PASSWORD|SECRET|TOKEN", name) or name in ("QUESTDB_USER", "GRAFANA_ADMIN_USER"):
+        user = name in ("QUESTDB_USER", "QUESTDB_READER_USER", "GRAFANA_ADMIN_USER")
+        if re.search(r"PASSWORD|SECRET|TOKEN", name) or user:
             assert value.startswith("change-me-"), f"{name} must be a change-me-... placeholder"
     for path in COMPOSE_FILES.values():
         assert "change-me" not in path.read_text(), f"{path.name} hard-codes a placeholder secret"
 
 
-def test_env_example_loads_as_settings() -> None:
-    settings = Settings(_env_file=ENV_EXAMPLE)  # type: ignore[call-arg]
+def test_env_example_loads_as_settings_once_its_placeholders_are_replaced(tmp_path: Path) -> None:
+    # As shipped, the placeholders are refused (they must never be live) ...
+    with pytest.raises(ValidationError, match="change-me"):
+        Settings(_env_file=ENV_EXAMPLE)  # type: ignore[call-arg]
+    # ... and with each replaced by a generated secret (what the deploy docs say to do) it loads.
+    lines = []
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.startswith("#") and value.startswith("change-me-"):
+            line = f"{name}={secrets.token_hex(24)}"
+        lines.append(line)
+    env_file = tmp_path / ".env"
+    env_file.write_text("\n".join(lines) + "\n")
+    settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
     assert settings.symbols == DEFAULT_SYMBOLS
     # The RAM buffer spills before Redis' maxmemory (noeviction) would refuse writes.
     maxmemory = re.search(r"^maxmemory (\d+)mb$", (REPO_ROOT / "redis/vps.conf").read_text(), re.M)

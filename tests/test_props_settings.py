@@ -72,7 +72,8 @@ def test_loader_starts_or_names_one_variable_in_one_line(values: dict[str, str])
     assert "Traceback" not in text
 
 
-passwords = st.text(chars, min_size=1, max_size=40)
+# What the ACL renderer accepts: at least 16 characters, no `change-me` placeholder.
+passwords = st.text(chars, min_size=16, max_size=40).filter(lambda pw: "change-me" not in pw.lower())
 
 
 @given(st.lists(passwords, min_size=4, max_size=4, unique=True))
@@ -134,3 +135,62 @@ def test_real_redis_admits_each_user_with_its_own_password_only(
                 assert reply == b"+OK\r\n", (user, reply)
             else:
                 assert reply.startswith(b"-WRONGPASS"), (user, reply)
+
+
+# ---- placeholders and short secrets (issue 14, item 7) -------------------------------------------------
+
+GOOD = secrets.token_hex(24)
+#: Every secret the settings read, as a `.env` line would set it, with a placeholder and a short value.
+SECRET_CASES = [
+    ("VPS_REDIS_URL", "redis://collector:change-me-vps-redis-collector-password@redis:6379/0"),
+    ("VPS_REDIS_URL", "redis://collector:short@redis:6379/0"),
+    ("BRAIN_REDIS_URL", "rediss://forwarder:change-me-brain-redis-forwarder-password@brain:6380/0"),
+    ("BRAIN_REDIS_URL", f"rediss://forwarder:{GOOD}@change-me-brain.example.net:6380/0"),
+    ("BRAIN_REDIS_URL", "redis://reader:0123456789abcde@localhost:6379/0"),
+    ("QUESTDB_USER", "change-me-questdb-user"),
+    ("QUESTDB_PASSWORD", "change-me-questdb-password"),
+    ("QUESTDB_PASSWORD", "admin"),
+    ("QUESTDB_PASSWORD", "CHANGE-ME-questdb-password-0123456789"),
+    ("QUESTDB_READER_USER", "change-me-questdb-reader-user"),
+    ("QUESTDB_READER_PASSWORD", "change-me-questdb-reader-password"),
+    ("QUESTDB_READER_PASSWORD", "quest"),
+]
+
+
+def _load(values: dict[str, str]) -> tuple[Settings | None, int, str]:
+    err = io.StringIO()
+    with environment(values), contextlib.redirect_stderr(err):
+        for name in {name for name, _ in SECRET_CASES} - set(values):
+            os.environ.pop(name, None)
+        os.environ.pop("METRICS_BIND", None)
+        try:
+            return load_settings(), 0, err.getvalue()
+        except SystemExit as exc:
+            return None, int(exc.code or 0), err.getvalue()
+
+
+@pytest.mark.parametrize(("name", "value"), SECRET_CASES)
+def test_placeholder_and_short_secrets_are_refused_at_start_with_one_line(name: str, value: str) -> None:
+    loaded, code, text = _load({name: value})
+    assert loaded is None and code == 2, f"{name}={value!r} was accepted"
+    assert text.count("\n") == 1 and text.startswith(f"config error: {name}: "), text
+    assert "openssl rand" in text or "placeholder" in text, text
+    assert "0123456789abcde" not in text and "short@" not in text  # the refused password is not printed
+
+
+def test_generated_secrets_are_accepted() -> None:
+    loaded, code, text = _load({
+        "VPS_REDIS_URL": f"redis://collector:{secrets.token_urlsafe(24)}@127.0.0.1:6379/0",
+        "BRAIN_REDIS_URL": f"rediss://forwarder:{secrets.token_hex(8)}@brain.example.net:6380/0",  # 16: the minimum
+        "QUESTDB_USER": "tickbridge", "QUESTDB_PASSWORD": secrets.token_hex(24),
+        "QUESTDB_READER_USER": "reader", "QUESTDB_READER_PASSWORD": secrets.token_hex(24),
+    })  # fmt: skip
+    assert loaded is not None and code == 0 and text == "", text
+    # No password in a URL (a local Redis without ACLs) is no secret to check.
+    assert _load({"VPS_REDIS_URL": "redis://127.0.0.1:6379/0"})[0] is not None
+
+
+def test_metrics_bind_defaults_to_loopback() -> None:
+    loaded, _, text = _load({})
+    assert loaded is not None, text
+    assert loaded.metrics_bind == "127.0.0.1"

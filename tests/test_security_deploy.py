@@ -62,6 +62,14 @@ def test_only_the_brain_tls_port_is_published_beyond_loopback(host: str) -> None
 
 
 @pytest.mark.parametrize("host", HOSTS)
+def test_prometheus_runs_without_the_lifecycle_api(host: str) -> None:
+    """`--web.enable-lifecycle` lets anyone who reaches the port POST /-/quit or /-/reload: config changes
+    take a restart (or SIGHUP) instead (docs/deploy-vps.md, Day-2)."""
+    command = [str(a) for a in services(host)["prometheus"]["command"]]
+    assert command and not [a for a in command if "lifecycle" in a], command
+
+
+@pytest.mark.parametrize("host", HOSTS)
 def test_role_containers_are_non_root_read_only_without_capabilities(host: str) -> None:
     found = set()
     for name, svc in services(host).items():
@@ -131,3 +139,19 @@ def test_no_private_key_or_env_file_is_committed() -> None:
     leaks = subprocess.run(["git", "-C", str(REPO_ROOT), "grep", "-l", "-E", "BEGIN ([A-Z]+ )?PRIVATE KEY"],
                            capture_output=True, text=True, check=False)  # fmt: skip
     assert leaks.stdout.strip() == "", f"private key material committed: {leaks.stdout}"
+
+
+def test_every_threat_in_the_security_doc_names_tests_that_exist() -> None:
+    """docs/security.md's threat table points each row at `file::test` (or `TODO(merge)` while a parallel
+    branch adds it): a renamed or removed test fails here instead of leaving the doc pointing nowhere."""
+    text = (REPO_ROOT / "docs" / "security.md").read_text()
+    section = text.split("## Threats and the tests that cover them", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if re.match(r"^\| \d+ \|", line)]
+    assert len(rows) >= 20
+    for row in rows:
+        pointer = row.rstrip(" |").rsplit(" | ", 1)[1]
+        refs = re.findall(r"`(test_[a-z0-9_]+\.py)::(test_[a-z0-9_]+)`", pointer)
+        assert refs or pointer.strip() == "TODO(merge)", f"row without a test: {row[:80]}"
+        for file, name in refs:
+            source = (REPO_ROOT / "tests" / file).read_text()
+            assert re.search(rf"^(async )?def {name}\(", source, re.M), f"{file}::{name} does not exist"

@@ -242,6 +242,31 @@ def test_each_role_with_a_broken_variable_exits_with_one_line_naming_it(role: st
         assert "Traceback" not in proc.stderr and value not in proc.stdout
 
 
+#: A `.env.example` placeholder or a short password in each secret a role reads (issue 14, item 7).
+PLACEHOLDERS: dict[str, tuple[str, str]] = {
+    "collector": ("VPS_REDIS_URL", "redis://collector:change-me-vps-redis-collector-password@redis:6379/0"),
+    "forwarder": ("BRAIN_REDIS_URL", "rediss://forwarder:change-me-brain-redis-forwarder-password@brain:6380/0"),
+    "consumer": ("BRAIN_REDIS_URL", "redis://consumer:tooshort@redis:6379/0"),
+    "writer": ("QUESTDB_PASSWORD", "change-me-questdb-password"),
+    "sim": ("QUESTDB_READER_PASSWORD", "quest"),
+}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_each_role_refuses_a_placeholder_or_short_secret_with_one_line(role: str, tmp_path: Path) -> None:
+    """The docs promise `.env.example`'s placeholders can never be live: a role given one (or a password under
+    16 characters) does not start, and says which variable in one line, without echoing the secret."""
+    name, value = PLACEHOLDERS[role]
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), name: value}
+    proc = subprocess.run([sys.executable, "-m", "tickbridge", role], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"{role} started with {name}={value!r}: {proc.stderr[-500:]!r}"
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {name}: "), proc.stderr[-500:]
+    secret = value.split("://")[-1].split("@")[0].split(":")[-1]
+    assert secret not in proc.stderr + proc.stdout
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -275,7 +300,7 @@ def test_a_role_with_broken_tls_files_exits_with_one_line_naming_the_variable(
     existing = tmp_path / "present.crt"
     existing.write_text("x")
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "METRICS_PORT": "0",
-           "BRAIN_REDIS_URL": "rediss://x:y@127.0.0.1:1/0",
+           "BRAIN_REDIS_URL": f"rediss://x:{secrets.token_hex(12)}@127.0.0.1:1/0",
            **{k: v.format(ca=existing) for k, v in tls_env.items()}}  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "tickbridge", role], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip

@@ -265,6 +265,15 @@ def test_acl_rendering_names_the_missing_variable_and_stores_only_hashes(passwor
     assert "#@" not in rendered
 
 
+@pytest.mark.parametrize("value", ["change-me-vps-redis-monitor-password", "Change-Me-please-0123456789", "hunter2"])
+def test_acl_rendering_refuses_placeholder_and_short_passwords(passwords: dict[str, str], value: str) -> None:
+    """`.env.example`'s placeholders can never become live Redis passwords (the compose `init` step renders
+    the ACL with this function, so Redis would not start), nor can a guessable short one."""
+    with pytest.raises(AclRenderError, match=r"^config error: VPS_REDIS_MONITOR_PASSWORD: ") as exc:
+        render_acl_text(VPS_ACL.read_text(), {**passwords, "VPS_REDIS_MONITOR_PASSWORD": value})
+    assert value not in str(exc.value)
+
+
 @pytest.mark.parametrize("template", [VPS_ACL, BRAIN_ACL], ids=["vps", "brain"])
 def test_committed_acl_files_hold_no_secret_and_no_open_user(template: Path) -> None:
     lines = template.read_text().splitlines()

@@ -10,8 +10,9 @@
   through one lean connection (`core.rawlink`: both replies of a range in one read) when it is free,
   else through the redis-py pool. Stale connections (Redis restarted) are replaced and the read sent
   once more, on either path, so a restart costs no answer.
-- COLD: QuestDB `trades` over HTTP `/exec`, plus the trades the writer has not confirmed yet, read back
-  from the per-symbol stream (the writer trims it only below what it confirmed). Without them a writer
+- COLD: QuestDB `trades` as the read-only PG-wire user (QUESTDB_READER_USER/PASSWORD, which cannot DROP or
+  INSERT; over HTTP `/exec` only where QuestDB has no logins), plus the trades the writer has not confirmed
+  yet, read back from the per-symbol stream (the writer trims it only below what it confirmed). Without them a writer
   more than WARM's window behind (QuestDB down, a long catch-up) would leave a silent hole between COLD
   and WARM.
 
@@ -43,7 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tickbridge.brain.common import as_text, check, id_key, parse_info_pairs, parse_read_reply
 from tickbridge.core import keys
 from tickbridge.core.metrics import counter, histogram
-from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp
+from tickbridge.core.questdb_io import QuestDBError, reader_for
 from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, execute_read, make_client
 from tickbridge.core.settings import Settings
@@ -199,7 +200,10 @@ class TieredMarketData:
         # that finds it busy (concurrent callers) or broken goes through the pool instead.
         self._raw = RawRedis(settings.brain_redis_url, settings)
         self._raw_lock = asyncio.Lock()
-        self.qdb = QuestDBHttp(settings.brain_questdb_url, settings)
+        self.qdb = reader_for(settings)
+        if settings.questdb_user and not settings.questdb_reader_user:
+            log.warning("COLD reads QuestDB with QUESTDB_USER, the writer's login (it can DROP TABLE): give trading "
+                        "code QUESTDB_READER_USER/QUESTDB_READER_PASSWORD instead")  # fmt: skip
         self._hot: dict[str, _Hot] = {}
         #: Symbol -> its key of the wrong type (trade key not a stream, or WARM key not a sorted set):
         #: left out of HOT (it answers from WARM/COLD) so the others keep following; looked at again

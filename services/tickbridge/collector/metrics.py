@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry
 
-from tickbridge.collector.parser import REASONS
-from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT
+from tickbridge.collector.parser import COLLECTOR_REASONS, REASONS
+from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT, MAX_BODY_BYTES, MAX_RETRY_AFTER_S
 from tickbridge.core.metrics import counter, gauge, histogram
 
 REST_ENDPOINTS = (DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT)
@@ -46,7 +46,7 @@ class CollectorMetrics:
         self.dead_letters = c("dead_letters", "Malformed or unexpected frames dead-lettered", ("reason",))
         self.queue_full = c("queue_full", "Times the reader or processor waited on a full queue", ("queue",))
         # Export every known label at 0, so dashboards and alerts see "none yet" rather than "no data".
-        for reason in REASONS:
+        for reason in (*REASONS, *COLLECTOR_REASONS):
             self.dead_letters.labels(reason)
         for queue in ("inbox", "writer"):
             self.queue_full.labels(queue)
@@ -59,6 +59,15 @@ class CollectorMetrics:
         for endpoint in REST_ENDPOINTS:
             for status in ("429", "418"):
                 self.rest_requests.labels(endpoint, status)
+        self.rest_capped = c(
+            "rest_capped",
+            f"REST answers cut to a limit: a Retry-After over {MAX_RETRY_AFTER_S:.0f} s (waited that long), a body "
+            f"over {MAX_BODY_BYTES} bytes (refused)",
+            ("endpoint", "what"),
+        )  # fmt: skip
+        for endpoint in REST_ENDPOINTS:
+            for what in ("retry_after", "body"):
+                self.rest_capped.labels(endpoint, what)
 
     def export_symbols(self, symbols: Iterable[str]) -> None:
         """Create the per-symbol counters at 0, so the first gap, loss or resync of a symbol is an increase()."""

@@ -27,6 +27,10 @@ REASONS = (
     "oversized", "json", "not_object", "unknown_stream", "unknown_event", "schema", "stream_mismatch",
     "exchange_error", "unknown_symbol",
 )  # fmt: skip
+#: Reasons the collector adds after parsing (they need more than the frame): a trade whose exchange time
+#: is more than `MAX_AHEAD_US` after it was received (a corrupt or hostile frame, or a clock far off).
+FUTURE_TIME = "future_time"
+COLLECTOR_REASONS = (FUTURE_TIME,)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,13 @@ USED_WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
 #: The wait after a 429/418 whose `Retry-After` is missing or unreadable: long enough not to earn a ban by
 #: hammering, short enough to recover soon when it was just a 429.
 DEFAULT_RETRY_AFTER_S = 10.0
+#: The longest one `Retry-After` holds REST work. Binance's own bans last minutes and its 429s about a minute;
+#: a larger value (`1e9` from a broken or hostile proxy) would stop snapshots and back-fills for good. Past the
+#: cap the request is simply tried again: a real ban answers 418 once more, and waits another cap.
+MAX_RETRY_AFTER_S = 120.0
+#: REST answers are read up to this many bytes (decompressed): a 5000-level depth snapshot is ~0.3 MB, 1000
+#: historical trades ~0.2 MB. A bigger body is refused before it is in memory.
+MAX_BODY_BYTES = 8 * 2**20
 
 
 def parse_retry_after(value: str | None, default: float = DEFAULT_RETRY_AFTER_S) -> float:
@@ -53,6 +60,24 @@ def parse_retry_after(value: str | None, default: float = DEFAULT_RETRY_AFTER_S)
 
 class RestError(RuntimeError):
     """A REST call failed after its retries."""
+
+
+class BodyTooLarge(RestError):
+    """A REST answer over the byte limit (not retried: the same request would get the same answer)."""
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of `resp`, or `BodyTooLarge` as soon as it is known to exceed `limit` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise BodyTooLarge(f"{resp.content_length} bytes announced")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"more than {size} bytes read")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def depth_weight(limit: int) -> int:
@@ -130,16 +155,23 @@ class WeightBudget:
 
 
 class RestClient:
-    """`GET /api/v3/depth` and `/api/v3/historicalTrades` with retries; honours 429/418 `Retry-After`."""
+    """`GET /api/v3/depth` and `/api/v3/historicalTrades` with retries; honours 429/418 `Retry-After` (up to
+    `max_retry_after_s`); reads bodies up to `max_body_bytes`."""
 
-    def __init__(self, base_url: str, *, attempts: int = 6, timeout: float = 10.0, on_request: Any = None) -> None:
+    def __init__(
+        self, base_url: str, *, attempts: int = 6, timeout: float = 10.0, on_request: Any = None,
+        on_capped: Any = None,
+    ) -> None:  # fmt: skip
         self.base_url = base_url.rstrip("/")
         self.attempts = attempts
         self.default_retry_after_s = DEFAULT_RETRY_AFTER_S
+        self.max_retry_after_s = MAX_RETRY_AFTER_S
+        self.max_body_bytes = MAX_BODY_BYTES
         self.budget = WeightBudget()
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._on_request = on_request  # callable(endpoint, status) for metrics
+        self._on_capped = on_capped  # callable(endpoint, "retry_after" | "body") for metrics
 
     async def close(self) -> None:
         if self._session is not None:
@@ -156,7 +188,12 @@ class RestClient:
             try:
                 async with self.budget.slot(weight), self._session.get(self.base_url + endpoint, params=params) as resp:
                     status = str(resp.status)
-                    body = await resp.read()
+                    try:
+                        body = await read_capped(resp, self.max_body_bytes)
+                    except BodyTooLarge as exc:
+                        self._capped(endpoint, "body")
+                        raise BodyTooLarge(f"{endpoint} {params}: HTTP {resp.status} body over "
+                                           f"{self.max_body_bytes} bytes ({exc}): refused") from None  # fmt: skip
                     used = resp.headers.get(USED_WEIGHT_HEADER, "")
                     # An exchange without the header leaves our own count as the only one.
                     self.budget.observe(int(used) if used.isdigit() else 0)
@@ -166,9 +203,13 @@ class RestClient:
                     if resp.status in (429, 418):
                         header = resp.headers.get("Retry-After")
                         retry_after = parse_retry_after(header, self.default_retry_after_s)
+                        capped = retry_after > self.max_retry_after_s
+                        if capped:
+                            self._capped(endpoint, "retry_after")
+                            retry_after = self.max_retry_after_s
                         self.budget.blocked_until = time.monotonic() + retry_after
-                        log.warning("%s rate-limited (%s, Retry-After %r), retry after %.0fs", endpoint, resp.status,
-                                    header, retry_after)  # fmt: skip
+                        log.warning("%s rate-limited (%s, Retry-After %r), retry after %.0fs%s", endpoint, resp.status,
+                                    header, retry_after, " (capped)" if capped else "")  # fmt: skip
                         continue
                     if 400 <= resp.status < 500:
                         raise RestError(f"{endpoint} {params}: {last_error}")
@@ -179,6 +220,12 @@ class RestClient:
                     self._on_request(endpoint, status)
             await asyncio.sleep(backoff.next())
         raise RestError(f"{endpoint} {params}: gave up after {self.attempts} attempts ({last_error})")
+
+    def _capped(self, endpoint: str, what: str) -> None:
+        if what == "body":
+            log.warning("%s: answer over %d bytes refused", endpoint, self.max_body_bytes)
+        if self._on_capped is not None:
+            self._on_capped(endpoint, what)
 
     async def depth(self, symbol: str, limit: int) -> dict[str, Any]:
         """The order-book snapshot `{"lastUpdateId", "bids", "asks"}`."""

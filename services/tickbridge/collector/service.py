@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import websockets
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import ClientConnection
@@ -29,7 +30,15 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from tickbridge.collector.book import DepthSync, OrderBook, Outcome
 from tickbridge.collector.metrics import CollectorMetrics
-from tickbridge.collector.parser import MAX_FRAME_BYTES, ControlReply, Rejected, ServerShutdown, parse_frame, to_us
+from tickbridge.collector.parser import (
+    FUTURE_TIME,
+    MAX_FRAME_BYTES,
+    ControlReply,
+    Rejected,
+    ServerShutdown,
+    parse_frame,
+    to_us,
+)  # fmt: skip
 from tickbridge.collector.rest import RestClient, RestError
 from tickbridge.collector.writer import DeadLetter, Item, StreamWriter
 from tickbridge.core import keys
@@ -54,6 +63,11 @@ MAX_PARKED = 50_000
 #: A trade at or below the last trade ID but more than this newer than the last trade's exchange time
 #: starts a new ID sequence (a real duplicate is never newer: IDs rise with time).
 ID_RESET_SLACK_US = 1_000_000
+#: A trade whose exchange time is more than this after its receive time is dead-lettered (reason
+#: `future_time`): appended, it would top WARM (trimmed to the window before its newest tick) and the newest
+#: trade time (a later new ID sequence would pass for duplicates). Exchange and VPS clocks agree within
+#: milliseconds under NTP; 5 s leaves room for a clock off by far more than that.
+MAX_AHEAD_US = 5_000_000
 OUT_BATCH = 1000
 #: Trade latency is observed for one trade in 8 (the histogram is a sample; depth: every event).
 LATENCY_SAMPLE_MASK = 7
@@ -80,13 +94,15 @@ class SnapshotResult:
 class BackfillResult:
     """Trades fetched from REST for `first..last` of `symbol` (ascending, possibly incomplete).
 
-    The fetch task fills `trades` in place, so a back-fill ended early keeps what it already has.
+    The fetch task fills `trades` in place, so a back-fill ended early keeps what it already has; rows it
+    refused for their time (`future`) are dead-lettered with them.
     """
 
     symbol: str
     first: int
     last: int
     trades: list[Trade]
+    future: list[DeadLetter] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +181,7 @@ class Collector(Service):
         self._backfills: dict[str, BackfillResult] = {}
         self._snap_backoff: dict[str, Backoff] = {}
         self._tg: asyncio.TaskGroup | None = None
-        self.rest = RestClient(settings.binance_rest_url, on_request=self._on_rest)
+        self.rest = RestClient(settings.binance_rest_url, on_request=self._on_rest, on_capped=self._on_rest_capped)
         self.writer: StreamWriter | None = None
         self.started = asyncio.Event()  # the first connection is up
         m = self.metrics
@@ -264,6 +280,9 @@ class Collector(Service):
 
     def _on_rest(self, endpoint: str, status: str) -> None:
         self.metrics.rest_requests.labels(endpoint, status).inc()
+
+    def _on_rest_capped(self, endpoint: str, what: str) -> None:
+        self.metrics.rest_capped.labels(endpoint, what).inc()
 
     # --- connections --------------------------------------------------------------------------
 
@@ -518,6 +537,9 @@ class Collector(Service):
             if ev.symbol not in self.depth:
                 self._dead_letter(Rejected("unknown_symbol", ev.symbol, _raw(raw)), recv, out)
                 return
+            if ev.timestamp > recv + MAX_AHEAD_US:
+                self._dead_letter(Rejected(FUTURE_TIME, _ahead(ev, recv), _raw(raw)), recv, out)
+                return
             self._on_trade(ev, gen, out)
         elif kind is DepthDiff:
             assert isinstance(ev, DepthDiff)
@@ -692,10 +714,15 @@ class Collector(Service):
                     if tid > end:
                         break
                     maker = row["isBuyerMaker"]
-                    trades.append(Trade(
+                    recv = now_us()
+                    trade = Trade(
                         symbol=symbol, price=row["price"], volume=row["qty"], side="SELL" if maker else "BUY",
-                        timestamp=to_us(row["time"]), trade_id=tid, recv_ts=now_us(),
-                    ))  # fmt: skip
+                        timestamp=to_us(row["time"]), trade_id=tid, recv_ts=recv,
+                    )  # fmt: skip
+                    if trade.timestamp > recv + MAX_AHEAD_US:  # not appended: its ID stays a gap (lost)
+                        res.future.append(DeadLetter(FUTURE_TIME, _ahead(trade, recv), orjson.dumps(row)[:4096], recv))
+                        continue
+                    trades.append(trade)
                 except (KeyError, TypeError, TickError) as exc:
                     log.error("%s: bad historical trade %s: %s", symbol, str(row)[:200], exc)
                     continue
@@ -728,6 +755,9 @@ class Collector(Service):
         """Append the fetched trades, then the trades parked meanwhile (which may start another back-fill)."""
         symbol = res.symbol
         parked = self._parked.pop(symbol, [])
+        for letter in res.future:
+            self.metrics.dead_letters.labels(letter.reason).inc()
+            out.append(letter)
         next_id = res.first
         for trade in trades:
             if trade.trade_id < next_id:
@@ -745,6 +775,10 @@ class Collector(Service):
         log.info("%s: back-filled %d trades", symbol, len(trades))
         for gen, trade in parked:
             self._on_trade(trade, gen, out)
+
+
+def _ahead(trade: Trade, recv: int) -> str:
+    return f"{trade.symbol} trade {trade.trade_id}: time {(trade.timestamp - recv) / 1e6:.1f} s after it was received"
 
 
 def _raw(raw: bytes | str) -> bytes:

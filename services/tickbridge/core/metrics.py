@@ -16,7 +16,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
-def serve_metrics(port: int, bind: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY) -> None:
+def serve_metrics(port: int, bind: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> None:
     """Expose `/metrics`; port 0 disables the endpoint (tests running several roles in one process)."""
     if port == 0:
         return

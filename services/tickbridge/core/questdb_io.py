@@ -1,4 +1,5 @@
-"""QuestDB helpers: SQL over HTTP `/exec`, ILP-over-HTTP sender configuration, WAL visibility checks."""
+"""QuestDB helpers: SQL over HTTP `/exec`, read-only SQL over PG wire, ILP-over-HTTP sender configuration, WAL
+visibility checks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import aiohttp
+import asyncpg
 import orjson
 
 from tickbridge.core.settings import Settings
@@ -108,3 +110,78 @@ class QuestDBHttp:
 
     async def suspended_tables(self) -> list[str]:
         return [str(r[0]) for r in await self.rows("SELECT name FROM wal_tables() WHERE suspended")]
+
+
+class QuestDBReader:
+    """Read-only SQL for the readers (TieredMarketData, `tickbridge query`) as QuestDB's PG-wire read-only user.
+
+    QuestDB OSS has one HTTP login (`http.user`, full rights: the writer's) and, on PG wire, a second user
+    that can only read (`pg.readonly.user.enabled/user/password`): DROP, INSERT, ALTER, CREATE, TRUNCATE
+    answer "Write permission denied". Same methods as `QuestDBHttp` (rows of the query, `QuestDBError`
+    for any failure). One connection, opened on first use, queries in turn; a broken one (QuestDB restarted)
+    is reopened and a SELECT sent once more.
+    """
+
+    def __init__(self, url: str, user: str, password: str, *, timeout: float = 30.0) -> None:
+        parsed = urlparse(url)
+        self.host = parsed.hostname or "localhost"
+        self.port = parsed.port or 8812
+        self.database = parsed.path.lstrip("/") or "qdb"
+        self.user = user
+        self._password = password
+        self._timeout = timeout
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close(timeout=5)
+
+    async def _connect(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(
+                host=self.host, port=self.port, user=self.user, password=self._password, database=self.database,
+                timeout=self._timeout, statement_cache_size=0, ssl=False,
+            )  # fmt: skip
+        return self._conn
+
+    async def rows(self, sql: str) -> list[list[Any]]:
+        async with self._lock:
+            for attempt in range(2):
+                try:
+                    conn = await self._connect()
+                    records = await conn.fetch(sql, timeout=self._timeout)
+                    return [list(r.values()) for r in records]
+                except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, ConnectionError) as exc:
+                    await self._drop()
+                    if attempt or not sql.lstrip().upper().startswith("SELECT"):
+                        raise QuestDBError(f"QuestDB PG {self.host}:{self.port}: {exc}") from exc
+                except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+                    if not isinstance(exc, asyncpg.PostgresError):
+                        await self._drop()
+                    raise QuestDBError(f"QuestDB PG {self.host}:{self.port} as {self.user}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def exec(self, sql: str) -> dict[str, Any]:
+        """Run one statement; `{"dataset": rows}` like `QuestDBHttp.exec` (writes are refused: QuestDBError)."""
+        return {"dataset": await self.rows(sql)}
+
+    async def scalar(self, sql: str) -> Any:
+        rows = await self.rows(sql)
+        return rows[0][0] if rows and rows[0] else None
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+
+def reader_for(settings: Settings) -> QuestDBHttp | QuestDBReader:
+    """COLD's SQL client: the read-only PG-wire login when QUESTDB_READER_USER/PASSWORD are set, else HTTP
+    `/exec` on BRAIN_QUESTDB_URL (a QuestDB without logins, as in the native stack and the tests)."""
+    if settings.questdb_reader_user and settings.questdb_reader_password:
+        return QuestDBReader(
+            settings.brain_questdb_pg_url, settings.questdb_reader_user, settings.questdb_reader_password
+        )
+    return QuestDBHttp(settings.brain_questdb_url, settings)

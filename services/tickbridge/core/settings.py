@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from typing import Annotated, Literal, NoReturn
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -36,10 +36,33 @@ DEFAULT_METRICS_PORTS: dict[str, int] = {
 }
 
 
+#: `.env.example` marks every secret with this; such a value is never accepted (not even in a URL).
+PLACEHOLDER_MARK = "change-me"
+#: Secrets shorter than this are refused: a guessable password on an exposed port is no password. The
+#: generated ones are far longer (`openssl rand -hex 24`: 48 characters; the native stack's: 32).
+MIN_SECRET_CHARS = 16
+_MAKE_ONE = "generate one with `openssl rand -hex 24`"
+
+
+def secret_problem(value: str) -> str | None:
+    """Why `value` cannot be a password (a `change-me-…` placeholder, or too short), else None."""
+    if PLACEHOLDER_MARK in value.lower():
+        return f"the {PLACEHOLDER_MARK}-... placeholder from .env.example is never accepted: {_MAKE_ONE}"
+    if len(value) < MIN_SECRET_CHARS:
+        return f"a password of {len(value)} characters is refused (at least {MIN_SECRET_CHARS}): {_MAKE_ONE}"
+    return None
+
+
 def _check_url(value: str, schemes: tuple[str, ...]) -> str:
     parsed = urlparse(value)
     if parsed.scheme not in schemes or not parsed.hostname:
         raise ValueError(f"expected a {'/'.join(schemes)} URL with a host, got {value!r}")
+    if PLACEHOLDER_MARK in unquote(value).lower():
+        raise ValueError(f"holds a {PLACEHOLDER_MARK}-... placeholder from .env.example: replace it, got {value!r}")
+    if parsed.password:
+        problem = secret_problem(unquote(parsed.password))
+        if problem is not None:
+            raise ValueError(f"its password: {problem}")
     return value
 
 
@@ -60,7 +83,8 @@ class Settings(BaseSettings):
     ram_buffer_bytes: int = Field(default=3_000_000_000, gt=0)
     disk_buffer_bytes: int = Field(default=40_000_000_000, gt=0)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    metrics_bind: str = "0.0.0.0"
+    #: Loopback unless told otherwise: compose sets 0.0.0.0 (Prometheus scrapes over the container network).
+    metrics_bind: str = "127.0.0.1"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # Collector
@@ -88,6 +112,11 @@ class Settings(BaseSettings):
     redis_tls_key: str | None = None
     questdb_user: str | None = None
     questdb_password: str | None = None
+    # Read-only QuestDB login of the readers (TieredMarketData, `tickbridge query`): QuestDB's PG-wire
+    # read-only user (`pg.readonly.user`), which cannot DROP, INSERT, ALTER or CREATE.
+    questdb_reader_user: str | None = None
+    questdb_reader_password: str | None = None
+    brain_questdb_pg_url: str = "postgresql://localhost:8812/qdb"
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -124,6 +153,28 @@ class Settings(BaseSettings):
     @classmethod
     def _check_redis(cls, value: str) -> str:
         return _check_url(value, ("redis", "rediss"))
+
+    @field_validator("brain_questdb_pg_url")
+    @classmethod
+    def _check_pg(cls, value: str) -> str:
+        return _check_url(value, ("postgresql", "postgres"))
+
+    @field_validator("questdb_user", "questdb_reader_user")
+    @classmethod
+    def _check_user(cls, value: str | None) -> str | None:
+        if value is not None and PLACEHOLDER_MARK in value.lower():
+            raise ValueError(f"the {PLACEHOLDER_MARK}-... placeholder from .env.example is never accepted: "
+                             f"choose a user name")  # fmt: skip
+        return value
+
+    @field_validator("questdb_password", "questdb_reader_password")
+    @classmethod
+    def _check_secret(cls, value: str | None) -> str | None:
+        if value:  # empty: not set (no QuestDB login)
+            problem = secret_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     def metrics_port_for(self, role: str) -> int:
         """METRICS_PORT if set, else the role's default port."""

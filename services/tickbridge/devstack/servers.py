@@ -314,7 +314,6 @@ class PrometheusServer(_PrometheusProjectServer):
             f"--config.file={self.config}",
             f"--storage.tsdb.path={self.workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
-            "--web.enable-lifecycle",
             *self.extra,
         ]
 

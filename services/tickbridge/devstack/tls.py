@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from tickbridge.core.settings import secret_problem
 from tickbridge.devstack.servers import REPO_ROOT, RedisServer, free_port
 from tickbridge.devstack.stack import NativeStack, StackConfig
 
@@ -85,13 +86,17 @@ def acl_variables(template: str) -> list[str]:
 
 
 def render_acl_text(template: str, env: Mapping[str, str]) -> str:
-    """Replace every `#@VAR@` with `#<sha256(env[VAR])>`; `AclRenderError` names a missing variable."""
+    """Replace every `#@VAR@` with `#<sha256(env[VAR])>`; `AclRenderError` names a missing variable, or one
+    holding a `change-me-…` placeholder or fewer than `MIN_SECRET_CHARS` characters."""
 
     def sub(match: re.Match[str]) -> str:
         name = match.group(1)
         value = env.get(name)
         if not value:
             raise AclRenderError(f"config error: {name}: required to render the Redis ACL file (not set or empty)")
+        problem = secret_problem(value)
+        if problem is not None:  # a placeholder rendered here would be a live password
+            raise AclRenderError(f"config error: {name}: {problem}")
         return "#" + password_hash(value)
 
     return _PLACEHOLDER.sub(sub, template)
