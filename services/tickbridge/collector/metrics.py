@@ -61,8 +61,8 @@ class CollectorMetrics:
                 self.rest_requests.labels(endpoint, status)
         self.rest_capped = c(
             "rest_capped",
-            f"REST answers cut to a limit: a Retry-After over {MAX_RETRY_AFTER_S:.0f} s (waited that long), a body "
-            f"over {MAX_BODY_BYTES} bytes (refused)",
+            f"REST answers cut to a limit: a Retry-After over its cap (429: {MAX_RETRY_AFTER_S:.0f} s, 418: 3 days), "
+            f"a body over {MAX_BODY_BYTES} bytes (refused)",
             ("endpoint", "what"),
         )  # fmt: skip
         for endpoint in REST_ENDPOINTS:

@@ -31,10 +31,14 @@ USED_WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
 #: The wait after a 429/418 whose `Retry-After` is missing or unreadable: long enough not to earn a ban by
 #: hammering, short enough to recover soon when it was just a 429.
 DEFAULT_RETRY_AFTER_S = 10.0
-#: The longest one `Retry-After` holds REST work. Binance's own bans last minutes and its 429s about a minute;
-#: a larger value (`1e9` from a broken or hostile proxy) would stop snapshots and back-fills for good. Past the
-#: cap the request is simply tried again: a real ban answers 418 once more, and waits another cap.
+#: The longest one 429's `Retry-After` holds REST work. Binance's 429s ask for about a minute; a larger value
+#: (`1e9` from a broken or hostile proxy) would stop snapshots and back-fills for good. Past the cap the request
+#: is simply tried again: a real limit answers 429 once more, and waits another cap.
 MAX_RETRY_AFTER_S = 120.0
+#: The longest one 418 (IP ban) holds REST work: Binance documents bans of 2 minutes to 3 days, and a request
+#: during a ban lengthens it ("scales up for repeat offenders"), so a real ban is honoured up to its documented
+#: maximum instead of being probed every `MAX_RETRY_AFTER_S`.
+MAX_BAN_RETRY_AFTER_S = 3 * 86400.0
 #: REST answers are read up to this many bytes (decompressed): a 5000-level depth snapshot is ~0.3 MB, 1000
 #: historical trades ~0.2 MB. A bigger body is refused before it is in memory.
 MAX_BODY_BYTES = 8 * 2**20
@@ -166,6 +170,7 @@ class RestClient:
         self.attempts = attempts
         self.default_retry_after_s = DEFAULT_RETRY_AFTER_S
         self.max_retry_after_s = MAX_RETRY_AFTER_S
+        self.max_ban_retry_after_s = MAX_BAN_RETRY_AFTER_S
         self.max_body_bytes = MAX_BODY_BYTES
         self.budget = WeightBudget()
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -203,10 +208,11 @@ class RestClient:
                     if resp.status in (429, 418):
                         header = resp.headers.get("Retry-After")
                         retry_after = parse_retry_after(header, self.default_retry_after_s)
-                        capped = retry_after > self.max_retry_after_s
+                        cap = self.max_ban_retry_after_s if resp.status == 418 else self.max_retry_after_s
+                        capped = retry_after > cap
                         if capped:
                             self._capped(endpoint, "retry_after")
-                            retry_after = self.max_retry_after_s
+                            retry_after = cap
                         self.budget.blocked_until = time.monotonic() + retry_after
                         log.warning("%s rate-limited (%s, Retry-After %r), retry after %.0fs%s", endpoint, resp.status,
                                     header, retry_after, " (capped)" if capped else "")  # fmt: skip
