@@ -21,6 +21,7 @@ from tickbridge.core.questdb_io import QuestDBError
 from tickbridge.core.redis_io import make_client
 from tickbridge.devstack.servers import QuestDBServer, RedisServer, ToxiproxyServer, free_port
 from tickbridge.forwarder.buffer import SpillBuffer, parse_id
+from tickbridge.forwarder.ledger import LEDGER_MAX, Ledger, segments
 from tickbridge.forwarder.loadgen import LiveWriter, preload, read_stream, trade_fields, verify
 from tickbridge.forwarder.service import Forwarder
 
@@ -309,3 +310,34 @@ async def test_disk_budget_smaller_than_one_partition_holds(
     await buf.close()
     await vps_c.aclose()
     await brain_c.aclose()
+
+
+def test_ledger_ranges_bound_and_restart() -> None:
+    """The ledger alone (no servers): entries split at hour boundaries of ts; a shortfall names exact ends
+    where it can; past LEDGER_MAX a spill extends the newest entry of its partition; closed entries
+    survive a reload as closed; foreign and re-read rows are told apart."""
+    hour = 3_600_000_000
+    rows = [((1000 + i, 0), 10 * hour - 3 + i) for i in range(6)]  # 3 rows in one hour, 3 in the next
+    entries = segments(rows)
+    assert [(e.first, e.last, e.count) for e in entries] == [((1000, 0), (1002, 0), 3), ((1003, 0), (1005, 0), 3)]
+    ledger = Ledger()
+    assert ledger.add(entries) == entries
+    assert ledger.note(rows[0][1], rows[0][0]) == ("ok", [])
+    # rows[1] lost; rows[2] closes the first entry one short, with the missing ID inside known ends
+    verdict, closed = ledger.note(rows[2][1], rows[2][0])
+    assert verdict == "ok" and closed == [entries[0]] and entries[0].shortfall == 1
+    assert entries[0].missing_range() == ">1000-0..<1002-0"
+    assert ledger.note(rows[0][1], rows[0][0])[0] == "reread"
+    assert ledger.note(rows[0][1], (999_999, 0))[0] == "foreign"
+    # the whole second entry lost: closed at the end with its exact range
+    assert ledger.close_all() == [entries[1]] and entries[1].missing_range() == "1003-0..1005-0"
+    reloaded = Ledger()
+    reloaded.load({e.field: e.value for e in ledger.entries})
+    assert [(e.closed, e.got) for e in reloaded.entries] == [(True, 2), (True, 0)]
+    assert reloaded.noted_ts == rows[-1][1]
+    assert ledger.release((1002, 0)) == [entries[0]]
+    bounded = Ledger()
+    for i in range(LEDGER_MAX + 50):
+        bounded.add(segments([((i, 0), 5 * hour + i)]))
+    assert len(bounded.entries) == LEDGER_MAX
+    assert bounded.entries[-1].count == 51 and bounded.entries[-1].last == (LEDGER_MAX + 49, 0)

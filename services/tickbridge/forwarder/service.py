@@ -343,6 +343,8 @@ class Forwarder(Service):
         self.replay_ts = cursor - 1 if cursor is not None else last_ts
         try:
             await self._rebuild_ledger(high, cursor)
+            # Rows up to the cursor were delivered before: counted now, before the cleanup may drop them.
+            await self._catch_up_ledger(self.replay_ts)
             if cursor is None:
                 await self._settle_ledger()  # nothing left to replay: whatever the ledger still owes is lost
         except LinkDown as exc:
@@ -403,6 +405,7 @@ class Forwarder(Service):
             self.buffer_pending = cursor is not None
             if cursor is not None:
                 self.replay_ts = cursor - 1
+                await self._catch_up_ledger(self.replay_ts)  # a top ahead of us: what it holds was delivered
             else:
                 await self._settle_ledger()
         await self._note_state(confirmed_id=format_id(top))
