@@ -17,6 +17,11 @@ COLLECTOR_LAST_TRADE_IDS = "tickbridge:collector:last_trade_id"
 COLLECTOR_LAST_BATCH = "tickbridge:collector:last_batch"
 #: Forwarder state on the VPS (hash): what the Brain confirmed, what went to the disk buffer.
 FORWARDER_STATE = "tickbridge:forwarder:state"
+#: Ledger of the spills still owed by the QuestDB buffer (VPS hash: first ID -> last ID, count, ts range),
+#: checked on replay: what did not come back is reported missing with its range.
+FORWARDER_LEDGER = "tickbridge:forwarder:ledger"
+#: Buffer rows the replay could not use (corrupt payload, foreign ID), capped copies by entry ID (VPS hash).
+FORWARDER_QUARANTINE = "tickbridge:forwarder:quarantine"
 #: Entries that failed too often in the Brain consumer.
 CONSUMER_DEAD_LETTER = "tickbridge:deadletter:consumer"
 #: Writer consumer group on the Brain's per-symbol streams.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import logging
 import time
 from collections.abc import Sequence
@@ -26,17 +27,22 @@ from tickbridge.core.settings import Settings
 log = logging.getLogger(__name__)
 
 StreamId = tuple[int, int]
+HOUR_US = 3_600_000_000
 #: A raw entry as XRANGE returns it: (id, [field, value, field, value, ...]).
 RawEntry = tuple[bytes, Sequence[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
 class BufferRow:
-    """One replayable row: designated ts (µs), entry ID, field/value list."""
+    """One row read back: designated ts (µs), entry ID, field/value list. A row that cannot be replayed (its
+    ID or payload unreadable: a disk fault, a foreign write) has `error` set, `entry_id`/`fields` as far as
+    they could be read, and `raw` (the payload as stored) for the quarantine."""
 
     ts: int
-    entry_id: StreamId
+    entry_id: StreamId | None
     fields: list[str] | list[bytes]
+    error: str = ""
+    raw: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +73,33 @@ def encode_payload(fields: Sequence[bytes]) -> str:
 
 
 def decode_payload(payload: str) -> list[str] | list[bytes]:
+    """The field/value list stored by `encode_payload`; ValueError if it is not one (an even, non-empty list
+    of strings), so a damaged row can never reach the Brain as a malformed XADD."""
     doc = orjson.loads(payload)
-    if isinstance(doc, dict):
-        return [base64.b64decode(x) for x in doc["b64"]]
-    fields: list[str] = doc
-    return fields
+    if isinstance(doc, dict) and isinstance(doc.get("b64"), list):
+        raw = doc["b64"]
+        if raw and len(raw) % 2 == 0 and all(isinstance(x, str) for x in raw):
+            return [base64.b64decode(x, validate=True) for x in raw]
+    elif isinstance(doc, list) and doc and len(doc) % 2 == 0 and all(isinstance(x, str) for x in doc):
+        fields: list[str] = doc
+        return fields
+    raise ValueError("not a field/value list")
+
+
+def read_row(raw: Sequence[Any]) -> BufferRow:
+    """A `ts, id_ms, id_seq, payload` row as `/exec` returns it; never raises (see `BufferRow.error`)."""
+    ts = _ts_micros(raw[0])
+    payload = raw[3] if isinstance(raw[3], str) else ""
+    try:
+        entry_id: StreamId = (int(raw[1]), int(raw[2]))
+    except (TypeError, ValueError):
+        return BufferRow(ts, None, [], "bad_id", payload)
+    if entry_id[0] < 0 or entry_id[1] < 0:
+        return BufferRow(ts, None, [], "bad_id", payload)
+    try:
+        return BufferRow(ts, entry_id, decode_payload(payload))
+    except (ValueError, TypeError, KeyError, binascii.Error):
+        return BufferRow(ts, entry_id, [], "bad_payload", payload)
 
 
 def _field(fields: Sequence[bytes], name: bytes) -> str:
@@ -96,6 +124,9 @@ class SpillBuffer:
         self._sender: Sender | None = None
         self.last_ts = 0
         self.ready = False
+        #: Start the next append in a fresh partition: its `ts` goes to the next hour (still above every row
+        #: and at or above the ID's time, so order and `first_after` hold). Set to cap a partition's size.
+        self.rotate = False
 
     async def close(self) -> None:
         await self.http.close()
@@ -129,18 +160,27 @@ class SpillBuffer:
 
     async def append(self, entries: Sequence[RawEntry]) -> int:
         """Write `entries` in one transaction, wait until visible, check the last is readable; return its ts."""
+        return (await self.append_rows(entries))[0]
+
+    async def append_rows(self, entries: Sequence[RawEntry]) -> tuple[int, list[tuple[StreamId, int]]]:
+        """`append`, also returning each entry's `(id, ts)` (for the spill ledger)."""
         if not entries:
-            return self.last_ts
-        last_ts = await asyncio.to_thread(self._write, entries, self.last_ts)
+            return self.last_ts, []
+        placed: list[tuple[StreamId, int]] = []
+        start_ts = self.last_ts
+        if self.rotate and start_ts:
+            start_ts = (start_ts // HOUR_US + 1) * HOUR_US - 1
+        last_ts = await asyncio.to_thread(self._write, entries, start_ts, placed)
         await self.http.wait_applied(self.table, timeout=120.0)
         last_id = parse_id(entries[-1][0])
         seen = await self.http.rows(f"SELECT id_ms, id_seq FROM {self.table} WHERE ts = {last_ts}::timestamp LIMIT 1")
         if not seen or (int(seen[0][0]), int(seen[0][1])) != last_id:
             raise QuestDBError(f"{self.table}: spilled entry {format_id(last_id)} not visible after commit")
         self.last_ts = last_ts
-        return last_ts
+        self.rotate = False
+        return last_ts, placed
 
-    def _write(self, entries: Sequence[RawEntry], last_ts: int) -> int:
+    def _write(self, entries: Sequence[RawEntry], last_ts: int, placed: list[tuple[StreamId, int]]) -> int:
         if self._sender is None:
             sender = Sender.from_conf(self._conf)
             sender.establish()
@@ -151,6 +191,7 @@ class SpillBuffer:
         for raw_id, fields in entries:
             ms, seq = parse_id(raw_id)
             ts = max(ms * 1000, ts + 1)
+            placed.append(((ms, seq), ts))
             buf.row(
                 table,
                 symbols={"kind": _field(fields, b"type") or "?", "symbol": _field(fields, b"symbol") or "?"},
@@ -181,7 +222,23 @@ class SpillBuffer:
             f"SELECT ts::long, id_ms, id_seq, payload FROM {self.table} WHERE ts > {after_ts}::timestamp "
             f"ORDER BY ts LIMIT {limit}"
         )
-        return [BufferRow(_ts_micros(r[0]), (int(r[1]), int(r[2])), decode_payload(r[3])) for r in rows]
+        return [read_row(r) for r in rows]
+
+    async def span(
+        self, after_ts: int, upto_ts: int
+    ) -> tuple[int, tuple[StreamId, int] | None, tuple[StreamId, int] | None]:
+        """Rows with `after_ts < ts <= upto_ts`: count, first and last `(id, ts)` (rebuilding the ledger)."""
+        where = f"WHERE ts > {after_ts}::timestamp AND ts <= {upto_ts}::timestamp"
+        count = int(await self.http.scalar(f"SELECT count() FROM {self.table} {where}") or 0)
+        if not count:
+            return 0, None, None
+        ends = []
+        for order in ("", " DESC"):
+            r = await self.http.rows(
+                f"SELECT id_ms, id_seq, ts::long FROM {self.table} {where} ORDER BY ts{order} LIMIT 1"
+            )
+            ends.append(((int(r[0][0]), int(r[0][1])), _ts_micros(r[0][2])) if r else None)
+        return count, ends[0], ends[1]
 
     async def count_after(self, after_ts: int) -> int:
         return int(await self.http.scalar(f"SELECT count() FROM {self.table} WHERE ts > {after_ts}::timestamp") or 0)

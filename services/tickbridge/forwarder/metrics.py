@@ -29,6 +29,16 @@ class ForwarderMetrics:
             "Undelivered ticks dropped because the disk buffer budget was exceeded",
             registry=r,
         )
+        self.buffer_missing = counter(
+            "forwarder_buffer_missing_total",
+            "Spilled entries the buffer replay did not get back (lost from the QuestDB buffer; range in the log)",
+            registry=r,
+        )
+        self.buffer_quarantined = counter(
+            "forwarder_buffer_quarantined_total",
+            "Buffer rows the replay could not use (corrupt payload or ID, not spilled by us): quarantined, not sent",
+            registry=r,
+        )
         self.rewinds = counter(
             "forwarder_rewinds_total",
             "Brain stream top found behind the checkpoint (resent from the VPS copy)",
@@ -42,6 +52,11 @@ class ForwarderMetrics:
         )
         self.backlog_oldest_age = gauge(
             "forwarder_backlog_oldest_age_seconds", "Age of the oldest undelivered entry (by its ID)", registry=r
+        )
+        self.backlog_refreshed = gauge(
+            "forwarder_backlog_refreshed_timestamp_seconds",
+            "When the backlog gauges were last refreshed (by the monitor task, independent of the send loop)",
+            registry=r,
         )
         self.replay_eta = gauge("forwarder_replay_eta_seconds", "Backlog / drain rate (0 when caught up)", registry=r)
         self.redis_bytes = gauge("forwarder_redis_stream_bytes", "MEMORY USAGE of the VPS stream", registry=r)

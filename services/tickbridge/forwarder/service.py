@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
+import orjson
 from prometheus_client import REGISTRY, CollectorRegistry
 from questdb.ingress import IngressError
 from redis.exceptions import OutOfMemoryError, ResponseError
@@ -29,7 +30,8 @@ from tickbridge.core.questdb_io import QuestDBError
 from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.forwarder.buffer import RawEntry, SpillBuffer, StreamId, format_id, parse_id
+from tickbridge.forwarder.buffer import BufferRow, Partition, RawEntry, SpillBuffer, StreamId, format_id, parse_id
+from tickbridge.forwarder.ledger import Ledger, LedgerEntry, segments
 from tickbridge.forwarder.metrics import ForwarderMetrics
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,29 @@ class LinkDown(Exception):
 SPILL_CLEAR = "spill_clear"
 
 
+#: The disk budget is held in segments of at most 1/BUFFER_SEGMENTS of it (one partition each at most).
+BUFFER_SEGMENTS = 4
+#: Bytes per buffer row before any is measured (254 measured: VARCHAR payload, page slack).
+DEFAULT_ROW_BYTES = 300
+#: What a partition may take above its rows: column files grow by whole pages
+#: (`cairo.writer.data.append.page.size`, 1 MiB on the VPS, over 7 files; an almost empty partition is ~7 MiB).
+PARTITION_SLACK_BYTES = 8 * 2**20
+
+#: Quarantined buffer rows kept (capped copies) in `keys.FORWARDER_QUARANTINE`; the oldest IDs go first.
+QUARANTINE_MAX = 256
+QUARANTINE_PAYLOAD_BYTES = 2048
+
+
 class VpsFull(Exception):
     """The VPS Redis refused a write with OOM (`maxmemory`, `noeviction`): it still reads, trims and deletes."""
+
+
+def _id_order(field: str) -> tuple[int, int]:
+    """Quarantine fields are entry IDs (or `ts:<n>` when the ID was unreadable): oldest first."""
+    try:
+        return parse_id(field)
+    except ValueError:
+        return (0, 0)
 
 
 def next_id(entry_id: StreamId) -> str:
@@ -127,6 +150,16 @@ class Forwarder(Service):
         self._last_full_log = -math.inf
         #: The state hash says "a spill may be in flight" (`SPILL_CLEAR` absent, or the old `spill_pending`).
         self._marker_saved = False
+        #: What the buffer owes (spills not yet read back), checked by the replay (issue 14, item 4).
+        self.ledger = Ledger()
+        self.missing_total = 0
+        self._quarantined: list[str] = []  # fields of the quarantine hash, oldest first
+        self._quarantined_ts = -1  # ts of the last row quarantined (a re-read is not counted twice)
+        #: The monitor task's own connection: the backlog gauges stay true while the loop waits on the Brain.
+        self.vps_monitor = make_client(settings.vps_redis_url, settings, timeout=2.0)
+        self.monitor_interval = 0.5
+        self._backlog = 0
+        self._oldest_age = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -137,6 +170,7 @@ class Forwarder(Service):
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._loop(watchdog))
+                tg.create_task(self._monitor())
                 tg.create_task(watchdog.run(self.stopping))
         finally:
             await self._close()
@@ -150,7 +184,7 @@ class Forwarder(Service):
                 )
             except Exception:
                 log.warning("could not save state on stop", exc_info=True)
-        for client in (self.vps, self.brain):
+        for client in (self.vps, self.brain, self.vps_monitor):
             try:
                 await client.aclose()
             except Exception:
@@ -267,6 +301,8 @@ class Forwarder(Service):
         if not state:
             await self._clear_marker()
         self.dropped_total = max(self.dropped_total, int(state.get("dropped_total", "0")))  # a lifetime count
+        self.missing_total = max(self.missing_total, int(state.get("missing_total", "0")))
+        await self._load_ledger()
         self.buffer_known = False
         self.trimmed_to = ZERO  # a restarted VPS Redis may hold entries again that we had trimmed
         self.metrics.connected.labels("vps").set(1)
@@ -305,6 +341,15 @@ class Forwarder(Service):
             return False
         self.buffer_pending = cursor is not None
         self.replay_ts = cursor - 1 if cursor is not None else last_ts
+        try:
+            await self._rebuild_ledger(high, cursor)
+            # Rows up to the cursor were delivered before: counted now, before the cleanup may drop them.
+            await self._catch_up_ledger(self.replay_ts)
+            if cursor is None:
+                await self._settle_ledger()  # nothing left to replay: whatever the ledger still owes is lost
+        except LinkDown as exc:
+            await self._link_down(exc)
+            return False
         # The marker goes only once the exact high is saved; while Redis is full it stays (QuestDB is the truth).
         if await self._note_state(buffer_high_id=format_id(self.buffer_high), buffer_ts=self.buffer.last_ts):
             await self._clear_marker()
@@ -360,6 +405,9 @@ class Forwarder(Service):
             self.buffer_pending = cursor is not None
             if cursor is not None:
                 self.replay_ts = cursor - 1
+                await self._catch_up_ledger(self.replay_ts)  # a top ahead of us: what it holds was delivered
+            else:
+                await self._settle_ledger()
         await self._note_state(confirmed_id=format_id(top))
 
     async def _connect_brain(self) -> None:
@@ -507,20 +555,52 @@ class Forwarder(Service):
         if not rows:
             self.buffer_pending = False
             self.replay_ts = max(self.replay_ts, self.buffer.last_ts)
+            await self._settle_ledger()
             log.info("buffer replay complete at %s; continuing from Redis", format_id(self.checkpoint))
             return True
         if len(rows) >= self.replay_batch:
             nxt = rows[-1].ts
             self._start_prefetch(("buffer", nxt), self._questdb(self.buffer.page(nxt, self.replay_batch)))
-        rows = [r for r in rows if r.entry_id > self.checkpoint] or rows[-1:]
-        ids = [format_id(r.entry_id) for r in rows]
-        commands: list[Command] = [(b"XADD", self.key, ids[i], *r.fields) for i, r in enumerate(rows)]
+        sendable = await self._check_rows(rows)
+        if not sendable:  # all delivered before, or quarantined: move on
+            self.replay_ts = rows[-1].ts
+            self._confirmed()
+            return True
+        ids = [format_id(r.entry_id) for r in sendable if r.entry_id is not None]
+        commands: list[Command] = [(b"XADD", self.key, ids[i], *r.fields) for i, r in enumerate(sendable)]
         done = await self._send(ids, commands)
         self.metrics.replayed.inc(done)
         if done:
-            self.replay_ts = rows[done - 1].ts
+            # Rows after the last sent one were quarantined or delivered before: the page is done.
+            self.replay_ts = rows[-1].ts if done == len(sendable) else sendable[done - 1].ts
+            self._buffer_backlog = (max(0, self._buffer_backlog[0] - done), self._buffer_backlog[1])
         self._confirmed()
+        await self._release_ledger()
         return True
+
+    async def _check_rows(self, rows: list[BufferRow]) -> list[BufferRow]:
+        """Account every row read back against the ledger; quarantine what cannot be replayed (an unreadable
+        ID or payload, a row no spill of ours wrote); keep the rows above the checkpoint, in ID order."""
+        if self.replay_ts > self.ledger.noted_ts:
+            await self._catch_up_ledger(self.replay_ts)
+        sendable: list[BufferRow] = []
+        closed: list[LedgerEntry] = []
+        prev = self.checkpoint
+        for row in rows:
+            if row.entry_id is None:
+                await self._quarantine(row, "unreadable ID")
+                continue
+            verdict, ended = self.ledger.note(row.ts, row.entry_id)
+            closed += ended
+            if verdict == "foreign" and row.entry_id > self.checkpoint:
+                await self._quarantine(row, "not a row the forwarder spilled (ID outside every spill of the ledger)")
+            elif row.error:
+                await self._quarantine(row, "unreadable payload (not a field/value list)")
+            elif verdict != "foreign" and row.entry_id > prev:
+                sendable.append(row)
+                prev = row.entry_id
+        await self._report_closed(closed)
+        return sendable
 
     def _confirmed(self) -> None:
         """Record a confirmed batch; the state hash copy is written by `_maintain` (the Brain's top is the truth)."""
@@ -556,6 +636,8 @@ class Forwarder(Service):
         self._last_maintain = now
         await self._save_checkpoint()
         await self._trim()
+        if self.ledger.entries:
+            await self._release_ledger()  # closed entries the Brain now holds (the Redis path moves it too)
         await self._enforce_ram_budget()
         if self.buffer_known and now >= self._next_qdb_try and now - self._last_clean >= 1.0:
             self._last_clean = now
@@ -659,9 +741,8 @@ class Forwarder(Service):
         """Move the oldest `count` undelivered Redis entries to the buffer, commit-visible before trimming."""
         start = max(self.checkpoint, self.buffer_high)
         while count > 0 and not self.stopping.is_set():
-            entries: list[RawEntry] = await self._vps(
-                "XRANGE", self.key, "(" + format_id(start), "+", "COUNT", min(self.spill_batch, count)
-            )
+            room = await self._make_room(min(self.spill_batch, count))
+            entries: list[RawEntry] = await self._vps("XRANGE", self.key, "(" + format_id(start), "+", "COUNT", room)
             if not entries:
                 return
             last = parse_id(entries[-1][0])
@@ -669,25 +750,140 @@ class Forwarder(Service):
                 await self._set_marker()
             self.spill_pending = True
             previous_ts = self.buffer.last_ts
-            last_ts = await self._questdb(self.buffer.append(entries))
+            last_ts, placed = await self._questdb(self.buffer.append_rows(entries))
             if not self.buffer_pending:
                 self.buffer_pending = True
                 self.replay_ts = previous_ts
             self.buffer_high = last
+            written = self.ledger.add(segments(placed))
             try:
-                await self._save_state(buffer_high_id=format_id(last), buffer_ts=last_ts)
+                await self._record_spill(written, last, last_ts)
             except VpsFull:
                 # Trimming the spilled entries first is safe while the marker is saved: a restart takes the
-                # high from QuestDB. It frees the memory the write needs.
+                # high from QuestDB (and rebuilds the ledger's tail from it). It frees the memory the write needs.
                 await self._trim()
-                await self._save_state(buffer_high_id=format_id(last), buffer_ts=last_ts)
+                await self._record_spill(written, last, last_ts)
             self.spill_pending = False
+            held, oldest = self._buffer_backlog
+            self._buffer_backlog = (held + len(entries), oldest or parse_id(entries[0][0]))
             await self._clear_marker()
             await self._trim()
             self.metrics.spilled.inc(len(entries))
             count -= len(entries)
             start = last
             log.info("spilled %d entries up to %s to the QuestDB buffer", len(entries), format_id(last))
+
+    async def _record_spill(self, written: list[LedgerEntry], last: StreamId, last_ts: int) -> None:
+        """The ledger entries of a visible spill, then `buffer_high` (one round trip)."""
+        cmds: list[Command] = [("HSET", keys.FORWARDER_LEDGER, e.field, e.value) for e in written]
+        cmds.append(("HSET", keys.FORWARDER_STATE, "buffer_high_id", format_id(last), "buffer_ts", last_ts))
+        await self._vps_cmds(cmds)
+
+    # ------------------------------------------------------------------ ledger and quarantine (issue 14)
+
+    async def _load_ledger(self) -> None:
+        raw = await self._vps("HGETALL", keys.FORWARDER_LEDGER)
+        self.ledger.load(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True)))
+        held = await self._vps("HGETALL", keys.FORWARDER_QUARANTINE)
+        fields = list(held) if isinstance(held, dict) else list(held[::2])
+        self._quarantined = sorted((f.decode() if isinstance(f, bytes) else f for f in fields), key=_id_order)
+
+    async def _rebuild_ledger(self, high: StreamId | None, cursor: int | None) -> None:
+        """Rows QuestDB holds above the ledger's top (a stop between a spill's commit and its ledger write, a
+        VPS Redis that lost the ledger, a buffer older than the ledger): taken as spilled, one entry per
+        partition, from what QuestDB holds. Logged: they cannot be checked against what was written."""
+        top = self.ledger.top
+        floor = max(top.last if top is not None else ZERO, self.checkpoint)
+        if high is None or high <= floor:
+            return
+        after = top.last_ts if top is not None and top.last >= self.checkpoint else (cursor or 1) - 1
+        rebuilt: list[LedgerEntry] = []
+        for part in await self._questdb(self.buffer.partitions()):
+            if part.max_ts <= after or not part.rows:
+                continue
+            count, first, last = await self._questdb(self.buffer.span(max(after, part.min_ts - 1), part.max_ts))
+            if count and first is not None and last is not None:
+                rebuilt.append(LedgerEntry(first[0], last[0], count, first[1], last[1]))
+        if not rebuilt:
+            return
+        first, last = format_id(rebuilt[0].first), format_id(rebuilt[-1].last)
+        log.warning("spill ledger lacks %d buffer rows (%s..%s): taken as spilled from what QuestDB holds",
+                    sum(e.count for e in rebuilt), first, last)  # fmt: skip
+        written = self.ledger.add(rebuilt)
+        await self._note_vps([("HSET", keys.FORWARDER_LEDGER, e.field, e.value) for e in written])
+
+    async def _catch_up_ledger(self, upto_ts: int) -> None:
+        """The replay starts past rows it did not read in this run (delivered before a restart, or up to a
+        Brain top it adopted): count those rows in QuestDB instead."""
+        gap = self.ledger.gap(upto_ts)
+        for entry, lo, hi in gap:
+            count, first, last = await self._questdb(self.buffer.span(lo, hi))
+            entry.got += count
+            if first is not None and last is not None:
+                entry.first_got = entry.first_got or first[0]
+                entry.last_got = last[0]
+        closed = self.ledger.close_upto(upto_ts)
+        await self._report_closed(closed)
+
+    async def _settle_ledger(self) -> None:
+        """The replay is complete: every entry still open is short of what it did not get back."""
+        await self._catch_up_ledger(self.replay_ts)
+        await self._report_closed(self.ledger.close_all())
+
+    async def _report_closed(self, closed: list[LedgerEntry]) -> None:
+        """Entries the replay is past: a shortfall is counted, logged with its range, kept in the state hash."""
+        if not closed:
+            return
+        cmds: list[Command] = []
+        for e in closed:
+            if e.shortfall:
+                self.missing_total += e.shortfall
+                self.metrics.buffer_missing.inc(e.shortfall)
+                where = e.missing_range()
+                log.error("BUFFER ROWS MISSING: %d of %d entries spilled to %s as %s..%s did not come back "
+                          "(lost from the buffer); missing IDs %s", e.shortfall, e.count, self.buffer.table,
+                          format_id(e.first), format_id(e.last), where)  # fmt: skip
+                cmds.append(("HSET", keys.FORWARDER_STATE, "missing_total", self.missing_total,
+                             "missing_last_range", where))  # fmt: skip
+            cmds.append(("HSET", keys.FORWARDER_LEDGER, e.field, e.value))
+        await self._note_vps(cmds)
+        await self._release_ledger()
+
+    async def _release_ledger(self) -> None:
+        gone = self.ledger.release(self.checkpoint)
+        if gone:
+            await self._note_ledger_removed(gone)
+
+    async def _note_ledger_removed(self, gone: list[LedgerEntry]) -> None:
+        await self._note_vps([("HDEL", keys.FORWARDER_LEDGER, *(e.field for e in gone))])
+
+    async def _note_vps(self, cmds: Sequence[Command]) -> None:
+        """Ledger and quarantine writes: a full VPS Redis skips them (counted, logged) rather than stopping."""
+        if not cmds:
+            return
+        try:
+            await self._vps_cmds(cmds)
+        except VpsFull as exc:
+            self._vps_full(exc)
+
+    async def _quarantine(self, row: BufferRow, reason: str) -> None:
+        """A buffer row the replay cannot use: counted, logged with its ID, a capped copy kept (bounded hash)."""
+        if row.ts <= self._quarantined_ts:
+            return  # a re-read of a row already quarantined
+        self._quarantined_ts = row.ts
+        self.metrics.buffer_quarantined.inc()
+        name = format_id(row.entry_id) if row.entry_id is not None else f"ts:{row.ts}"
+        log.error("BUFFER ROW QUARANTINED: %s (ts %d) in %s: %s; not sent, the replay goes on", name, row.ts,
+                  self.buffer.table, reason)  # fmt: skip
+        copy = orjson.dumps({"reason": reason, "ts": row.ts, "table": self.buffer.table,
+                             "payload": row.raw[:QUARANTINE_PAYLOAD_BYTES], "at": time.time()})  # fmt: skip
+        cmds: list[Command] = [("HSET", keys.FORWARDER_QUARANTINE, name, copy)]
+        if name not in self._quarantined:
+            self._quarantined.append(name)
+            self._quarantined.sort(key=_id_order)
+        while len(self._quarantined) > QUARANTINE_MAX:
+            cmds.append(("HDEL", keys.FORWARDER_QUARANTINE, self._quarantined.pop(0)))
+        await self._note_vps(cmds)
 
     async def _clean_buffer(self) -> None:
         """Drop delivered hourly partitions; over the disk budget drop the oldest, counting lost ticks."""
@@ -699,20 +895,53 @@ class Forwarder(Service):
         budget = self.settings.disk_buffer_bytes
         while total > budget and len(parts) > 1:
             oldest = parts.pop(0)
-            lost = 0
-            if self.buffer_pending and oldest.max_ts > self.replay_ts:
-                lost = await self._questdb(
-                    self.buffer.count_between(max(self.replay_ts, oldest.min_ts - 1), oldest.max_ts)
-                )
-            await self._questdb(self.buffer.drop_partition(oldest))
+            await self._drop_for_budget(oldest, total, budget)
             total -= oldest.disk_bytes
-            if lost:
-                self.dropped_total += lost
-                self.metrics.dropped.inc(lost)
-                self.replay_ts = max(self.replay_ts, oldest.max_ts)
-                log.error("DISK BUFFER FULL (%d > %d bytes): dropped %d undelivered ticks, partition %s",
-                          total + oldest.disk_bytes, budget, lost, oldest.name)  # fmt: skip
-                await self._note_state(dropped_total=self.dropped_total, replay_ts=self.replay_ts)
+
+    async def _drop_for_budget(self, oldest: Partition, total: int, budget: int) -> None:
+        """Drop the oldest partition to keep DISK_BUFFER_BYTES; its undelivered rows are counted as dropped."""
+        lost = 0
+        if self.buffer_pending and oldest.max_ts > self.replay_ts:
+            lost = await self._questdb(self.buffer.count_between(max(self.replay_ts, oldest.min_ts - 1), oldest.max_ts))
+        await self._questdb(self.buffer.drop_partition(oldest))
+        gone = self.ledger.drop_range(oldest.min_ts, oldest.max_ts)  # counted as dropped, never as missing
+        if gone:
+            await self._note_ledger_removed(gone)
+        if lost:
+            self.dropped_total += lost
+            self.metrics.dropped.inc(lost)
+            self.replay_ts = max(self.replay_ts, oldest.max_ts)
+            self._buffer_backlog = (max(0, self._buffer_backlog[0] - lost), None)
+            log.error("DISK BUFFER FULL (%d bytes + the next spill > %d): dropped %d undelivered ticks, partition %s",
+                      total, budget, lost, oldest.name)  # fmt: skip
+            await self._note_state(dropped_total=self.dropped_total, replay_ts=self.replay_ts)
+
+    async def _make_room(self, wanted: int) -> int:
+        """Before a spill transaction: how many entries it may take, with room made for them first, so the
+        disk use QuestDB reports stays under DISK_BUFFER_BYTES at any rate. The buffer is cut into segments of
+        at most a quarter of the budget: past that the head partition is closed (the next rows start the next
+        hour of `ts`, see `SpillBuffer.rotate`), so the oldest can always be dropped whole, even within one
+        hour of ticks. Estimates come from the measured bytes per row, plus a partition's page slack."""
+        budget = self.settings.disk_buffer_bytes
+        segment = budget // BUFFER_SEGMENTS
+        parts = [p for p in await self._questdb(self.buffer.partitions()) if p.rows or p.disk_bytes]
+        big = [p for p in parts if p.rows >= 10_000]
+        per_row = max(64, sum(p.disk_bytes for p in big) // sum(p.rows for p in big)) if big else DEFAULT_ROW_BYTES
+        count = max(1, min(wanted, max(0, segment - PARTITION_SLACK_BYTES) // 2 // per_row))
+        incoming = count * per_row + PARTITION_SLACK_BYTES
+        floor = min((p.disk_bytes for p in parts), default=PARTITION_SLACK_BYTES)  # an almost empty partition
+        if parts and parts[-1].disk_bytes + incoming > segment:
+            self.buffer.rotate = True
+        if self.buffer.rotate or not parts:
+            incoming = max(incoming, floor)
+        total = sum(p.disk_bytes for p in parts)
+        while parts and total + incoming > budget:
+            oldest = parts.pop(0)
+            if not parts:
+                self.buffer.rotate = True  # the head goes too: the next rows start a fresh partition
+            await self._drop_for_budget(oldest, total, budget)
+            total -= oldest.disk_bytes
+        return count
 
     async def _stats(self) -> None:
         now = time.monotonic()
@@ -722,11 +951,6 @@ class Forwarder(Service):
         self._rate_mark = (now, self._delivered)
         self.metrics.send_rate.set(self.rate)
         self.metrics.checkpoint_ms.set(self.checkpoint[0])
-        length = int(await self._vps("XLEN", self.key))
-        redis_backlog = max(0, length - self.retained)
-        # While QuestDB cannot be read, the buffer's part of the backlog is its last known value, not 0:
-        # the gauges must not fall exactly when the buffer is out of reach.
-        buffer_backlog, oldest = self._buffer_backlog if self.buffer_pending or self.spill_pending else (0, None)
         if self.buffer_known and now >= self._next_qdb_try:
             try:
                 parts = await self._questdb(self.buffer.partitions())
@@ -740,22 +964,70 @@ class Forwarder(Service):
                     self._buffer_backlog = (rows, first[0].entry_id if first else None)
                 else:
                     self._buffer_backlog = (0, None)
-                buffer_backlog, oldest = self._buffer_backlog
             except LinkDown as exc:
                 await self._link_down(exc)
-        self.metrics.buffer_undelivered.set(buffer_backlog)
-        if oldest is None and redis_backlog:
-            cursor = max(self.checkpoint, self.buffer_high)
-            head = await self._vps("XRANGE", self.key, "(" + format_id(cursor), "+", "COUNT", 1)
-            oldest = parse_id(head[0][0]) if head else None
-        backlog = buffer_backlog + redis_backlog
-        self.metrics.backlog_entries.set(backlog)
-        age = max(0.0, time.time() - oldest[0] / 1000) if oldest else 0.0
-        self.metrics.backlog_oldest_age.set(age)
-        eta = backlog / self.rate if self.rate > 0 else (0.0 if backlog == 0 else -1.0)
-        self.metrics.replay_eta.set(eta)
+        # The backlog gauges are the monitor task's (`_monitor`); the progress line uses its last figures.
+        backlog, buffer_backlog = self._backlog, self._buffer_part()[0]
         if backlog > self.batch and now - self._last_progress_log >= 5.0:
             self._last_progress_log = now
+            eta = backlog / self.rate if self.rate > 0 else -1.0
             eta_text = f"{eta:.0f}s" if eta >= 0 else ("measuring" if self.brain_up else "unknown (Brain unreachable)")
             log.info("%s: backlog %d (buffer %d, redis ~%d), oldest %.0fs, drain %.0f/s, ETA %s",
-                     self.mode, backlog, buffer_backlog, redis_backlog, age, self.rate, eta_text)  # fmt: skip
+                     self.mode, backlog, buffer_backlog, backlog - buffer_backlog,
+                     self._oldest_age, self.rate, eta_text)  # fmt: skip
+
+    def _buffer_part(self) -> tuple[int, StreamId | None]:
+        # While QuestDB cannot be read, the buffer's part of the backlog is its last known value, not 0:
+        # the gauges must not fall exactly when the buffer is out of reach.
+        return self._buffer_backlog if self.buffer_pending or self.spill_pending else (0, None)
+
+    async def _monitor(self) -> None:
+        """Backlog gauges from VPS Redis on a connection of its own, every `monitor_interval`, whatever the loop
+        is doing: they stay true while it waits out a Brain write timeout (a link that swallows packets, where
+        they once read 0 with 61,147 entries queued) or a slow QuestDB. A failed refresh is retried; the
+        loop's own errors are the loop's business (this task never stops the forwarder)."""
+        failures = 0
+        while not self.stopping.is_set():
+            if self.vps_ready:
+                try:
+                    await self._refresh_backlog()
+                    failures = 0
+                except Exception as exc:  # a monitor must outlive what it watches (VPS Redis restarts included)
+                    failures += 1
+                    if failures in (1, 10) or failures % 100 == 0:
+                        log.warning("backlog monitor: VPS Redis read failed (%s); gauges keep their last value",
+                                    exc)  # fmt: skip
+            await self.sleep_or_stop(self.monitor_interval)
+
+    async def _refresh_backlog(self) -> None:
+        length_reply, head_reply = await execute_packed(
+            self.vps_monitor, [("XLEN", self.key), ("XRANGE", self.key, "-", "+", "COUNT", 1)]
+        )
+        if isinstance(length_reply, Exception) or isinstance(head_reply, Exception):
+            raise RuntimeError(f"{length_reply!r} {head_reply!r}")
+        length = int(length_reply)
+        cursor = max(self.checkpoint, self.buffer_high)
+        if not head_reply:
+            redis_backlog = 0
+        elif parse_id(head_reply[0][0]) > cursor:
+            redis_backlog = length  # no delivered copy left in Redis: exact
+        else:
+            redis_backlog = max(0, length - self.retained)  # delivered copies still kept: estimated
+        buffer_backlog, oldest = self._buffer_part()
+        if oldest is None and redis_backlog:
+            if parse_id(head_reply[0][0]) > cursor:
+                oldest = parse_id(head_reply[0][0])
+            else:
+                (head,) = await execute_packed(
+                    self.vps_monitor, [("XRANGE", self.key, "(" + format_id(cursor), "+", "COUNT", 1)]
+                )
+                oldest = parse_id(head[0][0]) if head and not isinstance(head, Exception) else None
+        backlog = buffer_backlog + redis_backlog
+        self._backlog = backlog
+        self.metrics.backlog_entries.set(backlog)
+        self.metrics.buffer_undelivered.set(buffer_backlog)
+        self._oldest_age = max(0.0, time.time() - oldest[0] / 1000) if oldest else 0.0
+        self.metrics.backlog_oldest_age.set(self._oldest_age)
+        eta = backlog / self.rate if self.rate > 0 else (0.0 if backlog == 0 else -1.0)
+        self.metrics.replay_eta.set(eta)
+        self.metrics.backlog_refreshed.set(time.time())

@@ -311,8 +311,13 @@ VPS: tuple[Row, ...] = (
             ),
             Panel(
                 "Dropped ticks",
-                (_q(_events("tickbridge_forwarder_dropped_total", "5m"), "dropped / 5m"),),
-                description="Undelivered ticks deleted past DISK_BUFFER_BYTES: data loss.",
+                (
+                    _q(_events("tickbridge_forwarder_dropped_total", "5m"), "dropped / 5m"),
+                    _q(_events("tickbridge_forwarder_buffer_missing_total", "5m"), "missing / 5m"),
+                    _q(_events("tickbridge_forwarder_buffer_quarantined_total", "5m"), "quarantined / 5m"),
+                ),
+                description="Undelivered ticks deleted past DISK_BUFFER_BYTES; spilled ticks that did not come back "
+                "from the buffer (missing); corrupt or foreign buffer rows set aside (quarantined). All data loss.",
             ),
         ),
     ),
