@@ -280,3 +280,36 @@ async def test_the_forwarder_user_cannot_create_groups_and_the_forwarder_needs_n
     assert await link.admin.xinfo_groups(STREAM) == []
     with pytest.raises(Exception, match=r"(?i)noperm|no permissions"):
         await link.attacker.execute_command("XGROUP", "CREATE", STREAM, "stray", "0")  # type: ignore[no-untyped-call]
+
+
+async def test_a_real_top_the_vps_lost_is_refused_until_the_operator_accepts_it(
+    link: Link, services: ServiceRunner
+) -> None:
+    """A VPS power cut can lose entries the Brain already received (and the state hash with them): the restarted
+    forwarder cannot vouch for that top and refuses it, until an operator who checked it accepts it on the VPS."""
+    registry = CollectorRegistry()
+    fw = services.start(link.forwarder(registry))
+    ids = await preload(link.vps_c, STREAM, 1000)
+
+    async def delivered() -> bool:
+        return int(await link.admin.xlen(STREAM)) == len(ids)
+
+    await eventually(delivered, 30, what="1000 entries on the Brain")
+    await services.stop_one(fw)
+    # The VPS comes back without its last 100 entries and with an older state hash.
+    await link.vps_c.xdel(STREAM, *ids[-100:])
+    await link.vps_c.hset(keys.FORWARDER_STATE, "confirmed_id", ids[-101])
+    registry = CollectorRegistry()
+    services.start(link.forwarder(registry))
+
+    async def refused() -> bool:
+        return sample(registry, "tickbridge_forwarder_brain_refused", reason="foreign_top") == 1
+
+    await eventually(refused, 20, what="the restarted forwarder refuses a top it cannot find on the VPS")
+    more = await preload(link.vps_c, STREAM, 200, first_index=1000, start=(parse_id(ids[-1])[0] + 1000, 0))
+    await link.vps_c.hset(keys.FORWARDER_STATE, "accept_top", ids[-1])  # the operator checked it on the Brain
+
+    async def resumed() -> bool:
+        return not refused_now(registry) and int(await link.admin.xlen(STREAM)) == len(ids) + len(more)
+
+    await eventually(resumed, 30, what="accepted by the operator, delivery resumes")

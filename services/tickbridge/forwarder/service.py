@@ -68,6 +68,8 @@ class VpsFull(Exception):
     """The VPS Redis refused a write with OOM (`maxmemory`, `noeviction`): it still reads, trims and deletes."""
 
 
+#: State-hash field an operator sets (as the VPS admin) to accept a Brain top the VPS cannot vouch for.
+ACCEPT_TOP = "accept_top"
 #: How far the Brain's top may run ahead of the newest VPS entry and of this host's clock (clock skew between
 #: the hosts) before it is refused as a top in the future.
 TOP_SLACK_MS = 5_000
@@ -441,6 +443,13 @@ class Forwarder(Service):
             return "foreign_top", f"entry {format_id(top)} on the Brain differs from the VPS copy"
         if self.buffer_known and top <= self.buffer_high and await self._in_buffer(top, view.last[1]):
             return None
+        # A real top the VPS lost (a VPS power cut after delivery) looks the same: an operator who checked it
+        # accepts it in the VPS state hash (docs/monitoring.md), which the Brain's credential cannot reach.
+        accepted = await self._vps("HGETALL", keys.FORWARDER_STATE)
+        fields = accepted if isinstance(accepted, dict) else dict(zip(accepted[::2], accepted[1::2], strict=True))
+        if fields.get(ACCEPT_TOP.encode()) == format_id(top).encode():
+            log.warning("Brain top %s accepted by the operator (%s in the state hash)", format_id(top), ACCEPT_TOP)
+            return None
         return "foreign_top", f"top {format_id(top)} is no entry the VPS holds"
 
     async def _in_buffer(self, entry_id: StreamId, fields: list[bytes]) -> bool:
@@ -763,7 +772,9 @@ class Forwarder(Service):
     async def _trim(self, floor: StreamId | None = None) -> None:
         """Drop from Redis what is delivered long enough ago, or safely in the buffer; never above that."""
         if floor is None:
-            floor = self._retention_floor()[0]
+            # ...and never above the checkpoint the state hash holds: after a restart the Brain's top is then
+            # still on the VPS to be checked against (see _top_problem).
+            floor = min(self._retention_floor()[0], self._saved_checkpoint[0])
         floor = min(floor, self.checkpoint)
         target = max(floor, self.buffer_high if self.buffer_known or not self.spill_pending else ZERO)
         if target <= self.trimmed_to:
