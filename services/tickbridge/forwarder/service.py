@@ -689,7 +689,13 @@ class Forwarder(Service):
     def _confirmed(self) -> None:
         """Record a confirmed batch; the state hash copy is written by `_maintain` (the Brain's top is the truth)."""
         cursor = self.replay_ts if self.buffer_pending else self.buffer.last_ts
-        self.confirms.append((time.monotonic(), self.checkpoint, cursor))
+        entry = (time.monotonic(), self.checkpoint, cursor)
+        # At most ~10 kept per second: the list now lasts as long as CONSUMER_GROUP lags, not only the
+        # retention. Replacing the newest (later time, higher checkpoint) only ever trims later.
+        if len(self.confirms) >= 2 and entry[0] - self.confirms[-2][0] < 0.1:
+            self.confirms[-1] = entry
+        else:
+            self.confirms.append(entry)
 
     async def _save_checkpoint(self) -> None:
         current = (self.checkpoint, self.replay_ts)
