@@ -317,3 +317,19 @@ async def test_mixed_entries_keep_per_symbol_order_and_are_written_once(
     assert (registry.get_sample_value("tickbridge_consumer_errors_total", {"kind": "warm"}) or 0) >= 1
     assert registry.get_sample_value("tickbridge_consumer_errors_total", {"kind": "response"}) == 0
     assert registry.get_sample_value("tickbridge_consumer_entries_total", {"outcome": "written"}) == 600 + 30
+
+
+async def test_a_stray_group_at_zero_does_not_stop_the_trimming(
+    brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
+) -> None:
+    """Issue 14: a group nobody reads (created over the link, or a CONSUMER_GROUP that differs between the
+    hosts) sits at 0-0; only CONSUMER_GROUP decides what the Brain stream may lose, or it never trims."""
+    await ensure_group(brain, STREAM, GROUP)
+    await brain.xgroup_create(STREAM, "stray-group", id="0")
+    source = TradeSource(SYMBOLS, start_us=None)
+    await source.append(brain, STREAM, 1000, live=True)
+    svc = services.start(BrainConsumer(settings_for(redis_server, consumer_name="t"), CollectorRegistry(),
+                                       trim_retention_s=0, monitor_interval_s=0.1))  # fmt: skip
+    await eventually(lambda: equals(total_written(brain), 1000), timeout=10, what="written")
+    await svc.trim()
+    assert await brain.xlen(STREAM) < 1000, "the stray group at 0-0 held the trimming back"

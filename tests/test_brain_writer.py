@@ -411,3 +411,25 @@ async def test_dead_letters_replayed_after_the_fix_reach_questdb_exactly_once(
         assert await brain.zcard(keys.warm_key("SOLUSDT")) == 100
     finally:
         await qdb.close()
+
+
+async def test_a_stray_group_does_not_stop_the_writers_trimming(
+    brain: aioredis.Redis, redis_server: RedisServer, questdb_server: QuestDBServer
+) -> None:
+    """Issue 14: the per-symbol streams trim below the writer's group only, whatever other group sits at 0-0."""
+    stream = keys.trades_key(SYMBOLS[0])
+    await ensure_group(brain, stream, keys.WRITER_GROUP)
+    await brain.xgroup_create(stream, "stray-group", id="0")
+    for i in range(1000):
+        await brain.xadd(stream, {"n": str(i)})
+    read = await brain.xreadgroup(keys.WRITER_GROUP, "w", {stream: ">"})
+    await brain.xack(stream, keys.WRITER_GROUP, *[eid for eid, _ in read[0][1]])  # written: may go
+    writer = BrainWriter(settings_for(redis_server, questdb_server), CollectorRegistry())
+    writer.client = make_client(redis_server.url)
+    writer.streams = [stream]
+    try:
+        await writer.trim()
+    finally:
+        await writer.client.aclose()
+        await writer.qdb.close()
+    assert await brain.xlen(stream) < 1000, "the stray group at 0-0 held the trimming back"

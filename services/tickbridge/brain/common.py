@@ -86,12 +86,16 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-async def group_floor(client: aioredis.Redis, stream: str) -> tuple[int, int] | None:
-    """Lowest ID any group on `stream` still needs (oldest pending or last delivered); None if no group."""
+async def group_floor(client: aioredis.Redis, stream: str, group: str) -> tuple[int, int] | None:
+    """Lowest ID `group` on `stream` still needs (oldest pending or last delivered); None without that group.
+
+    Only the role's own group counts: any other group (a stray one left at 0-0 by a peer, or a CONSUMER_GROUP
+    that differs between the hosts) must not hold the trimming back, or the stream grows until Redis is full.
+    """
     replies = await execute_packed(client, [["XINFO", "GROUPS", stream]])
     if isinstance(replies[0], ResponseError):
         return None
-    groups = [parse_info_pairs(g) for g in replies[0]]
+    groups = [g for g in map(parse_info_pairs, replies[0]) if g[b"name"] == group.encode()]
     if not groups:
         return None
     cmds = [["XPENDING", stream, g[b"name"]] for g in groups]

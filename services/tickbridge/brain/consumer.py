@@ -21,8 +21,9 @@ An entry whose append fails (its target key is not a stream) stays pending while
 rest of the batch, WARM included; the pending ones are retried entry by entry, and an entry is
 dead-lettered once it passed the delivery limit.
 
-Trimming: the Brain stream is trimmed (MINID, approximate) below the oldest entry any group still
-needs, keeping `trim_retention_s` of history.
+Trimming: the Brain stream is trimmed (MINID, approximate) below the oldest entry CONSUMER_GROUP still
+needs, keeping `trim_retention_s` of history. Other groups are ignored (a stray group at 0-0 must not
+stop the trimming and fill the Brain's memory).
 
 On start the consumer re-reads its own pending entries, then claims entries idle for
 CONSUMER_CLAIM_IDLE_MS from consumers that died (XAUTOCLAIM, cursor loop, also periodically).
@@ -642,12 +643,12 @@ class BrainConsumer(Service):
                 self.metrics.brain_redis_maxmemory.set(float(value))
 
     async def trim(self) -> None:
-        """Trim the Brain stream below what every group still needs, keeping `trim_retention_s` of history.
+        """Trim the Brain stream below what CONSUMER_GROUP still needs, keeping `trim_retention_s` of history.
 
         The forwarder dedups by explicit IDs against the stream's last ID, which survives trimming.
         """
         assert self.client is not None
-        floor = await group_floor(self.client, self.stream)
+        floor = await group_floor(self.client, self.stream, self.group)
         if floor is None:
             return
         keep_ms = int(time.time() * 1000 - self.trim_retention_s * 1000)

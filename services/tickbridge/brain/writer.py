@@ -671,11 +671,12 @@ class BrainWriter(Service):
         self.suspended_tables = set(suspended)
 
     async def trim(self) -> None:
-        """Trim each per-symbol stream below what its groups still need (WARM is the zset, not the stream)."""
+        """Trim each per-symbol stream below what the writer's group still needs (other groups do not hold it back;
+        WARM is the zset, not the stream)."""
         assert self.client is not None
         cmds: list[Command] = []
         for stream in list(self.streams):
-            floor = await group_floor(self.client, stream)
+            floor = await group_floor(self.client, stream, self.group)
             if floor is not None and floor > (0, 0):
                 cmds.append(["XTRIM", stream, "MINID", "~", f"{floor[0]}-{floor[1]}"])
         if cmds:

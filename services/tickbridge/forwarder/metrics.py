@@ -7,6 +7,9 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from tickbridge.core.metrics import counter, gauge, histogram
 
 MODES: tuple[str, ...] = ("direct", "ram_backlog", "disk_spill", "replay")
+#: Why the forwarder refuses the Brain stream: its top is in the future, or is an entry the VPS never held
+#: (or holds with other fields), or the Brain lost entries its consumer group had not received yet.
+REFUSAL_REASONS: tuple[str, ...] = ("future_top", "foreign_top", "lost_entries")
 
 
 class ForwarderMetrics:
@@ -44,6 +47,28 @@ class ForwarderMetrics:
             "Brain stream top found behind the checkpoint (resent from the VPS copy)",
             registry=r,
         )
+        self.brain_refusals = counter(
+            "forwarder_brain_refusals_total",
+            "Times the forwarder started refusing the Brain stream (a top it did not write, or lost entries)",
+            ("reason",),
+            registry=r,
+        )
+        self.brain_refused = gauge(
+            "forwarder_brain_refused",
+            "1 while the forwarder refuses the Brain stream for this reason (nothing is sent or trimmed on its word)",
+            ("reason",),
+            registry=r,
+        )
+        self.brain_group_missing = gauge(
+            "forwarder_brain_group_missing",
+            "1 while CONSUMER_GROUP is not on the Brain stream (the VPS then trims by time, not by the group)",
+            registry=r,
+        )
+        self.brain_group_ms = gauge(
+            "forwarder_brain_group_delivered_ms",
+            "Millisecond part of the last ID CONSUMER_GROUP received on the Brain (the VPS keeps what is above)",
+            registry=r,
+        )
         self.connected = gauge("forwarder_connected", "1 if the link works", ("target",), registry=r)
         self.mode = gauge("forwarder_mode", "1 for the current mode", ("mode",), registry=r)
         self.send_rate = gauge("forwarder_send_rate", "Entries delivered per second (last interval)", registry=r)
@@ -70,6 +95,9 @@ class ForwarderMetrics:
         self.disk_budget = gauge("forwarder_disk_budget_bytes", "DISK_BUFFER_BYTES (QuestDB buffer budget)", registry=r)
         self.checkpoint_ms = gauge("forwarder_checkpoint_ms", "Millisecond part of the confirmed entry ID", registry=r)
         self.batch_seconds = histogram("forwarder_batch_seconds", "Brain XADD batch round trip", registry=r)
+        for reason in REFUSAL_REASONS:
+            self.brain_refusals.labels(reason)
+            self.brain_refused.labels(reason).set(0)
         for target in ("brain", "vps", "questdb"):
             self.connected.labels(target).set(0)
             self.retries.labels(target)

@@ -5,6 +5,15 @@ ID > max(checkpoint, buffer_high). Every buffer row precedes every Redis entry, 
 Redis" is strict ID order. The checkpoint is the Brain stream's top (`last-generated-id`, which survives
 trimming), read on every (re)connect; a copy lives in the VPS hash `keys.FORWARDER_STATE`. Because the
 Brain rejects an XADD at or below its top, a resent entry is recognised as delivered, never duplicated.
+
+The link's credential can do more than append (issue 14): `XADD … MAXLEN 0` empties the Brain stream and an
+`XADD <far-future ID>` makes every later append "equal or smaller". Redis ACLs cannot filter arguments and
+scripts run with the caller's rights, so the defence is here: a top above the checkpoint is adopted only if
+it is an entry this forwarder wrote (the VPS copy holds it with the same fields, and it is not in the
+future); an "equal or smaller" counts as delivered only at or below such a top; a Brain stream that lost
+entries CONSUMER_GROUP had not received is refused too. Refusing means: nothing more is sent, counted and
+alerted, until an operator repairs the stream (docs/monitoring.md); the VPS keeps every entry above what
+CONSUMER_GROUP received, so the rewind that follows the repair refills the Brain from the VPS copy.
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import aiohttp
 import orjson
@@ -28,7 +38,7 @@ from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service, Watchdog
 from tickbridge.core.questdb_io import QuestDBError
 from tickbridge.core.rawlink import RawRedis, RawReplyError
-from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.forwarder.buffer import BufferRow, Partition, RawEntry, SpillBuffer, StreamId, format_id, parse_id
 from tickbridge.forwarder.ledger import Ledger, LedgerEntry, segments
@@ -81,6 +91,30 @@ def _id_order(field: str) -> tuple[int, int]:
         return (0, 0)
 
 
+#: State-hash field an operator sets (as the VPS admin) to accept a Brain top the VPS cannot vouch for.
+ACCEPT_TOP = "accept_top"
+#: How far the Brain's top may run ahead of the newest VPS entry and of this host's clock (clock skew between
+#: the hosts) before it is refused as a top in the future.
+TOP_SLACK_MS = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class BrainView:
+    """What the forwarder reads of the Brain stream: top, oldest and newest entry, CONSUMER_GROUP's position."""
+
+    top: StreamId
+    first: StreamId | None
+    last: tuple[StreamId, list[bytes]] | None
+    group: StreamId | None  # last-delivered-id of CONSUMER_GROUP; None without that group
+
+
+def _pairs(reply: Any) -> dict[bytes, Any]:
+    """An XINFO reply as a dict (RESP3 answers a map, RESP2 a flat list)."""
+    if isinstance(reply, dict):
+        return reply
+    return {reply[i]: reply[i + 1] for i in range(0, len(reply) - 1, 2)}
+
+
 def next_id(entry_id: StreamId) -> str:
     """The smallest ID above `entry_id` (XTRIM MINID keeps IDs >= it)."""
     return format_id((entry_id[0], entry_id[1] + 1))
@@ -118,6 +152,15 @@ class Forwarder(Service):
         self.brain_raw = RawRedis(settings.brain_redis_url, settings, timeout=10.0)
         self.buffer = SpillBuffer(settings.vps_questdb_url, settings, table=buffer_table)
         self.checkpoint: StreamId = ZERO  # highest ID the Brain holds
+        #: Highest Brain top this forwarder wrote or verified against its VPS copy: an XADD refused as "equal or
+        #: smaller" counts as delivered only at or below it (above it, someone else moved the top).
+        self.trusted_top: StreamId = ZERO
+        #: Last ID CONSUMER_GROUP received on the Brain (last read, or from the state hash); the VPS keeps every
+        #: entry above it. None while that group is not on the Brain stream (the VPS then trims by time only).
+        self.group_floor: StreamId | None = None
+        self.refused = ""  # why the Brain stream is refused ("" while trusted)
+        self._group_missing = False
+        self.top_slack_ms = TOP_SLACK_MS
         self.buffer_high: StreamId = ZERO  # highest ID moved to the QuestDB buffer
         self.replay_ts = 0  # buffer cursor: rows with ts > replay_ts are not delivered yet
         self.spill_pending = False  # a spill was started and not recorded: the buffer must be read first
@@ -294,6 +337,8 @@ class Forwarder(Service):
         if not self.brain_up:  # connected, the checkpoint is the Brain's top (it may have just rewound)
             self.checkpoint = max(self.checkpoint, parse_id(state.get("confirmed_id", "0-0")))
         self.buffer_high = max(self.buffer_high, parse_id(state.get("buffer_high_id", "0-0")))
+        if self.group_floor is None and "group_delivered_id" in state:
+            self.group_floor = parse_id(state["group_delivered_id"])
         self.buffer.last_ts = max(self.buffer.last_ts, int(state.get("buffer_ts", "0")))
         # An empty hash is a fresh start (or a Redis that lost everything): nothing known was spilled.
         self.spill_pending = bool(state.get("spill_pending")) or (bool(state) and SPILL_CLEAR not in state)
@@ -378,17 +423,32 @@ class Forwarder(Service):
 
     # ------------------------------------------------------------------ Brain link
 
-    async def _brain_top(self) -> StreamId:
-        """The Brain stream's last-generated-id: what the Brain holds (survives its own trimming)."""
+    async def _brain_view(self) -> BrainView:
+        """The Brain stream's last-generated-id (what the Brain holds; survives its own trimming), its first and
+        last entries and CONSUMER_GROUP's last-delivered-id. XINFO STREAM goes first: the group only moves up
+        meanwhile, so a legitimate trim never looks like a loss."""
         try:
-            info = await execute_packed(self.brain, [("XINFO", "STREAM", self.key)])
+            info, groups = await execute_packed(
+                self.brain, [("XINFO", "STREAM", self.key), ("XINFO", "GROUPS", self.key)]
+            )
         except TRANSIENT_ERRORS as exc:
             raise LinkDown("brain", exc) from exc
-        if isinstance(info[0], ResponseError):
-            raise LinkDown("brain", str(info[0]))
-        flat = info[0]
-        fields = flat if isinstance(flat, dict) else {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
-        return parse_id(fields[b"last-generated-id"])
+        if isinstance(info, ResponseError):
+            if "no such key" in str(info):  # the forwarder no longer creates it: a fresh Brain has nothing yet
+                return BrainView(ZERO, None, None, None)
+            raise LinkDown("brain", str(info))
+        if isinstance(groups, ResponseError):
+            raise LinkDown("brain", str(groups))
+        fields = _pairs(info)
+        first, last = fields.get(b"first-entry"), fields.get(b"last-entry")
+        wanted = self.settings.consumer_group.encode()
+        group = next((parse_id(g[b"last-delivered-id"]) for g in map(_pairs, groups) if g[b"name"] == wanted), None)
+        return BrainView(
+            top=parse_id(fields[b"last-generated-id"]),
+            first=parse_id(first[0]) if first else None,
+            last=(parse_id(last[0]), list(last[1])) if last else None,
+            group=group,
+        )
 
     async def _adopt_top(self, top: StreamId) -> None:
         """Make the Brain's top the checkpoint; behind ours means the Brain lost writes: rewind and resend."""
@@ -410,12 +470,111 @@ class Forwarder(Service):
                 await self._settle_ledger()
         await self._note_state(confirmed_id=format_id(top))
 
+    async def _top_problem(self, view: BrainView) -> tuple[str, str] | None:
+        """Why the Brain's top must not become the checkpoint, or None. A top at or below the checkpoint is safe
+        (resending only repairs); above it, it must be an entry this forwarder wrote."""
+        top = view.top
+        if top <= self.checkpoint:
+            return None
+        newest = await self._vps("XREVRANGE", self.key, "+", "-", "COUNT", 1)
+        ours_ms = max(parse_id(newest[0][0]) if newest else ZERO, self.buffer_high)[0]
+        base_ms = max(ours_ms, int(time.time() * 1000))
+        if top[0] > base_ms + self.top_slack_ms:
+            return "future_top", (f"top {format_id(top)} is {(top[0] - base_ms) / 1000:.0f}s ahead of the newest "
+                                  "VPS entry and of the clock")  # fmt: skip
+        if view.last is None or view.last[0] != top:
+            return "foreign_top", f"top {format_id(top)} has no entry left on the Brain, so it cannot be checked"
+        copy = await self._vps("XRANGE", self.key, format_id(top), format_id(top))
+        if copy:
+            if list(copy[0][1]) == view.last[1]:
+                return None
+            return "foreign_top", f"entry {format_id(top)} on the Brain differs from the VPS copy"
+        if self.buffer_known and top <= self.buffer_high and await self._in_buffer(top, view.last[1]):
+            return None
+        # A real top the VPS lost (a VPS power cut after delivery) looks the same: an operator who checked it
+        # accepts it in the VPS state hash (docs/monitoring.md), which the Brain's credential cannot reach.
+        accepted = await self._vps("HGETALL", keys.FORWARDER_STATE)
+        fields = accepted if isinstance(accepted, dict) else dict(zip(accepted[::2], accepted[1::2], strict=True))
+        if fields.get(ACCEPT_TOP.encode()) == format_id(top).encode():
+            log.warning("Brain top %s accepted by the operator (%s in the state hash)", format_id(top), ACCEPT_TOP)
+            return None
+        return "foreign_top", f"top {format_id(top)} is no entry the VPS holds"
+
+    async def _in_buffer(self, entry_id: StreamId, fields: list[bytes]) -> bool:
+        """The QuestDB buffer holds `entry_id` with these fields (delivered by a replay before a restart)."""
+        before = (entry_id[0], entry_id[1] - 1) if entry_id[1] else (entry_id[0] - 1, 2**63 - 1)
+        cursor = await self._questdb(self.buffer.first_after(before))
+        if cursor is None:
+            return False
+        rows = await self._questdb(self.buffer.page(cursor - 1, 1))
+        if not rows or rows[0].entry_id != entry_id:
+            return False
+        return [f.encode() if isinstance(f, str) else f for f in rows[0].fields] == fields
+
+    async def _lost_problem(self, view: BrainView) -> tuple[str, str] | None:
+        """Entries delivered (at or below the checkpoint) but gone from the Brain before CONSUMER_GROUP received
+        them: an entry the VPS holds between the group's position and the Brain's first entry."""
+        if view.group is None or self.checkpoint <= view.group:
+            return None
+        end = format_id(self.checkpoint)
+        if view.first is not None and view.first <= self.checkpoint:
+            end = "(" + format_id(view.first)
+        gap = await self._vps("XRANGE", self.key, "(" + format_id(view.group), end, "COUNT", 1)
+        if not gap:
+            return None
+        return "lost_entries", (f"entries from {gap[0][0].decode()} on were delivered but are gone from the Brain "
+                                f"before {self.settings.consumer_group} received them")  # fmt: skip
+
+    async def _note_group(self, group: StreamId | None) -> None:
+        if (group is None) != self._group_missing:
+            self._group_missing = group is None
+            self.metrics.brain_group_missing.set(1 if group is None else 0)
+            if group is None:
+                log.warning(
+                    "consumer group %s is not on the Brain stream (CONSUMER_GROUP differs between the "
+                    "hosts, or no consumer ran yet): the VPS trims by time only",
+                    self.settings.consumer_group,
+                )
+        if group is None:
+            self.group_floor = None
+            return
+        self.metrics.brain_group_ms.set(group[0])
+        if group != self.group_floor:
+            self.group_floor = group
+            await self._note_state(group_delivered_id=format_id(group))
+
+    def _refuse(self, reason: str, detail: str) -> NoReturn:
+        if self.refused != reason:
+            if self.refused:
+                self.metrics.brain_refused.labels(self.refused).set(0)
+            self.refused = reason
+            self.metrics.brain_refusals.labels(reason).inc()
+            self.metrics.brain_refused.labels(reason).set(1)
+            floor = format_id(self.group_floor) if self.group_floor is not None else "unknown"
+            log.error("REFUSING the Brain stream (%s): %s. Nothing is sent or trimmed on its word; the VPS keeps "
+                      "every entry above %s (what %s received). Repair: docs/monitoring.md, "
+                      "ForwarderBrainStreamRefused", reason, detail, floor, self.settings.consumer_group)  # fmt: skip
+        raise LinkDown("brain", f"refused ({reason}): {detail}")
+
+    async def _inspect_brain(self) -> None:
+        """Adopt the Brain's top if this forwarder can vouch for it; otherwise refuse the Brain stream."""
+        view = await self._brain_view()
+        await self._note_group(view.group)
+        problem = await self._top_problem(view)
+        if problem is None:
+            await self._adopt_top(view.top)
+            self.trusted_top = self.checkpoint
+            problem = await self._lost_problem(view)
+        if problem is not None:
+            self._refuse(*problem)
+        if self.refused:
+            log.warning("the Brain stream is trusted again (was refused: %s): resuming after %s", self.refused,
+                        format_id(self.checkpoint))  # fmt: skip
+            self.metrics.brain_refused.labels(self.refused).set(0)
+            self.refused = ""
+
     async def _connect_brain(self) -> None:
-        try:
-            await ensure_group(self.brain, self.key, self.settings.consumer_group, "0")
-        except TRANSIENT_ERRORS as exc:
-            raise LinkDown("brain", exc) from exc
-        await self._adopt_top(await self._brain_top())
+        await self._inspect_brain()
         self.brain_up = True
         self.catching_up = True
         self._brain_backoff.reset()
@@ -423,12 +582,9 @@ class Forwarder(Service):
         log.info("Brain connected: resuming after %s", format_id(self.checkpoint))
 
     async def _check_brain(self) -> None:
-        """While idle, notice a Brain restart that lost data (no write fails to tell us)."""
-        try:
-            await ensure_group(self.brain, self.key, self.settings.consumer_group, "0")
-        except TRANSIENT_ERRORS as exc:
-            raise LinkDown("brain", exc) from exc
-        await self._adopt_top(await self._brain_top())
+        """While idle, notice a Brain restart that lost data (no write fails to tell us), a top someone else
+        wrote, and entries lost before CONSUMER_GROUP received them."""
+        await self._inspect_brain()
 
     async def _send(self, ids: Sequence[bytes | str], commands: Sequence[Command]) -> int:
         """XADD a batch with the original IDs; advance the checkpoint over what the Brain now holds."""
@@ -439,18 +595,26 @@ class Forwarder(Service):
             raise LinkDown("brain", exc) from exc
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         sent = dup = 0
-        failed: RawReplyError | None = None
-        for reply in replies:
+        failed: RawReplyError | str | None = None
+        for i, reply in enumerate(replies):
             if isinstance(reply, RawReplyError):
                 if "equal or smaller than the target stream top" in str(reply):
-                    dup += 1
-                    continue
+                    if parse_id(ids[i]) <= self.trusted_top:
+                        dup += 1
+                        continue
+                    # Not a top we wrote: someone moved it. Nothing from here on counts; the reconnect checks it.
+                    failed = (
+                        f"{format_id(parse_id(ids[i]))} refused as 'equal or smaller' above the top "
+                        f"this forwarder wrote, {format_id(self.trusted_top)}"
+                    )
+                    break
                 failed = reply
                 break
             sent += 1
         done = sent + dup
         if done:
             self.checkpoint = parse_id(ids[done - 1])
+            self.trusted_top = max(self.trusted_top, self.checkpoint)
         self.metrics.sent.inc(sent)
         self.metrics.already_delivered.inc(dup)
         self._delivered += sent
@@ -605,7 +769,13 @@ class Forwarder(Service):
     def _confirmed(self) -> None:
         """Record a confirmed batch; the state hash copy is written by `_maintain` (the Brain's top is the truth)."""
         cursor = self.replay_ts if self.buffer_pending else self.buffer.last_ts
-        self.confirms.append((time.monotonic(), self.checkpoint, cursor))
+        entry = (time.monotonic(), self.checkpoint, cursor)
+        # At most ~10 kept per second: the list now lasts as long as CONSUMER_GROUP lags, not only the
+        # retention. Replacing the newest (later time, higher checkpoint) only ever trims later.
+        if len(self.confirms) >= 2 and entry[0] - self.confirms[-2][0] < 0.1:
+            self.confirms[-1] = entry
+        else:
+            self.confirms.append(entry)
 
     async def _save_checkpoint(self) -> None:
         current = (self.checkpoint, self.replay_ts)
@@ -673,10 +843,13 @@ class Forwarder(Service):
             await self._link_down(LinkDown("questdb", "ping failed"))
 
     def _retention_floor(self) -> tuple[StreamId, int]:
-        """Checkpoint and buffer cursor confirmed more than `delivered_retention_s` ago."""
+        """Checkpoint and buffer cursor confirmed more than `delivered_retention_s` ago..."""
         limit = time.monotonic() - self.settings.delivered_retention_s
         floor: tuple[StreamId, int] | None = None
-        while self.confirms and self.confirms[0][0] <= limit:
+        # ...and only up to what CONSUMER_GROUP received: the Brain stream can be trimmed over the link, the
+        # VPS copy is what refills it.
+        cap = self.group_floor
+        while self.confirms and self.confirms[0][0] <= limit and (cap is None or self.confirms[0][1] <= cap):
             _, cp, cursor = self.confirms.popleft()
             floor = (cp, cursor)
         if floor is None:
@@ -687,7 +860,9 @@ class Forwarder(Service):
     async def _trim(self, floor: StreamId | None = None) -> None:
         """Drop from Redis what is delivered long enough ago, or safely in the buffer; never above that."""
         if floor is None:
-            floor = self._retention_floor()[0]
+            # ...and never above the checkpoint the state hash holds: after a restart the Brain's top is then
+            # still on the VPS to be checked against (see _top_problem).
+            floor = min(self._retention_floor()[0], self._saved_checkpoint[0])
         floor = min(floor, self.checkpoint)
         target = max(floor, self.buffer_high if self.buffer_known or not self.spill_pending else ZERO)
         if target <= self.trimmed_to:
