@@ -323,19 +323,37 @@ def test_env_example_loads_as_settings_once_its_placeholders_are_replaced(tmp_pa
     assert maxmemory and settings.ram_buffer_bytes + 150 * 10**6 <= int(maxmemory.group(1)) * 2**20
 
 
-def test_each_role_container_gets_a_valid_configuration(host: str, compose: dict[str, Any]) -> None:
-    """The exact environment compose hands a role builds a `Settings` (no `.env` inside the container)."""
+def test_each_role_container_gets_a_valid_configuration(host: str, compose: dict[str, Any], tmp_path: Path) -> None:
+    """The exact environment compose hands a role builds a `Settings` (no `.env` inside the container), its
+    passwords read from the compose secrets it mounts (here: files like `make secrets` writes)."""
     for role in ROLES[host]:
-        env = {k: str(v) for k, v in compose["services"][role]["environment"].items()}
+        svc = compose["services"][role]
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        mounted = {}
+        for secret in svc.get("secrets", []):
+            path = tmp_path / role / secret
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(secrets.token_hex(24) + "\n")
+            path.chmod(0o440)
+            mounted[f"/run/secrets/{secret}"] = str(path)
+        for key, value in env.items():
+            if key.endswith("_FILE"):
+                assert value in mounted, f"{role}: {key}={value} is not a secret the service mounts"
+                env[key] = mounted[value]
         settings = Settings(_env_file=None, **{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]
         assert settings.metrics_port_for(role) == int(env["METRICS_PORT"])
         assert settings.stream_key == "market:vps:stream"
+        # The password reached the URL of the role's own user.
+        url = settings.vps_redis_url if host == "vps" else settings.brain_redis_url
+        assert url.startswith(f"redis://{role}:") and "@redis:6379" in url, url
+        if role in ("forwarder", "writer"):
+            assert settings.questdb_user and settings.questdb_password
         if role == "forwarder":
             assert settings.brain_redis_url.startswith("rediss://forwarder:")
             assert settings.redis_tls_ca and settings.redis_tls_cert and settings.redis_tls_key
-        # Least privilege: a container sees only its own Redis password.
-        secrets = [k for k in env if "PASSWORD" in k and k != "QUESTDB_PASSWORD"]
-        assert secrets == [], f"{role} receives {secrets}"
+        # Least privilege: a container sees only its own Redis user's password.
+        others = [s for s in svc.get("secrets", []) if "redis" in s and f"_{role}_" not in s]
+        assert others == [], f"{role} receives {others}"
 
 
 #: The code each role's container runs, to find the settings it reads.
