@@ -224,3 +224,31 @@ def test_every_threat_in_the_security_doc_names_tests_that_exist() -> None:
         for file, name in refs:
             source = (REPO_ROOT / "tests" / file).read_text()
             assert re.search(rf"^(async )?def {name}\(", source, re.M), f"{file}::{name} does not exist"
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_questdb_entrypoint_exports_its_passwords_from_the_secret_files(host: str, tmp_path: Path) -> None:
+    """QuestDB reads `QDB_*` variables but no `*_FILE`: the entrypoint wrapper (root, before the image's
+    entrypoint drops to the questdb user) exports them from the compose secrets; an empty file stops it."""
+    svc = load_compose(REPO_ROOT / f"compose.{host}.yml", parse_env_file(REPO_ROOT / ".env.example"))["services"]
+    entrypoint = svc["questdb"]["entrypoint"]
+    wanted = {"QDB_HTTP_PASSWORD": "questdb_password", "QDB_PG_PASSWORD": "questdb_password"}
+    if host == "brain":
+        wanted["QDB_PG_READONLY_PASSWORD"] = "questdb_reader_password"
+    values = {name: f"{name}-{host}-0123456789abcdef" for name in set(wanted.values())}
+    for name, value in values.items():
+        (tmp_path / name).write_text(value + "\n")
+    script = (
+        entrypoint[2]
+        .replace("/run/secrets/", f"{tmp_path}/")
+        .replace("install -D -m 0644 /etc/tickbridge/server.conf /var/lib/questdb/conf/server.conf", "true")
+        .replace("/docker-entrypoint.sh", "/usr/bin/env")
+    )
+    assert script != entrypoint[2] and "install" not in script
+    proc = subprocess.run(["bash", "-c", script, entrypoint[3]], capture_output=True, text=True, env={}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    exported = dict(line.split("=", 1) for line in proc.stdout.splitlines() if line.startswith("QDB_"))
+    assert exported == {var: values[secret] for var, secret in wanted.items()}
+    (tmp_path / "questdb_password").write_text("")
+    failed = subprocess.run(["bash", "-c", script, entrypoint[3]], capture_output=True, text=True, env={}, check=False)
+    assert failed.returncode != 0 and "QDB_" not in failed.stdout

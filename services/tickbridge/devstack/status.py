@@ -155,7 +155,13 @@ class StatusReader:
             self.addresses["Prometheus"] = ep.prometheus_url
 
     def close(self) -> None:
+        """Close every client and the loop (also after a Ctrl-C cut a read short)."""
+
         async def close_all() -> None:
+            pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             for client in (self.vps, self.brain):
                 if client is not None:
                     with contextlib.suppress(Exception):
@@ -165,8 +171,10 @@ class StatusReader:
                     with contextlib.suppress(Exception):
                         await sql.close()
 
-        self.loop.run_until_complete(close_all())
-        self.loop.close()
+        try:
+            self.loop.run_until_complete(close_all())
+        finally:
+            self.loop.close()
 
     # ---- one read per source ------------------------------------------------------------------------
 
