@@ -46,6 +46,8 @@ from_env() {  # the variable's value in $env_file, unless unset, empty or a plac
 umask 077
 mkdir -p "$out"
 chmod 700 "$out"
+# Under sudo the directory stays the operator's (0700: only they and root, i.e. dockerd, get in).
+if [ "$(id -u)" = 0 ] && [ -n "${SUDO_UID:-}" ]; then chown "$SUDO_UID:${SUDO_GID:-$SUDO_UID}" "$out"; fi
 group=${SUDO_GID:-$(id -g)}
 pending=()
 missing=0

@@ -258,6 +258,8 @@ def test_make_secrets_keeps_files_and_carries_env_values_over(tmp_path: Path) ->
         f"QUESTDB_PASSWORD={carried}\nGRAFANA_ADMIN_PASSWORD=change-me-grafana-admin-password\n"
     )
     env = {"PATH": os.environ.get("PATH", ""), "ENV_FILE": str(tmp_path / ".env")}
+    if os.geteuid() == 0:  # as `sudo make secrets` runs it: the directory stays the operator's
+        env |= {"SUDO_UID": "4242", "SUDO_GID": "4343"}
     script = ["bash", str(REPO_ROOT / "scripts" / "secrets.sh"), "brain", str(tmp_path / "secrets")]
     first = subprocess.run(script, env=env, capture_output=True, text=True, timeout=30, check=False)
     assert first.returncode == 0, first.stderr
@@ -266,6 +268,11 @@ def test_make_secrets_keeps_files_and_carries_env_values_over(tmp_path: Path) ->
     grafana = (out / "grafana_admin_password").read_text().strip()
     assert len(grafana) == 48 and "change-me" not in grafana  # a placeholder is never carried over
     assert out.stat().st_mode & 0o777 == 0o700
+    if os.geteuid() == 0:
+        assert (out.stat().st_uid, out.stat().st_gid) == (4242, 4343)
+        owners = {p.name: (p.stat().st_uid, p.stat().st_gid, p.stat().st_mode & 0o777) for p in out.iterdir()}
+        assert owners["grafana_admin_password"] == owners["questdb_reader_password"] == (472, 4343, 0o440)
+        assert owners["brain_redis_writer_password"] == owners["questdb_password"] == (10001, 4343, 0o440)
     before = {p.name: p.read_text() for p in out.iterdir()}
     assert len(before) == 9
     second = subprocess.run(script, env=env, capture_output=True, text=True, timeout=30, check=False)
