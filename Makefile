@@ -7,7 +7,7 @@ SOURCE ?= sim
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .PHONY: help deps lint typecheck test test-fast demo bench bench-collector bench-forwarder bench-brain \
-        load-test chaos-test fuzz certs clean
+        load-test chaos-test fuzz certs secrets clean
 
 help:
 	@echo "make demo        full VPS + Brain pipeline on this machine with a live status (SOURCE=binance for the real exchange)"
@@ -17,6 +17,7 @@ help:
 	@echo "make chaos-test  every fault scenario with the zero-loss/zero-duplicate oracle"
 	@echo "make fuzz        longer fuzz run of the parsers and the stream decoder"
 	@echo "make certs       private CA, server and client certificates for the VPS->Brain TLS link"
+	@echo "make secrets HOST=vps|brain   the compose secrets of that host under secrets/ (one file per password)"
 
 deps:
 	@bash scripts/deps.sh
@@ -59,6 +60,9 @@ fuzz: deps
 
 certs: deps
 	bash scripts/certs.sh
+
+secrets:
+	bash scripts/secrets.sh $(HOST)
 
 clean:
 	rm -rf .venv .cache .mypy_cache .ruff_cache

@@ -18,6 +18,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from tickbridge.core.settings import DEFAULT_SYMBOLS, Settings
@@ -227,12 +228,55 @@ def test_memory_limits_fit_the_vps(host: str, compose: dict[str, Any]) -> None:
         assert maxmemory and int(maxmemory.group(1)) + 200 <= limits["redis"]
 
 
-def test_vps_cpu_pinning() -> None:
-    """VPS core 0: collector and Redis; core 1: forwarder and QuestDB (the Brain's cores are the operator's)."""
-    compose = load_compose(COMPOSE_FILES["vps"], _env())
-    cpus = {name: svc.get("cpuset") for name, svc in compose["services"].items()}
+#: `cpuset: "${NAME_CPUSET:-default}"`: from a variable, with a default (a CPU list as `taskset -c` takes it).
+CPUSET_FROM_VARIABLE = re.compile(r"\$\{(?P<var>[A-Z][A-Z0-9_]*_CPUSET):-(?P<default>[^}]+)\}")
+
+
+def _cpus(cpuset: str) -> set[int]:
+    """The CPUs of a cpuset list ("0", "1-3", "0,2-3"); AssertionError when it is not one."""
+    cpus: set[int] = set()
+    for part in cpuset.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        assert m, f"not a cpuset list: {cpuset!r}"
+        low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+        assert low <= high, f"not a cpuset list: {cpuset!r}"
+        cpus |= set(range(low, high + 1))
+    return cpus
+
+
+def test_every_service_is_pinned_through_a_variable(host: str) -> None:
+    """Every service (services added later included) has `cpuset: "${X_CPUSET:-default}"`: the operator moves
+    it in .env; the default is valid on a 2-core machine (the VPS, and the smallest Brain) and documented."""
+    raw: dict[str, Any] = yaml.safe_load(COMPOSE_FILES[host].read_text())
+    documented = parse_env_file(ENV_EXAMPLE)
+    for name, svc in raw["services"].items():
+        cpuset = svc.get("cpuset")
+        assert isinstance(cpuset, str), f"{host}: {name} has no cpuset"
+        m = CPUSET_FROM_VARIABLE.fullmatch(cpuset)
+        assert m, f"{host}: {name} cpuset {cpuset!r} is not ${{NAME_CPUSET:-default}}"
+        assert _cpus(m.group("default")) <= {0, 1}, f"{host}: {name}: default {m.group('default')} needs > 2 cores"
+        assert m.group("var") in documented, f"{m.group('var')} missing from .env.example"
+        assert _cpus(documented[m.group("var")]) == _cpus(m.group("default")), f".env.example {m.group('var')}"
+        assert _cpus(interpolate(cpuset, {m.group("var"): "2-3"})) == {2, 3}
+
+
+def test_cpu_layout_of_the_design() -> None:
+    """VPS core 0: collector and Redis; core 1: forwarder, QuestDB and the rest (monitoring at low priority).
+    Brain: every service on cores the operator sets, by default off core 0 (the trading processes')."""
+    vps = load_compose(COMPOSE_FILES["vps"], _env())
+    cpus = {name: svc["cpuset"] for name, svc in vps["services"].items()}
     assert cpus["collector"] == cpus["redis"] == "0"
     assert cpus["forwarder"] == cpus["questdb"] == "1"
+    assert {c for n, c in cpus.items() if n not in ("collector", "redis")} == {"1"}
+    for name in ("prometheus", "alertmanager", "grafana", "node-exporter"):
+        assert vps["services"][name]["cpu_shares"] < 1024, f"vps {name} competes at full priority"
+    defaults = {k: v for k, v in _env().items() if not k.startswith("BRAIN_") or not k.endswith("_CPUSET")}
+    brain = load_compose(COMPOSE_FILES["brain"], defaults)
+    for name, svc in brain["services"].items():
+        assert 0 not in _cpus(svc["cpuset"]), f"brain {name} on core 0 by default"
+    moved = load_compose(COMPOSE_FILES["brain"], {**_env(), "BRAIN_RELAY_CPUSET": "14-15"})
+    for name in ("redis", "questdb", "consumer", "writer"):
+        assert moved["services"][name]["cpuset"] == "14-15", name
 
 
 # ---- environment -----------------------------------------------------------------------------------------
@@ -279,19 +323,37 @@ def test_env_example_loads_as_settings_once_its_placeholders_are_replaced(tmp_pa
     assert maxmemory and settings.ram_buffer_bytes + 150 * 10**6 <= int(maxmemory.group(1)) * 2**20
 
 
-def test_each_role_container_gets_a_valid_configuration(host: str, compose: dict[str, Any]) -> None:
-    """The exact environment compose hands a role builds a `Settings` (no `.env` inside the container)."""
+def test_each_role_container_gets_a_valid_configuration(host: str, compose: dict[str, Any], tmp_path: Path) -> None:
+    """The exact environment compose hands a role builds a `Settings` (no `.env` inside the container), its
+    passwords read from the compose secrets it mounts (here: files like `make secrets` writes)."""
     for role in ROLES[host]:
-        env = {k: str(v) for k, v in compose["services"][role]["environment"].items()}
+        svc = compose["services"][role]
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        mounted = {}
+        for secret in svc.get("secrets", []):
+            path = tmp_path / role / secret
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(secrets.token_hex(24) + "\n")
+            path.chmod(0o440)
+            mounted[f"/run/secrets/{secret}"] = str(path)
+        for key, value in env.items():
+            if key.endswith("_FILE"):
+                assert value in mounted, f"{role}: {key}={value} is not a secret the service mounts"
+                env[key] = mounted[value]
         settings = Settings(_env_file=None, **{k.lower(): v for k, v in env.items()})  # type: ignore[arg-type]
         assert settings.metrics_port_for(role) == int(env["METRICS_PORT"])
         assert settings.stream_key == "market:vps:stream"
+        # The password reached the URL of the role's own user.
+        url = settings.vps_redis_url if host == "vps" else settings.brain_redis_url
+        assert url.startswith(f"redis://{role}:") and "@redis:6379" in url, url
+        if role in ("forwarder", "writer"):
+            assert settings.questdb_user and settings.questdb_password
         if role == "forwarder":
             assert settings.brain_redis_url.startswith("rediss://forwarder:")
             assert settings.redis_tls_ca and settings.redis_tls_cert and settings.redis_tls_key
-        # Least privilege: a container sees only its own Redis password.
-        secrets = [k for k in env if "PASSWORD" in k and k != "QUESTDB_PASSWORD"]
-        assert secrets == [], f"{role} receives {secrets}"
+        # Least privilege: a container sees only its own Redis user's password.
+        others = [s for s in svc.get("secrets", []) if "redis" in s and f"_{role}_" not in s]
+        assert others == [], f"{role} receives {others}"
 
 
 #: The code each role's container runs, to find the settings it reads.

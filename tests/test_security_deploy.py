@@ -1,8 +1,8 @@
 """Deployment hardening, checked statically on the committed compose files and configs (issue 7).
 
 Every service binds only where it must; role containers run non-root on read-only root file systems
-without capabilities; secrets have no defaults, reach only the containers whose user they are, and
-nothing secret is committed.
+without capabilities; secrets are compose secrets (files), never environment values, reach only the
+containers whose user they are, and nothing secret is committed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tickbridge.devstack.servers import REPO_ROOT
+from tickbridge.ops.compose import load_compose, parse_env_file
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -95,22 +96,90 @@ def test_root_one_shots_have_no_network_and_do_not_restart(host: str) -> None:
             assert str(svc.get("restart")) == "no", f"{name}: root container restarts"
 
 
+#: An environment variable that names a secret: its value must be a path (`*_FILE`), never the secret.
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|PASSPHRASE|CREDENTIAL|_PASS$|(?:API|PRIVATE|TLS|ACCESS)_KEY$")
+#: `scheme://user:password@` in any value (a URL carrying its password).
+URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s@:]*:[^/\s@]+@", re.IGNORECASE)
+
+
+def environment_leaks(host: str) -> list[str]:
+    """Every `environment:` entry of a compose file that holds a secret (after interpolation from a filled
+    `.env`): a value of a secret-named variable that is not a file path, a variable that interpolates a
+    secret, a URL with a password."""
+    env_example = parse_env_file(REPO_ROOT / ".env.example")
+    filled = {k: f"s3cret-{k.lower()}" if k.endswith("PASSWORD") else v for k, v in env_example.items()}
+    raw = services(host)
+    leaks = []
+    for name, svc in load_compose(REPO_ROOT / f"compose.{host}.yml", filled)["services"].items():
+        env = svc.get("environment") or {}
+        items = env.items() if isinstance(env, dict) else (str(e).partition("=")[::2] for e in env)
+        raw_env = env_text(raw[name])
+        for key, value in items:
+            value = str(value)
+            if key.endswith("_FILE"):  # `*_FILE` and Grafana's `*__FILE`: a path to a compose secret
+                if not value.startswith("/run/secrets/"):
+                    leaks.append(f"{name}: {key}={value} (a *_FILE is a path under /run/secrets)")
+            elif SECRET_NAME.search(key) and not value.startswith("/"):
+                leaks.append(f"{name}: {key} holds a value")
+            if URL_WITH_PASSWORD.search(value) or "s3cret-" in value:
+                leaks.append(f"{name}: {key} holds a password")
+        leaks += [f"{name}: interpolates {var}" for var in SECRET_VAR.findall(raw_env)]
+    return leaks
+
+
 @pytest.mark.parametrize("host", HOSTS)
-def test_secrets_have_no_default_and_reach_only_their_own_user(host: str) -> None:
+def test_no_password_appears_in_any_environment_block(host: str) -> None:
+    """`docker inspect` shows a container's environment: every password and key reaches its container as a
+    compose secret (a file under /run/secrets) named by a `*_FILE` variable, never as a value or in a URL."""
+    assert environment_leaks(host) == []
+
+
+def test_the_environment_check_has_teeth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above fails for each way a secret has reached an environment block before."""
+    text = compose_text("vps")
+    for leak in (
+        "      VPS_REDIS_URL: redis://collector:${VPS_REDIS_COLLECTOR_PASSWORD}@redis:6379/0\n",
+        "      QUESTDB_PASSWORD: ${QUESTDB_PASSWORD}\n",
+        "      GF_SECURITY_ADMIN_PASSWORD: hunter2hunter2hunter2\n",
+        "      QUESTDB_PASSWORD_FILE: ./secrets/questdb_password\n",
+    ):
+        bad = text.replace("      METRICS_PORT: 9101\n", "      METRICS_PORT: 9101\n" + leak)
+        (tmp_path / "compose.vps.yml").write_text(bad)
+        (tmp_path / ".env.example").write_text((REPO_ROOT / ".env.example").read_text())
+        monkeypatch.setattr(f"{__name__}.REPO_ROOT", tmp_path)
+        assert environment_leaks("vps"), leak
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_secrets_are_files_and_reach_only_their_own_user(host: str) -> None:
+    """Each secret is a file under ./secrets (git-ignored); a role container gets only its own Redis user's
+    password (and QuestDB's where it writes), the init step the passwords it hashes, Grafana its own."""
+    doc: dict[str, Any] = yaml.safe_load(compose_text(host))
+    declared = doc["secrets"]
+    for secret, spec in declared.items():
+        assert spec == {"file": f"./secrets/{secret}"}, f"{secret}: {spec}"
     text = compose_text(host)
     defaulted = re.findall(r"\$\{([A-Z0-9_]*(?:PASSWORD|SECRET|TOKEN)[A-Z0-9_]*):?-", text)
     assert not defaulted, f"secret variables with a default value: {defaulted}"
     for name, svc in services(host).items():
+        given = set(svc.get("secrets", []))
+        assert given <= set(declared), f"{name} uses undeclared secrets {given - set(declared)}"
+        # A mounted secret is used: some *_FILE names it (QuestDB's entrypoint reads its own).
+        for secret in given:
+            assert f"/run/secrets/{secret}" in env_text(svc) + str(svc.get("entrypoint")), f"{name}: {secret} unused"
         role = role_of(svc)
-        for var in set(SECRET_VAR.findall(env_text(svc))):
-            m = REDIS_PASSWORD_VAR.match(var)
+        for secret in given:
+            m = re.fullmatch(r"(vps|brain)_redis_([a-z]+)_password", secret)
             if m is None:
                 continue
-            user = m.group(2).lower()
             if role is not None:
-                assert user == role, f"{name} ({role}) receives {var}: another user's password"
+                assert m.group(2) == role, f"{name} ({role}) receives {secret}: another user's password"
             else:
-                assert name == "init", f"{name} receives the Redis password {var}"
+                assert name == "init", f"{name} receives the Redis password {secret}"
+    ignored = subprocess.run(["git", "-C", str(REPO_ROOT), "check-ignore", "-q", "secrets/questdb_password"],
+                             check=False)  # fmt: skip
+    assert ignored.returncode == 0, "secrets/ is not git-ignored"
 
 
 def test_redis_configs_require_acl_users_and_mutual_tls_on_the_brain() -> None:
@@ -129,7 +198,7 @@ def test_redis_configs_require_acl_users_and_mutual_tls_on_the_brain() -> None:
 def test_grafana_has_no_anonymous_access_nor_sign_up(host: str) -> None:
     env = env_text(services(host)["grafana"])
     assert "GF_AUTH_ANONYMOUS_ENABLED=false" in env and "GF_USERS_ALLOW_SIGN_UP=false" in env
-    assert "GF_SECURITY_ADMIN_PASSWORD=${GRAFANA_ADMIN_PASSWORD:?" in env
+    assert "GF_SECURITY_ADMIN_PASSWORD__FILE=/run/secrets/grafana_admin_password" in env
 
 
 def test_no_private_key_or_env_file_is_committed() -> None:
@@ -155,3 +224,31 @@ def test_every_threat_in_the_security_doc_names_tests_that_exist() -> None:
         for file, name in refs:
             source = (REPO_ROOT / "tests" / file).read_text()
             assert re.search(rf"^(async )?def {name}\(", source, re.M), f"{file}::{name} does not exist"
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_questdb_entrypoint_exports_its_passwords_from_the_secret_files(host: str, tmp_path: Path) -> None:
+    """QuestDB reads `QDB_*` variables but no `*_FILE`: the entrypoint wrapper (root, before the image's
+    entrypoint drops to the questdb user) exports them from the compose secrets; an empty file stops it."""
+    svc = load_compose(REPO_ROOT / f"compose.{host}.yml", parse_env_file(REPO_ROOT / ".env.example"))["services"]
+    entrypoint = svc["questdb"]["entrypoint"]
+    wanted = {"QDB_HTTP_PASSWORD": "questdb_password", "QDB_PG_PASSWORD": "questdb_password"}
+    if host == "brain":
+        wanted["QDB_PG_READONLY_PASSWORD"] = "questdb_reader_password"
+    values = {name: f"{name}-{host}-0123456789abcdef" for name in set(wanted.values())}
+    for name, value in values.items():
+        (tmp_path / name).write_text(value + "\n")
+    script = (
+        entrypoint[2]
+        .replace("/run/secrets/", f"{tmp_path}/")
+        .replace("install -D -m 0644 /etc/tickbridge/server.conf /var/lib/questdb/conf/server.conf", "true")
+        .replace("/docker-entrypoint.sh", "/usr/bin/env")
+    )
+    assert script != entrypoint[2] and "install" not in script
+    proc = subprocess.run(["bash", "-c", script, entrypoint[3]], capture_output=True, text=True, env={}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    exported = dict(line.split("=", 1) for line in proc.stdout.splitlines() if line.startswith("QDB_"))
+    assert exported == {var: values[secret] for var, secret in wanted.items()}
+    (tmp_path / "questdb_password").write_text("")
+    failed = subprocess.run(["bash", "-c", script, entrypoint[3]], capture_output=True, text=True, env={}, check=False)
+    assert failed.returncode != 0 and "QDB_" not in failed.stdout

@@ -5,9 +5,14 @@ credentials. Every trade arrives exactly once, in order, and no role was denied 
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -94,3 +99,30 @@ def test_the_live_brain_refuses_plaintext_and_anonymous_clients(stack: SecureNat
             vps.ping()
     finally:
         vps.close()
+
+
+def test_status_reads_every_figure_of_the_live_secure_pipeline(stack: SecureNativeStack, tmp_path: Path) -> None:
+    """`tickbridge status --once` as an operator runs it against the deployed shape (issue 19): the `monitor`
+    ACL user on both Redis servers, the Brain's over TLS with the client certificate. Every figure is there
+    and the monitor user was refused nothing."""
+    env = {
+        "PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "COLUMNS": "160",
+        "VPS_REDIS_URL": stack.user_url("vps", "monitor"), "BRAIN_REDIS_URL": stack.user_url("brain", "monitor"),
+        **stack.certs.client_env(),
+        "VPS_QUESTDB_URL": stack.vps_questdb.url, "BRAIN_QUESTDB_URL": stack.brain_questdb.url,
+    }  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "tickbridge", "status", "--once", "--interval", "0.5"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=90, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "could not read" not in proc.stdout and "?" not in proc.stdout, proc.stdout
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃]", line) if c.strip()]
+        if len(cells) >= 2:
+            rows[cells[0]] = cells[1]
+    assert rows["forwarder mode"] == "direct" and re.fullmatch(r"\d+-\d+", rows["forwarder confirmed ID"]), rows
+    assert int(rows["Brain QuestDB trades rows"].replace(",", "")) > 300, rows
+    for label in ("VPS stream length", "VPS QuestDB buffer rows", "Brain stream length"):
+        assert re.fullmatch(r"[\d,]+", rows[label]), (label, rows)
+    assert re.fullmatch(r"[\d,]+ / [\d,]+", rows["Brain consumer lag / pending"]), rows
+    assert not [d for d in acl_denials(stack) if d.split(": ", 1)[1].startswith("monitor ")], acl_denials(stack)

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "query": ("tickbridge.brain.query", "main", "show recent ticks / a time range from the tiered cache"),
     "deadletters": ("tickbridge.brain.deadletters", "main", "consumer dead letters by reason; --replay after a fix"),
     "check": ("tickbridge.ops.check", "main", "health check of a role (exit 0 healthy, 1 not)"),
-    "status": ("tickbridge.devstack.status", "main", "live terminal view of a running pipeline"),
+    "status": ("tickbridge.devstack.status", "main", "pipeline figures, live or --once; names what it cannot read"),
 }
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
-from typing import Annotated, Literal, NoReturn
-from urllib.parse import unquote, urlparse
+from pathlib import Path
+from typing import Annotated, Literal, NoReturn, Self
+from urllib.parse import quote, unquote, urlparse, urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tickbridge.core import keys
@@ -51,6 +53,64 @@ def secret_problem(value: str) -> str | None:
     if len(value) < MIN_SECRET_CHARS:
         return f"a password of {len(value)} characters is refused (at least {MIN_SECRET_CHARS}): {_MAKE_ONE}"
     return None
+
+
+#: `*_FILE` setting -> the setting it supplies the password of (compose hands secrets over as files under
+#: /run/secrets, so no password shows in `docker inspect`). A URL gets the password inserted after its user.
+SECRET_FILES: dict[str, str] = {
+    "vps_redis_password_file": "vps_redis_url",
+    "brain_redis_password_file": "brain_redis_url",
+    "questdb_password_file": "questdb_password",
+    "questdb_reader_password_file": "questdb_reader_password",
+}
+
+
+def read_secret_file(path: str) -> str:
+    """The secret held in the file `path` (one trailing newline dropped); ValueError saying why not.
+
+    Refused: a missing or unreadable file, one any user may read or write (mode bits for "other": the
+    secret would be everybody's on a native host), an empty or multi-line one, and a value that
+    `secret_problem` refuses (placeholder, too short), exactly as for the variable itself.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"file {path!r} not found") from None
+    except OSError as exc:
+        raise ValueError(f"file {path!r} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path!r} is not a regular file")
+    if info.st_mode & 0o007:
+        raise ValueError(f"file {path!r} is open to every user (mode {stat.S_IMODE(info.st_mode):04o}): "
+                         f"chmod o= it (0400, or 0440 for a group)")  # fmt: skip
+    try:
+        raw = Path(path).read_bytes()
+    except PermissionError:
+        raise ValueError(f"file {path!r} is not readable by uid {os.geteuid()} (owner uid {info.st_uid}): "
+                         f"chown it to the user that runs this process") from None  # fmt: skip
+    except OSError as exc:
+        raise ValueError(f"file {path!r} cannot be read: {exc.strerror}") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"file {path!r} is not UTF-8 text") from None
+    value = text.removesuffix("\n").removesuffix("\r")
+    if not value:
+        raise ValueError(f"file {path!r} is empty")
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"file {path!r} holds more than one line (the password alone is expected)")
+    problem = secret_problem(value)
+    if problem is not None:
+        raise ValueError(f"file {path!r}: {problem}")
+    return value
+
+
+def url_with_password(url: str, password: str) -> str:
+    """`redis://user@host/0` + password -> `redis://user:password@host/0` (the password URL-quoted)."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0] if at else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{hostport}"))
 
 
 def _check_url(value: str, schemes: tuple[str, ...]) -> str:
@@ -118,6 +178,14 @@ class Settings(BaseSettings):
     questdb_reader_password: str | None = None
     brain_questdb_pg_url: str = "postgresql://localhost:8812/qdb"
 
+    # Passwords from files (compose secrets): each supplies the setting SECRET_FILES names, which must then
+    # hold none itself (VPS_REDIS_URL `redis://collector@redis:6379/0` + VPS_REDIS_PASSWORD_FILE). Declared
+    # last: their check sees the settings they supply.
+    vps_redis_password_file: str | None = None
+    brain_redis_password_file: str | None = None
+    questdb_password_file: str | None = None
+    questdb_reader_password_file: str | None = None
+
     @field_validator("symbols", mode="before")
     @classmethod
     def _split_symbols(cls, value: object) -> object:
@@ -175,6 +243,31 @@ class Settings(BaseSettings):
             if problem is not None:
                 raise ValueError(problem)
         return value
+
+    @field_validator(*SECRET_FILES)
+    @classmethod
+    def _check_secret_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if not value:
+            return None
+        target = SECRET_FILES[str(info.field_name)]
+        given = info.data.get(target)
+        if target.endswith("_url") and given and urlparse(given).password:
+            raise ValueError(f"{target.upper()} holds a password too: give it in one place (the URL without "
+                             f"its password, with this file)")  # fmt: skip
+        if not target.endswith("_url") and given:
+            raise ValueError(f"{target.upper()} is set too: give the password in one place")
+        read_secret_file(value)
+        return value
+
+    @model_validator(mode="after")
+    def _apply_secret_files(self) -> Self:
+        for file_field, target in SECRET_FILES.items():
+            path = getattr(self, file_field)
+            if path:
+                secret = read_secret_file(path)
+                value = url_with_password(getattr(self, target), secret) if target.endswith("_url") else secret
+                object.__setattr__(self, target, value)  # frozen: set once, while validating
+        return self
 
     def metrics_port_for(self, role: str) -> int:
         """METRICS_PORT if set, else the role's default port."""

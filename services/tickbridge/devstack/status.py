@@ -1,28 +1,48 @@
 """Live terminal view of a running pipeline (`tickbridge status`, and the screen of `make demo`).
 
 It reads the servers directly (stream lengths, consumer-group lag, rows in QuestDB), the simulator's
-counters and Prometheus' firing alerts, so it shows the truth even when a role is down.
+counters and Prometheus' firing alerts, so it shows the truth even when a role is down. It speaks what a
+deployed host speaks: Redis over TLS with client certificates (`rediss://`, REDIS_TLS_*) as an ACL user
+(e.g. `monitor`; the password in the URL or in VPS_REDIS_PASSWORD_FILE / BRAIN_REDIS_PASSWORD_FILE),
+QuestDB with its login (QUESTDB_USER/QUESTDB_PASSWORD over HTTP; on the Brain the read-only
+QUESTDB_READER_USER/PASSWORD over PG wire when set). What it cannot read is said, one line per source
+with the reason, never left blank.
+
+    tickbridge status                         live view of both hosts (Ctrl-C stops)
+    tickbridge status --host brain --once     one table of the Brain's figures; exit 1 if a source failed
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
+import re
+import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-from rich.console import Group
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
 from tickbridge.core import keys
-from tickbridge.core.settings import load_settings
+from tickbridge.core.questdb_io import QuestDBHttp, QuestDBReader
+from tickbridge.core.redis_io import make_client
+from tickbridge.core.settings import Settings, load_settings, redact_secrets
+
+HOSTS = ("vps", "brain")
+#: How long one read of a source may take before it counts as failed.
+SOURCE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -36,6 +56,10 @@ class Endpoints:
     sim_url: str | None = None
     prometheus_url: str | None = None
     processes: dict[str, Any] = field(default_factory=dict)  # name -> object with .alive()
+    #: TLS files and QuestDB logins (None: plain servers without logins, as in the native stack).
+    settings: Settings | None = None
+    #: The hosts whose servers are read ("vps", "brain"); a compose host reaches only its own.
+    hosts: tuple[str, ...] = HOSTS
 
 
 def _http_json(url: str, timeout: float = 2.0) -> Any:
@@ -43,22 +67,55 @@ def _http_json(url: str, timeout: float = 2.0) -> Any:
         return json.loads(resp.read())
 
 
-def _sql_scalar(base: str, sql: str) -> Any:
-    doc = _http_json(f"{base}/exec?" + urllib.parse.urlencode({"query": sql}), timeout=5)
-    if "error" in doc:
-        return None
-    dataset = doc.get("dataset") or [[None]]
-    return dataset[0][0]
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def reason(exc: BaseException) -> str:
+    """One line saying why a read failed (credentials in URLs redacted)."""
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError) and not str(exc):
+        return f"no answer within {SOURCE_TIMEOUT_S:g} s"
+    if isinstance(exc, urllib.error.HTTPError):
+        text = f"HTTP {exc.code} {exc.reason}"
+    else:
+        text = " ".join(str(exc).split()) or "(no message)"
+    return redact_secrets(f"{type(exc).__name__}: {text}")[:300]
+
+
+#: (source prefix, pattern in the reason, what to check): the settings behind a refusal.
+HINTS: tuple[tuple[str, str, str], ...] = (
+    ("VPS Redis", "password|auth", "the user and password of VPS_REDIS_URL / VPS_REDIS_PASSWORD_FILE"),
+    ("Brain Redis", "password|auth", "the user and password of BRAIN_REDIS_URL / BRAIN_REDIS_PASSWORD_FILE"),
+    ("Brain Redis", "certificate required|unknown ca|alert", "the client certificate: REDIS_TLS_CERT, REDIS_TLS_KEY"),
+    ("", "certificate verify failed", "REDIS_TLS_CA and the server certificate's name"),
+    ("", "HTTP 401", "the login QUESTDB_USER / QUESTDB_PASSWORD(_FILE)"),
+    (
+        "Brain QuestDB",
+        "password authentication|invalid username",
+        "QUESTDB_READER_USER / QUESTDB_READER_PASSWORD(_FILE)",
+    ),
+    ("", "NOPERM", "the ACL of the user (e.g. `monitor`)"),
+)
+
+
+def hint(source: str, why: str) -> str:
+    """`why`, followed by the settings to check when the reason is a known refusal."""
+    for prefix, pattern, check in HINTS:
+        if source.startswith(prefix) and re.search(pattern, why, re.IGNORECASE):
+            return f"{why} (check {check})"
+    return why
+
+
+class SourceProblem(Exception):
+    """A source answered, but not with the figure (a missing stream, group or state)."""
 
 
 @dataclass
 class Snapshot:
     at: float
     values: dict[str, Any]
+    #: source name -> why it could not be read; one line each under the table.
+    problems: dict[str, str] = field(default_factory=dict)
 
 
 class StatusReader:
@@ -66,47 +123,139 @@ class StatusReader:
 
     def __init__(self, ep: Endpoints) -> None:
         self.ep = ep
-        self.vps = redis.Redis.from_url(ep.vps_redis_url, socket_timeout=2, socket_connect_timeout=2)
-        self.brain = redis.Redis.from_url(ep.brain_redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.prev: Snapshot | None = None
         self.started = time.monotonic()
+        self.loop = asyncio.new_event_loop()
+        s = ep.settings
+        self.vps: aioredis.Redis | None = None
+        self.brain: aioredis.Redis | None = None
+        self.vps_sql: QuestDBHttp | None = None
+        self.brain_sql: QuestDBHttp | QuestDBReader | None = None
+        #: source -> address shown with a problem (credentials redacted).
+        self.addresses: dict[str, str] = {}
+        if "vps" in ep.hosts:
+            self.vps = make_client(ep.vps_redis_url, s, timeout=SOURCE_TIMEOUT_S)
+            self.vps_sql = QuestDBHttp(ep.vps_questdb_url, s, timeout=SOURCE_TIMEOUT_S)
+            self.addresses["VPS Redis"] = ep.vps_redis_url
+            self.addresses["VPS QuestDB"] = ep.vps_questdb_url
+        if "brain" in ep.hosts:
+            self.brain = make_client(ep.brain_redis_url, s, timeout=SOURCE_TIMEOUT_S)
+            self.addresses["Brain Redis"] = ep.brain_redis_url
+            if s is not None and s.questdb_reader_user and s.questdb_reader_password:
+                # The least rights that read the figure: QuestDB's read-only PG-wire login.
+                self.brain_sql = QuestDBReader(s.brain_questdb_pg_url, s.questdb_reader_user,
+                                               s.questdb_reader_password, timeout=SOURCE_TIMEOUT_S)  # fmt: skip
+                self.addresses["Brain QuestDB"] = f"{s.brain_questdb_pg_url} as {s.questdb_reader_user}"
+            else:
+                self.brain_sql = QuestDBHttp(ep.brain_questdb_url, s, timeout=SOURCE_TIMEOUT_S)
+                self.addresses["Brain QuestDB"] = ep.brain_questdb_url
+        if ep.sim_url:
+            self.addresses["simulator"] = ep.sim_url
+        if ep.prometheus_url:
+            self.addresses["Prometheus"] = ep.prometheus_url
+
+    def close(self) -> None:
+        """Close every client and the loop (also after a Ctrl-C cut a read short)."""
+
+        async def close_all() -> None:
+            pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for client in (self.vps, self.brain):
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
+            for sql in (self.vps_sql, self.brain_sql):
+                if sql is not None:
+                    with contextlib.suppress(Exception):
+                        await sql.close()
+
+        try:
+            self.loop.run_until_complete(close_all())
+        finally:
+            self.loop.close()
+
+    # ---- one read per source ------------------------------------------------------------------------
+
+    async def _vps_redis(self, v: dict[str, Any]) -> None:
+        assert self.vps is not None
+        v["vps_stream_len"] = await self.vps.xlen(self.ep.stream_key)
+        raw: dict[Any, Any] = await self.vps.hgetall(keys.FORWARDER_STATE)
+        if not raw:
+            raise SourceProblem(f"the forwarder state {keys.FORWARDER_STATE} is empty (no forwarder has run here)")
+        v["forwarder_state"] = {_text(k): _text(x) for k, x in raw.items()}
+
+    async def _brain_redis(self, v: dict[str, Any]) -> None:
+        assert self.brain is not None
+        v["brain_stream_len"] = await self.brain.xlen(self.ep.stream_key)
+        try:
+            groups = await self.brain.xinfo_groups(self.ep.stream_key)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                raise SourceProblem(f"no stream {self.ep.stream_key} (nothing forwarded yet)") from None
+            raise
+        for group in groups:
+            if _text(group["name"]) == self.ep.group:
+                lag = group.get("lag")
+                v["lag"] = "n/a" if lag is None else int(lag)  # nil: Redis cannot tell (entries deleted)
+                v["pending"] = int(group.get("pending") or 0)
+                return
+        raise SourceProblem(f"no consumer group {self.ep.group} on {self.ep.stream_key} (the consumer makes it)")
+
+    async def _vps_questdb(self, v: dict[str, Any]) -> None:
+        assert self.vps_sql is not None
+        v["buffer_rows"] = await self.vps_sql.scalar("SELECT count() FROM vps_buffer")
+
+    async def _brain_questdb(self, v: dict[str, Any]) -> None:
+        assert self.brain_sql is not None
+        v["trades_rows"] = await self.brain_sql.scalar("SELECT count() FROM trades")
+
+    async def _simulator(self, v: dict[str, Any]) -> None:
+        stats = await asyncio.to_thread(_http_json, f"{self.ep.sim_url}/_sim/stats")
+        per = stats.get("symbols", {})
+        v["sim_trades"] = sum(int(s.get("trades", 0)) for s in per.values() if isinstance(s, dict))
+        v["symbols"] = len(per)
+
+    async def _prometheus(self, v: dict[str, Any]) -> None:
+        doc = await asyncio.to_thread(_http_json, f"{self.ep.prometheus_url}/api/v1/alerts")
+        alerts = doc["data"]["alerts"]
+        # The watchdogs fire by design (the alert pipeline works): not news for the status line.
+        v["alerts"] = [
+            a["labels"].get("alertname", "?") for a in alerts
+            if a.get("state") == "firing" and not a["labels"].get("alertname", "").endswith("Watchdog")
+        ]  # fmt: skip
+
+    async def _read(self) -> tuple[dict[str, Any], dict[str, str]]:
+        v: dict[str, Any] = {}
+        problems: dict[str, str] = {}
+        reads: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {}
+        if self.vps is not None:
+            reads["VPS Redis"] = self._vps_redis
+            reads["VPS QuestDB"] = self._vps_questdb
+        if self.brain is not None:
+            reads["Brain Redis"] = self._brain_redis
+            reads["Brain QuestDB"] = self._brain_questdb
+        if self.ep.sim_url:
+            reads["simulator"] = self._simulator
+        if self.ep.prometheus_url:
+            reads["Prometheus"] = self._prometheus
+
+        async def one(name: str, read: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+            try:
+                await asyncio.wait_for(read(v), SOURCE_TIMEOUT_S + 1)
+            except SourceProblem as exc:
+                problems[name] = str(exc)
+            except Exception as exc:  # every failure is shown, with its reason, never swallowed
+                problems[name] = hint(name, reason(exc))
+
+        await asyncio.gather(*(one(name, read) for name, read in reads.items()))
+        return v, problems
 
     def read(self) -> Snapshot:
-        v: dict[str, Any] = {}
-        with contextlib.suppress(Exception):
-            v["vps_stream_len"] = self.vps.xlen(self.ep.stream_key)
-        with contextlib.suppress(Exception):
-            raw: dict[Any, Any] = self.vps.hgetall(keys.FORWARDER_STATE)
-            v["forwarder_state"] = {_text(k): _text(x) for k, x in raw.items()}
-        with contextlib.suppress(Exception):
-            v["brain_stream_len"] = self.brain.xlen(self.ep.stream_key)
-        with contextlib.suppress(Exception):
-            for group in self.brain.xinfo_groups(self.ep.stream_key):
-                name = group["name"]
-                if _text(name) == self.ep.group:
-                    v["lag"] = group.get("lag")
-                    v["pending"] = group.get("pending")
-        with contextlib.suppress(Exception):
-            v["trades_rows"] = _sql_scalar(self.ep.brain_questdb_url, "SELECT count() FROM trades")
-        with contextlib.suppress(Exception):
-            v["buffer_rows"] = _sql_scalar(self.ep.vps_questdb_url, "SELECT count() FROM vps_buffer")
-        if self.ep.sim_url:
-            with contextlib.suppress(Exception):
-                stats = _http_json(f"{self.ep.sim_url}/_sim/stats")
-                per = stats.get("symbols", {})
-                v["sim_trades"] = sum(int(s.get("trades", 0)) for s in per.values() if isinstance(s, dict))
-                v["symbols"] = len(per)
-        if self.ep.prometheus_url:
-            with contextlib.suppress(Exception):
-                alerts = _http_json(f"{self.ep.prometheus_url}/api/v1/alerts")["data"]["alerts"]
-                # The watchdogs fire by design (the alert pipeline works): not news for the status line.
-                v["alerts"] = [
-                    a["labels"].get("alertname", "?") for a in alerts
-                    if a.get("state") == "firing" and not a["labels"].get("alertname", "").endswith("Watchdog")
-                ]  # fmt: skip
-        v["processes"] = {name: proc.alive() for name, proc in self.ep.processes.items()}
-        snap = Snapshot(time.monotonic(), v)
-        return snap
+        values, problems = self.loop.run_until_complete(self._read())
+        values["processes"] = {name: proc.alive() for name, proc in self.ep.processes.items()}
+        return Snapshot(time.monotonic(), values, problems)
 
     def rate(self, snap: Snapshot, key: str) -> float | None:
         if self.prev is None or key not in snap.values or key not in self.prev.values:
@@ -117,8 +266,16 @@ class StatusReader:
             return None
         return (float(b) - float(a)) / dt
 
-    def render(self, title: str = "tickbridge") -> Panel:
-        snap = self.read()
+    # ---- rendering ------------------------------------------------------------------------------------
+
+    def problem_lines(self, snap: Snapshot) -> list[str]:
+        """`could not read <source> (<address>): <reason>`, one per failed source."""
+        return [
+            f"could not read {name} ({redact_secrets(self.addresses.get(name, '?'))}): {why}"
+            for name, why in sorted(snap.problems.items())
+        ]
+
+    def table(self, snap: Snapshot) -> Table:
         v = snap.values
         table = Table(show_header=True, header_style="bold", expand=True)
         table.add_column("hop")
@@ -126,54 +283,98 @@ class StatusReader:
         table.add_column("rate /s", justify="right")
 
         def fmt(x: Any) -> str:
-            return "-" if x is None else (f"{x:,}" if isinstance(x, int) else str(x))
+            # Unknown: the source failed (its line under the table says why).
+            return "?" if x is None else (f"{x:,}" if isinstance(x, int) else str(x))
 
         def rate(key: str) -> str:
+            if self.prev is None:
+                return "…"
             r = self.rate(snap, key)
-            return "-" if r is None else f"{r:,.0f}"
+            return "?" if r is None else f"{r:,.0f}"
 
-        table.add_row("exchange (simulator) trades emitted", fmt(v.get("sim_trades")), rate("sim_trades"))
-        table.add_row("symbols", fmt(v.get("symbols")), "")
-        table.add_row("VPS stream length", fmt(v.get("vps_stream_len")), "")
-        state = v.get("forwarder_state") or {}
-        mode = state.get("mode", "-")
-        table.add_row("forwarder mode", mode, "")
-        table.add_row("forwarder confirmed ID", state.get("confirmed_id", "-"), "")
-        table.add_row("VPS QuestDB buffer rows", fmt(v.get("buffer_rows")), "")
-        table.add_row("Brain stream length", fmt(v.get("brain_stream_len")), rate("brain_stream_len"))
-        table.add_row("Brain consumer lag / pending", f"{fmt(v.get('lag'))} / {fmt(v.get('pending'))}", "")
-        table.add_row("Brain QuestDB trades rows", fmt(v.get("trades_rows")), rate("trades_rows"))
+        if self.ep.sim_url:
+            table.add_row("exchange (simulator) trades emitted", fmt(v.get("sim_trades")), rate("sim_trades"))
+            table.add_row("symbols", fmt(v.get("symbols")), "")
+        if "vps" in self.ep.hosts:
+            state = v.get("forwarder_state") or {}
+            table.add_row("VPS stream length", fmt(v.get("vps_stream_len")), rate("vps_stream_len"))
+            table.add_row("forwarder mode", fmt(state.get("mode")), "")
+            table.add_row("forwarder confirmed ID", fmt(state.get("confirmed_id")), "")
+            table.add_row("VPS QuestDB buffer rows", fmt(v.get("buffer_rows")), "")
+        if "brain" in self.ep.hosts:
+            table.add_row("Brain stream length", fmt(v.get("brain_stream_len")), rate("brain_stream_len"))
+            table.add_row("Brain consumer lag / pending", f"{fmt(v.get('lag'))} / {fmt(v.get('pending'))}", "")
+            table.add_row("Brain QuestDB trades rows", fmt(v.get("trades_rows")), rate("trades_rows"))
+        return table
+
+    def render(self, title: str = "tickbridge", *, footer: str = "Ctrl-C stops everything") -> Panel:
+        snap = self.read()
+        v = snap.values
+        parts: list[Any] = [self.table(snap)]
         procs = v.get("processes", {})
-        proc_line = "  ".join(f"[{'green' if up else 'red'}]{name}[/]" for name, up in procs.items())
-        alerts = v.get("alerts")
-        alert_line = ("[green]none firing[/]" if alerts == [] else
-                      ("-" if alerts is None else "[red]" + ", ".join(alerts) + "[/]"))  # fmt: skip
+        if procs:
+            parts.append("processes: " + "  ".join(f"[{'green' if up else 'red'}]{n}[/]" for n, up in procs.items()))
+        if self.ep.prometheus_url:
+            alerts = v.get("alerts")
+            alert_line = ("[green]none firing[/]" if alerts == [] else
+                          ("?" if alerts is None else "[red]" + ", ".join(alerts) + "[/]"))  # fmt: skip
+            parts.append(f"alerts: {alert_line}")
+        parts += [f"[red]{line}[/]" for line in self.problem_lines(snap)]
         uptime = time.monotonic() - self.started
         self.prev = snap
-        return Panel(
-            Group(table, f"processes: {proc_line or '-'}", f"alerts: {alert_line}"),
-            title=f"{title} — up {uptime:,.0f}s — Ctrl-C stops everything",
-        )
+        return Panel(Group(*parts), title=f"{title} — up {uptime:,.0f}s — {footer}")
 
 
 def watch(ep: Endpoints, *, title: str = "tickbridge", duration: float | None = None, interval: float = 1.0) -> None:
     """Refresh the view every `interval` seconds until Ctrl-C (or `duration`)."""
     reader = StatusReader(ep)
     deadline = None if duration is None else time.monotonic() + duration
-    with Live(reader.render(title), refresh_per_second=4, screen=False) as live:
-        while deadline is None or time.monotonic() < deadline:
-            time.sleep(interval)
-            live.update(reader.render(title))
+    try:
+        with Live(reader.render(title), refresh_per_second=4, screen=False) as live:
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(interval)
+                live.update(reader.render(title))
+    finally:
+        reader.close()
+
+
+def once(ep: Endpoints, *, interval: float = 1.0, console: Console | None = None) -> int:
+    """Print the table once (two reads `interval` apart, for the rates); 1 if a source could not be read."""
+    reader = StatusReader(ep)
+    try:
+        reader.prev = reader.read()
+        time.sleep(max(interval, 0.0))
+        snap = reader.read()
+        out = console or Console(width=max(100, Console().width), highlight=False)
+        out.print(Panel(reader.table(snap), title="tickbridge status"))
+        for line in reader.problem_lines(snap):
+            out.print(line, markup=False, soft_wrap=True)
+        return 1 if snap.problems else 0
+    finally:
+        reader.close()
+
+
+def endpoints_from(settings: Settings, args: argparse.Namespace) -> Endpoints:
+    hosts = HOSTS if args.host == "both" else (args.host,)
+    return Endpoints(settings.vps_redis_url, settings.brain_redis_url, settings.vps_questdb_url,
+                     settings.brain_questdb_url, settings.stream_key, settings.consumer_group, args.sim_url,
+                     args.prometheus_url, settings=settings, hosts=hosts)  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="tickbridge status", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tickbridge status", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", choices=("vps", "brain", "both"), default="both",
+                        help="whose servers to read (a compose host reaches only its own; default both)")  # fmt: skip
+    parser.add_argument("--once", action="store_true", help="print the table once and exit (1: a source failed)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between reads (rates)")
     parser.add_argument("--sim-url", help="simulator base URL, e.g. http://127.0.0.1:9443")
     parser.add_argument("--prometheus-url", help="Prometheus base URL for firing alerts")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     args = parser.parse_args(argv)
-    s = load_settings()
-    ep = Endpoints(s.vps_redis_url, s.brain_redis_url, s.vps_questdb_url, s.brain_questdb_url, s.stream_key,
-                   s.consumer_group, args.sim_url, args.prometheus_url)  # fmt: skip
+    ep = endpoints_from(load_settings(), args)
+    if args.once:
+        sys.exit(once(ep, interval=args.interval))
     with contextlib.suppress(KeyboardInterrupt):
-        watch(ep, duration=args.duration)
+        watch(ep, duration=args.duration, interval=args.interval)

@@ -8,6 +8,10 @@ keys `make certs` writes are mode 0600 for the deploying user, which the contain
 tickbridge 10001) cannot read. The init container runs as root once, writes into a named volume with
 the reader's ownership and mode 0600/0644, and exits; redis and the forwarder mount that volume
 read-only and start only after it completed (`service_completed_successfully`).
+
+The passwords come from compose secrets: `NAME_FILE=/run/secrets/name` supplies `NAME` (the same checks
+as a role's `*_FILE` settings: the file exists, is not open to every user, holds no placeholder and no
+short secret); a plain `NAME` still works (tests, native runs), but not both.
 """
 
 from __future__ import annotations
@@ -18,7 +22,27 @@ import shutil
 import sys
 from pathlib import Path
 
+from tickbridge.core.settings import read_secret_file
 from tickbridge.devstack.tls import AclRenderError, render_acl
+
+
+class SecretFileError(ValueError):
+    """A `NAME_FILE` variable that cannot supply NAME (the message names it)."""
+
+
+def resolve_secret_files(env: dict[str, str]) -> dict[str, str]:
+    """`env` with each `NAME_FILE` (a path) replaced by `NAME` (the file's secret)."""
+    resolved = {k: v for k, v in env.items() if not (k.endswith("_FILE") and k[:-5].endswith(("PASSWORD", "SECRET")))}
+    for key, path in env.items():
+        name = key[:-5]
+        if key not in resolved:
+            if env.get(name):
+                raise SecretFileError(f"secrets-init: {key}: {name} is set too: give the password in one place")
+            try:
+                resolved[name] = read_secret_file(path)
+            except ValueError as exc:
+                raise SecretFileError(f"secrets-init: {key}: {exc}") from None
+    return resolved
 
 
 def _owner(value: str) -> tuple[int, int]:
@@ -69,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--tls needs SRC_DIR DEST_DIR and at least one file name")
         tls = (Path(args.tls[0]), Path(args.tls[1]), list(args.tls[2:]))
     try:
-        written = run(args.acl, tls, args.owner, dict(os.environ))
-    except AclRenderError as exc:
+        written = run(args.acl, tls, args.owner, resolve_secret_files(dict(os.environ)))
+    except (AclRenderError, SecretFileError) as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(2) from None
     except FileNotFoundError as exc:
