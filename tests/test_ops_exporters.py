@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from tickbridge.devstack.servers import RedisExporterServer, wait_until
+from tickbridge.devstack.stack import StackConfig
 from tickbridge.devstack.tls import (
     BRAIN_ACL,
     VPS_ACL,
     CertPaths,
+    SecureNativeStack,
     SecureRedisServer,
     acl_variables,
     make_certs,
@@ -142,3 +144,23 @@ def test_vps_monitor_user_plain(passwords: dict[str, str], tmp_path: Path) -> No
             exporter.stop()
     finally:
         server.stop()
+
+
+def test_the_secure_native_stack_gives_its_exporters_the_monitor_user_and_tls(tmp_path: Path) -> None:
+    """SecureNativeStack (ACLs everywhere, the Brain's Redis on TLS only) starts its exporters as compose does."""
+    stack = SecureNativeStack(StackConfig(workdir=tmp_path))
+    try:
+        stack.brain_redis.start()
+        stack.vps_redis.start()
+        for host in ("vps", "brain"):
+            exporter = stack.redis_exporter(host)
+            assert exporter.user == "monitor" and (exporter.tls is not None) == (host == "brain")
+            exporter.start()
+            try:
+                metrics = samples(exporter.url)
+                assert metrics["redis_up"] == 1, host
+                assert metrics['redis_exporter_last_scrape_error{err=""}'] == 0, host
+            finally:
+                exporter.stop()
+    finally:
+        stack.cleanup()
