@@ -363,7 +363,10 @@ def test_exporters_are_scraped_and_the_redis_exporter_logs_in_as_monitor_through
     # exporter's REDIS_PASSWORD_FILE (a JSON map keyed by REDIS_ADDR) before running the exporter.
     secret = f"{host}_redis_monitor_password"
     assert exporter["secrets"] == [secret]
-    assert compose["secrets"][secret] == {"environment": f"{host.upper()}_REDIS_MONITOR_PASSWORD"}
+    assert compose["secrets"][secret] in (
+        {"environment": f"{host.upper()}_REDIS_MONITOR_PASSWORD"},
+        {"file": f"./secrets/{secret}"},
+    )
     script = exporter["entrypoint"][2]
     assert f"/run/secrets/{secret}" in script and env["REDIS_PASSWORD_FILE"] in script
     assert effective_command(exporter)[0] == "/redis_exporter"
