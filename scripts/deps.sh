@@ -22,14 +22,14 @@ apt_install() {
 
 # Servers and tools from Debian's packages. The packages' own services are not used: tests and the
 # demo start their own processes on free ports.
-need=(redis-server redis-tools prometheus prometheus-alertmanager python3-venv)
+need=(redis-server redis-tools prometheus prometheus-alertmanager prometheus-redis-exporter python3-venv)
 command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
 command -v go >/dev/null 2>&1 || need+=(golang-go)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 apt_install "${need[@]}"
 # Debian's packages may start their services; we never rely on them.
-for svc in redis-server prometheus prometheus-alertmanager; do
+for svc in redis-server prometheus prometheus-alertmanager prometheus-redis-exporter; do
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
     $SUDO systemctl stop "$svc" || true
   fi

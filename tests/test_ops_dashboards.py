@@ -16,12 +16,26 @@ import yaml
 
 from tickbridge.devstack.servers import REPO_ROOT, PrometheusServer
 from tickbridge.ops import dashboards
-from tickbridge.ops.catalog import referenced_series, role_series
+from tickbridge.ops.catalog import known_series, referenced_series
 from tickbridge.ops.compose import load_compose, parse_env_file
 
 pytestmark = pytest.mark.timeout(90)
 
 GRAFANA = REPO_ROOT / "grafana"
+#: Issue 19: Redis (redis_exporter) and the containers (cAdvisor) seen on both hosts.
+EXPORTER_PANELS = [
+    'redis_memory_max_bytes{job="redis-',  # Redis memory against maxmemory (issue 19)
+    "redis_aof_delayed_fsync",  # AOF fsync falling behind
+    "redis_aof_last_write_status",
+    "redis_aof_rewrite_in_progress",
+    "rate(redis_commands_processed_total",  # ops/s
+    "redis_connected_clients",  # clients
+    "redis_stream_length",  # the stream
+    "redis_stream_last_generated_id",
+    "container_memory_working_set_bytes",  # per container, against mem_limit (cAdvisor)
+    "container_spec_memory_limit_bytes",
+    "container_cpu_usage_seconds_total",
+]
 #: What the design asks each host's dashboard to show (a series or function each must use).
 REQUIRED = {
     "vps": [
@@ -39,6 +53,7 @@ REQUIRED = {
         "tickbridge_forwarder_sent_total",  # forwarder rate
         "tickbridge_forwarder_retries_total",  # retries
         "tickbridge_forwarder_errors_total",  # errors
+        *EXPORTER_PANELS,
     ],
     "brain": [
         "tickbridge_consumer_lag_entries",  # consumer lag
@@ -47,6 +62,8 @@ REQUIRED = {
         "tickbridge_writer_rows_total",  # writer rate
         "tickbridge_writer_write_seconds_bucket",  # writer latency
         "tickbridge_tiered_latency_seconds_bucket",  # tier latencies
+        *EXPORTER_PANELS,
+        "redis_stream_group_last_delivered_id",  # the consumer group behind the Brain stream's top
     ],
 }
 
@@ -89,9 +106,10 @@ def test_dashboard_structure(host: str) -> None:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert "$" not in target["expr"], f"{panel['title']}: template variables are not plain PromQL"
-    # Node-exporter panels are marked, and only those select job="node".
+    # Node-exporter panels are marked, and only those select job="node"; likewise cAdvisor's (job="cadvisor").
     for query in dashboards.panel_queries(board):
         assert query.node == ('job="node"' in query.expr), query
+        assert query.compose_only == ('job="node"' in query.expr or 'job="cadvisor"' in query.expr), query
 
 
 def test_provisioning_matches_compose() -> None:
@@ -113,7 +131,7 @@ def test_dashboards_cover_the_design(host: str) -> None:
 
 
 def test_dashboards_use_only_series_the_roles_define() -> None:
-    known = set().union(*role_series().values())
+    known = known_series()
     for host in dashboards.DASHBOARDS:
         for query in dashboards.panel_queries(_load(host)):
             missing = referenced_series(query.expr) - known

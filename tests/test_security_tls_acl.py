@@ -311,6 +311,12 @@ redis.register_function('forge', function(keys, args)
 end)
 """
 
+#: What redis_exporter 1.45 sends as `monitor` (the compose `redis-exporter` service); CONFIG GET stays denied.
+EXPORTER_CMDS: list[Cmd] = [
+    ["CLIENT", "SETNAME", "redis_exporter"], ["INFO", "ALL"], ["LATENCY", "LATEST"], ["SLOWLOG", "LEN"],
+    ["SLOWLOG", "GET", "1"], ["SELECT", "0"], ["XINFO", "STREAM", STREAM], ["XINFO", "GROUPS", STREAM],
+]  # fmt: skip
+
 ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
     ("vps", "collector"): (
         [["XADD", STREAM, "*", *TRADE_FIELDS], ["XADD", "tickbridge:deadletter:collector", "*", "raw", "{bad"],
@@ -334,7 +340,7 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
     ("vps", "monitor"): (
         [["PING"], ["INFO", "memory"], ["XLEN", STREAM], ["XINFO", "STREAM", STREAM], ["MEMORY", "USAGE", STREAM],
          ["DBSIZE"], ["SCAN", "0", "MATCH", "tickbridge:heartbeat:*"], ["TTL", "tickbridge:heartbeat:collector:x"],
-         ["HGETALL", "tickbridge:forwarder:state"]],
+         ["HGETALL", "tickbridge:forwarder:state"], *EXPORTER_CMDS],
         [["SET", "tickbridge:heartbeat:monitor:x", "1"], ["XADD", STREAM, "*", "a", 1], ["XTRIM", STREAM, "MAXLEN",
          0], ["HSET", "tickbridge:forwarder:state", "acked", "0-0"], ["XRANGE", STREAM, "-", "+"]],
     ),
@@ -380,7 +386,7 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
         [["PING"], ["INFO", "memory"], ["XLEN", STREAM], ["XINFO", "GROUPS", STREAM], ["XPENDING", STREAM, GROUP],
          ["MEMORY", "USAGE", STREAM], ["DBSIZE"], ["SCAN", "0"], ["TTL", "tickbridge:heartbeat:writer:w1"],
          ["ZRANGE", WARM, -100, -1, "WITHSCORES"], ["XREAD", "COUNT", 10, "STREAMS", TRADES, "0"],
-         ["XREVRANGE", TRADES, "+", "-", "COUNT", 1]],
+         ["XREVRANGE", TRADES, "+", "-", "COUNT", 1], *EXPORTER_CMDS],
         [["XADD", STREAM, "*", "a", 1], ["XACK", STREAM, GROUP, "1-1"], ["SET", "tickbridge:heartbeat:x", "1"],
          ["XREADGROUP", "GROUP", GROUP, "m", "STREAMS", STREAM, ">"], ["XGROUP", "CREATE", TRADES, "m", "0"]],
     ),

@@ -1,4 +1,4 @@
-"""Start and stop real `redis-server`, QuestDB, Prometheus, toxiproxy and link-proxy processes.
+"""Start and stop real `redis-server`, QuestDB, Prometheus, redis_exporter, toxiproxy and link-proxy processes.
 
 Every server gets free loopback ports and its own directory, is polled until ready, and is stopped
 by PID (SIGTERM, then SIGKILL). `kill9()`, `pause()`/`resume()` and `restart()` exist for fault tests.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -223,6 +224,70 @@ class RedisServer(ManagedProcess):
             sock.sendall(b"PING\r\n")
             reply = sock.recv(64)
             return reply.startswith(b"+PONG") or b"NOAUTH" in reply
+
+
+class RedisExporterServer(ManagedProcess):
+    """Debian's `prometheus-redis-exporter` (redis_exporter 1.45, the compose image's version) for one Redis.
+
+    As in compose: the ACL user (`monitor`) and its password from a `REDIS_PASSWORD_FILE`, a JSON map
+    {address: password} (mode 0600, never in argv or the environment), the client certificate for a
+    `rediss://` address, and `-check-single-streams` for the stream's length, top and groups.
+    """
+
+    name = "redis-exporter"
+
+    def __init__(
+        self,
+        redis_addr: str,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+        streams: tuple[str, ...] = (),
+        workdir: Path | None = None,
+    ) -> None:
+        super().__init__(workdir)
+        self.redis_addr = redis_addr
+        self.user = user
+        self.password = password
+        self.tls = tls  # (CA, client certificate, client key)
+        self.streams = streams
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def password_file(self) -> Path:
+        return self.workdir / "redis-password.json"
+
+    def command(self) -> list[str]:
+        cmd = [
+            shutil.which("prometheus-redis-exporter") or "/usr/bin/prometheus-redis-exporter",
+            f"-web.listen-address=127.0.0.1:{self.port}",
+            "-redis-only-metrics",
+        ]
+        if self.streams:
+            cmd.append("-check-single-streams=" + ",".join(f"db0={key}" for key in self.streams))
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            cmd += [f"-tls-ca-cert-file={ca}", f"-tls-client-cert-file={cert}", f"-tls-client-key-file={key}"]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "REDIS_ADDR": self.redis_addr}
+        if self.user:
+            env["REDIS_USER"] = self.user
+        if self.password is not None:
+            self.password_file.touch(mode=0o600, exist_ok=True)
+            self.password_file.write_text(json.dumps({self.redis_addr: self.password}))
+            env["REDIS_PASSWORD_FILE"] = str(self.password_file)
+        return env
+
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
+            return int(resp.status) == 200
 
 
 class QuestDBServer(ManagedProcess):

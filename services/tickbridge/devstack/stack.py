@@ -5,7 +5,8 @@ VPS: redis-server (AOF everysec), QuestDB (spill buffer), `tickbridge collector`
 Brain: redis-server, QuestDB, `tickbridge consumer`, `tickbridge writer`. Plus the simulator (unless the
 source is the real exchange), Prometheus scraping every role, and optionally toxiproxy on the VPS->Brain link,
 with the link proxy (resets, refused connects, segment loss) in front of it: forwarder -> link proxy ->
-toxiproxy -> Brain Redis.
+toxiproxy -> Brain Redis. With Prometheus, a redis_exporter next to each Redis (jobs `redis-vps`,
+`redis-brain`, as in compose).
 Each process gets free loopback ports and its own directory and is stopped by PID.
 """
 
@@ -31,6 +32,7 @@ from tickbridge.devstack.servers import (
     ManagedProcess,
     PrometheusServer,
     QuestDBServer,
+    RedisExporterServer,
     RedisServer,
     ToxiproxyServer,
     free_port,
@@ -110,6 +112,7 @@ class NativeStack:
         self.roles: dict[str, RoleProcess] = {}
         self.prometheus: PrometheusServer | None = None
         self.alertmanager: AlertmanagerServer | None = None
+        self.redis_exporters: dict[str, RedisExporterServer] = {}
         self._started: list[ManagedProcess] = []
 
     # -- addresses ---------------------------------------------------------------------------------
@@ -190,8 +193,26 @@ class NativeStack:
         self._start(proc) if proc not in self._started else proc.start()
         return proc
 
+    def redis_exporter(self, host: str) -> RedisExporterServer:
+        """The exporter of `host`'s Redis ("vps" or "brain"), watching the VPS stream there (no ACL here)."""
+        server = self.vps_redis if host == "vps" else self.brain_redis
+        return RedisExporterServer(f"redis://127.0.0.1:{server.port}", streams=(self.stream_key,),
+                                   workdir=self.workdir / f"{host}-redis-exporter")  # fmt: skip
+
+    @property
+    def stream_key(self) -> str:
+        return self.config.extra_env.get("STREAM_KEY", "market:vps:stream")
+
+    def start_redis_exporters(self) -> None:
+        """One redis_exporter per Redis (compose runs one per host): Redis memory, AOF, clients, the stream."""
+        for host in ("vps", "brain"):
+            if host not in self.redis_exporters:
+                self.redis_exporters[host] = self.redis_exporter(host)
+        self._start_all([e for e in self.redis_exporters.values() if e not in self._started])
+
     def start_prometheus(self, rules: list[Path] | None = None) -> None:
         cfg_path = self.workdir / "prometheus.yml"
+        self.start_redis_exporters()
         rule_files = rules if rules is not None else sorted((REPO_ROOT / "prometheus").glob("*rules*.yml"))
         # The committed Alertmanager config, as in compose: firing alerts reach it (UI, amtool, receivers).
         self.alertmanager = AlertmanagerServer(workdir=self.workdir / "alertmanager")
@@ -207,6 +228,8 @@ class NativeStack:
             jobs["sim"] = [f"127.0.0.1:{self.sim.metrics_port}"]
         jobs["questdb-vps"] = [f"127.0.0.1:{self.vps_questdb.min_port}"]
         jobs["questdb-brain"] = [f"127.0.0.1:{self.brain_questdb.min_port}"]
+        for host, exporter in self.redis_exporters.items():
+            jobs[f"redis-{host}"] = [f"127.0.0.1:{exporter.port}"]
         lines = ["global:", "  scrape_interval: 2s", "  evaluation_interval: 2s"]
         if self.alertmanager is not None:
             lines += ["alerting:", "  alertmanagers:", "    - static_configs:",
@@ -216,7 +239,7 @@ class NativeStack:
             lines += [f"  - {path}" for path in rule_files]
         lines.append("scrape_configs:")
         for job, targets in jobs.items():
-            host = "brain" if job in ("consumer", "writer", "reader", "questdb-brain") else "vps"
+            host = "brain" if job in ("consumer", "writer", "reader", "questdb-brain", "redis-brain") else "vps"
             lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {json.dumps(targets)}",
                       f"        labels: {{host: {host}}}"]  # fmt: skip
         return "\n".join(lines) + "\n"

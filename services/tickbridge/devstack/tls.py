@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tickbridge.core.settings import secret_problem
-from tickbridge.devstack.servers import REPO_ROOT, RedisServer, free_port
+from tickbridge.devstack.servers import REPO_ROOT, RedisExporterServer, RedisServer, free_port
 from tickbridge.devstack.stack import NativeStack, StackConfig
 
 CERTS_SCRIPT = REPO_ROOT / "scripts" / "certs.sh"
@@ -220,6 +220,19 @@ class SecureNativeStack(NativeStack):
         server = self.vps_redis if host == "vps" else self.brain_redis
         assert isinstance(server, SecureRedisServer)
         return server.url_for(user, self.passwords[f"{host.upper()}_REDIS_{user.upper()}_PASSWORD"])
+
+    def redis_exporter(self, host: str) -> RedisExporterServer:
+        """As in compose: the `monitor` user, its password in a file, and over TLS with the client certificate to
+        the Brain (whose Redis has no plain port here)."""
+        password = self.passwords[f"{host.upper()}_REDIS_MONITOR_PASSWORD"]
+        workdir = self.workdir / f"{host}-redis-exporter"
+        if host == "vps":
+            return RedisExporterServer(f"redis://127.0.0.1:{self.vps_redis.port}", user="monitor", password=password,
+                                       streams=(self.stream_key,), workdir=workdir)  # fmt: skip
+        assert isinstance(self.brain_redis, SecureRedisServer)
+        tls = (self.certs.ca, self.certs.client_cert, self.certs.client_key)
+        return RedisExporterServer(f"rediss://127.0.0.1:{self.brain_redis.tls_port}", user="monitor",
+                                   password=password, tls=tls, streams=(self.stream_key,), workdir=workdir)  # fmt: skip
 
     def env_for(self, role: str) -> dict[str, str]:
         env = super().env_for(role)

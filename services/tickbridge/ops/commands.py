@@ -4,7 +4,8 @@ Each compose service must run what the native stack (`make demo`, the tests) run
 here is what is deployed there. A spec is a list of tokens matched as an ordered subsequence of the
 real argv: `<name>` matches any one argument, `--flag=<name>` any `--flag=...`, and the program
 matches by basename (`/usr/bin/redis-server` is `redis-server`; `python -m tickbridge` is
-`tickbridge`; Debian's `prometheus-alertmanager` is `alertmanager`). Extra arguments (JVM sizing,
+`tickbridge`; Debian's `prometheus-alertmanager` is `alertmanager`, `prometheus-redis-exporter` is
+`redis_exporter`). Extra arguments (JVM sizing,
 retention, ...) are allowed.
 """
 
@@ -24,6 +25,8 @@ NATIVE_COMMANDS: dict[str, list[str]] = {
     "questdb": ["java", "-m", "io.questdb/io.questdb.ServerMain", "-d", "<root>"],
     "prometheus": ["prometheus", "--config.file=<file>"],
     "alertmanager": ["alertmanager", "--config.file=<file>"],
+    # Flags or REDIS_* variables (address, user, password file) vary; the program is what must match.
+    "redis-exporter": ["redis_exporter"],
 }
 
 #: Compose services with no native counterpart, and why that is acceptable.
@@ -32,6 +35,7 @@ COMPOSE_ONLY: dict[str, str] = {
     "node-exporter": "host metrics (CPU per core, RAM, disk, network) exist only on a real host",
     "init": "one-shot: renders the Redis ACL with devstack.tls.render_acl, as the native TLS stack does",
     "forwarder-tls": "one-shot: hands the TLS client files of `make certs` to the image's uid",
+    "cadvisor": "per-container CPU and memory against mem_limit: the native stack runs no containers",
 }
 
 _PLACEHOLDER = re.compile(r"^<[a-z_]+>$")
@@ -44,6 +48,8 @@ def normalize(argv: list[str]) -> list[str]:
     program = os.path.basename(argv[0])
     if program == "prometheus-alertmanager":  # Debian's name for the image's `alertmanager`
         program = "alertmanager"
+    if program == "prometheus-redis-exporter":  # Debian's name for the image's `/redis_exporter`
+        program = "redis_exporter"
     rest = list(argv[1:])
     if re.fullmatch(r"python[0-9.]*", program) and rest[:2] == ["-m", "tickbridge"]:
         program, rest = "tickbridge", rest[2:]

@@ -111,12 +111,14 @@ def effective_command(service: Mapping[str, Any]) -> list[str]:
     """The argv the container runs: entrypoint + command, seen through an `exec ... "$@"` shell wrapper.
 
     The images used here either have a pass-through entrypoint (redis, questdb: `exec "$@"` after
-    dropping root) or none we rely on (tickbridge; prometheus has `entrypoint:` set explicitly).
+    dropping root) or none we rely on (tickbridge; prometheus has `entrypoint:` set explicitly). A shell
+    wrapper that ends in `exec <entrypoint> "$@"` or `exec "$@"` (redis-exporter: it writes its password
+    file first) runs the command.
     """
     entrypoint = _as_list(service.get("entrypoint"))
     command = _as_list(service.get("command"))
     wrapper = len(entrypoint) >= 3 and entrypoint[0].endswith(("sh", "bash")) and entrypoint[1] == "-c"
-    if wrapper and re.search(r'exec\s+\S+\s+"\$@"\s*$', entrypoint[2]):
+    if wrapper and re.search(r'exec\s+(\S+\s+)?"\$@"\s*$', entrypoint[2]):
         return command
     return entrypoint + command
 

@@ -6,7 +6,9 @@ PromQL stays plain (no template variables, fixed windows) so every panel can be 
 against a Prometheus scraping the native stack. Panels fed by node-exporter exist only on a real host:
 they sit in their own row, select `job="node"`, and their description starts with `node-exporter:`
 (`panel_queries` reports them with `node=True`, for a live-stack test to skip, and flags the queries
-that stay empty in a healthy run with `may_be_empty=True`).
+that stay empty in a healthy run with `may_be_empty=True`). Per-container panels (cAdvisor) likewise exist only
+in compose: their row is marked `cadvisor=True`, they select `job="cadvisor"` and their description starts
+with `cAdvisor (compose only):`; `panel_queries` reports both kinds with `compose_only=True`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Any
 
 DATASOURCE = {"type": "prometheus", "uid": "tickbridge-prometheus"}
 NODE_PREFIX = "node-exporter: "
+CADVISOR_PREFIX = "cAdvisor (compose only): "
+#: Description prefixes of the panels that only fill on a compose host (no counterpart in the native stack).
+COMPOSE_ONLY_PREFIXES = (NODE_PREFIX, CADVISOR_PREFIX)
 #: Host interfaces only: not loopback, container veths or Docker bridges.
 _NIC = 'job="node",device!~"lo|veth.*|docker.*|br-.*|tb-.*"'
 OUT_DIR = Path(__file__).resolve().parents[3] / "grafana" / "dashboards"
@@ -41,6 +46,8 @@ class Row:
     title: str
     panels: tuple[Panel, ...]
     node: bool = False
+    #: Fed by cAdvisor (per-container metrics): compose only, marked like node-exporter rows.
+    cadvisor: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,8 @@ class PanelQuery:
     """A panel's query as the live-stack test sees it.
 
     `node`: fed by node-exporter (compose only). `may_be_empty`: no series in a healthy native run (see
-    `may_be_empty`), so a live test should only require such a query to be valid.
+    `may_be_empty`), so a live test should only require such a query to be valid. `compose_only`: a node-exporter
+    or cAdvisor panel (marked by its description prefix), which a live test of the native stack skips.
     """
 
     dashboard: str
@@ -56,6 +64,7 @@ class PanelQuery:
     expr: str
     node: bool
     may_be_empty: bool = False
+    compose_only: bool = False
 
 
 def may_be_empty(expr: str) -> bool:
@@ -134,6 +143,125 @@ def _questdb_row(job: str, title: str) -> Row:
                 description="A suspended table accepts writes but applies none (docs/monitoring.md).",
             ),
         ),
+    )
+
+
+_MEMORY_ALERTS = {"vps": "VPSRedisMemoryCritical at 90 %", "brain": "BrainRedisMemoryHigh at 80 %, critical at 90 %"}
+
+
+def _redis_row(host: str, title: str) -> Row:
+    """Redis as redis_exporter sees it (job `redis-<host>`, user `monitor`): memory against maxmemory, AOF,
+    ops/s, clients and the relay's stream. Fills in the native stack too (devstack runs the same exporter)."""
+    sel = f'job="redis-{host}"'
+    stream = sel  # the exporter checks one stream: STREAM_KEY (market:vps:stream)
+    stream_panels: tuple[tuple[str, str], ...] = (
+        _q(f"max(redis_stream_length{{{stream}}})", "entries"),
+        _q(f"max(redis_stream_groups{{{stream}}})", "consumer groups"),
+    )
+    age = _q(f"time() - max(redis_stream_last_generated_id{{{stream}}}) / 1000", "newest entry age")
+    panels = [
+        Panel(
+            "Redis memory against maxmemory",
+            (
+                _q(f"max(redis_memory_used_bytes{{{sel}}})", "used"),
+                _q(f"max(redis_memory_max_bytes{{{sel}}})", "maxmemory"),
+                _q(f"max(redis_memory_used_rss_bytes{{{sel}}})", "RSS"),
+            ),
+            "bytes",
+            f"noeviction: at maxmemory Redis refuses every write and the pipeline stops ({_MEMORY_ALERTS[host]}).",
+        ),
+        Panel(
+            "AOF and persistence",
+            (
+                _q(f"max(redis_aof_last_write_status{{{sel}}})", "last AOF write ok"),
+                _q(f"max(redis_aof_last_bgrewrite_status{{{sel}}})", "last AOF rewrite ok"),
+                _q(f"max(redis_aof_rewrite_in_progress{{{sel}}})", "AOF rewrite running"),
+                _q(f"max(redis_rdb_bgsave_in_progress{{{sel}}})", "RDB save running"),
+                _q(f"sum(increase(redis_aof_delayed_fsync{{{sel}}}[5m]))", "delayed fsyncs / 5m"),
+            ),
+            description="Status 1 = ok. A delayed fsync is an everysec fsync still running after 2 s (the disk is "
+            "behind; Redis blocks writes meanwhile).",
+        ),
+        Panel(
+            "Redis commands per second",
+            (_q(f"sum(rate(redis_commands_processed_total{{{sel}}}[1m]))", "ops/s"),),
+            "ops",
+        ),
+        Panel(
+            "Redis clients",
+            (
+                _q(f"max(redis_connected_clients{{{sel}}})", "connected"),
+                _q(f"max(redis_blocked_clients{{{sel}}})", "blocked (XREAD/XREADGROUP BLOCK)"),
+                _q(f"sum(increase(redis_rejected_connections_total{{{sel}}}[5m]))", "rejected / 5m"),
+            ),
+        ),
+        Panel(
+            "Stream (Redis)",
+            stream_panels,
+            description="XINFO STREAM of market:vps:stream as the exporter reads it (-check-single-streams).",
+        ),
+    ]
+    if host == "vps":
+        panels.append(
+            Panel(
+                "Stream top",
+                (age,),
+                "s",
+                "Now minus the time of the newest entry's ID (the collector's receive time): how long since the "
+                "collector last appended.",
+            )
+        )
+    else:
+        group_lag = (
+            f"max by (group) (redis_stream_last_generated_id{{{stream}}} - on (db, stream) group_right "
+            f"redis_stream_group_last_delivered_id{{{stream}}}) / 1000"
+        )
+        panels.append(
+            Panel(
+                "Stream top and consumer groups",
+                (
+                    age,
+                    _q(group_lag, "{{group}}: behind the top"),
+                    _q(f"max by (group) (redis_stream_group_messages_pending{{{stream}}})", "{{group}}: pending"),
+                ),
+                description="Newest entry age (s, by ID time: the VPS stream's replica here), how far each consumer "
+                "group's last delivered ID is behind the top (s of ID time), and its pending entries.",
+            )
+        )
+    return Row(title, tuple(panels))
+
+
+def _containers_row() -> Row:
+    """Per-container CPU and memory against `mem_limit` (cAdvisor, compose only)."""
+    sel = 'job="cadvisor",name!=""'
+    limit = f"container_spec_memory_limit_bytes{{{sel}}}"
+    return Row(
+        "Containers (cAdvisor)",
+        (
+            Panel(
+                "Container CPU",
+                (_q(f"sum by (name) (rate(container_cpu_usage_seconds_total{{{sel}}}[1m]))", "{{name}}"),),
+                "percentunit",
+                "Cores used per container (1 = a whole core; compare with its cpuset).",
+            ),
+            Panel(
+                "Container memory",
+                (
+                    _q(f"max by (name) (container_memory_working_set_bytes{{{sel}}})", "{{name}}"),
+                    _q(f"max by (name) (container_spec_memory_limit_bytes{{{sel}}} > 0)", "{{name}} mem_limit"),
+                ),
+                "bytes",
+                "Working set (what the kernel cannot drop easily) against each container's mem_limit.",
+            ),
+            Panel(
+                "Container memory against mem_limit",
+                (_q(f"max by (name) (container_memory_rss{{{sel}}} / ({limit} > 0))", "{{name}}"),),
+                "percentunit",
+                "Anonymous memory (RSS) over mem_limit: at 1 the OOM killer acts (page cache is reclaimed first). "
+                "ContainerMemoryNearLimit at 90 %.",
+            ),
+        ),
+        cadvisor=True,
     )
 
 
@@ -322,7 +450,9 @@ VPS: tuple[Row, ...] = (
         ),
     ),
     _questdb_row("questdb-vps", "QuestDB (VPS)"),
+    _redis_row("vps", "Redis (VPS)"),
     _process_row("collector|forwarder"),
+    _containers_row(),
     Row(
         "Host (node-exporter)",
         (
@@ -491,7 +621,9 @@ BRAIN: tuple[Row, ...] = (
         ),
     ),
     _questdb_row("questdb-brain", "QuestDB (Brain)"),
+    _redis_row("brain", "Redis (Brain)"),
     _process_row("consumer|writer"),
+    _containers_row(),
 )
 
 DASHBOARDS: dict[str, tuple[str, tuple[Row, ...]]] = {
@@ -500,8 +632,12 @@ DASHBOARDS: dict[str, tuple[str, tuple[Row, ...]]] = {
 }
 
 
-def _panel_json(panel: Panel, pid: int, x: int, y: int, node: bool) -> dict[str, Any]:
-    description = (NODE_PREFIX if node else "") + panel.description
+def _prefix(row: Row) -> str:
+    return NODE_PREFIX if row.node else CADVISOR_PREFIX if row.cadvisor else ""
+
+
+def _panel_json(panel: Panel, pid: int, x: int, y: int, prefix: str) -> dict[str, Any]:
+    description = prefix + panel.description
     targets = [
         {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
         for i, (expr, legend) in enumerate(panel.queries)
@@ -535,7 +671,7 @@ def build(host: str) -> dict[str, Any]:
                        "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}})  # fmt: skip
         pid, y = pid + 1, y + 1
         for i, panel in enumerate(row.panels):
-            panels.append(_panel_json(panel, pid, (i % 3) * 8, y + (i // 3) * 8, row.node))
+            panels.append(_panel_json(panel, pid, (i % 3) * 8, y + (i // 3) * 8, _prefix(row)))
             pid += 1
         y += ((len(row.panels) + 2) // 3) * 8
     return {
@@ -564,14 +700,22 @@ def path_for(host: str, root: Path = OUT_DIR) -> Path:
 
 
 def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
-    """Every (panel, PromQL) of a dashboard JSON; `node` marks node-exporter panels."""
+    """Every (panel, PromQL) of a dashboard JSON; `node` marks node-exporter panels, `compose_only` those and the
+    cAdvisor ones."""
     result = []
     for panel in dashboard["panels"]:
         node = panel.get("description", "").startswith(NODE_PREFIX.strip())
+        compose_only = is_compose_only(panel)
         for target in panel.get("targets", []):
             expr = target["expr"]
-            result.append(PanelQuery(dashboard["uid"], panel["title"], expr, node, may_be_empty(expr)))
+            result.append(PanelQuery(dashboard["uid"], panel["title"], expr, node, may_be_empty(expr), compose_only))
     return result
+
+
+def is_compose_only(panel: dict[str, Any]) -> bool:
+    """A panel of the JSON marked compose-only (node-exporter or cAdvisor): no data in the native stack."""
+    description = str(panel.get("description", ""))
+    return any(description.startswith(prefix.strip()) for prefix in COMPOSE_ONLY_PREFIXES)
 
 
 def main(argv: list[str] | None = None) -> None:
