@@ -36,6 +36,7 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service, Watchdog
+from tickbridge.core.metrics import HopCounts
 from tickbridge.core.questdb_io import QuestDBError
 from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
@@ -143,6 +144,10 @@ class Forwarder(Service):
         self.metrics.disk_budget.set(settings.disk_buffer_bytes)
         self.key = settings.stream_key
         self.batch = settings.forward_batch
+        #: Hop collector -> Brain stream per configured symbol (fields come as bytes from Redis, str from the buffer).
+        self._latency: dict[str | bytes | int | float, HopCounts] = {}
+        for symbol in settings.symbols:
+            self._latency[symbol] = self._latency[symbol.encode()] = self.metrics.brain_stream_latency.child(symbol)
         self.spill_batch = spill_batch
         self.replay_batch = max(replay_batch, self.batch)
         self.maintain_interval = maintain_interval
@@ -594,6 +599,7 @@ class Forwarder(Service):
         except TRANSIENT_ERRORS as exc:
             raise LinkDown("brain", exc) from exc
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        confirmed_us = time.time_ns() // 1000
         sent = dup = 0
         failed: RawReplyError | str | None = None
         for i, reply in enumerate(replies):
@@ -615,6 +621,8 @@ class Forwarder(Service):
         if done:
             self.checkpoint = parse_id(ids[done - 1])
             self.trusted_top = max(self.trusted_top, self.checkpoint)
+        if sent:  # the duplicates are a prefix (IDs ascend; only those at or below the trusted top are)
+            self._observe_latency(commands, done - sent, done, confirmed_us)
         self.metrics.sent.inc(sent)
         self.metrics.already_delivered.inc(dup)
         self._delivered += sent
@@ -622,6 +630,18 @@ class Forwarder(Service):
             # OOM / READONLY and the like: stop here; the reconnect re-reads the Brain's top.
             raise LinkDown("brain", f"XADD rejected: {failed}")
         return done
+
+    def _observe_latency(self, commands: Sequence[Command], start: int, end: int, now_us: int) -> None:
+        """Hop collector -> Brain stream of the XADDs `commands[start:end]` (`XADD key id symbol S ... recv_ts T`:
+        the contract's first and last fields); an entry of another shape or symbol is not counted."""
+        latency = self._latency
+        for cmd in commands[start:end]:
+            child = latency.get(cmd[4]) if len(cmd) > 6 else None
+            if child is not None and (cmd[-2] == b"recv_ts" or cmd[-2] == "recv_ts"):
+                try:
+                    child.observe_us(now_us - int(cmd[-1]))
+                except (ValueError, TypeError):
+                    pass
 
     # ------------------------------------------------------------------ one step
 
