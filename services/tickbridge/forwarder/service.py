@@ -92,6 +92,9 @@ def _id_order(field: str) -> tuple[int, int]:
         return (0, 0)
 
 
+#: The contract's last field (bytes as read from Redis, str as read back from the buffer).
+_RECV_TS = (b"recv_ts", "recv_ts")
+
 #: State-hash field an operator sets (as the VPS admin) to accept a Brain top the VPS cannot vouch for.
 ACCEPT_TOP = "accept_top"
 #: How far the Brain's top may run ahead of the newest VPS entry and of this host's clock (clock skew between
@@ -636,12 +639,12 @@ class Forwarder(Service):
         the contract's first and last fields); an entry of another shape or symbol is not counted."""
         latency = self._latency
         for cmd in commands[start:end]:
-            child = latency.get(cmd[4]) if len(cmd) > 6 else None
-            if child is not None and (cmd[-2] == b"recv_ts" or cmd[-2] == "recv_ts"):
-                try:
+            try:
+                child = latency.get(cmd[4])
+                if child is not None and cmd[-2] in _RECV_TS:
                     child.observe_us(now_us - int(cmd[-1]))
-                except (ValueError, TypeError):
-                    pass
+            except (IndexError, ValueError, TypeError):
+                pass
 
     # ------------------------------------------------------------------ one step
 
