@@ -264,7 +264,7 @@ async def test_ingest_call_replayed_writes_nothing_twice(brain: aioredis.Redis, 
         await svc._setup()
         entries = await svc._read(">", block=False)
         assert len(entries) == 31
-        cmd, dead, truncated = svc._build(entries, {})
+        cmd, dead, truncated, _ = svc._build(entries, {})
         assert dead == truncated == 0
         first, second = await execute_packed(brain, [cmd, cmd])
         assert first == [31, 0, 0, 0, b"", 0] and second == [0, 31, 0, 0, b"", 0]

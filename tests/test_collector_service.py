@@ -484,10 +484,13 @@ async def test_backfilled_trades_leave_the_latency_histogram_alone(
         await exchange.send(*(trade(i, time_ms=now_ms) for i in live))
         await eventually(lambda: equals(trade_ids(client), list(range(1, 216))), what="198 back-filled")
         assert count(registry, "tickbridge_collector_backfilled_trades_total", symbol="BTCUSDT") == 198
-        n = count(registry, "tickbridge_collector_latency_seconds_count", type="TRADE")
-        total = count(registry, "tickbridge_collector_latency_seconds_sum", type="TRADE")
-        assert n == len(live) // 8  # one live trade in 8 is sampled, none of the back-filled ones
+        n = count(registry, "tickbridge_collector_latency_seconds_count", symbol="BTCUSDT", type="TRADE")
+        total = count(registry, "tickbridge_collector_latency_seconds_sum", symbol="BTCUSDT", type="TRADE")
+        assert n == len(live)  # every live trade, none of the back-filled ones
         assert total < 5 * n  # each live trade took well under 5 s; a back-filled one would add 60 s
+        # The next hop counts every trade appended, back-filled ones included (recv_ts to the confirmed append).
+        appended = count(registry, "tickbridge_collector_vps_stream_latency_seconds_count", symbol="BTCUSDT")
+        assert appended == 215
 
 
 async def test_a_command_failing_inside_the_transaction_is_retried_not_counted(

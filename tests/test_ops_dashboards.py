@@ -4,6 +4,7 @@ real Prometheus accepts, only series the roles define, and every metric family t
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,7 +17,7 @@ import yaml
 
 from tickbridge.devstack.servers import REPO_ROOT, PrometheusServer
 from tickbridge.ops import dashboards
-from tickbridge.ops.catalog import known_series, referenced_series
+from tickbridge.ops.catalog import known_series, referenced_series, role_series
 from tickbridge.ops.compose import load_compose, parse_env_file
 
 pytestmark = pytest.mark.timeout(90)
@@ -66,6 +67,11 @@ REQUIRED = {
         "redis_stream_group_last_delivered_id",  # the consumer group behind the Brain stream's top
     ],
 }
+#: Per-hop latency (issue 19): p50 and p99 per symbol of each hop a host's Prometheus scrapes.
+REQUIRED_HOPS = {
+    "vps": [m for m, *_ in dashboards.HOPS_VPS],
+    "brain": [m for m, *_ in dashboards.HOPS_BRAIN],
+}
 
 
 def _load(host: str) -> dict[str, Any]:
@@ -96,7 +102,12 @@ def test_committed_dashboards_are_generated(host: str) -> None:
 def test_dashboard_structure(host: str) -> None:
     board = _load(host)
     datasource = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
-    assert board["uid"] == f"tickbridge-{host}" and board["templating"]["list"] == []
+    assert board["uid"] == f"tickbridge-{host}"
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert set(variables) <= set(dashboards.VARIABLE_ALL), f"unknown template variables {set(variables)}"
+    for name, variable in variables.items():
+        assert variable["datasource"]["uid"] == dashboards.DATASOURCE["uid"]
+        assert variable["multi"] and variable["includeAll"] and variable["allValue"] == dashboards.VARIABLE_ALL[name]
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     for panel in board["panels"]:
@@ -105,7 +116,11 @@ def test_dashboard_structure(host: str) -> None:
         assert panel["datasource"]["uid"] == datasource["uid"] == dashboards.DATASOURCE["uid"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            assert "$" not in target["expr"], f"{panel['title']}: template variables are not plain PromQL"
+            # The only variables are the dashboard's own, as regex matchers (`label=~"$name"`: All is `.*`).
+            for name in re.findall(r"\$\{?(\w+)", target["expr"]):
+                assert name in variables, f"{panel['title']}: ${name} is not a variable of this dashboard"
+                assert f'=~"${name}"' in target["expr"], f"{panel['title']}: ${name} outside a regex matcher"
+            assert "$" not in dashboards.expand_variables(target["expr"]), panel["title"]
     # Node-exporter panels are marked, and only those select job="node"; likewise cAdvisor's (job="cadvisor").
     for query in dashboards.panel_queries(board):
         assert query.node == ('job="node"' in query.expr), query
@@ -128,6 +143,46 @@ def test_dashboards_cover_the_design(host: str) -> None:
     exprs = "\n".join(q.expr for q in dashboards.panel_queries(_load(host)))
     missing = [needle for needle in REQUIRED[host] if needle not in exprs]
     assert not missing, f"{host} dashboard lacks {missing}"
+
+
+@pytest.mark.parametrize("host", sorted(dashboards.DASHBOARDS))
+def test_latency_row_shows_p50_and_p99_per_hop_and_symbol(host: str) -> None:
+    board = _load(host)
+    assert [v["name"] for v in board["templating"]["list"]] == ["symbol"]
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    for metric in REQUIRED_HOPS[host]:
+        for q in ("0.5", "0.99"):
+            wanted = f'histogram_quantile({q}, sum by (le, symbol) (rate({metric}_bucket{{symbol=~"$symbol"}}[1m])))'
+            assert wanted in exprs, f"{host}: no p{q} per symbol of {metric}"
+    # The variable lists the symbols of a series this host's Prometheus has.
+    (variable,) = board["templating"]["list"]
+    assert referenced_series(variable["query"]["query"]) <= set().union(*role_series().values())
+
+
+def test_market_dashboard_is_generated_and_reads_questdb_as_the_reader() -> None:
+    assert dashboards.market_path().read_text() == dashboards.render_market(), (
+        "run `python -m tickbridge.ops.dashboards` and commit grafana/dashboards/"
+    )
+    board = json.loads(dashboards.market_path().read_text())
+    titles = {title for title, _, _ in dashboards.sql_queries(board)}
+    assert {"Last price", "Trades per second", "Missing trade IDs"} <= titles
+    source = yaml.safe_load((GRAFANA / "datasources/brain/questdb.yml").read_text())["datasources"][0]
+    assert (
+        source["uid"] == dashboards.QUESTDB_DATASOURCE["uid"]
+        and source["type"] == dashboards.QUESTDB_DATASOURCE["type"]
+    )
+    assert all(p["datasource"] == dashboards.QUESTDB_DATASOURCE for p in board["panels"])
+    # The read-only PG user; its password from the compose secret, never from the environment.
+    assert source["user"] == "$QUESTDB_READER_USER" and source["url"] == "questdb:8812"
+    assert source["secureJsonData"]["password"] == "$__file{/run/secrets/questdb_reader_password}"
+    env = parse_env_file(REPO_ROOT / ".env.example")
+    grafana = load_compose(REPO_ROOT / "compose.brain.yml", env)["services"]["grafana"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"]}
+    assert mounts["/etc/grafana/provisioning/datasources/questdb.yml"] == "./grafana/datasources/brain/questdb.yml"
+    assert "questdb_reader_password" in grafana["secrets"]
+    assert not any(k.startswith("QUESTDB") and "PASSWORD" in k for k in grafana["environment"]), grafana["environment"]
+    vps = load_compose(REPO_ROOT / "compose.vps.yml", env)["services"]["grafana"]
+    assert not any("datasources/brain" in v for v in vps["volumes"]), "the VPS has no market data"
 
 
 def test_dashboards_use_only_series_the_roles_define() -> None:

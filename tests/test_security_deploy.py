@@ -168,9 +168,16 @@ def test_secrets_are_files_and_reach_only_their_own_user(host: str) -> None:
     for name, svc in services(host).items():
         given = set(svc.get("secrets", []))
         assert given <= set(declared), f"{name} uses undeclared secrets {given - set(declared)}"
-        # A mounted secret is used: some *_FILE names it (QuestDB's entrypoint reads its own).
+        # A mounted secret is used: some *_FILE names it (QuestDB's entrypoint reads its own), or a provisioning
+        # file the service mounts from the repository (Grafana's QuestDB data source: `$__file{...}`).
+        mounted = "".join(
+            (REPO_ROOT / src).read_text()
+            for src in (str(v).split(":", 1)[0] for v in svc.get("volumes", []))
+            if src.startswith("./") and (REPO_ROOT / src).is_file()
+        )
         for secret in given:
-            assert f"/run/secrets/{secret}" in env_text(svc) + str(svc.get("entrypoint")), f"{name}: {secret} unused"
+            used_in = env_text(svc) + str(svc.get("entrypoint")) + mounted
+            assert f"/run/secrets/{secret}" in used_in, f"{name}: {secret} unused"
         role = role_of(svc)
         for secret in given:
             m = re.fullmatch(r"(vps|brain)_redis_([a-z]+)_password", secret)

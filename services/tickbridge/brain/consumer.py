@@ -59,12 +59,15 @@ from tickbridge.brain.common import (
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging, tune_gc
-from tickbridge.core.metrics import counter, gauge, histogram, serve_metrics
+from tickbridge.core.metrics import HopLatency, counter, gauge, histogram, serve_metrics
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings, load_settings
 from tickbridge.core.tick import DEPTH_FIELDS, TRADE_FIELDS, DepthDiff, Tick, TickError, Trade, decode_entry
 
 log = logging.getLogger(__name__)
+
+#: The `recv_ts` values of a batch per symbol (bytes as read, or ints), for the hop latency histogram.
+Stamps = Sequence[tuple[bytes, Sequence[bytes | int]]]
 
 MONITOR_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
 
@@ -205,6 +208,12 @@ class ConsumerMetrics:
         self.brain_redis_used_memory = gauge(
             "consumer_brain_redis_used_memory_bytes", "used_memory of the Brain Redis (INFO memory)", registry=registry
         )
+        self.symbol_stream_latency = HopLatency(
+            "consumer_symbol_stream_latency_seconds",
+            "Hop collector -> per-symbol stream: the ingest call returned on the Brain minus the collector's recv_ts, "
+            "per tick (clocks of the Brain and the VPS, NTP assumed; negatives count as 0)",
+            registry=registry,
+        )
         self.brain_redis_maxmemory = gauge(
             "consumer_brain_redis_maxmemory_bytes",
             "maxmemory of the Brain Redis (INFO memory; 0 = no limit)",
@@ -242,6 +251,7 @@ class BrainConsumer(Service):
         self.dead_letter_maxlen = dead_letter_maxlen
         self.dead_letter_max_bytes = dead_letter_max_bytes
         self.symbols = frozenset(s.encode() for s in settings.symbols)
+        self._latency = {s.encode(): self.metrics.symbol_stream_latency.child(s) for s in settings.symbols}
         self._info_denied = False
         self.warm_window_us = int(settings.warm_window_s * 1_000_000)
         self.watchdog = Watchdog(default_limit=120.0)
@@ -329,7 +339,7 @@ class BrainConsumer(Service):
         built = self._build(entries, {}) if entries else None
         await self._finish_inflight()
         if built is not None:
-            self._inflight = asyncio.create_task(self._call(built[0], len(entries), built[1], built[2]))
+            self._inflight = asyncio.create_task(self._call(built[0], len(entries), built[1], built[2], built[3]))
         return len(entries)
 
     async def recover_own(self) -> int:
@@ -405,12 +415,14 @@ class BrainConsumer(Service):
         """Validate a batch and hand it to the atomic ingest function; returns (written, duplicates)."""
         await self._finish_inflight()
         counts = await self._delivery_counts(entries) if recovered else {}
-        cmd, dead, truncated = self._build(entries, counts)
-        return await self._call(cmd, len(entries), dead, truncated)
+        cmd, dead, truncated, stamps = self._build(entries, counts)
+        return await self._call(cmd, len(entries), dead, truncated, stamps)
 
-    def _build(self, entries: Sequence[RawEntry], counts: dict[bytes, int]) -> tuple[list[str | bytes | int], int, int]:
-        """The FCALL for a batch (validation happens here), the number of dead letters in it and how many of
-        them keep only part of their entry."""
+    def _build(
+        self, entries: Sequence[RawEntry], counts: dict[bytes, int]
+    ) -> tuple[list[str | bytes | int], int, int, Stamps]:
+        """The FCALL for a batch (validation happens here), the number of dead letters in it, how many of
+        them keep only part of their entry, and the ticks' `recv_ts` per symbol (for the hop latency)."""
         key_index: dict[str, int] = {}
         key_list: list[str] = [self.stream]
 
@@ -440,6 +452,7 @@ class BrainConsumer(Service):
         dead = truncated = 0
         dl = 0
         symbols = self.symbols
+        stamps: list[tuple[bytes, Sequence[bytes | int]]] = []
         for entry_id, fields in entries:
             if fields is None:  # deleted from the stream while pending: nothing left to write
                 dl = dl or index(keys.CONSUMER_DEAD_LETTER)
@@ -469,6 +482,7 @@ class BrainConsumer(Service):
                     run += (entry_id, *(str(v).encode() for v in tick.fields()[7::2]))
                     continue
                 if isinstance(tick, DepthDiff):
+                    stamps.append((tick.symbol.encode(), (tick.recv_ts,)))
                     normal = tick.fields()
                     args += ["p", entry_id, index(keys.depth_key(tick.symbol, tick.exchange)), len(normal), *normal]
                     continue
@@ -483,8 +497,9 @@ class BrainConsumer(Service):
             dead += 1
         for (symbol, exchange), run in runs.items():
             args += ["T", trade_pair(symbol, exchange), len(run) // 7, *run]
+            stamps.append((symbol, run[6::7]))  # each trade is (id, price, volume, side, timestamp, trade_id, recv_ts)
         head = [self.group, self.warm_window_us, len(header) // 3, *header]
-        return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *head, *args], dead, truncated
+        return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *head, *args], dead, truncated, stamps
 
     def _verdict(self, fields: list[bytes]) -> Tick | str:
         """The tick the entry holds, or why it is dead-lettered."""
@@ -498,11 +513,22 @@ class BrainConsumer(Service):
             return f"symbol {tick.symbol!r} not in SYMBOLS"
         return tick
 
-    async def _call(self, cmd: list[str | bytes | int], n: int, dead: int, truncated: int = 0) -> tuple[int, int]:
+    async def _call(
+        self, cmd: list[str | bytes | int], n: int, dead: int, truncated: int = 0, stamps: Stamps = ()
+    ) -> tuple[int, int]:
         assert self.client is not None
         started = time.perf_counter()
         (reply,) = await execute_packed(self.client, [cmd])
         written, dup, warm_errors, failed, first_error, evicted = check(reply)
+        if stamps:
+            # Hop collector -> per-symbol stream, once per call that returned (an entry it left pending, rare,
+            # counts again when its retry succeeds).
+            confirmed_us = time.time_ns() // 1000
+            latency = self._latency
+            for symbol, recv in stamps:
+                child = latency.get(symbol)
+                if child is not None:
+                    child.observe_since(confirmed_us, map(int, recv))
         if evicted:
             self.metrics.dead_letters_evicted.inc(int(evicted))
         if warm_errors:

@@ -33,7 +33,7 @@ from tickbridge.brain.common import check, group_floor, instance_name, parse_inf
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging, tune_gc
-from tickbridge.core.metrics import counter, gauge, histogram, serve_metrics
+from tickbridge.core.metrics import HopCounts, HopLatency, counter, gauge, histogram, serve_metrics
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings, load_settings
@@ -110,6 +110,12 @@ class WriterMetrics:
         self.dead_letters = counter(
             "writer_dead_letters_total", "Entries that could not become rows", registry=registry
         )
+        self.questdb_latency = HopLatency(
+            "writer_questdb_latency_seconds",
+            "Hop collector -> QuestDB: QuestDB confirmed the ILP transaction (not yet applied: WAL) minus the "
+            "collector's recv_ts, per row (clocks of the Brain and the VPS, NTP assumed; negatives count as 0)",
+            registry=registry,
+        )
 
 
 @dataclass
@@ -120,11 +126,13 @@ class TableBatch:
     buffer: Buffer
     rows: int = 0
     ids: dict[bytes, list[bytes]] = field(default_factory=dict)
+    recv: dict[bytes, list[int]] = field(default_factory=dict)  # recv_ts per stream, for the hop latency
 
     def clear(self) -> None:
         self.buffer.clear()
         self.rows = 0
         self.ids = {}
+        self.recv = {}
 
 
 class BrainWriter(Service):
@@ -143,6 +151,8 @@ class BrainWriter(Service):
     ) -> None:
         super().__init__()
         self.settings = settings
+        self._symbols = frozenset(settings.symbols)
+        self._latency: dict[bytes, HopCounts | None] = {}
         self.metrics = WriterMetrics(registry)
         self.consumer = instance_name(settings, "writer")
         self.group = keys.WRITER_GROUP
@@ -446,13 +456,14 @@ class BrainWriter(Service):
                 if len(fields) == 20 and fields[0::2] == _TRADE_LAYOUT and fields[7] == b"TRADE":
                     # The consumer's layout: positional access, no dict (the common case).
                     try:
+                        recv_ts = int(fields[19])
                         trades.buffer.row(
                             TRADES_TABLE,
                             symbols={"exchange": texts.get(fields[5]) or text(fields[5]),
                                      "symbol": texts.get(fields[3]) or text(fields[3]),
                                      "side": texts.get(fields[13]) or text(fields[13])},
                             columns={"price": float(fields[9]), "volume": float(fields[11]),
-                                     "trade_id": int(fields[17]), "recv_ts": TimestampMicros(int(fields[19]))},
+                                     "trade_id": int(fields[17]), "recv_ts": TimestampMicros(recv_ts)},
                             at=TimestampMicros(int(fields[15])),
                         )  # fmt: skip
                     except (ValueError, TypeError, IngressError) as exc:
@@ -460,29 +471,32 @@ class BrainWriter(Service):
                         continue
                     trades.rows += 1
                     trades.ids.setdefault(stream, []).append(entry_id)
+                    trades.recv.setdefault(stream, []).append(recv_ts)
                     n += 1
                     continue
                 f = dict(zip(fields[::2], fields[1::2], strict=False))
                 try:
                     kind = f[b"type"]
                     if kind == b"TRADE":
+                        recv_ts = int(f[b"recv_ts"])
                         trades.buffer.row(
                             TRADES_TABLE,
                             symbols={"exchange": f[b"exchange"].decode(), "symbol": f[b"symbol"].decode(),
                                      "side": f[b"side"].decode()},
                             columns={"price": float(f[b"price"]), "volume": float(f[b"volume"]),
-                                     "trade_id": int(f[b"trade_id"]), "recv_ts": TimestampMicros(int(f[b"recv_ts"]))},
+                                     "trade_id": int(f[b"trade_id"]), "recv_ts": TimestampMicros(recv_ts)},
                             at=TimestampMicros(int(f[b"timestamp"])),
                         )  # fmt: skip
                         batch = trades
                     elif kind == b"DEPTH":
+                        recv_ts = int(f.get(b"recv_ts") or f[b"timestamp"])
                         depth.buffer.row(
                             DEPTH_TABLE,
                             symbols={"exchange": f[b"exchange"].decode(), "symbol": f[b"symbol"].decode()},
                             columns={"first_update_id": int(f[b"first_update_id"]),
                                      "last_update_id": int(f[b"last_update_id"]),
                                      "bids": _levels(f[b"bids"]), "asks": _levels(f[b"asks"]),
-                                     "recv_ts": TimestampMicros(int(f.get(b"recv_ts") or f[b"timestamp"]))},
+                                     "recv_ts": TimestampMicros(recv_ts)},
                             at=TimestampMicros(int(f[b"timestamp"])),
                         )  # fmt: skip
                         batch = depth
@@ -493,6 +507,7 @@ class BrainWriter(Service):
                     continue
                 batch.rows += 1
                 batch.ids.setdefault(stream, []).append(entry_id)
+                batch.recv.setdefault(stream, []).append(recv_ts)
                 n += 1
         if dead:
             # Acked with the dead-letter append in one MULTI so a crash cannot lose or repeat them.
@@ -606,6 +621,11 @@ class BrainWriter(Service):
         started = time.perf_counter()
         await asyncio.to_thread(sender.flush, batch.buffer, clear=False, transactional=True)
         self.metrics.latency.labels(batch.table).observe(time.perf_counter() - started)
+        confirmed_us = time.time_ns() // 1000
+        for stream, recv in batch.recv.items():
+            child = self._latency_of(stream)
+            if child is not None:
+                child.observe_since(confirmed_us, recv)
         # QuestDB confirmed the transaction: now ack. If we die here, the re-send is deduplicated.
         cmds: list[Command] = [["XACK", stream, self.group, *ids] for stream, ids in batch.ids.items()]
         await execute_packed(self.client, cmds)
@@ -613,6 +633,17 @@ class BrainWriter(Service):
         self.metrics.last_flush.set(time.time())
         self.written += batch.rows
         batch.clear()
+
+    def _latency_of(self, stream: bytes) -> HopCounts | None:
+        """The hop-latency counts of a per-symbol stream: configured symbols only (discovered keys are not)."""
+        try:
+            return self._latency[stream]
+        except KeyError:
+            symbol = stream.rsplit(b":", 1)[-1].decode(errors="replace")
+            child = self.metrics.questdb_latency.child(symbol) if symbol in self._symbols else None
+            if len(self._latency) < 10_000:
+                self._latency[stream] = child
+            return child
 
     async def _flush_dead(self, dead: list[tuple[bytes, bytes, str]]) -> None:
         assert self.client is not None

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from tickbridge.collector.parser import COLLECTOR_REASONS, REASONS
 from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT, MAX_BODY_BYTES, MAX_RETRY_AFTER_S
-from tickbridge.core.metrics import counter, gauge, histogram
+from tickbridge.core.metrics import HopLatency, counter, gauge, histogram
 
 REST_ENDPOINTS = (DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT)
 _TICK_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -40,8 +40,19 @@ class CollectorMetrics:
             "trade_id_resets", "Trade-ID sequences that went back with newer trade times (exchange or URL changed)",
             ("symbol",),
         )  # fmt: skip
-        self.latency = histogram(
-            "collector_latency_seconds", "Exchange event time to collector receive time", ("type",), registry=registry
+        # Per-hop latency (issue 19): every live tick, per symbol. Exchange -> collector compares Binance's clock
+        # (milliseconds: up to 1 ms too high) with the VPS clock (NTP assumed); a negative one counts as 0.
+        self.latency = HopLatency(
+            "collector_latency_seconds",
+            "Hop exchange -> collector: collector receive time (recv_ts) minus the exchange event time, per live "
+            "tick (two hosts' clocks, NTP assumed; exchange times are whole ms; negatives count as 0)",
+            ("symbol", "type"),
+            registry=registry,
+        )
+        self.vps_stream_latency = HopLatency(
+            "collector_vps_stream_latency_seconds",
+            "Hop collector -> VPS stream: the VPS Redis confirmed the append (EXEC reply) minus recv_ts, per tick",
+            registry=registry,
         )
         self.dead_letters = c("dead_letters", "Malformed or unexpected frames dead-lettered", ("reason",))
         self.queue_full = c("queue_full", "Times the reader or processor waited on a full queue", ("queue",))
@@ -72,6 +83,9 @@ class CollectorMetrics:
     def export_symbols(self, symbols: Iterable[str]) -> None:
         """Create the per-symbol counters at 0, so the first gap, loss or resync of a symbol is an increase()."""
         for symbol in symbols:
+            for kind in ("TRADE", "DEPTH"):
+                self.latency.child(symbol, kind)
+            self.vps_stream_latency.child(symbol)
             for per_symbol in (self.trade_gaps, self.depth_gaps, self.resyncs, self.backfilled, self.lost_trades,
                               self.trade_id_resets):  # fmt: skip
                 per_symbol.labels(symbol)

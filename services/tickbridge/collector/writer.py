@@ -34,6 +34,7 @@ from redis.exceptions import ResponseError
 from tickbridge.collector.metrics import CollectorMetrics
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
+from tickbridge.core.metrics import HopCounts
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, pack
 from tickbridge.core.tick import DepthDiff, Trade
 
@@ -113,6 +114,8 @@ class StreamWriter:
         #: The last trade ID per symbol that the hash holds after the last batch that was fully written.
         self._stored: dict[str, int] = dict(last_ids or {})
         self.written = 0  # ticks appended (tests, bench)
+        #: Hop collector -> VPS stream per symbol (only configured symbols reach the writer: bounded).
+        self._latency: dict[str, HopCounts] = {}
 
     async def put(self, batch: list[Item]) -> None:
         """Enqueue a batch; waits when the queue is full (the caller stops reading: TCP backpressure)."""
@@ -195,6 +198,7 @@ class StreamWriter:
         data, last_ids = self._commands(items)
         st = _Batch(data, [("HSET", keys.COLLECTOR_LAST_TRADE_IDS, *_flat(last_ids))] if last_ids else [])
         backoff = Backoff(base=0.05, cap=2.0)
+        confirmed_us = 0  # when the batch was confirmed in the stream (set as the loop ends)
         failures = 0
         while True:
             try:
@@ -202,10 +206,12 @@ class StreamWriter:
                     await self._restore_last_ids(last_ids, items)
                     st.restore = False
                 if st.ambiguous and await self._settle_lost_reply(st):
+                    confirmed_us = time.time_ns() // 1000
                     break
                 if st.suspect and (broken := await self._probe([*st.pending, *st.commit])):
                     raise _FailedInside(f"keys {sorted(broken)} still of the wrong type")
                 if await self._send(st):
+                    confirmed_us = time.time_ns() // 1000
                     break
             except _FailedInside as exc:
                 st.suspect = True
@@ -225,9 +231,14 @@ class StreamWriter:
             log.info("stream write: the batch is in after %d failed attempts", failures)
         self._stored.update(last_ids)
         n = 0
+        latency = self._latency
         for item in items:
             if not isinstance(item, DeadLetter):
                 n += 1
+                child = latency.get(item.symbol)
+                if child is None:
+                    child = latency[item.symbol] = self.metrics.vps_stream_latency.child(item.symbol)
+                child.observe_us(confirmed_us - item.recv_ts)
         self.written += n
         self.metrics.batch_size.observe(n)
 

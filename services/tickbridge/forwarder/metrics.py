@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from tickbridge.core.metrics import counter, gauge, histogram
+from tickbridge.core.metrics import HopLatency, counter, gauge, histogram
 
 MODES: tuple[str, ...] = ("direct", "ram_backlog", "disk_spill", "replay")
 #: Why the forwarder refuses the Brain stream: its top is in the future, or is an entry the VPS never held
@@ -95,6 +95,12 @@ class ForwarderMetrics:
         self.disk_budget = gauge("forwarder_disk_budget_bytes", "DISK_BUFFER_BYTES (QuestDB buffer budget)", registry=r)
         self.checkpoint_ms = gauge("forwarder_checkpoint_ms", "Millisecond part of the confirmed entry ID", registry=r)
         self.batch_seconds = histogram("forwarder_batch_seconds", "Brain XADD batch round trip", registry=r)
+        self.brain_stream_latency = HopLatency(
+            "forwarder_brain_stream_latency_seconds",
+            "Hop collector -> Brain stream: the Brain confirmed the XADD minus the collector's recv_ts, per tick newly "
+            "delivered (VPS clock on both ends; replayed ticks count with their age)",
+            registry=r,
+        )
         for reason in REFUSAL_REASONS:
             self.brain_refusals.labels(reason)
             self.brain_refused.labels(reason).set(0)

@@ -36,6 +36,7 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service, Watchdog
+from tickbridge.core.metrics import HopCounts
 from tickbridge.core.questdb_io import QuestDBError
 from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
@@ -91,6 +92,9 @@ def _id_order(field: str) -> tuple[int, int]:
         return (0, 0)
 
 
+#: The contract's last field (bytes as read from Redis, str as read back from the buffer).
+_RECV_TS = (b"recv_ts", "recv_ts")
+
 #: State-hash field an operator sets (as the VPS admin) to accept a Brain top the VPS cannot vouch for.
 ACCEPT_TOP = "accept_top"
 #: How far the Brain's top may run ahead of the newest VPS entry and of this host's clock (clock skew between
@@ -143,6 +147,10 @@ class Forwarder(Service):
         self.metrics.disk_budget.set(settings.disk_buffer_bytes)
         self.key = settings.stream_key
         self.batch = settings.forward_batch
+        #: Hop collector -> Brain stream per configured symbol (fields come as bytes from Redis, str from the buffer).
+        self._latency: dict[str | bytes | int | float, HopCounts] = {}
+        for symbol in settings.symbols:
+            self._latency[symbol] = self._latency[symbol.encode()] = self.metrics.brain_stream_latency.child(symbol)
         self.spill_batch = spill_batch
         self.replay_batch = max(replay_batch, self.batch)
         self.maintain_interval = maintain_interval
@@ -594,6 +602,7 @@ class Forwarder(Service):
         except TRANSIENT_ERRORS as exc:
             raise LinkDown("brain", exc) from exc
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        confirmed_us = time.time_ns() // 1000
         sent = dup = 0
         failed: RawReplyError | str | None = None
         for i, reply in enumerate(replies):
@@ -615,6 +624,8 @@ class Forwarder(Service):
         if done:
             self.checkpoint = parse_id(ids[done - 1])
             self.trusted_top = max(self.trusted_top, self.checkpoint)
+        if sent:  # the duplicates are a prefix (IDs ascend; only those at or below the trusted top are)
+            self._observe_latency(commands, done - sent, done, confirmed_us)
         self.metrics.sent.inc(sent)
         self.metrics.already_delivered.inc(dup)
         self._delivered += sent
@@ -622,6 +633,18 @@ class Forwarder(Service):
             # OOM / READONLY and the like: stop here; the reconnect re-reads the Brain's top.
             raise LinkDown("brain", f"XADD rejected: {failed}")
         return done
+
+    def _observe_latency(self, commands: Sequence[Command], start: int, end: int, now_us: int) -> None:
+        """Hop collector -> Brain stream of the XADDs `commands[start:end]` (`XADD key id symbol S ... recv_ts T`:
+        the contract's first and last fields); an entry of another shape or symbol is not counted."""
+        latency = self._latency
+        for cmd in commands[start:end]:
+            try:
+                child = latency.get(cmd[4])
+                if child is not None and cmd[-2] in _RECV_TS:
+                    child.observe_us(now_us - int(cmd[-1]))
+            except (IndexError, ValueError, TypeError):
+                pass
 
     # ------------------------------------------------------------------ one step
 

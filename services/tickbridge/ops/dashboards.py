@@ -2,8 +2,9 @@
 
     python -m tickbridge.ops.dashboards        # rewrites grafana/dashboards/{vps,brain}/*.json
 
-PromQL stays plain (no template variables, fixed windows) so every panel can be evaluated as-is
-against a Prometheus scraping the native stack. Panels fed by node-exporter exist only on a real host:
+PromQL stays plain (fixed windows; the one template variable, `$symbol` of the latency rows, is a regex
+matcher `symbol=~"$symbol"` whose All value is `.*`, expanded by `expand_variables`) so every panel can be
+evaluated against a Prometheus scraping the native stack. Panels fed by node-exporter exist only on a real host:
 they sit in their own row, select `job="node"`, and their description starts with `node-exporter:`
 (`panel_queries` reports them with `node=True`, for a live-stack test to skip, and flags the queries
 that stay empty in a healthy run with `may_be_empty=True`). Per-container panels (cAdvisor) likewise exist only
@@ -17,6 +18,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +267,78 @@ def _containers_row() -> Row:
     )
 
 
+# ---- per-hop latency (issue 19): every tick, per symbol, in seconds; `$symbol` filters ---------------------
+
+#: The dashboards' symbol filter: a regex matcher, All = `.*` (Grafana joins a multi-selection as `(A|B)`).
+SYMBOL_MATCH = 'symbol=~"$symbol"'
+#: Template variables by name and the value a test substitutes (Grafana's All value).
+VARIABLE_ALL = {"symbol": ".*"}
+
+
+def symbol_variable(series: str) -> dict[str, Any]:
+    """`$symbol`: the symbols `series` has (the configured SYMBOLS), multi-select with All (`.*`)."""
+    query = f"label_values({series}, symbol)"
+    return {
+        "name": "symbol", "label": "symbol", "type": "query", "datasource": DATASOURCE,
+        "query": {"query": query, "refId": "symbol"}, "definition": query, "refresh": 2, "sort": 1, "regex": "",
+        "multi": True, "includeAll": True, "allValue": VARIABLE_ALL["symbol"], "hide": 0, "options": [],
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+    }  # fmt: skip
+
+
+def expand_variables(expr: str, values: dict[str, str] = VARIABLE_ALL) -> str:
+    """`expr` with each `$name` / `${name}` replaced by `values[name]` (the All value by default)."""
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), expr)
+
+
+def _hop_quantiles(metric: str, by_symbol: bool = True) -> tuple[tuple[str, str], ...]:
+    by = "le, symbol" if by_symbol else "le"
+    legend = " {{symbol}}" if by_symbol else ""
+    return tuple(
+        _q(f"histogram_quantile({q}, sum by ({by}) (rate({metric}_bucket{{{SYMBOL_MATCH}}}[1m])))",
+           f"p{int(q * 100)}{legend}")
+        for q in (0.5, 0.99)
+    )  # fmt: skip
+
+
+def _hop_p99(metric: str, hop: str) -> tuple[str, str]:
+    return _q(f"histogram_quantile(0.99, sum by (le) (rate({metric}_bucket{{{SYMBOL_MATCH}}}[1m])))", f"p99 {hop}")
+
+
+_CLOCKS = "Two hosts' clocks (NTP assumed): a negative latency counts as 0."
+#: (metric, hop legend, panel title, description) of each hop, in pipeline order.
+HOPS_VPS = (
+    ("tickbridge_collector_latency_seconds", "exchange → collector", "Exchange → collector receive",
+     "Binance event time to the collector's receive time (recv_ts), every live tick. " + _CLOCKS
+     + " Binance times are whole milliseconds: up to 1 ms too high."),
+    ("tickbridge_collector_vps_stream_latency_seconds", "→ VPS stream", "Receive → VPS stream",
+     "recv_ts to the VPS Redis confirming the append (the collector's batching and its Redis round trip)."),
+    ("tickbridge_forwarder_brain_stream_latency_seconds", "→ Brain stream", "Receive → Brain stream",
+     "recv_ts to the Brain Redis confirming the forwarder's XADD (VPS clock at both ends). Replayed ticks count "
+     "with their age."),
+)  # fmt: skip
+HOPS_BRAIN = (
+    ("tickbridge_consumer_symbol_stream_latency_seconds", "→ per-symbol stream", "Receive → per-symbol stream",
+     "Collector receive (recv_ts, VPS clock) to the consumer's ingest call returning on the Brain: what trading "
+     "code reading market:binance_spot:trades:<SYMBOL> sees. " + _CLOCKS + " BrainLatencyHigh fires at p99 > 1 s."),
+    ("tickbridge_writer_questdb_latency_seconds", "→ QuestDB", "Receive → QuestDB",
+     "Collector receive (recv_ts) to QuestDB confirming the writer's ILP transaction (WAL apply follows). " + _CLOCKS),
+)  # fmt: skip
+
+
+def _latency_row(hops: tuple[tuple[str, str, str, str], ...]) -> Row:
+    overview = Panel(
+        "p99 per hop",
+        tuple(_hop_p99(metric, hop) for metric, hop, _, _ in hops),
+        "s",
+        "p99 over the selected symbols, each hop from the collector's receive time (cumulative); 1-minute rate.",
+    )
+    per_symbol = tuple(
+        Panel(f"{title} (p50 / p99)", _hop_quantiles(metric), "s", doc) for metric, _, title, doc in hops
+    )
+    return Row("Latency per hop ($symbol)", (overview, *per_symbol))
+
+
 VPS: tuple[Row, ...] = (
     Row(
         "Exchange and collector",
@@ -449,6 +523,7 @@ VPS: tuple[Row, ...] = (
             ),
         ),
     ),
+    _latency_row(HOPS_VPS),
     _questdb_row("questdb-vps", "QuestDB (VPS)"),
     _redis_row("vps", "Redis (VPS)"),
     _process_row("collector|forwarder"),
@@ -510,6 +585,7 @@ VPS: tuple[Row, ...] = (
 )
 
 BRAIN: tuple[Row, ...] = (
+    _latency_row(HOPS_BRAIN),
     Row(
         "VPS link and consumer",
         (
@@ -630,6 +706,11 @@ DASHBOARDS: dict[str, tuple[str, tuple[Row, ...]]] = {
     "vps": ("tickbridge VPS", VPS),
     "brain": ("tickbridge Brain", BRAIN),
 }
+#: Template variables per host dashboard.
+VARIABLES: dict[str, tuple[dict[str, Any], ...]] = {
+    "vps": (symbol_variable("tickbridge_collector_vps_stream_latency_seconds_count"),),
+    "brain": (symbol_variable("tickbridge_consumer_symbol_stream_latency_seconds_count"),),
+}
 
 
 def _prefix(row: Row) -> str:
@@ -685,7 +766,7 @@ def build(host: str) -> dict[str, Any]:
         "graphTooltip": 1,
         "refresh": "10s",
         "time": {"from": "now-1h", "to": "now"},
-        "templating": {"list": []},
+        "templating": {"list": list(VARIABLES.get(host, ()))},
         "annotations": {"list": []},
         "panels": panels,
     }
@@ -700,14 +781,16 @@ def path_for(host: str, root: Path = OUT_DIR) -> Path:
 
 
 def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
-    """Every (panel, PromQL) of a dashboard JSON; `node` marks node-exporter panels, `compose_only` those and the
-    cAdvisor ones."""
+    """Every (panel, PromQL) of a dashboard JSON, template variables at their All value; `node` marks
+    node-exporter panels, `compose_only` those and the cAdvisor ones."""
     result = []
     for panel in dashboard["panels"]:
         node = panel.get("description", "").startswith(NODE_PREFIX.strip())
         compose_only = is_compose_only(panel)
         for target in panel.get("targets", []):
-            expr = target["expr"]
+            if "expr" not in target:
+                continue  # an SQL target (the market dashboard): see `sql_queries`
+            expr = expand_variables(target["expr"])
             result.append(PanelQuery(dashboard["uid"], panel["title"], expr, node, may_be_empty(expr), compose_only))
     return result
 
@@ -718,6 +801,126 @@ def is_compose_only(panel: dict[str, Any]) -> bool:
     return any(description.startswith(prefix.strip()) for prefix in COMPOSE_ONLY_PREFIXES)
 
 
+# ---- market data from the Brain QuestDB (issue 19): SQL over PG wire, Grafana's built-in PostgreSQL source ------
+
+#: grafana/provisioning/datasources-brain/questdb.yml (the Brain only: the read-only PG-wire login).
+QUESTDB_DATASOURCE = {"type": "grafana-postgresql-datasource", "uid": "tickbridge-questdb"}
+MARKET_UID = "tickbridge-market"
+
+
+@dataclass(frozen=True)
+class SqlPanel:
+    """A panel fed by one SQL query on the Brain QuestDB, with Grafana's macros (`$__timeFilter(timestamp)`,
+    `${__interval_ms}`); `fmt` is the query's format: `time_series` (columns time, metric, values) or `table`."""
+
+    title: str
+    sql: str
+    kind: str = "timeseries"
+    fmt: str = "time_series"
+    unit: str = "short"
+    description: str = ""
+    width: int = 12
+
+
+MARKET: tuple[SqlPanel, ...] = (
+    SqlPanel(
+        "Last price",
+        "SELECT symbol, price FROM trades WHERE $__timeFilter(timestamp) LATEST ON timestamp PARTITION BY symbol "
+        "ORDER BY symbol",
+        kind="stat", fmt="table", width=24,
+        description="Price of each symbol's newest trade in QuestDB within the dashboard's time range.",
+    ),
+    SqlPanel(
+        "Trades per second",
+        "SELECT timestamp AS time, symbol AS metric, count() * 1000.0 / ${__interval_ms} AS trades_per_s "
+        "FROM trades WHERE $__timeFilter(timestamp) SAMPLE BY ${__interval_ms}T ALIGN TO CALENDAR ORDER BY time",
+        unit="ops",
+        description="Trades per second and symbol in Brain QuestDB, by exchange time (one point per Grafana "
+        "interval; an interval without trades has no point).",
+    ),
+    SqlPanel(
+        "Missing trade IDs",
+        "SELECT symbol, count() AS trades, min(trade_id) AS first_id, max(trade_id) AS last_id, "
+        "max(trade_id) - min(trade_id) + 1 - count() AS missing FROM trades WHERE $__timeFilter(timestamp) "
+        "GROUP BY symbol ORDER BY symbol",
+        kind="table", fmt="table",
+        description="Per symbol over the dashboard's range: trade IDs between the first and the last that are not "
+        "in QuestDB (0 = complete; DEDUP keeps each trade once). A trade-ID sequence reset (TradeIdsStartedOver) "
+        "shows as a large number: narrow the range to either side of it.",
+    ),
+)  # fmt: skip
+
+
+def _sql_panel_json(panel: SqlPanel, pid: int, x: int, y: int) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": pid,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": QUESTDB_DATASOURCE,
+        "gridPos": {"h": 8, "w": panel.width, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+        "targets": [{"refId": "A", "datasource": QUESTDB_DATASOURCE, "editorMode": "code", "format": panel.fmt,
+                     "rawQuery": True, "rawSql": panel.sql}],
+    }  # fmt: skip
+    if panel.kind == "stat":
+        body["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": True},
+                           "colorMode": "none", "graphMode": "none", "textMode": "value_and_name"}  # fmt: skip
+    elif panel.kind == "timeseries":
+        body["options"] = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                           "tooltip": {"mode": "multi", "sort": "desc"}}  # fmt: skip
+    return body
+
+
+def build_market() -> dict[str, Any]:
+    """The Brain's market dashboard: what QuestDB holds, over PG wire as the read-only user."""
+    panels: list[dict[str, Any]] = []
+    x = y = 0
+    for pid, panel in enumerate(MARKET, start=1):
+        if x + panel.width > 24:
+            x, y = 0, y + 8
+        panels.append(_sql_panel_json(panel, pid, x, y))
+        x += panel.width
+    return {
+        "uid": MARKET_UID, "title": "tickbridge market", "tags": ["tickbridge", "brain", "market"],
+        "timezone": "utc", "schemaVersion": 39, "version": 1, "editable": False, "graphTooltip": 1,
+        "refresh": "10s", "time": {"from": "now-1h", "to": "now"}, "templating": {"list": []},
+        "annotations": {"list": []}, "panels": panels,
+    }  # fmt: skip
+
+
+def market_path(root: Path = OUT_DIR) -> Path:
+    return root / "brain" / "tickbridge-market.json"
+
+
+def render_market() -> str:
+    return json.dumps(build_market(), indent=2) + "\n"
+
+
+def sql_queries(dashboard: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(panel title, format, SQL with Grafana's macros) of every SQL target of a dashboard JSON."""
+    return [
+        (panel["title"], target["format"], target["rawSql"])
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        if "rawSql" in target
+    ]
+
+
+def expand_sql_macros(sql: str, start: datetime, end: datetime, interval_ms: int) -> str:
+    """SQL as Grafana's PostgreSQL data source sends it: `$__timeFilter(col)` -> `col BETWEEN '<from>' AND
+    '<to>'` (RFC 3339, UTC), `$__timeFrom()` / `$__timeTo()` -> the quoted bounds, `${__interval_ms}` /
+    `$__interval_ms` -> the interval in ms."""
+
+    def ts(t: datetime) -> str:
+        text = t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".")
+        return f"'{text}Z'"
+
+    sql = re.sub(r"\$__timeFilter\(([^)]+)\)", lambda m: f"{m.group(1).strip()} BETWEEN {ts(start)} AND {ts(end)}", sql)
+    sql = sql.replace("$__timeFrom()", ts(start)).replace("$__timeTo()", ts(end))
+    return re.sub(r"\$\{__interval_ms\}|\$__interval_ms\b", str(interval_ms), sql)
+
+
 def main(argv: list[str] | None = None) -> None:
     root = Path(argv[0]) if argv else OUT_DIR
     for host in DASHBOARDS:
@@ -725,6 +928,9 @@ def main(argv: list[str] | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render(host))
         print(f"wrote {path}")
+    path = market_path(root)
+    path.write_text(render_market())
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
