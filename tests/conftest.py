@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -149,3 +150,25 @@ async def services() -> AsyncIterator[ServiceRunner]:
     runner = ServiceRunner()
     yield runner
     await runner.stop()
+
+
+#: The QuestDB logins of `questdb_with_reader`: the writer's (HTTP and PG) and the read-only PG user.
+QUESTDB_USER, QUESTDB_READER = "tickbridge", "tbreader"
+
+
+@pytest.fixture(scope="module")
+def questdb_with_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[QuestDBServer, str, str]]:
+    """QuestDB as compose runs it on the Brain: the writer's login on HTTP and PG, the read-only PG user;
+    yields (server, writer password, reader password)."""
+    password, reader_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    server = QuestDBServer(
+        workdir=tmp_path_factory.mktemp("qdb-reader"),
+        extra_conf={
+            "http.user": QUESTDB_USER, "http.password": password, "pg.user": QUESTDB_USER, "pg.password": password,
+            "pg.readonly.user.enabled": "true", "pg.readonly.user": QUESTDB_READER,
+            "pg.readonly.password": reader_password,
+        },
+    )  # fmt: skip
+    server.start()
+    yield server, password, reader_password
+    server.stop()

@@ -6,14 +6,14 @@ gap query finds exactly the trade IDs left out."""
 from __future__ import annotations
 
 import json
-import secrets
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 from questdb.ingress import Sender, TimestampMicros
 
+from conftest import QUESTDB_READER as READER
+from conftest import QUESTDB_USER as USER
 from tickbridge.brain.writer import TRADES_DDL
 from tickbridge.core.questdb_io import QuestDBHttp, ilp_conf
 from tickbridge.core.settings import Settings
@@ -22,25 +22,8 @@ from tickbridge.ops import dashboards
 
 pytestmark = pytest.mark.timeout(180)
 
-USER, READER = "tickbridge", "tbreader"
 #: symbol -> (first trade ID, trades, IDs left out, price)
 BOOK = {"BTCUSDT": (1_000, 300, {1_100, 1_101, 1_250}, 64_000.5), "ETHUSDT": (50, 120, set(), 3_100.25)}
-
-
-@pytest.fixture(scope="module")
-def questdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[QuestDBServer, str, str]]:
-    """QuestDB as compose runs it on the Brain: the writer's login on HTTP and PG, the read-only PG user."""
-    password, reader_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
-    server = QuestDBServer(
-        workdir=tmp_path_factory.mktemp("qdb-market"),
-        extra_conf={
-            "http.user": USER, "http.password": password, "pg.user": USER, "pg.password": password,
-            "pg.readonly.user.enabled": "true", "pg.readonly.user": READER, "pg.readonly.password": reader_password,
-        },
-    )  # fmt: skip
-    server.start()
-    yield server, password, reader_password
-    server.stop()
 
 
 async def _load_trades(server: QuestDBServer, password: str, now: datetime) -> dict[str, int]:
@@ -70,9 +53,9 @@ async def _load_trades(server: QuestDBServer, password: str, now: datetime) -> d
 
 
 async def test_every_market_panel_query_answers_over_pg_wire_as_the_reader(
-    questdb: tuple[QuestDBServer, str, str],
+    questdb_with_reader: tuple[QuestDBServer, str, str],
 ) -> None:
-    server, password, reader_password = questdb
+    server, password, reader_password = questdb_with_reader
     now = datetime.now(UTC)
     counts = await _load_trades(server, password, now)
     board = json.loads(dashboards.market_path().read_text())

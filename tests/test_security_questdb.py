@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from questdb.ingress import IngressError, Sender, TimestampNanos
 
+from conftest import QUESTDB_READER as READER
 from tickbridge.brain.tiered import COLD, TieredMarketData
 from tickbridge.brain.writer import TRADES_DDL
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
@@ -69,33 +70,14 @@ async def test_ilp_needs_the_credentials_from_settings(secured: tuple[QuestDBSer
         await sql.close()
 
 
-READER = "tbreader"
-
-
-@pytest.fixture(scope="module")
-def with_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[QuestDBServer, str, str]]:
-    """QuestDB as compose runs it on the Brain: the writer's login on HTTP and PG, the read-only PG user."""
-    password, reader_password = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
-    server = QuestDBServer(
-        workdir=tmp_path_factory.mktemp("qdb-reader"),
-        extra_conf={
-            "http.user": USER, "http.password": password, "pg.user": USER, "pg.password": password,
-            "pg.readonly.user.enabled": "true", "pg.readonly.user": READER, "pg.readonly.password": reader_password,
-        },
-    )  # fmt: skip
-    server.start()
-    yield server, password, reader_password
-    server.stop()
-
-
 async def test_the_readers_login_can_select_but_not_drop_nor_insert(
-    with_reader: tuple[QuestDBServer, str, str], redis_server: RedisServer
+    questdb_with_reader: tuple[QuestDBServer, str, str], redis_server: RedisServer
 ) -> None:
     """Trading code and `tickbridge query` read COLD through TieredMarketData. Before, it held the writer's
     full-rights login (QUESTDB_USER): a bug or an injected query in trading code could DROP TABLE trades.
     With QUESTDB_READER_USER/PASSWORD it reads as QuestDB's read-only PG user: answers, but every write is
     refused and the table is untouched."""
-    server, password, reader_password = with_reader
+    server, password, reader_password = questdb_with_reader
     writer = QuestDBHttp(server.url, Settings(questdb_user=USER, questdb_password=password))
     await writer.exec(TRADES_DDL)
     await writer.exec(
@@ -131,10 +113,10 @@ async def test_the_readers_login_can_select_but_not_drop_nor_insert(
         await writer.close()
 
 
-async def test_a_wrong_reader_password_is_one_clear_error(with_reader: tuple[QuestDBServer, str, str]) -> None:
+async def test_a_wrong_reader_password_is_one_clear_error(questdb_with_reader: tuple[QuestDBServer, str, str]) -> None:
     from tickbridge.core.questdb_io import reader_for
 
-    server, _, reader_password = with_reader
+    server, _, reader_password = questdb_with_reader
     settings = Settings(
         brain_questdb_pg_url=f"postgresql://127.0.0.1:{server.pg_port}/qdb", questdb_reader_user=READER,
         questdb_reader_password="not-" + reader_password,
@@ -147,12 +129,12 @@ async def test_a_wrong_reader_password_is_one_clear_error(with_reader: tuple[Que
         await reader.close()
 
 
-async def test_the_reader_link_survives_a_questdb_restart(with_reader: tuple[QuestDBServer, str, str]) -> None:
+async def test_the_reader_link_survives_a_questdb_restart(questdb_with_reader: tuple[QuestDBServer, str, str]) -> None:
     """The read-only link is one PG connection: after QuestDB restarts, the next SELECT reopens it (same
     ports) and answers, instead of every COLD answer failing until the trading process restarts."""
     from tickbridge.core.questdb_io import reader_for
 
-    server, _, reader_password = with_reader
+    server, _, reader_password = questdb_with_reader
     settings = Settings(
         brain_questdb_pg_url=f"postgresql://127.0.0.1:{server.pg_port}/qdb", questdb_reader_user=READER,
         questdb_reader_password=reader_password,
