@@ -36,24 +36,24 @@ test-fast: deps
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not chaos and not load"
 
 demo: deps
-	$(PY) -m tickbridge.devstack.demo --source $(SOURCE) $(DEMO_ARGS)
+	$(PY) -m tickbridge_dev.devstack.demo --source $(SOURCE) $(DEMO_ARGS)
 
 bench: bench-collector bench-forwarder bench-brain
 
 bench-collector: deps
-	$(PY) -m tickbridge.bench.collector
+	$(PY) -m tickbridge_dev.bench.collector
 
 bench-forwarder: deps
-	$(PY) -m tickbridge.bench.forwarder
+	$(PY) -m tickbridge_dev.bench.forwarder
 
 bench-brain: deps
-	$(PY) -m tickbridge.bench.brain
+	$(PY) -m tickbridge_dev.bench.brain
 
 load-test: deps
-	$(PY) -m tickbridge.devstack.loadtest --rate $(RATE) --duration $(DURATION)
+	$(PY) -m tickbridge_dev.devstack.loadtest --rate $(RATE) --duration $(DURATION)
 
 chaos-test: deps
-	$(PY) -m tickbridge.devstack.chaos
+	$(PY) -m tickbridge_dev.devstack.chaos
 
 fuzz: deps
 	$(PY) -m pytest -q -p no:cacheprovider tests -k fuzz --hypothesis-profile=long

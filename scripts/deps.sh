@@ -56,8 +56,9 @@ fi
 # Python virtualenv with pinned dependencies (re-installed when pyproject.toml changes).
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 stamp=.venv/.tickbridge-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "deps: pip install -e .[dev]"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ services/dev/pyproject.toml -nt "$stamp" ]; then
+  # The runtime (what the image installs) and the development harness (services/dev), both editable.
+  echo "deps: pip install -e .[dev] -e services/dev"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' -e services/dev
   touch "$stamp"
 fi

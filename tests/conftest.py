@@ -15,7 +15,7 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
 from tickbridge.core.lifecycle import Service
-from tickbridge.devstack.servers import ManagedProcess, QuestDBServer, RedisServer, ToxiproxyServer
+from tickbridge_dev.devstack.servers import ManagedProcess, QuestDBServer, RedisServer, ToxiproxyServer
 
 # Hypothesis profiles (issue 7), registered here because pytest loads this file before the hypothesis
 # plugin applies `--hypothesis-profile`: "default" is the short run in `make test`, "long" is `make fuzz`.

@@ -13,12 +13,12 @@ from prometheus_client import CollectorRegistry
 from conftest import ServiceRunner, equals, eventually
 from tickbridge.brain.common import fast_trade
 from tickbridge.brain.consumer import BrainConsumer
-from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth, make_trade
 from tickbridge.core import keys
 from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import TickError, decode_entry
-from tickbridge.devstack.servers import RedisServer
+from tickbridge_dev.devstack.servers import RedisServer
+from tickbridge_dev.loadgen.brain import TradeSource, as_mapping, make_depth, make_trade
 
 pytestmark = pytest.mark.timeout(60)
 

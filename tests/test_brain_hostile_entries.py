@@ -19,12 +19,12 @@ from prometheus_client import CollectorRegistry
 from conftest import ServiceRunner, eventually
 from tickbridge.brain import deadletters
 from tickbridge.brain.consumer import BrainConsumer
-from tickbridge.brain.loadgen import make_depth, make_trade
 from tickbridge.core import keys
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import DEPTH_FIELDS, TRADE_FIELDS
-from tickbridge.devstack.servers import RedisServer
+from tickbridge_dev.devstack.servers import RedisServer
+from tickbridge_dev.loadgen.brain import make_depth, make_trade
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 from conftest import eventually
-from tickbridge.brain.loadgen import TradeSource
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import ensure_group, make_client
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.loadgen.brain import TradeSource
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.chaos, pytest.mark.slow]
 

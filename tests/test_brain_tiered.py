@@ -15,7 +15,6 @@ from redis.exceptions import ResponseError
 from conftest import ServiceRunner, equals, eventually
 from tickbridge.brain import query
 from tickbridge.brain.consumer import BrainConsumer
-from tickbridge.brain.loadgen import TradeSource, make_trade
 from tickbridge.brain.tiered import COLD, HOT, WARM, TickRow, TieredMarketData, _Hot
 from tickbridge.brain.writer import BrainWriter
 from tickbridge.core import keys
@@ -23,7 +22,8 @@ from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import TickError
-from tickbridge.devstack.servers import QuestDBServer, RedisServer, free_port
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer, free_port
+from tickbridge_dev.loadgen.brain import TradeSource, make_trade
 
 pytestmark = pytest.mark.timeout(90)
 

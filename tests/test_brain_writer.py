@@ -13,13 +13,13 @@ from prometheus_client import CollectorRegistry
 from conftest import ServiceRunner, equals, eventually
 from tickbridge.brain import deadletters
 from tickbridge.brain.consumer import BrainConsumer
-from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth
 from tickbridge.brain.writer import BrainWriter
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.loadgen.brain import TradeSource, as_mapping, make_depth
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -20,7 +20,7 @@ from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import DepthDiff, Trade, decode_entry
-from tickbridge.devstack.servers import RedisServer
+from tickbridge_dev.devstack.servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -370,7 +370,7 @@ async def test_restarted_client_spends_only_what_the_exchange_has_left(phase: fl
 
 
 async def test_waits_for_redis_at_start(exchange: ScriptedExchange, redis_factory: Any) -> None:
-    from tickbridge.devstack.servers import free_port
+    from tickbridge_dev.devstack.servers import free_port
 
     port = free_port()
     registry = CollectorRegistry()

@@ -22,8 +22,8 @@ from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import DepthDiff, Trade, decode_entry
-from tickbridge.devstack.servers import RedisServer
-from tickbridge.sim import SimConfig, SimServer
+from tickbridge_dev.devstack.servers import RedisServer
+from tickbridge_dev.sim import SimConfig, SimServer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -375,7 +375,7 @@ async def _xlen_over(client: Any, n: int) -> bool:
 
 
 async def test_keeps_trying_until_the_exchange_is_up(redis_server: RedisServer, client: Any) -> None:
-    from tickbridge.devstack.servers import free_port
+    from tickbridge_dev.devstack.servers import free_port
 
     port = free_port()
     registry = CollectorRegistry()

@@ -12,7 +12,7 @@ from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
 from tickbridge.core.redis_io import ensure_group, execute_packed, is_duplicate_id_error, make_client
 from tickbridge.core.settings import Settings, load_settings
 from tickbridge.core.tick import DepthDiff, TickError, Trade, decode_entry, parse_stream_id
-from tickbridge.devstack.servers import QuestDBServer, RedisServer, free_port
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer, free_port
 
 TS = 1_723_161_255_342_000
 

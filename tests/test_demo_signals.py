@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tickbridge.devstack.servers import wait_until
+from tickbridge_dev.devstack.servers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -20,7 +20,7 @@ def test_demo_stops_every_process_on_a_signal(sig: signal.Signals, tmp_path: Pat
     log = tmp_path / "demo.log"
     with log.open("wb") as out:
         demo = subprocess.Popen(
-            [sys.executable, "-m", "tickbridge.devstack.demo", "--symbols", "BTCUSDT,ETHUSDT", "--rate", "100"],
+            [sys.executable, "-m", "tickbridge_dev.devstack.demo", "--symbols", "BTCUSDT,ETHUSDT", "--rate", "100"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from tickbridge.devstack.demo import drain_and_check
-from tickbridge.devstack.servers import REPO_ROOT
-from tickbridge.devstack.stack import NativeStack, StackConfig
-from tickbridge.ops import dashboards
+from tickbridge_dev.deploy import dashboards
+from tickbridge_dev.devstack.demo import drain_and_check
+from tickbridge_dev.devstack.servers import REPO_ROOT
+from tickbridge_dev.devstack.stack import NativeStack, StackConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -23,9 +23,9 @@ from conftest import eventually
 from test_forwarder_flow import make_settings, running, sample
 from tickbridge.core import keys
 from tickbridge.core.redis_io import make_client
-from tickbridge.devstack.servers import QuestDBServer, RedisServer, ToxiproxyServer, free_port
-from tickbridge.forwarder.loadgen import LiveWriter, preload, read_stream, trade_fields, verify
 from tickbridge.forwarder.service import Forwarder
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer, ToxiproxyServer, free_port
+from tickbridge_dev.loadgen.forwarder import LiveWriter, preload, read_stream, trade_fields, verify
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 HOUR_MS = 3_600_000

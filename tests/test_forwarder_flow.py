@@ -18,9 +18,9 @@ from conftest import eventually
 from tickbridge.core import keys
 from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
-from tickbridge.forwarder.loadgen import LiveWriter, preload, read_stream, trade_fields, verify
 from tickbridge.forwarder.service import Forwarder
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.loadgen.forwarder import LiveWriter, preload, read_stream, trade_fields, verify
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -19,11 +19,11 @@ from test_forwarder_flow import make_settings, running, sample
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBError
 from tickbridge.core.redis_io import make_client
-from tickbridge.devstack.servers import QuestDBServer, RedisServer, ToxiproxyServer, free_port
 from tickbridge.forwarder.buffer import SpillBuffer, parse_id
 from tickbridge.forwarder.ledger import LEDGER_MAX, Ledger, segments
-from tickbridge.forwarder.loadgen import LiveWriter, preload, read_stream, trade_fields, verify
 from tickbridge.forwarder.service import Forwarder
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer, ToxiproxyServer, free_port
+from tickbridge_dev.loadgen.forwarder import LiveWriter, preload, read_stream, trade_fields, verify
 
 pytestmark = pytest.mark.timeout(180)
 HOUR_MS = 3_600_000

@@ -20,11 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from conftest import ServiceRunner, eventually
 from tickbridge.brain.consumer import BrainConsumer
-from tickbridge.brain.loadgen import make_depth, make_trade
 from tickbridge.core import keys
 from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.devstack.servers import RedisServer
+from tickbridge_dev.devstack.servers import RedisServer
+from tickbridge_dev.loadgen.brain import make_depth, make_trade
 
 LONG = hypothesis_settings().max_examples > 1000
 SEEDS = list(range(1, 11)) if LONG else [20261204]

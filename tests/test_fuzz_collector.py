@@ -31,7 +31,8 @@ from tickbridge.core import keys
 from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import Trade, decode_entry
-from tickbridge.devstack.tls import VPS_ACL, SecureRedisServer, acl_variables, render_acl
+from tickbridge.ops.acl import acl_variables, render_acl
+from tickbridge_dev.devstack.tls import VPS_ACL, SecureRedisServer
 
 LONG = hypothesis_settings().max_examples > 1000
 BAD_FRAMES = 3000 if LONG else 300

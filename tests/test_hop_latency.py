@@ -17,9 +17,9 @@ from tickbridge.brain.writer import BrainWriter
 from tickbridge.collector.service import Collector
 from tickbridge.core.metrics import HopLatency
 from tickbridge.core.settings import Settings
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
 from tickbridge.forwarder.service import Forwarder
-from tickbridge.sim import SimConfig, SimServer
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.sim import SimConfig, SimServer
 
 pytestmark = pytest.mark.timeout(180)
 

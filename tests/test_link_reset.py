@@ -39,9 +39,9 @@ from tickbridge.core.redis_io import (
     is_closed_transport_error,
     make_client,
 )
-from tickbridge.devstack.linkproxy import RTO_S, LinkProxy, retransmit_delay
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
-from tickbridge.forwarder.loadgen import LiveWriter, read_stream, verify
+from tickbridge_dev.devstack.linkproxy import RTO_S, LinkProxy, retransmit_delay
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.loadgen.forwarder import LiveWriter, read_stream, verify
 
 CLOSED = "unable to perform operation on <TCPTransport closed=True reading=False 0x7f>; the handler is closed"
 

@@ -17,8 +17,8 @@ from conftest import QUESTDB_USER as USER
 from tickbridge.brain.writer import TRADES_DDL
 from tickbridge.core.questdb_io import QuestDBHttp, ilp_conf
 from tickbridge.core.settings import Settings
-from tickbridge.devstack.servers import QuestDBServer
-from tickbridge.ops import dashboards
+from tickbridge_dev.deploy import dashboards
+from tickbridge_dev.devstack.servers import QuestDBServer
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tickbridge.devstack.servers import (
+from tickbridge_dev.deploy.catalog import known_series, referenced_series
+from tickbridge_dev.devstack.servers import (
     ALERTMANAGER_CONFIG,
     REPO_ROOT,
     AlertmanagerServer,
     PrometheusServer,
     wait_until,
 )
-from tickbridge.ops.catalog import known_series, referenced_series
 
 pytestmark = pytest.mark.timeout(60)
 

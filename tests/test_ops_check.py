@@ -20,9 +20,9 @@ from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.core import keys
 from tickbridge.core.metrics import counter
 from tickbridge.core.settings import DEFAULT_METRICS_PORTS, Settings
-from tickbridge.devstack.servers import RedisServer, free_port, wait_until
 from tickbridge.ops import check as check_mod
 from tickbridge.ops.check import check, check_heartbeat, evaluate
+from tickbridge_dev.devstack.servers import RedisServer, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,7 +1,7 @@
 """The compose files, checked without Docker: what `docker compose config` and a first `up` would catch.
 
 Both files validate against the Compose Specification schema after `${VAR}` interpolation from
-`.env.example`; every service runs what the native stack runs (tickbridge.ops.commands) or is listed as
+`.env.example`; every service runs what the native stack runs (tickbridge_dev.deploy.commands) or is listed as
 compose-only with a reason; images are pinned (QuestDB at the version the tests run); long-running
 services have healthchecks, restart policies, memory limits and named volumes for their state; the VPS
 fits 4 GB and pins cores as designed; every role's environment builds a valid `Settings`.
@@ -22,9 +22,8 @@ import yaml
 from pydantic import ValidationError
 
 from tickbridge.core.settings import DEFAULT_SYMBOLS, Settings
-from tickbridge.devstack.servers import QUESTDB_VERSION, REPO_ROOT
-from tickbridge.ops.commands import COMPOSE_ONLY, NATIVE_COMMANDS, command_matches
-from tickbridge.ops.compose import (
+from tickbridge_dev.deploy.commands import COMPOSE_ONLY, NATIVE_COMMANDS, command_matches
+from tickbridge_dev.deploy.compose import (
     InterpolationError,
     effective_command,
     interpolate,
@@ -33,6 +32,7 @@ from tickbridge.ops.compose import (
     parse_env_file,
     referenced_variables,
 )
+from tickbridge_dev.devstack.servers import QUESTDB_VERSION, REPO_ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -163,7 +163,7 @@ def test_every_service_runs_a_native_command(compose: dict[str, Any]) -> None:
 
 def test_native_stack_commands_match_the_canonical_list(tmp_path: Path) -> None:
     """The argv the native servers (devstack.servers) run are the canonical ones, and only those."""
-    from tickbridge.devstack.servers import AlertmanagerServer, PrometheusServer, QuestDBServer, RedisServer
+    from tickbridge_dev.devstack.servers import AlertmanagerServer, PrometheusServer, QuestDBServer, RedisServer
 
     native = {
         "redis": RedisServer(workdir=tmp_path / "redis").command(),

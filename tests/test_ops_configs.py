@@ -21,9 +21,10 @@ import pytest
 import redis
 import redis.exceptions
 
-from tickbridge.devstack.servers import REPO_ROOT, QuestDBServer, RedisServer, free_port, wait_until
-from tickbridge.devstack.tls import make_certs, render_acl
 from tickbridge.ops import secrets_init
+from tickbridge.ops.acl import render_acl
+from tickbridge_dev.devstack.servers import REPO_ROOT, QuestDBServer, RedisServer, free_port, wait_until
+from tickbridge_dev.devstack.tls import make_certs
 
 pytestmark = pytest.mark.timeout(180)
 

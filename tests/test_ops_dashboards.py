@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tickbridge.devstack.servers import REPO_ROOT, PrometheusServer
-from tickbridge.ops import dashboards
-from tickbridge.ops.catalog import known_series, referenced_series, role_series
-from tickbridge.ops.compose import load_compose, parse_env_file
+from tickbridge_dev.deploy import dashboards
+from tickbridge_dev.deploy.catalog import known_series, referenced_series, role_series
+from tickbridge_dev.deploy.compose import load_compose, parse_env_file
+from tickbridge_dev.devstack.servers import REPO_ROOT, PrometheusServer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -94,7 +94,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusS
 @pytest.mark.parametrize("host", sorted(dashboards.DASHBOARDS))
 def test_committed_dashboards_are_generated(host: str) -> None:
     assert dashboards.path_for(host).read_text() == dashboards.render(host), (
-        "run `python -m tickbridge.ops.dashboards` and commit grafana/dashboards/"
+        "run `python -m tickbridge_dev.deploy.dashboards` and commit grafana/dashboards/"
     )
 
 
@@ -161,7 +161,7 @@ def test_latency_row_shows_p50_and_p99_per_hop_and_symbol(host: str) -> None:
 
 def test_market_dashboard_is_generated_and_reads_questdb_as_the_reader() -> None:
     assert dashboards.market_path().read_text() == dashboards.render_market(), (
-        "run `python -m tickbridge.ops.dashboards` and commit grafana/dashboards/"
+        "run `python -m tickbridge_dev.deploy.dashboards` and commit grafana/dashboards/"
     )
     board = json.loads(dashboards.market_path().read_text())
     titles = {title for title, _, _ in dashboards.sql_queries(board)}

@@ -14,20 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tickbridge.devstack.servers import RedisExporterServer, wait_until
-from tickbridge.devstack.stack import StackConfig
-from tickbridge.devstack.tls import (
-    BRAIN_ACL,
-    VPS_ACL,
-    CertPaths,
-    SecureNativeStack,
-    SecureRedisServer,
-    acl_variables,
-    make_certs,
-    render_acl,
-)
-from tickbridge.ops.catalog import EXPORTER_SERIES
-from tickbridge.ops.commands import NATIVE_COMMANDS, command_matches
+from tickbridge.ops.acl import acl_variables, render_acl
+from tickbridge_dev.deploy.catalog import EXPORTER_SERIES
+from tickbridge_dev.deploy.commands import NATIVE_COMMANDS, command_matches
+from tickbridge_dev.devstack.servers import RedisExporterServer, wait_until
+from tickbridge_dev.devstack.stack import StackConfig
+from tickbridge_dev.devstack.tls import BRAIN_ACL, VPS_ACL, CertPaths, SecureNativeStack, SecureRedisServer, make_certs
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tickbridge.devstack.servers import REPO_ROOT
+from tickbridge_dev.devstack.servers import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -24,17 +24,10 @@ from tickbridge.brain.writer import TRADES_DDL
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.settings import Settings
-from tickbridge.devstack.servers import QuestDBServer, free_port
-from tickbridge.devstack.tls import (
-    BRAIN_ACL,
-    VPS_ACL,
-    CertPaths,
-    SecureRedisServer,
-    acl_variables,
-    make_certs,
-    render_acl,
-)
 from tickbridge.forwarder.buffer import SpillBuffer
+from tickbridge.ops.acl import acl_variables, render_acl
+from tickbridge_dev.devstack.servers import QuestDBServer, free_port
+from tickbridge_dev.devstack.tls import BRAIN_ACL, VPS_ACL, CertPaths, SecureRedisServer, make_certs
 
 pytestmark = pytest.mark.timeout(180)
 

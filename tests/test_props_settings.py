@@ -22,7 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tickbridge.core.settings import Settings, load_settings
-from tickbridge.devstack.tls import VPS_ACL, SecureRedisServer, acl_variables, password_hash, render_acl_text
+from tickbridge.ops.acl import acl_variables, password_hash, render_acl_text
+from tickbridge_dev.devstack.tls import VPS_ACL, SecureRedisServer
 
 pytestmark = pytest.mark.timeout(120 if settings().max_examples <= 1000 else 1800)
 

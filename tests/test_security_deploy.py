@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tickbridge.devstack.servers import REPO_ROOT
-from tickbridge.ops.compose import load_compose, parse_env_file
+from tickbridge_dev.deploy.compose import load_compose, parse_env_file
+from tickbridge_dev.devstack.servers import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(30)
 

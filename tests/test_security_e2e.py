@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tickbridge.devstack.demo import drain_and_check
-from tickbridge.devstack.stack import StackConfig
-from tickbridge.devstack.tls import SecureNativeStack, SecureRedisServer
+from tickbridge_dev.devstack.demo import drain_and_check
+from tickbridge_dev.devstack.stack import StackConfig
+from tickbridge_dev.devstack.tls import SecureNativeStack, SecureRedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

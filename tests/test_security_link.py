@@ -25,11 +25,12 @@ from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.core import keys
 from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
-from tickbridge.devstack.tls import BRAIN_ACL, CertPaths, SecureRedisServer, acl_variables, make_certs, render_acl
 from tickbridge.forwarder.buffer import StreamId, format_id, parse_id
-from tickbridge.forwarder.loadgen import SYMBOLS, preload
 from tickbridge.forwarder.service import Forwarder
+from tickbridge.ops.acl import acl_variables, render_acl
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.devstack.tls import BRAIN_ACL, CertPaths, SecureRedisServer, make_certs
+from tickbridge_dev.loadgen.forwarder import SYMBOLS, preload
 
 pytestmark = pytest.mark.timeout(150)
 

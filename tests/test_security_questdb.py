@@ -18,7 +18,7 @@ from tickbridge.brain.tiered import COLD, TieredMarketData
 from tickbridge.brain.writer import TRADES_DDL
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
 from tickbridge.core.settings import Settings
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -30,8 +30,9 @@ from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import Trade
-from tickbridge.devstack.servers import QuestDBServer
-from tickbridge.devstack.tls import BRAIN_ACL, CertPaths, SecureRedisServer, acl_variables, make_certs, render_acl
+from tickbridge.ops.acl import acl_variables, render_acl
+from tickbridge_dev.devstack.servers import QuestDBServer
+from tickbridge_dev.devstack.tls import BRAIN_ACL, CertPaths, SecureRedisServer, make_certs
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -24,9 +24,10 @@ import pytest
 import redis
 
 from tickbridge.core.settings import SECRET_FILES, Settings, load_settings
-from tickbridge.devstack.servers import REPO_ROOT
-from tickbridge.devstack.tls import VPS_ACL, SecureRedisServer, acl_variables
 from tickbridge.ops import secrets_init
+from tickbridge.ops.acl import acl_variables
+from tickbridge_dev.devstack.servers import REPO_ROOT
+from tickbridge_dev.devstack.tls import VPS_ACL, SecureRedisServer
 
 pytestmark = pytest.mark.timeout(60)
 

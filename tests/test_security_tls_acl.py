@@ -22,19 +22,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from tickbridge.core.redis_io import execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import Trade
-from tickbridge.devstack.servers import REPO_ROOT, ServerError
-from tickbridge.devstack.tls import (
-    BRAIN_ACL,
-    CERTS_SCRIPT,
-    VPS_ACL,
-    AclRenderError,
-    CertPaths,
-    SecureRedisServer,
-    acl_variables,
-    make_certs,
-    render_acl,
-    render_acl_text,
-)
+from tickbridge.ops.acl import AclRenderError, acl_variables, render_acl, render_acl_text
+from tickbridge_dev.devstack.servers import REPO_ROOT, ServerError
+from tickbridge_dev.devstack.tls import BRAIN_ACL, CERTS_SCRIPT, VPS_ACL, CertPaths, SecureRedisServer, make_certs
 
 pytestmark = pytest.mark.timeout(60)
 

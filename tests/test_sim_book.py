@@ -15,8 +15,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from conftest import eventually
-from tickbridge.sim import SimConfig, SimServer
-from tickbridge.sim.testing import LocalBook, running_sim
+from tickbridge_dev.sim import SimConfig, SimServer
+from tickbridge_dev.sim.testing import LocalBook, running_sim
 
 pytestmark = pytest.mark.timeout(45)
 

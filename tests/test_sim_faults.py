@@ -22,8 +22,8 @@ import websockets
 from prometheus_client import CollectorRegistry
 
 from conftest import eventually
-from tickbridge.sim import SimConfig
-from tickbridge.sim.testing import running_sim
+from tickbridge_dev.sim import SimConfig
+from tickbridge_dev.sim.testing import running_sim
 
 pytestmark = pytest.mark.timeout(40)
 

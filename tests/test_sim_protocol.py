@@ -14,8 +14,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from tickbridge.sim import SimConfig, SimServer
-from tickbridge.sim.testing import running_sim
+from tickbridge_dev.sim import SimConfig, SimServer
+from tickbridge_dev.sim.testing import running_sim
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,8 +14,8 @@ import pytest
 import websockets
 
 from conftest import eventually
-from tickbridge.sim import SimConfig
-from tickbridge.sim.testing import LocalBook, running_sim
+from tickbridge_dev.sim import SimConfig
+from tickbridge_dev.sim.testing import LocalBook, running_sim
 
 pytestmark = pytest.mark.timeout(60)
 

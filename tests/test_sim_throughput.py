@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from conftest import eventually
-from tickbridge.sim.drain import drain
+from tickbridge_dev.sim.drain import drain
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.load]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tickbridge.devstack import chaos
-from tickbridge.devstack.servers import ManagedProcess
-from tickbridge.devstack.stack import NativeStack, StackConfig
+from tickbridge_dev.devstack import chaos
+from tickbridge_dev.devstack.servers import ManagedProcess
+from tickbridge_dev.devstack.stack import NativeStack, StackConfig
 
 
 class ExitingRole(ManagedProcess):

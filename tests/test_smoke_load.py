@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tickbridge.devstack import loadtest, report
+from tickbridge_dev.devstack import loadtest, report
 
 
 def test_report_from_synthetic_numbers(tmp_path: Path) -> None:

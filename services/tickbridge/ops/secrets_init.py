@@ -3,7 +3,7 @@
     python -m tickbridge.ops.secrets_init --acl TEMPLATE OUT --tls SRC_DIR DEST_DIR NAME... --owner UID:GID
 
 Why a step at all: the committed ACL files hold `#@VARIABLE@` placeholders (never secrets) that
-`tickbridge.devstack.tls.render_acl` turns into SHA-256 hashes of the passwords in `.env`; and the
+`tickbridge.ops.acl.render_acl` turns into SHA-256 hashes of the passwords in `.env`; and the
 keys `make certs` writes are mode 0600 for the deploying user, which the container users (redis 999,
 tickbridge 10001) cannot read. The init container runs as root once, writes into a named volume with
 the reader's ownership and mode 0600/0644, and exits; redis and the forwarder mount that volume
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from tickbridge.core.settings import read_secret_file
-from tickbridge.devstack.tls import AclRenderError, render_acl
+from tickbridge.ops.acl import AclRenderError, render_acl
 
 
 class SecretFileError(ValueError):

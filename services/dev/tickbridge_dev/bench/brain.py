@@ -28,14 +28,14 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 
-from tickbridge.brain.loadgen import TradeSource
 from tickbridge.brain.tiered import TieredMarketData
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.rawlink import RawRedis
 from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.loadgen.brain import TradeSource
 
 SYMBOLS = (
     "BTCUSDT",
@@ -334,7 +334,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tickbridge.bench.brain", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tickbridge_dev.bench.brain", description=__doc__)
     p.add_argument("--ticks", type=int, default=1_000_000)
     p.add_argument("--consumers", type=int, default=2, help="consumer processes in the group")
     p.add_argument("--consumer-batch", type=int, default=2000, help="CONSUMER_BATCH of the consumers")

@@ -35,7 +35,7 @@ import redis
 from tickbridge.core import keys
 from tickbridge.core.keys import DEFAULT_STREAM_KEY
 from tickbridge.core.tick import parse_stream_id
-from tickbridge.devstack.servers import RedisServer, free_port
+from tickbridge_dev.devstack.servers import RedisServer, free_port
 
 ENTRY = [
     "symbol", "BTCUSDT", "exchange", "binance_spot", "type", "TRADE", "price", "61837.63000000",
@@ -78,7 +78,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 def replay_burst(py: str, env: dict[str, str], workdir: Path, redis_url: str, client: redis.Redis) -> tuple[int, float]:
     """Ticks and ticks/s of a full-speed replay of the real captures through a fresh collector."""
-    data = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "binance"
+    data = Path(__file__).resolve().parents[4].parent / "shared" / "data" / "binance"
     files = sorted(data.glob("*.gz"))
     if not files:
         return 0, float("nan")
@@ -153,7 +153,7 @@ def blaster_rate(
     key = "bench:blast"
     client.delete(key, keys.COLLECTOR_LAST_TRADE_IDS)
     blaster = subprocess.Popen(
-        [py, "-m", "tickbridge.bench.collector", "--blaster", str(port), str(total)], cwd=workdir
+        [py, "-m", "tickbridge_dev.bench.collector", "--blaster", str(port), str(total)], cwd=workdir
     )
     collector: subprocess.Popen[bytes] | None = None
     try:
@@ -194,7 +194,7 @@ def rate_over(client: redis.Redis, seconds: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tickbridge.bench.collector", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tickbridge_dev.bench.collector", description=__doc__)
     p.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
     p.add_argument("--max-rate", type=float, default=30_000.0, help="simulator trades/s during the max phase")
     p.add_argument("--pause", type=float, default=10.0, help="seconds the collector is stopped to build a backlog")

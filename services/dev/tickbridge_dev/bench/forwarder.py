@@ -28,9 +28,9 @@ from prometheus_client import CollectorRegistry
 from tickbridge.core.lifecycle import tune_gc
 from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
-from tickbridge.devstack.servers import QuestDBServer, RedisServer
-from tickbridge.forwarder.loadgen import preload, trade_fields
 from tickbridge.forwarder.service import Forwarder
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.loadgen.forwarder import preload, trade_fields
 
 KEY = "market:vps:stream"
 TICKS_PER_S = 1200

@@ -1,4 +1,4 @@
-"""`python -m tickbridge.bench.hops`: the CPU per tick the per-hop latency histograms add to each role's live
+"""`python -m tickbridge_dev.bench.hops`: the CPU per tick the per-hop latency histograms add to each role's live
 path (issue 19), measured on the roles' own code (min of several runs of 100,000 ticks, one process, no I/O).
 
 - collector: `observe_us` of exchange -> collector (in `_emit_trade`) and of -> VPS stream (per batch in

@@ -19,7 +19,7 @@ METRICS_CLASSES: dict[str, tuple[str, str]] = {
     "consumer": ("tickbridge.brain.consumer", "ConsumerMetrics"),
     "writer": ("tickbridge.brain.writer", "WriterMetrics"),
     "tiered": ("tickbridge.brain.tiered", "TieredMetrics"),
-    "sim": ("tickbridge.sim.metrics", "SimMetrics"),
+    "sim": ("tickbridge_dev.sim.metrics", "SimMetrics"),
 }
 
 _SUFFIXES = {

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tickbridge.ops.commands import NATIVE_COMMANDS, native_name
+from tickbridge_dev.deploy.commands import NATIVE_COMMANDS, native_name
 
 _VAR = re.compile(
     r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"

@@ -1,6 +1,6 @@
 """Grafana dashboards of the VPS and the Brain, generated from one compact description.
 
-    python -m tickbridge.ops.dashboards        # rewrites grafana/dashboards/{vps,brain}/*.json
+    python -m tickbridge_dev.deploy.dashboards        # rewrites grafana/dashboards/{vps,brain}/*.json
 
 PromQL stays plain (fixed windows; the one template variable, `$symbol` of the latency rows, is a regex
 matcher `symbol=~"$symbol"` whose All value is `.*`, expanded by `expand_variables`) so every panel can be
@@ -29,7 +29,7 @@ CADVISOR_PREFIX = "cAdvisor (compose only): "
 COMPOSE_ONLY_PREFIXES = (NODE_PREFIX, CADVISOR_PREFIX)
 #: Host interfaces only: not loopback, container veths or Docker bridges.
 _NIC = 'job="node",device!~"lo|veth.*|docker.*|br-.*|tb-.*"'
-OUT_DIR = Path(__file__).resolve().parents[3] / "grafana" / "dashboards"
+OUT_DIR = Path(__file__).resolve().parents[4] / "grafana" / "dashboards"
 
 
 @dataclass(frozen=True)

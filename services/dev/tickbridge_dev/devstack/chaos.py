@@ -10,7 +10,7 @@ A scenario fails on lost, duplicated or out-of-order trades, and on any process 
 simulator, proxy) that exits without the harness killing it: it is checked while the load runs, while the
 harness waits for a recovery or the drain, and once more after the oracle. The link faults toxiproxy cannot
 make (connections reset with a TCP RST or refused, segment loss) come from `LinkProxy`
-(`tickbridge.devstack.linkproxy`), which these scenarios put in front of toxiproxy.
+(`tickbridge_dev.devstack.linkproxy`), which these scenarios put in front of toxiproxy.
 
 `--quick` shortens every fault phase (the smoke in `make test` uses it with `--shared`: several scenarios
 on one stack, with the oracle after each). `--scale` multiplies the full durations.
@@ -37,8 +37,8 @@ from typing import Any
 
 from rich.console import Console
 
-from tickbridge.devstack import oracle, report
-from tickbridge.devstack.faults import (
+from tickbridge_dev.devstack import oracle, report
+from tickbridge_dev.devstack.faults import (
     FaultEvent,
     kill9,
     poll,
@@ -51,8 +51,8 @@ from tickbridge.devstack.faults import (
     vps_buffer_rows,
     wait_caught_up,
 )
-from tickbridge.devstack.servers import ManagedProcess, stop_on_signals
-from tickbridge.devstack.stack import ROLES, NativeStack, StackConfig
+from tickbridge_dev.devstack.servers import ManagedProcess, stop_on_signals
+from tickbridge_dev.devstack.stack import ROLES, NativeStack, StackConfig
 
 console = Console(stderr=True)
 
@@ -513,7 +513,7 @@ def _collector_counters(ctx: Ctx) -> str:
     proc = ctx.stack.roles.get("collector")
     if proc is None:
         return "n/a"
-    from tickbridge.devstack.faults import scrape_metrics
+    from tickbridge_dev.devstack.faults import scrape_metrics
 
     with contextlib.suppress(Exception):
         m = scrape_metrics(proc.metrics_port)
@@ -757,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
     symbols = tuple(s.strip().upper() for s in args.symbols.split(",")) if args.symbols else ()
     opts = ChaosOptions(rate=args.rate, symbols=symbols, quick=args.quick, scale=args.scale, shared=args.shared,
                         out=args.out, seed=args.seed, workdir=args.workdir, keep=args.keep,
-                        command="python -m tickbridge.devstack.chaos " + shlex.join(
+                        command="python -m tickbridge_dev.devstack.chaos " + shlex.join(
                             sys.argv[1:] if argv is None else argv))  # fmt: skip
     doc = run(args.scenario or [s.name for s in SCENARIOS], opts)
     for r in doc["scenarios"]:

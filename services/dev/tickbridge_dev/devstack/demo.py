@@ -15,10 +15,10 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from tickbridge.devstack import oracle
-from tickbridge.devstack.servers import stop_on_signals
-from tickbridge.devstack.stack import NativeStack, StackConfig
-from tickbridge.devstack.status import Endpoints, watch
+from tickbridge.ops.status import Endpoints, watch
+from tickbridge_dev.devstack import oracle
+from tickbridge_dev.devstack.servers import stop_on_signals
+from tickbridge_dev.devstack.stack import NativeStack, StackConfig
 
 console = Console()
 

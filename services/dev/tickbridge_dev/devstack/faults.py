@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tickbridge.core import keys
 from tickbridge.core.settings import DEFAULT_SYMBOLS
-from tickbridge.devstack import oracle
-from tickbridge.devstack.servers import ManagedProcess
-from tickbridge.devstack.stack import NativeStack
+from tickbridge_dev.devstack import oracle
+from tickbridge_dev.devstack.servers import ManagedProcess
+from tickbridge_dev.devstack.stack import NativeStack
 
 
 def stack_symbols(stack: NativeStack) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ and only when they send; the kernel's netem is not available here. `LinkProxy` s
   control is not modelled.
 
 In-process (tests): `await LinkProxy(...).start()`, then `swallow()`, `await reset()`, `await restore()`,
-`set_loss(p)`. As a process (the chaos stack): `python -m tickbridge.devstack.linkproxy --upstream host:port
+`set_loss(p)`. As a process (the chaos stack): `python -m tickbridge_dev.devstack.linkproxy --upstream host:port
 --listen-port P --control-port C`, controlled with `POST /mode {"mode": ..., "refuse": ..., "loss": ...}`.
 """
 
@@ -287,7 +287,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tickbridge.devstack.linkproxy", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tickbridge_dev.devstack.linkproxy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--upstream", required=True, help="host:port to relay to")
     parser.add_argument("--listen-port", type=int, required=True)

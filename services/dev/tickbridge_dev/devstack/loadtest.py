@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tickbridge.core.settings import DEFAULT_SYMBOLS
-from tickbridge.devstack import oracle, report
-from tickbridge.devstack.faults import LatencySample, Probe, scrape_metrics, sim_trades_total, start_load
-from tickbridge.devstack.servers import stop_on_signals
-from tickbridge.devstack.stack import NativeStack, StackConfig
+from tickbridge_dev.devstack import oracle, report
+from tickbridge_dev.devstack.faults import LatencySample, Probe, scrape_metrics, sim_trades_total, start_load
+from tickbridge_dev.devstack.servers import stop_on_signals
+from tickbridge_dev.devstack.stack import NativeStack, StackConfig
 
 console = Console(stderr=True)
 HOPS = ("exchange", "vps_stream", "brain_stream", "brain_trades", "questdb")
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     symbols = tuple(s.strip().upper() for s in args.symbols.split(",")) if args.symbols else ()
     opts = LoadOptions(rate=args.rate, duration=args.duration, out=args.out, symbols=symbols, warmup=args.warmup,
                        workdir=args.workdir, progress=not args.no_progress,
-                       command="python -m tickbridge.devstack.loadtest " + shlex.join(
+                       command="python -m tickbridge_dev.devstack.loadtest " + shlex.join(
                            sys.argv[1:] if argv is None else argv))  # fmt: skip
     doc = run(opts)
     ok = bool(doc.get("pass"))

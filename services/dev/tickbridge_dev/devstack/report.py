@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tickbridge.devstack.servers import QUESTDB_VERSION, REPO_ROOT
+from tickbridge_dev.devstack.servers import QUESTDB_VERSION, REPO_ROOT
 
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 

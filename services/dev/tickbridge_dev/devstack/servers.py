@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[4]
 #: The committed Alertmanager config, run as is by compose and by the native stack.
 ALERTMANAGER_CONFIG = REPO_ROOT / "alertmanager" / "alertmanager.yml"
 CACHE_DIR = Path(os.environ.get("TICKBRIDGE_CACHE", REPO_ROOT / ".cache"))
@@ -425,7 +425,7 @@ class ToxiproxyServer(ManagedProcess):
 
 
 class LinkProxyServer(ManagedProcess):
-    """`tickbridge.devstack.linkproxy` as a process: resets, refused connects and segment loss on a link."""
+    """`tickbridge_dev.devstack.linkproxy` as a process: resets, refused connects and segment loss on a link."""
 
     name = "linkproxy"
 
@@ -442,7 +442,7 @@ class LinkProxyServer(ManagedProcess):
 
     def command(self) -> list[str]:
         host, port = self.upstream
-        cmd = [sys.executable, "-m", "tickbridge.devstack.linkproxy", "--upstream", f"{host}:{port}",
+        cmd = [sys.executable, "-m", "tickbridge_dev.devstack.linkproxy", "--upstream", f"{host}:{port}",
                "--listen-port", str(self.port), "--control-port", str(self.control_port)]  # fmt: skip
         return cmd + (["--seed", str(self.seed)] if self.seed is not None else [])
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tickbridge.devstack.servers import (
+from tickbridge_dev.devstack.servers import (
     REPO_ROOT,
     AlertmanagerServer,
     LinkProxyServer,
@@ -57,7 +57,7 @@ class RoleProcess(ManagedProcess):
 
     def command(self) -> list[str]:
         if self.role == "reader":  # trading-code stand-in, not a deployable role
-            return [sys.executable, "-m", "tickbridge.devstack.reader", *self.args]
+            return [sys.executable, "-m", "tickbridge_dev.devstack.reader", *self.args]
         return [sys.executable, "-m", "tickbridge", self.role, *self.args]
 
     def env(self) -> dict[str, str]:
@@ -297,7 +297,7 @@ class NativeStack:
 
     def set_link_proxy(self, mode: str | None = None, *, refuse: bool = True, loss: float | None = None) -> Any:
         """Switch the link proxy: mode `pass`, `swallow` or `reset` (`refuse`: new connects refused rather than
-        reset), and/or the segment loss probability (see `tickbridge.devstack.linkproxy`)."""
+        reset), and/or the segment loss probability (see `tickbridge_dev.devstack.linkproxy`)."""
         assert self.link_proxy is not None, "stack started without the link proxy"
         body: dict[str, Any] = {"refuse": refuse}
         if mode is not None:

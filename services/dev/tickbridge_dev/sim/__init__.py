@@ -31,7 +31,7 @@ back-fill), `stall(seconds)` (nothing sent, not even pings; the backlog follows 
 Replay mode serves a capture (see `replay.py`).
 """
 
-from tickbridge.sim.config import SimConfig
-from tickbridge.sim.server import SimServer
+from tickbridge_dev.sim.config import SimConfig
+from tickbridge_dev.sim.server import SimServer
 
 __all__ = ["SimConfig", "SimServer"]

@@ -1,6 +1,6 @@
 """Drain a (simulated) Binance stream with one `websockets` client and report the rate and ID continuity.
 
-`python -m tickbridge.sim.drain ws://127.0.0.1:9443 --symbols BTCUSDT,ETHUSDT --seconds 10`
+`python -m tickbridge_dev.sim.drain ws://127.0.0.1:9443 --symbols BTCUSDT,ETHUSDT --seconds 10`
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ async def drain(ws_url: str, symbols: tuple[str, ...], seconds: float) -> DrainR
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tickbridge.sim.drain")
+    p = argparse.ArgumentParser(prog="python -m tickbridge_dev.sim.drain")
     p.add_argument("ws_url")
     p.add_argument("--symbols", default="BTCUSDT")
     p.add_argument("--seconds", type=float, default=10.0)

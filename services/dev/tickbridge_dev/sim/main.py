@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 from tickbridge.core.lifecycle import Service, run_service, setup_logging
 from tickbridge.core.metrics import serve_metrics
 from tickbridge.core.settings import load_settings
-from tickbridge.sim.config import SimConfig
-from tickbridge.sim.server import SimServer
+from tickbridge_dev.sim.config import SimConfig
+from tickbridge_dev.sim.server import SimServer
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from tickbridge.sim.market import fmt8, parse8
+from tickbridge_dev.sim.market import fmt8, parse8
 
 
 @dataclass(frozen=True)

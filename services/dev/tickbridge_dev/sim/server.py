@@ -21,11 +21,11 @@ import orjson
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
-from tickbridge.sim import wire
-from tickbridge.sim.config import SimConfig
-from tickbridge.sim.market import SymbolMarket, TradeHistory, parse8
-from tickbridge.sim.metrics import SimMetrics
-from tickbridge.sim.replay import CaptureLine, ReplayBook, load_capture
+from tickbridge_dev.sim import wire
+from tickbridge_dev.sim.config import SimConfig
+from tickbridge_dev.sim.market import SymbolMarket, TradeHistory, parse8
+from tickbridge_dev.sim.metrics import SimMetrics
+from tickbridge_dev.sim.replay import CaptureLine, ReplayBook, load_capture
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from tickbridge.sim.config import SimConfig
-from tickbridge.sim.market import parse8
-from tickbridge.sim.server import SimServer
+from tickbridge_dev.sim.config import SimConfig
+from tickbridge_dev.sim.market import parse8
+from tickbridge_dev.sim.server import SimServer
 
 
 @asynccontextmanager

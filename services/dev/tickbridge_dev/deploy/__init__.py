@@ -1,0 +1,1 @@
+"""Checks of the deployment files (compose, dashboards, alert rules) that only tests and CI run."""

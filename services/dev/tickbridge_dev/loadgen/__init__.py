@@ -1,0 +1,1 @@
+"""Load generators that feed one role at a set rate (benchmarks and load tests)."""
