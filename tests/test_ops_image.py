@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import re
+import shutil
+import subprocess
+import tempfile
 import tomllib
+from pathlib import Path
 
 import pytest
+import setuptools
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -79,3 +84,60 @@ def test_dockerfile_is_pinned_small_and_non_root() -> None:
     ignore = (REPO_ROOT / "services" / "Dockerfile.dockerignore").read_text().splitlines()
     assert "**" in ignore
     assert "!services/constraints.txt" in ignore and "!pyproject.toml" in ignore
+
+
+def build_context() -> list[str]:
+    """The repository files BuildKit sends for services/Dockerfile: Docker's rules (patterns in order, the
+    last match wins, `!` re-includes, `**` any path, `*` one path element; a match on a directory covers
+    what is in it), applied to the tracked files."""
+    rules: list[tuple[bool, re.Pattern[str]]] = []
+    for line in (REPO_ROOT / "services" / "Dockerfile.dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        include, pattern = line.startswith("!"), line.lstrip("!").strip("/")
+        regex = "".join(".*" if part == "**" else re.escape(part).replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+                        for part in re.split(r"(\*\*)", pattern))  # fmt: skip
+        rules.append((include, re.compile(regex + "(/.*)?")))
+    files = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    sent = []
+    for path in files.splitlines():
+        keep = True
+        for include, regex in rules:
+            if regex.fullmatch(path):
+                keep = include
+        if keep:
+            sent.append(path)
+    return sent
+
+
+def test_image_installs_the_runtime_alone() -> None:
+    """The image's package list (issue 15): what `pip install /src` finds in the build context, by the
+    root pyproject's own package discovery, holds no simulator, devstack, bench, load generator or deploy check,
+    and registers no harness command."""
+    context = build_context()
+    assert "pyproject.toml" in context and "services/tickbridge/cli.py" in context
+    assert not [p for p in context if p.startswith("services/dev/")], "the harness is in the build context"
+    # Two distributions: the image builds the root project only, never services/dev.
+    text = DOCKERFILE.read_text()
+    assert "services/dev" not in text and "tickbridge_dev" not in text and "tickbridge-dev" not in text
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    find = project["tool"]["setuptools"]["packages"]["find"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in context:
+            (Path(tmp) / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(REPO_ROOT / path, Path(tmp) / path)
+        packages = setuptools.find_namespace_packages(
+            where=str(Path(tmp) / find["where"][0]), include=find.get("include", ["*"])
+        )
+        modules = [
+            ".".join(p.relative_to(Path(tmp) / find["where"][0]).with_suffix("").parts)
+            for p in (Path(tmp) / find["where"][0]).rglob("*.py")
+            if ".".join(p.relative_to(Path(tmp) / find["where"][0]).parent.parts) in packages
+        ]
+    assert "tickbridge" in packages and "tickbridge.ops" in packages
+    assert "tickbridge.ops.secrets_init" in modules and "tickbridge.ops.status" in modules
+    harness = {"sim", "devstack", "bench", "loadgen", "tickbridge_dev", "deploy"}
+    shipped = [m for m in modules if harness & set(m.split(".")) or m.rpartition(".")[2] == "loadgen"]
+    assert not shipped, f"the image would ship the harness: {shipped}"
+    assert "tickbridge.commands" not in project.get("entry-points", {}), "the runtime must not register plugins"

@@ -33,7 +33,7 @@ NATIVE_COMMANDS: dict[str, list[str]] = {
 COMPOSE_ONLY: dict[str, str] = {
     "grafana": "dashboards only read Prometheus; their PromQL is tested against the native Prometheus",
     "node-exporter": "host metrics (CPU per core, RAM, disk, network) exist only on a real host",
-    "init": "one-shot: renders the Redis ACL with devstack.tls.render_acl, as the native TLS stack does",
+    "init": "one-shot: renders the Redis ACL with tickbridge.ops.acl.render_acl, as the native TLS stack does",
     "forwarder-tls": "one-shot: hands the TLS client files of `make certs` to the image's uid",
     "cadvisor": "per-container CPU and memory against mem_limit: the native stack runs no containers",
 }
