@@ -142,3 +142,15 @@ def test_cli_names_the_missing_development_package(
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "development package" in err, err
+
+
+def test_cli_treats_a_stale_registration_as_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The entry point is registered but its package is gone: the same one line, not a traceback."""
+    gone = importlib.metadata.EntryPoint("sim", "tickbridge_dev_gone.sim.main:main", cli.PLUGIN_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **_: importlib.metadata.EntryPoints((gone,)))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sim"])
+    assert exc.value.code == 2
+    assert "development package" in capsys.readouterr().err

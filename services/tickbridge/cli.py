@@ -29,7 +29,12 @@ PLUGIN_COMMANDS: dict[str, str] = {"sim": "Binance-compatible exchange simulator
 def plugin(command: str) -> Callable[[list[str]], None] | None:
     """The `main` a `tickbridge.commands` entry point registers for `command`, or None if none does."""
     for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP, name=command):
-        func: Callable[[list[str]], None] = entry.load()
+        try:
+            func: Callable[[list[str]], None] = entry.load()
+        except ModuleNotFoundError as exc:
+            if exc.name != entry.module.partition(".")[0]:
+                raise  # a bug inside the package, not a missing package
+            return None  # registered, but the package is gone (a stale install)
         return func
     return None
 
