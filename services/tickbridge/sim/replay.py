@@ -1,4 +1,4 @@
-"""Replay of real captures (`<recv_ns> <json>` per line, gzip; see shared/data/binance/README.md)."""
+"""Replay of real captures (`<recv_ns> <json>` per line, gzip; see data/binance/README.md)."""
 
 from __future__ import annotations
 
