@@ -18,7 +18,9 @@ THIS_FILE = Path(__file__).resolve().relative_to(REPO_ROOT).as_posix()
 
 #: Ways a file has pointed outside the repository: `../shared/...`, `Path(...).parent / "shared"`, and
 #: bare `shared/data`, `shared/schemas`, `shared/reference` mentions of the old reference folder.
-OUTSIDE = re.compile(r"\.\./shared\b|parent\s*/\s*[\"']shared[\"']|(?<![\w./-])shared/(?:data|schemas|reference|contract)")
+OUTSIDE = re.compile(
+    r"\.\./shared\b|parent\s*/\s*[\"']shared[\"']|(?<![\w./-])shared/(?:data|schemas|reference|contract)"
+)
 #: Markdown links `[text](target)`, the target up to a space or `)`.
 MD_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s[^)]*)?\)")
 
