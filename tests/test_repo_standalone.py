@@ -16,11 +16,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 THIS_FILE = Path(__file__).resolve().relative_to(REPO_ROOT).as_posix()
 
-#: Ways a file has pointed outside the repository: `../shared/...`, `Path(...).parent / "shared"`, and
-#: bare `shared/data`, `shared/schemas`, `shared/reference` mentions of the old reference folder.
-OUTSIDE = re.compile(
-    r"\.\./shared\b|parent\s*/\s*[\"']shared[\"']|(?<![\w./-])shared/(?:data|schemas|reference|contract)"
-)
+#: Ways a file has pointed outside the repository: `../shared/...`, `Path(...).parent / "shared"`, and any
+#: path into the engineers' reference folder (`shared/data`, `/work/shared/schemas`, `shared/reference`, ...).
+OUTSIDE = re.compile(r"\.\./shared\b|parent\s*/\s*[\"']shared[\"']|\bshared/(?:data|schemas|reference|contract\.md)")
 #: Markdown links `[text](target)`, the target up to a space or `)`.
 MD_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s[^)]*)?\)")
 
