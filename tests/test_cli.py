@@ -226,3 +226,21 @@ def test_lower_case_log_level_starts_a_role(tmp_path: Path) -> None:
         proc.kill()
         proc.communicate(timeout=30)
     assert " INFO " in first and "sim synthetic on 127.0.0.1:0" in first, first
+
+
+def test_the_health_check_stays_light(tmp_path: Path) -> None:
+    """Compose runs `tickbridge check <role>` every few seconds with METRICS_PORT set: the one parser must not
+    make it import pydantic, redis or another command's module."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tickbridge", "check", "collector", "--timeout", "0.2"],
+        env={**os.environ, "METRICS_PORT": "1"}, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1  # nothing listens on port 1: unhealthy, said in one line
+    assert proc.stderr.splitlines()[-1].startswith("unhealthy: collector: "), proc.stderr[-500:]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "tickbridge.cli" in imported
+    heavy = {name for name in imported if name.split(".")[0] in {"pydantic", "redis", "aiohttp", "websockets"}}
+    heavy |= {
+        name for name in imported if name.startswith(("tickbridge.sim", "tickbridge.devstack", "tickbridge.brain"))
+    }
+    assert not heavy, sorted(heavy)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import sys
 from dataclasses import dataclass
 from types import ModuleType
@@ -45,10 +44,23 @@ BYTE_SIZES = (
 
 def version() -> str:
     """The installed distribution's version (the one in pyproject.toml)."""
+    import importlib.metadata  # 0.1 s of imports: only for --version, not for every health check
+
     try:
         return importlib.metadata.version("tickbridge")
     except importlib.metadata.PackageNotFoundError:  # run from a tree that was never installed
         return "unknown"
+
+
+class VersionAction(argparse.Action):
+    """`--version`, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the installed version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(f"tickbridge {version()}")  # on stdout, as argparse's own "version" action
+        parser.exit()
 
 
 def environment_help(command: str) -> str:
@@ -96,7 +108,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Exactly-once live market data from an exchange-side VPS to a trading Brain.",
         epilog="`tickbridge <command> --help` lists the command's options and environment variables.",
     )
-    parser.add_argument("--version", action="version", version=f"tickbridge {version()}")
+    parser.add_argument("--version", action=VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True, parser_class=CommandParser)
     for name, spec in COMMANDS.items():
         sub = subparsers.add_parser(
