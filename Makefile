@@ -4,14 +4,18 @@ PY := .venv/bin/python
 RATE ?= 10000
 DURATION ?= 60
 SOURCE ?= sim
+#: The fast suite's selection (make test-fast, and make test-pythons in each other Python).
+FAST_MARKERS := not slow and not chaos and not load
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: help deps lint typecheck test test-fast demo bench bench-collector bench-forwarder bench-brain \
+.PHONY: help deps lint typecheck test test-fast test-pythons demo bench bench-collector bench-forwarder bench-brain \
         load-test chaos-test fuzz certs secrets clean
 
 help:
 	@echo "make demo        full VPS + Brain pipeline on this machine with a live status (SOURCE=binance for the real exchange)"
 	@echo "make test        the whole test suite (unit, integration with real servers, chaos and load smokes)"
+	@echo "make test-fast   the suite without the slow, chaos and load tests"
+	@echo "make test-pythons   install and run the fast suite under Python 3.12 and 3.13 too (PYTHONS=\"3.12 3.13\")"
 	@echo "make bench       all benchmarks (bench-collector, bench-forwarder, bench-brain)"
 	@echo "make load-test RATE=10000 DURATION=60   end-to-end load test with a report under docs/results/"
 	@echo "make chaos-test  every fault scenario with the zero-loss/zero-duplicate oracle"
@@ -33,7 +37,10 @@ test: deps lint typecheck
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: deps
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not chaos and not load"
+	$(PY) -m pytest -q -p no:cacheprovider -m "$(FAST_MARKERS)"
+
+test-pythons: deps
+	FAST_MARKERS="$(FAST_MARKERS)" bash scripts/test-pythons.sh
 
 demo: deps
 	$(PY) -m tickbridge_dev.devstack.demo --source $(SOURCE) $(DEMO_ARGS)
@@ -65,4 +72,4 @@ secrets:
 	bash scripts/secrets.sh $(HOST)
 
 clean:
-	rm -rf .venv .cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv-3.* .cache .mypy_cache .ruff_cache

@@ -26,8 +26,8 @@ for _name, _examples in (("default", 100), ("long", 10_000)):
     )  # fmt: skip
 hypothesis_settings.load_profile("default")
 
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
-BINANCE_DATA = SHARED_DIR / "data" / "binance"
+#: Real Binance captures kept in the repository (their MIT notice beside them): see data/binance/README.md.
+BINANCE_DATA = Path(__file__).resolve().parents[1] / "data" / "binance"
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def toxiproxy(tmp_path: Path) -> Iterator[ToxiproxyServer]:
 @pytest.fixture
 def binance_data() -> Path:
     if not BINANCE_DATA.exists():
-        pytest.fail(f"{BINANCE_DATA} missing: the shared/ folder must sit beside the repository")
+        pytest.fail(f"{BINANCE_DATA} missing: the captures are part of the repository (git checkout data/)")
     return BINANCE_DATA
 
 

@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from conftest import ServiceRunner, equals, eventually
-from tickbridge.brain import query
+from tickbridge import cli
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.tiered import COLD, HOT, WARM, TickRow, TieredMarketData, _Hot
 from tickbridge.brain.writer import BrainWriter
@@ -100,7 +100,7 @@ async def test_tiers_answer_and_stitch_seamlessly(
         monkeypatch.setenv("BRAIN_QUESTDB_URL", qserver.url)
         monkeypatch.setenv("SYMBOLS", SYM)
         capsys.readouterr()
-        await asyncio.to_thread(query.main, [SYM, "--recent", "5", "--no-follow"])
+        await asyncio.to_thread(cli.main, ["query", SYM, "--recent", "5", "--no-follow"])
         out = capsys.readouterr().out
         assert "3010" in out and "warm" in out
     finally:
@@ -205,7 +205,7 @@ def test_query_with_redis_down_says_so_in_one_line(
     monkeypatch.setenv("BRAIN_REDIS_URL", f"redis://127.0.0.1:{port}/0")
     monkeypatch.setenv("BRAIN_QUESTDB_URL", f"http://127.0.0.1:{port}")
     with pytest.raises(SystemExit) as exc:
-        query.main([SYM])
+        cli.main(["query", SYM])
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tickbridge query: ConnectionError") and f":{port}" in err[0]
@@ -417,7 +417,7 @@ async def test_a_warm_key_of_the_wrong_type_costs_hot_only_its_own_symbol(
             monkeypatch.setenv("BRAIN_QUESTDB_URL", "http://127.0.0.1:9")
             capsys.readouterr()
             with pytest.raises(SystemExit) as exc:
-                await asyncio.to_thread(query.main, [eth, "--no-follow"])
+                await asyncio.to_thread(cli.main, ["query", eth, "--no-follow"])
             err = capsys.readouterr().err.strip().splitlines()
             assert exc.value.code == 1 and len(err) == 1 and bad_warm in err[0]
 
@@ -463,10 +463,10 @@ async def test_recent_of_zero_is_empty_and_of_a_negative_count_is_refused(
         monkeypatch.setenv("BRAIN_REDIS_URL", redis_server.url)
         monkeypatch.setenv("BRAIN_QUESTDB_URL", "http://127.0.0.1:9")
         capsys.readouterr()
-        await asyncio.to_thread(query.main, [SYM, "--recent", "0", "--no-follow"])
+        await asyncio.to_thread(cli.main, ["query", SYM, "--recent", "0", "--no-follow"])
         assert f"{SYM}: 0 trades" in capsys.readouterr().out
         with pytest.raises(SystemExit) as exc:
-            query.main([SYM, "--recent", "-3"])
+            cli.main(["query", SYM, "--recent", "-3"])
         assert exc.value.code == 2 and "--recent" in capsys.readouterr().err
     finally:
         await brain.aclose()

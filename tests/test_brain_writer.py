@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from conftest import ServiceRunner, equals, eventually
-from tickbridge.brain import deadletters
+from tickbridge import cli
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.writer import BrainWriter
 from tickbridge.core import keys
@@ -393,7 +393,7 @@ async def test_dead_letters_replayed_after_the_fix_reach_questdb_exactly_once(
 
         await brain.delete(keys.trades_key("SOLUSDT"))
         with pytest.raises(SystemExit) as exit_:
-            await asyncio.to_thread(deadletters.main, ["--replay"])
+            await asyncio.to_thread(cli.main, ["deadletters", "--replay"])
         assert exit_.value.code == 0
         out = capsys.readouterr().out
         assert "replayed 100; still invalid 1" in out and "delivered 2 times" in out
@@ -407,7 +407,7 @@ async def test_dead_letters_replayed_after_the_fix_reach_questdb_exactly_once(
         assert len(left) == 1 and left[0][1][b"price"] == b"nan"
 
         with pytest.raises(SystemExit):
-            await asyncio.to_thread(deadletters.main, ["--replay"])
+            await asyncio.to_thread(cli.main, ["deadletters", "--replay"])
         assert "replayed 0; still invalid 1" in capsys.readouterr().out
         assert await brain.xlen(keys.trades_key("SOLUSDT")) == 100
         assert await brain.zcard(keys.warm_key("SOLUSDT")) == 100

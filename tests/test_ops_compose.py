@@ -36,7 +36,7 @@ from tickbridge_dev.devstack.servers import QUESTDB_VERSION, REPO_ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
-SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+SCHEMA = REPO_ROOT / "schemas" / "compose-spec.json"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 COMPOSE_FILES = {"vps": REPO_ROOT / "compose.vps.yml", "brain": REPO_ROOT / "compose.brain.yml"}
 ROLES = {"vps": ("collector", "forwarder"), "brain": ("consumer", "writer")}

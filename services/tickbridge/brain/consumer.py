@@ -34,6 +34,7 @@ Brain stream is younger than `stale_after_s`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import time
@@ -696,11 +697,8 @@ def _field(fields: list[bytes] | None, name: bytes) -> int | None:
     return None
 
 
-def main(argv: list[str]) -> None:
+def run_command(args: argparse.Namespace) -> None:
     """`tickbridge consumer` (no options: configuration comes from the environment)."""
-    if argv and argv[0] in {"-h", "--help"}:
-        print("usage: tickbridge consumer   (configured by BRAIN_REDIS_URL, STREAM_KEY, CONSUMER_GROUP, ...)")
-        return
     settings = load_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("consumer"), settings.metrics_bind)

@@ -168,11 +168,14 @@ async def run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def main(argv: list[str]) -> None:
-    """`tickbridge deadletters [--replay]` (configured by BRAIN_REDIS_URL and the TLS variables)."""
-    p = argparse.ArgumentParser(prog="tickbridge deadletters", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `tickbridge deadletters` (the CLI's sub-parser)."""
+    p.description = __doc__.split("\n\n")[0]
     p.add_argument("--replay", action="store_true", help="put every entry that is now valid back (atomic per entry)")
-    args = p.parse_args(argv)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """`tickbridge deadletters [--replay]` (configured by BRAIN_REDIS_URL and the TLS variables)."""
     try:
         code = asyncio.run(run(args, Console(width=120)))
     except ERRORS as exc:

@@ -56,8 +56,9 @@ def parse_time_us(text: str) -> int:
     return int(dt.timestamp() * 1_000_000)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tickbridge query", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `tickbridge query` (the CLI's sub-parser)."""
+    p.description = __doc__
     p.add_argument("symbol", help="e.g. BTCUSDT")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--recent", type=parse_count, metavar="N", help="the newest N trades (default 20)")
@@ -66,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=parse_time_us, metavar="TIME", help="range end (default now)")
     p.add_argument("--limit", type=int, default=200, help="rows shown at most (default 200; the newest)")
     p.add_argument("--no-follow", action="store_true", help="skip the HOT tier (answer from WARM/COLD only)")
-    return p
 
 
 def render(symbol: str, answer: Answer, limit: int, console: Console) -> None:
@@ -107,9 +107,8 @@ async def run_query(args: argparse.Namespace) -> None:
     render(args.symbol, answer, args.limit, Console(width=120))
 
 
-def main(argv: list[str]) -> None:
+def run_command(args: argparse.Namespace) -> None:
     """`tickbridge query BTCUSDT [--recent N | --since 5m | --start T [--end T]]`."""
-    args = build_parser().parse_args(argv)
     try:
         args.symbol = check_symbol(args.symbol.upper())
     except TickError as exc:

@@ -15,6 +15,7 @@ its group still needs.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import time
@@ -726,11 +727,8 @@ def _levels(raw: bytes) -> Any:
     return np.array(levels, dtype=np.float64)
 
 
-def main(argv: list[str]) -> None:
-    """`tickbridge writer` (configured by BRAIN_REDIS_URL, BRAIN_QUESTDB_URL, WRITER_BATCH_ROWS, ...)."""
-    if argv and argv[0] in {"-h", "--help"}:
-        print("usage: tickbridge writer   (configured by BRAIN_REDIS_URL, BRAIN_QUESTDB_URL, WRITER_* ...)")
-        return
+def run_command(args: argparse.Namespace) -> None:
+    """`tickbridge writer` (no options: configuration comes from the environment)."""
     settings = load_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("writer"), settings.metrics_bind)

@@ -12,12 +12,8 @@ from tickbridge.core.metrics import serve_metrics
 from tickbridge.core.settings import load_settings
 
 
-def main(argv: list[str]) -> None:
+def run_command(args: argparse.Namespace) -> None:
     """Run the collector until SIGTERM/SIGINT (configuration from the environment / `.env`)."""
-    argparse.ArgumentParser(
-        prog="tickbridge collector",
-        description="Binance trades + diff depth -> market:vps:stream, WARM sorted sets, HOT deques.",
-    ).parse_args(argv)
     settings = load_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("collector"), settings.metrics_bind)

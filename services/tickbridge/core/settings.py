@@ -10,11 +10,12 @@ import os
 import re
 import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn, Self
+from typing import Annotated, Literal, NoReturn, Self, get_args
 from urllib.parse import quote, unquote, urlparse, urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import ByteSize, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tickbridge.core import keys
@@ -27,6 +28,8 @@ DEFAULT_SYMBOLS: tuple[str, ...] = (
     "IMXUSDT", "LDOUSDT", "RUNEUSDT", "EGLDUSDT", "SANDUSDT", "MANAUSDT", "AXSUSDT", "FLOWUSDT", "CHZUSDT",
     "PEPEUSDT", "WIFUSDT", "FETUSDT", "CRVUSDT", "ENAUSDT",
 )  # fmt: skip
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 #: Default Prometheus port of each role when METRICS_PORT is not set.
 DEFAULT_METRICS_PORTS: dict[str, int] = {
@@ -126,65 +129,161 @@ def _check_url(value: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class ReadBy:
+    """`Annotated` marker on a setting: the `tickbridge` commands that read it (`tickbridge <command> --help`
+    lists them, with their defaults and descriptions, from this class alone)."""
+
+    commands: tuple[str, ...]
+
+
+#: Command groups of `ReadBy`. SERVICES are the long-running processes (they log and serve /metrics).
+SERVICES = ("collector", "forwarder", "consumer", "writer", "sim")
+VPS_REDIS = ("collector", "forwarder", "status")
+BRAIN_REDIS = ("forwarder", "consumer", "writer", "query", "deadletters", "check", "status")
+ANY_REDIS = (*VPS_REDIS, *BRAIN_REDIS)
+#: Commands that log in to a QuestDB with QUESTDB_USER/QUESTDB_PASSWORD (full rights; `query` falls back to
+#: it over HTTP when no reader login is set) and with the read-only reader login.
+QUESTDB_LOGIN = ("forwarder", "writer", "query", "status")
+QUESTDB_READER = ("query", "status")
+
+
 class Settings(BaseSettings):
-    """All tickbridge settings; each role reads the ones it needs."""
+    """All tickbridge settings; each role reads the ones its `ReadBy` names."""
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
 
-    binance_ws_url: str = "wss://stream.binance.com:9443"
-    binance_rest_url: str = "https://api.binance.com"
-    symbols: Annotated[tuple[str, ...], NoDecode] = DEFAULT_SYMBOLS
-    vps_redis_url: str = "redis://localhost:6379/0"
-    brain_redis_url: str = "redis://localhost:6380/0"
-    vps_questdb_url: str = "http://localhost:9000"
-    brain_questdb_url: str = "http://localhost:9010"
-    stream_key: str = Field(default=keys.DEFAULT_STREAM_KEY, min_length=1)
-    consumer_group: str = Field(default=keys.DEFAULT_CONSUMER_GROUP, min_length=1)
-    ram_buffer_bytes: int = Field(default=3_000_000_000, gt=0)
-    disk_buffer_bytes: int = Field(default=40_000_000_000, gt=0)
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    binance_ws_url: Annotated[str, ReadBy(("collector",))] = Field(
+        "wss://stream.binance.com:9443", description="exchange WebSocket base (the collector adds /stream?streams=...)"
+    )
+    binance_rest_url: Annotated[str, ReadBy(("collector",))] = Field(
+        "https://api.binance.com", description="exchange REST base (depth snapshots, trade back-fill)"
+    )
+    symbols: Annotated[tuple[str, ...], NoDecode, ReadBy((*SERVICES, "query", "deadletters"))] = Field(
+        DEFAULT_SYMBOLS, description="comma-separated pairs, e.g. BTCUSDT,ETHUSDT (at most 512)"
+    )
+    vps_redis_url: Annotated[str, ReadBy(VPS_REDIS)] = Field(
+        "redis://localhost:6379/0", description="Redis on the VPS (rediss:// for TLS)"
+    )
+    brain_redis_url: Annotated[str, ReadBy(BRAIN_REDIS)] = Field(
+        "redis://localhost:6380/0", description="Redis on the Brain (rediss:// for TLS)"
+    )
+    vps_questdb_url: Annotated[str, ReadBy(("forwarder", "status"))] = Field(
+        "http://localhost:9000", description="QuestDB HTTP on the VPS (the spill buffer)"
+    )
+    brain_questdb_url: Annotated[str, ReadBy(("writer", "query", "status"))] = Field(
+        "http://localhost:9010", description="QuestDB HTTP on the Brain (long-term tables)"
+    )
+    stream_key: Annotated[str, ReadBy(("collector", "forwarder", "consumer", "status"))] = Field(
+        keys.DEFAULT_STREAM_KEY, min_length=1, description="the stream, same name on both hosts"
+    )
+    consumer_group: Annotated[str, ReadBy(("forwarder", "consumer", "status"))] = Field(
+        keys.DEFAULT_CONSUMER_GROUP, min_length=1, description="the Brain's consumer group"
+    )
+    # Byte sizes take a unit (pydantic's ByteSize): 3GB = 3*10^9 (SI), 3GiB = 3*2^30; plain integers are bytes.
+    ram_buffer_bytes: Annotated[ByteSize, ReadBy(("forwarder",))] = Field(
+        ByteSize(3_000_000_000), gt=0, description="VPS backlog held in Redis before spilling to QuestDB"
+    )
+    disk_buffer_bytes: Annotated[ByteSize, ReadBy(("forwarder",))] = Field(
+        ByteSize(40_000_000_000), gt=0, description="VPS QuestDB buffer budget; past it the oldest is dropped"
+    )
+    metrics_port: Annotated[int | None, ReadBy((*SERVICES, "check"))] = Field(
+        None, ge=0, le=65535, description="Prometheus /metrics port (unset: the role's default; 0: none)"
+    )
     #: Loopback unless told otherwise: compose sets 0.0.0.0 (Prometheus scrapes over the container network).
-    metrics_bind: str = "127.0.0.1"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_bind: Annotated[str, ReadBy(SERVICES)] = Field("127.0.0.1", description="address of /metrics")
+    log_level: Annotated[LogLevel, ReadBy(SERVICES)] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR (any case)"
+    )
 
     # Collector
-    depth_snapshot_limit: int = Field(default=1000, ge=1, le=5000)
-    ws_max_lifetime_s: float = Field(default=23.5 * 3600, gt=0)
-    ws_stale_timeout_s: float = Field(default=60.0, gt=0)
-    hot_ticks: int = Field(default=100, ge=1)
-    warm_window_s: float = Field(default=300.0, gt=0)
+    depth_snapshot_limit: Annotated[int, ReadBy(("collector",))] = Field(
+        1000, ge=1, le=5000, description="order-book snapshot depth"
+    )
+    ws_max_lifetime_s: Annotated[float, ReadBy(("collector",))] = Field(
+        23.5 * 3600, gt=0, description="reconnect the WebSocket after this long (Binance cuts at 24 h)"
+    )
+    ws_stale_timeout_s: Annotated[float, ReadBy(("collector",))] = Field(
+        60.0, gt=0, description="reconnect a WebSocket silent this long"
+    )
+    hot_ticks: Annotated[int, ReadBy(("collector", "query"))] = Field(
+        100, ge=1, description="HOT tier: last N ticks per symbol in memory"
+    )
+    warm_window_s: Annotated[float, ReadBy(("collector", "consumer", "deadletters"))] = Field(
+        300.0, gt=0, description="WARM tier: seconds kept per symbol in Redis"
+    )
 
     # Forwarder
-    forward_batch: int = Field(default=5000, ge=1, le=100_000)
-    delivered_retention_s: float = Field(default=60.0, ge=0)
+    forward_batch: Annotated[int, ReadBy(("forwarder",))] = Field(
+        5000, ge=1, le=100_000, description="entries per VPS -> Brain batch"
+    )
+    delivered_retention_s: Annotated[float, ReadBy(("forwarder",))] = Field(
+        60.0, ge=0, description="seconds delivered entries stay in the VPS stream"
+    )
 
     # Brain
-    consumer_name: str | None = None
-    consumer_batch: int = Field(default=1000, ge=1, le=100_000)
-    consumer_claim_idle_ms: int = Field(default=30_000, ge=1000)
-    consumer_max_deliveries: int = Field(default=5, ge=1)
-    writer_batch_rows: int = Field(default=10_000, ge=1)
-    writer_flush_interval_s: float = Field(default=0.5, gt=0)
+    consumer_name: Annotated[str | None, ReadBy(("consumer", "writer", "check"))] = Field(
+        None, description="instance name in the consumer group (unset: host name and pid)"
+    )
+    consumer_batch: Annotated[int, ReadBy(("consumer",))] = Field(
+        1000, ge=1, le=100_000, description="entries per XREADGROUP"
+    )
+    consumer_claim_idle_ms: Annotated[int, ReadBy(("consumer", "writer"))] = Field(
+        30_000, ge=1000, description="claim another instance's entries idle this long"
+    )
+    consumer_max_deliveries: Annotated[int, ReadBy(("consumer",))] = Field(
+        5, ge=1, description="deliveries before an entry becomes a dead letter"
+    )
+    writer_batch_rows: Annotated[int, ReadBy(("writer",))] = Field(
+        10_000, ge=1, description="rows per QuestDB flush at most"
+    )
+    writer_flush_interval_s: Annotated[float, ReadBy(("writer",))] = Field(
+        0.5, gt=0, description="flush at least this often"
+    )
 
     # Security (issue 7): TLS material and QuestDB credentials, from the environment only.
-    redis_tls_ca: str | None = None
-    redis_tls_cert: str | None = None
-    redis_tls_key: str | None = None
-    questdb_user: str | None = None
-    questdb_password: str | None = None
+    redis_tls_ca: Annotated[str | None, ReadBy(ANY_REDIS)] = Field(None, description="CA file for rediss:// URLs")
+    redis_tls_cert: Annotated[str | None, ReadBy(ANY_REDIS)] = Field(None, description="client certificate file")
+    redis_tls_key: Annotated[str | None, ReadBy(ANY_REDIS)] = Field(None, description="client key file")
+    questdb_user: Annotated[str | None, ReadBy(QUESTDB_LOGIN)] = Field(None, description="QuestDB login (full rights)")
+    questdb_password: Annotated[str | None, ReadBy(QUESTDB_LOGIN)] = Field(None, description="QUESTDB_USER's password")
     # Read-only QuestDB login of the readers (TieredMarketData, `tickbridge query`): QuestDB's PG-wire
     # read-only user (`pg.readonly.user`), which cannot DROP, INSERT, ALTER or CREATE.
-    questdb_reader_user: str | None = None
-    questdb_reader_password: str | None = None
-    brain_questdb_pg_url: str = "postgresql://localhost:8812/qdb"
+    questdb_reader_user: Annotated[str | None, ReadBy(QUESTDB_READER)] = Field(
+        None, description="read-only QuestDB login (PG wire)"
+    )
+    questdb_reader_password: Annotated[str | None, ReadBy(QUESTDB_READER)] = Field(
+        None, description="QUESTDB_READER_USER's password"
+    )
+    brain_questdb_pg_url: Annotated[str, ReadBy(QUESTDB_READER)] = Field(
+        "postgresql://localhost:8812/qdb", description="the Brain QuestDB's PG wire (reader login)"
+    )
 
     # Passwords from files (compose secrets): each supplies the setting SECRET_FILES names, which must then
     # hold none itself (VPS_REDIS_URL `redis://collector@redis:6379/0` + VPS_REDIS_PASSWORD_FILE). Declared
     # last: their check sees the settings they supply.
-    vps_redis_password_file: str | None = None
-    brain_redis_password_file: str | None = None
-    questdb_password_file: str | None = None
-    questdb_reader_password_file: str | None = None
+    vps_redis_password_file: Annotated[str | None, ReadBy(VPS_REDIS)] = Field(
+        None, description="file holding the password of VPS_REDIS_URL's user"
+    )
+    brain_redis_password_file: Annotated[str | None, ReadBy(BRAIN_REDIS)] = Field(
+        None, description="file holding the password of BRAIN_REDIS_URL's user"
+    )
+    questdb_password_file: Annotated[str | None, ReadBy(QUESTDB_LOGIN)] = Field(
+        None, description="file holding QUESTDB_PASSWORD"
+    )
+    questdb_reader_password_file: Annotated[str | None, ReadBy(QUESTDB_READER)] = Field(
+        None, description="file holding QUESTDB_READER_PASSWORD"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        level = value.strip().upper()  # info, INFO, Info: one level
+        if level not in get_args(LogLevel):
+            raise ValueError(f"expected one of {', '.join(get_args(LogLevel))} (any case)")
+        return level
 
     @field_validator("symbols", mode="before")
     @classmethod
@@ -272,6 +371,40 @@ class Settings(BaseSettings):
     def metrics_port_for(self, role: str) -> int:
         """METRICS_PORT if set, else the role's default port."""
         return self.metrics_port if self.metrics_port is not None else DEFAULT_METRICS_PORTS.get(role, 9100)
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One environment variable of a command, as `tickbridge <command> --help` shows it."""
+
+    name: str
+    default: str
+    description: str
+
+
+def _shown_default(value: object) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, ByteSize):
+        return f"{int(value)} ({value.human_readable(decimal=True)})"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if len(value) <= 3 else f"{','.join(value[:3])},... ({len(value)})"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def variables_read_by(command: str) -> list[EnvVar]:
+    """The environment variables `command` reads (its `ReadBy` marks), in declaration order, with defaults."""
+    found = []
+    for name, field in Settings.model_fields.items():
+        marks = [m for m in field.metadata if isinstance(m, ReadBy)]
+        if any(command in m.commands for m in marks):
+            default = _shown_default(field.default)
+            if name == "metrics_port" and command in DEFAULT_METRICS_PORTS:
+                default = f"(unset: {DEFAULT_METRICS_PORTS[command]})"
+            found.append(EnvVar(name.upper(), default, field.description or ""))
+    return found
 
 
 # `user:password@` after an optional `scheme://` (or a mistyped `scheme//`), up to the last `@`.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from tickbridge.core.lifecycle import run_service, setup_logging, tune_gc
@@ -15,11 +16,8 @@ TABLE_ENV = "FORWARDER_BUFFER_TABLE"
 SPILL_BATCH_ENV = "FORWARDER_SPILL_BATCH"
 
 
-def main(argv: list[str]) -> None:
-    """Run the forwarder until SIGTERM/SIGINT."""
-    if argv and argv[0] in {"-h", "--help"}:
-        print("usage: tickbridge forwarder  (configured by the environment: see docs and .env.example)")
-        raise SystemExit(0)
+def run_command(args: argparse.Namespace) -> None:
+    """Run the forwarder until SIGTERM/SIGINT (configuration from the environment / `.env`)."""
     settings = load_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("forwarder"), settings.metrics_bind)

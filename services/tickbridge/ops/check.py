@@ -98,15 +98,14 @@ def check_heartbeat(role: str, settings: Settings, timeout: float = 3.0) -> Chec
     return CheckResult(True, f"heartbeat {key} fresh")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tickbridge check", description="Health check of a tickbridge role.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `tickbridge check` (the CLI's sub-parser)."""
     parser.add_argument("role", choices=ROLES)
     parser.add_argument("--port", type=int, help="metrics port (default: METRICS_PORT, else the role's default)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for /metrics")
     parser.add_argument("--heartbeat", action="store_true", help="also require the heartbeat key (consumer, writer)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")
-    return parser.parse_args(argv)
 
 
 def _settings() -> Settings:
@@ -122,9 +121,8 @@ def _settings() -> Settings:
         raise SystemExit(1) from None
 
 
-def main(argv: list[str]) -> None:
+def run_command(args: argparse.Namespace) -> None:
     """Exit 0 if the role is healthy, 1 if not (one line on stderr says why)."""
-    args = parse_args(argv)
     port = args.port
     env_port = os.environ.get("METRICS_PORT", "")
     if port is None and env_port.isdigit():

@@ -361,10 +361,9 @@ def endpoints_from(settings: Settings, args: argparse.Namespace) -> Endpoints:
                      args.prometheus_url, settings=settings, hosts=hosts)  # fmt: skip
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="tickbridge status", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `tickbridge status` (the CLI's sub-parser, which keeps the docstring's layout)."""
+    parser.description = __doc__
     parser.add_argument("--host", choices=("vps", "brain", "both"), default="both",
                         help="whose servers to read (a compose host reaches only its own; default both)")  # fmt: skip
     parser.add_argument("--once", action="store_true", help="print the table once and exit (1: a source failed)")
@@ -372,7 +371,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--sim-url", help="simulator base URL, e.g. http://127.0.0.1:9443")
     parser.add_argument("--prometheus-url", help="Prometheus base URL for firing alerts")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
-    args = parser.parse_args(argv)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Show the table (live, or once with --once) from the settings' endpoints."""
     ep = endpoints_from(load_settings(), args)
     if args.once:
         sys.exit(once(ep, interval=args.interval))

@@ -78,7 +78,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 def replay_burst(py: str, env: dict[str, str], workdir: Path, redis_url: str, client: redis.Redis) -> tuple[int, float]:
     """Ticks and ticks/s of a full-speed replay of the real captures through a fresh collector."""
-    data = Path(__file__).resolve().parents[4].parent / "shared" / "data" / "binance"
+    data = Path(__file__).resolve().parents[4] / "data" / "binance"  # the repository's captures
     files = sorted(data.glob("*.gz"))
     if not files:
         return 0, float("nan")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import NoReturn
 
 from prometheus_client import REGISTRY
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from tickbridge.core.lifecycle import Service, run_service, setup_logging
 from tickbridge.core.metrics import serve_metrics
-from tickbridge.core.settings import load_settings
+from tickbridge.core.settings import die, load_settings
 from tickbridge_dev.sim.config import SimConfig
 from tickbridge_dev.sim.server import SimServer
 
@@ -39,13 +41,20 @@ class SimService(Service):
         log.info("sim stopped: %s", self.sim.stats()["totals"])
 
 
-def parse_args(argv: list[str], default_symbols: tuple[str, ...], default_metrics_port: int) -> tuple[SimConfig, int]:
-    """CLI flags -> (config, metrics port)."""
-    p = argparse.ArgumentParser(prog="tickbridge sim", description="Binance-compatible exchange simulator")
+def _byte_size(text: str) -> int:
+    """`64MiB`, `64000000`, ... (the settings' byte sizes) for --max-send-buffer."""
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.errors()[0]['msg']}: {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `tickbridge sim` (the CLI's sub-parser)."""
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9443)
     p.add_argument("--mode", choices=("synthetic", "replay"), default="synthetic")
-    p.add_argument("--symbols", default=",".join(default_symbols), help="comma-separated (default: SYMBOLS)")
+    p.add_argument("--symbols", help="comma-separated (default: SYMBOLS)")
     p.add_argument("--rate", type=float, default=1200.0, help="trades per second across all symbols")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--replay", action="append", default=[], type=Path, help="capture file (repeatable)")
@@ -56,23 +65,32 @@ def parse_args(argv: list[str], default_symbols: tuple[str, ...], default_metric
     p.add_argument("--depth-levels", type=int, default=200)
     p.add_argument(
         "--max-send-buffer",
-        type=int,
+        type=_byte_size,
         default=64 * 1024 * 1024,
-        help="slow-consumer policy: drop a client whose unsent bytes stay above this for 1 s",
+        help="slow-consumer policy: drop a client whose unsent bytes stay above this for 1 s (e.g. 64MiB)",
     )
-    p.add_argument("--metrics-port", type=int, default=default_metrics_port, help="0 disables /metrics")
-    a = p.parse_args(argv)
-    symbols = tuple(s.strip().upper() for s in a.symbols.split(",") if s.strip())
+    p.add_argument("--metrics-port", type=int, help="0 disables /metrics (default: METRICS_PORT, else 9105)")
+
+
+def config_from(a: argparse.Namespace, default_symbols: tuple[str, ...]) -> SimConfig:
+    """Parsed options -> config; a contradiction ends the process with one line (exit 2, as argparse)."""
+
+    def error(message: str) -> NoReturn:
+        die(f"tickbridge sim: error: {message}")
+
+    symbols = (
+        default_symbols if a.symbols is None else tuple(s.strip().upper() for s in a.symbols.split(",") if s.strip())
+    )
     if not symbols:
-        p.error("--symbols: at least one symbol is required")
+        error("--symbols: at least one symbol is required")
     if a.mode == "replay" and not a.replay:
-        p.error("--mode replay needs --replay FILE")
+        error("--mode replay needs --replay FILE")
     for path in a.replay:
         if not path.is_file():
-            p.error(f"--replay: no such file {path}")
+            error(f"--replay: no such file {path}")
     if a.rate < 0 or a.speed < 0 or a.lifetime <= 0 or a.ping_interval <= 0 or a.pong_timeout <= 0:
-        p.error("--rate/--speed must be >= 0; --lifetime/--ping-interval/--pong-timeout must be > 0")
-    config = SimConfig(
+        error("--rate/--speed must be >= 0; --lifetime/--ping-interval/--pong-timeout must be > 0")
+    return SimConfig(
         symbols=symbols,
         rate=a.rate,
         seed=a.seed,
@@ -87,13 +105,14 @@ def parse_args(argv: list[str], default_symbols: tuple[str, ...], default_metric
         depth_levels=a.depth_levels,
         max_send_buffer_bytes=a.max_send_buffer,
     )
-    return config, a.metrics_port
 
 
-def main(argv: list[str]) -> None:
+def run_command(args: argparse.Namespace) -> None:
+    """Run the simulator until SIGTERM/SIGINT."""
     settings = load_settings()
     setup_logging(settings.log_level)
-    config, metrics_port = parse_args(argv, settings.symbols, settings.metrics_port_for("sim"))
+    config = config_from(args, settings.symbols)
+    metrics_port = settings.metrics_port_for("sim") if args.metrics_port is None else args.metrics_port
     serve_metrics(metrics_port, settings.metrics_bind)
     log.info("sim %s on %s:%d, %d symbols", config.mode, config.host, config.port, len(config.symbols))
     run_service(lambda: SimService(config))

@@ -1,4 +1,4 @@
-"""Replay of real captures (`<recv_ns> <json>` per line, gzip; see shared/data/binance/README.md): the
+"""Replay of real captures (`<recv_ns> <json>` per line, gzip; see data/binance/README.md): the
 capture format, the book it rolls forward, and `ReplaySource`, which paces the lines out to the clients."""
 
 from __future__ import annotations
