@@ -32,10 +32,10 @@ def lua_source() -> str:
 async def load_functions(client: aioredis.Redis) -> None:
     """`FUNCTION LOAD REPLACE` the Brain library (idempotent, safe with several instances)."""
     (reply,) = await execute_packed(client, [["FUNCTION", "LOAD", "REPLACE", lua_source()]])
-    check(reply)
+    reply_or_raise(reply)
 
 
-def check(reply: Any) -> Any:
+def reply_or_raise(reply: Any) -> Any:
     """Raise an error reply returned in place by `execute_packed`."""
     if isinstance(reply, BaseException):
         raise reply

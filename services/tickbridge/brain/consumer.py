@@ -45,12 +45,12 @@ from redis.exceptions import ResponseError
 
 from tickbridge.brain.common import (
     INGEST_FUNCTION,
-    check,
     group_floor,
     instance_name,
     load_functions,
     parse_info_pairs,
     parse_read_reply,
+    reply_or_raise,
 )
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
@@ -299,7 +299,7 @@ class BrainConsumer(Service):
             cmd += ["BLOCK", self.block_ms]
         cmd += ["STREAMS", self.stream, start]
         (reply,) = await execute_packed(self.client, [cmd])
-        streams = parse_read_reply(check(reply))
+        streams = parse_read_reply(reply_or_raise(reply))
         return next(iter(streams.values()), [])
 
     async def read_new(self) -> int:
@@ -358,7 +358,7 @@ class BrainConsumer(Service):
                 cursor, "COUNT", self.settings.consumer_batch,
             ]  # fmt: skip
             (reply,) = await execute_packed(self.client, [cmd])
-            reply = check(reply)
+            reply = reply_or_raise(reply)
             cursor = reply[0].decode()
             entries: list[GroupEntry] = [(e[0], e[1]) for e in reply[1]]
             if entries:
@@ -380,7 +380,7 @@ class BrainConsumer(Service):
         lo, hi = entries[0][0], entries[-1][0]
         cmd: Command = ["XPENDING", self.stream, self.group, lo, hi, len(entries) * 2 + 10, self.consumer]
         (reply,) = await execute_packed(self.client, [cmd])
-        return {row[0]: int(row[3]) for row in check(reply)}
+        return {row[0]: int(row[3]) for row in reply_or_raise(reply)}
 
     # ---------------------------------------------------------------- writing
 
@@ -492,7 +492,7 @@ class BrainConsumer(Service):
         assert self.client is not None
         started = time.perf_counter()
         (reply,) = await execute_packed(self.client, [cmd])
-        written, dup, warm_errors, failed, first_error, evicted = check(reply)
+        written, dup, warm_errors, failed, first_error, evicted = reply_or_raise(reply)
         if stamps:
             # Hop collector -> per-symbol stream, once per call that returned (an entry it left pending, rare,
             # counts again when its retry succeeds).

@@ -29,7 +29,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from questdb.ingress import Buffer, IngressError, Sender
 from redis.exceptions import ResponseError
 
-from tickbridge.brain.common import check, group_floor, instance_name, parse_info_pairs, parse_read_reply
+from tickbridge.brain.common import group_floor, instance_name, parse_info_pairs, parse_read_reply, reply_or_raise
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging, tune_gc
@@ -348,7 +348,7 @@ class BrainWriter(Service):
             cmd += ["BLOCK", block_ms]
         cmd += ["STREAMS", *streams, *starts]
         (reply,) = await execute_packed(self.client, [cmd])
-        return parse_read_reply(check(reply))
+        return parse_read_reply(reply_or_raise(reply))
 
     async def read_new(self) -> int:
         if self._rows() >= self.settings.writer_batch_rows:
@@ -399,7 +399,7 @@ class BrainWriter(Service):
                     "COUNT", self._per_stream_count(),
                 ]  # fmt: skip
                 (reply,) = await execute_packed(self.client, [cmd])
-                reply = check(reply)
+                reply = reply_or_raise(reply)
                 cursor = reply[0].decode()
                 entries = [e for e in reply[1] if e[1] is not None]
                 if entries:

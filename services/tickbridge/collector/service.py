@@ -1,10 +1,10 @@
-"""The collector service: connection manager, frame processor, and the Redis writer.
+"""The collector service: connection manager, frame processor, and the Redis publisher.
 
 Data flow: one reader task per WebSocket connection puts raw frames into a bounded inbox (a full inbox
 stops the reader: TCP backpressure). A single processor task parses, deduplicates and routes them, so
 every per-symbol decision (trade-ID order, book updates) happens in one place, in order; REST work
 (snapshots, trade back-fill) runs in background tasks whose results come back through the same inbox.
-The processor hands batches to the `StreamWriter` through a second bounded queue.
+The processor hands batches to the `StreamPublisher` through a second bounded queue.
 
 Make-before-break: on the lifetime limit, `serverShutdown` or a stale stream the manager opens a second
 connection to the same URL, waits until it delivers data that joins every valid book (an event that is
@@ -39,8 +39,8 @@ from tickbridge.collector.parser import (
     parse_frame,
     to_us,
 )  # fmt: skip
-from tickbridge.collector.rest import RestClient, RestError
-from tickbridge.collector.writer import DeadLetter, Item, StreamWriter
+from tickbridge.collector.publisher import FrameDeadLetter, Item, StreamPublisher
+from tickbridge.collector.rest import RestCallFailed, RestClient
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service
@@ -101,7 +101,7 @@ class BackfillResult:
     first: int
     last: int
     trades: list[Trade]
-    future: list[DeadLetter] = field(default_factory=list)
+    future: list[FrameDeadLetter] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +177,7 @@ class Collector(Service):
         self._snap_backoff: dict[str, Backoff] = {}
         self._tg: asyncio.TaskGroup | None = None
         self.rest = RestClient(settings.binance_rest_url, on_request=self._on_rest, on_capped=self._on_rest_capped)
-        self.writer: StreamWriter | None = None
+        self.publisher: StreamPublisher | None = None
         self.started = asyncio.Event()  # the first connection is up
         m = self.metrics
         self._m_trade = {s: m.ticks.labels(s, "TRADE") for s in self.symbols}
@@ -230,19 +230,19 @@ class Collector(Service):
             if self.last_trade:
                 log.info("resuming after trade IDs %s", self.last_trade)
                 await self._load_last_times(client)
-            self.writer = StreamWriter(
+            self.publisher = StreamPublisher(
                 client, self.settings.stream_key, self.metrics, warm_window_s=self.settings.warm_window_s,
                 last_ids=self.last_trade,
             )  # fmt: skip
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                tg.create_task(self.writer.run(), name="collector-writer")
+                tg.create_task(self.publisher.run(), name="collector-publisher")
                 tg.create_task(self._process(), name="collector-processor")
                 tg.create_task(self._manage(), name="collector-connections")
         finally:
             await self.rest.close()
             await client.aclose()
-        log.info("collector stopped: %d ticks written", self.writer.written if self.writer else 0)
+        log.info("collector stopped: %d ticks written", self.publisher.written if self.publisher else 0)
 
     async def _load_last_ids(self, client: Any) -> dict[Any, Any] | None:
         """The last appended trade ID per symbol; waits for Redis (a restart of both must not crash-loop)."""
@@ -440,8 +440,8 @@ class Collector(Service):
     # --- processing ---------------------------------------------------------------------------
 
     async def _process(self) -> None:
-        assert self.writer is not None
-        writer = self.writer
+        assert self.publisher is not None
+        publisher = self.publisher
         out: list[Item] = []
         inbox = self.inbox
         while True:
@@ -471,14 +471,14 @@ class Collector(Service):
                 await self._flush(out)
                 out = []
             if stop:
-                await writer.close_input()
+                await publisher.close_input()
                 return
 
     async def _flush(self, out: list[Item]) -> None:
-        assert self.writer is not None
+        assert self.publisher is not None
         self._flush_counts()
         for i in range(0, len(out), OUT_BATCH):  # a large back-fill goes out in transactions of OUT_BATCH
-            await self.writer.put(out[i : i + OUT_BATCH])
+            await self.publisher.put(out[i : i + OUT_BATCH])
 
     def _switch(self, gen: int, out: list[Item]) -> None:
         """Make `gen` primary and replay what it delivered ahead of the old primary, in order."""
@@ -521,7 +521,7 @@ class Collector(Service):
 
     def _dead_letter(self, rej: Rejected, recv: int, out: list[Item]) -> None:
         self.metrics.dead_letters.labels(rej.reason).inc()
-        out.append(DeadLetter(rej.reason, rej.detail, rej.raw, recv))
+        out.append(FrameDeadLetter(rej.reason, rej.detail, rej.raw, recv))
 
     def _on_frame(self, gen: int, recv: int, raw: bytes | str, out: list[Item]) -> None:
         """Route one frame."""
@@ -637,7 +637,7 @@ class Collector(Service):
         snap: dict[str, Any] | None
         try:
             snap = await self.rest.depth(symbol, self.settings.depth_snapshot_limit)
-        except RestError as exc:
+        except RestCallFailed as exc:
             log.warning("%s: snapshot failed: %s", symbol, exc)
             snap = None
         await self.inbox.put(SnapshotResult(symbol, snap))
@@ -695,7 +695,7 @@ class Collector(Service):
         while next_id <= end:
             try:
                 rows = await self.rest.historical_trades(symbol, next_id, min(1000, end - next_id + 1))
-            except RestError as exc:
+            except RestCallFailed as exc:
                 log.error("%s: back-fill failed at %d: %s", symbol, next_id, exc)
                 break
             progressed = False
@@ -713,7 +713,9 @@ class Collector(Service):
                         timestamp=to_us(row["time"]), trade_id=tid, recv_ts=recv,
                     )  # fmt: skip
                     if trade.timestamp > recv + MAX_AHEAD_US:  # not appended: its ID stays a gap (lost)
-                        res.future.append(DeadLetter(FUTURE_TIME, _ahead(trade, recv), orjson.dumps(row)[:4096], recv))
+                        res.future.append(
+                            FrameDeadLetter(FUTURE_TIME, _ahead(trade, recv), orjson.dumps(row)[:4096], recv)
+                        )
                         continue
                     trades.append(trade)
                 except (KeyError, TypeError, TickError) as exc:

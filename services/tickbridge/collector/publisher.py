@@ -7,7 +7,7 @@ connection dropped after EXEC was sent) exactly-once: if Redis already holds it,
 
 EXEC runs every queued command even when one fails (e.g. WRONGTYPE: someone SET the stream key to a
 string), and Redis has no rollback; the collector's ACL allows neither scripts nor WATCH to make the
-transaction conditional. So "the EXEC ran" is not "the batch is in": the writer checks every reply. A
+transaction conditional. So "the EXEC ran" is not "the batch is in": the publisher checks every reply. A
 batch is written only when every command in it succeeded; the failed ones are retried (only those: the
 XADDs that succeeded must not be repeated), with backoff, counted in `redis_errors`. A command's outcome
 is the same for every command on its key within one EXEC (a key's type cannot change inside it, and XADD
@@ -76,17 +76,17 @@ async def execute_batch(client: aioredis.Redis, commands: list[Command], timeout
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
+class FrameDeadLetter:
     reason: str
     detail: str
     raw: bytes
     recv_ts: int
 
 
-Item = Trade | DepthDiff | DeadLetter
+Item = Trade | DepthDiff | FrameDeadLetter
 
 
-class StreamWriter:
+class StreamPublisher:
     """Owns the bounded batch queue and the Redis write loop."""
 
     def __init__(
@@ -115,7 +115,7 @@ class StreamWriter:
         #: The last trade ID per symbol that the hash holds after the last batch that was fully written.
         self._stored: dict[str, int] = dict(last_ids or {})
         self.written = 0  # ticks appended (tests, bench)
-        #: Hop collector -> VPS stream per symbol (only configured symbols reach the writer: bounded).
+        #: Hop collector -> VPS stream per symbol (only configured symbols reach the publisher: bounded).
         self._latency: dict[str, HopCounts] = {}
 
     async def put(self, batch: list[Item]) -> None:
@@ -234,7 +234,7 @@ class StreamWriter:
         n = 0
         latency = self._latency
         for item in items:
-            if not isinstance(item, DeadLetter):
+            if not isinstance(item, FrameDeadLetter):
                 n += 1
                 child = latency.get(item.symbol)
                 if child is None:
