@@ -20,9 +20,7 @@ in the stream: it is put back at once, before anything else, and before each ret
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from tickbridge.collector.metrics import CollectorMetrics
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.metrics import HopCounts
-from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, pack
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed
 from tickbridge.core.tick import DepthDiff, Trade
 from tickbridge.core.wire import collector_dead_letter, encode_depth, encode_trade, encode_warm_member, now_us
 
@@ -49,30 +47,8 @@ _RETRY_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseErr
 
 
 async def execute_batch(client: aioredis.Redis, commands: list[Command], timeout: float = 10.0) -> list[Any]:
-    """`execute_packed` with one deadline for the whole batch instead of one timer per reply.
-
-    redis-py arms a timeout around every `read_response`; for a transaction of a few thousand commands
-    that timer bookkeeping costs more than parsing the replies.
-    """
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    ok = False
-    try:
-        async with asyncio.timeout(timeout):
-            await conn.send_packed_command(pack(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in range(len(commands)):
-                try:
-                    replies.append(await conn.read_response(disable_decoding=True, timeout=math.inf))
-                except ResponseError as exc:
-                    replies.append(exc)
-        ok = True
-        return replies
-    finally:
-        if not ok:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-        await pool.release(conn)
+    """`execute_packed` with one deadline for the whole batch (a transaction of thousands of commands)."""
+    return await execute_packed(client, commands, deadline=timeout)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import orjson
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
+from tickbridge.collector.rest import depth_weight
 from tickbridge.sim import wire
 from tickbridge.sim.config import SimConfig
 from tickbridge.sim.market import SymbolMarket, TradeHistory, parse8
@@ -44,16 +45,6 @@ FAULT_ACTIONS = (
     "big_diff",
     "duplicate_depth",
 )
-
-
-def _depth_weight(limit: int) -> int:
-    if limit <= 100:
-        return 5
-    if limit <= 500:
-        return 25
-    if limit <= 1000:
-        return 50
-    return 250
 
 
 def _micro(request: web.Request) -> bool:
@@ -901,7 +892,7 @@ class SimServer:
     async def _depth(self, request: web.Request) -> tuple[Any, int]:
         limit = self._int_param(request, "limit", 100) or 100
         limit = max(1, min(limit, 5000))
-        weight = _depth_weight(limit)
+        weight = depth_weight(limit)
         self._precheck(request, weight)
         sym = self._symbol_param(request)
         stale = self._stale.get(sym)
