@@ -240,7 +240,5 @@ def test_the_health_check_stays_light(tmp_path: Path) -> None:
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "tickbridge.cli" in imported
     heavy = {name for name in imported if name.split(".")[0] in {"pydantic", "redis", "aiohttp", "websockets"}}
-    heavy |= {
-        name for name in imported if name.startswith(("tickbridge.sim", "tickbridge.devstack", "tickbridge.brain"))
-    }
+    heavy |= {name for name in imported if name.startswith(("tickbridge_dev", "tickbridge.brain"))}
     assert not heavy, sorted(heavy)

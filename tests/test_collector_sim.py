@@ -21,7 +21,8 @@ from test_collector_parser import capture_lines, rebuild_offline
 from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import DepthDiff, Trade, decode_entry
+from tickbridge.core.tick import DepthDiff, Trade
+from tickbridge.core.wire import decode_entry
 from tickbridge_dev.devstack.servers import RedisServer
 from tickbridge_dev.sim import SimConfig, SimServer
 
@@ -83,7 +84,9 @@ async def test_replay_of_real_captures(binance_data: Path, redis_server: RedisSe
         await eventually(lambda: _true(collector.last_trade.get("ETHUSDT") == 1520553439), what="last trade")
         lid, bids, asks, _ = rebuild_offline(capture_lines(binance_data))
         await eventually(lambda: _true(collector.book("ETHUSDT").last_update_id == lid), what="last depth event")
-        await eventually(lambda: _true(collector.writer is not None and collector.writer.queue.empty()), what="drain")
+        await eventually(
+            lambda: _true(collector.publisher is not None and collector.publisher.queue.empty()), what="drain"
+        )
     finally:
         await stop_collector(collector, task)
         await sim.stop()

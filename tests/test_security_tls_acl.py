@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from tickbridge.core.redis_io import execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import Trade
+from tickbridge.core.wire import encode_tick
 from tickbridge.ops.acl import AclRenderError, acl_variables, render_acl, render_acl_text
 from tickbridge_dev.devstack.servers import REPO_ROOT, ServerError
 from tickbridge_dev.devstack.tls import BRAIN_ACL, CERTS_SCRIPT, VPS_ACL, CertPaths, SecureRedisServer, make_certs
@@ -34,7 +35,7 @@ TRADES = "market:binance_spot:trades:BTCUSDT"
 DEPTH = "market:binance_spot:depth:BTCUSDT"
 WARM = "market:binance_spot:warm:BTCUSDT"
 TS = 1_723_161_255_343_000
-TRADE_FIELDS = Trade("BTCUSDT", "61000.10", "0.002", "BUY", TS, 1, TS + 5).fields()
+TRADE_FIELDS = encode_tick(Trade("BTCUSDT", "61000.10", "0.002", "BUY", TS, 1, TS + 5))
 REFUSED = (RedisConnectionError, ConnectionError, OSError, ssl.SSLError)
 
 
@@ -322,7 +323,7 @@ WGROUP = "tickbridge-writer"
 #: roles' keys. CLIENT SETNAME/ID are denied everywhere: `make_client` sets no name (redis-py 8 connects with
 #: HELLO 3 AUTH, which every user may send, and CLIENT SETINFO, an unknown command on Redis 7.0).
 ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
-    ("vps", "collector"): (  # collector/service.py (start) and collector/writer.py (batches, lost replies, probes)
+    ("vps", "collector"): (  # collector/service.py (start) and collector/publisher.py (batches, lost replies, probes)
         [["HGETALL", LAST_IDS], ["ZRANGE", WARM, -1, -1, "WITHSCORES"],  # start: last trade IDs and times
          ["XADD", STREAM, "*", *TRADE_FIELDS],
          ["XADD", "tickbridge:deadletter:collector", "MAXLEN", "~", 10000, "*", "raw", "{bad"],

@@ -27,22 +27,21 @@ from redis.exceptions import ResponseError
 from rich.console import Console
 from rich.table import Table
 
-from tickbridge.brain.common import check, load_functions
+from tickbridge.brain.common import load_functions, reply_or_raise
 from tickbridge.core import keys
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
 from tickbridge.core.settings import die, load_settings
-from tickbridge.core.tick import TickError, Trade, decode_entry
+from tickbridge.core.tick import TickError, Trade
+from tickbridge.core.wire import decode_entry, encode_tick, encode_warm_member, split_dead_letter
 
 REPLAY_FUNCTION = "tickbridge_brain_replay"
-#: Fields the consumer adds to a dead letter (the rest is the entry as it was).
-_ADDED = {b"src_id", b"reason", b"src_stream", b"truncated"}
 #: Why a truncated dead letter is left in place.
 TRUNCATED = "truncated copy (only part of the entry was kept): not replayable"
 ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
 
 
 @dataclass
-class DeadLetter:
+class ConsumerDeadLetter:
     id: bytes
     src_id: bytes
     reason: str
@@ -58,30 +57,19 @@ class ReplayResult:
     gone: int = 0
 
 
-def parse_dead_letter(entry_id: bytes, flat: list[bytes]) -> DeadLetter:
+def parse_dead_letter(entry_id: bytes, flat: list[bytes]) -> ConsumerDeadLetter:
     """Split a dead letter into the consumer's additions and the original fields."""
-    src_id, reason, truncated = b"", "", ""
-    original: list[bytes] = []
-    for i in range(0, len(flat) - 1, 2):
-        name, value = flat[i], flat[i + 1]
-        if name == b"src_id" and not src_id:
-            src_id = value
-        elif name == b"reason" and not reason:
-            reason = value.decode(errors="replace")
-        elif name == b"truncated" and not truncated:
-            truncated = value.decode(errors="replace")
-        elif name not in _ADDED:
-            original += [name, value]
-    return DeadLetter(entry_id, src_id, reason, original, truncated)
+    src_id, reason, original, truncated = split_dead_letter(flat)
+    return ConsumerDeadLetter(entry_id, src_id, reason, original, truncated)
 
 
-async def read_all(client: aioredis.Redis, stream: str = keys.CONSUMER_DEAD_LETTER) -> list[DeadLetter]:
+async def read_all(client: aioredis.Redis, stream: str = keys.CONSUMER_DEAD_LETTER) -> list[ConsumerDeadLetter]:
     """Every dead letter, oldest first (read in pages of 1,000)."""
-    out: list[DeadLetter] = []
+    out: list[ConsumerDeadLetter] = []
     start = "-"
     while True:
         (page,) = await execute_packed(client, [["XRANGE", stream, start, "+", "COUNT", 1000]])
-        page = check(page)
+        page = reply_or_raise(page)
         out += [parse_dead_letter(e[0], e[1] or []) for e in page]
         if len(page) < 1000:
             return out
@@ -90,7 +78,7 @@ async def read_all(client: aioredis.Redis, stream: str = keys.CONSUMER_DEAD_LETT
 
 async def replay(
     client: aioredis.Redis,
-    letters: list[DeadLetter],
+    letters: list[ConsumerDeadLetter],
     *,
     warm_window_s: float = 300.0,
     symbols: Collection[str] | None = None,
@@ -115,14 +103,13 @@ async def replay(
             continue
         if isinstance(tick, Trade):
             target = keys.trades_key(tick.symbol, tick.exchange)
-            # The consumer's WARM member (`trade_id|price|volume|side|recv_ts`), scored by exchange time.
             score: str | int = tick.timestamp
-            member = f"{tick.trade_id}|{tick.price}|{tick.volume}|{tick.side}|{tick.recv_ts}"
+            member = encode_warm_member(tick)
         else:
             target, score, member = keys.depth_key(tick.symbol, tick.exchange), "", ""
         cmd: Command = [
             "FCALL", REPLAY_FUNCTION, 3, keys.CONSUMER_DEAD_LETTER, target, keys.warm_key(tick.symbol, tick.exchange),
-            letter.id, window_us, score, member, "src_id", letter.src_id, *tick.fields(),
+            letter.id, window_us, score, member, "src_id", letter.src_id, *encode_tick(tick),
         ]  # fmt: skip
         (reply,) = await execute_packed(client, [cmd])
         if isinstance(reply, ResponseError):
@@ -134,7 +121,7 @@ async def replay(
     return result
 
 
-def _summary(letters: list[DeadLetter], console: Console) -> None:
+def _summary(letters: list[ConsumerDeadLetter], console: Console) -> None:
     reasons = Counter(letter.reason for letter in letters)
     table = Table(title=f"{keys.CONSUMER_DEAD_LETTER}: {len(letters)} entries")
     table.add_column("reason")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from tickbridge.core import keys
 from tickbridge.core.lifecycle import tune_gc
 from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
@@ -32,7 +33,7 @@ from tickbridge.forwarder.service import Forwarder
 from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
 from tickbridge_dev.loadgen.forwarder import preload, trade_fields
 
-KEY = "market:vps:stream"
+KEY = keys.DEFAULT_STREAM_KEY
 TICKS_PER_S = 1200
 VPS_RAM_BUDGET = 3_000_000_000  # RAM_BUFFER_BYTES default: 3 GB of a 4 GB VPS
 VPS_DISK_BUDGET = 40_000_000_000  # DISK_BUFFER_BYTES default: 40 GB of a 50 GB VPS

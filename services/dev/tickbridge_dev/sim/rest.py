@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tickbridge.collector.rest import depth_weight
 from tickbridge_dev.sim.config import SimConfig
 from tickbridge_dev.sim.metrics import SimMetrics
 from tickbridge_dev.sim.source import MarketSource
@@ -25,16 +26,6 @@ class RestReject(Exception):
     def __init__(self, status: int, code: int, msg: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(msg)
         self.status, self.code, self.msg, self.headers = status, code, msg, headers or {}
-
-
-def _depth_weight(limit: int) -> int:
-    if limit <= 100:
-        return 5
-    if limit <= 500:
-        return 25
-    if limit <= 1000:
-        return 50
-    return 250
 
 
 def _micro(request: web.Request) -> bool:
@@ -176,7 +167,7 @@ class RestApi:
     async def _depth(self, request: web.Request) -> tuple[Any, int]:
         limit = self._int_param(request, "limit", 100) or 100
         limit = max(1, min(limit, 5000))
-        weight = _depth_weight(limit)
+        weight = depth_weight(limit)
         self._precheck(request, weight)
         sym = self._symbol_param(request)
         stale = self.stale.get(sym)
