@@ -40,11 +40,14 @@ def help_of(command: str, capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().out
 
 
+ALL_COMMANDS = set(cli.COMMANDS) | set(cli.PLUGIN_COMMANDS)
+
+
 # ---- one parser, every command ---------------------------------------------------------------------------
 
 
 def test_every_contract_command_is_a_sub_command() -> None:
-    assert set(cli.COMMANDS) >= CONTRACT_COMMANDS
+    assert set(cli.COMMANDS) | set(cli.PLUGIN_COMMANDS) >= CONTRACT_COMMANDS
 
 
 def test_version_is_the_installed_one(tmp_path: Path) -> None:
@@ -62,6 +65,8 @@ def test_top_level_help_lists_every_command(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     for name, spec in cli.COMMANDS.items():
         assert name in proc.stdout and spec.summary in proc.stdout
+    for name, summary in cli.PLUGIN_COMMANDS.items():
+        assert name in proc.stdout and summary in proc.stdout
 
 
 @pytest.mark.parametrize("args", [[], ["nosuch"], ["collector", "--nosuch"]])
@@ -72,7 +77,7 @@ def test_usage_errors_exit_2_with_one_error_line(args: list[str], tmp_path: Path
     assert len(errors) == 1 and errors[0].startswith("tickbridge"), proc.stderr
 
 
-@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+@pytest.mark.parametrize("command", sorted(ALL_COMMANDS))
 def test_command_help_lists_the_variables_it_reads_with_defaults(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -108,15 +113,20 @@ def test_every_setting_names_existing_commands() -> None:
     for name, field in Settings.model_fields.items():
         marks = [m for m in field.metadata if isinstance(m, ReadBy)]
         assert marks, f"{name}: no ReadBy: which command reads it?"
-        unknown = {c for m in marks for c in m.commands} - set(cli.COMMANDS)
+        unknown = {c for m in marks for c in m.commands} - ALL_COMMANDS
         assert not unknown, f"{name}: ReadBy names unknown commands {unknown}"
 
 
 def _command_sources(command: str) -> list[Path]:
     """The files of a command's own code: its module, or its whole package when the module is `<pkg>.main`."""
-    spec = importlib.util.find_spec(cli.COMMANDS[command].module)
-    assert spec is not None and spec.origin is not None
-    origin = Path(spec.origin)
+    if command in cli.PLUGIN_COMMANDS:  # a development command: its module is the entry point's
+        module = cli.plugin(command)
+        assert module is not None and module.__file__ is not None
+        origin = Path(module.__file__)
+    else:
+        spec = importlib.util.find_spec(cli.COMMANDS[command].module)
+        assert spec is not None and spec.origin is not None
+        origin = Path(spec.origin)
     return sorted(origin.parent.glob("*.py")) if origin.stem == "main" else [origin]
 
 
@@ -132,7 +142,7 @@ def _settings_attributes(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+@pytest.mark.parametrize("command", sorted(ALL_COMMANDS))
 def test_the_help_names_every_setting_the_command_code_reads(command: str) -> None:
     """The ReadBy marks are written by hand once: a setting read in a command's code but not marked for it
     would be missing from its --help."""
@@ -144,12 +154,12 @@ def test_the_help_names_every_setting_the_command_code_reads(command: str) -> No
 def test_a_missing_command_module_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(cli.COMMANDS, "sim", cli.Command("tickbridge_not_installed.sim", "simulator"))
+    monkeypatch.setitem(cli.COMMANDS, "query", cli.Command("tickbridge_not_installed.query", "query"))
     with pytest.raises(SystemExit) as exc:
-        cli.main(["sim"])
+        cli.main(["query"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        "tickbridge sim: not installed in this environment (tickbridge_not_installed.sim is missing)"
+        "tickbridge query: not installed in this environment (tickbridge_not_installed.query is missing)"
     )
 
 
