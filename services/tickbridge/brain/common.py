@@ -10,9 +10,9 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from tickbridge.core import keys
+from tickbridge.core.groups import RawEntry, check, group_floor, id_key, parse_info_pairs, parse_read_reply
 from tickbridge.core.redis_io import execute_packed
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import MAX_ID, MAX_TS_US, MIN_TS_US
@@ -20,8 +20,7 @@ from tickbridge.core.tick import MAX_ID, MAX_TS_US, MIN_TS_US
 #: Name of the Redis function that acks Brain-stream entries and writes them atomically.
 INGEST_FUNCTION = "tickbridge_brain_ingest"
 
-#: (entry ID, flat field list or None when the entry was deleted while pending).
-RawEntry = tuple[bytes, list[bytes] | None]
+__all__ = ["RawEntry", "check", "group_floor", "id_key", "parse_info_pairs", "parse_read_reply"]  # core.groups
 
 
 def instance_name(settings: Settings, role: str) -> str:
@@ -41,31 +40,6 @@ async def load_functions(client: aioredis.Redis) -> None:
     check(reply)
 
 
-def check(reply: Any) -> Any:
-    """Raise an error reply returned in place by `execute_packed`."""
-    if isinstance(reply, BaseException):
-        raise reply
-    return reply
-
-
-def parse_read_reply(reply: Any) -> dict[bytes, list[RawEntry]]:
-    """XREADGROUP/XREAD raw reply -> {stream: [(id, fields)]}."""
-    out: dict[bytes, list[RawEntry]] = {}
-    if not reply:
-        return out
-    # RESP3 (redis-py 8 default) answers a map, RESP2 a list of [stream, entries] pairs.
-    pairs = reply.items() if isinstance(reply, dict) else reply
-    for stream, entries in pairs:
-        out[stream] = [(e[0], e[1]) for e in entries]
-    return out
-
-
-def parse_info_pairs(flat: list[Any] | dict[bytes, Any]) -> dict[bytes, Any]:
-    if isinstance(flat, dict):
-        return flat
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-
-
 def as_text(value: Any) -> str:
     """A reply value as text (bytes decoded, anything else through str)."""
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -76,38 +50,8 @@ def id_ms(entry_id: bytes | str) -> int:
     return int(text.partition("-")[0])
 
 
-def id_key(entry_id: bytes | str) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def now_us() -> int:
     return time.time_ns() // 1000
-
-
-async def group_floor(client: aioredis.Redis, stream: str, group: str) -> tuple[int, int] | None:
-    """Lowest ID `group` on `stream` still needs (oldest pending or last delivered); None without that group.
-
-    Only the role's own group counts: any other group (a stray one left at 0-0 by a peer, or a CONSUMER_GROUP
-    that differs between the hosts) must not hold the trimming back, or the stream grows until Redis is full.
-    """
-    replies = await execute_packed(client, [["XINFO", "GROUPS", stream]])
-    if isinstance(replies[0], ResponseError):
-        return None
-    groups = [g for g in map(parse_info_pairs, replies[0]) if g[b"name"] == group.encode()]
-    if not groups:
-        return None
-    cmds = [["XPENDING", stream, g[b"name"]] for g in groups]
-    pend = await execute_packed(client, cmds)
-    floor: tuple[int, int] | None = None
-    for g, p in zip(groups, pend, strict=True):
-        candidates = [id_key(g[b"last-delivered-id"])]
-        if not isinstance(p, BaseException) and p and p[0]:
-            candidates.append(id_key(p[1]))
-        low = min(candidates)
-        floor = low if floor is None else min(floor, low)
-    return floor
 
 
 _DEC = rb"(?=[0-9.]*[1-9])[0-9]{1,20}(?:\.[0-9]{1,18})?"  # a decimal string > 0

@@ -54,10 +54,10 @@ from tickbridge.brain.common import (
     load_functions,
     now_us,
     parse_info_pairs,
-    parse_read_reply,
 )
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
+from tickbridge.core.groups import GroupMember
 from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging, tune_gc
 from tickbridge.core.metrics import HopLatency, counter, gauge, histogram, serve_metrics
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
@@ -244,6 +244,7 @@ class BrainConsumer(Service):
         self.stream = settings.stream_key
         self.group = settings.consumer_group
         self.consumer = instance_name(settings, "consumer")
+        self.member = GroupMember(self.group, self.consumer)
         self.stale_after_s = stale_after_s
         self.trim_retention_s = trim_retention_s
         self.monitor_interval_s = monitor_interval_s
@@ -321,13 +322,10 @@ class BrainConsumer(Service):
 
     async def _read(self, start: str, block: bool) -> list[RawEntry]:
         assert self.client is not None
-        cmd: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.settings.consumer_batch]
-        if block:
-            cmd += ["BLOCK", self.block_ms]
-        cmd += ["STREAMS", self.stream, start]
-        (reply,) = await execute_packed(self.client, [cmd])
-        streams = parse_read_reply(check(reply))
-        return next(iter(streams.values()), [])
+        got = await self.member.read(
+            self.client, [self.stream], [start], self.settings.consumer_batch, self.block_ms if block else None
+        )
+        return next(iter(got.values()), [])
 
     async def read_new(self) -> int:
         """Read and validate one batch of new entries while the previous batch's call runs in Redis.
@@ -348,13 +346,12 @@ class BrainConsumer(Service):
         After a failed ingest call the entries are retried one per call, so only an entry that keeps
         failing stays pending (and reaches the dead-letter stream after CONSUMER_MAX_DELIVERIES).
         """
+        assert self.client is not None
         total = 0
-        cursor = "0"
         failed: ResponseError | None = None
-        while not self.stopping.is_set():
-            entries = await self._read(cursor, block=False)
-            if not entries:
-                break
+        pages = self.member.own_pending(self.client, [self.stream], self.settings.consumer_batch, self.stopping)
+        async for page in pages:
+            entries = next(iter(page.values()))
             self.metrics.claimed.inc(len(entries))
             if self._isolate:
                 for entry in entries:
@@ -366,7 +363,6 @@ class BrainConsumer(Service):
             else:
                 await self.process(entries, recovered=True)
             total += len(entries)
-            cursor = entries[-1][0].decode()
         if total:
             log.info("re-handled %d own pending entries", total)
         if failed is not None:
@@ -378,26 +374,17 @@ class BrainConsumer(Service):
         """XAUTOCLAIM entries idle past CONSUMER_CLAIM_IDLE_MS (consumers that died) and handle them."""
         assert self.client is not None
         total = 0
-        cursor = "0-0"
-        for _ in range(1000):  # bounded: a huge PEL is finished on the next round
-            cmd: Command = [
-                "XAUTOCLAIM", self.stream, self.group, self.consumer, self.settings.consumer_claim_idle_ms,
-                cursor, "COUNT", self.settings.consumer_batch,
-            ]  # fmt: skip
-            (reply,) = await execute_packed(self.client, [cmd])
-            reply = check(reply)
-            cursor = reply[0].decode()
-            entries: list[RawEntry] = [(e[0], e[1]) for e in reply[1]]
+        claims = self.member.claim_idle(
+            self.client, self.stream, self.settings.consumer_claim_idle_ms, self.settings.consumer_batch
+        )
+        async for entries, deleted in claims:
             if entries:
                 self.metrics.claimed.inc(len(entries))
                 await self.process(entries, recovered=True)
                 total += len(entries)
-            deleted = reply[2] if len(reply) > 2 else []
             if deleted:
-                self.metrics.entries.labels("missing").inc(len(deleted))
-                log.warning("%d pending entries were trimmed before anyone handled them", len(deleted))
-            if cursor == "0-0":
-                break
+                self.metrics.entries.labels("missing").inc(deleted)
+                log.warning("%d pending entries were trimmed before anyone handled them", deleted)
         if total:
             log.info("claimed %d idle entries", total)
         return total

@@ -31,6 +31,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from tickbridge.core.settings import DEFAULT_SYMBOLS
 from tickbridge.devstack import oracle, report
 from tickbridge.devstack.faults import LatencySample, Probe, scrape_metrics, sim_trades_total, start_load
+from tickbridge.devstack.hopwatch import HOPS as WATCHED_HOPS
+from tickbridge.devstack.hopwatch import HopWatch
 from tickbridge.devstack.servers import stop_on_signals
 from tickbridge.devstack.stack import NativeStack, StackConfig
 
@@ -176,6 +178,8 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
     next_full = t0
     prev_counts: dict[str, Any] | None = None
     prev_t = t0
+    watch: HopWatch | None = None
+    warm_at = min(opts.warmup, opts.duration / 4)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=not opts.progress)  # fmt: skip
     with progress:
@@ -185,6 +189,10 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
             elapsed = now - t0
             if elapsed >= opts.duration:
                 break
+            if watch is None and elapsed >= warm_at:
+                # µs per hop from here to the end of the load window (after the warm-up, like every figure).
+                watch = HopWatch(stack.vps_redis.url, stack.brain_redis.url, list(probe.symbols),
+                                 stack.workdir / "hopwatch")  # fmt: skip
             new = probe.latency_samples()
             samples += new
             if now >= next_full:
@@ -220,6 +228,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
             time.sleep(max(0.0, min(opts.sample_interval, next_full - time.monotonic())))
         progress.update(task, completed=opts.duration)
     end_elapsed = time.monotonic() - t0
+    hop_samples = watch.stop() if watch is not None else {}
 
     # Drain: stop the exchange, wait for the Brain to hold everything, run the oracle.
     t_pause = time.monotonic()
@@ -275,6 +284,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
         "warmup_s": warm,
         "rates": rates,
         "latency_ms": latency,
+        "hops_us": hop_table(hop_samples),
         "processes": processes,
         "system_cpu": {
             "mean": _mean(res.sys_cpu),
@@ -309,6 +319,21 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
         "timeline": timeline,
         "workdir": str(stack.workdir),
     }
+
+
+def hop_table(samples: dict[str, list[int]]) -> dict[str, Any]:
+    """Percentiles (µs) of "collector receive -> visible to a reader" at each hop, each hop's share of the p50
+    and p99 (the difference to the hop before it), and the one-hop floor measured beside them."""
+    out: dict[str, Any] = {}
+    prev: dict[str, float] = {"p50": 0.0, "p99": 0.0}
+    for name, _label in WATCHED_HOPS:
+        stats = report.percentiles(samples.get(name, []))
+        stats["share_p50"] = stats["p50"] - prev["p50"]
+        stats["share_p99"] = stats["p99"] - prev["p99"]
+        out[name] = stats
+        prev = stats
+    out["floor"] = report.percentiles(samples.get("floor", []))
+    return out
 
 
 def _mean(values: list[float]) -> float | None:
