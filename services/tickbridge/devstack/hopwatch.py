@@ -46,15 +46,23 @@ class _Stop:
         self.stop = True
 
 
-def _stamp(fields: list[bytes], name: bytes) -> int | None:
-    """The integer value of field `name` in a flat field list, or None."""
+def _field(fields: list[bytes] | dict[bytes, bytes], name: bytes) -> bytes | None:
+    """Field `name` of an entry (redis-py answers a dict, a raw reply a flat list)."""
+    if isinstance(fields, dict):
+        return fields.get(name)
     for i in range(0, len(fields) - 1, 2):
         if fields[i] == name:
-            try:
-                return int(fields[i + 1])
-            except ValueError:
-                return None
+            return fields[i + 1]
     return None
+
+
+def _stamp(fields: list[bytes] | dict[bytes, bytes], name: bytes) -> int | None:
+    """The integer value of field `name`, or None."""
+    value = _field(fields, name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def follow(url: str, streams: list[str], field: str, out: Path, pace_ms: float, only_type: str | None) -> None:
@@ -76,7 +84,7 @@ def follow(url: str, streams: list[str], field: str, out: Path, pace_ms: float, 
         pairs = reply.items() if isinstance(reply, dict) else reply
         for _stream, entries in pairs:
             for _id, fields in entries[:1]:
-                if kind is not None and _stamp_type(fields) != kind:
+                if kind is not None and _field(fields, b"type") != kind:
                     continue
                 sent = _stamp(fields, name)
                 if sent is not None:
@@ -85,13 +93,6 @@ def follow(url: str, streams: list[str], field: str, out: Path, pace_ms: float, 
         if pace_ms:
             time.sleep(pace_ms / 1000)
     out.write_text(json.dumps({"streams": streams, "field": field, "us": samples}))
-
-
-def _stamp_type(fields: list[bytes]) -> bytes | None:
-    for i in range(0, len(fields) - 1, 2):
-        if fields[i] == b"type":
-            return fields[i + 1]
-    return None
 
 
 def ping(url: str, key: str, interval_ms: float) -> None:

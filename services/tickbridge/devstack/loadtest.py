@@ -328,8 +328,9 @@ def hop_table(samples: dict[str, list[int]]) -> dict[str, Any]:
     prev: dict[str, float] = {"p50": 0.0, "p99": 0.0}
     for name, _label in WATCHED_HOPS:
         stats = report.percentiles(samples.get(name, []))
-        stats["share_p50"] = stats["p50"] - prev["p50"]
-        stats["share_p99"] = stats["p99"] - prev["p99"]
+        for q in ("p50", "p99"):
+            share = stats[q] - prev[q]
+            stats[f"share_{q}"] = share if math.isnan(share) else int(share)
         out[name] = stats
         prev = stats
     out["floor"] = report.percentiles(samples.get("floor", []))
