@@ -338,6 +338,8 @@ class BrainConsumer(Service):
         await self._finish_inflight()
         if built is not None:
             self._inflight = asyncio.create_task(self._call(built[0], len(entries), built[1], built[2], built[3]))
+            # Let the call go out before the next read: otherwise that read's round trip delays every tick.
+            await asyncio.sleep(0)
         return len(entries)
 
     async def recover_own(self) -> int:
