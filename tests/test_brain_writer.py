@@ -435,3 +435,31 @@ async def test_a_stray_group_does_not_stop_the_writers_trimming(
         await writer.client.aclose()
         await writer.qdb.close()
     assert await brain.xlen(stream) < 1000, "the stray group at 0-0 held the trimming back"
+
+
+async def test_a_short_read_flushes_at_once_without_a_timer(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: ServiceRunner,
+) -> None:
+    """The writer flushes when its read comes back short: with a 60 s interval and a 10,000-row batch, single
+    trades still reach QuestDB (confirmed and acked) within seconds, one after the other, exactly once."""
+    qserver = questdb_factory()
+    qdb = QuestDBHttp(qserver.url)
+    settings = settings_for(redis_server, qserver, writer_flush_interval_s=60.0, writer_batch_rows=10_000)
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(SYMBOLS)
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    writer = services.start(BrainWriter(settings, registry, monitor_interval_s=3600))
+    try:
+        for n in range(1, 4):
+            await source.append(brain, STREAM, 1, live=True)
+            await eventually(lambda n=n: _true(writer.written >= n), timeout=15, interval=0.05,
+                             what=f"trade {n} flushed long before the 60 s interval")  # fmt: skip
+        await eventually(lambda: _no_backlog(brain), timeout=10, what="acked after the flush")
+        await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=30, interval=0.3, what="in QuestDB")
+        assert writer.written == 3
+    finally:
+        await qdb.close()
