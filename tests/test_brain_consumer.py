@@ -11,13 +11,13 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from conftest import ServiceRunner, equals, eventually
-from tickbridge.brain.common import fast_trade
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.loadgen import TradeSource, as_mapping, make_depth, make_trade
 from tickbridge.core import keys
 from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import TickError, decode_entry
+from tickbridge.core.tick import TickError
+from tickbridge.core.wire import decode_entry, encode_tick, match_trade
 from tickbridge.devstack.servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -54,7 +54,7 @@ async def test_writes_trades_depth_warm_and_dead_letters(
     await ensure_group(brain, STREAM, GROUP)
     source = TradeSource(SYMBOLS)
     await source.append(brain, STREAM, 300)
-    await brain.xadd(STREAM, as_mapping(make_depth("BTCUSDT", 10, source.ts).fields()))
+    await brain.xadd(STREAM, as_mapping(encode_tick(make_depth("BTCUSDT", 10, source.ts))))
     await brain.xadd(STREAM, {"type": "TRADE", "symbol": "BTCUSDT", "price": "nan"})
     registry = CollectorRegistry()
     services.start(BrainConsumer(settings_for(redis_server, consumer_name="c1"), registry))
@@ -210,7 +210,7 @@ async def test_brain_redis_down_shows_in_metrics_instead_of_freezing(
     ],
 )
 def test_fast_trade_check_agrees_with_decode_entry(change: dict[str, str]) -> None:
-    fields = [str(x).encode() for x in make_trade("BTCUSDT", 7, 1_763_900_000_000_000).fields()]
+    fields = [str(x).encode() for x in encode_tick(make_trade("BTCUSDT", 7, 1_763_900_000_000_000))]
     for name, value in change.items():
         fields[fields.index(name.encode()) + 1] = value.encode()
     try:
@@ -218,7 +218,7 @@ def test_fast_trade_check_agrees_with_decode_entry(change: dict[str, str]) -> No
         valid = True
     except TickError:
         valid = False
-    fast = fast_trade(fields)
+    fast = match_trade(fields)
     # The fast path may decline a valid entry (then decode_entry decides), never accept an invalid one.
     assert not (fast is not None and not valid)
     if not change:
@@ -257,7 +257,7 @@ async def test_ingest_call_replayed_writes_nothing_twice(brain: aioredis.Redis, 
     await ensure_group(brain, STREAM, GROUP)
     source = TradeSource(SYMBOLS)
     await source.append(brain, STREAM, 30)
-    await brain.xadd(STREAM, as_mapping(make_depth("BTCUSDT", 5, source.ts).fields()))
+    await brain.xadd(STREAM, as_mapping(encode_tick(make_depth("BTCUSDT", 5, source.ts))))
     svc = BrainConsumer(settings_for(redis_server, consumer_name="me"), CollectorRegistry())
     svc.client = make_client(redis_server.url)
     try:
@@ -291,14 +291,14 @@ async def test_mixed_entries_keep_per_symbol_order_and_are_written_once(
     ts = 1_763_900_000_000_000
     for i in range(1, 601):
         sym = SYMBOLS[i % 3]
-        fields = make_trade(sym, i, ts + i).fields()
+        fields = encode_tick(make_trade(sym, i, ts + i))
         if i % 50 == 7:  # the same trade, fields in another order: valid, decoded the slow way
             pairs = list(zip(fields[::2], fields[1::2], strict=True))
             fields = [x for pair in reversed(pairs) for x in pair]
         await brain.xadd(STREAM, as_mapping(fields))
         expected[sym].append(i)
         if i % 20 == 0:
-            await brain.xadd(STREAM, as_mapping(make_depth(sym, i, ts + i).fields()))
+            await brain.xadd(STREAM, as_mapping(encode_tick(make_depth(sym, i, ts + i))))
             depth_ids.append(i)
         if i == 300:
             await brain.xadd(STREAM, {"type": "TRADE", "symbol": "BTCUSDT", "price": "nan"})

@@ -23,7 +23,7 @@ from tickbridge.brain.loadgen import make_depth, make_trade
 from tickbridge.core import keys
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import DEPTH_FIELDS, TRADE_FIELDS
+from tickbridge.core.wire import DEPTH_FIELDS, TRADE_FIELDS, encode_tick
 from tickbridge.devstack.servers import RedisServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -54,7 +54,7 @@ async def brain(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 
 def trade(symbol: str, trade_id: int) -> list[bytes]:
-    return [str(x).encode() for x in make_trade(symbol, trade_id, TS + trade_id).fields()]
+    return [str(x).encode() for x in encode_tick(make_trade(symbol, trade_id, TS + trade_id))]
 
 
 async def xadd(client: aioredis.Redis, fields: list[bytes]) -> bytes:
@@ -109,7 +109,7 @@ async def test_extra_fields_never_reach_the_per_symbol_streams(
     """A valid trade with ~3,000 extra fields used to pass and be copied, junk and all, into the per-symbol
     stream (and on to everyone who reads it); one extra field, a duplicate field or a missing one as well."""
     junk = [x for i in range(3_000) for x in (b"junk%d" % i, b"\xff" * 8)]
-    depth = [str(x).encode() for x in make_depth("ETHUSDT", 10, TS).fields()]
+    depth = [str(x).encode() for x in encode_tick(make_depth("ETHUSDT", 10, TS))]
     level = ["1" * 20 + "." + "1" * 18, "2" * 20 + "." + "2" * 18]
     big_levels = orjson.dumps([level] * 10_000)  # the most decode_entry accepts: 850 KB a side
     cases = {
@@ -119,7 +119,9 @@ async def test_extra_fields_never_reach_the_per_symbol_streams(
         "missing field": trade("BTCUSDT", 5)[:-2],
         "depth with an extra field": [*depth, b"evil", b"1"],
         "depth with a duplicate field": [*depth, b"bids", b"[]"],
-        "oversize depth (valid levels, 1.7 MB)": [str(x).encode() for x in make_depth("ETHUSDT", 20, TS).fields()[:-6]]
+        "oversize depth (valid levels, 1.7 MB)": [
+            str(x).encode() for x in encode_tick(make_depth("ETHUSDT", 20, TS))[:-6]
+        ]
         + [b"bids", big_levels, b"asks", big_levels, b"recv_ts", str(TS).encode()],
     }
     good = [await xadd(brain, trade("BTCUSDT", 1))]
@@ -150,7 +152,7 @@ async def test_symbols_outside_symbols_are_dead_lettered_and_create_no_keys(
     and QuestDB symbol): an unbounded number of keys from the link."""
     good = [await xadd(brain, trade("ETHUSDT", 1))]
     bad = [await xadd(brain, trade(f"ZZ{i}USDT", 1)) for i in range(20)]
-    bad.append(await xadd(brain, [str(x).encode() for x in make_depth("QQQUSDT", 1, TS).fields()]))
+    bad.append(await xadd(brain, [str(x).encode() for x in encode_tick(make_depth("QQQUSDT", 1, TS))]))
     good.append(await xadd(brain, trade("ETHUSDT", 2)))
     services.start(consumer(redis_server, CollectorRegistry()))
 

@@ -23,6 +23,7 @@ from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import TickError
+from tickbridge.core.wire import encode_tick
 from tickbridge.devstack.servers import QuestDBServer, RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -307,7 +308,7 @@ async def _ingest(
     cmds: list[Command] = []
     for tid in trade_ids:
         t = make_trade(symbol, tid, ts(tid))
-        cmds.append(["XADD", keys.trades_key(symbol), "*", *t.fields()])
+        cmds.append(["XADD", keys.trades_key(symbol), "*", *encode_tick(t)])
         if warm:
             cmds.append(
                 ["ZADD", keys.warm_key(symbol), t.timestamp, f"{tid}|{t.price}|{t.volume}|{t.side}|{t.recv_ts}"]

@@ -19,6 +19,7 @@ from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
+from tickbridge.core.wire import encode_tick
 from tickbridge.devstack.servers import QuestDBServer, RedisServer
 
 pytestmark = pytest.mark.timeout(150)
@@ -78,7 +79,7 @@ async def test_writes_exactly_once_and_resend_is_deduplicated(
     source = TradeSource(SYMBOLS)
     await source.append(brain, STREAM, 6000)
     for i in range(5):
-        await brain.xadd(STREAM, as_mapping(make_depth("ETHUSDT", 100 + 10 * i, source.ts + i).fields()))
+        await brain.xadd(STREAM, as_mapping(encode_tick(make_depth("ETHUSDT", 100 + 10 * i, source.ts + i))))
     registry = CollectorRegistry()
     services.start(BrainConsumer(settings, CollectorRegistry()))
     # No monitor (so no trim) in the first writer: the re-send below must find every entry it wrote, as after
@@ -291,7 +292,7 @@ async def test_a_suspended_depth_table_does_not_hold_the_trades_back(
     async def append(trades: int, diffs: int) -> None:
         await source.append(brain, STREAM, trades)
         for _ in range(diffs):
-            await brain.xadd(STREAM, as_mapping(make_depth("ETHUSDT", next(update_ids), source.ts).fields()))
+            await brain.xadd(STREAM, as_mapping(encode_tick(make_depth("ETHUSDT", next(update_ids), source.ts))))
 
     await append(300, 5)
     registry = CollectorRegistry()

@@ -19,7 +19,8 @@ from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT
 from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import DepthDiff, Trade, decode_entry
+from tickbridge.core.tick import DepthDiff, Trade
+from tickbridge.core.wire import decode_entry
 from tickbridge.devstack.servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)

@@ -21,7 +21,8 @@ from test_collector_parser import capture_lines, rebuild_offline
 from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import DepthDiff, Trade, decode_entry
+from tickbridge.core.tick import DepthDiff, Trade
+from tickbridge.core.wire import decode_entry
 from tickbridge.devstack.servers import RedisServer
 from tickbridge.sim import SimConfig, SimServer
 

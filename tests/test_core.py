@@ -11,7 +11,8 @@ from tickbridge.core.backoff import Backoff
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
 from tickbridge.core.redis_io import ensure_group, execute_packed, is_duplicate_id_error, make_client
 from tickbridge.core.settings import Settings, load_settings
-from tickbridge.core.tick import DepthDiff, TickError, Trade, decode_entry, parse_stream_id
+from tickbridge.core.tick import DepthDiff, TickError, Trade
+from tickbridge.core.wire import decode_entry, encode_tick, parse_stream_id
 from tickbridge.devstack.servers import QuestDBServer, RedisServer, free_port
 
 TS = 1_723_161_255_342_000
@@ -59,12 +60,12 @@ def test_settings_read_dotenv_and_environment_wins(monkeypatch: pytest.MonkeyPat
 
 def test_trade_round_trips_through_stream_encoding() -> None:
     t = trade()
-    raw = [str(x).encode() for x in t.fields()]
+    raw = [str(x).encode() for x in encode_tick(t)]
     assert raw[:6] == [b"symbol", b"ETHUSDT", b"exchange", b"binance_spot", b"type", b"TRADE"]
     assert decode_entry(raw) == t
     d = DepthDiff(symbol="ETHUSDT", timestamp=TS, first_update_id=35346513513, last_update_id=35346513520,
                   bids=(("2600.01", "1.5"),), asks=(("2600.02", "0.00000000"),), recv_ts=TS)  # fmt: skip
-    assert decode_entry([str(x).encode() for x in d.fields()]) == d
+    assert decode_entry([str(x).encode() for x in encode_tick(d)]) == d
 
 
 @pytest.mark.parametrize(
@@ -95,14 +96,14 @@ def test_invalid_trade_rejected_with_reason(overrides: dict[str, object], reason
     ],
 )
 def test_decode_entry_rejects_broken_entries(mutate: object, reason: str) -> None:
-    fields = {k: str(v) for k, v in zip(trade().fields()[::2], trade().fields()[1::2], strict=True)}
+    fields = {k: str(v) for k, v in zip(encode_tick(trade())[::2], encode_tick(trade())[1::2], strict=True)}
     mutate(fields)  # type: ignore[operator]
     with pytest.raises(TickError, match=reason):
         decode_entry({k.encode(): v.encode() for k, v in fields.items()})
 
 
 def test_decode_entry_rejects_invalid_utf8() -> None:
-    raw = [str(x).encode() for x in trade().fields()]
+    raw = [str(x).encode() for x in encode_tick(trade())]
     raw[1] = b"\xff\xfe"
     with pytest.raises(TickError, match="UTF-8"):
         decode_entry(raw)
@@ -166,6 +167,7 @@ def test_settings_constructible_in_tests() -> None:
 _STOP_SCRIPT = """
 import asyncio, sys
 from tickbridge.core.lifecycle import Service, run_service, setup_logging
+from tickbridge.core.wire import encode_tick
 
 class Role(Service):
     name = "role"

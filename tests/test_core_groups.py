@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from tickbridge.core.groups import GroupMember, group_floor, id_key
+from tickbridge.core.groups import GroupMember, group_floor
 from tickbridge.core.redis_io import ensure_group, make_client
+from tickbridge.core.wire import parse_stream_id
 from tickbridge.devstack.servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,7 +67,7 @@ async def test_group_floor_is_the_oldest_pending_or_last_delivered(client: aiore
     a = GroupMember(GROUP, "a")
     await a.read(client, [STREAM], [">"], count=4)
     await client.xack(STREAM, GROUP, ids[0])
-    assert await group_floor(client, STREAM, GROUP) == id_key(ids[1])
+    assert await group_floor(client, STREAM, GROUP) == parse_stream_id(ids[1])
     await client.xack(STREAM, GROUP, *ids[1:])
-    assert await group_floor(client, STREAM, GROUP) == id_key(ids[3])
+    assert await group_floor(client, STREAM, GROUP) == parse_stream_id(ids[3])
     assert await group_floor(client, STREAM, "no-such-group") is None

@@ -19,8 +19,9 @@ from test_forwarder_flow import make_settings, running, sample
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBError
 from tickbridge.core.redis_io import make_client
+from tickbridge.core.wire import parse_stream_id
 from tickbridge.devstack.servers import QuestDBServer, RedisServer, ToxiproxyServer, free_port
-from tickbridge.forwarder.buffer import SpillBuffer, parse_id
+from tickbridge.forwarder.buffer import SpillBuffer
 from tickbridge.forwarder.ledger import LEDGER_MAX, Ledger, segments
 from tickbridge.forwarder.loadgen import LiveWriter, preload, read_stream, trade_fields, verify
 from tickbridge.forwarder.service import Forwarder
@@ -110,7 +111,7 @@ async def test_ledger_survives_a_restart_and_reports_a_truncated_buffer(
     buf = SpillBuffer(questdb_server.url, table=table)
     await buf.http.exec(f"TRUNCATE TABLE {table}")
     await buf.http.wait_applied(table)
-    later = await preload(vps_c, settings.stream_key, 1000, start=(parse_id(ids[-1])[0] + 1, 0), step_ms=0.05)
+    later = await preload(vps_c, settings.stream_key, 1000, start=(parse_stream_id(ids[-1])[0] + 1, 0), step_ms=0.05)
     brain.start()
     brain_c = make_client(brain.url)
     registry = CollectorRegistry()
@@ -152,7 +153,7 @@ async def test_corrupt_buffer_rows_are_quarantined_and_the_replay_goes_on(
     table = f"vb_{uuid.uuid4().hex[:8]}"
     registry = CollectorRegistry()
     buf = SpillBuffer(questdb_server.url, table=table)
-    garbage, odd = parse_id(ids[1000]), parse_id(ids[4000])
+    garbage, odd = parse_stream_id(ids[1000]), parse_stream_id(ids[4000])
     with caplog.at_level(logging.INFO):
         async with running(Forwarder(settings, registry, buffer_table=table)) as fw:
             await _spill_all(registry, 6000)

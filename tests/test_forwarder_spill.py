@@ -17,8 +17,9 @@ from conftest import equals, eventually
 from test_forwarder_flow import make_settings, running, sample
 from tickbridge.core import keys
 from tickbridge.core.redis_io import execute_packed, make_client
+from tickbridge.core.wire import parse_stream_id
 from tickbridge.devstack.servers import QuestDBServer, RedisServer
-from tickbridge.forwarder.buffer import SpillBuffer, parse_id
+from tickbridge.forwarder.buffer import SpillBuffer
 from tickbridge.forwarder.loadgen import LiveWriter, preload, read_stream, trade_fields, verify
 from tickbridge.forwarder.service import Forwarder
 
@@ -144,7 +145,7 @@ async def test_spill_again_after_the_buffer_was_emptied(
         await eventually(buffer_empty, 60, what="first spill's partitions dropped")
         await brain_c.aclose()
         brain.stop()
-        top = parse_id(first[-1])
+        top = parse_stream_id(first[-1])
         second = await preload(vps_c, settings.stream_key, n, start=(top[0] + 1, 0), step_ms=0.01)
         already = sample(registry, "tickbridge_forwarder_spilled_total")
         await eventually(lambda: spilled(already + n // 2), 60, what="second outage spilled")

@@ -24,6 +24,7 @@ from tickbridge.brain.loadgen import make_depth, make_trade
 from tickbridge.core import keys
 from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
+from tickbridge.core.wire import encode_tick
 from tickbridge.devstack.servers import RedisServer
 
 LONG = hypothesis_settings().max_examples > 1000
@@ -67,7 +68,7 @@ class Generator:
         sym = self.rng.choice(SYMBOLS)
         self.trade_ids[sym] += 1
         tid = self.trade_ids[sym]
-        fields = [str(x).encode() for x in make_trade(sym, tid, TS + tid).fields()]
+        fields = [str(x).encode() for x in encode_tick(make_trade(sym, tid, TS + tid))]
         if self.rng.random() < 0.1:  # valid in another field order: written (in the contract's order)
             pairs = _pairs(fields)
             self.rng.shuffle(pairs)
@@ -76,7 +77,9 @@ class Generator:
 
     def good_depth(self) -> tuple[str, list[bytes]]:
         self.depth_id += 10
-        return keys.depth_key("ETHUSDT"), [str(x).encode() for x in make_depth("ETHUSDT", self.depth_id, TS).fields()]
+        return keys.depth_key("ETHUSDT"), [
+            str(x).encode() for x in encode_tick(make_depth("ETHUSDT", self.depth_id, TS))
+        ]
 
     def _field_count(self) -> int:
         r = self.rng.random()

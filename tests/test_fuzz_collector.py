@@ -30,7 +30,8 @@ from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import Trade, decode_entry
+from tickbridge.core.tick import Trade
+from tickbridge.core.wire import decode_entry
 from tickbridge.devstack.tls import VPS_ACL, SecureRedisServer, acl_variables, render_acl
 
 LONG = hypothesis_settings().max_examples > 1000

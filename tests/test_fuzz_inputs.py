@@ -20,7 +20,6 @@ import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-from tickbridge.brain.common import fast_trade
 from tickbridge.collector.parser import (
     MAX_RAW_KEPT,
     REASONS,
@@ -35,8 +34,8 @@ from tickbridge.core.tick import (
     DepthDiff,
     TickError,
     Trade,
-    decode_entry,
 )
+from tickbridge.core.wire import decode_entry, encode_tick, match_trade
 
 # The long profile runs thousands of examples per test: give it room, keep the default run tight.
 pytestmark = pytest.mark.timeout(60 if settings().max_examples <= 1000 else 1800)
@@ -90,7 +89,7 @@ json_values = st.recursive(
 
 def entry(tick: Trade | DepthDiff) -> list[bytes]:
     """A stream entry as redis-py returns it raw: a flat `[field, value, ...]` list of bytes."""
-    return [str(x).encode() for x in tick.fields()]
+    return [str(x).encode() for x in encode_tick(tick)]
 
 
 def assert_canonical(tick: Trade | DepthDiff) -> None:
@@ -169,7 +168,7 @@ def field_accepts(field: str, value: str) -> bool:
 @pytest.mark.parametrize("value", NASTY_TEXT)
 def test_decode_entry_nasty_values_match_the_oracle(field: str, value: str) -> None:
     good = Trade("BTCUSDT", "61000.5", "0.25", "SELL", 1_723_161_255_342_000, 7, 1_723_161_255_343_000)
-    fields = dict(zip(good.fields()[::2], good.fields()[1::2], strict=True))
+    fields = dict(zip(encode_tick(good)[::2], encode_tick(good)[1::2], strict=True))
     fields[field] = value
     raw = [str(x).encode() for pair in fields.items() for x in pair]
     if field_accepts(field, value):
@@ -319,7 +318,7 @@ def fast_and_full(raw: list[bytes]) -> tuple[tuple[bytes, bytes] | None, Trade |
         tick: Trade | DepthDiff | None = decode_entry(raw)
     except TickError:
         tick = None
-    return fast_trade(raw), tick
+    return match_trade(raw), tick
 
 
 @given(trades, st.lists(st.tuples(st.integers(0, 8), nasty_bytes), max_size=2))

@@ -14,9 +14,9 @@ from questdb.ingress import Sender, TimestampMicros
 
 from conftest import QUESTDB_READER as READER
 from conftest import QUESTDB_USER as USER
-from tickbridge.brain.writer import TRADES_DDL
 from tickbridge.core.questdb_io import QuestDBHttp, ilp_conf
 from tickbridge.core.settings import Settings
+from tickbridge.core.wire import TRADES_DDL
 from tickbridge.devstack.servers import QuestDBServer
 from tickbridge.ops import dashboards
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tickbridge.brain.writer import TRADES_DDL
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.settings import Settings
+from tickbridge.core.wire import TRADES_DDL
 from tickbridge.devstack.servers import QuestDBServer, free_port
 from tickbridge.devstack.tls import (
     BRAIN_ACL,

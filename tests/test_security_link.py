@@ -25,9 +25,9 @@ from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.core import keys
 from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
+from tickbridge.core.wire import StreamId, format_stream_id, parse_stream_id
 from tickbridge.devstack.servers import QuestDBServer, RedisServer
 from tickbridge.devstack.tls import BRAIN_ACL, CertPaths, SecureRedisServer, acl_variables, make_certs, render_acl
-from tickbridge.forwarder.buffer import StreamId, format_id, parse_id
 from tickbridge.forwarder.loadgen import SYMBOLS, preload
 from tickbridge.forwarder.service import Forwarder
 
@@ -154,16 +154,20 @@ async def repair(admin: aioredis.Redis) -> StreamId:
     delete what lies above what CONSUMER_GROUP received, set the top back there, and move the group back
     if it received a bogus entry. The forwarder then rewinds and refills the Brain from the VPS copy."""
     group = next(g for g in await admin.xinfo_groups(STREAM) if g["name"] == GROUP.encode())
-    delivered = parse_id(group["last-delivered-id"])
+    delivered = parse_stream_id(group["last-delivered-id"])
     now_ms = int(time.time() * 1000)
     if delivered[0] > now_ms + 60_000:  # the group received the bogus far-future entry: back to the real one
-        real = [e for e, _ in await admin.xrevrange(STREAM, "+", "-", count=1000) if parse_id(e)[0] <= now_ms + 60_000]
-        delivered = parse_id(real[0]) if real else (0, 0)
-        await admin.execute_command("XGROUP", "SETID", STREAM, GROUP, format_id(delivered))  # type: ignore[no-untyped-call]
-    above = [e for e, _ in await admin.xrange(STREAM, "(" + format_id(delivered), "+")]
+        real = [
+            e
+            for e, _ in await admin.xrevrange(STREAM, "+", "-", count=1000)
+            if parse_stream_id(e)[0] <= now_ms + 60_000
+        ]
+        delivered = parse_stream_id(real[0]) if real else (0, 0)
+        await admin.execute_command("XGROUP", "SETID", STREAM, GROUP, format_stream_id(delivered))  # type: ignore[no-untyped-call]
+    above = [e for e, _ in await admin.xrange(STREAM, "(" + format_stream_id(delivered), "+")]
     if above:
         await admin.xdel(STREAM, *above)
-    await admin.execute_command("XSETID", STREAM, format_id(delivered))  # type: ignore[no-untyped-call]
+    await admin.execute_command("XSETID", STREAM, format_stream_id(delivered))  # type: ignore[no-untyped-call]
     return delivered
 
 
@@ -183,7 +187,7 @@ async def test_xadd_maxlen_0_over_the_link_loses_nothing(link: Link, services: S
 
     async def delivered() -> bool:
         info = await link.admin.xinfo_stream(STREAM)
-        return bool(parse_id(info["last-generated-id"]) >= parse_id(second[-1]))
+        return bool(parse_stream_id(info["last-generated-id"]) >= parse_stream_id(second[-1]))
 
     await eventually(delivered, 30, what="second batch on the Brain stream, not consumed yet")
     await link.attacker.execute_command("XADD", STREAM, "MAXLEN", "0", "*", "forged", "1")  # type: ignore[no-untyped-call]
@@ -234,7 +238,7 @@ async def test_a_far_future_top_is_refused_and_the_vps_keeps_its_copy(link: Link
     assert sample(registry, "tickbridge_forwarder_brain_refusals_total", reason="future_top") == 1
     assert sample(registry, "tickbridge_forwarder_already_delivered_total") == 0
     state = await link.vps_c.hgetall(keys.FORWARDER_STATE)
-    assert parse_id(state[b"confirmed_id"]) <= parse_id(first[-1])
+    assert parse_stream_id(state[b"confirmed_id"]) <= parse_stream_id(first[-1])
     await repair(link.admin)
 
     async def resumed() -> bool:
@@ -306,7 +310,7 @@ async def test_a_real_top_the_vps_lost_is_refused_until_the_operator_accepts_it(
         return sample(registry, "tickbridge_forwarder_brain_refused", reason="foreign_top") == 1
 
     await eventually(refused, 20, what="the restarted forwarder refuses a top it cannot find on the VPS")
-    more = await preload(link.vps_c, STREAM, 200, first_index=1000, start=(parse_id(ids[-1])[0] + 1000, 0))
+    more = await preload(link.vps_c, STREAM, 200, first_index=1000, start=(parse_stream_id(ids[-1])[0] + 1000, 0))
     await link.vps_c.hset(keys.FORWARDER_STATE, "accept_top", ids[-1])  # the operator checked it on the Brain
 
     async def resumed() -> bool:

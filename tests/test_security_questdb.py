@@ -15,9 +15,9 @@ from questdb.ingress import IngressError, Sender, TimestampNanos
 
 from conftest import QUESTDB_READER as READER
 from tickbridge.brain.tiered import COLD, TieredMarketData
-from tickbridge.brain.writer import TRADES_DDL
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
 from tickbridge.core.settings import Settings
+from tickbridge.core.wire import TRADES_DDL
 from tickbridge.devstack.servers import QuestDBServer, RedisServer
 
 pytestmark = pytest.mark.timeout(180)

@@ -24,12 +24,12 @@ from conftest import eventually
 from tickbridge.brain import deadletters
 from tickbridge.brain.consumer import DEAD_LETTER_MAX_BYTES, BrainConsumer
 from tickbridge.brain.tiered import COLD, HOT, WARM, TieredMarketData
-from tickbridge.brain.writer import TRADES_DDL
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import Trade
+from tickbridge.core.wire import TRADES_DDL, encode_tick
 from tickbridge.devstack.servers import QuestDBServer
 from tickbridge.devstack.tls import BRAIN_ACL, CertPaths, SecureRedisServer, acl_variables, make_certs, render_acl
 
@@ -79,7 +79,7 @@ async def admin(brain: SecureRedisServer, passwords: dict[str, str]) -> AsyncIte
 
 def trade_fields(symbol: str, trade_id: int) -> list[bytes]:
     t = Trade(symbol, f"{61000 + trade_id}.5", "0.001", "BUY", TS + trade_id, trade_id, TS + trade_id + 7)
-    return [str(x).encode() for x in t.fields()]
+    return [str(x).encode() for x in encode_tick(t)]
 
 
 def poisoned(base: list[bytes], field: bytes, value: bytes | None) -> list[bytes]:
@@ -325,7 +325,7 @@ async def test_trading_code_reads_every_tier_as_the_reader_user_and_can_change_n
     for i in range(1, 201):  # as the consumer writes them (1..100 an hour older: out of WARM), none confirmed
         ts = (hour_ago if i <= 100 else TS) + i * 1000
         t = Trade("BTCUSDT", f"{61000 + i}.5", "0.001", "BUY", ts, i, ts + 7)
-        await admin.xadd(key, dict(zip(*[iter(["src_id", f"{i}-0", *t.fields()])] * 2, strict=True)))
+        await admin.xadd(key, dict(zip(*[iter(["src_id", f"{i}-0", *encode_tick(t)])] * 2, strict=True)))
         if i > 100:
             await admin.zadd(warm, {f"{i}|{61000 + i}.5|0.001|BUY|{ts + 7}": ts})
     await ensure_group(admin, key, keys.WRITER_GROUP, "0")
@@ -398,7 +398,7 @@ async def test_dead_letter_replay_as_the_consumer_user_keeps_warm_whole(
     offsets = {10: -600_000_000, 11: -60_000_000, 12: +150_000_000}  # trade_id -> exchange time vs WARM's newest
     for trade_id, offset in offsets.items():
         t = Trade("BTCUSDT", "61000.5", "0.001", "SELL", newest + offset, trade_id, newest + offset + 7)
-        fields = ["src_id", f"{trade_id}-0", "reason", "delivered 5 times", *t.fields()]
+        fields = ["src_id", f"{trade_id}-0", "reason", "delivered 5 times", *encode_tick(t)]
         await admin.xadd(keys.CONSUMER_DEAD_LETTER, dict(zip(fields[::2], fields[1::2], strict=True)))
     settings = tls_settings(brain, "consumer", passwords)
     consumer = make_client(settings.brain_redis_url, settings)

@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from tickbridge.core.redis_io import execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import Trade
+from tickbridge.core.wire import encode_tick
 from tickbridge.devstack.servers import REPO_ROOT, ServerError
 from tickbridge.devstack.tls import (
     BRAIN_ACL,
@@ -44,7 +45,7 @@ TRADES = "market:binance_spot:trades:BTCUSDT"
 DEPTH = "market:binance_spot:depth:BTCUSDT"
 WARM = "market:binance_spot:warm:BTCUSDT"
 TS = 1_723_161_255_343_000
-TRADE_FIELDS = Trade("BTCUSDT", "61000.10", "0.002", "BUY", TS, 1, TS + 5).fields()
+TRADE_FIELDS = encode_tick(Trade("BTCUSDT", "61000.10", "0.002", "BUY", TS, 1, TS + 5))
 REFUSED = (RedisConnectionError, ConnectionError, OSError, ssl.SSLError)
 
 

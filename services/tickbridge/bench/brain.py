@@ -35,6 +35,7 @@ from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.rawlink import RawRedis
 from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
+from tickbridge.core.wire import now_us
 from tickbridge.devstack.servers import QuestDBServer, RedisServer
 
 SYMBOLS = (
@@ -177,7 +178,7 @@ async def catch_up(
         for p in procs:
             p.send_signal(signal.SIGSTOP)
 
-        now = time.time_ns() // 1000
+        now = now_us()
         # Exchange times over the last ~1,000 s: WARM keeps the last 300 s, the rest is COLD only.
         source = TradeSource(SYMBOLS, start_us=now - ticks * 1000, step_us=1000)
         t0 = time.perf_counter()
@@ -248,7 +249,7 @@ async def tier_latencies(redis: RedisServer, qdb_server: QuestDBServer, rounds: 
     out: dict[str, list[float]] = {}
     async with TieredMarketData(settings, registry=CollectorRegistry()) as md:
         sym = SYMBOLS[0]
-        now = time.time_ns() // 1000
+        now = now_us()
         for _ in range(100):  # warm-up: connections, QuestDB query plans
             await md.recent(sym, 10)
             await md.recent(sym, 500)

@@ -34,7 +34,7 @@ import redis
 
 from tickbridge.core import keys
 from tickbridge.core.keys import DEFAULT_STREAM_KEY
-from tickbridge.core.tick import parse_stream_id
+from tickbridge.core.wire import parse_stream_id
 from tickbridge.devstack.servers import RedisServer, free_port
 
 ENTRY = [

@@ -16,11 +16,13 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Histogram
 
 from tickbridge.brain.consumer import BrainConsumer
-from tickbridge.brain.writer import TRADES_TABLE, BrainWriter, TableBatch
+from tickbridge.brain.writer import BrainWriter, TableBatch
 from tickbridge.collector.metrics import CollectorMetrics
+from tickbridge.core import keys
 from tickbridge.core.metrics import LATENCY_BUCKETS
 from tickbridge.core.redis_io import Command
 from tickbridge.core.settings import Settings
+from tickbridge.core.wire import now_us
 from tickbridge.forwarder.service import Forwarder
 
 N = 100_000
@@ -97,7 +99,7 @@ def bench_writer(settings: Settings, symbols: list[str], recv: list[int], now: i
     streams = [f"market:binance_spot:trades:{s}".encode() for s in symbols]
 
     def writer() -> None:
-        batch = TableBatch(TRADES_TABLE, bw._new_buffer())
+        batch = TableBatch(keys.TRADES_TABLE, bw._new_buffer())
         for stream, r in zip(streams, recv, strict=True):  # kept by _add
             batch.recv.setdefault(stream, []).append(r)
         for stream, values in batch.recv.items():  # observed by _flush_table
@@ -113,7 +115,7 @@ def bench_writer(settings: Settings, symbols: list[str], recv: list[int], now: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    now = time.time_ns() // 1000
+    now = now_us()
     settings = Settings(symbols=SYMBOLS)
     entries = [(f"{now // 1000}-{i}".encode(), trade_fields(i, now)) for i in range(N)]
     symbols = [SYMBOLS[i % 3] for i in range(N)]

@@ -45,14 +45,10 @@ from redis.exceptions import ResponseError
 
 from tickbridge.brain.common import (
     INGEST_FUNCTION,
-    RawEntry,
     check,
-    fast_trade,
     group_floor,
-    id_ms,
     instance_name,
     load_functions,
-    now_us,
     parse_info_pairs,
 )
 from tickbridge.core import keys
@@ -62,7 +58,18 @@ from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logg
 from tickbridge.core.metrics import HopLatency, counter, gauge, histogram, serve_metrics
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings, load_settings
-from tickbridge.core.tick import DEPTH_FIELDS, TRADE_FIELDS, DepthDiff, Tick, TickError, Trade, decode_entry
+from tickbridge.core.tick import DepthDiff, Tick, TickError, Trade
+from tickbridge.core.wire import (
+    TRADE_VALUES,
+    GroupEntry,
+    encode_depth,
+    encode_trade,
+    entry_field,
+    match_trade,
+    now_us,
+    stream_id_ms,
+    strict_decode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,40 +86,6 @@ DEAD_LETTER_MAXLEN = 10_000
 DEAD_LETTER_MAX_BYTES = 16_384
 #: Field pairs a dead letter copies at most (the contract has 9; brain.lua unpacks them in one call).
 DEAD_LETTER_MAX_FIELDS = 64
-
-#: Bytes of an entry at most: the collector's frame cap (`collector.parser.MAX_FRAME_BYTES`), so no entry the
-#: collector writes is larger; a bigger one (bids/asks of 10,000 levels of 38-digit decimals) is dead-lettered.
-MAX_ENTRY_BYTES = 1 << 20
-
-_TRADE_NAMES = frozenset(f.encode() for f in TRADE_FIELDS)
-_DEPTH_NAMES = frozenset(f.encode() for f in DEPTH_FIELDS)
-_CONTRACT_NAMES = _TRADE_NAMES | _DEPTH_NAMES
-_MAX_ITEMS = 2 * max(len(TRADE_FIELDS), len(DEPTH_FIELDS))
-
-
-def strict_decode(fields: list[bytes]) -> Tick:
-    """`decode_entry`, and exactly the contract's fields of its type, each once (`recv_ts` optional on a
-    depth diff, as `decode_entry` allows): extra fields would travel on to every reader of the per-symbol
-    stream, and thousands of them made brain.lua's `unpack` fail. Raises `TickError`."""
-    if len(fields) > _MAX_ITEMS:  # before any decoding: a wide entry costs nothing more than its length
-        raise TickError(f"{len(fields) // 2} fields, more than the contract's {_MAX_ITEMS // 2}")
-    size = sum(map(len, fields))
-    if size > MAX_ENTRY_BYTES:
-        raise TickError(f"{size} bytes, more than {MAX_ENTRY_BYTES}")
-    names = fields[::2]
-    seen = set(names)
-    if len(seen) != len(names):
-        dup = next(n for i, n in enumerate(names) if n in names[:i])
-        raise TickError(f"duplicate field {dup[:40]!r}")
-    extra = seen - _CONTRACT_NAMES
-    if extra:
-        raise TickError(f"unexpected field {min(extra)[:40]!r}")
-    tick = decode_entry(fields)
-    extra = seen - (_TRADE_NAMES if isinstance(tick, Trade) else _DEPTH_NAMES)
-    if extra:
-        kind = "trade" if isinstance(tick, Trade) else "depth diff"
-        raise TickError(f"unexpected field {min(extra)[:40]!r} in a {kind}")
-    return tick
 
 
 def capped_copy(
@@ -320,7 +293,7 @@ class BrainConsumer(Service):
 
     # ---------------------------------------------------------------- reading
 
-    async def _read(self, start: str, block: bool) -> list[RawEntry]:
+    async def _read(self, start: str, block: bool) -> list[GroupEntry]:
         assert self.client is not None
         got = await self.member.read(
             self.client, [self.stream], [start], self.settings.consumer_batch, self.block_ms if block else None
@@ -391,7 +364,7 @@ class BrainConsumer(Service):
             log.info("claimed %d idle entries", total)
         return total
 
-    async def _delivery_counts(self, entries: Sequence[RawEntry]) -> dict[bytes, int]:
+    async def _delivery_counts(self, entries: Sequence[GroupEntry]) -> dict[bytes, int]:
         assert self.client is not None
         lo, hi = entries[0][0], entries[-1][0]
         cmd: Command = ["XPENDING", self.stream, self.group, lo, hi, len(entries) * 2 + 10, self.consumer]
@@ -400,7 +373,7 @@ class BrainConsumer(Service):
 
     # ---------------------------------------------------------------- writing
 
-    async def process(self, entries: Sequence[RawEntry], *, recovered: bool) -> tuple[int, int]:
+    async def process(self, entries: Sequence[GroupEntry], *, recovered: bool) -> tuple[int, int]:
         """Validate a batch and hand it to the atomic ingest function; returns (written, duplicates)."""
         await self._finish_inflight()
         counts = await self._delivery_counts(entries) if recovered else {}
@@ -408,7 +381,7 @@ class BrainConsumer(Service):
         return await self._call(cmd, len(entries), dead, truncated, stamps)
 
     def _build(
-        self, entries: Sequence[RawEntry], counts: dict[bytes, int]
+        self, entries: Sequence[GroupEntry], counts: dict[bytes, int]
     ) -> tuple[list[str | bytes | int], int, int, Stamps]:
         """The FCALL for a batch (validation happens here), the number of dead letters in it, how many of
         them keep only part of their entry, and the ticks' `recv_ts` per symbol (for the hop latency)."""
@@ -453,12 +426,12 @@ class BrainConsumer(Service):
             if deliveries > self.settings.consumer_max_deliveries:
                 reason = f"delivered {deliveries} times"
             else:
-                fast = fast_trade(fields)
+                fast = match_trade(fields)
                 if fast is not None and fast[0] in symbols:  # the common case, without a dict and a dataclass
                     run = runs.get(fast)
                     if run is None:
                         run = runs[fast] = []
-                    run += (entry_id, *fields[7::2])
+                    run += (entry_id, *fields[TRADE_VALUES])
                     continue
                 tick = self._verdict(fields)
                 if isinstance(tick, Trade):
@@ -468,11 +441,11 @@ class BrainConsumer(Service):
                     run = runs.get(pair)
                     if run is None:
                         run = runs[pair] = []
-                    run += (entry_id, *(str(v).encode() for v in tick.fields()[7::2]))
+                    run += (entry_id, *(str(v).encode() for v in encode_trade(tick)[TRADE_VALUES]))
                     continue
                 if isinstance(tick, DepthDiff):
                     stamps.append((tick.symbol.encode(), (tick.recv_ts,)))
-                    normal = tick.fields()
+                    normal = encode_depth(tick)
                     args += ["p", entry_id, index(keys.depth_key(tick.symbol, tick.exchange)), len(normal), *normal]
                     continue
                 reason = tick
@@ -512,7 +485,7 @@ class BrainConsumer(Service):
         if stamps:
             # Hop collector -> per-symbol stream, once per call that returned (an entry it left pending, rare,
             # counts again when its retry succeeds).
-            confirmed_us = time.time_ns() // 1000
+            confirmed_us = now_us()
             latency = self._latency
             for symbol, recv in stamps:
                 child = latency.get(symbol)
@@ -620,9 +593,9 @@ class BrainConsumer(Service):
                     self.client, [["XRANGE", self.stream, b"(" + info[b"last-delivered-id"], "+", "COUNT", 1]]
                 )
                 if not isinstance(nxt, BaseException) and nxt:
-                    ages.append(max(0.0, (now_ms - id_ms(nxt[0][0])) / 1000))
+                    ages.append(max(0.0, (now_ms - stream_id_ms(nxt[0][0])) / 1000))
         if not isinstance(pending_r, BaseException) and pending_r and pending_r[0]:
-            age = max(0.0, (now_ms - id_ms(pending_r[1])) / 1000)
+            age = max(0.0, (now_ms - stream_id_ms(pending_r[1])) / 1000)
             self.metrics.oldest_pending_age.set(age)
             ages.append(age)
         else:
@@ -630,7 +603,7 @@ class BrainConsumer(Service):
         self.metrics.lag_seconds.set(max(ages) if ages else 0.0)
         if not isinstance(newest_r, BaseException) and newest_r:
             fields = newest_r[0][1]
-            ts = _field(fields, b"timestamp")
+            ts = _int_field(fields, b"timestamp")
             if ts is not None:
                 self._newest_ts_us = ts
                 staleness = max(0.0, (now_us() - ts) / 1e6)
@@ -673,16 +646,12 @@ class BrainConsumer(Service):
         await execute_packed(self.client, [["XTRIM", self.stream, "MINID", "~", f"{minid[0]}-{minid[1]}"]])
 
 
-def _field(fields: list[bytes] | None, name: bytes) -> int | None:
-    if not fields:
+def _int_field(fields: list[bytes] | None, name: bytes) -> int | None:
+    value = entry_field(fields, name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
         return None
-    for i in range(0, len(fields) - 1, 2):
-        if fields[i] == name:
-            try:
-                return int(fields[i + 1])
-            except ValueError:
-                return None
-    return None
 
 
 def main(argv: list[str]) -> None:

@@ -31,11 +31,10 @@ from tickbridge.brain.common import check, load_functions
 from tickbridge.core import keys
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
 from tickbridge.core.settings import die, load_settings
-from tickbridge.core.tick import TickError, Trade, decode_entry
+from tickbridge.core.tick import TickError, Trade
+from tickbridge.core.wire import decode_entry, encode_tick, encode_warm_member, split_dead_letter
 
 REPLAY_FUNCTION = "tickbridge_brain_replay"
-#: Fields the consumer adds to a dead letter (the rest is the entry as it was).
-_ADDED = {b"src_id", b"reason", b"src_stream", b"truncated"}
 #: Why a truncated dead letter is left in place.
 TRUNCATED = "truncated copy (only part of the entry was kept): not replayable"
 ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
@@ -60,18 +59,7 @@ class ReplayResult:
 
 def parse_dead_letter(entry_id: bytes, flat: list[bytes]) -> DeadLetter:
     """Split a dead letter into the consumer's additions and the original fields."""
-    src_id, reason, truncated = b"", "", ""
-    original: list[bytes] = []
-    for i in range(0, len(flat) - 1, 2):
-        name, value = flat[i], flat[i + 1]
-        if name == b"src_id" and not src_id:
-            src_id = value
-        elif name == b"reason" and not reason:
-            reason = value.decode(errors="replace")
-        elif name == b"truncated" and not truncated:
-            truncated = value.decode(errors="replace")
-        elif name not in _ADDED:
-            original += [name, value]
+    src_id, reason, original, truncated = split_dead_letter(flat)
     return DeadLetter(entry_id, src_id, reason, original, truncated)
 
 
@@ -115,14 +103,13 @@ async def replay(
             continue
         if isinstance(tick, Trade):
             target = keys.trades_key(tick.symbol, tick.exchange)
-            # The consumer's WARM member (`trade_id|price|volume|side|recv_ts`), scored by exchange time.
             score: str | int = tick.timestamp
-            member = f"{tick.trade_id}|{tick.price}|{tick.volume}|{tick.side}|{tick.recv_ts}"
+            member = encode_warm_member(tick)
         else:
             target, score, member = keys.depth_key(tick.symbol, tick.exchange), "", ""
         cmd: Command = [
             "FCALL", REPLAY_FUNCTION, 3, keys.CONSUMER_DEAD_LETTER, target, keys.warm_key(tick.symbol, tick.exchange),
-            letter.id, window_us, score, member, "src_id", letter.src_id, *tick.fields(),
+            letter.id, window_us, score, member, "src_id", letter.src_id, *encode_tick(tick),
         ]  # fmt: skip
         (reply,) = await execute_packed(client, [cmd])
         if isinstance(reply, ResponseError):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
 from tickbridge.core.redis_io import Command, execute_packed
 from tickbridge.core.tick import DepthDiff, Trade
+from tickbridge.core.wire import encode_tick, now_us
 
 
 def make_trade(symbol: str, trade_id: int, ts_us: int) -> Trade:
@@ -42,7 +42,7 @@ class TradeSource:
         self.symbols = list(symbols)
         self.next_id = {s: first_id for s in self.symbols}
         self.first_id = first_id
-        self.ts = start_us if start_us is not None else time.time_ns() // 1000
+        self.ts = start_us if start_us is not None else now_us()
         self.step_us = step_us
         self._i = 0
 
@@ -53,9 +53,9 @@ class TradeSource:
             self._i += 1
             tid = self.next_id[sym]
             self.next_id[sym] = tid + 1
-            ts = time.time_ns() // 1000 if live else self.ts
+            ts = now_us() if live else self.ts
             self.ts += self.step_us
-            cmds.append(["XADD", stream, "*", *make_trade(sym, tid, ts).fields()])
+            cmds.append(["XADD", stream, "*", *encode_tick(make_trade(sym, tid, ts))])
         return cmds
 
     def counts(self) -> dict[str, int]:
@@ -75,5 +75,5 @@ class TradeSource:
 
 
 def as_mapping(fields: Sequence[str | int]) -> dict[str, str | int]:
-    """`Trade(...).fields()` as a dict for redis-py's `xadd`."""
+    """`encode_tick(Trade(...))` as a dict for redis-py's `xadd`."""
     return {str(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}

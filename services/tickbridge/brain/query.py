@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import time
 from datetime import UTC, datetime
 
 import aiohttp
@@ -19,6 +18,7 @@ from tickbridge.core.questdb_io import QuestDBError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, make_client
 from tickbridge.core.settings import die, load_settings
 from tickbridge.core.tick import TickError, check_symbol
+from tickbridge.core.wire import now_us
 
 #: Servers unreachable or refusing the query (e.g. a WARM key of the wrong type): one line, exit 1.
 QUERY_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError, QuestDBError, aiohttp.ClientError)
@@ -97,7 +97,7 @@ async def run_query(args: argparse.Namespace) -> None:
     finally:
         await probe.aclose()
     async with TieredMarketData(settings, [args.symbol], CollectorRegistry(), follow=not args.no_follow) as md:
-        now = time.time_ns() // 1000
+        now = now_us()
         if args.since is not None:
             answer = await md.range(args.symbol, now - args.since, now)
         elif args.start is not None:

@@ -41,7 +41,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tickbridge.brain.common import as_text, check, id_key, parse_info_pairs, parse_read_reply
+from tickbridge.brain.common import as_text, check, parse_info_pairs, parse_read_reply
 from tickbridge.core import keys
 from tickbridge.core.metrics import counter, histogram
 from tickbridge.core.questdb_io import QuestDBError, reader_for
@@ -49,6 +49,7 @@ from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, execute_read, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import check_exchange, check_symbol
+from tickbridge.core.wire import decode_warm_member, parse_stream_id
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,8 @@ class TieredMetrics:
 
 
 def parse_warm_member(member: bytes, score: float) -> TickRow:
-    trade_id, price, volume, side, recv_ts = member.split(b"|")
-    return TickRow(int(score), int(trade_id), float(price), float(volume), side.decode(), int(recv_ts))
+    w = decode_warm_member(member, score)
+    return TickRow(w.timestamp, w.trade_id, float(w.price), float(w.volume), w.side, w.recv_ts)
 
 
 def parse_stream_fields(fields: Sequence[bytes]) -> TickRow:
@@ -361,7 +362,8 @@ class TieredMarketData:
 
     async def _cold(self, symbol: str, where: str, order: str, limit: int) -> list[TickRow]:
         sql = (
-            "SELECT cast(timestamp AS LONG), trade_id, price, volume, side, cast(recv_ts AS LONG) FROM trades "
+            "SELECT cast(timestamp AS LONG), trade_id, price, volume, side, cast(recv_ts AS LONG) "
+            f"FROM {keys.TRADES_TABLE} "
             f"WHERE symbol = '{symbol}' AND exchange = '{self.exchange}'{where} "
             f"ORDER BY timestamp {order} LIMIT {limit}"
         )
@@ -396,7 +398,7 @@ class TieredMarketData:
         start = _unconfirmed_from(groups_r, pending_r)
         if lo_us is not None:
             floor_ms = max(0, lo_us // 1000 - ARRIVAL_MARGIN_MS)
-            if start == "-" or id_key(start.lstrip("(")) < (floor_ms, 0):
+            if start == "-" or parse_stream_id(start.lstrip("(")) < (floor_ms, 0):
                 start = f"{floor_ms}-0"
         rows: list[TickRow] = []
         scanned = 0

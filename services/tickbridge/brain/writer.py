@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry
-from questdb.ingress import Buffer, IngressError, Sender, TimestampMicros
+from questdb.ingress import Buffer, IngressError, Sender
 from redis.exceptions import ResponseError
 
 from tickbridge.brain.common import group_floor, instance_name, parse_info_pairs
@@ -39,45 +39,15 @@ from tickbridge.core.metrics import HopCounts, HopLatency, counter, gauge, histo
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings, load_settings
+from tickbridge.core.wire import DEPTH_DDL, TRADES_DDL, ilp_depth, ilp_trade, now_us, symbol_trade, writer_dead_letter
 
 log = logging.getLogger(__name__)
-
-TRADES_TABLE = "trades"
-DEPTH_TABLE = "depth_updates"
-#: Rows the writer cannot turn into a QuestDB row (should not happen: the consumer validated them).
-WRITER_DEAD_LETTER = "tickbridge:deadletter:writer"
-
-TRADES_DDL = (
-    "CREATE TABLE IF NOT EXISTS trades (timestamp TIMESTAMP, exchange SYMBOL, symbol SYMBOL, side SYMBOL, "
-    "price DOUBLE, volume DOUBLE, trade_id LONG, recv_ts TIMESTAMP) TIMESTAMP(timestamp) PARTITION BY DAY WAL "
-    "DEDUP UPSERT KEYS(timestamp, exchange, symbol, trade_id)"
-)
-#: Order-book diffs: levels as DOUBLE[][] arrays ([[price, qty], ...]), one row per diff event.
-DEPTH_DDL = (
-    "CREATE TABLE IF NOT EXISTS depth_updates (timestamp TIMESTAMP, exchange SYMBOL, symbol SYMBOL, "
-    "first_update_id LONG, last_update_id LONG, bids DOUBLE[][], asks DOUBLE[][], recv_ts TIMESTAMP) "
-    "TIMESTAMP(timestamp) PARTITION BY DAY WAL DEDUP UPSERT KEYS(timestamp, exchange, symbol, last_update_id)"
-)
 
 #: Redis or QuestDB unavailable: keep the batch and retry.
 
 
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, QuestDBError, IngressError)
 MONITOR_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError, QuestDBError)
-
-#: Field names of a trade in a per-symbol stream, as the consumer writes it.
-_TRADE_LAYOUT = [
-    b"src_id",
-    b"symbol",
-    b"exchange",
-    b"type",
-    b"price",
-    b"volume",
-    b"side",
-    b"timestamp",
-    b"trade_id",
-    b"recv_ts",
-]
 
 _EMPTY_LEVELS = np.empty((0, 2), dtype=np.float64)
 
@@ -225,7 +195,7 @@ class BrainWriter(Service):
             self.sender = await asyncio.to_thread(self._new_sender)
         sender: Any = self.sender
         if not self.batches:
-            for table in (TRADES_TABLE, DEPTH_TABLE):
+            for table in (keys.TRADES_TABLE, keys.DEPTH_TABLE):
                 self.batches[table] = TableBatch(table, sender.new_buffer())
 
     async def _setup_groups(self, streams: Iterable[str]) -> None:
@@ -269,7 +239,7 @@ class BrainWriter(Service):
         assert self.client is not None
         await self._recheck_skipped()
         found: list[str] = []
-        for pattern in ("market:*:trades:*", "market:*:depth:*"):
+        for pattern in keys.SYMBOL_STREAM_PATTERNS:
             async for key in self.client.scan_iter(match=pattern, count=1000, _type="stream"):
                 found.append(key.decode())
         new = sorted(set(found) - set(self.streams))
@@ -440,7 +410,7 @@ class BrainWriter(Service):
     def _add(self, got: dict[bytes, list[Any]]) -> int:
         """Turn stream entries into ILP rows in the per-table buffers."""
         n = 0
-        trades, depth = self.batches[TRADES_TABLE], self.batches[DEPTH_TABLE]
+        trades, depth = self.batches[keys.TRADES_TABLE], self.batches[keys.DEPTH_TABLE]
         text = self._text
         texts = self._texts
         dead: list[tuple[bytes, bytes, str]] = []
@@ -448,18 +418,15 @@ class BrainWriter(Service):
             for entry_id, fields in entries:
                 if fields is None:
                     continue
-                if len(fields) == 20 and fields[0::2] == _TRADE_LAYOUT and fields[7] == b"TRADE":
-                    # The consumer's layout: positional access, no dict (the common case).
+                st = symbol_trade(fields)
+                if st is not None:  # the consumer's layout: no dict (the common case)
                     try:
-                        recv_ts = int(fields[19])
-                        trades.buffer.row(
-                            TRADES_TABLE,
-                            symbols={"exchange": texts.get(fields[5]) or text(fields[5]),
-                                     "symbol": texts.get(fields[3]) or text(fields[3]),
-                                     "side": texts.get(fields[13]) or text(fields[13])},
-                            columns={"price": float(fields[9]), "volume": float(fields[11]),
-                                     "trade_id": int(fields[17]), "recv_ts": TimestampMicros(recv_ts)},
-                            at=TimestampMicros(int(fields[15])),
+                        recv_ts = int(st.recv_ts)
+                        ilp_trade(
+                            trades.buffer, exchange=texts.get(st.exchange) or text(st.exchange),
+                            symbol=texts.get(st.symbol) or text(st.symbol), side=texts.get(st.side) or text(st.side),
+                            price=float(st.price), volume=float(st.volume), trade_id=int(st.trade_id), recv_ts=recv_ts,
+                            timestamp=int(st.timestamp),
                         )  # fmt: skip
                     except (ValueError, TypeError, IngressError) as exc:
                         dead.append((stream, entry_id, f"{type(exc).__name__}: {exc}"[:300]))
@@ -474,25 +441,19 @@ class BrainWriter(Service):
                     kind = f[b"type"]
                     if kind == b"TRADE":
                         recv_ts = int(f[b"recv_ts"])
-                        trades.buffer.row(
-                            TRADES_TABLE,
-                            symbols={"exchange": f[b"exchange"].decode(), "symbol": f[b"symbol"].decode(),
-                                     "side": f[b"side"].decode()},
-                            columns={"price": float(f[b"price"]), "volume": float(f[b"volume"]),
-                                     "trade_id": int(f[b"trade_id"]), "recv_ts": TimestampMicros(recv_ts)},
-                            at=TimestampMicros(int(f[b"timestamp"])),
+                        ilp_trade(
+                            trades.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
+                            side=f[b"side"].decode(), price=float(f[b"price"]), volume=float(f[b"volume"]),
+                            trade_id=int(f[b"trade_id"]), recv_ts=recv_ts, timestamp=int(f[b"timestamp"]),
                         )  # fmt: skip
                         batch = trades
                     elif kind == b"DEPTH":
                         recv_ts = int(f.get(b"recv_ts") or f[b"timestamp"])
-                        depth.buffer.row(
-                            DEPTH_TABLE,
-                            symbols={"exchange": f[b"exchange"].decode(), "symbol": f[b"symbol"].decode()},
-                            columns={"first_update_id": int(f[b"first_update_id"]),
-                                     "last_update_id": int(f[b"last_update_id"]),
-                                     "bids": _levels(f[b"bids"]), "asks": _levels(f[b"asks"]),
-                                     "recv_ts": TimestampMicros(recv_ts)},
-                            at=TimestampMicros(int(f[b"timestamp"])),
+                        ilp_depth(
+                            depth.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
+                            first_update_id=int(f[b"first_update_id"]), last_update_id=int(f[b"last_update_id"]),
+                            bids=_levels(f[b"bids"]), asks=_levels(f[b"asks"]), recv_ts=recv_ts,
+                            timestamp=int(f[b"timestamp"]),
                         )  # fmt: skip
                         batch = depth
                     else:
@@ -616,7 +577,7 @@ class BrainWriter(Service):
         started = time.perf_counter()
         await asyncio.to_thread(sender.flush, batch.buffer, clear=False, transactional=True)
         self.metrics.latency.labels(batch.table).observe(time.perf_counter() - started)
-        confirmed_us = time.time_ns() // 1000
+        confirmed_us = now_us()
         for stream, recv in batch.recv.items():
             child = self._latency_of(stream)
             if child is not None:
@@ -646,12 +607,12 @@ class BrainWriter(Service):
             return
         cmds: list[Command] = [["MULTI"]]
         for stream, entry_id, reason in dead:
-            cmds.append(["XADD", WRITER_DEAD_LETTER, "*", "stream", stream, "src_id", entry_id, "reason", reason])
+            cmds.append(["XADD", keys.WRITER_DEAD_LETTER, "*", *writer_dead_letter(stream, entry_id, reason)])
             cmds.append(["XACK", stream, self.group, entry_id])
         cmds.append(["EXEC"])
         await execute_packed(self.client, cmds)
         self.metrics.dead_letters.inc(len(dead))
-        log.error("%d entries could not become rows; see %s", len(dead), WRITER_DEAD_LETTER)
+        log.error("%d entries could not become rows; see %s", len(dead), keys.WRITER_DEAD_LETTER)
 
     # ---------------------------------------------------------------- monitoring
 
@@ -711,7 +672,7 @@ class BrainWriter(Service):
 
 def table_of(stream: str) -> str:
     """The QuestDB table a per-symbol stream goes to (`market:<exchange>:depth:<SYMBOL>` or trades)."""
-    return DEPTH_TABLE if stream.split(":")[2:3] == ["depth"] else TRADES_TABLE
+    return keys.DEPTH_TABLE if keys.symbol_stream_kind(stream) == "depth" else keys.TRADES_TABLE
 
 
 def _levels(raw: bytes) -> Any:

@@ -47,6 +47,7 @@ from tickbridge.core.lifecycle import Service
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import MAX_TS_US, DepthDiff, Tick, TickError, Trade, check_levels
+from tickbridge.core.wire import now_us
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,6 @@ def stream_url(base: str, symbols: Iterable[str]) -> str:
     """Combined-stream URL with `<sym>@trade` and `<sym>@depth@100ms` for each symbol."""
     names = [f"{s.lower()}@{kind}" for s in symbols for kind in ("trade", "depth@100ms")]
     return f"{base.rstrip('/')}/stream?streams={'/'.join(names)}"
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 class Collector(Service):
@@ -313,7 +310,7 @@ class Collector(Service):
         inbox = self.inbox
         try:
             async for msg in conn.ws:
-                recv = time.time_ns() // 1000
+                recv = now_us()
                 conn.frames += 1
                 conn.last_frame = time.monotonic()
                 item = (conn.gen, recv, msg)

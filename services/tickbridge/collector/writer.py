@@ -37,6 +37,7 @@ from tickbridge.core.backoff import Backoff
 from tickbridge.core.metrics import HopCounts
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, pack
 from tickbridge.core.tick import DepthDiff, Trade
+from tickbridge.core.wire import collector_dead_letter, encode_depth, encode_trade, encode_warm_member, now_us
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,9 @@ class StreamWriter:
         latest = self._latest_ts
         for item in items:
             if isinstance(item, Trade):
-                cmds.append(("XADD", stream, "*", *item.fields()))
+                cmds.append(("XADD", stream, "*", *encode_trade(item)))
                 symbol = item.symbol
-                member = f"{item.trade_id}|{item.price}|{item.volume}|{item.side}|{item.timestamp}"
+                member = encode_warm_member(item)
                 args = warm.get(symbol)
                 if args is None:
                     args = warm[symbol] = ["ZADD", keys.warm_key(symbol)]
@@ -177,11 +178,11 @@ class StreamWriter:
                 if item.timestamp > latest.get(symbol, 0):
                     latest[symbol] = item.timestamp
             elif isinstance(item, DepthDiff):
-                cmds.append(("XADD", stream, "*", *item.fields()))
+                cmds.append(("XADD", stream, "*", *encode_depth(item)))
             else:
                 cmds.append(
                     ("XADD", keys.COLLECTOR_DEAD_LETTER, "MAXLEN", "~", DEAD_LETTER_MAXLEN, "*",
-                     "reason", item.reason, "detail", item.detail, "raw", item.raw, "recv_ts", item.recv_ts)
+                     *collector_dead_letter(item.reason, item.detail, item.raw, item.recv_ts))
                 )  # fmt: skip
         cmds.extend(warm.values())
         now = time.monotonic()
@@ -206,12 +207,12 @@ class StreamWriter:
                     await self._restore_last_ids(last_ids, items)
                     st.restore = False
                 if st.ambiguous and await self._settle_lost_reply(st):
-                    confirmed_us = time.time_ns() // 1000
+                    confirmed_us = now_us()
                     break
                 if st.suspect and (broken := await self._probe([*st.pending, *st.commit])):
                     raise _FailedInside(f"keys {sorted(broken)} still of the wrong type")
                 if await self._send(st):
-                    confirmed_us = time.time_ns() // 1000
+                    confirmed_us = now_us()
                     break
             except _FailedInside as exc:
                 st.suspect = True

@@ -20,9 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from tickbridge.core.redis_io import Command, execute_packed
-
-#: (entry ID, flat field list or None when the entry was deleted while pending).
-RawEntry = tuple[bytes, list[bytes] | None]
+from tickbridge.core.wire import GroupEntry, parse_stream_id
 
 
 def check(reply: Any) -> Any:
@@ -32,9 +30,9 @@ def check(reply: Any) -> Any:
     return reply
 
 
-def parse_read_reply(reply: Any) -> dict[bytes, list[RawEntry]]:
+def parse_read_reply(reply: Any) -> dict[bytes, list[GroupEntry]]:
     """XREADGROUP/XREAD raw reply -> {stream: [(id, fields)]}."""
-    out: dict[bytes, list[RawEntry]] = {}
+    out: dict[bytes, list[GroupEntry]] = {}
     if not reply:
         return out
     # RESP3 (redis-py 8 default) answers a map, RESP2 a list of [stream, entries] pairs.
@@ -49,13 +47,6 @@ def parse_info_pairs(flat: list[Any] | dict[bytes, Any]) -> dict[bytes, Any]:
     if isinstance(flat, dict):
         return flat
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-
-
-def id_key(entry_id: bytes | str) -> tuple[int, int]:
-    """A stream ID as a sortable (ms, seq) pair."""
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
 
 
 async def group_floor(client: aioredis.Redis, stream: str, group: str) -> tuple[int, int] | None:
@@ -74,9 +65,9 @@ async def group_floor(client: aioredis.Redis, stream: str, group: str) -> tuple[
     pend = await execute_packed(client, cmds)
     floor: tuple[int, int] | None = None
     for g, p in zip(groups, pend, strict=True):
-        candidates = [id_key(g[b"last-delivered-id"])]
+        candidates = [parse_stream_id(g[b"last-delivered-id"])]
         if not isinstance(p, BaseException) and p and p[0]:
-            candidates.append(id_key(p[1]))
+            candidates.append(parse_stream_id(p[1]))
         low = min(candidates)
         floor = low if floor is None else min(floor, low)
     return floor
@@ -96,7 +87,7 @@ class GroupMember:
         starts: Sequence[str],
         count: int,
         block_ms: int | None = None,
-    ) -> dict[bytes, list[RawEntry]]:
+    ) -> dict[bytes, list[GroupEntry]]:
         """XREADGROUP from `starts` (`>` = new entries; an ID = own pending entries after it)."""
         cmd: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count]
         if block_ms is not None:
@@ -107,7 +98,7 @@ class GroupMember:
 
     async def own_pending(
         self, client: aioredis.Redis, streams: Sequence[str], count: int, stopping: asyncio.Event | None = None
-    ) -> AsyncIterator[dict[bytes, list[RawEntry]]]:
+    ) -> AsyncIterator[dict[bytes, list[GroupEntry]]]:
         """This member's pending entries (delivered before a crash or a failed batch, never acked), page by
         page from the oldest, until every stream's pending list is read once (or `stopping` is set)."""
         cursors = {s: "0" for s in streams}
@@ -137,7 +128,7 @@ class GroupMember:
 
     async def claim_idle(
         self, client: aioredis.Redis, stream: str, min_idle_ms: int, count: int, max_rounds: int = 1000
-    ) -> AsyncIterator[tuple[list[RawEntry], int]]:
+    ) -> AsyncIterator[tuple[list[GroupEntry], int]]:
         """Entries of other members idle past `min_idle_ms`, claimed page by page (XAUTOCLAIM cursor loop,
         at most `max_rounds` pages: a huge list is finished next time), each page with the number of pending
         entries that were deleted from the stream before anyone handled them."""
@@ -149,7 +140,7 @@ class GroupMember:
             (reply,) = await execute_packed(client, [cmd])
             reply = check(reply)
             cursor = reply[0].decode()
-            entries: list[RawEntry] = [(e[0], e[1]) for e in reply[1]]
+            entries: list[GroupEntry] = [(e[0], e[1]) for e in reply[1]]
             deleted = reply[2] if len(reply) > 2 else []
             yield entries, len(deleted)
             if cursor == "0-0":

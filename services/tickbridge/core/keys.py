@@ -47,3 +47,21 @@ def depth_key(symbol: str, exchange: str = EXCHANGE) -> str:
 
 def heartbeat_key(role: str, instance: str) -> str:
     return f"{HEARTBEAT_PREFIX}{role}:{instance}"
+
+
+#: Writer dead letters: per-symbol entries that could not become a QuestDB row (Brain).
+WRITER_DEAD_LETTER = "tickbridge:deadletter:writer"
+#: SCAN patterns of the Brain's per-symbol streams (the writer discovers symbols outside SYMBOLS with them).
+SYMBOL_STREAM_PATTERNS = ("market:*:trades:*", "market:*:depth:*")
+
+#: Brain QuestDB tables (`trades` is the contract's).
+TRADES_TABLE = "trades"
+DEPTH_TABLE = "depth_updates"
+#: VPS QuestDB spill buffer (contract name; FORWARDER_BUFFER_TABLE overrides it for tests sharing a QuestDB).
+VPS_BUFFER_TABLE = "vps_buffer"
+
+
+def symbol_stream_kind(stream: str) -> str:
+    """`trades` or `depth` of a per-symbol stream name (`market:<exchange>:<kind>:<SYMBOL>`)."""
+    parts = stream.split(":")
+    return parts[2] if len(parts) == 4 else ""

@@ -1,33 +1,20 @@
-"""The normalized tick: trades and order-book diffs, and their Redis stream encoding.
+"""The normalized tick: trades and order-book diffs, validated on construction.
 
-Stream entries carry one field per attribute (readable with `redis-cli XRANGE`) in a fixed order,
-so Redis stores them compactly (same field names as the node's master entry). Decimal values stay
-the exchange's strings end to end; only QuestDB stores them as DOUBLE.
+Their encodings (stream entries, WARM members, QuestDB rows) live in `tickbridge.core.wire`. Decimal values
+stay the exchange's strings end to end; only QuestDB stores them as DOUBLE.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
-
-import orjson
 
 from tickbridge.core.keys import EXCHANGE
 
 Side = Literal["BUY", "SELL"]
 Level = tuple[str, str]
-
-#: Field order of a trade entry (contract).
-TRADE_FIELDS: tuple[str, ...] = (
-    "symbol", "exchange", "type", "price", "volume", "side", "timestamp", "trade_id", "recv_ts",
-)  # fmt: skip
-#: Field order of an order-book diff entry (contract, plus recv_ts).
-DEPTH_FIELDS: tuple[str, ...] = (
-    "symbol", "exchange", "type", "timestamp", "first_update_id", "last_update_id", "bids", "asks", "recv_ts",
-)  # fmt: skip
 
 # `\Z`, not `$`: `$` also matches before a trailing newline ("BTCUSDT\n" would pass).
 _DECIMAL = re.compile(r"^[0-9]{1,20}(\.[0-9]{1,18})?\Z")
@@ -117,14 +104,6 @@ class Trade:
         check_int("trade_id", self.trade_id)
         check_int("recv_ts", self.recv_ts, MIN_TS_US, MAX_TS_US)
 
-    def fields(self) -> list[str | int]:
-        """Flat `field, value, …` list in contract order, ready for XADD."""
-        return [
-            "symbol", self.symbol, "exchange", self.exchange, "type", "TRADE", "price", self.price,
-            "volume", self.volume, "side", self.side, "timestamp", self.timestamp,
-            "trade_id", self.trade_id, "recv_ts", self.recv_ts,
-        ]  # fmt: skip
-
 
 @dataclass(frozen=True, slots=True)
 class DepthDiff:
@@ -149,92 +128,5 @@ class DepthDiff:
             raise TickError(f"last_update_id {self.last_update_id} < first_update_id {self.first_update_id}")
         check_int("recv_ts", self.recv_ts, MIN_TS_US, MAX_TS_US)
 
-    def fields(self) -> list[str | int]:
-        """Flat `field, value, …` list in contract order, ready for XADD."""
-        return [
-            "symbol", self.symbol, "exchange", self.exchange, "type", "DEPTH", "timestamp", self.timestamp,
-            "first_update_id", self.first_update_id, "last_update_id", self.last_update_id,
-            "bids", orjson.dumps(self.bids).decode(), "asks", orjson.dumps(self.asks).decode(),
-            "recv_ts", self.recv_ts,
-        ]  # fmt: skip
-
 
 Tick = Trade | DepthDiff
-
-
-def _text(fields: Mapping[str, str], name: str) -> str:
-    try:
-        return fields[name]
-    except KeyError:
-        raise TickError(f"missing field {name!r}") from None
-
-
-def _integer(fields: Mapping[str, str], name: str) -> int:
-    raw = _text(fields, name)
-    # Length first: int() of more than 4300 digits raises a plain ValueError, not a TickError.
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
-        raise TickError(f"{name}: not an integer: {raw[:40]!r}")
-    return int(raw)
-
-
-def normalize_fields(raw: Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes]) -> dict[str, str]:
-    """Stream entry fields as `str -> str`, from a redis-py dict or a raw flat `[f, v, f, v]` list."""
-    try:
-        if isinstance(raw, Mapping):
-            return {
-                (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                for k, v in raw.items()
-            }
-        if len(raw) % 2:
-            raise TickError("odd number of field/value items")
-        return {raw[i].decode(): raw[i + 1].decode() for i in range(0, len(raw), 2)}
-    except UnicodeDecodeError as exc:
-        raise TickError(f"invalid UTF-8 in entry: {exc.reason}") from None
-
-
-def decode_entry(raw: Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes]) -> Tick:
-    """Decode and validate a stream entry; raises `TickError` with the reason."""
-    fields = normalize_fields(raw)
-    kind = _text(fields, "type")
-    if kind == "TRADE":
-        side = _text(fields, "side")
-        if side not in ("BUY", "SELL"):
-            raise TickError(f"side: expected BUY or SELL, got {side[:10]!r}")
-        return Trade(
-            symbol=_text(fields, "symbol"),
-            exchange=_text(fields, "exchange"),
-            price=_text(fields, "price"),
-            volume=_text(fields, "volume"),
-            side=side,  # type: ignore[arg-type]
-            timestamp=_integer(fields, "timestamp"),
-            trade_id=_integer(fields, "trade_id"),
-            recv_ts=_integer(fields, "recv_ts"),
-        )
-    if kind == "DEPTH":
-        try:
-            bids = orjson.loads(_text(fields, "bids"))
-            asks = orjson.loads(_text(fields, "asks"))
-        except orjson.JSONDecodeError as exc:
-            raise TickError(f"bids/asks: invalid JSON: {exc}") from None
-        return DepthDiff(
-            symbol=_text(fields, "symbol"),
-            exchange=_text(fields, "exchange"),
-            timestamp=_integer(fields, "timestamp"),
-            first_update_id=_integer(fields, "first_update_id"),
-            last_update_id=_integer(fields, "last_update_id"),
-            bids=check_levels("bids", bids),
-            asks=check_levels("asks", asks),
-            recv_ts=_integer(fields, "recv_ts") if "recv_ts" in fields else _integer(fields, "timestamp"),
-        )
-    raise TickError(f"type: unknown {kind[:20]!r} (expected TRADE or DEPTH)")
-
-
-def parse_stream_id(entry_id: bytes | str) -> tuple[int, int]:
-    """`b"1723161255343-7"` -> `(1723161255343, 7)`."""
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def format_stream_id(ms: int, seq: int) -> str:
-    return f"{ms}-{seq}"

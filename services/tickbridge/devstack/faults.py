@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tickbridge.core import keys
 from tickbridge.core.settings import DEFAULT_SYMBOLS
+from tickbridge.core.wire import parse_stream_id
 from tickbridge.devstack import oracle
 from tickbridge.devstack.servers import ManagedProcess
 from tickbridge.devstack.stack import NativeStack
@@ -155,13 +156,13 @@ class Probe:
                     continue
                 last_seen = self._seen.get(sym)
                 for entry_id, fields in entries:
-                    if last_seen is not None and _stream_id(entry_id) <= _stream_id(last_seen):
+                    if last_seen is not None and parse_stream_id(entry_id) <= parse_stream_id(last_seen):
                         break
                     sample = _latency_sample(sym, entry_id, fields)
                     if sample is not None:
                         out.append(sample)
                 if entries:
-                    self._seen[sym] = max((e[0] for e in entries), key=_stream_id)
+                    self._seen[sym] = max((e[0] for e in entries), key=parse_stream_id)
         return out
 
     # -- resources --------------------------------------------------------------------------------
@@ -222,18 +223,13 @@ class Probe:
         return out
 
 
-def _stream_id(raw: bytes | str) -> tuple[int, int]:
-    ms, _, seq = _text(raw).partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _latency_sample(symbol: str, entry_id: bytes, fields: dict[bytes, bytes]) -> LatencySample | None:
     try:
         ts = int(fields[b"timestamp"]) / 1000
         recv = int(fields[b"recv_ts"]) / 1000
         src = fields.get(b"src_id")
-        vps_ms = float(_stream_id(src)[0]) if src else float("nan")
-        return LatencySample(symbol, ts, recv, vps_ms, float(_stream_id(entry_id)[0]))
+        vps_ms = float(parse_stream_id(src)[0]) if src else float("nan")
+        return LatencySample(symbol, ts, recv, vps_ms, float(parse_stream_id(entry_id)[0]))
     except (KeyError, ValueError):
         return None
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 
 from tickbridge.brain.tiered import TieredMarketData
 from tickbridge.core.lifecycle import Service, run_service, setup_logging
 from tickbridge.core.metrics import serve_metrics
 from tickbridge.core.settings import Settings, load_settings
+from tickbridge.core.wire import now_us
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,11 @@ class DemoReader(Service):
         async with TieredMarketData(self.settings) as md:
             while not await self.sleep_or_stop(self.interval_s):
                 symbol = self._rng.choice(md.symbols)
-                now_us = time.time_ns() // 1000
+                now = now_us()
                 try:
                     await md.recent(symbol, 20)  # HOT
-                    await md.range(symbol, now_us - 60_000_000, now_us)  # WARM
-                    await md.range(symbol, now_us - 3_600_000_000, now_us, limit=1000)  # COLD + WARM
+                    await md.range(symbol, now - 60_000_000, now)  # WARM
+                    await md.range(symbol, now - 3_600_000_000, now, limit=1000)  # COLD + WARM
                 except Exception as exc:  # a stand-in for a strategy: report and keep asking
                     log.warning("query failed: %s", exc)
 

@@ -10,26 +10,30 @@ risk on ungraceful QuestDB stops; we stop QuestDB with SIGTERM only and alert on
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-from questdb.ingress import Sender, TimestampMicros
+from questdb.ingress import Sender
 
+from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
 from tickbridge.core.settings import Settings
+from tickbridge.core.wire import (
+    RawEntry,
+    StreamId,
+    decode_payload,
+    format_stream_id,
+    ilp_buffer_row,
+    parse_stream_id,
+    vps_buffer_ddl,
+)
 
 log = logging.getLogger(__name__)
 
-StreamId = tuple[int, int]
 HOUR_US = 3_600_000_000
-#: A raw entry as XRANGE returns it: (id, [field, value, field, value, ...]).
-RawEntry = tuple[bytes, Sequence[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,38 +58,6 @@ class Partition:
     disk_bytes: int
 
 
-def parse_id(raw: bytes | str) -> StreamId:
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def format_id(entry_id: StreamId) -> str:
-    return f"{entry_id[0]}-{entry_id[1]}"
-
-
-def encode_payload(fields: Sequence[bytes]) -> str:
-    """JSON list of the field/value strings; entries that are not UTF-8 go base64 (`{"b64": [...]}`)."""
-    try:
-        return orjson.dumps([f.decode() for f in fields]).decode()
-    except UnicodeDecodeError:
-        return orjson.dumps({"b64": [base64.b64encode(f).decode() for f in fields]}).decode()
-
-
-def decode_payload(payload: str) -> list[str] | list[bytes]:
-    """The field/value list stored by `encode_payload`; ValueError if it is not one (an even, non-empty list
-    of strings), so a damaged row can never reach the Brain as a malformed XADD."""
-    doc = orjson.loads(payload)
-    if isinstance(doc, dict) and isinstance(doc.get("b64"), list):
-        raw = doc["b64"]
-        if raw and len(raw) % 2 == 0 and all(isinstance(x, str) for x in raw):
-            return [base64.b64decode(x, validate=True) for x in raw]
-    elif isinstance(doc, list) and doc and len(doc) % 2 == 0 and all(isinstance(x, str) for x in doc):
-        fields: list[str] = doc
-        return fields
-    raise ValueError("not a field/value list")
-
-
 def read_row(raw: Sequence[Any]) -> BufferRow:
     """A `ts, id_ms, id_seq, payload` row as `/exec` returns it; never raises (see `BufferRow.error`)."""
     ts = _ts_micros(raw[0])
@@ -102,13 +74,6 @@ def read_row(raw: Sequence[Any]) -> BufferRow:
         return BufferRow(ts, entry_id, [], "bad_payload", payload)
 
 
-def _field(fields: Sequence[bytes], name: bytes) -> str:
-    for i in range(0, len(fields) - 1, 2):
-        if fields[i] == name:
-            return fields[i + 1].decode(errors="replace")[:32]
-    return ""
-
-
 def _ts_micros(value: Any) -> int:
     return int(value) if value is not None else 0
 
@@ -116,7 +81,7 @@ def _ts_micros(value: Any) -> int:
 class SpillBuffer:
     """Append, page, drop: the forwarder's only access to the `vps_buffer` table."""
 
-    def __init__(self, url: str, settings: Settings | None = None, *, table: str = "vps_buffer") -> None:
+    def __init__(self, url: str, settings: Settings | None = None, *, table: str = keys.VPS_BUFFER_TABLE) -> None:
         self.url = url
         self.table = table
         self.http = QuestDBHttp(url, settings, timeout=60.0)
@@ -142,10 +107,7 @@ class SpillBuffer:
             log.debug("sender close failed", exc_info=True)
 
     async def ensure_table(self) -> None:
-        await self.http.exec(
-            f"CREATE TABLE IF NOT EXISTS {self.table} (ts TIMESTAMP, id_ms LONG, id_seq LONG, kind SYMBOL, "
-            "symbol SYMBOL, payload VARCHAR) TIMESTAMP(ts) PARTITION BY HOUR WAL DEDUP UPSERT KEYS(ts, id_ms, id_seq)"
-        )
+        await self.http.exec(vps_buffer_ddl(self.table))
         self.ready = True
 
     async def recover(self) -> tuple[StreamId | None, int]:
@@ -172,10 +134,10 @@ class SpillBuffer:
             start_ts = (start_ts // HOUR_US + 1) * HOUR_US - 1
         last_ts = await asyncio.to_thread(self._write, entries, start_ts, placed)
         await self.http.wait_applied(self.table, timeout=120.0)
-        last_id = parse_id(entries[-1][0])
+        last_id = parse_stream_id(entries[-1][0])
         seen = await self.http.rows(f"SELECT id_ms, id_seq FROM {self.table} WHERE ts = {last_ts}::timestamp LIMIT 1")
         if not seen or (int(seen[0][0]), int(seen[0][1])) != last_id:
-            raise QuestDBError(f"{self.table}: spilled entry {format_id(last_id)} not visible after commit")
+            raise QuestDBError(f"{self.table}: spilled entry {format_stream_id(last_id)} not visible after commit")
         self.last_ts = last_ts
         self.rotate = False
         return last_ts, placed
@@ -189,15 +151,10 @@ class SpillBuffer:
         ts = last_ts
         table = self.table
         for raw_id, fields in entries:
-            ms, seq = parse_id(raw_id)
+            ms, seq = parse_stream_id(raw_id)
             ts = max(ms * 1000, ts + 1)
             placed.append(((ms, seq), ts))
-            buf.row(
-                table,
-                symbols={"kind": _field(fields, b"type") or "?", "symbol": _field(fields, b"symbol") or "?"},
-                columns={"id_ms": ms, "id_seq": seq, "payload": encode_payload(fields)},
-                at=TimestampMicros(ts),
-            )
+            ilp_buffer_row(buf, table, (ms, seq), ts, fields)
         try:
             self._sender.flush(buf, transactional=True)
         except Exception:
@@ -277,7 +234,3 @@ class SpillBuffer:
             if "no partitions matched" not in str(exc) and "could not remove partition" not in str(exc):
                 raise
         await self.http.wait_applied(self.table, timeout=120.0)
-
-
-def now_us() -> int:
-    return int(time.time() * 1_000_000)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from tickbridge.forwarder.buffer import StreamId, format_id, parse_id
+from tickbridge.core.wire import StreamId, format_stream_id, parse_stream_id
 
 HOUR_US = 3_600_000_000
 #: Entries past which a spill extends the newest entry of its partition (coarser ranges, bounded hash).
@@ -39,12 +39,12 @@ class LedgerEntry:
 
     @property
     def field(self) -> str:
-        return format_id(self.first)
+        return format_stream_id(self.first)
 
     @property
     def value(self) -> str:
         tail = f" closed {self.got}" if self.closed else ""
-        return f"{format_id(self.last)} {self.count} {self.first_ts} {self.last_ts}{tail}"
+        return f"{format_stream_id(self.last)} {self.count} {self.first_ts} {self.last_ts}{tail}"
 
     @property
     def shortfall(self) -> int:
@@ -56,14 +56,14 @@ class LedgerEntry:
     def missing_range(self) -> str:
         """Where the missing rows are: exact IDs at the ends the replay did not see (`>X`: after X)."""
         if self.first_got is None or self.last_got is None:
-            return f"{format_id(self.first)}..{format_id(self.last)}"
+            return f"{format_stream_id(self.first)}..{format_stream_id(self.last)}"
         parts = []
         if self.first_got > self.first:
-            parts.append(f"{format_id(self.first)}..<{format_id(self.first_got)}")
+            parts.append(f"{format_stream_id(self.first)}..<{format_stream_id(self.first_got)}")
         if self.last_got < self.last:
-            parts.append(f">{format_id(self.last_got)}..{format_id(self.last)}")
+            parts.append(f">{format_stream_id(self.last_got)}..{format_stream_id(self.last)}")
         if not parts:
-            parts.append(f">{format_id(self.first_got)}..<{format_id(self.last_got)}")
+            parts.append(f">{format_stream_id(self.first_got)}..<{format_stream_id(self.last_got)}")
         return ", ".join(parts)
 
 
@@ -93,7 +93,7 @@ class Ledger:
         for field, value in raw.items():
             f = field.decode() if isinstance(field, bytes) else field
             v = (value.decode() if isinstance(value, bytes) else value).split()
-            e = LedgerEntry(parse_id(f), parse_id(v[0]), int(v[1]), int(v[2]), int(v[3]))
+            e = LedgerEntry(parse_stream_id(f), parse_stream_id(v[0]), int(v[1]), int(v[2]), int(v[3]))
             if len(v) >= 6 and v[4] == "closed":
                 e.closed, e.got = True, int(v[5])
             entries.append(e)

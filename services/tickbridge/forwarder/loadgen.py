@@ -1,6 +1,6 @@
 """Tick generator and delivery oracle for forwarder tests and the benchmark (the collector may not exist yet).
 
-Entries use the contract layout (`Trade(...).fields()`), written the way the collector writes them.
+Entries use the contract layout (`encode_tick(Trade(...))`), written the way the collector writes them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from tickbridge.core.redis_io import Command, execute_packed
 from tickbridge.core.tick import Trade
-from tickbridge.forwarder.buffer import StreamId, format_id, parse_id
+from tickbridge.core.wire import StreamId, encode_tick, format_stream_id, parse_stream_id
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT")
 
@@ -33,7 +33,7 @@ def trade_fields(i: int, rng: random.Random | None = None) -> list[bytes]:
         trade_id=1_000_000 + i,
         recv_ts=now_us + 350,
     )
-    return [str(x).encode() for x in trade.fields()]
+    return [str(x).encode() for x in encode_tick(trade)]
 
 
 async def preload(
@@ -54,7 +54,7 @@ async def preload(
             ms = ms0 + int(i * step_ms)
             entry = (ms, last[1] + 1) if ms == last[0] else (ms, 0)
             last = entry
-            eid = format_id(entry).encode()
+            eid = format_stream_id(entry).encode()
             ids.append(eid)
             commands.append((b"XADD", key, eid, *trade_fields(first_index + i)))
         replies = await execute_packed(client, commands)
@@ -129,7 +129,7 @@ def verify(brain_entries: Sequence[tuple[bytes, list[bytes]]], expected: dict[by
     dup = ooo = unexpected = mismatched = 0
     last: StreamId = (-1, -1)
     for eid, fields in brain_entries:
-        cur = parse_id(eid)
+        cur = parse_stream_id(eid)
         if cur <= last:
             ooo += 1
         last = cur

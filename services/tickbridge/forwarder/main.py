@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from tickbridge.core import keys
 from tickbridge.core.lifecycle import run_service, setup_logging, tune_gc
 from tickbridge.core.metrics import serve_metrics
 from tickbridge.core.settings import load_settings
@@ -23,7 +24,7 @@ def main(argv: list[str]) -> None:
     settings = load_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("forwarder"), settings.metrics_bind)
-    table = os.environ.get(TABLE_ENV, "vps_buffer")
+    table = os.environ.get(TABLE_ENV, keys.VPS_BUFFER_TABLE)
     tune_gc()
     spill_batch = int(os.environ.get(SPILL_BATCH_ENV, "50000"))
     run_service(lambda: Forwarder(settings, buffer_table=table, spill_batch=spill_batch))

@@ -41,7 +41,8 @@ from tickbridge.core.questdb_io import QuestDBError
 from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.forwarder.buffer import BufferRow, Partition, RawEntry, SpillBuffer, StreamId, format_id, parse_id
+from tickbridge.core.wire import RawEntry, StreamId, format_stream_id, now_us, parse_stream_id
+from tickbridge.forwarder.buffer import BufferRow, Partition, SpillBuffer
 from tickbridge.forwarder.ledger import Ledger, LedgerEntry, segments
 from tickbridge.forwarder.metrics import ForwarderMetrics
 
@@ -87,7 +88,7 @@ class VpsFull(Exception):
 def _id_order(field: str) -> tuple[int, int]:
     """Quarantine fields are entry IDs (or `ts:<n>` when the ID was unreadable): oldest first."""
     try:
-        return parse_id(field)
+        return parse_stream_id(field)
     except ValueError:
         return (0, 0)
 
@@ -121,7 +122,7 @@ def _pairs(reply: Any) -> dict[bytes, Any]:
 
 def next_id(entry_id: StreamId) -> str:
     """The smallest ID above `entry_id` (XTRIM MINID keeps IDs >= it)."""
-    return format_id((entry_id[0], entry_id[1] + 1))
+    return format_stream_id((entry_id[0], entry_id[1] + 1))
 
 
 class Forwarder(Service):
@@ -134,7 +135,7 @@ class Forwarder(Service):
         settings: Settings,
         registry: CollectorRegistry | None = None,
         *,
-        buffer_table: str = "vps_buffer",
+        buffer_table: str = keys.VPS_BUFFER_TABLE,
         spill_batch: int = 50_000,
         replay_batch: int = 20_000,
         maintain_interval: float = 0.2,
@@ -231,7 +232,7 @@ class Forwarder(Service):
         if self.vps_ready:
             try:
                 await self._save_state(
-                    mode="stopped", confirmed_id=format_id(self.checkpoint), replay_ts=self.replay_ts
+                    mode="stopped", confirmed_id=format_stream_id(self.checkpoint), replay_ts=self.replay_ts
                 )
             except Exception:
                 log.warning("could not save state on stop", exc_info=True)
@@ -242,7 +243,7 @@ class Forwarder(Service):
                 log.debug("close failed", exc_info=True)
         await self.brain_raw.close()
         await self.buffer.close()
-        log.info("forwarder stopped at checkpoint %s (%d delivered this run)", format_id(self.checkpoint),
+        log.info("forwarder stopped at checkpoint %s (%d delivered this run)", format_stream_id(self.checkpoint),
                  self._delivered)  # fmt: skip
 
     async def _loop(self, watchdog: Watchdog) -> None:
@@ -343,10 +344,10 @@ class Forwarder(Service):
         pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
         state = {k.decode(): v.decode() for k, v in pairs}
         if not self.brain_up:  # connected, the checkpoint is the Brain's top (it may have just rewound)
-            self.checkpoint = max(self.checkpoint, parse_id(state.get("confirmed_id", "0-0")))
-        self.buffer_high = max(self.buffer_high, parse_id(state.get("buffer_high_id", "0-0")))
+            self.checkpoint = max(self.checkpoint, parse_stream_id(state.get("confirmed_id", "0-0")))
+        self.buffer_high = max(self.buffer_high, parse_stream_id(state.get("buffer_high_id", "0-0")))
         if self.group_floor is None and "group_delivered_id" in state:
-            self.group_floor = parse_id(state["group_delivered_id"])
+            self.group_floor = parse_stream_id(state["group_delivered_id"])
         self.buffer.last_ts = max(self.buffer.last_ts, int(state.get("buffer_ts", "0")))
         # An empty hash is a fresh start (or a Redis that lost everything): nothing known was spilled.
         self.spill_pending = bool(state.get("spill_pending")) or (bool(state) and SPILL_CLEAR not in state)
@@ -364,13 +365,13 @@ class Forwarder(Service):
         # Nothing older is known to be confirmed: the retention window starts now.
         self.confirms.append((time.monotonic(), self.checkpoint, self.replay_ts))
         self.vps_ready = True
-        log.info("state: checkpoint %s, buffer high %s, buffer %s", format_id(self.checkpoint),
-                 format_id(self.buffer_high), "pending" if self.buffer_pending else "delivered")  # fmt: skip
+        log.info("state: checkpoint %s, buffer high %s, buffer %s", format_stream_id(self.checkpoint),
+                 format_stream_id(self.buffer_high), "pending" if self.buffer_pending else "delivered")  # fmt: skip
 
     async def _count_retained(self) -> int:
         """Entries at or below the checkpoint still in Redis (bounded by the retention window)."""
         count, start = 0, "-"
-        end = format_id(self.checkpoint)
+        end = format_stream_id(self.checkpoint)
         while True:
             page = await self._vps("XRANGE", self.key, start, end, "COUNT", 10_000)
             count += len(page)
@@ -386,7 +387,7 @@ class Forwarder(Service):
             high, last_ts = await self._questdb(self.buffer.recover())
             if high is not None and high > self.buffer_high:
                 log.warning("buffer holds up to %s beyond the saved %s: the last spill committed before a stop",
-                            format_id(high), format_id(self.buffer_high))  # fmt: skip
+                            format_stream_id(high), format_stream_id(self.buffer_high))  # fmt: skip
                 self.buffer_high = high
             cursor = await self._questdb(self.buffer.first_after(self.checkpoint))
         except LinkDown as exc:
@@ -404,7 +405,7 @@ class Forwarder(Service):
             await self._link_down(exc)
             return False
         # The marker goes only once the exact high is saved; while Redis is full it stays (QuestDB is the truth).
-        if await self._note_state(buffer_high_id=format_id(self.buffer_high), buffer_ts=self.buffer.last_ts):
+        if await self._note_state(buffer_high_id=format_stream_id(self.buffer_high), buffer_ts=self.buffer.last_ts):
             await self._clear_marker()
         self.spill_pending = False
         self.buffer_known = True
@@ -450,11 +451,13 @@ class Forwarder(Service):
         fields = _pairs(info)
         first, last = fields.get(b"first-entry"), fields.get(b"last-entry")
         wanted = self.settings.consumer_group.encode()
-        group = next((parse_id(g[b"last-delivered-id"]) for g in map(_pairs, groups) if g[b"name"] == wanted), None)
+        group = next(
+            (parse_stream_id(g[b"last-delivered-id"]) for g in map(_pairs, groups) if g[b"name"] == wanted), None
+        )
         return BrainView(
-            top=parse_id(fields[b"last-generated-id"]),
-            first=parse_id(first[0]) if first else None,
-            last=(parse_id(last[0]), list(last[1])) if last else None,
+            top=parse_stream_id(fields[b"last-generated-id"]),
+            first=parse_stream_id(first[0]) if first else None,
+            last=(parse_stream_id(last[0]), list(last[1])) if last else None,
             group=group,
         )
 
@@ -465,7 +468,8 @@ class Forwarder(Service):
         if top < self.checkpoint:
             self.metrics.rewinds.inc()
             log.warning("Brain stream top %s is behind the checkpoint %s (the Brain lost acknowledged writes): "
-                        "resending from the VPS copy", format_id(top), format_id(self.checkpoint))  # fmt: skip
+                        "resending from the VPS copy", format_stream_id(top),
+                        format_stream_id(self.checkpoint))  # fmt: skip
         self.checkpoint = top
         if self.buffer_known:
             # Where the buffer replay must restart (rows up to the Brain's top are delivered).
@@ -476,7 +480,7 @@ class Forwarder(Service):
                 await self._catch_up_ledger(self.replay_ts)  # a top ahead of us: what it holds was delivered
             else:
                 await self._settle_ledger()
-        await self._note_state(confirmed_id=format_id(top))
+        await self._note_state(confirmed_id=format_stream_id(top))
 
     async def _top_problem(self, view: BrainView) -> tuple[str, str] | None:
         """Why the Brain's top must not become the checkpoint, or None. A top at or below the checkpoint is safe
@@ -485,28 +489,30 @@ class Forwarder(Service):
         if top <= self.checkpoint:
             return None
         newest = await self._vps("XREVRANGE", self.key, "+", "-", "COUNT", 1)
-        ours_ms = max(parse_id(newest[0][0]) if newest else ZERO, self.buffer_high)[0]
+        ours_ms = max(parse_stream_id(newest[0][0]) if newest else ZERO, self.buffer_high)[0]
         base_ms = max(ours_ms, int(time.time() * 1000))
         if top[0] > base_ms + self.top_slack_ms:
-            return "future_top", (f"top {format_id(top)} is {(top[0] - base_ms) / 1000:.0f}s ahead of the newest "
-                                  "VPS entry and of the clock")  # fmt: skip
+            return "future_top", (f"top {format_stream_id(top)} is {(top[0] - base_ms) / 1000:.0f}s ahead of the "
+                                  "newest VPS entry and of the clock")  # fmt: skip
         if view.last is None or view.last[0] != top:
-            return "foreign_top", f"top {format_id(top)} has no entry left on the Brain, so it cannot be checked"
-        copy = await self._vps("XRANGE", self.key, format_id(top), format_id(top))
+            return "foreign_top", f"top {format_stream_id(top)} has no entry left on the Brain, so it cannot be checked"
+        copy = await self._vps("XRANGE", self.key, format_stream_id(top), format_stream_id(top))
         if copy:
             if list(copy[0][1]) == view.last[1]:
                 return None
-            return "foreign_top", f"entry {format_id(top)} on the Brain differs from the VPS copy"
+            return "foreign_top", f"entry {format_stream_id(top)} on the Brain differs from the VPS copy"
         if self.buffer_known and top <= self.buffer_high and await self._in_buffer(top, view.last[1]):
             return None
         # A real top the VPS lost (a VPS power cut after delivery) looks the same: an operator who checked it
         # accepts it in the VPS state hash (docs/monitoring.md), which the Brain's credential cannot reach.
         accepted = await self._vps("HGETALL", keys.FORWARDER_STATE)
         fields = accepted if isinstance(accepted, dict) else dict(zip(accepted[::2], accepted[1::2], strict=True))
-        if fields.get(ACCEPT_TOP.encode()) == format_id(top).encode():
-            log.warning("Brain top %s accepted by the operator (%s in the state hash)", format_id(top), ACCEPT_TOP)
+        if fields.get(ACCEPT_TOP.encode()) == format_stream_id(top).encode():
+            log.warning(
+                "Brain top %s accepted by the operator (%s in the state hash)", format_stream_id(top), ACCEPT_TOP
+            )
             return None
-        return "foreign_top", f"top {format_id(top)} is no entry the VPS holds"
+        return "foreign_top", f"top {format_stream_id(top)} is no entry the VPS holds"
 
     async def _in_buffer(self, entry_id: StreamId, fields: list[bytes]) -> bool:
         """The QuestDB buffer holds `entry_id` with these fields (delivered by a replay before a restart)."""
@@ -524,10 +530,10 @@ class Forwarder(Service):
         them: an entry the VPS holds between the group's position and the Brain's first entry."""
         if view.group is None or self.checkpoint <= view.group:
             return None
-        end = format_id(self.checkpoint)
+        end = format_stream_id(self.checkpoint)
         if view.first is not None and view.first <= self.checkpoint:
-            end = "(" + format_id(view.first)
-        gap = await self._vps("XRANGE", self.key, "(" + format_id(view.group), end, "COUNT", 1)
+            end = "(" + format_stream_id(view.first)
+        gap = await self._vps("XRANGE", self.key, "(" + format_stream_id(view.group), end, "COUNT", 1)
         if not gap:
             return None
         return "lost_entries", (f"entries from {gap[0][0].decode()} on were delivered but are gone from the Brain "
@@ -549,7 +555,7 @@ class Forwarder(Service):
         self.metrics.brain_group_ms.set(group[0])
         if group != self.group_floor:
             self.group_floor = group
-            await self._note_state(group_delivered_id=format_id(group))
+            await self._note_state(group_delivered_id=format_stream_id(group))
 
     def _refuse(self, reason: str, detail: str) -> NoReturn:
         if self.refused != reason:
@@ -558,7 +564,7 @@ class Forwarder(Service):
             self.refused = reason
             self.metrics.brain_refusals.labels(reason).inc()
             self.metrics.brain_refused.labels(reason).set(1)
-            floor = format_id(self.group_floor) if self.group_floor is not None else "unknown"
+            floor = format_stream_id(self.group_floor) if self.group_floor is not None else "unknown"
             log.error("REFUSING the Brain stream (%s): %s. Nothing is sent or trimmed on its word; the VPS keeps "
                       "every entry above %s (what %s received). Repair: docs/monitoring.md, "
                       "ForwarderBrainStreamRefused", reason, detail, floor, self.settings.consumer_group)  # fmt: skip
@@ -577,7 +583,7 @@ class Forwarder(Service):
             self._refuse(*problem)
         if self.refused:
             log.warning("the Brain stream is trusted again (was refused: %s): resuming after %s", self.refused,
-                        format_id(self.checkpoint))  # fmt: skip
+                        format_stream_id(self.checkpoint))  # fmt: skip
             self.metrics.brain_refused.labels(self.refused).set(0)
             self.refused = ""
 
@@ -587,7 +593,7 @@ class Forwarder(Service):
         self.catching_up = True
         self._brain_backoff.reset()
         self.metrics.connected.labels("brain").set(1)
-        log.info("Brain connected: resuming after %s", format_id(self.checkpoint))
+        log.info("Brain connected: resuming after %s", format_stream_id(self.checkpoint))
 
     async def _check_brain(self) -> None:
         """While idle, notice a Brain restart that lost data (no write fails to tell us), a top someone else
@@ -602,19 +608,19 @@ class Forwarder(Service):
         except TRANSIENT_ERRORS as exc:
             raise LinkDown("brain", exc) from exc
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-        confirmed_us = time.time_ns() // 1000
+        confirmed_us = now_us()
         sent = dup = 0
         failed: RawReplyError | str | None = None
         for i, reply in enumerate(replies):
             if isinstance(reply, RawReplyError):
                 if "equal or smaller than the target stream top" in str(reply):
-                    if parse_id(ids[i]) <= self.trusted_top:
+                    if parse_stream_id(ids[i]) <= self.trusted_top:
                         dup += 1
                         continue
                     # Not a top we wrote: someone moved it. Nothing from here on counts; the reconnect checks it.
                     failed = (
-                        f"{format_id(parse_id(ids[i]))} refused as 'equal or smaller' above the top "
-                        f"this forwarder wrote, {format_id(self.trusted_top)}"
+                        f"{format_stream_id(parse_stream_id(ids[i]))} refused as 'equal or smaller' above the top "
+                        f"this forwarder wrote, {format_stream_id(self.trusted_top)}"
                     )
                     break
                 failed = reply
@@ -622,7 +628,7 @@ class Forwarder(Service):
             sent += 1
         done = sent + dup
         if done:
-            self.checkpoint = parse_id(ids[done - 1])
+            self.checkpoint = parse_stream_id(ids[done - 1])
             self.trusted_top = max(self.trusted_top, self.checkpoint)
         if sent:  # the duplicates are a prefix (IDs ascend; only those at or below the trusted top are)
             self._observe_latency(commands, done - sent, done, confirmed_us)
@@ -634,7 +640,7 @@ class Forwarder(Service):
             raise LinkDown("brain", f"XADD rejected: {failed}")
         return done
 
-    def _observe_latency(self, commands: Sequence[Command], start: int, end: int, now_us: int) -> None:
+    def _observe_latency(self, commands: Sequence[Command], start: int, end: int, confirmed_us: int) -> None:
         """Hop collector -> Brain stream of the XADDs `commands[start:end]` (`XADD key id symbol S ... recv_ts T`:
         the contract's first and last fields); an entry of another shape or symbol is not counted."""
         latency = self._latency
@@ -642,7 +648,7 @@ class Forwarder(Service):
             try:
                 child = latency.get(cmd[4])
                 if child is not None and cmd[-2] in _RECV_TS:
-                    child.observe_us(now_us - int(cmd[-1]))
+                    child.observe_us(confirmed_us - int(cmd[-1]))
             except (IndexError, ValueError, TypeError):
                 pass
 
@@ -705,7 +711,9 @@ class Forwarder(Service):
 
     async def _read_redis(self, cursor: StreamId) -> list[RawEntry]:
         # BLOCK: wait for new entries without spinning; short so maintenance and stop stay responsive.
-        reply = await self._vps("XREAD", "COUNT", self.batch, "BLOCK", 50, "STREAMS", self.key, format_id(cursor))
+        reply = await self._vps(
+            "XREAD", "COUNT", self.batch, "BLOCK", 50, "STREAMS", self.key, format_stream_id(cursor)
+        )
         if not reply:
             return []
         # RESP3 answers a map {stream: entries}, RESP2 a list of [stream, entries]
@@ -722,7 +730,9 @@ class Forwarder(Service):
             return True
         self.catching_up = len(entries) >= self.batch
         if self.catching_up:
-            self._start_prefetch(("redis", parse_id(entries[-1][0])), self._read_redis(parse_id(entries[-1][0])))
+            self._start_prefetch(
+                ("redis", parse_stream_id(entries[-1][0])), self._read_redis(parse_stream_id(entries[-1][0]))
+            )
         ids = [e[0] for e in entries]
         commands: list[Command] = [(b"XADD", self.key, e[0], *e[1]) for e in entries]
         done = await self._send(ids, commands)
@@ -743,7 +753,7 @@ class Forwarder(Service):
             self.buffer_pending = False
             self.replay_ts = max(self.replay_ts, self.buffer.last_ts)
             await self._settle_ledger()
-            log.info("buffer replay complete at %s; continuing from Redis", format_id(self.checkpoint))
+            log.info("buffer replay complete at %s; continuing from Redis", format_stream_id(self.checkpoint))
             return True
         if len(rows) >= self.replay_batch:
             nxt = rows[-1].ts
@@ -753,7 +763,7 @@ class Forwarder(Service):
             self.replay_ts = rows[-1].ts
             self._confirmed()
             return True
-        ids = [format_id(r.entry_id) for r in sendable if r.entry_id is not None]
+        ids = [format_stream_id(r.entry_id) for r in sendable if r.entry_id is not None]
         commands: list[Command] = [(b"XADD", self.key, ids[i], *r.fields) for i, r in enumerate(sendable)]
         done = await self._send(ids, commands)
         self.metrics.replayed.inc(done)
@@ -803,7 +813,7 @@ class Forwarder(Service):
     async def _save_checkpoint(self) -> None:
         current = (self.checkpoint, self.replay_ts)
         if current != self._saved_checkpoint and await self._note_state(
-            confirmed_id=format_id(self.checkpoint), replay_ts=self.replay_ts
+            confirmed_id=format_stream_id(self.checkpoint), replay_ts=self.replay_ts
         ):
             self._saved_checkpoint = current
 
@@ -906,7 +916,9 @@ class Forwarder(Service):
             if (
                 self._marker_saved
                 and not self.spill_pending
-                and await self._note_state(buffer_high_id=format_id(self.buffer_high), buffer_ts=self.buffer.last_ts)
+                and await self._note_state(
+                    buffer_high_id=format_stream_id(self.buffer_high), buffer_ts=self.buffer.last_ts
+                )
             ):
                 # No spill is in flight, so our buffer_high is exact: once saved, the marker kept while Redis
                 # was full is not needed any more.
@@ -940,10 +952,12 @@ class Forwarder(Service):
         start = max(self.checkpoint, self.buffer_high)
         while count > 0 and not self.stopping.is_set():
             room = await self._make_room(min(self.spill_batch, count))
-            entries: list[RawEntry] = await self._vps("XRANGE", self.key, "(" + format_id(start), "+", "COUNT", room)
+            entries: list[RawEntry] = await self._vps(
+                "XRANGE", self.key, "(" + format_stream_id(start), "+", "COUNT", room
+            )
             if not entries:
                 return
-            last = parse_id(entries[-1][0])
+            last = parse_stream_id(entries[-1][0])
             if not self._marker_saved:
                 await self._set_marker()
             self.spill_pending = True
@@ -963,18 +977,18 @@ class Forwarder(Service):
                 await self._record_spill(written, last, last_ts)
             self.spill_pending = False
             held, oldest = self._buffer_backlog
-            self._buffer_backlog = (held + len(entries), oldest or parse_id(entries[0][0]))
+            self._buffer_backlog = (held + len(entries), oldest or parse_stream_id(entries[0][0]))
             await self._clear_marker()
             await self._trim()
             self.metrics.spilled.inc(len(entries))
             count -= len(entries)
             start = last
-            log.info("spilled %d entries up to %s to the QuestDB buffer", len(entries), format_id(last))
+            log.info("spilled %d entries up to %s to the QuestDB buffer", len(entries), format_stream_id(last))
 
     async def _record_spill(self, written: list[LedgerEntry], last: StreamId, last_ts: int) -> None:
         """The ledger entries of a visible spill, then `buffer_high` (one round trip)."""
         cmds: list[Command] = [("HSET", keys.FORWARDER_LEDGER, e.field, e.value) for e in written]
-        cmds.append(("HSET", keys.FORWARDER_STATE, "buffer_high_id", format_id(last), "buffer_ts", last_ts))
+        cmds.append(("HSET", keys.FORWARDER_STATE, "buffer_high_id", format_stream_id(last), "buffer_ts", last_ts))
         await self._vps_cmds(cmds)
 
     # ------------------------------------------------------------------ ledger and quarantine (issue 14)
@@ -1004,7 +1018,7 @@ class Forwarder(Service):
                 rebuilt.append(LedgerEntry(first[0], last[0], count, first[1], last[1]))
         if not rebuilt:
             return
-        first, last = format_id(rebuilt[0].first), format_id(rebuilt[-1].last)
+        first, last = format_stream_id(rebuilt[0].first), format_stream_id(rebuilt[-1].last)
         log.warning("spill ledger lacks %d buffer rows (%s..%s): taken as spilled from what QuestDB holds",
                     sum(e.count for e in rebuilt), first, last)  # fmt: skip
         written = self.ledger.add(rebuilt)
@@ -1040,7 +1054,7 @@ class Forwarder(Service):
                 where = e.missing_range()
                 log.error("BUFFER ROWS MISSING: %d of %d entries spilled to %s as %s..%s did not come back "
                           "(lost from the buffer); missing IDs %s", e.shortfall, e.count, self.buffer.table,
-                          format_id(e.first), format_id(e.last), where)  # fmt: skip
+                          format_stream_id(e.first), format_stream_id(e.last), where)  # fmt: skip
                 cmds.append(("HSET", keys.FORWARDER_STATE, "missing_total", self.missing_total,
                              "missing_last_range", where))  # fmt: skip
             cmds.append(("HSET", keys.FORWARDER_LEDGER, e.field, e.value))
@@ -1070,7 +1084,7 @@ class Forwarder(Service):
             return  # a re-read of a row already quarantined
         self._quarantined_ts = row.ts
         self.metrics.buffer_quarantined.inc()
-        name = format_id(row.entry_id) if row.entry_id is not None else f"ts:{row.ts}"
+        name = format_stream_id(row.entry_id) if row.entry_id is not None else f"ts:{row.ts}"
         log.error("BUFFER ROW QUARANTINED: %s (ts %d) in %s: %s; not sent, the replay goes on", name, row.ts,
                   self.buffer.table, reason)  # fmt: skip
         copy = orjson.dumps({"reason": reason, "ts": row.ts, "table": self.buffer.table,
@@ -1207,19 +1221,19 @@ class Forwarder(Service):
         cursor = max(self.checkpoint, self.buffer_high)
         if not head_reply:
             redis_backlog = 0
-        elif parse_id(head_reply[0][0]) > cursor:
+        elif parse_stream_id(head_reply[0][0]) > cursor:
             redis_backlog = length  # no delivered copy left in Redis: exact
         else:
             redis_backlog = max(0, length - self.retained)  # delivered copies still kept: estimated
         buffer_backlog, oldest = self._buffer_part()
         if oldest is None and redis_backlog:
-            if parse_id(head_reply[0][0]) > cursor:
-                oldest = parse_id(head_reply[0][0])
+            if parse_stream_id(head_reply[0][0]) > cursor:
+                oldest = parse_stream_id(head_reply[0][0])
             else:
                 (head,) = await execute_packed(
-                    self.vps_monitor, [("XRANGE", self.key, "(" + format_id(cursor), "+", "COUNT", 1)]
+                    self.vps_monitor, [("XRANGE", self.key, "(" + format_stream_id(cursor), "+", "COUNT", 1)]
                 )
-                oldest = parse_id(head[0][0]) if head and not isinstance(head, Exception) else None
+                oldest = parse_stream_id(head[0][0]) if head and not isinstance(head, Exception) else None
         backlog = buffer_backlog + redis_backlog
         self._backlog = backlog
         self.metrics.backlog_entries.set(backlog)
