@@ -15,7 +15,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
 from conftest import equals, eventually
-from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT, RestError
+from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT, RestCallFailed
 from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.settings import Settings
@@ -323,7 +323,7 @@ async def test_rest_client_honours_retry_after_and_weight_budget() -> None:
     async with rest_exchange({"/api/v3/depth": depth, "/api/v3/historicalTrades": bad}) as rest:
         assert (await rest.depth("BTCUSDT", 1000))["lastUpdateId"] == 7
         assert len(calls) == 2 and calls[1] - calls[0] >= 0.95  # waited for Retry-After
-        with pytest.raises(RestError, match="HTTP 400"):  # a client error is not retried
+        with pytest.raises(RestCallFailed, match="HTTP 400"):  # a client error is not retried
             await rest.historical_trades("BTCUSDT", 1)
         # This minute's weight spent (1-s "minutes" here): the next call waits for the next one.
         rest.budget = WeightBudget(window_s=1.0, skew_s=0.0)
@@ -513,14 +513,14 @@ async def test_a_command_failing_inside_the_transaction_is_retried_not_counted(
             return collector.last_trade == {"BTCUSDT": 3, "ETHUSDT": 2} and errors >= 2  # a retry failed too
 
         await eventually(failing, timeout=10, what="writes failing")
-        assert collector.writer is not None and collector.writer.written == 0
+        assert collector.publisher is not None and collector.publisher.written == 0
         # ETHUSDT had no stored ID: it is put just before its first unwritten trade (a restart back-fills it).
         assert await client.hgetall(keys.COLLECTOR_LAST_TRADE_IDS) == {b"BTCUSDT": b"0", b"ETHUSDT": b"0"}
         assert await client.get(keys.DEFAULT_STREAM_KEY) == b"not a stream"
         await client.delete(keys.DEFAULT_STREAM_KEY)
         await eventually(lambda: equals(symbols_ids(client), sent), timeout=10, what="written once the key is fixed")
         assert await client.hgetall(keys.COLLECTOR_LAST_TRADE_IDS) == {b"BTCUSDT": b"3", b"ETHUSDT": b"2"}
-        assert collector.writer.written == 5
+        assert collector.publisher.written == 5
         warm = await client.zrange(keys.warm_key("BTCUSDT"), 0, -1)
         assert [m.split(b"|")[0] for m in warm] == [b"1", b"2", b"3"]
         errors = count(registry, "tickbridge_collector_redis_errors_total")
@@ -686,7 +686,7 @@ async def test_an_oversized_rest_body_is_one_clear_error_counted_not_read_whole(
     async with rest_server({"/api/v3/historicalTrades": trades}) as url, collector_rest(url, registry) as rest:
         rest.max_body_bytes = 65536
         for from_id in (1, 2):
-            with pytest.raises(RestError, match="over 65536 bytes") as exc:
+            with pytest.raises(RestCallFailed, match="over 65536 bytes") as exc:
                 await asyncio.wait_for(rest.historical_trades("BTCUSDT", from_id), 10)
             assert len(str(exc.value)) < 300
         capped = count(registry, "tickbridge_collector_rest_capped_total", endpoint=HISTORICAL_TRADES_ENDPOINT,

@@ -84,7 +84,9 @@ async def test_replay_of_real_captures(binance_data: Path, redis_server: RedisSe
         await eventually(lambda: _true(collector.last_trade.get("ETHUSDT") == 1520553439), what="last trade")
         lid, bids, asks, _ = rebuild_offline(capture_lines(binance_data))
         await eventually(lambda: _true(collector.book("ETHUSDT").last_update_id == lid), what="last depth event")
-        await eventually(lambda: _true(collector.writer is not None and collector.writer.queue.empty()), what="drain")
+        await eventually(
+            lambda: _true(collector.publisher is not None and collector.publisher.queue.empty()), what="drain"
+        )
     finally:
         await stop_collector(collector, task)
         await sim.stop()

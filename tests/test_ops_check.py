@@ -22,7 +22,7 @@ from tickbridge.core.metrics import counter
 from tickbridge.core.settings import DEFAULT_METRICS_PORTS, Settings
 from tickbridge.devstack.servers import RedisServer, free_port, wait_until
 from tickbridge.ops import check as check_mod
-from tickbridge.ops.check import check, check_heartbeat, evaluate
+from tickbridge.ops.check import check_heartbeat, check_role, evaluate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,11 +65,11 @@ def test_evaluate_requires_the_roles_series() -> None:
 
 def test_check_against_a_live_endpoint_then_a_dead_one(collector_endpoint: tuple[int, CollectorRegistry]) -> None:
     port, _ = collector_endpoint
-    assert check("collector", port, timeout=10).healthy
-    assert not check("consumer", port, timeout=10).healthy
+    assert check_role("collector", port, timeout=10).healthy
+    assert not check_role("consumer", port, timeout=10).healthy
     # Nothing listening: unhealthy, quickly.
     started = time.monotonic()
-    assert not check("collector", free_port(), timeout=2).healthy
+    assert not check_role("collector", free_port(), timeout=2).healthy
     assert time.monotonic() - started < 10
 
 
@@ -97,7 +97,7 @@ def test_check_a_real_role_process() -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        wait_until(lambda: check("sim", metrics_port, timeout=10).healthy, 60, "sim healthy", proc)
+        wait_until(lambda: check_role("sim", metrics_port, timeout=10).healthy, 60, "sim healthy", proc)
         assert _run_check("sim", "--port", str(metrics_port), "--timeout", "10").returncode == 0
     finally:
         proc.terminate()
@@ -116,7 +116,7 @@ def test_a_native_role_serves_metrics_on_loopback_unless_told_otherwise(tmp_path
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd=tmp_path,
     )  # fmt: skip
     try:
-        wait_until(lambda: check("sim", metrics_port, timeout=10).healthy, 60, "sim healthy", proc)
+        wait_until(lambda: check_role("sim", metrics_port, timeout=10).healthy, 60, "sim healthy", proc)
         listening = {
             c.laddr.ip for c in psutil.Process(proc.pid).net_connections("tcp")
             if c.status == psutil.CONN_LISTEN and c.laddr.port == metrics_port

@@ -333,7 +333,7 @@ WGROUP = "tickbridge-writer"
 #: roles' keys. CLIENT SETNAME/ID are denied everywhere: `make_client` sets no name (redis-py 8 connects with
 #: HELLO 3 AUTH, which every user may send, and CLIENT SETINFO, an unknown command on Redis 7.0).
 ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
-    ("vps", "collector"): (  # collector/service.py (start) and collector/writer.py (batches, lost replies, probes)
+    ("vps", "collector"): (  # collector/service.py (start) and collector/publisher.py (batches, lost replies, probes)
         [["HGETALL", LAST_IDS], ["ZRANGE", WARM, -1, -1, "WITHSCORES"],  # start: last trade IDs and times
          ["XADD", STREAM, "*", *TRADE_FIELDS],
          ["XADD", "tickbridge:deadletter:collector", "MAXLEN", "~", 10000, "*", "raw", "{bad"],

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.brain.deadletters import read_all, replay
 from tickbridge.collector.metrics import CollectorMetrics
-from tickbridge.collector.writer import StreamWriter
+from tickbridge.collector.publisher import StreamPublisher
 from tickbridge.core import keys, wire
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
@@ -182,7 +182,7 @@ async def test_replay_and_collector_write_the_same_warm_member(redis_server: Red
             (wire.encode_warm_member(t).encode(), float(t.timestamp))
         ]
         await client.delete(keys.warm_key("BTCUSDT"))
-        publisher = StreamWriter(client, keys.DEFAULT_STREAM_KEY, CollectorMetrics(CollectorRegistry()), linger_s=0)
+        publisher = StreamPublisher(client, keys.DEFAULT_STREAM_KEY, CollectorMetrics(CollectorRegistry()), linger_s=0)
         await publisher._write([t])
         ((member, score),) = await client.zrange(keys.warm_key("BTCUSDT"), 0, -1, withscores=True)
         assert wire.decode_warm_member(member, score) == wire.decode_warm_member(

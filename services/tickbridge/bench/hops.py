@@ -2,7 +2,7 @@
 path (issue 19), measured on the roles' own code (min of several runs of 100,000 ticks, one process, no I/O).
 
 - collector: `observe_us` of exchange -> collector (in `_emit_trade`) and of -> VPS stream (per batch in
-  `StreamWriter._write`), next to what it replaced (`Histogram.observe` of one trade in 8).
+  `StreamPublisher._write`), next to what it replaced (`Histogram.observe` of one trade in 8).
 - forwarder: `_observe_latency` over a batch of XADD commands (symbol and recv_ts read from the fields).
 - consumer: the `recv_ts` slices `_build` keeps per symbol and `observe_since` after the ingest call.
 - writer: the `recv_ts` list per stream `_add` keeps and `observe_since` after QuestDB confirmed.

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tickbridge.core.groups import check, group_floor, parse_info_pairs, parse_read_reply
+from tickbridge.core.groups import group_floor, parse_info_pairs, parse_read_reply, reply_or_raise
 from tickbridge.core.redis_io import execute_packed
 from tickbridge.core.settings import Settings
 
@@ -20,13 +20,13 @@ INGEST_FUNCTION = "tickbridge_brain_ingest"
 __all__ = [
     "INGEST_FUNCTION",
     "as_text",
-    "check",
     "group_floor",
     "instance_name",
     "load_functions",
     "lua_source",
     "parse_info_pairs",
     "parse_read_reply",
+    "reply_or_raise",
 ]
 
 
@@ -44,7 +44,7 @@ def lua_source() -> str:
 async def load_functions(client: aioredis.Redis) -> None:
     """`FUNCTION LOAD REPLACE` the Brain library (idempotent, safe with several instances)."""
     (reply,) = await execute_packed(client, [["FUNCTION", "LOAD", "REPLACE", lua_source()]])
-    check(reply)
+    reply_or_raise(reply)
 
 
 def as_text(value: Any) -> str:

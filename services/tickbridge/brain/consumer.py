@@ -45,11 +45,11 @@ from redis.exceptions import ResponseError
 
 from tickbridge.brain.common import (
     INGEST_FUNCTION,
-    check,
     group_floor,
     instance_name,
     load_functions,
     parse_info_pairs,
+    reply_or_raise,
 )
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
@@ -369,7 +369,7 @@ class BrainConsumer(Service):
         lo, hi = entries[0][0], entries[-1][0]
         cmd: Command = ["XPENDING", self.stream, self.group, lo, hi, len(entries) * 2 + 10, self.consumer]
         (reply,) = await execute_packed(self.client, [cmd])
-        return {row[0]: int(row[3]) for row in check(reply)}
+        return {row[0]: int(row[3]) for row in reply_or_raise(reply)}
 
     # ---------------------------------------------------------------- writing
 
@@ -481,7 +481,7 @@ class BrainConsumer(Service):
         assert self.client is not None
         started = time.perf_counter()
         (reply,) = await execute_packed(self.client, [cmd])
-        written, dup, warm_errors, failed, first_error, evicted = check(reply)
+        written, dup, warm_errors, failed, first_error, evicted = reply_or_raise(reply)
         if stamps:
             # Hop collector -> per-symbol stream, once per call that returned (an entry it left pending, rare,
             # counts again when its retry succeeds).

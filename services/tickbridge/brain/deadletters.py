@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 from rich.console import Console
 from rich.table import Table
 
-from tickbridge.brain.common import check, load_functions
+from tickbridge.brain.common import load_functions, reply_or_raise
 from tickbridge.core import keys
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
 from tickbridge.core.settings import die, load_settings
@@ -41,7 +41,7 @@ ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
 
 
 @dataclass
-class DeadLetter:
+class ConsumerDeadLetter:
     id: bytes
     src_id: bytes
     reason: str
@@ -57,19 +57,19 @@ class ReplayResult:
     gone: int = 0
 
 
-def parse_dead_letter(entry_id: bytes, flat: list[bytes]) -> DeadLetter:
+def parse_dead_letter(entry_id: bytes, flat: list[bytes]) -> ConsumerDeadLetter:
     """Split a dead letter into the consumer's additions and the original fields."""
     src_id, reason, original, truncated = split_dead_letter(flat)
-    return DeadLetter(entry_id, src_id, reason, original, truncated)
+    return ConsumerDeadLetter(entry_id, src_id, reason, original, truncated)
 
 
-async def read_all(client: aioredis.Redis, stream: str = keys.CONSUMER_DEAD_LETTER) -> list[DeadLetter]:
+async def read_all(client: aioredis.Redis, stream: str = keys.CONSUMER_DEAD_LETTER) -> list[ConsumerDeadLetter]:
     """Every dead letter, oldest first (read in pages of 1,000)."""
-    out: list[DeadLetter] = []
+    out: list[ConsumerDeadLetter] = []
     start = "-"
     while True:
         (page,) = await execute_packed(client, [["XRANGE", stream, start, "+", "COUNT", 1000]])
-        page = check(page)
+        page = reply_or_raise(page)
         out += [parse_dead_letter(e[0], e[1] or []) for e in page]
         if len(page) < 1000:
             return out
@@ -78,7 +78,7 @@ async def read_all(client: aioredis.Redis, stream: str = keys.CONSUMER_DEAD_LETT
 
 async def replay(
     client: aioredis.Redis,
-    letters: list[DeadLetter],
+    letters: list[ConsumerDeadLetter],
     *,
     warm_window_s: float = 300.0,
     symbols: Collection[str] | None = None,
@@ -121,7 +121,7 @@ async def replay(
     return result
 
 
-def _summary(letters: list[DeadLetter], console: Console) -> None:
+def _summary(letters: list[ConsumerDeadLetter], console: Console) -> None:
     reasons = Counter(letter.reason for letter in letters)
     table = Table(title=f"{keys.CONSUMER_DEAD_LETTER}: {len(letters)} entries")
     table.add_column("reason")

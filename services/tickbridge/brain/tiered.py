@@ -41,7 +41,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tickbridge.brain.common import as_text, check, parse_info_pairs, parse_read_reply
+from tickbridge.brain.common import as_text, parse_info_pairs, parse_read_reply, reply_or_raise
 from tickbridge.core import keys
 from tickbridge.core.metrics import counter, histogram
 from tickbridge.core.questdb_io import QuestDBError, reader_for
@@ -276,7 +276,7 @@ class TieredMarketData:
                 del last[sym]
                 continue
             hot = prefilled[sym] = _Hot(self.hot_size)
-            for member, score in _pairs(check(reply)):
+            for member, score in _pairs(reply_or_raise(reply)):
                 hot.add(parse_warm_member(member, float(score)))
         for sym, key in sorted(excluded.items()):
             if self._excluded.get(sym) != key:
@@ -307,7 +307,7 @@ class TieredMarketData:
                 cmd: list[str | int] = ["XREAD", "COUNT", 1000, "BLOCK", 1000, "STREAMS", *streams]
                 cmd += [last[s] for s in followed]
                 (reply,) = await execute_packed(self.redis, [cmd])
-                for stream, entries in parse_read_reply(check(reply)).items():
+                for stream, entries in parse_read_reply(reply_or_raise(reply)).items():
                     sym = stream.decode().rsplit(":", 1)[1]
                     hot = self._hot[sym]
                     for _entry_id, fields in entries:
@@ -521,10 +521,10 @@ def _wrong_type(reply: Any) -> bool:
 
 
 def _check_warm(reply: Any, key: object) -> Any:
-    """`check()`, with the key named when WARM is not a sorted set (Redis' own message does not name it)."""
+    """`reply_or_raise()`, with the key named when WARM is not a sorted set (Redis' own message does not name it)."""
     if _wrong_type(reply):
         raise ResponseError(f"WRONGTYPE {key!s} is not a sorted set: no WARM answers until it is fixed") from reply
-    return check(reply)
+    return reply_or_raise(reply)
 
 
 def _pairs(flat: Any) -> list[tuple[bytes, Any]]:

@@ -410,7 +410,7 @@ class BrainWriter(Service):
     def _add(self, got: dict[bytes, list[Any]]) -> int:
         """Turn stream entries into ILP rows in the per-table buffers."""
         n = 0
-        trades, depth = self.batches[keys.TRADES_TABLE], self.batches[keys.DEPTH_TABLE]
+        trades = self.batches[keys.TRADES_TABLE]
         text = self._text
         texts = self._texts
         dead: list[tuple[bytes, bytes, str]] = []
@@ -419,8 +419,8 @@ class BrainWriter(Service):
                 if fields is None:
                     continue
                 st = symbol_trade(fields)
-                if st is not None:  # the consumer's layout: no dict (the common case)
-                    try:
+                try:
+                    if st is not None:  # the consumer's layout: no dict (the common case)
                         recv_ts = int(st.recv_ts)
                         ilp_trade(
                             trades.buffer, exchange=texts.get(st.exchange) or text(st.exchange),
@@ -428,36 +428,9 @@ class BrainWriter(Service):
                             price=float(st.price), volume=float(st.volume), trade_id=int(st.trade_id), recv_ts=recv_ts,
                             timestamp=int(st.timestamp),
                         )  # fmt: skip
-                    except (ValueError, TypeError, IngressError) as exc:
-                        dead.append((stream, entry_id, f"{type(exc).__name__}: {exc}"[:300]))
-                        continue
-                    trades.rows += 1
-                    trades.ids.setdefault(stream, []).append(entry_id)
-                    trades.recv.setdefault(stream, []).append(recv_ts)
-                    n += 1
-                    continue
-                f = dict(zip(fields[::2], fields[1::2], strict=False))
-                try:
-                    kind = f[b"type"]
-                    if kind == b"TRADE":
-                        recv_ts = int(f[b"recv_ts"])
-                        ilp_trade(
-                            trades.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
-                            side=f[b"side"].decode(), price=float(f[b"price"]), volume=float(f[b"volume"]),
-                            trade_id=int(f[b"trade_id"]), recv_ts=recv_ts, timestamp=int(f[b"timestamp"]),
-                        )  # fmt: skip
                         batch = trades
-                    elif kind == b"DEPTH":
-                        recv_ts = int(f.get(b"recv_ts") or f[b"timestamp"])
-                        ilp_depth(
-                            depth.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
-                            first_update_id=int(f[b"first_update_id"]), last_update_id=int(f[b"last_update_id"]),
-                            bids=_levels(f[b"bids"]), asks=_levels(f[b"asks"]), recv_ts=recv_ts,
-                            timestamp=int(f[b"timestamp"]),
-                        )  # fmt: skip
-                        batch = depth
                     else:
-                        raise ValueError(f"unknown type {kind[:20]!r}")
+                        recv_ts, batch = self._add_by_name(dict(zip(fields[::2], fields[1::2], strict=False)))
                 except (KeyError, ValueError, TypeError, IngressError, orjson.JSONDecodeError) as exc:
                     dead.append((stream, entry_id, f"{type(exc).__name__}: {exc}"[:300]))
                     continue
@@ -472,6 +445,30 @@ class BrainWriter(Service):
             self._first_row_at = time.monotonic()
         self.metrics.buffered.set(self._rows())
         return n
+
+    def _add_by_name(self, f: dict[bytes, bytes]) -> tuple[int, TableBatch]:
+        """A per-symbol entry in another field order (or a depth diff) into its table's buffer: its `recv_ts`
+        and batch. Raises what a malformed entry raises (KeyError, ValueError, ...): it is dead-lettered."""
+        kind = f[b"type"]
+        if kind == b"TRADE":
+            recv_ts = int(f[b"recv_ts"])
+            batch = self.batches[keys.TRADES_TABLE]
+            ilp_trade(
+                batch.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(), side=f[b"side"].decode(),
+                price=float(f[b"price"]), volume=float(f[b"volume"]), trade_id=int(f[b"trade_id"]), recv_ts=recv_ts,
+                timestamp=int(f[b"timestamp"]),
+            )  # fmt: skip
+        elif kind == b"DEPTH":
+            recv_ts = int(f.get(b"recv_ts") or f[b"timestamp"])
+            batch = self.batches[keys.DEPTH_TABLE]
+            ilp_depth(
+                batch.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
+                first_update_id=int(f[b"first_update_id"]), last_update_id=int(f[b"last_update_id"]),
+                bids=_levels(f[b"bids"]), asks=_levels(f[b"asks"]), recv_ts=recv_ts, timestamp=int(f[b"timestamp"]),
+            )  # fmt: skip
+        else:
+            raise ValueError(f"unknown type {kind[:20]!r}")
+        return recv_ts, batch
 
     def _text(self, raw: bytes) -> str:
         """Decode a symbol-like value once (few distinct values)."""

@@ -62,11 +62,11 @@ def parse_retry_after(value: str | None, default: float = DEFAULT_RETRY_AFTER_S)
     return seconds if math.isfinite(seconds) and seconds >= 0 else default
 
 
-class RestError(RuntimeError):
+class RestCallFailed(RuntimeError):
     """A REST call failed after its retries."""
 
 
-class BodyTooLarge(RestError):
+class BodyTooLarge(RestCallFailed):
     """A REST answer over the byte limit (not retried: the same request would get the same answer)."""
 
 
@@ -218,14 +218,14 @@ class RestClient:
                                     header, retry_after, " (capped)" if capped else "")  # fmt: skip
                         continue
                     if 400 <= resp.status < 500:
-                        raise RestError(f"{endpoint} {params}: {last_error}")
+                        raise RestCallFailed(f"{endpoint} {params}: {last_error}")
             except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
             finally:
                 if self._on_request is not None:
                     self._on_request(endpoint, status)
             await asyncio.sleep(backoff.next())
-        raise RestError(f"{endpoint} {params}: gave up after {self.attempts} attempts ({last_error})")
+        raise RestCallFailed(f"{endpoint} {params}: gave up after {self.attempts} attempts ({last_error})")
 
     def _capped(self, endpoint: str, what: str) -> None:
         if what == "body":
@@ -237,7 +237,7 @@ class RestClient:
         """The order-book snapshot `{"lastUpdateId", "bids", "asks"}`."""
         snap = await self._get(DEPTH_ENDPOINT, {"symbol": symbol, "limit": limit}, depth_weight(limit))
         if not isinstance(snap, dict) or not isinstance(snap.get("lastUpdateId"), int):
-            raise RestError(f"depth {symbol}: unexpected body")
+            raise RestCallFailed(f"depth {symbol}: unexpected body")
         return snap
 
     async def historical_trades(self, symbol: str, from_id: int, limit: int = 1000) -> list[dict[str, Any]]:
@@ -246,5 +246,5 @@ class RestClient:
             HISTORICAL_TRADES_ENDPOINT, {"symbol": symbol, "fromId": from_id, "limit": limit}, HISTORICAL_TRADES_WEIGHT
         )
         if not isinstance(rows, list):
-            raise RestError(f"historicalTrades {symbol}: unexpected body")
+            raise RestCallFailed(f"historicalTrades {symbol}: unexpected body")
         return rows

@@ -23,7 +23,7 @@ from tickbridge.core.redis_io import Command, execute_packed
 from tickbridge.core.wire import GroupEntry, parse_stream_id
 
 
-def check(reply: Any) -> Any:
+def reply_or_raise(reply: Any) -> Any:
     """Raise an error reply returned in place by `execute_packed`."""
     if isinstance(reply, BaseException):
         raise reply
@@ -94,7 +94,7 @@ class GroupMember:
             cmd += ["BLOCK", block_ms]
         cmd += ["STREAMS", *streams, *starts]
         (reply,) = await execute_packed(client, [cmd])
-        return parse_read_reply(check(reply))
+        return parse_read_reply(reply_or_raise(reply))
 
     async def own_pending(
         self, client: aioredis.Redis, streams: Sequence[str], count: int, stopping: asyncio.Event | None = None
@@ -120,7 +120,7 @@ class GroupMember:
         looks at, and during a catch-up this member's own list is tens of thousands of entries long.
         """
         (reply,) = await execute_packed(client, [["XPENDING", stream, self.group]])
-        reply = check(reply)
+        reply = reply_or_raise(reply)
         if not reply or not reply[0]:
             return False
         me = self.consumer.encode()
@@ -138,7 +138,7 @@ class GroupMember:
         for _ in range(max_rounds):
             cmd: Command = ["XAUTOCLAIM", stream, self.group, self.consumer, min_idle_ms, cursor, "COUNT", count]
             (reply,) = await execute_packed(client, [cmd])
-            reply = check(reply)
+            reply = reply_or_raise(reply)
             cursor = reply[0].decode()
             entries: list[GroupEntry] = [(e[0], e[1]) for e in reply[1]]
             deleted = reply[2] if len(reply) > 2 else []

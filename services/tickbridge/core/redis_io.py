@@ -6,7 +6,9 @@ batch with `hiredis.pack_command` and sending it in one write reaches several ti
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,7 +104,11 @@ def pack(commands: Sequence[Command]) -> bytes:
 
 
 async def execute_packed(
-    client: aioredis.Redis, commands: Sequence[Command] | bytes, count: int | None = None
+    client: aioredis.Redis,
+    commands: Sequence[Command] | bytes,
+    count: int | None = None,
+    *,
+    deadline: float | None = None,
 ) -> list[Any]:
     """Send a batch in one write and read every reply, undecoded (bytes; nested lists, or dicts for the
     map replies of RESP3, which redis-py 8 negotiates by default: callers handle both shapes).
@@ -110,6 +116,9 @@ async def execute_packed(
     Error replies are returned in place as `ResponseError` instances (the connection stays usable),
     so a caller can treat e.g. an XADD "ID equal or smaller" as already delivered. Connection errors
     raise, and the connection is dropped rather than reused half-read.
+
+    With `deadline` (seconds) the whole batch has one timer instead of redis-py's timeout around every reply:
+    for a transaction of a few thousand commands that per-reply bookkeeping costs more than parsing them.
     """
     if isinstance(commands, bytes):
         if count is None:
@@ -122,14 +131,17 @@ async def execute_packed(
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     ok = False
+    # No per-reply timer under a deadline (math.inf), the client's socket timeout per reply otherwise.
+    per_reply: dict[str, float] = {"timeout": math.inf} if deadline is not None else {}
     try:
-        await conn.send_packed_command(payload, check_health=False)
-        replies: list[Any] = []
-        for _ in range(n):
-            try:
-                replies.append(await conn.read_response(disable_decoding=True))
-            except ResponseError as exc:
-                replies.append(exc)
+        async with asyncio.timeout(deadline):
+            await conn.send_packed_command(payload, check_health=False)
+            replies: list[Any] = []
+            for _ in range(n):
+                try:
+                    replies.append(await conn.read_response(disable_decoding=True, **per_reply))
+                except ResponseError as exc:
+                    replies.append(exc)
         ok = True
         return replies
     finally:

@@ -463,7 +463,7 @@ def writer_dead_letter(stream: bytes | str, src_id: bytes, reason: str) -> list[
     return ["stream", stream, "src_id", src_id, "reason", reason]
 
 
-class ConsumerDeadLetter(NamedTuple):
+class DeadLetterParts(NamedTuple):
     """A consumer dead letter split into the consumer's additions and the original fields."""
 
     src_id: bytes
@@ -472,7 +472,7 @@ class ConsumerDeadLetter(NamedTuple):
     truncated: str  # what the consumer's cap cut ('' = the whole entry)
 
 
-def split_dead_letter(flat: Sequence[bytes]) -> ConsumerDeadLetter:
+def split_dead_letter(flat: Sequence[bytes]) -> DeadLetterParts:
     """Split a consumer dead letter into the consumer's additions and the original fields."""
     src_id, reason, truncated = b"", "", ""
     original: list[bytes] = []
@@ -486,4 +486,4 @@ def split_dead_letter(flat: Sequence[bytes]) -> ConsumerDeadLetter:
             truncated = value.decode(errors="replace")
         elif name not in CONSUMER_DEAD_LETTER_ADDED:
             original += [name, value]
-    return ConsumerDeadLetter(src_id, reason, original, truncated)
+    return DeadLetterParts(src_id, reason, original, truncated)

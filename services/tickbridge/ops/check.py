@@ -65,7 +65,7 @@ def fetch(url: str, timeout: float) -> str:
     return body.decode("utf-8", errors="replace")
 
 
-def check(role: str, port: int, host: str = "127.0.0.1", timeout: float = 3.0) -> CheckResult:
+def check_role(role: str, port: int, host: str = "127.0.0.1", timeout: float = 3.0) -> CheckResult:
     """Fetch and judge `http://host:port/metrics` of `role`."""
     url = f"http://{host}:{port}/metrics"
     try:
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> None:
     if port is None:
         assert settings is not None
         port = settings.metrics_port_for(args.role)
-    result = check(args.role, port, args.host, args.timeout)
+    result = check_role(args.role, port, args.host, args.timeout)
     if result.healthy and settings is not None and args.heartbeat:
         beat = check_heartbeat(args.role, settings, args.timeout)
         result = CheckResult(beat.healthy, f"{result.reason}; {beat.reason}")

@@ -21,6 +21,7 @@ import orjson
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
+from tickbridge.collector.rest import depth_weight
 from tickbridge.sim import wire
 from tickbridge.sim.config import SimConfig
 from tickbridge.sim.market import SymbolMarket, TradeHistory, parse8
@@ -44,16 +45,6 @@ FAULT_ACTIONS = (
     "big_diff",
     "duplicate_depth",
 )
-
-
-def _depth_weight(limit: int) -> int:
-    if limit <= 100:
-        return 5
-    if limit <= 500:
-        return 25
-    if limit <= 1000:
-        return 50
-    return 250
 
 
 def _micro(request: web.Request) -> bool:
@@ -85,7 +76,7 @@ class Conn:
         self.caught_up = now
 
 
-class RestError(Exception):
+class BinanceErrorReply(Exception):
     def __init__(self, status: int, code: int, msg: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(msg)
         self.status, self.code, self.msg, self.headers = status, code, msg, headers or {}
@@ -821,7 +812,7 @@ class SimServer:
                 used = self._charge(peer, weight)
                 status = 200
                 resp = web.Response(body=orjson.dumps(body), content_type="application/json")
-            except RestError as exc:
+            except BinanceErrorReply as exc:
                 used = self._charge(peer, 1) if exc.status not in (418, 429) else self._used(peer)
                 status = exc.status
                 resp = web.Response(
@@ -848,7 +839,7 @@ class SimServer:
         now = time.time()
         banned = self._banned_until.get(peer, 0.0)
         if now < banned:
-            raise RestError(
+            raise BinanceErrorReply(
                 418,
                 -1003,
                 f"Way too much request weight used; IP banned until {int(banned * 1000)}. "
@@ -863,7 +854,7 @@ class SimServer:
             if count > self.config.rest_429s_before_ban:  # kept hammering after 429s: a 418 ban
                 self._banned_until[peer] = now + self.config.rest_ban_s
             retry = 60 - int(now % 60)
-            raise RestError(
+            raise BinanceErrorReply(
                 429,
                 -1003,
                 f"Too much request weight used; current limit is {limit} request weight per 1 MINUTE. "
@@ -880,10 +871,12 @@ class SimServer:
     def _symbol_param(self, request: web.Request) -> str:
         raw = request.query.get("symbol")
         if not raw:
-            raise RestError(400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.")
+            raise BinanceErrorReply(
+                400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."
+            )
         sym = raw.upper()
         if sym not in self._symbol_set:
-            raise RestError(400, -1121, "Invalid symbol.")
+            raise BinanceErrorReply(400, -1121, "Invalid symbol.")
         return sym
 
     @staticmethod
@@ -894,12 +887,12 @@ class SimServer:
         try:
             return int(raw)
         except ValueError:
-            raise RestError(400, -1100, f"Illegal characters found in parameter '{name}'.") from None
+            raise BinanceErrorReply(400, -1100, f"Illegal characters found in parameter '{name}'.") from None
 
     async def _depth(self, request: web.Request) -> tuple[Any, int]:
         limit = self._int_param(request, "limit", 100) or 100
         limit = max(1, min(limit, 5000))
-        weight = _depth_weight(limit)
+        weight = depth_weight(limit)
         self._precheck(request, weight)
         sym = self._symbol_param(request)
         stale = self._stale.get(sym)
@@ -918,7 +911,7 @@ class SimServer:
             try:
                 await asyncio.wait_for(ready.wait(), 30.0)
             except TimeoutError:
-                raise RestError(
+                raise BinanceErrorReply(
                     503, -1001, "Internal error; unable to process your request. Please try again."
                 ) from None
         return self._replay_books[sym].snapshot(limit), weight
@@ -929,7 +922,7 @@ class SimServer:
     def _trade_limit(self, request: web.Request) -> int:
         limit = self._int_param(request, "limit", 500) or 500
         if limit < 1 or limit > 1000:
-            raise RestError(400, -1130, "Invalid data sent for a parameter.")
+            raise BinanceErrorReply(400, -1130, "Invalid data sent for a parameter.")
         return limit
 
     async def _historical(self, request: web.Request) -> tuple[Any, int]:

@@ -7,7 +7,7 @@ connection dropped after EXEC was sent) exactly-once: if Redis already holds it,
 
 EXEC runs every queued command even when one fails (e.g. WRONGTYPE: someone SET the stream key to a
 string), and Redis has no rollback; the collector's ACL allows neither scripts nor WATCH to make the
-transaction conditional. So "the EXEC ran" is not "the batch is in": the writer checks every reply. A
+transaction conditional. So "the EXEC ran" is not "the batch is in": the publisher checks every reply. A
 batch is written only when every command in it succeeded; the failed ones are retried (only those: the
 XADDs that succeeded must not be repeated), with backoff, counted in `redis_errors`. A command's outcome
 is the same for every command on its key within one EXEC (a key's type cannot change inside it, and XADD
@@ -20,9 +20,7 @@ in the stream: it is put back at once, before anything else, and before each ret
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from tickbridge.collector.metrics import CollectorMetrics
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.metrics import HopCounts
-from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, pack
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed
 from tickbridge.core.tick import DepthDiff, Trade
 from tickbridge.core.wire import collector_dead_letter, encode_depth, encode_trade, encode_warm_member, now_us
 
@@ -49,44 +47,22 @@ _RETRY_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseErr
 
 
 async def execute_batch(client: aioredis.Redis, commands: list[Command], timeout: float = 10.0) -> list[Any]:
-    """`execute_packed` with one deadline for the whole batch instead of one timer per reply.
-
-    redis-py arms a timeout around every `read_response`; for a transaction of a few thousand commands
-    that timer bookkeeping costs more than parsing the replies.
-    """
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    ok = False
-    try:
-        async with asyncio.timeout(timeout):
-            await conn.send_packed_command(pack(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in range(len(commands)):
-                try:
-                    replies.append(await conn.read_response(disable_decoding=True, timeout=math.inf))
-                except ResponseError as exc:
-                    replies.append(exc)
-        ok = True
-        return replies
-    finally:
-        if not ok:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-        await pool.release(conn)
+    """`execute_packed` with one deadline for the whole batch (a transaction of thousands of commands)."""
+    return await execute_packed(client, commands, deadline=timeout)
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
+class FrameDeadLetter:
     reason: str
     detail: str
     raw: bytes
     recv_ts: int
 
 
-Item = Trade | DepthDiff | DeadLetter
+Item = Trade | DepthDiff | FrameDeadLetter
 
 
-class StreamWriter:
+class StreamPublisher:
     """Owns the bounded batch queue and the Redis write loop."""
 
     def __init__(
@@ -115,7 +91,7 @@ class StreamWriter:
         #: The last trade ID per symbol that the hash holds after the last batch that was fully written.
         self._stored: dict[str, int] = dict(last_ids or {})
         self.written = 0  # ticks appended (tests, bench)
-        #: Hop collector -> VPS stream per symbol (only configured symbols reach the writer: bounded).
+        #: Hop collector -> VPS stream per symbol (only configured symbols reach the publisher: bounded).
         self._latency: dict[str, HopCounts] = {}
 
     async def put(self, batch: list[Item]) -> None:
@@ -234,7 +210,7 @@ class StreamWriter:
         n = 0
         latency = self._latency
         for item in items:
-            if not isinstance(item, DeadLetter):
+            if not isinstance(item, FrameDeadLetter):
                 n += 1
                 child = latency.get(item.symbol)
                 if child is None:
