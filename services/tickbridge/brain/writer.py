@@ -1,8 +1,9 @@
 """`tickbridge writer`: the Brain's per-symbol streams -> QuestDB `trades` and `depth_updates`.
 
 Consumer group `tickbridge-writer` on every per-symbol stream (the configured symbols plus any found
-by SCAN). Rows are batched by what accumulated while the last flush was in flight: a read that comes
-back short (the streams are drained) flushes at once, at most WRITER_BATCH_ROWS rows per batch; each table
+by SCAN). A read that comes back short (the streams are drained) flushes what is held, unless a flush is
+in flight or started less than WRITER_FLUSH_INTERVAL_S ago (0.05 s): a trade after a quiet spell goes at
+once, a steady flow once per interval, a backlog in batches of at most WRITER_BATCH_ROWS rows; each table
 is one ILP-over-HTTP request (`transactional=True`: one request = one transaction), and the stream
 entries of a table are XACKed only after QuestDB confirmed it. A crash between flush and ack re-sends
 the rows, which the tables' `DEDUP UPSERT KEYS` absorb. When QuestDB is down or slow the batch is
@@ -159,6 +160,7 @@ class BrainWriter(Service):
         self._flushing: asyncio.Task[None] | None = None
         #: The last read returned less than it asked for from every stream: nothing more is waiting.
         self._last_short = True
+        self._last_flush_at = 0.0  # monotonic time the last flush started
         self._texts: dict[bytes, str] = {}
 
     # ---------------------------------------------------------------- lifecycle
@@ -328,20 +330,20 @@ class BrainWriter(Service):
         await self.recover_own(streams)
 
     def _due(self) -> bool:
-        """Flush when the batch is full, or when the last read came back short (the streams are drained) and
-        no flush is in flight: rows that arrive during a flush make the next batch, so a low rate gets no
-        timer delay and a high rate gets big batches by itself. WRITER_FLUSH_INTERVAL_S only bounds how long
-        rows wait while reads keep coming back full."""
+        """Flush when the batch is full, or when the last read came back short (the streams are drained), no
+        flush is in flight and the last one started WRITER_FLUSH_INTERVAL_S ago or more. Rows that arrive
+        meanwhile make the next batch: a trade after a quiet spell is flushed at once, a steady flow every
+        interval (QuestDB pays per transaction), a backlog in batches of WRITER_BATCH_ROWS."""
         rows = self._rows()
         if rows >= self.settings.writer_batch_rows:
             return True
         if not rows:
             return False
-        if self._last_short and (self._flushing is None or self._flushing.done()):
-            return True
-        return self._first_row_at is not None and (
-            time.monotonic() - self._first_row_at >= self.settings.writer_flush_interval_s
-        )
+        interval = self.settings.writer_flush_interval_s
+        now = time.monotonic()
+        if not self._last_short:  # more is waiting: keep reading, up to the interval since the first row
+            return self._first_row_at is not None and now - self._first_row_at >= interval
+        return (self._flushing is None or self._flushing.done()) and now - self._last_flush_at >= interval
 
     def _per_stream_count(self) -> int:
         return max(200, self.settings.writer_batch_rows // 8)
@@ -358,15 +360,20 @@ class BrainWriter(Service):
 
     async def read_new(self) -> int:
         """Read what the streams hold: blocking only while nothing is held. Rows held after a short read wait
-        for the flush in flight (it ends in a few ms), then the next read takes what accumulated meanwhile."""
+        for the flush in flight and for the interval since the last flush started; then the next read takes
+        what accumulated meanwhile, and the batch goes."""
         if self._rows() >= self.settings.writer_batch_rows:
             return 0
         block: int | None = 500
         if self._rows():
             block = None
-            flushing = self._flushing
-            if self._last_short and flushing is not None and not flushing.done():
-                await asyncio.wait([flushing])  # its outcome is taken by the next start_flush
+            if self._last_short:
+                flushing = self._flushing
+                if flushing is not None and not flushing.done():
+                    await asyncio.wait([flushing])  # its outcome is taken by the next start_flush
+                wait = self.settings.writer_flush_interval_s - (time.monotonic() - self._last_flush_at)
+                if wait > 0 and await self.sleep_or_stop(wait):
+                    return 0
         streams = self._readable()
         if not streams:  # every table suspended (or no stream yet): wait, without a busy loop
             await self.sleep_or_stop(0.5)
@@ -487,6 +494,7 @@ class BrainWriter(Service):
         self.batches = {t: TableBatch(t, self._new_buffer()) for t in frozen}
         self._pending_dead = []
         self._first_row_at = None
+        self._last_flush_at = time.monotonic()
         return frozen, dead
 
     def _new_buffer(self) -> Buffer:

@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     consumer_claim_idle_ms: int = Field(default=30_000, ge=1000)
     consumer_max_deliveries: int = Field(default=5, ge=1)
     writer_batch_rows: int = Field(default=10_000, ge=1)
-    writer_flush_interval_s: float = Field(default=0.5, gt=0)
+    writer_flush_interval_s: float = Field(default=0.05, gt=0)
 
     # Security (issue 7): TLS material and QuestDB credentials, from the environment only.
     redis_tls_ca: str | None = None
