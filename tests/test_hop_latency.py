@@ -100,12 +100,12 @@ async def test_every_hop_counts_every_tick_with_plausible_quantiles(
         sim.pause()
 
         async def settled() -> bool:
-            appended = collector.writer.written if collector.writer is not None else -1
+            appended = collector.publisher.written if collector.publisher is not None else -1
             return appended > 0 and consumer.handled == appended and writer.written == appended
 
         await eventually(settled, 60, interval=0.2, what="every appended tick in QuestDB")
         await eventually(settled, 5, what="still settled")  # nothing more in flight
-        n = collector.writer.written if collector.writer is not None else 0
+        n = collector.publisher.written if collector.publisher is not None else 0
         wall = time.monotonic() - started
     finally:
         await services.stop()

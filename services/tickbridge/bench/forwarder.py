@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 
+from tickbridge.core import keys
 from tickbridge.core.lifecycle import tune_gc
 from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
@@ -34,7 +35,7 @@ from tickbridge.devstack.servers import QuestDBServer, RedisServer
 from tickbridge.forwarder.loadgen import preload, trade_fields
 from tickbridge.forwarder.service import Forwarder
 
-KEY = "market:vps:stream"
+KEY = keys.DEFAULT_STREAM_KEY
 TICKS_PER_S = 1200
 VPS_RAM_BUDGET = 3_000_000_000  # RAM_BUFFER_BYTES default: 3 GB of a 4 GB VPS
 VPS_DISK_BUDGET = 40_000_000_000  # DISK_BUFFER_BYTES default: 40 GB of a 50 GB VPS

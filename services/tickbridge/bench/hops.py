@@ -96,7 +96,7 @@ def bench_consumer(settings: Settings, entries: list[tuple[bytes, list[bytes]]],
 
 def bench_writer(settings: Settings, symbols: list[str], recv: list[int], now: int) -> None:
     bw = BrainWriter(settings, CollectorRegistry())
-    streams = [f"market:binance_spot:trades:{s}".encode() for s in symbols]
+    streams = [keys.trades_key(s).encode() for s in symbols]
 
     def writer() -> None:
         batch = TableBatch(keys.TRADES_TABLE, bw._new_buffer())

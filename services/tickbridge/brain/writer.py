@@ -428,12 +428,12 @@ class BrainWriter(Service):
                 st = symbol_trade(fields)
                 try:
                     if st is not None:  # the consumer's layout: no dict (the common case)
-                        recv_ts = int(st.recv_ts)
+                        symbol, exchange, _, price, volume, side, timestamp, trade_id, recv = st
+                        recv_ts = int(recv)
                         ilp_trade(
-                            trades.buffer, exchange=texts.get(st.exchange) or text(st.exchange),
-                            symbol=texts.get(st.symbol) or text(st.symbol), side=texts.get(st.side) or text(st.side),
-                            price=float(st.price), volume=float(st.volume), trade_id=int(st.trade_id), recv_ts=recv_ts,
-                            timestamp=int(st.timestamp),
+                            trades.buffer, texts.get(exchange) or text(exchange), texts.get(symbol) or text(symbol),
+                            texts.get(side) or text(side), float(price), float(volume), int(trade_id), recv_ts,
+                            int(timestamp),
                         )  # fmt: skip
                         batch = trades
                     else:

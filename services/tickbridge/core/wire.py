@@ -286,24 +286,16 @@ def decode_symbol_entry(fields: Sequence[bytes]) -> tuple[bytes, Tick]:
     return fields[1], decode_entry(fields[2:])
 
 
-class SymbolTrade(NamedTuple):
-    """A trade of a per-symbol stream, values as stored (bytes)."""
-
-    symbol: bytes
-    exchange: bytes
-    price: bytes
-    volume: bytes
-    side: bytes
-    timestamp: bytes
-    trade_id: bytes
-    recv_ts: bytes
+#: The names of `symbol_trade`'s values, in order.
+SYMBOL_TRADE_VALUES = ("symbol", "exchange", "type", "price", "volume", "side", "timestamp", "trade_id", "recv_ts")
 
 
-def symbol_trade(fields: list[bytes]) -> SymbolTrade | None:
-    """The values of a trade in brain.lua's layout (`SYMBOL_TRADE_NAMES`), or None for anything else (a depth
-    diff, another field order: decode those by name). Checks the layout, not the values."""
+def symbol_trade(fields: list[bytes]) -> list[bytes] | None:
+    """The values of a trade in brain.lua's layout (`SYMBOL_TRADE_NAMES`), named by `SYMBOL_TRADE_VALUES`, or None
+    for anything else (a depth diff, another field order: decode those by name). Checks the layout, not the
+    values. A plain slice: the writer's hot path unpacks it."""
     if len(fields) == 20 and fields[0::2] == SYMBOL_TRADE_NAMES and fields[7] == b"TRADE":
-        return SymbolTrade(fields[3], fields[5], fields[9], fields[11], fields[13], fields[15], fields[17], fields[19])
+        return fields[3::2]
     return None
 
 
@@ -362,7 +354,6 @@ def vps_buffer_ddl(table: str = keys.VPS_BUFFER_TABLE) -> str:
 
 def ilp_trade(
     buffer: Buffer,
-    *,
     exchange: str,
     symbol: str,
     side: str,
@@ -383,7 +374,6 @@ def ilp_trade(
 
 def ilp_depth(
     buffer: Buffer,
-    *,
     exchange: str,
     symbol: str,
     first_update_id: int,

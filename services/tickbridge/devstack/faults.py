@@ -305,7 +305,7 @@ def remove_toxic(stack: NativeStack, name: str) -> None:
 def vps_buffer_rows(stack: NativeStack) -> int | None:
     """Rows in the VPS spill buffer table (None if the table does not exist yet)."""
     with contextlib.suppress(Exception):
-        return oracle.count_trades(stack.vps_questdb.url, table="vps_buffer")
+        return oracle.count_trades(stack.vps_questdb.url, table=keys.VPS_BUFFER_TABLE)
     return None
 
 

@@ -11,6 +11,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from tickbridge.core import keys
+
 
 @dataclass
 class SymbolResult:
@@ -68,12 +70,14 @@ def export_csv(questdb_url: str, sql: str) -> list[list[str]]:
     return rows[1:]  # header
 
 
-def count_trades(questdb_url: str, table: str = "trades") -> int:
+def count_trades(questdb_url: str, table: str = keys.TRADES_TABLE) -> int:
     rows = export_csv(questdb_url, f"SELECT count() FROM {table}")
     return int(rows[0][0]) if rows else 0
 
 
-def check_trades(questdb_url: str, expected: dict[str, tuple[int, int]], table: str = "trades") -> OracleReport:
+def check_trades(
+    questdb_url: str, expected: dict[str, tuple[int, int]], table: str = keys.TRADES_TABLE
+) -> OracleReport:
     """`expected`: symbol -> (first_trade_id, last_trade_id) the exchange emitted, contiguous."""
     results: list[SymbolResult] = []
     for symbol, (first, last) in sorted(expected.items()):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tickbridge.core import keys
 from tickbridge.devstack.servers import (
     REPO_ROOT,
     AlertmanagerServer,
@@ -201,7 +202,7 @@ class NativeStack:
 
     @property
     def stream_key(self) -> str:
-        return self.config.extra_env.get("STREAM_KEY", "market:vps:stream")
+        return self.config.extra_env.get("STREAM_KEY", keys.DEFAULT_STREAM_KEY)
 
     def start_redis_exporters(self) -> None:
         """One redis_exporter per Redis (compose runs one per host): Redis memory, AOF, clients, the stream."""
