@@ -3,8 +3,10 @@
 Starts the whole native stack (Redis x2 with AOF, QuestDB x2, the simulator as the exchange, collector,
 forwarder, consumer, writer), drives the simulator at RATE trades/s across the symbols for DURATION seconds
 and samples, without disturbing the run much: the rate at each hop (stream counters, QuestDB row count),
-end-to-end latency per trade (exchange time vs the Brain entry's arrival ID), QuestDB visibility, CPU% and
-RSS per process, Redis memory. Then it pauses the exchange, waits for the Brain to hold everything and runs
+end-to-end latency per trade (exchange time vs the Brain entry's arrival ID), the live path in µs per hop
+from the collector's receive time with each hop's share and the one-Redis-hop floor (`hopwatch.py`,
+after the warm-up), QuestDB visibility, CPU% and RSS per process, Redis memory. Then it pauses the
+exchange, waits for the Brain to hold everything and runs
 the oracle (loss, duplicates, order by trade ID). Writes `load-<rate>.md/.json/.png` to the results folder.
 """
 
