@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -436,3 +437,42 @@ async def test_a_stray_group_does_not_stop_the_writers_trimming(
         await writer.client.aclose()
         await writer.qdb.close()
     assert await brain.xlen(stream) < 1000, "the stray group at 0-0 held the trimming back"
+
+
+async def test_a_short_read_flushes_at_once_and_a_steady_flow_once_per_interval(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: ServiceRunner,
+) -> None:
+    """No timer delays a trade after a quiet spell: the read comes back short and the writer flushes at once.
+    A trade that follows within WRITER_FLUSH_INTERVAL_S of the last flush waits for the interval (QuestDB pays
+    per transaction). Every trade confirmed, acked and in QuestDB exactly once."""
+    interval = 5.0
+    qserver = questdb_factory()
+    qdb = QuestDBHttp(qserver.url)
+    settings = settings_for(redis_server, qserver, writer_flush_interval_s=interval, writer_batch_rows=10_000)
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(SYMBOLS)
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    writer = services.start(BrainWriter(settings, CollectorRegistry(), monitor_interval_s=3600))
+
+    async def flushed(n: int) -> float:
+        """Seconds from appending one trade until the writer confirmed `n` rows."""
+        t0 = time.monotonic()
+        await source.append(brain, STREAM, 1, live=True)
+        await eventually(lambda: _true(writer.written >= n), timeout=30, interval=0.02, what=f"trade {n} flushed")
+        return time.monotonic() - t0
+
+    try:
+        first = await flushed(1)  # nothing flushed before: at once
+        second = await flushed(2)  # right after the first flush: waits for the interval
+        await asyncio.sleep(interval)
+        third = await flushed(3)  # after a quiet spell: at once again
+        assert first < interval - 1 and third < interval - 1, (first, third)
+        assert second > interval - first - 1, (first, second)
+        await eventually(lambda: _no_backlog(brain), timeout=10, what="acked after the flush")
+        await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=30, interval=0.3, what="in QuestDB")
+        assert writer.written == 3
+    finally:
+        await qdb.close()

@@ -50,11 +50,11 @@ from tickbridge.brain.common import (
     instance_name,
     load_functions,
     parse_info_pairs,
-    parse_read_reply,
     reply_or_raise,
 )
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
+from tickbridge.core.groups import GroupMember
 from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging, tune_gc
 from tickbridge.core.metrics import HopLatency, counter, gauge, histogram, serve_metrics
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
@@ -218,6 +218,7 @@ class BrainConsumer(Service):
         self.stream = settings.stream_key
         self.group = settings.consumer_group
         self.consumer = instance_name(settings, "consumer")
+        self.member = GroupMember(self.group, self.consumer)
         self.stale_after_s = stale_after_s
         self.trim_retention_s = trim_retention_s
         self.monitor_interval_s = monitor_interval_s
@@ -295,13 +296,10 @@ class BrainConsumer(Service):
 
     async def _read(self, start: str, block: bool) -> list[GroupEntry]:
         assert self.client is not None
-        cmd: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.settings.consumer_batch]
-        if block:
-            cmd += ["BLOCK", self.block_ms]
-        cmd += ["STREAMS", self.stream, start]
-        (reply,) = await execute_packed(self.client, [cmd])
-        streams = parse_read_reply(reply_or_raise(reply))
-        return next(iter(streams.values()), [])
+        got = await self.member.read(
+            self.client, [self.stream], [start], self.settings.consumer_batch, self.block_ms if block else None
+        )
+        return next(iter(got.values()), [])
 
     async def read_new(self) -> int:
         """Read and validate one batch of new entries while the previous batch's call runs in Redis.
@@ -314,6 +312,8 @@ class BrainConsumer(Service):
         await self._finish_inflight()
         if built is not None:
             self._inflight = asyncio.create_task(self._call(built[0], len(entries), built[1], built[2], built[3]))
+            # Let the call go out before the next read: otherwise that read's round trip delays every tick.
+            await asyncio.sleep(0)
         return len(entries)
 
     async def recover_own(self) -> int:
@@ -322,13 +322,12 @@ class BrainConsumer(Service):
         After a failed ingest call the entries are retried one per call, so only an entry that keeps
         failing stays pending (and reaches the dead-letter stream after CONSUMER_MAX_DELIVERIES).
         """
+        assert self.client is not None
         total = 0
-        cursor = "0"
         failed: ResponseError | None = None
-        while not self.stopping.is_set():
-            entries = await self._read(cursor, block=False)
-            if not entries:
-                break
+        pages = self.member.own_pending(self.client, [self.stream], self.settings.consumer_batch, self.stopping)
+        async for page in pages:
+            entries = next(iter(page.values()))
             self.metrics.claimed.inc(len(entries))
             if self._isolate:
                 for entry in entries:
@@ -340,7 +339,6 @@ class BrainConsumer(Service):
             else:
                 await self.process(entries, recovered=True)
             total += len(entries)
-            cursor = entries[-1][0].decode()
         if total:
             log.info("re-handled %d own pending entries", total)
         if failed is not None:
@@ -352,26 +350,17 @@ class BrainConsumer(Service):
         """XAUTOCLAIM entries idle past CONSUMER_CLAIM_IDLE_MS (consumers that died) and handle them."""
         assert self.client is not None
         total = 0
-        cursor = "0-0"
-        for _ in range(1000):  # bounded: a huge PEL is finished on the next round
-            cmd: Command = [
-                "XAUTOCLAIM", self.stream, self.group, self.consumer, self.settings.consumer_claim_idle_ms,
-                cursor, "COUNT", self.settings.consumer_batch,
-            ]  # fmt: skip
-            (reply,) = await execute_packed(self.client, [cmd])
-            reply = reply_or_raise(reply)
-            cursor = reply[0].decode()
-            entries: list[GroupEntry] = [(e[0], e[1]) for e in reply[1]]
+        claims = self.member.claim_idle(
+            self.client, self.stream, self.settings.consumer_claim_idle_ms, self.settings.consumer_batch
+        )
+        async for entries, deleted in claims:
             if entries:
                 self.metrics.claimed.inc(len(entries))
                 await self.process(entries, recovered=True)
                 total += len(entries)
-            deleted = reply[2] if len(reply) > 2 else []
             if deleted:
-                self.metrics.entries.labels("missing").inc(len(deleted))
-                log.warning("%d pending entries were trimmed before anyone handled them", len(deleted))
-            if cursor == "0-0":
-                break
+                self.metrics.entries.labels("missing").inc(deleted)
+                log.warning("%d pending entries were trimmed before anyone handled them", deleted)
         if total:
             log.info("claimed %d idle entries", total)
         return total

@@ -1,7 +1,9 @@
 """`tickbridge writer`: the Brain's per-symbol streams -> QuestDB `trades` and `depth_updates`.
 
 Consumer group `tickbridge-writer` on every per-symbol stream (the configured symbols plus any found
-by SCAN). Rows are batched by size (WRITER_BATCH_ROWS) and time (WRITER_FLUSH_INTERVAL_S); each table
+by SCAN). A read that comes back short (the streams are drained) flushes what is held, unless a flush is
+in flight or started less than WRITER_FLUSH_INTERVAL_S ago (0.5 s by default): a trade after a quiet spell goes at
+once, a steady flow once per interval, a backlog in batches of at most WRITER_BATCH_ROWS rows; each table
 is one ILP-over-HTTP request (`transactional=True`: one request = one transaction), and the stream
 entries of a table are XACKed only after QuestDB confirmed it. A crash between flush and ack re-sends
 the rows, which the tables' `DEDUP UPSERT KEYS` absorb. When QuestDB is down or slow the batch is
@@ -30,9 +32,10 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from questdb.ingress import Buffer, IngressError, Sender
 from redis.exceptions import ResponseError
 
-from tickbridge.brain.common import group_floor, instance_name, parse_info_pairs, parse_read_reply, reply_or_raise
+from tickbridge.brain.common import group_floor, instance_name, parse_info_pairs
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
+from tickbridge.core.groups import GroupMember
 from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging, tune_gc
 from tickbridge.core.metrics import HopCounts, HopLatency, counter, gauge, histogram, serve_metrics
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
@@ -127,6 +130,7 @@ class BrainWriter(Service):
         self.metrics = WriterMetrics(registry)
         self.consumer = instance_name(settings, "writer")
         self.group = keys.WRITER_GROUP
+        self.member = GroupMember(self.group, self.consumer)
         self.retry_timeout_ms = retry_timeout_ms
         self.monitor_interval_s = monitor_interval_s
         self.discover_interval_s = discover_interval_s
@@ -155,6 +159,9 @@ class BrainWriter(Service):
         self._skipped: dict[str, None] = {}
         self._pending_dead: list[tuple[bytes, bytes, str]] = []
         self._flushing: asyncio.Task[None] | None = None
+        #: The last read returned less than it asked for from every stream: nothing more is waiting.
+        self._last_short = True
+        self._last_flush_at = 0.0  # monotonic time the last flush started
         self._texts: dict[bytes, str] = {}
 
     # ---------------------------------------------------------------- lifecycle
@@ -324,14 +331,20 @@ class BrainWriter(Service):
         await self.recover_own(streams)
 
     def _due(self) -> bool:
+        """Flush when the batch is full, or when the last read came back short (the streams are drained), no
+        flush is in flight and the last one started WRITER_FLUSH_INTERVAL_S ago or more. Rows that arrive
+        meanwhile make the next batch: a trade after a quiet spell is flushed at once, a steady flow every
+        interval (QuestDB pays per transaction), a backlog in batches of WRITER_BATCH_ROWS."""
         rows = self._rows()
         if rows >= self.settings.writer_batch_rows:
             return True
-        return (
-            rows > 0
-            and self._first_row_at is not None
-            and (time.monotonic() - self._first_row_at >= self.settings.writer_flush_interval_s)
-        )
+        if not rows:
+            return False
+        interval = self.settings.writer_flush_interval_s
+        now = time.monotonic()
+        if not self._last_short:  # more is waiting: keep reading, up to the interval since the first row
+            return self._first_row_at is not None and now - self._first_row_at >= interval
+        return (self._flushing is None or self._flushing.done()) and now - self._last_flush_at >= interval
 
     def _per_stream_count(self) -> int:
         return max(200, self.settings.writer_batch_rows // 8)
@@ -344,44 +357,40 @@ class BrainWriter(Service):
 
     async def _read(self, streams: list[str], starts: list[str], block_ms: int | None) -> dict[bytes, list[Any]]:
         assert self.client is not None
-        cmd: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self._per_stream_count()]
-        if block_ms is not None:
-            cmd += ["BLOCK", block_ms]
-        cmd += ["STREAMS", *streams, *starts]
-        (reply,) = await execute_packed(self.client, [cmd])
-        return parse_read_reply(reply_or_raise(reply))
+        return await self.member.read(self.client, streams, starts, self._per_stream_count(), block_ms)
 
     async def read_new(self) -> int:
+        """Read what the streams hold: blocking only while nothing is held. Rows held after a short read wait
+        for the flush in flight and for the interval since the last flush started; then the next read takes
+        what accumulated meanwhile, and the batch goes."""
         if self._rows() >= self.settings.writer_batch_rows:
             return 0
-        if self._first_row_at is None:
-            block = 500
-        else:
-            left = self.settings.writer_flush_interval_s - (time.monotonic() - self._first_row_at)
-            block = max(1, int(left * 1000))
+        block: int | None = 500
+        if self._rows():
+            block = None
+            if self._last_short:
+                flushing = self._flushing
+                if flushing is not None and not flushing.done():
+                    await asyncio.wait([flushing])  # its outcome is taken by the next start_flush
+                wait = self.settings.writer_flush_interval_s - (time.monotonic() - self._last_flush_at)
+                if wait > 0 and await self.sleep_or_stop(wait):
+                    return 0
         streams = self._readable()
         if not streams:  # every table suspended (or no stream yet): wait, without a busy loop
-            await self.sleep_or_stop(min(block, 500) / 1000)
+            await self.sleep_or_stop(0.5)
             return 0
-        got = await self._read(streams, [">"] * len(streams), min(block, 500))
+        got = await self._read(streams, [">"] * len(streams), block)
+        count = self._per_stream_count()
+        self._last_short = all(len(entries) < count for entries in got.values())
         return self._add(got)
 
     async def recover_own(self, streams: list[str] | None = None) -> int:
         """Re-read our own pending entries (delivered before a crash or a failed flush), of `streams` or all."""
+        assert self.client is not None
         streams = list(self._readable() if streams is None else streams)
-        cursors = {s: "0" for s in streams}
         total = 0
-        while streams and not self.stopping.is_set():
-            starts = [cursors[s] for s in streams]
-            got = await self._read(streams, starts, None)
-            n = 0
-            for stream, entries in got.items():
-                if entries:
-                    cursors[stream.decode()] = entries[-1][0].decode()
-                    n += len(entries)
-            if n == 0:
-                break
-            total += self._add(got)
+        async for page in self.member.own_pending(self.client, streams, self._per_stream_count(), self.stopping):
+            total += self._add(page)
             if self._rows() >= self.settings.writer_batch_rows:
                 await self.flush_all()
         if total:
@@ -393,22 +402,15 @@ class BrainWriter(Service):
         assert self.client is not None
         total = 0
         for stream in self._readable():
-            cursor = "0-0"
-            for _ in range(100):
-                cmd: Command = [
-                    "XAUTOCLAIM", stream, self.group, self.consumer, self.settings.consumer_claim_idle_ms, cursor,
-                    "COUNT", self._per_stream_count(),
-                ]  # fmt: skip
-                (reply,) = await execute_packed(self.client, [cmd])
-                reply = reply_or_raise(reply)
-                cursor = reply[0].decode()
-                entries = [e for e in reply[1] if e[1] is not None]
+            claims = self.member.claim_idle(
+                self.client, stream, self.settings.consumer_claim_idle_ms, self._per_stream_count(), max_rounds=100
+            )
+            async for page, _deleted in claims:
+                entries = [e for e in page if e[1] is not None]
                 if entries:
                     total += self._add({stream.encode(): entries})
                     if self._rows() >= self.settings.writer_batch_rows:
                         await self.flush_all()
-                if cursor == "0-0":
-                    break
         if total:
             log.info("claimed %d idle entries", total)
         return total
@@ -493,6 +495,7 @@ class BrainWriter(Service):
         self.batches = {t: TableBatch(t, self._new_buffer()) for t in frozen}
         self._pending_dead = []
         self._first_row_at = None
+        self._last_flush_at = time.monotonic()
         return frozen, dead
 
     def _new_buffer(self) -> Buffer:

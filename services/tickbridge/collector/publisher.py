@@ -74,7 +74,7 @@ class StreamPublisher:
         warm_window_s: float = 300.0,
         max_batches: int = 64,
         max_batch_items: int = 5000,
-        linger_s: float = 0.005,
+        linger_s: float = 0.0,
         last_ids: dict[str, int] | None = None,
     ) -> None:
         self.client = client
@@ -112,7 +112,7 @@ class StreamPublisher:
                 break
             items = list(first)
             if len(items) < self.max_batch_items and self.queue.empty() and self.linger_s:
-                await asyncio.sleep(self.linger_s)  # a few ms of latency for far fewer round trips at low rates
+                await asyncio.sleep(self.linger_s)  # off by default: the batch is what came in during the last write
             while len(items) < self.max_batch_items and not self.queue.empty():
                 more = self.queue.get_nowait()
                 if more is None:

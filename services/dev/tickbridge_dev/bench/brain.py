@@ -159,7 +159,6 @@ async def catch_up(
         "METRICS_PORT": "0",
         "CONSUMER_BATCH": str(consumer_batch),
         "WRITER_BATCH_ROWS": str(writer_batch),
-        "WRITER_FLUSH_INTERVAL_S": "0.5",
         "LOG_LEVEL": "WARNING",
     }
     # The roles start on an empty stream and are paused (SIGSTOP) once ready, the backlog is filled,

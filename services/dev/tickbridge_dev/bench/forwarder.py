@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 
 from tickbridge.core import keys
@@ -64,8 +66,17 @@ async def _wait(check: object, timeout: float, poll: float = 0.02) -> float:
         await asyncio.sleep(poll)
 
 
-async def redis_drain(workdir: Path, qdb: QuestDBServer, n: int) -> tuple[float, float]:
-    """(ticks/s, bytes per tick in Redis)."""
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far."""
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
+async def redis_drain(workdir: Path, qdb: QuestDBServer, n: int) -> tuple[float, float, dict[str, float]]:
+    """(ticks/s, bytes per tick in Redis, core-µs per tick by process over the drain)."""
     vps = RedisServer(workdir=workdir / "vps1").start()
     brain = RedisServer(workdir=workdir / "brain1").start()
     assert isinstance(vps, RedisServer) and isinstance(brain, RedisServer)
@@ -83,13 +94,17 @@ async def redis_drain(workdir: Path, qdb: QuestDBServer, n: int) -> tuple[float,
         async def done() -> bool:
             return int(await brain_c.xlen(KEY)) >= n
 
+        procs = {"forwarder (this process)": [os.getpid()], "VPS redis-server": [vps.pid],
+                 "Brain redis-server": [brain.pid]}  # fmt: skip
+        cpu0 = {name: _cpu_s(pids) for name, pids in procs.items()}
         t0 = await _wait(first, 60, poll=0.001)
         t1 = await _wait(done, 600)
+        cpu = {name: (_cpu_s(pids) - cpu0[name]) * 1e6 / n for name, pids in procs.items()}
         fw.request_stop()
         await task
         await vps_c.aclose()
         await brain_c.aclose()
-        return n / (t1 - t0), bytes_per_tick
+        return n / (t1 - t0), bytes_per_tick, cpu
     finally:
         vps.stop()
         brain.stop()
@@ -158,8 +173,11 @@ async def run(n: int) -> None:
         ceiling = redis_benchmark_xadd(ceiling_srv.port)
         ceiling_srv.stop()
         print(f"redis-benchmark XADD -P 128, 1 connection (ceiling): {ceiling:,.0f} ops/s")
-        rate_r, bpt_r = await redis_drain(workdir, qdb, n)
+        rate_r, bpt_r, cpu_r = await redis_drain(workdir, qdb, n)
         print(f"drain from Redis:   {rate_r:,.0f} ticks/s  ({rate_r / ceiling:.2f} x ceiling; aim 100,000)")
+        print(f"  CPU per tick: {sum(cpu_r.values()):.2f} core-µs ("
+              + ", ".join(f"{name} {us:.2f}" for name, us in cpu_r.items()) + "; the forwarder's includes the "
+              "bench's own polling)")  # fmt: skip
         rate_q, spill, bpt_q = await questdb_drain(workdir, qdb, n)
         print(f"drain from QuestDB: {rate_q:,.0f} ticks/s  ({rate_q / ceiling:.2f} x ceiling; aim 50,000)")
         print(f"spill Redis->QuestDB: {spill:,.0f} ticks/s")

@@ -3,8 +3,10 @@
 Starts the whole native stack (Redis x2 with AOF, QuestDB x2, the simulator as the exchange, collector,
 forwarder, consumer, writer), drives the simulator at RATE trades/s across the symbols for DURATION seconds
 and samples, without disturbing the run much: the rate at each hop (stream counters, QuestDB row count),
-end-to-end latency per trade (exchange time vs the Brain entry's arrival ID), QuestDB visibility, CPU% and
-RSS per process, Redis memory. Then it pauses the exchange, waits for the Brain to hold everything and runs
+end-to-end latency per trade (exchange time vs the Brain entry's arrival ID), the live path in µs per hop
+from the collector's receive time with each hop's share and the one-Redis-hop floor (`hopwatch.py`,
+after the warm-up), QuestDB visibility, CPU% and RSS per process, Redis memory. Then it pauses the
+exchange, waits for the Brain to hold everything and runs
 the oracle (loss, duplicates, order by trade ID). Writes `load-<rate>.md/.json/.png` to the results folder.
 """
 
@@ -31,6 +33,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from tickbridge.core.settings import DEFAULT_SYMBOLS
 from tickbridge_dev.devstack import oracle, report
 from tickbridge_dev.devstack.faults import LatencySample, Probe, scrape_metrics, sim_trades_total, start_load
+from tickbridge_dev.devstack.hopwatch import HOPS as WATCHED_HOPS
+from tickbridge_dev.devstack.hopwatch import HopWatch
 from tickbridge_dev.devstack.servers import stop_on_signals
 from tickbridge_dev.devstack.stack import NativeStack, StackConfig
 
@@ -176,6 +180,8 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
     next_full = t0
     prev_counts: dict[str, Any] | None = None
     prev_t = t0
+    watch: HopWatch | None = None
+    warm_at = min(opts.warmup, opts.duration / 4)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=not opts.progress)  # fmt: skip
     with progress:
@@ -185,6 +191,10 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
             elapsed = now - t0
             if elapsed >= opts.duration:
                 break
+            if watch is None and elapsed >= warm_at:
+                # µs per hop from here to the end of the load window (after the warm-up, like every figure).
+                watch = HopWatch(stack.vps_redis.url, stack.brain_redis.url, list(probe.symbols),
+                                 stack.workdir / "hopwatch")  # fmt: skip
             new = probe.latency_samples()
             samples += new
             if now >= next_full:
@@ -220,6 +230,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
             time.sleep(max(0.0, min(opts.sample_interval, next_full - time.monotonic())))
         progress.update(task, completed=opts.duration)
     end_elapsed = time.monotonic() - t0
+    hop_samples = watch.stop() if watch is not None else {}
 
     # Drain: stop the exchange, wait for the Brain to hold everything, run the oracle.
     t_pause = time.monotonic()
@@ -275,6 +286,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
         "warmup_s": warm,
         "rates": rates,
         "latency_ms": latency,
+        "hops_us": hop_table(hop_samples),
         "processes": processes,
         "system_cpu": {
             "mean": _mean(res.sys_cpu),
@@ -309,6 +321,22 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
         "timeline": timeline,
         "workdir": str(stack.workdir),
     }
+
+
+def hop_table(samples: dict[str, list[int]]) -> dict[str, Any]:
+    """Percentiles (µs) of "collector receive -> visible to a reader" at each hop, each hop's share of the p50
+    and p99 (the difference to the hop before it), and the one-hop floor measured beside them."""
+    out: dict[str, Any] = {}
+    prev: dict[str, float] = {"p50": 0.0, "p99": 0.0}
+    for name, _label in WATCHED_HOPS:
+        stats = report.percentiles(samples.get(name, []))
+        for q in ("p50", "p99"):
+            share = stats[q] - prev[q]
+            stats[f"share_{q}"] = share if math.isnan(share) else int(share)
+        out[name] = stats
+        prev = stats
+    out["floor"] = report.percentiles(samples.get("floor", []))
+    return out
 
 
 def _mean(values: list[float]) -> float | None:

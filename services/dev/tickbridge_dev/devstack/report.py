@@ -195,6 +195,30 @@ def _role_metric_lines(role_metrics: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def _hop_lines(hops: dict[str, Any]) -> list[str]:
+    """The µs table of every live hop (devstack/hopwatch.py), with each hop's share and the floor."""
+    if not hops:
+        return []
+    from tickbridge_dev.devstack.hopwatch import HOPS  # the harness's own list; report stays importable alone
+
+    rows = []
+    for name, label in HOPS:
+        s = hops.get(name) or {}
+        rows.append([label, s.get("p50"), s.get("p95"), s.get("p99"), s.get("share_p50"), s.get("share_p99"),
+                     int(s.get("n") or 0)])  # fmt: skip
+    floor = hops.get("floor") or {}
+    rows.append(["floor: one Redis hop to a Python reader, same Brain Redis, same load", floor.get("p50"),
+                 floor.get("p95"), floor.get("p99"), None, None, int(floor.get("n") or 0)])  # fmt: skip
+    return [
+        "\n## Live path per hop (µs, from the collector's receive time `recv_ts`)\n",
+        md_table(["visible to a reader of", "p50", "p95", "p99", "hop share p50", "hop share p99", "samples"], rows),
+        "\nMethod (`devstack/hopwatch.py`): one follower process per hop blocks in `XREAD ... $` and stamps the "
+        "first entry that wakes it against its `recv_ts` (µs, same host clock), then paces 2 ms; a hop's share is "
+        "the difference to the hop before. The floor: a pinger XADDs its own µs time every 2 ms to a key on the "
+        "Brain Redis and a follower reads it the same way.\n",
+    ]
+
+
 def load_markdown(doc: dict[str, Any]) -> str:
     """The human report of one load run."""
     target = doc["rate_target"]
@@ -234,6 +258,7 @@ def load_markdown(doc: dict[str, Any]) -> str:
         "once per second as `now - max(timestamp)` of `trades` (an upper bound that includes the poll interval "
         "and the writer's flush interval).\n"
     )
+    lines += _hop_lines(doc.get("hops_us") or {})
     lines.append("## Processes (CPU % of one core, RSS)\n")
     rows = [[name, p.get("cpu_mean"), p.get("cpu_max"), p.get("runqueue_wait_mean"), p.get("rss_max_mb")]
             for name, p in doc["processes"].items()]  # fmt: skip

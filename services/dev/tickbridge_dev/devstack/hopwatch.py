@@ -1,0 +1,187 @@
+"""Microsecond latency of every live hop, and the floor, for `make load-test` (issue 20).
+
+Each follower is its own small process, so no two wake-ups share an event loop or a GIL:
+
+- `follow`: blocks in `XREAD ... BLOCK ... STREAMS <keys> $ ...` and, when an entry arrives, stamps the wall clock
+  in µs against the entry's `recv_ts` (the collector's receive time, µs). Then it waits `--pace-ms` and blocks
+  again from `$`, so the entries it samples arrived while it was already waiting: their figure is "collector
+  receive -> visible to a reader of that stream", what a trading reader would see, whatever the rate, at a
+  bounded cost (at most 1,000 / pace-ms wake-ups a second).
+- `ping` + `follow --field t`: the floor. One process XADDs `t=<now µs>` every `--interval-ms` to a key of its
+  own on the same Redis under the same load, another follows it. That is one Redis hop to a Python reader:
+  what the relay cannot beat on this machine at this moment, so a reader can tell the relay from the machine.
+
+The load test runs one follower per hop (VPS stream, Brain stream, the Brain per-symbol trade streams) and the
+floor pair, stops them with SIGTERM after the load window, and reads the samples each wrote as JSON
+(`{"stream": ..., "us": [...]}`). The share of a hop is the difference between the medians of consecutive hops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tickbridge.core import keys
+
+#: The key the floor pinger writes (never read by the roles; capped).
+FLOOR_KEY = "tickbridge:hopwatch:floor"
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.stop = False
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, *_: Any) -> None:
+        self.stop = True
+
+
+def _field(fields: list[bytes] | dict[bytes, bytes], name: bytes) -> bytes | None:
+    """Field `name` of an entry (redis-py answers a dict, a raw reply a flat list)."""
+    if isinstance(fields, dict):
+        return fields.get(name)
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == name:
+            return fields[i + 1]
+    return None
+
+
+def _stamp(fields: list[bytes] | dict[bytes, bytes], name: bytes) -> int | None:
+    """The integer value of field `name`, or None."""
+    value = _field(fields, name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def follow(url: str, streams: list[str], field: str, out: Path, pace_ms: float, only_type: str | None) -> None:
+    """Sample "`field` -> visible to a reader" in µs until SIGTERM, then write the samples to `out`."""
+    stopper = _Stop()
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    name, kind = field.encode(), only_type.encode() if only_type else None
+    samples: list[int] = []
+    args: list[Any] = ["XREAD", "COUNT", 1, "BLOCK", 500, "STREAMS", *streams, *(["$"] * len(streams))]
+    while not stopper.stop:
+        try:
+            reply = client.execute_command(*args)  # type: ignore[no-untyped-call]
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(0.1)
+            continue
+        arrived = time.time_ns() // 1000
+        if not reply:
+            continue
+        pairs = reply.items() if isinstance(reply, dict) else reply
+        for _stream, entries in pairs:
+            for _id, fields in entries[:1]:
+                if kind is not None and _field(fields, b"type") != kind:
+                    continue
+                sent = _stamp(fields, name)
+                if sent is not None:
+                    samples.append(arrived - sent)
+            break  # one sample per wake-up: the first stream that answered
+        if pace_ms:
+            time.sleep(pace_ms / 1000)
+    out.write_text(json.dumps({"streams": streams, "field": field, "us": samples}))
+
+
+def ping(url: str, key: str, interval_ms: float) -> None:
+    """XADD `t=<now µs>` to `key` every `interval_ms` until SIGTERM (capped at 10,000 entries)."""
+    stopper = _Stop()
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    while not stopper.stop:
+        try:
+            client.execute_command(  # type: ignore[no-untyped-call]
+                "XADD", key, "MAXLEN", "~", 10_000, "*", "t", time.time_ns() // 1000
+            )
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(0.1)
+        time.sleep(interval_ms / 1000)
+    client.delete(key)
+
+
+#: The hops in path order: (name, label). `floor` is not on the path: it is the machine's one-hop floor.
+HOPS = (
+    ("vps_stream", "collector receive → VPS stream `market:vps:stream` (collector)"),
+    ("brain_stream", "→ Brain stream `market:vps:stream` (forwarder)"),
+    ("symbol_stream", "→ Brain per-symbol trade stream (consumer)"),
+)
+
+
+class HopWatch:
+    """The followers and the floor pinger of one load run, as child processes of the harness."""
+
+    def __init__(self, vps_url: str, brain_url: str, symbols: list[str], workdir: Path, pace_ms: float = 2.0) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        me = [sys.executable, "-m", "tickbridge_dev.devstack.hopwatch"]
+        stream = keys.DEFAULT_STREAM_KEY
+        per_symbol = ",".join(keys.trades_key(s) for s in symbols)
+        self.outs = {name: workdir / f"{name}.json" for name in ("vps_stream", "brain_stream", "symbol_stream",
+                                                                   "floor")}  # fmt: skip
+        specs = {
+            "vps_stream": [*me, "follow", "--url", vps_url, "--streams", stream],
+            "brain_stream": [*me, "follow", "--url", brain_url, "--streams", stream],
+            "symbol_stream": [*me, "follow", "--url", brain_url, "--streams", per_symbol],
+            "floor": [*me, "follow", "--url", brain_url, "--streams", FLOOR_KEY, "--field", "t", "--type", ""],
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for name, cmd in specs.items():
+            cmd += ["--out", str(self.outs[name]), "--pace-ms", str(pace_ms)]
+            self.procs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        self.procs["ping"] = subprocess.Popen([*me, "ping", "--url", brain_url, "--interval-ms", str(pace_ms)])
+
+    def stop(self) -> dict[str, list[int]]:
+        """Stop every process and return the samples (µs) per hop name and `floor`."""
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        out: dict[str, list[int]] = {}
+        for name, path in self.outs.items():
+            try:
+                out[name] = json.loads(path.read_text())["us"]
+            except (OSError, ValueError, KeyError):
+                out[name] = []
+        return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tickbridge_dev.devstack.hopwatch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("follow", help="sample field -> visible to a reader, in µs")
+    f.add_argument("--url", required=True)
+    f.add_argument("--streams", required=True, help="comma-separated stream keys")
+    f.add_argument("--field", default="recv_ts")
+    f.add_argument("--type", dest="only_type", default="TRADE", help="only entries of this `type` ('' = any)")
+    f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--pace-ms", type=float, default=2.0)
+    g = sub.add_parser("ping", help="the floor's writer")
+    g.add_argument("--url", required=True)
+    g.add_argument("--key", default=FLOOR_KEY)
+    g.add_argument("--interval-ms", type=float, default=2.0)
+    args = p.parse_args(argv)
+    if args.cmd == "follow":
+        follow(args.url, args.streams.split(","), args.field, args.out, args.pace_ms, args.only_type or None)
+    else:
+        ping(args.url, args.key, args.interval_ms)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
