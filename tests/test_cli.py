@@ -118,7 +118,8 @@ def test_every_setting_names_existing_commands() -> None:
 
 
 def _command_sources(command: str) -> list[Path]:
-    """The files of a command's own code: its module, or its whole package when the module is `<pkg>.main`."""
+    """The files of a command's own code: its module and the layers split off it (`writer_*.py` beside
+    `writer.py`), or its whole package when the module is `<pkg>.main`."""
     if command in cli.PLUGIN_COMMANDS:  # a development command: its module is the entry point's
         module = cli.plugin(command)
         assert module is not None and module.__file__ is not None
@@ -127,7 +128,9 @@ def _command_sources(command: str) -> list[Path]:
         spec = importlib.util.find_spec(cli.COMMANDS[command].module)
         assert spec is not None and spec.origin is not None
         origin = Path(spec.origin)
-    return sorted(origin.parent.glob("*.py")) if origin.stem == "main" else [origin]
+    if origin.stem == "main":
+        return sorted(origin.parent.glob("*.py"))
+    return [origin, *sorted(origin.parent.glob(f"{origin.stem}_*.py"))]
 
 
 def _settings_attributes(path: Path) -> set[str]:

@@ -387,7 +387,11 @@ ROLE_SOURCES = {
     "collector": ["collector"],
     "forwarder": ["forwarder"],
     "consumer": ["brain/consumer.py", "brain/common.py"],
-    "writer": ["brain/writer.py", "brain/common.py"],
+    "writer": [
+        "brain/writer.py",
+        *(f"brain/writer_{part}.py" for part in ("base", "streams", "rows", "flushing", "monitor")),
+        "brain/common.py",
+    ],
 }
 
 

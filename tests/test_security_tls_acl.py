@@ -403,7 +403,7 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
          ["DEL", TRADES], ["FUNCTION", "DELETE", "tbsec"], ["HSET", FWD_STATE, "a", 1],
          ["XDEL", STREAM, "1-1"], ["XADD", WARM, "*", "a", 1]],
     ),
-    ("brain", "writer"): (  # brain/writer.py, and as this user `tickbridge check writer --heartbeat` (compose)
+    ("brain", "writer"): (  # brain/writer*.py, and as this user `tickbridge check writer --heartbeat` (compose)
         [["XGROUP", "CREATE", TRADES, WGROUP, "0", "MKSTREAM"],
          ["XREADGROUP", "GROUP", WGROUP, "w1", "COUNT", 10, "STREAMS", TRADES, ">"],
          ["XACK", TRADES, WGROUP, "1-1"], ["XPENDING", TRADES, WGROUP],

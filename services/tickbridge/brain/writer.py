@@ -21,148 +21,35 @@ import argparse
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import orjson
-import redis.asyncio as aioredis
-from prometheus_client import REGISTRY, CollectorRegistry
-from questdb.ingress import Buffer, IngressError, Sender
 from redis.exceptions import ResponseError
 
-from tickbridge.brain.common import group_floor, instance_name, parse_info_pairs
-from tickbridge.core import keys
+from tickbridge.brain.writer_base import MONITOR_ERRORS, OUTAGE_ERRORS, TableBatch, WriterMetrics
+from tickbridge.brain.writer_monitor import WriterMonitor
+from tickbridge.brain.writer_rows import table_of
 from tickbridge.core.backoff import Backoff
-from tickbridge.core.groups import GroupMember
-from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging, tune_gc
-from tickbridge.core.metrics import HopCounts, HopLatency, counter, gauge, histogram, serve_metrics
-from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp, ilp_conf
-from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
-from tickbridge.core.settings import Settings, load_settings
-from tickbridge.core.wire import DEPTH_DDL, TRADES_DDL, ilp_depth, ilp_trade, now_us, symbol_trade, writer_dead_letter
+from tickbridge.core.lifecycle import run_service, setup_logging, tune_gc
+from tickbridge.core.metrics import serve_metrics
+from tickbridge.core.questdb_io import QuestDBError
+from tickbridge.core.redis_io import make_client
+from tickbridge.core.settings import load_settings
 
 log = logging.getLogger(__name__)
 
-#: Redis or QuestDB unavailable: keep the batch and retry.
+__all__ = [
+    "MONITOR_ERRORS",
+    "OUTAGE_ERRORS",
+    "BrainWriter",
+    "TableBatch",
+    "WriterMetrics",
+    "run_command",
+    "table_of",
+]
 
 
-OUTAGE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, QuestDBError, IngressError)
-MONITOR_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError, QuestDBError)
-
-_EMPTY_LEVELS = np.empty((0, 2), dtype=np.float64)
-
-
-class WriterMetrics:
-    """Prometheus metrics of the writer."""
-
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.rows = counter("writer_rows_total", "Rows confirmed by QuestDB, by table", ("table",), registry=registry)
-        self.batch_rows = histogram(
-            "writer_batch_rows",
-            "Rows per flushed batch",
-            buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000),
-            registry=registry,
-        )
-        self.latency = histogram("writer_write_seconds", "ILP flush latency by table", ("table",), registry=registry)
-        self.errors = counter("writer_errors_total", "Errors by kind", ("kind",), registry=registry)
-        # Exported at 0 so dashboards show "none yet".
-        for kind in ("redis_response", "questdb_flush", "wrong_type", "suspended"):
-            self.errors.labels(kind)
-        self.backlog = gauge(
-            "writer_backlog_entries", "Entries in per-symbol streams not yet in QuestDB", registry=registry
-        )
-        self.buffered = gauge("writer_buffered_rows", "Rows held in memory awaiting a flush", registry=registry)
-        self.skipped_keys = gauge(
-            "writer_skipped_keys", "Per-symbol keys left out because they are not streams", registry=registry
-        )
-        self.suspended = gauge("writer_suspended_tables", "QuestDB WAL tables that are suspended", registry=registry)
-        self.last_flush = gauge(
-            "writer_last_flush_timestamp_seconds", "Unix time of the last confirmed flush", registry=registry
-        )
-        self.dead_letters = counter(
-            "writer_dead_letters_total", "Entries that could not become rows", registry=registry
-        )
-        self.questdb_latency = HopLatency(
-            "writer_questdb_latency_seconds",
-            "Hop collector -> QuestDB: QuestDB confirmed the ILP transaction (not yet applied: WAL) minus the "
-            "collector's recv_ts, per row (clocks of the Brain and the VPS, NTP assumed; negatives count as 0)",
-            registry=registry,
-        )
-
-
-@dataclass
-class TableBatch:
-    """Rows of one table and the stream entries they came from (acked together after the flush)."""
-
-    table: str
-    buffer: Buffer
-    rows: int = 0
-    ids: dict[bytes, list[bytes]] = field(default_factory=dict)
-    recv: dict[bytes, list[int]] = field(default_factory=dict)  # recv_ts per stream, for the hop latency
-
-    def clear(self) -> None:
-        self.buffer.clear()
-        self.rows = 0
-        self.ids = {}
-        self.recv = {}
-
-
-class BrainWriter(Service):
+class BrainWriter(WriterMonitor):
     """Writes the per-symbol streams to QuestDB, exactly once with DEDUP."""
-
-    name = "writer"
-
-    def __init__(
-        self,
-        settings: Settings,
-        registry: CollectorRegistry = REGISTRY,
-        *,
-        retry_timeout_ms: int = 5_000,
-        monitor_interval_s: float = 2.0,
-        discover_interval_s: float = 10.0,
-    ) -> None:
-        super().__init__()
-        self.settings = settings
-        self._symbols = frozenset(settings.symbols)
-        self._latency: dict[bytes, HopCounts | None] = {}
-        self.metrics = WriterMetrics(registry)
-        self.consumer = instance_name(settings, "writer")
-        self.group = keys.WRITER_GROUP
-        self.member = GroupMember(self.group, self.consumer)
-        self.retry_timeout_ms = retry_timeout_ms
-        self.monitor_interval_s = monitor_interval_s
-        self.discover_interval_s = discover_interval_s
-        self.streams: list[str] = []
-        for sym in settings.symbols:
-            self.streams += [keys.trades_key(sym), keys.depth_key(sym)]
-        self.client: aioredis.Redis | None = None
-        self.qdb = QuestDBHttp(settings.brain_questdb_url, settings)
-        self.sender: Sender | None = None
-        self.batches: dict[str, TableBatch] = {}
-        self.watchdog = Watchdog(default_limit=300.0)
-        self.written = 0
-        #: WAL tables QuestDB reported suspended at the last check: nothing is flushed to them meanwhile.
-        self.suspended_tables: set[str] = set()
-        #: Tables whose rows were set aside because they were suspended: their streams are not read (the
-        #: entries wait in Redis, pending or unread) until the table applies again, while the other table
-        #: keeps flowing. A suspended `depth_updates` must not hold the trades back.
-        self.held: set[str] = set()
-        self._first_row_at: float | None = None
-        self._need_recover = True
-        self._last_claim = 0.0
-        self._last_discover = 0.0
-        self._grouped: set[str] = set()
-        #: Per-symbol keys that hold something other than a stream: left out of every read (one bad key
-        #: must not stop the other symbols) and looked at again at each discovery.
-        self._skipped: dict[str, None] = {}
-        self._pending_dead: list[tuple[bytes, bytes, str]] = []
-        self._flushing: asyncio.Task[None] | None = None
-        #: The last read returned less than it asked for from every stream: nothing more is waiting.
-        self._last_short = True
-        self._last_flush_at = 0.0  # monotonic time the last flush started
-        self._texts: dict[bytes, str] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -180,76 +67,6 @@ class BrainWriter(Service):
             await self.client.aclose()
             await self.qdb.close()
             log.info("writer %s stopped after %d rows", self.consumer, self.written)
-
-    def _new_sender(self) -> Sender:
-        conf = ilp_conf(self.settings.brain_questdb_url, self.settings, retry_timeout_ms=self.retry_timeout_ms)
-        sender = Sender.from_conf(conf)
-        sender.establish()
-        return sender
-
-    async def _setup_questdb(self) -> None:
-        await self.qdb.exec(TRADES_DDL)
-        await self.qdb.exec(DEPTH_DDL)
-        # Known before the first flush: a writer (re)started while a table is suspended must not hand it rows.
-        self.suspended_tables = set(await self.qdb.suspended_tables())
-        if self.suspended_tables:
-            log.error("QuestDB WAL tables suspended at start: %s", ", ".join(sorted(self.suspended_tables)))
-        if self.sender is None:
-            self.sender = await asyncio.to_thread(self._new_sender)
-        sender: Any = self.sender
-        if not self.batches:
-            for table in (keys.TRADES_TABLE, keys.DEPTH_TABLE):
-                self.batches[table] = TableBatch(table, sender.new_buffer())
-
-    async def _setup_groups(self, streams: Iterable[str]) -> None:
-        assert self.client is not None
-        for stream in list(streams):
-            if stream not in self._grouped:
-                try:
-                    await ensure_group(self.client, stream, self.group, "0")
-                except ResponseError as exc:
-                    if "WRONGTYPE" not in str(exc):
-                        raise
-                    self._skip(stream)
-                    continue
-                self._grouped.add(stream)
-
-    def _skip(self, stream: str) -> None:
-        self.streams.remove(stream)
-        self._skipped[stream] = None
-        self.metrics.errors.labels("wrong_type").inc()
-        self.metrics.skipped_keys.set(len(self._skipped))
-        log.error("%s is not a stream: left out until it is deleted or becomes one (other symbols go on)", stream)
-
-    async def _recheck_skipped(self) -> None:
-        """Bring back skipped keys that were deleted (MKSTREAM recreates them) or became streams."""
-        assert self.client is not None
-        if not self._skipped:
-            return
-        names = list(self._skipped)
-        types = await execute_packed(self.client, [["TYPE", name] for name in names])
-        for name, kind in zip(names, types, strict=True):
-            if isinstance(kind, ResponseError):  # e.g. NOPERM: an ACL without TYPE would keep it skipped for good
-                log.warning("cannot look at skipped key %s again: %s", name, kind)
-            elif kind in (b"stream", b"none", "stream", "none"):
-                del self._skipped[name]
-                self.streams.append(name)
-                log.info("%s is back", name)
-        self.metrics.skipped_keys.set(len(self._skipped))
-
-    async def discover(self) -> None:
-        """Add per-symbol streams that exist in Redis but are not in SYMBOLS (never lose a symbol)."""
-        assert self.client is not None
-        await self._recheck_skipped()
-        found: list[str] = []
-        for pattern in keys.SYMBOL_STREAM_PATTERNS:
-            async for key in self.client.scan_iter(match=pattern, count=1000, _type="stream"):
-                found.append(key.decode())
-        new = sorted(set(found) - set(self.streams))
-        if new:
-            log.info("discovered %d more per-symbol streams", len(new))
-            self.streams += new
-        await self._setup_groups(self.streams)
 
     async def _write_loop(self) -> None:
         backoff = Backoff(base=0.2, cap=5.0)
@@ -313,10 +130,6 @@ class BrainWriter(Service):
             log.warning("final flush failed (%s); entries stay pending", exc)
 
     # ---------------------------------------------------------------- reading
-
-    def _rows(self) -> int:
-        return sum(b.rows for b in self.batches.values())
-
     async def _resume_held(self) -> None:
         """Tables that apply again: read their streams again, from our own pending entries first."""
         await self._await_flushing()  # a flush in flight may still set rows of these tables aside
@@ -414,278 +227,6 @@ class BrainWriter(Service):
         if total:
             log.info("claimed %d idle entries", total)
         return total
-
-    def _add(self, got: dict[bytes, list[Any]]) -> int:
-        """Turn stream entries into ILP rows in the per-table buffers."""
-        n = 0
-        trades = self.batches[keys.TRADES_TABLE]
-        text = self._text
-        texts = self._texts
-        dead: list[tuple[bytes, bytes, str]] = []
-        for stream, entries in got.items():
-            for entry_id, fields in entries:
-                if fields is None:
-                    continue
-                st = symbol_trade(fields)
-                try:
-                    if st is not None:  # the consumer's layout: no dict (the common case)
-                        symbol, exchange, _, price, volume, side, timestamp, trade_id, recv = st
-                        recv_ts = int(recv)
-                        ilp_trade(
-                            trades.buffer, texts.get(exchange) or text(exchange), texts.get(symbol) or text(symbol),
-                            texts.get(side) or text(side), float(price), float(volume), int(trade_id), recv_ts,
-                            int(timestamp),
-                        )  # fmt: skip
-                        batch = trades
-                    else:
-                        recv_ts, batch = self._add_by_name(dict(zip(fields[::2], fields[1::2], strict=False)))
-                except (KeyError, ValueError, TypeError, IngressError, orjson.JSONDecodeError) as exc:
-                    dead.append((stream, entry_id, f"{type(exc).__name__}: {exc}"[:300]))
-                    continue
-                batch.rows += 1
-                batch.ids.setdefault(stream, []).append(entry_id)
-                batch.recv.setdefault(stream, []).append(recv_ts)
-                n += 1
-        if dead:
-            # Acked with the dead-letter append in one MULTI so a crash cannot lose or repeat them.
-            self._pending_dead.extend(dead)
-        if n and self._first_row_at is None:
-            self._first_row_at = time.monotonic()
-        self.metrics.buffered.set(self._rows())
-        return n
-
-    def _add_by_name(self, f: dict[bytes, bytes]) -> tuple[int, TableBatch]:
-        """A per-symbol entry in another field order (or a depth diff) into its table's buffer: its `recv_ts`
-        and batch. Raises what a malformed entry raises (KeyError, ValueError, ...): it is dead-lettered."""
-        kind = f[b"type"]
-        if kind == b"TRADE":
-            recv_ts = int(f[b"recv_ts"])
-            batch = self.batches[keys.TRADES_TABLE]
-            ilp_trade(
-                batch.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(), side=f[b"side"].decode(),
-                price=float(f[b"price"]), volume=float(f[b"volume"]), trade_id=int(f[b"trade_id"]), recv_ts=recv_ts,
-                timestamp=int(f[b"timestamp"]),
-            )  # fmt: skip
-        elif kind == b"DEPTH":
-            recv_ts = int(f.get(b"recv_ts") or f[b"timestamp"])
-            batch = self.batches[keys.DEPTH_TABLE]
-            ilp_depth(
-                batch.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
-                first_update_id=int(f[b"first_update_id"]), last_update_id=int(f[b"last_update_id"]),
-                bids=_levels(f[b"bids"]), asks=_levels(f[b"asks"]), recv_ts=recv_ts, timestamp=int(f[b"timestamp"]),
-            )  # fmt: skip
-        else:
-            raise ValueError(f"unknown type {kind[:20]!r}")
-        return recv_ts, batch
-
-    def _text(self, raw: bytes) -> str:
-        """Decode a symbol-like value once (few distinct values)."""
-        value = self._texts.get(raw)
-        if value is None:
-            value = raw.decode()
-            if len(self._texts) < 10_000:
-                self._texts[raw] = value
-        return value
-
-    # ---------------------------------------------------------------- flushing
-
-    def _swap(self) -> tuple[dict[str, TableBatch], list[tuple[bytes, bytes, str]]]:
-        """Hand the current batches over for flushing and start new ones for reading."""
-        frozen, dead = self.batches, self._pending_dead
-        self.batches = {t: TableBatch(t, self._new_buffer()) for t in frozen}
-        self._pending_dead = []
-        self._first_row_at = None
-        self._last_flush_at = time.monotonic()
-        return frozen, dead
-
-    def _new_buffer(self) -> Buffer:
-        if self.sender is not None:
-            return self.sender.new_buffer()
-        return Buffer(protocol_version=2)  # the version ilp_conf() asks for
-
-    async def start_flush(self) -> None:
-        """Flush the current batches in the background while the next ones are read (one at a time)."""
-        await self._await_flushing()
-        frozen, dead = self._swap()
-        self._flushing = asyncio.create_task(self._flush_batches(frozen, dead, retry=True))
-
-    async def flush_all(self, *, retry: bool = True) -> None:
-        """Flush everything held now and wait for it."""
-        await self._await_flushing()
-        frozen, dead = self._swap()
-        await self._flush_batches(frozen, dead, retry=retry)
-
-    async def _await_flushing(self) -> None:
-        task, self._flushing = self._flushing, None
-        if task is not None:
-            await task
-
-    async def _drop_flushing(self) -> None:
-        """Wait for the background flush; if it failed, its entries stay pending (re-read later)."""
-        try:
-            await self._await_flushing()
-        except Exception as exc:
-            log.warning("background flush failed (%s); its entries stay pending", exc)
-
-    async def _flush_batches(
-        self, batches: dict[str, TableBatch], dead: list[tuple[bytes, bytes, str]], *, retry: bool
-    ) -> None:
-        """Flush each table (one transaction each), then ack its entries; retry with backoff until done."""
-        backoff = Backoff(base=0.2, cap=5.0)
-        rows_in_batch = sum(b.rows for b in batches.values())
-        for batch in batches.values():
-            while batch.rows:
-                if batch.table in self.suspended_tables:
-                    # Keep the Redis copies until the table applies again (rows taken into a suspended WAL
-                    # are not visible, and are lost if the operator must resume past a bad transaction):
-                    # the rows are set aside, their entries stay pending, and the other table goes on.
-                    self.metrics.errors.labels("suspended").inc()
-                    if batch.table not in self.held:
-                        log.error("%s is suspended: %d rows set aside, its streams wait in Redis until it "
-                                  "applies again", batch.table, batch.rows)  # fmt: skip
-                    self.held.add(batch.table)
-                    batch.clear()
-                    break
-                try:
-                    await self._flush_table(batch)
-                except IngressError as exc:
-                    self.metrics.errors.labels("questdb_flush").inc()
-                    log.warning("flush of %d rows to %s failed: %s", batch.rows, batch.table, exc)
-                    if not retry or self.stopping.is_set():
-                        raise
-                    # The Sender may hold a broken connection: start a fresh one, keep the buffer.
-                    await self._replace_sender()
-                    if await self.sleep_or_stop(backoff.next()):
-                        raise
-                self.watchdog.beat("write")
-        await self._flush_dead(dead)
-        if rows_in_batch:
-            self.metrics.batch_rows.observe(rows_in_batch)
-        self.metrics.buffered.set(self._rows())
-
-    async def _replace_sender(self) -> None:
-        old, self.sender = self.sender, None
-        if old is not None:
-            try:
-                old.close(flush=False)
-            except Exception as exc:
-                log.debug("closing sender: %s", exc)
-        try:
-            self.sender = await asyncio.to_thread(self._new_sender)
-        except IngressError as exc:
-            log.debug("new sender: %s", exc)
-
-    async def _flush_table(self, batch: TableBatch) -> None:
-        assert self.client is not None
-        if self.sender is None:
-            self.sender = await asyncio.to_thread(self._new_sender)
-        sender: Any = self.sender
-        started = time.perf_counter()
-        await asyncio.to_thread(sender.flush, batch.buffer, clear=False, transactional=True)
-        self.metrics.latency.labels(batch.table).observe(time.perf_counter() - started)
-        confirmed_us = now_us()
-        for stream, recv in batch.recv.items():
-            child = self._latency_of(stream)
-            if child is not None:
-                child.observe_since(confirmed_us, recv)
-        # QuestDB confirmed the transaction: now ack. If we die here, the re-send is deduplicated.
-        cmds: list[Command] = [["XACK", stream, self.group, *ids] for stream, ids in batch.ids.items()]
-        await execute_packed(self.client, cmds)
-        self.metrics.rows.labels(batch.table).inc(batch.rows)
-        self.metrics.last_flush.set(time.time())
-        self.written += batch.rows
-        batch.clear()
-
-    def _latency_of(self, stream: bytes) -> HopCounts | None:
-        """The hop-latency counts of a per-symbol stream: configured symbols only (discovered keys are not)."""
-        try:
-            return self._latency[stream]
-        except KeyError:
-            symbol = stream.rsplit(b":", 1)[-1].decode(errors="replace")
-            child = self.metrics.questdb_latency.child(symbol) if symbol in self._symbols else None
-            if len(self._latency) < 10_000:
-                self._latency[stream] = child
-            return child
-
-    async def _flush_dead(self, dead: list[tuple[bytes, bytes, str]]) -> None:
-        assert self.client is not None
-        if not dead:
-            return
-        cmds: list[Command] = [["MULTI"]]
-        for stream, entry_id, reason in dead:
-            cmds.append(["XADD", keys.WRITER_DEAD_LETTER, "*", *writer_dead_letter(stream, entry_id, reason)])
-            cmds.append(["XACK", stream, self.group, entry_id])
-        cmds.append(["EXEC"])
-        await execute_packed(self.client, cmds)
-        self.metrics.dead_letters.inc(len(dead))
-        log.error("%d entries could not become rows; see %s", len(dead), keys.WRITER_DEAD_LETTER)
-
-    # ---------------------------------------------------------------- monitoring
-
-    async def _monitor_loop(self) -> None:
-        last_trim = 0.0
-        while not await self.sleep_or_stop(self.monitor_interval_s):
-            try:
-                await self.update_metrics()
-                if time.monotonic() - last_trim > 5.0:
-                    await self.trim()
-                    last_trim = time.monotonic()
-            except MONITOR_ERRORS as exc:
-                log.debug("monitor: %s", exc)
-
-    async def update_metrics(self) -> None:
-        """Backlog from XINFO GROUPS (lag + pending), suspended WAL tables, heartbeat."""
-        assert self.client is not None
-        streams = list(self.streams)
-        cmds: list[Command] = [["XINFO", "GROUPS", s] for s in streams]
-        cmds.append(["SET", keys.heartbeat_key("writer", self.consumer), str(time.time()), "EX", 15])
-        replies = await execute_packed(self.client, cmds)
-        backlog = 0
-        for reply in replies[:-1]:
-            if isinstance(reply, BaseException):
-                continue
-            for g in reply:
-                info = parse_info_pairs(g)
-                if info[b"name"].decode() == self.group:
-                    backlog += int(info.get(b"lag") or 0) + int(info[b"pending"])
-        self.metrics.backlog.set(backlog)
-        try:
-            # Bounded: a stalled QuestDB must not hold the monitor loop (and so the heartbeat) past the TTL.
-            suspended = await asyncio.wait_for(self.qdb.suspended_tables(), timeout=5.0)
-        except (QuestDBError, OSError, TimeoutError) as exc:
-            log.debug("suspended check: %s", exc)
-            return
-        self.metrics.suspended.set(len(suspended))
-        if suspended:
-            log.error("QuestDB WAL tables suspended (nothing becomes visible; their rows wait in Redis): %s",
-                      ", ".join(suspended))  # fmt: skip
-        elif self.suspended_tables:
-            log.info("QuestDB WAL tables apply again: writing resumes")
-        self.suspended_tables = set(suspended)
-
-    async def trim(self) -> None:
-        """Trim each per-symbol stream below what the writer's group still needs (other groups do not hold it back;
-        WARM is the zset, not the stream)."""
-        assert self.client is not None
-        cmds: list[Command] = []
-        for stream in list(self.streams):
-            floor = await group_floor(self.client, stream, self.group)
-            if floor is not None and floor > (0, 0):
-                cmds.append(["XTRIM", stream, "MINID", "~", f"{floor[0]}-{floor[1]}"])
-        if cmds:
-            await execute_packed(self.client, cmds)
-
-
-def table_of(stream: str) -> str:
-    """The QuestDB table a per-symbol stream goes to (`market:<exchange>:depth:<SYMBOL>` or trades)."""
-    return keys.DEPTH_TABLE if keys.symbol_stream_kind(stream) == "depth" else keys.TRADES_TABLE
-
-
-def _levels(raw: bytes) -> Any:
-    levels = orjson.loads(raw)
-    if not levels:
-        return _EMPTY_LEVELS
-    return np.array(levels, dtype=np.float64)
 
 
 def run_command(args: argparse.Namespace) -> None:

@@ -1,0 +1,70 @@
+"""Stream discovery and group setup: per-symbol streams found by SCAN, keys that are not streams set
+aside and looked at again, the writer group created on each stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from redis.exceptions import ResponseError
+
+from tickbridge.brain.writer_base import WriterBase
+from tickbridge.core import keys
+from tickbridge.core.redis_io import ensure_group, execute_packed
+
+log = logging.getLogger("tickbridge.brain.writer")
+
+
+class WriterStreams(WriterBase):
+    """Which per-symbol streams the writer reads, each with the writer group on it."""
+
+    async def _setup_groups(self, streams: Iterable[str]) -> None:
+        assert self.client is not None
+        for stream in list(streams):
+            if stream not in self._grouped:
+                try:
+                    await ensure_group(self.client, stream, self.group, "0")
+                except ResponseError as exc:
+                    if "WRONGTYPE" not in str(exc):
+                        raise
+                    self._skip(stream)
+                    continue
+                self._grouped.add(stream)
+
+    def _skip(self, stream: str) -> None:
+        self.streams.remove(stream)
+        self._skipped[stream] = None
+        self.metrics.errors.labels("wrong_type").inc()
+        self.metrics.skipped_keys.set(len(self._skipped))
+        log.error("%s is not a stream: left out until it is deleted or becomes one (other symbols go on)", stream)
+
+    async def _recheck_skipped(self) -> None:
+        """Bring back skipped keys that were deleted (MKSTREAM recreates them) or became streams."""
+        assert self.client is not None
+        if not self._skipped:
+            return
+        names = list(self._skipped)
+        types = await execute_packed(self.client, [["TYPE", name] for name in names])
+        for name, kind in zip(names, types, strict=True):
+            if isinstance(kind, ResponseError):  # e.g. NOPERM: an ACL without TYPE would keep it skipped for good
+                log.warning("cannot look at skipped key %s again: %s", name, kind)
+            elif kind in (b"stream", b"none", "stream", "none"):
+                del self._skipped[name]
+                self.streams.append(name)
+                log.info("%s is back", name)
+        self.metrics.skipped_keys.set(len(self._skipped))
+
+    async def discover(self) -> None:
+        """Add per-symbol streams that exist in Redis but are not in SYMBOLS (never lose a symbol)."""
+        assert self.client is not None
+        await self._recheck_skipped()
+        found: list[str] = []
+        for pattern in keys.SYMBOL_STREAM_PATTERNS:
+            async for key in self.client.scan_iter(match=pattern, count=1000, _type="stream"):
+                found.append(key.decode())
+        new = sorted(set(found) - set(self.streams))
+        if new:
+            log.info("discovered %d more per-symbol streams", len(new))
+            self.streams += new
+        await self._setup_groups(self.streams)
