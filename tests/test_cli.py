@@ -196,7 +196,7 @@ def test_byte_sizes_take_units(given: str, expected: int, monkeypatch: pytest.Mo
     assert isinstance(settings.ram_buffer_bytes, int)
 
 
-@pytest.mark.parametrize("given", ["3XB", "lots", "-1", "0", "GB", ""])
+@pytest.mark.parametrize("given", ["3XB", "lots", "-1", "0", "GB", "", "9" * 400, "9" * 5000 + "GB"])
 def test_bad_byte_sizes_name_the_variable(given: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAM_BUFFER_BYTES", given)
     with pytest.raises(ValidationError) as exc:

@@ -279,6 +279,14 @@ class Settings(BaseSettings):
         None, description="file holding QUESTDB_READER_PASSWORD"
     )
 
+    @field_validator("ram_buffer_bytes", "disk_buffer_bytes", mode="before")
+    @classmethod
+    def _short_byte_size(cls, value: object) -> object:
+        # ByteSize turns a 309-digit number into float infinity and raises OverflowError (a traceback).
+        if isinstance(value, str) and len(value.strip()) > 40:
+            raise ValueError(f"expected a byte size like 3GB, 512MiB or 3000000000 ({len(value)} characters given)")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
