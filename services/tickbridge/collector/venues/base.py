@@ -206,9 +206,11 @@ class VenueTrade:
 
 @dataclass(frozen=True, slots=True)
 class BookUpdate:
-    """Absolute quantities at price levels (`"0"` removes a level). `snapshot` replaces the book. `sequence` is the
-    venue's continuity number where it has one (Coinbase: the connection's `sequence_num`), `checksum` the
-    venue's digest of its book after this update (Kraken: CRC32 of the top 10 levels)."""
+    """Absolute quantities at price levels (`"0"` removes a level). `snapshot` replaces the book. Continuity, where
+    the venue gives it: `update_ids` the book's own update-ID range (Binance `U..u`; a snapshot's `lastUpdateId`
+    twice), `sequence` the connection's frame number (Coinbase `sequence_num`), `checksum` the venue's digest of
+    the book after this update (Kraken: CRC32 of the top 10 levels). Levels are validated by the parser
+    (`levels_of`), which also bounds their number."""
 
     symbol: str
     exchange: str
@@ -220,9 +222,12 @@ class BookUpdate:
     venue_symbol: str
     sequence: int | None = None
     checksum: int | None = None
+    update_ids: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         check_symbol(self.symbol)
+        if self.update_ids is not None and not 0 <= self.update_ids[0] <= self.update_ids[1]:
+            raise VenueError(f"update IDs {self.update_ids[0]}..{self.update_ids[1]} are not a range")
         check_venue(self.exchange)
         check_time("timestamp", self.timestamp)
         check_time("recv_ts", self.recv_ts)
@@ -332,6 +337,17 @@ def route_guarded(raw: bytes | str, msg: dict[str, Any], route: Callable[[dict[s
         return Rejected("schema", f"{type(exc).__name__}: {str(exc)[:160]}", kept(raw))
 
 
+def load_body(body: bytes, what: str, kind: type = object) -> Any:
+    """A REST answer's JSON of type `kind`, or one `VenueError` naming `what` (`coinbase trades`)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise VenueError(f"{what}: invalid JSON: {str(exc)[:80]}") from None
+    if not isinstance(doc, kind):
+        raise VenueError(f"{what}: expected a {kind.__name__}, got {type(doc).__name__}")
+    return doc
+
+
 def need(obj: object, name: str, where: str) -> Any:
     """`obj[name]`, or one `VenueError` naming what is missing where."""
     if not isinstance(obj, dict):
@@ -370,9 +386,15 @@ def levels_of(name: str, pairs: Iterable[tuple[object, object]], limit: int) -> 
 
 
 class BookOutcome(enum.Enum):
+    """What the shared session does after a book took an update: the union of the venues' procedures."""
+
     SYNCED = "synced"  # a snapshot loaded (and, where the venue sends one, its checksum agreed)
-    APPLIED = "applied"  # an update extended a valid book
-    NOT_SYNCED = "not_synced"  # an update while the book waits for a snapshot: dropped
+    APPLIED = "applied"  # an update extended a valid book: emit it
+    NOT_SYNCED = "not_synced"  # an update while the book waits for a WebSocket snapshot: dropped
+    BUFFERED = "buffered"  # kept until a REST snapshot arrives (Binance): request one
+    DUPLICATE = "duplicate"  # already in the book (update IDs): dropped
+    GAP = "gap"  # update IDs jumped: the book is invalid, resync
+    STALE = "stale"  # a REST snapshot older than the buffered updates (Binance): fetch another
     CHECKSUM_MISMATCH = "checksum_mismatch"  # the venue's digest disagrees: the book is invalid, resync
 
 
@@ -467,7 +489,7 @@ class VenueLimits:
     max_lifetime_s: float | None
     #: Without any frame for this long the connection is stale (the venue sends heartbeats more often).
     stale_after_s: float
-    #: Public REST requests per second per IP we may spend.
+    #: Public REST budget per second per IP we may spend, in `RestRequest.cost` units (Binance: weight).
     rest_per_s: float
     #: Symbols per connection we subscribe at most.
     max_symbols_per_connection: int
@@ -489,6 +511,10 @@ class VenueAdapter(Protocol):
     limits: VenueLimits
     trade_ids: TradeIds
     symbols: SymbolMap
+
+    def connect_url(self, instruments: Sequence[Instrument]) -> str:
+        """The WebSocket URL for a connection carrying `instruments` (Binance names its streams in it)."""
+        ...
 
     def subscribe_messages(self, instruments: Sequence[Instrument]) -> list[bytes]:
         """The frames to send on a new connection, in order, within `limits.ws_messages_per_s`."""

@@ -116,6 +116,9 @@ class CoinbaseAdapter:
             msg["product_ids"] = [i.venue_symbol for i in instruments]
         return orjson.dumps(msg)
 
+    def connect_url(self, instruments: Sequence[base.Instrument]) -> str:
+        return self.ws_url  # subscriptions follow the connect
+
     def subscribe_messages(self, instruments: Sequence[base.Instrument]) -> list[bytes]:
         """One subscribe per channel (Coinbase takes one channel a message): `heartbeats` first, so quiet
         products keep the connection open, then `market_trades` and `level2`."""
@@ -207,12 +210,7 @@ class CoinbaseAdapter:
     ) -> base.BackfillPage:
         """`[{"time", "trade_id", "price", "size", "side"}, ...]` newest first; the next page is `after=` the
         oldest ID of this one while that is still above the gap's start."""
-        try:
-            rows = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise base.VenueError(f"coinbase trades: invalid JSON: {str(exc)[:80]}") from None
-        if not isinstance(rows, list):
-            raise base.VenueError(f"coinbase trades: expected a list, got {type(rows).__name__}")
+        rows = base.load_body(body, "coinbase trades", list)
         trades, rejected = parse_rows(rows, lambda r: self._trade_row(instrument, r, recv_ts))
         oldest = min((t.trade_id for t in trades), default=None)
         page = gap_trades(gap, trades)
@@ -243,10 +241,7 @@ class CoinbaseAdapter:
 
     def parse_snapshot(self, instrument: base.Instrument, body: bytes, recv_ts: int) -> base.BookUpdate:
         """`{"pricebook": {"product_id", "bids": [{"price", "size"}], "asks": [...], "time"}}`."""
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise base.VenueError(f"coinbase product_book: invalid JSON: {str(exc)[:80]}") from None
+        doc = base.load_body(body, "coinbase product_book")
         book = need(doc, "pricebook", "product_book")
         if need(book, "product_id", "pricebook") != instrument.venue_symbol:
             raise base.VenueError(

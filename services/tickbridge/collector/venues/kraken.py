@@ -144,6 +144,9 @@ class KrakenAdapter:
         symbols = [i.venue_symbol for i in instruments]
         return {"channel": "book", "symbol": symbols, "depth": self.depth, "snapshot": True}
 
+    def connect_url(self, instruments: Sequence[Instrument]) -> str:
+        return self.ws_url  # subscriptions follow the connect
+
     def subscribe_messages(self, instruments: Sequence[Instrument]) -> list[bytes]:
         """`trade` with its snapshot (the last 50 trades: they close a short gap after a reconnect), then `book`."""
         symbols = [i.venue_symbol for i in instruments]
