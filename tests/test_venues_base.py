@@ -18,6 +18,7 @@ from tickbridge.collector.venues.base import (
     Control,
     Frame,
     Instrument,
+    RestRequest,
     SeqOutcome,
     SequenceTracker,
     SymbolMap,
@@ -230,3 +231,48 @@ def test_binance_rest_paths() -> None:
     assert isinstance(out, parser.Rejected) and out.reason == "unknown_symbol"
     out = a.parse_frame(b'{"e":"serverShutdown","E":1723161255343}', RECV)
     assert out == Frame((Control("server_shutdown", "1723161255343"),))
+
+
+def _serve(req: RestRequest, history: list[tuple[int, int]]) -> bytes:
+    """A model of each venue's trades endpoint over `history` [(trade ID, time µs)], as documented."""
+    p = dict(req.params)
+    if req.path == "/api/v3/historicalTrades":  # Binance: from an ID, oldest first
+        rows = [r for r in history if r[0] >= int(p["fromId"])][: int(p["limit"])]
+        return orjson.dumps([{"id": i, "price": "1.5", "qty": "2", "time": t // 1000, "isBuyerMaker": True}
+                             for i, t in rows])  # fmt: skip
+    if req.path.startswith("/products/"):  # Coinbase Exchange: IDs below `after`, newest first
+        rows = [r for r in reversed(history) if r[0] < int(p["after"])][: int(p["limit"])]
+        return orjson.dumps([{"trade_id": i, "price": "1.5", "size": "2", "side": "buy",
+                              "time": f"2024-01-01T00:00:{(t // 1_000_000) % 60:02d}.{t % 1_000_000:06d}Z"}
+                             for i, t in rows])  # fmt: skip
+    assert req.path == "/0/public/Trades"  # Kraken: after a time (ns), oldest first; `last` continues
+    rows = [r for r in history if r[1] * 1000 > int(p["since"])][: int(p["count"])]
+    last = str(rows[-1][1] * 1000) if rows else p["since"]
+    body = [["1.5", "2", f"{t // 1_000_000}.{t % 1_000_000:06d}", "b", "m", "", i] for i, t in rows]
+    return orjson.dumps({"error": [], "result": {"XXBTZUSD": body, "last": last}})
+
+
+@pytest.mark.parametrize("venue", ["binance", "coinbase", "kraken"])
+@pytest.mark.parametrize("kept_from", [1, 2000])
+def test_backfill_pages_cover_a_gap(venue: str, kept_from: int) -> None:
+    """A gap of 2,501 trades, paged through a model of each venue's endpoint: every trade the venue still has comes
+    back once (each page in ID order; Coinbase pages run newest first, so the session merges them with
+    `gap_trades` before appending), and paging stops (the rest is lost) when the venue has no more."""
+    a: VenueAdapter = {"binance": BinanceAdapter(["BTCUSDT"]), "coinbase": CoinbaseAdapter(["BTC-USDT"]),
+                       "kraken": KrakenAdapter(["BTC/USDT"])}[venue]  # fmt: skip
+    (inst,) = list(a.symbols)
+    start = 1_704_067_200_000_000  # 2024-01-01, within one minute (Coinbase's model writes seconds only)
+    history = [(i, start + i * 7_000) for i in range(kept_from, 5001)]
+    gap = TradeGap(inst.symbol, 1200, 3700, after_us=start + 1199 * 7_000)
+    req: RestRequest | None = a.backfill_request(inst, gap)
+    got: list[int] = []
+    requests = 0
+    while req is not None:
+        requests += 1
+        assert requests < 20
+        page = a.parse_backfill(inst, gap, _serve(req, history), RECV)
+        assert page.rejected == ()
+        got += [t.trade_id for t in page.trades]
+        req = page.next
+    assert sorted(got) == list(range(max(1200, kept_from), 3701)) and len(set(got)) == len(got)
+    assert requests <= 4

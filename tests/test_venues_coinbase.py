@@ -306,3 +306,82 @@ def test_rest_product_book() -> None:
     assert snap.timestamp == 1688670271123456
     with pytest.raises(VenueError, match="not BTC-USD"):
         a.parse_snapshot(inst, body.replace(b"BTC-USD", b"ETH-USD"), RECV)
+
+
+Truth = dict[str, tuple[dict[Decimal, str], dict[Decimal, str]]]
+
+
+def _level_change(rng: random.Random, truth: Truth) -> dict[str, object]:
+    """One random level change on the exchange's books, as the `l2_data` update that reports it."""
+    product = rng.choice(list(truth))
+    side = rng.randint(0, 1)
+    book = truth[product][side]
+    price = Decimal(rng.randint(60, 100) if side == 0 else rng.randint(101, 140))
+    qty = "0" if price in book and rng.random() < 0.4 else f"{rng.randint(1, 500)}.{rng.randint(0, 9)}"
+    if qty == "0":
+        del book[price]
+    else:
+        book[price] = qty
+    return l2(0, "update", product, [("bid" if side == 0 else "offer", str(price), qty)])
+
+
+def test_simulated_feed_with_lost_frames() -> None:
+    """3,000 frames of a model Coinbase connection (two products' level2 updates, market trades and heartbeats on one
+    numbering), 2 % lost. Each loss is seen at the next frame as a sequence gap: both books are invalid until the
+    resubscription's snapshots, and every update applied leaves each book equal to the exchange's."""
+    rng = random.Random(3)
+    a = adapter()
+    conn = ConnectionState()
+    truth: Truth = {}
+    for inst in a.symbols:
+        conn.books[inst.symbol] = a.new_book(inst)
+        truth[inst.venue_symbol] = (
+            {Decimal(100 - i): "1" for i in range(30)},
+            {Decimal(101 + i): "1" for i in range(30)},
+        )
+    seq = 0
+
+    def send(msg: dict[str, object], lose: bool = False) -> tuple[SeqOutcome | None, list[str]]:
+        nonlocal seq
+        msg["sequence_num"] = seq
+        seq += 1
+        if lose:
+            return None, []
+        f = frame(a, msg)
+        outcome = conn.on_frame(f)
+        for ev in f.events:
+            if isinstance(ev, BookUpdate):
+                conn.books[ev.symbol].apply(ev)
+        return outcome
+
+    def snapshot(product: str) -> dict[str, object]:
+        bids, asks = truth[product]
+        levels = [("bid", str(p), q) for p, q in bids.items()] + [("offer", str(p), q) for p, q in asks.items()]
+        return l2(0, "snapshot", product, levels)
+
+    for product in truth:
+        send(snapshot(product))
+    lost = gaps = checkpoints = 0
+    for i in range(3000):
+        lose = rng.random() < 0.02
+        lost += lose
+        kind = rng.random()
+        if kind < 0.1:
+            outcome = send({**DOC_HEARTBEAT}, lose)
+        elif kind < 0.3:
+            outcome = send(_trade(trade_id=str(i)), lose)
+        else:
+            outcome = send(_level_change(rng, truth), lose)
+        if outcome[0] is SeqOutcome.GAP:
+            gaps += 1
+            assert sorted(outcome[1]) == ["BTCUSD", "ETHUSD"] and not any(b.valid for b in conn.books.values())
+            for product in truth:  # the resubscription: a snapshot per product, on the same numbering
+                send(snapshot(product))
+        for product, (bids, asks) in truth.items():
+            book = conn.books[a.symbols.venue(product).symbol]
+            if book.valid and not lose:  # after a loss the books are stale until the next frame shows the gap
+                got = book.top(1000)
+                assert got[0] == [(str(p), q) for p, q in sorted(bids.items(), reverse=True)]
+                assert got[1] == [(str(p), q) for p, q in sorted(asks.items())]
+                checkpoints += 1
+    assert lost >= 40 and gaps >= lost - 5 and checkpoints >= 5000, (lost, gaps, checkpoints)

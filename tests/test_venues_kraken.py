@@ -388,3 +388,99 @@ def test_rest_depth_snapshot() -> None:
             b'"bids":[["30297.00000","0.115",1688671656]]}}}')  # fmt: skip
     snap = a.parse_snapshot(inst, body, RECV)
     assert snap.snapshot and snap.asks == (("30384.10000", "2.059"),) and snap.bids == (("30297.00000", "0.115"),)
+
+
+class KrakenFeed:
+    """A model of Kraken's `book` channel: a deep book on the exchange side, and per message the levels a subscriber
+    of `depth` is sent: changes inside its view, removals of levels deleted from the book, and the levels that
+    enter the view; never a removal for a level pushed out of it. Its checksum is over the new view's top 10."""
+
+    def __init__(self, depth: int, rng: random.Random) -> None:
+        self.depth, self.rng = depth, rng
+        self.bids = {
+            Decimal(100) - Decimal(i) / 10: f"{rng.randint(1, 999)}.{rng.randint(0, 99):02d}" for i in range(80)
+        }
+        self.asks = {
+            Decimal("100.1") + Decimal(i) / 10: f"{rng.randint(1, 999)}.{rng.randint(0, 99):02d}" for i in range(80)
+        }
+
+    def view(self) -> tuple[dict[Decimal, str], dict[Decimal, str]]:
+        bids = dict(sorted(self.bids.items(), reverse=True)[: self.depth])
+        return bids, dict(sorted(self.asks.items())[: self.depth])
+
+    def checksum(self) -> int:
+        bids, asks = self.view()
+        return reference_checksum({str(k): v for k, v in bids.items()}, {str(k): v for k, v in asks.items()})
+
+    def snapshot(self) -> str:
+        bids, asks = self.view()
+        data = {"symbol": "BTC/USD", "checksum": self.checksum(),
+                "bids": [{"price": str(p), "qty": q} for p, q in bids.items()],
+                "asks": [{"price": str(p), "qty": q} for p, q in asks.items()]}  # fmt: skip
+        return json.dumps({"channel": "book", "type": "snapshot", "data": [data]})
+
+    def step(self) -> str:
+        old = self.view()
+        removed: tuple[set[Decimal], set[Decimal]] = (set(), set())
+        for _ in range(self.rng.randint(1, 3)):
+            side = self.rng.randint(0, 1)
+            book, other = (self.bids, self.asks) if side == 0 else (self.asks, self.bids)
+            if self.rng.random() < 0.35 and len(book) > self.depth + 5:
+                price = self.rng.choice(sorted(book, reverse=side == 0)[: self.depth + 3])
+                del book[price]
+                removed[side].add(price)
+            else:
+                best_other = max(other) if side == 1 else min(other)
+                price = (min(other) - Decimal(self.rng.randint(1, 40)) / 10) if side == 0 else \
+                    (max(other) + Decimal(self.rng.randint(1, 40)) / 10)  # fmt: skip
+                assert (price < best_other) if side == 0 else (price > best_other)
+                book[price] = f"{self.rng.randint(1, 999)}.{self.rng.randint(0, 99):02d}"
+                removed[side].discard(price)
+        new = self.view()
+        sides = []
+        for i in (0, 1):
+            levels = [{"price": str(p), "qty": "0"} for p in removed[i] if p in old[i]]
+            levels += [{"price": str(p), "qty": q} for p, q in new[i].items() if old[i].get(p) != q]
+            sides.append(levels)
+        data = {"symbol": "BTC/USD", "bids": sides[0], "asks": sides[1], "checksum": self.checksum(),
+                "timestamp": "2024-01-01T00:00:00.000001Z"}  # fmt: skip
+        return json.dumps({"channel": "book", "type": "update", "data": [data]})
+
+
+@pytest.mark.parametrize("depth", [10, 25])
+def test_simulated_feed_with_lost_messages(depth: int) -> None:
+    """3,000 messages of a faithful model of the channel, 2 % of them lost. At every update the book applies, its
+    checksum agrees and its top 10 levels are the exchange's (at depth 10, the whole view): a loss either heals
+    (a later message sets the same levels: quantities are absolute) or is caught by a checksum, and the
+    resubscription's snapshot repairs the book."""
+    rng = random.Random(depth * 7)
+    feed, a = KrakenFeed(depth, rng), adapter(depth)
+    book = a.new_book(a.symbols.venue("BTC/USD"))
+
+    def deliver(raw: str) -> BookOutcome:
+        (event,) = frame(a, raw).events
+        assert isinstance(event, BookUpdate)
+        return book.apply(event)
+
+    assert deliver(feed.snapshot()) is BookOutcome.SYNCED
+    checkpoints = lost = caught = hidden = 0
+    for _ in range(3000):
+        raw = feed.step()
+        if rng.random() < 0.02:
+            lost += 1
+            continue
+        outcome = deliver(raw)
+        if outcome is BookOutcome.CHECKSUM_MISMATCH:
+            caught += 1
+            assert deliver(feed.snapshot()) is BookOutcome.SYNCED  # the resubscription
+            continue
+        assert outcome is BookOutcome.APPLIED
+        bids, asks = feed.view()
+        want = ([(str(p), q) for p, q in bids.items()], [(str(p), q) for p, q in asks.items()])
+        got = book.top(depth)
+        assert (got[0][:10], got[1][:10]) == (want[0][:10], want[1][:10])
+        if depth == 10:
+            assert got == want
+        hidden += got != want  # below the top 10 the checksum cannot see a loss (measured: 581 of 2,901 at depth 25)
+        checkpoints += 1
+    assert checkpoints >= 2500 and lost >= 30 and caught >= lost // 3, (checkpoints, lost, caught)

@@ -446,7 +446,9 @@ class TradeGap:
 @dataclass(frozen=True, slots=True)
 class BackfillPage:
     """The part of the gap one REST answer held (ID order, inside the gap, no repeats) and the request for the
-    next page, or None when the gap is covered or the venue has nothing more (what is still missing is lost)."""
+    next page, or None when the gap is covered or the venue has nothing more (what is still missing is lost).
+    Pages run oldest first (Binance, Kraken) or newest first (Coinbase): merge them all with `gap_trades` before
+    appending."""
 
     trades: tuple[VenueTrade, ...]
     next: RestRequest | None
