@@ -220,8 +220,9 @@ def test_binance_rest_paths() -> None:
     page = a.parse_backfill(inst, gap, orjson.dumps(rows), RECV)
     assert len(page.trades) == 1000 and page.trades[0].side == "SELL" and page.trades[0].timestamp == 1723161255342000
     assert page.next is not None and dict(page.next.params) == {"symbol": "ETHUSDT", "fromId": "1100", "limit": "401"}
-    bad = a.parse_backfill(inst, gap, orjson.dumps([{"id": 1500, "isBuyerMaker": "no"}]), RECV)
+    bad = a.parse_backfill(inst, gap, orjson.dumps([{"id": 1500, "isBuyerMaker": "no"}, "two\nlines"]), RECV)
     assert bad.trades == () and bad.next is None and "boolean" in bad.rejected[0]
+    assert "two lines" in bad.rejected[1]  # every reason is one line (found by tests/test_fuzz_venues.py)
     snap = a.snapshot_request(inst, 1000)
     assert (snap.path, snap.cost) == ("/api/v3/depth", 50)
     with pytest.raises(VenueError, match="lastUpdateId"):

@@ -212,6 +212,7 @@ BAD = [
     (b"{", "json"),
     (b'"x"', "not_object"),
     (orjson.dumps({"type": "error", "message": "failure to subscribe"}), "exchange_error"),
+    (orjson.dumps({"type": "error", "message": "two\nlines"}), "exchange_error"),
     (orjson.dumps({"channel": "ticker", "events": []}), "unknown_stream"),
     (orjson.dumps({"channel": "market_trades", "events": []}), "schema"),  # no sequence_num
     (orjson.dumps({"channel": "market_trades", "sequence_num": 1, "events": {}}), "schema"),

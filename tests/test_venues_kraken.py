@@ -287,6 +287,7 @@ BAD_FRAMES = [
      "schema"),
     (b'{"channel":"book","type":"snapshot","data":[{"symbol":"BTC/USD","bids":[],"asks":[]}]}', "schema"),
     (b'{"method":"subscribe","success":false,"error":"Currency pair not supported"}', "exchange_error"),
+    (b'{"method":"subscribe","success":false,"error":"two\\nlines"}', "exchange_error"),
     (b'{"method":"edit_order","success":true}', "unknown_event"),
     (b'{"channel":"status","type":"update","data":[7]}', "schema"),
 ]  # fmt: skip

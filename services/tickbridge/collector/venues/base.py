@@ -56,8 +56,17 @@ ASSET_ALIASES = {"XBT": "BTC", "XXBT": "BTC", "XDG": "DOGE", "XXDG": "DOGE", "ZU
 _ASSET = re.compile(r"^[A-Z0-9]{1,16}\Z")
 
 
+def one_line(text: str) -> str:
+    """`text` with every run of white space (newlines included) as one space: log lines and metric details stay
+    one line whatever a venue put in the strings they quote."""
+    return " ".join(text.split())
+
+
 class VenueError(TickError):
     """A venue frame, REST answer or request that is not what the venue documents; the message is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 def check_venue(exchange: object) -> str:
@@ -328,13 +337,13 @@ def route_guarded(raw: bytes | str, msg: dict[str, Any], route: Callable[[dict[s
     try:
         return route(msg)
     except Reject as exc:
-        return Rejected(exc.reason, exc.detail[:200], kept(raw))
+        return Rejected(exc.reason, one_line(exc.detail)[:200], kept(raw))
     except UnknownSymbol as exc:
         return Rejected("unknown_symbol", str(exc)[:200], kept(raw))
     except TickError as exc:
-        return Rejected("schema", str(exc)[:200], kept(raw))
+        return Rejected("schema", one_line(str(exc))[:200], kept(raw))
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
-        return Rejected("schema", f"{type(exc).__name__}: {str(exc)[:160]}", kept(raw))
+        return Rejected("schema", one_line(f"{type(exc).__name__}: {str(exc)[:160]}"), kept(raw))
 
 
 def load_body(body: bytes, what: str, kind: type = object) -> Any:
@@ -464,7 +473,7 @@ def parse_rows(rows: Iterable[object], parse: Callable[[object], VenueTrade]) ->
         try:
             trades.append(parse(row))
         except (TickError, TypeError, ValueError) as exc:
-            rejected.append(f"{str(exc)[:160]}: {str(row)[:80]}")
+            rejected.append(one_line(f"{str(exc)[:160]}: {str(row)[:80]}"))
     return trades, rejected
 
 

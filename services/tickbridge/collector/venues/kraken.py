@@ -321,6 +321,8 @@ def _result(body: bytes, what: str) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:
         raise VenueError(f"kraken {what}: invalid JSON: {str(exc)[:80]}") from None
     errors = base.need(doc, "error", what)
+    if not isinstance(errors, list):
+        raise VenueError(f"kraken {what}: error is not a list")
     if errors:
         raise VenueError(f"kraken {what}: {'; '.join(map(str, errors))[:160]}")
     result = base.need(doc, "result", what)
