@@ -146,7 +146,8 @@ class UnknownSymbol(VenueError):
 
 # ---------------------------------------------------------------------------------------------- time
 
-_ISO = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:Z|\+00:00)\Z")
+#: ASCII: `\d` would also take other scripts' digits (and `int()` reads them).
+_ISO = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:Z|\+00:00)\Z", re.ASCII)
 
 
 def iso_to_us(name: str, value: object) -> int:
@@ -165,7 +166,8 @@ def iso_to_us(name: str, value: object) -> int:
 
 
 def seconds_to_us(name: str, value: object) -> int:
-    """A decimal count of seconds (`"1688669597.8277369"`, or a number) in µs, exactly (no float rounding)."""
+    """A decimal count of seconds in µs (0.1 µs digits cut): exact from text (`"1688669597.8277369"`, as
+    `load_object(exact=True)` and Kraken's REST parsing keep it); an int or float as Python prints it."""
     text = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
     if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,12})?", text):
         raise VenueError(f"{name}: not a decimal count of seconds: {str(value)[:40]!r}")
@@ -235,8 +237,10 @@ class BookUpdate:
 
     def __post_init__(self) -> None:
         check_symbol(self.symbol)
-        if self.update_ids is not None and not 0 <= self.update_ids[0] <= self.update_ids[1]:
-            raise VenueError(f"update IDs {self.update_ids[0]}..{self.update_ids[1]} are not a range")
+        if self.update_ids is not None:
+            first, last = (check_int("update_id", v) for v in self.update_ids)
+            if first > last:
+                raise VenueError(f"update IDs {first}..{last} are not a range")
         check_venue(self.exchange)
         check_time("timestamp", self.timestamp)
         check_time("recv_ts", self.recv_ts)
