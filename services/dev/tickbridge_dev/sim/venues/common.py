@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-import math
 import random
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from tickbridge.collector.venues.base import Instrument, split_pair
 from tickbridge_dev.sim import wire
+from tickbridge_dev.sim.app import SimApp
 from tickbridge_dev.sim.config import SimConfig
 from tickbridge_dev.sim.market import REFERENCE_PRICES, SCALE, SymbolMarket
 from tickbridge_dev.sim.metrics import SimMetrics
@@ -185,7 +185,7 @@ class RestBudget:
 Fault = Callable[[Any, str | None, int | None], Any]
 
 
-class VenueServer(ABC):
+class VenueServer(SimApp):
     """A simulated venue on one aiohttp port: WebSocket at `ws_path`, REST beside it, `/_sim/*` control."""
 
     exchange: ClassVar[str]
@@ -195,11 +195,10 @@ class VenueServer(ABC):
     faults: ClassVar[dict[str, Fault]]
 
     def __init__(self, config: SimConfig, registry: CollectorRegistry | None = None) -> None:
-        self.config = config
+        super().__init__(config)
         self.metrics = SimMetrics(registry if registry is not None else CollectorRegistry())
-        self.rate = float(config.rate)
+        self._rate = float(config.rate)
         self.paused = False
-        self.failed: BaseException | None = None
         self.conns: set[VenueConn] = set()
         self.fault_counts: dict[str, int] = {}
         self.markets: dict[str, VenueMarket] = {}
@@ -210,60 +209,31 @@ class VenueServer(ABC):
         raw = [1.0 / (i + 1) ** 0.8 if config.weights == "zipf" else 1.0 for i in range(len(self.symbols))]
         self._cum_weights = [sum(raw[: i + 1]) for i in range(len(raw))]
         self._alloc_rng = random.Random(f"{config.seed}:{self.exchange}:alloc")
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._runner: web.AppRunner | None = None
-        self._port = 0
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def ws_url(self) -> str:
         return f"ws://{self.config.host}:{self._port}{self.ws_path}"
 
     @property
-    def rest_url(self) -> str:
-        return f"http://{self.config.host}:{self._port}"
+    def rate(self) -> float:
+        return self._rate
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get(self.ws_path, self._ws_handler)
         self.add_rest_routes(app)
         app.router.add_post("/_sim/fault", self._http_fault)
-        app.router.add_get("/_sim/stats", self._http_stats)
-        app.router.add_post("/_sim/rate", self._http_rate)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-        await site.start()
-        self._port = int(self._runner.addresses[0][1])
-        self._spawn(self._generate())
-        self._spawn(self._heartbeat_loop())
+        await self.serve(app, self._generate(), self._heartbeat_loop())
         log.info("sim %s listening on %s, %d symbols", self.exchange, self.rest_url, len(self.symbols))
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.shutdown(self._abort_all)
+
+    def _abort_all(self) -> None:
         for c in list(self.conns):
             c.transport.abort()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.failed = task.exception()
-            log.critical("sim %s task crashed", self.exchange, exc_info=self.failed)
 
     # -- generation ----------------------------------------------------------------------------------------
 
@@ -408,7 +378,7 @@ class VenueServer(ABC):
         self.paused = False
 
     def set_rate(self, rate: float) -> None:
-        self.rate = max(0.0, float(rate))
+        self._rate = max(0.0, float(rate))
 
     def stats(self) -> dict[str, Any]:
         """Per-symbol trade-ID ranges, totals, faults and connections (`GET /_sim/stats`)."""
@@ -429,19 +399,6 @@ class VenueServer(ABC):
             "paused": self.paused,
             "rate": self.rate,
         }
-
-    async def _http_stats(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(self.stats()), content_type="application/json")
-
-    async def _http_rate(self, request: web.Request) -> web.Response:
-        try:
-            rate = float((await request.json(loads=orjson.loads))["rate"])
-            if not math.isfinite(rate) or rate < 0:
-                raise ValueError("rate must be >= 0")
-        except (ValueError, TypeError, KeyError) as exc:
-            return web.json_response({"ok": False, "error": str(exc)}, status=400)
-        self.set_rate(rate)
-        return web.json_response({"ok": True, "rate": self.rate})
 
     async def _http_fault(self, request: web.Request) -> web.Response:
         """`POST /_sim/fault {"action", "symbol", "count"}`: 400 with the reason for an unknown action."""
