@@ -12,9 +12,10 @@ places each one after a generation tick and reads until it has every frame the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -115,14 +116,6 @@ class Client:
         await self.drain()
 
 
-async def connect(sim: VenueServer, adapter: Adapter) -> tuple[Client, ClientConnection]:
-    ws = await websockets.connect(sim.ws_url, max_size=2**24)
-    client = Client(sim, adapter, ws)
-    await client.subscribe()
-    await client.until(client.all_valid)
-    return client, ws
-
-
 def assert_contiguous(trades: dict[str, list[VenueTrade]]) -> int:
     total = 0
     for symbol, ts in trades.items():
@@ -157,21 +150,39 @@ def sim_for(kind: type[VenueServer], symbols: tuple[str, ...] = FIVE, rate: floa
     return kind(SimConfig(symbols=symbols, rate=rate, seed=7))
 
 
+@contextlib.asynccontextmanager
+async def session(
+    kind: type[VenueServer],
+    symbols: tuple[str, ...] = FIVE,
+    rate: float = 0.0,
+    depth: int = 10,
+    on_update: Callable[[base.BookUpdate, BookOutcome], None] | None = None,
+) -> AsyncIterator[tuple[Any, Adapter, Client]]:
+    """A running simulator and one subscribed client whose books are all synced."""
+    sim = sim_for(kind, symbols, rate)
+    await sim.start()
+    try:
+        adapter = adapter_for(sim, depth)
+        async with websockets.connect(sim.ws_url, max_size=2**24) as ws:
+            client = Client(sim, adapter, ws)
+            client.on_update = on_update
+            await client.subscribe()
+            await client.until(client.all_valid)
+            yield sim, adapter, client
+    finally:
+        await sim.stop()
+
+
 # ---------------------------------------------------------------------------------------------- both venues
 
 
 @pytest.mark.parametrize("kind", [CoinbaseSim, KrakenSim])
 async def test_150_symbols_trades_contiguous(kind: type[VenueServer]) -> None:
     """150 symbols at 1,200 trades/s for ~2 s: every trade arrives, by ID, per symbol; nothing rejected."""
-    sim = sim_for(kind, MANY, 1200.0)
-    await sim.start()
-    try:
-        adapter = adapter_for(sim)
-        client, ws = await connect(sim, adapter)
-        async with ws:
-            await client.until(lambda: sum(len(t) for t in client.trades.values()) >= 2400)
-            sim.pause()
-            await client.drain()
+    async with session(kind, MANY, 1200.0) as (sim, _, client):
+        await client.until(lambda: sum(len(t) for t in client.trades.values()) >= 2400)
+        sim.pause()
+        await client.drain()
         assert len(sim.symbols) == 150
         assert not client.rejected
         assert client.gaps == 0 and BookOutcome.CHECKSUM_MISMATCH not in client.outcomes
@@ -179,23 +190,16 @@ async def test_150_symbols_trades_contiguous(kind: type[VenueServer]) -> None:
         for symbol, ts in client.trades.items():  # the live tape reaches the simulator's last trade
             assert ts[-1].trade_id == sim.markets[ts[-1].venue_symbol].market.history.last_id, symbol
         assert total >= 2400 and len(client.trades) > 100
-    finally:
-        await sim.stop()
 
 
 @pytest.mark.parametrize("kind", [CoinbaseSim, KrakenSim])
 async def test_missed_trades_backfilled_through_rest(kind: type[VenueServer]) -> None:
     """`skip_trades`: 2,500 trades never sent; the adapter sees the ID jump and pages them back from REST."""
-    sim = sim_for(kind)
-    await sim.start()
-    try:
-        adapter = adapter_for(sim)
-        client, ws = await connect(sim, adapter)
-        async with ws:
-            sim.step(50, "BTCUSD")
-            sim.skip_trades("BTCUSD", 2500)
-            sim.step(2600, "BTCUSD")
-            await client.drain()
+    async with session(kind) as (sim, adapter, client):
+        sim.step(50, "BTCUSD")
+        sim.skip_trades("BTCUSD", 2500)
+        sim.step(2600, "BTCUSD")
+        await client.drain()
         ids = [t.trade_id for t in client.trades["BTCUSD"]]
         jumps = [(a, b) for a, b in itertools.pairwise(ids) if b != a + 1]
         assert len(jumps) == 1 and jumps[0][1] - jumps[0][0] - 1 == 2500
@@ -214,19 +218,13 @@ async def test_missed_trades_backfilled_through_rest(kind: type[VenueServer]) ->
                 held.time_us,
             )
             assert t.side == ("SELL" if held.buyer_maker else "BUY")
-    finally:
-        await sim.stop()
 
 
 @pytest.mark.parametrize("kind", [CoinbaseSim, KrakenSim])
 async def test_disconnect_seen_and_a_new_connection_resyncs(kind: type[VenueServer]) -> None:
     """`drop_connections`: the client sees an abnormal close (1006); a new connection gets fresh snapshots and
     the trades missed meanwhile are in REST."""
-    sim = sim_for(kind)
-    await sim.start()
-    try:
-        adapter = adapter_for(sim)
-        client, _ = await connect(sim, adapter)
+    async with session(kind) as (sim, adapter, client):
         sim.step(40)
         await client.drain()
         assert sim.drop_connections() == 1
@@ -234,14 +232,13 @@ async def test_disconnect_seen_and_a_new_connection_resyncs(kind: type[VenueServ
             await client.read()
         assert closed.value.rcvd is None  # no close frame: 1006
         sim.step(40)
-        client2, ws2 = await connect(sim, adapter)
-        async with ws2:
+        async with websockets.connect(sim.ws_url, max_size=2**24) as ws2:
+            client2 = Client(sim, adapter, ws2)
+            await client2.subscribe()
             sim.step(40)
             await client2.settle()
             for symbol, book in client2.state.books.items():
                 assert book.top(10**6) == expected_book(sim, adapter, symbol)
-    finally:
-        await sim.stop()
 
 
 def expected_book(sim: VenueServer, adapter: Adapter, symbol: str) -> tuple[list[Any], list[Any]]:
@@ -258,29 +255,22 @@ def expected_book(sim: VenueServer, adapter: Adapter, symbol: str) -> tuple[list
 async def test_coinbase_book_equals_sim_at_checkpoints_through_sequence_gaps() -> None:
     """250 checkpoints; every 25th tick one `l2_data` frame is lost (numbered, not sent): the connection's
     `sequence_num` shows each gap, every book resubscribes, and every book equals the simulator's after."""
-    sim = sim_for(CoinbaseSim)
-    await sim.start()
-    try:
-        adapter = adapter_for(sim)
-        client, ws = await connect(sim, adapter)
-        async with ws:
-            checkpoints = lost = 0
-            for i in range(250):
-                if i % 25 == 10:
-                    sim.skip_sequence(1)
-                    lost += 1
-                sim.step(20)
-                sim.step(1)  # a loss shows at the next numbered frame: make sure there is one
-                await client.settle()
-                for symbol, book in client.state.books.items():
-                    assert book.top(10**6) == expected_book(sim, adapter, symbol), (i, symbol)
-                checkpoints += 1
+    async with session(CoinbaseSim) as (sim, adapter, client):
+        checkpoints = lost = 0
+        for i in range(250):
+            if i % 25 == 10:
+                sim.skip_sequence(1)
+                lost += 1
+            sim.step(20)
+            sim.step(1)  # a loss shows at the next numbered frame: make sure there is one
+            await client.settle()
+            for symbol, book in client.state.books.items():
+                assert book.top(10**6) == expected_book(sim, adapter, symbol), (i, symbol)
+            checkpoints += 1
         assert checkpoints >= 200
         assert client.gaps == lost == client.state.sequence.lost == 10
         assert client.outcomes[BookOutcome.SYNCED] == len(FIVE) * (1 + lost)  # each gap resynced every book
         assert not client.rejected
-    finally:
-        await sim.stop()
 
 
 async def test_coinbase_protocol_acks_errors_heartbeats_and_deadline() -> None:
@@ -359,46 +349,34 @@ async def test_kraken_book_equals_sim_at_checkpoints_through_lost_and_corrupt_up
     checksum is a mismatch, a lost message is a mismatch unless later messages healed the book, each mismatch
     resubscribes, and at every checkpoint every book equals the simulator's view (depth 25: the top 10, which is
     all the checksum can vouch for; see the adapter README)."""
-    sim = sim_for(KrakenSim)
-    assert isinstance(sim, KrakenSim)
-    await sim.start()
-    try:
-        adapter = adapter_for(sim, depth)
-        reference = Reference(depth)
-        ws = await websockets.connect(sim.ws_url, max_size=2**24)
-        client = Client(sim, adapter, ws)
-        client.on_update = reference.on_update
-        await client.subscribe()
-        await client.until(client.all_valid)
-        async with ws:
-            corrupted = dropped = checkpoints = 0
-            for i in range(250):
-                symbol = FIVE[i % len(FIVE)]
-                if i % 20 == 5:
-                    sim.corrupt_checksum(symbol)
-                    corrupted += 1
-                elif i % 20 == 15:
-                    sim.drop_book_update(symbol)
-                    dropped += 1
-                sim.step(20, symbol if i % 2 else None)
-                sim.step(5, symbol)  # a lost message shows at the symbol's next one (unless that one heals it)
-                await client.settle()
-                for sym, book in client.state.books.items():
-                    want = expected_book(sim, adapter, sym)
-                    got = book.top(10**6)
-                    if depth == 10:
-                        assert got == want, (i, sym)
-                    else:
-                        assert (got[0][:10], got[1][:10]) == (want[0][:10], want[1][:10]), (i, sym)
-                checkpoints += 1
+    reference = Reference(depth)
+    async with session(KrakenSim, depth=depth, on_update=reference.on_update) as (sim, adapter, client):
+        corrupted = dropped = checkpoints = 0
+        for i in range(250):
+            symbol = FIVE[i % len(FIVE)]
+            if i % 20 == 5:
+                sim.corrupt_checksum(symbol)
+                corrupted += 1
+            elif i % 20 == 15:
+                sim.drop_book_update(symbol)
+                dropped += 1
+            sim.step(20, symbol if i % 2 else None)
+            sim.step(5, symbol)  # a lost message shows at the symbol's next one (unless that one heals it)
+            await client.settle()
+            for sym, book in client.state.books.items():
+                want = expected_book(sim, adapter, sym)
+                got = book.top(10**6)
+                if depth == 10:
+                    assert got == want, (i, sym)
+                else:
+                    assert (got[0][:10], got[1][:10]) == (want[0][:10], want[1][:10]), (i, sym)
+            checkpoints += 1
         mismatches = client.outcomes.get(BookOutcome.CHECKSUM_MISMATCH, 0)
         assert checkpoints >= 200
         assert sum(sim.corrupt.values()) == 0 and sum(sim.lose_book.values()) == 0  # every fault was injected
         assert corrupted < mismatches <= corrupted + dropped  # lost updates were seen, the others healed
         assert reference.disagreed == mismatches and reference.agreed >= 500
         assert not client.rejected
-    finally:
-        await sim.stop()
 
 
 async def test_kraken_protocol_status_acks_errors_ping_and_heartbeat() -> None:

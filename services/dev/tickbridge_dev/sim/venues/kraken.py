@@ -25,19 +25,8 @@ from aiohttp import web
 
 from tickbridge.collector.venues import kraken
 from tickbridge.collector.venues.base import KRAKEN
-from tickbridge_dev.sim.venues.common import (
-    COMMON_FAULTS,
-    TRADE_SNAPSHOT,
-    Fault,
-    RestBudget,
-    SimTrade,
-    VenueConn,
-    VenueMarket,
-    VenueServer,
-    iso_us,
-    json_body,
-    since_id,
-)
+from tickbridge_dev.sim.venues import common
+from tickbridge_dev.sim.venues.common import SimTrade, VenueConn, VenueMarket, iso_us
 
 Levels = dict[int, int]
 
@@ -56,21 +45,21 @@ def _num(text: str) -> orjson.Fragment:
     return orjson.Fragment(text.encode())
 
 
-class KrakenSim(VenueServer):
+class KrakenSim(common.VenueServer):
     """Kraken spot WebSocket v2 market data and REST `Trades`/`Depth`."""
 
     exchange = KRAKEN
     separator = "/"
     ws_path = "/v2"
-    faults: ClassVar[dict[str, Fault]] = {
-        **COMMON_FAULTS,
+    faults: ClassVar[dict[str, common.Fault]] = {
+        **common.COMMON_FAULTS,
         "drop_book_update": lambda s, sym, n: s.drop_book_update(str(sym), n or 1),
         "corrupt_checksum": lambda s, sym, n: s.corrupt_checksum(str(sym), n or 1),
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.budget = RestBudget(kraken.LIMITS.rest_per_s, 15)
+        self.budget = common.RestBudget(kraken.LIMITS.rest_per_s, 15)
         #: (symbol, depth) -> the view clients at that depth hold (bids, asks: price -> qty), while subscribed.
         self.views: dict[tuple[str, int], tuple[Levels, Levels]] = {}
         self.lose_book: dict[str, int] = {}
@@ -315,7 +304,7 @@ class KrakenSim(VenueServer):
             self.views.setdefault((vs, depth), (dict(bids), dict(asks)))
             self.send(c, self._book_doc(vs, "snapshot", bids, asks, self._checksum(m, dict(bids), dict(asks))))
         elif snapshot:
-            rows = self._trade_rows(m, m.recent(TRADE_SNAPSHOT))
+            rows = self._trade_rows(m, m.recent(common.TRADE_SNAPSHOT))
             self.send(c, orjson.dumps({"channel": "trade", "type": "snapshot", "data": rows}))
 
     # -- faults ----------------------------------------------------------------------------------------------
@@ -342,10 +331,10 @@ class KrakenSim(VenueServer):
         """The `pair` asked for, or Kraken's answer: HTTP 200 with an `error` list."""
         if not self.budget.take(request.remote or "?"):
             self.metrics.rest.labels(endpoint, "429").inc()
-            return json_body({"error": ["EGeneral:Too many requests"]})
+            return common.json_body({"error": ["EGeneral:Too many requests"]})
         vs = self._pairs.get(request.query.get("pair", "").upper())
         if vs is None:
-            return json_body({"error": ["EQuery:Unknown asset pair"]})
+            return common.json_body({"error": ["EQuery:Unknown asset pair"]})
         self.metrics.rest.labels(endpoint, "200").inc()
         return self.markets[vs]
 
@@ -358,9 +347,9 @@ class KrakenSim(VenueServer):
         try:
             count = max(1, min(int(request.query.get("count", "1000")), kraken.TRADES_PAGE))
             since = request.query.get("since")
-            start = None if since is None else since_id(m, int(since) // 1000)
+            start = None if since is None else common.since_id(m, int(since) // 1000)
         except ValueError:
-            return json_body({"error": ["EGeneral:Invalid arguments"]})
+            return common.json_body({"error": ["EGeneral:Invalid arguments"]})
         h = m.market.history
         if since is None:
             rows = m.recent(count)
@@ -381,7 +370,7 @@ class KrakenSim(VenueServer):
             for t in rows
         ]
         last = str(rows[-1].time_us * 1000) if rows else str(since or 0)
-        return json_body({"error": [], "result": {request.query["pair"].upper(): out, "last": last}})
+        return common.json_body({"error": [], "result": {request.query["pair"].upper(): out, "last": last}})
 
     async def _depth(self, request: web.Request) -> web.Response:
         m = self._market(request, "Depth")
@@ -390,8 +379,8 @@ class KrakenSim(VenueServer):
         try:
             count = max(1, min(int(request.query.get("count", "100")), kraken.MAX_REST_LEVELS))
         except ValueError:
-            return json_body({"error": ["EGeneral:Invalid arguments"]})
+            return common.json_body({"error": ["EGeneral:Invalid arguments"]})
         bids, asks = m.book_text(count)
         now = int(time.time())
         book = {"asks": [[p, q, now] for p, q in asks], "bids": [[p, q, now] for p, q in bids]}
-        return json_body({"error": [], "result": {request.query["pair"].upper(): book}})
+        return common.json_body({"error": [], "result": {request.query["pair"].upper(): book}})
