@@ -11,6 +11,7 @@ places each one after a generation tick and reads until it has every frame the s
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -29,7 +30,9 @@ from tickbridge.collector.venues.base import BookOutcome, ConnectionState, SeqOu
 from tickbridge.collector.venues.coinbase import CoinbaseAdapter
 from tickbridge.collector.venues.kraken import KrakenAdapter
 from tickbridge_dev.sim import SimConfig
+from tickbridge_dev.sim.main import add_arguments, config_from
 from tickbridge_dev.sim.venues import CoinbaseSim, KrakenSim, VenueServer
+from tickbridge_dev.sim.venues.common import venue_symbols
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -408,3 +411,50 @@ async def test_kraken_protocol_status_acks_errors_ping_and_heartbeat() -> None:
                 kinds.update(e.kind for e in frame.events if isinstance(e, base.Control))
     finally:
         await sim.stop()
+
+
+# ---------------------------------------------------------------------------------------------- REST, CLI
+
+
+async def test_rest_budgets_answer_as_the_venues_do() -> None:
+    """Past the public budget Coinbase answers 429, Kraken an `EGeneral:Too many requests` error; an unknown
+    product or pair is refused the venue's way, and the adapters read those answers as one `VenueError`."""
+    for kind in (CoinbaseSim, KrakenSim):
+        sim = sim_for(kind)
+        await sim.start()
+        try:
+            adapter = adapter_for(sim)
+            inst = adapter.symbols.by_symbol["BTCUSD"]
+            req = adapter.snapshot_request(inst, 10)
+            assert req is not None
+            book = adapter.parse_snapshot(inst, await rest_get(req), RECV)
+            assert (list(book.bids), list(book.asks)) == tuple(map(list, sim.markets[inst.venue_symbol].book_text(10)))
+            async with aiohttp.ClientSession() as http:
+                answers = []
+                for _ in range(20):
+                    async with http.get(req.base + req.path, params=list(req.params)) as r:
+                        answers.append((r.status, await r.read()))
+                bad = {"pair": "NOPEUSD"} if kind is KrakenSim else {}
+                path = req.path if kind is KrakenSim else "/products/NOPE-USD/trades"
+                await asyncio.sleep(1.1)  # one token back
+                async with http.get(req.base + path, params=bad) as r:
+                    unknown = (r.status, await r.read())
+            if kind is CoinbaseSim:
+                assert answers[-1][0] == 429 and unknown[0] == 404
+            else:
+                assert answers[-1] == (200, b'{"error":["EGeneral:Too many requests"]}')
+                with pytest.raises(base.VenueError, match="Unknown asset pair"):
+                    adapter.parse_snapshot(inst, unknown[1], RECV)
+        finally:
+            await sim.stop()
+
+
+def test_cli_venue_option() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from(parser.parse_args(["--venue", "coinbase", "--symbols", "BTCUSDT,eth-usd"]), ())
+    assert venue_symbols(config.symbols, "/") == ("BTC/USDT", "ETH/USD")
+    for bad in (["--venue", "kraken", "--mode", "replay", "--replay", "x"], ["--venue", "kraken", "--symbols", "FOO"]):
+        with pytest.raises(SystemExit):
+            config_from(parser.parse_args(bad), ("BTCUSDT",))
+    assert parser.parse_args([]).venue == "binance_spot"

@@ -48,7 +48,7 @@ def venue_symbols(symbols: tuple[str, ...], separator: str) -> tuple[str, ...]:
             continue
         quote = next((q for q in QUOTES if s.endswith(q) and len(s) > len(q)), None)
         if quote is None:
-            raise ValueError(f"symbol {s!r}: no known quote currency ({', '.join(QUOTES)}); give BASE{separator}QUOTE")
+            raise ValueError(f"symbol {s!r}: no known quote currency ({', '.join(QUOTES)}); give BASE-QUOTE")
         out.append(f"{s[: -len(quote)]}{separator}{quote}")
     return tuple(out)
 
