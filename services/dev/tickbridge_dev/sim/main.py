@@ -133,5 +133,5 @@ def run_command(args: argparse.Namespace) -> None:
     config = config_from(args, settings.symbols)
     metrics_port = settings.metrics_port_for("sim") if args.metrics_port is None else args.metrics_port
     serve_metrics(metrics_port, settings.metrics_bind)
-    log.info("sim %s %s on %s:%d, %d symbols", args.venue, config.mode, config.host, config.port, len(config.symbols))
+    log.info("sim %s on %s:%d, %d symbols", config.mode, config.host, config.port, len(config.symbols))
     run_service(lambda: SimService(config, args.venue))
