@@ -32,7 +32,7 @@ from tickbridge.collector.venues.kraken import KrakenAdapter
 from tickbridge_dev.sim import SimConfig
 from tickbridge_dev.sim.main import add_arguments, config_from
 from tickbridge_dev.sim.venues import CoinbaseSim, KrakenSim, VenueServer
-from tickbridge_dev.sim.venues.common import venue_symbols
+from tickbridge_dev.sim.venues.common import VenueConn, venue_symbols
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -52,7 +52,7 @@ def adapter_for(sim: VenueServer, depth: int = 10) -> Adapter:
 class Client:
     """One connection through the adapter: trades by symbol, books, the connection's numbering, outcomes."""
 
-    def __init__(self, sim: VenueServer, adapter: Adapter, ws: ClientConnection) -> None:
+    def __init__(self, sim: VenueServer, adapter: Adapter, ws: ClientConnection, before: set[VenueConn]) -> None:
         self.sim, self.adapter, self.ws = sim, adapter, ws
         self.instruments = [adapter.symbols.venue(s) for s in sim.symbols]
         self.state = ConnectionState()
@@ -64,14 +64,23 @@ class Client:
         self.received = 0
         self.rejected: list[base.Rejected] = []
         self.on_update: Callable[[base.BookUpdate, BookOutcome], None] | None = None
+        self._before = before  # the server's connections before this one
+        self.conn: VenueConn | None = None
 
     async def subscribe(self) -> None:
+        """Subscribe, and find this connection's server side (the one that was not there before)."""
         for msg in self.adapter.subscribe_messages(self.instruments):
             await self.ws.send(msg)
+        while self.conn is None:
+            new = self.sim.conns - self._before
+            if new:
+                (self.conn,) = new
+            else:
+                await asyncio.sleep(0.01)
 
     def server_frames(self) -> int:
-        (conn,) = self.sim.conns
-        return conn.frames
+        assert self.conn is not None
+        return self.conn.frames
 
     async def read(self) -> None:
         raw = await asyncio.wait_for(self.ws.recv(), 10)
@@ -166,8 +175,9 @@ async def session(
     await sim.start()
     try:
         adapter = adapter_for(sim, depth)
+        before = set(sim.conns)
         async with websockets.connect(sim.ws_url, max_size=2**24) as ws:
-            client = Client(sim, adapter, ws)
+            client = Client(sim, adapter, ws, before)
             client.on_update = on_update
             await client.subscribe()
             await client.until(client.all_valid)
@@ -235,8 +245,9 @@ async def test_disconnect_seen_and_a_new_connection_resyncs(kind: type[VenueServ
             await client.read()
         assert closed.value.rcvd is None  # no close frame: 1006
         sim.step(40)
+        before = set(sim.conns)
         async with websockets.connect(sim.ws_url, max_size=2**24) as ws2:
-            client2 = Client(sim, adapter, ws2)
+            client2 = Client(sim, adapter, ws2, before)
             await client2.subscribe()
             sim.step(40)
             await client2.settle()
@@ -286,6 +297,7 @@ async def test_coinbase_protocol_acks_errors_heartbeats_and_deadline() -> None:
         async with websockets.connect(sim.ws_url) as ws:  # no subscription: closed at the deadline
             with pytest.raises(websockets.ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 5)
+        sim.subscribe_deadline_s = 30.0  # the next connection takes its time on a loaded machine
         async with websockets.connect(sim.ws_url) as ws:
             await ws.send(b'{"type":"subscribe","channel":"level2","product_ids":["NOPE-USD"]}')
             bad = adapter.parse_frame(await ws.recv(), RECV)
@@ -409,6 +421,38 @@ async def test_kraken_protocol_status_acks_errors_ping_and_heartbeat() -> None:
                 frame = adapter.parse_frame(await asyncio.wait_for(ws.recv(), 3), RECV)
                 assert isinstance(frame, base.Frame)
                 kinds.update(e.kind for e in frame.events if isinstance(e, base.Control))
+    finally:
+        await sim.stop()
+
+
+@pytest.mark.parametrize("kind", [CoinbaseSim, KrakenSim])
+async def test_two_connections_each_kept_right(kind: type[VenueServer]) -> None:
+    """Two clients at once (Kraken: depths 10 and 100, two views of one book; Coinbase: each connection numbered
+    from 0 on its own): both books follow the simulator's through 100 ticks, one loss hits only its connection."""
+    sim = sim_for(kind)
+    await sim.start()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = []
+            for depth in (10, 100):
+                adapter = adapter_for(sim, depth)
+                before = set(sim.conns)
+                ws = await stack.enter_async_context(websockets.connect(sim.ws_url, max_size=2**24))
+                client = Client(sim, adapter, ws, before)
+                await client.subscribe()
+                await client.until(client.all_valid)
+                clients.append(client)
+            for i in range(100):
+                if i == 50 and clients[0].conn is not None:
+                    clients[0].conn.lose += 1  # Coinbase: the first connection loses one message, not the second
+                sim.step(20)
+                sim.step(1)
+                for client in clients:
+                    await client.settle()
+                    for symbol, book in client.state.books.items():
+                        assert book.top(10**6) == expected_book(sim, client.adapter, symbol), (i, symbol)
+            if isinstance(sim, CoinbaseSim):
+                assert [c.gaps for c in clients] == [1, 0]
     finally:
         await sim.stop()
 
