@@ -234,6 +234,35 @@ async def test_missed_trades_backfilled_through_rest(kind: type[VenueServer]) ->
 
 
 @pytest.mark.parametrize("kind", [CoinbaseSim, KrakenSim])
+async def test_trades_older_than_the_history_stay_missing(kind: type[VenueServer]) -> None:
+    """A venue keeps a bounded history: a gap reaching past it is filled only from the oldest trade still held;
+    the rest stays missing (what the collector counts as lost), and nothing outside the gap comes back."""
+    sim = kind(SimConfig(symbols=FIVE, rate=0.0, seed=7, history_per_symbol=1000))
+    await sim.start()
+    try:
+        adapter = adapter_for(sim)
+        before = set(sim.conns)
+        async with websockets.connect(sim.ws_url, max_size=2**24) as ws:
+            client = Client(sim, adapter, ws, before)
+            await client.subscribe()
+            await client.until(client.all_valid)
+            sim.step(10, "ETHUSD")
+            sim.skip_trades("ETHUSD", 1500)
+            sim.step(1600, "ETHUSD")
+            await client.settle()
+        ids = [t.trade_id for t in client.trades["ETHUSD"]]
+        (a, b) = next((a, b) for a, b in itertools.pairwise(ids) if b != a + 1)
+        after = next(t.timestamp for t in client.trades["ETHUSD"] if t.trade_id == a)
+        gap = TradeGap("ETHUSD", a + 1, b - 1, after)
+        got, _ = await backfill(adapter, "ETHUSD", gap)
+        oldest = sim.markets[adapter.symbols.by_symbol["ETHUSD"].venue_symbol].market.history.oldest_id
+        assert oldest is not None and gap.first < oldest <= gap.last
+        assert [t.trade_id for t in got] == list(range(oldest, gap.last + 1))  # the held part, by ID
+    finally:
+        await sim.stop()
+
+
+@pytest.mark.parametrize("kind", [CoinbaseSim, KrakenSim])
 async def test_disconnect_seen_and_a_new_connection_resyncs(kind: type[VenueServer]) -> None:
     """`drop_connections`: the client sees an abnormal close (1006); a new connection gets fresh snapshots and
     the trades missed meanwhile are in REST."""

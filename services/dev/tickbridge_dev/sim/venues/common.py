@@ -14,7 +14,6 @@ import logging
 import random
 import time
 from abc import abstractmethod
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -447,10 +446,3 @@ def since_id(m: VenueMarket, after_us: int) -> int | None:
 
 def json_body(doc: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
-
-
-def recent_window(times: deque[float], now: float, span: float) -> int:
-    """Drop entries older than `span` from `times` (oldest first) and count the rest."""
-    while times and now - times[0] > span:
-        times.popleft()
-    return len(times)
