@@ -29,6 +29,9 @@ back-fill), `stall(seconds)` (nothing sent, not even pings; the backlog follows 
 `duplicate_depth(sym)`, `big_diff(sym, n)` (~n-level diff with Binance's capped quantity).
 `stats()` / `GET /_sim/stats`; `set_rate()` / `POST /_sim/rate {"rate": r}`.
 Replay mode serves a capture (see `replay.py`).
+
+Coinbase and Kraken (issue 18): `tickbridge_dev.sim.venues` (`CoinbaseSim`, `KrakenSim`, same config, one port
+each; `tickbridge sim --venue coinbase|kraken`); see `venues/README.md`.
 """
 
 from tickbridge_dev.sim.config import SimConfig

@@ -10,11 +10,14 @@ from typing import NoReturn
 from prometheus_client import REGISTRY
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
+from tickbridge.collector.venues.base import BINANCE_SPOT, EXCHANGES
 from tickbridge.core.lifecycle import Service, run_service, setup_logging
 from tickbridge.core.metrics import serve_metrics
 from tickbridge.core.settings import die, load_settings
 from tickbridge_dev.sim.config import SimConfig
 from tickbridge_dev.sim.server import SimServer
+from tickbridge_dev.sim.venues import VENUES, VenueServer
+from tickbridge_dev.sim.venues.common import venue_symbols
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +27,15 @@ class SimService(Service):
 
     name = "sim"
 
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, venue: str = BINANCE_SPOT) -> None:
         super().__init__()
         self.config = config
-        self.sim: SimServer | None = None
+        self.venue = venue
+        self.sim: SimServer | VenueServer | None = None
 
     async def run(self) -> None:
-        self.sim = SimServer(self.config, registry=REGISTRY)
+        venue = VENUES.get(self.venue)
+        self.sim = SimServer(self.config, registry=REGISTRY) if venue is None else venue(self.config, REGISTRY)
         await self.sim.start()
         try:
             while not await self.sleep_or_stop(0.5):
@@ -51,6 +56,12 @@ def _byte_size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `tickbridge sim` (the CLI's sub-parser)."""
+    p.add_argument(
+        "--venue",
+        choices=EXCHANGES,
+        default=BINANCE_SPOT,
+        help="the exchange protocol to speak (coinbase, kraken: synthetic mode only, one venue per process)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9443)
     p.add_argument("--mode", choices=("synthetic", "replay"), default="synthetic")
@@ -83,6 +94,14 @@ def config_from(a: argparse.Namespace, default_symbols: tuple[str, ...]) -> SimC
     )
     if not symbols:
         error("--symbols: at least one symbol is required")
+    venue = getattr(a, "venue", BINANCE_SPOT)
+    if venue != BINANCE_SPOT:
+        if a.mode != "synthetic":
+            error(f"--venue {venue}: only --mode synthetic")
+        try:
+            venue_symbols(symbols, "-")
+        except ValueError as exc:
+            error(f"--symbols: {exc}")
     if a.mode == "replay" and not a.replay:
         error("--mode replay needs --replay FILE")
     for path in a.replay:
@@ -115,4 +134,4 @@ def run_command(args: argparse.Namespace) -> None:
     metrics_port = settings.metrics_port_for("sim") if args.metrics_port is None else args.metrics_port
     serve_metrics(metrics_port, settings.metrics_bind)
     log.info("sim %s on %s:%d, %d symbols", config.mode, config.host, config.port, len(config.symbols))
-    run_service(lambda: SimService(config))
+    run_service(lambda: SimService(config, args.venue))

@@ -78,6 +78,15 @@ class TradeHistory:
     def last_id(self) -> int | None:
         return None if self.first_id is None else self.first_id + self.count - 1
 
+    def row(self, trade_id: int) -> tuple[int, int, int, bool] | None:
+        """(price, qty, time, buyer_maker) of one held trade, None if not held (evicted or not yet made)."""
+        last, oldest = self.last_id, self.oldest_id
+        if last is None or oldest is None or not oldest <= trade_id <= last:
+            return None
+        assert self.first_id is not None
+        slot = (trade_id - self.first_id) % self.cap
+        return self._price[slot], self._qty[slot], self._time[slot], bool(self._maker[slot])
+
     @property
     def oldest_id(self) -> int | None:
         """Oldest trade still held (older ones were evicted)."""
@@ -129,12 +138,20 @@ def _pow10_units(exponent: int) -> int:
 class SymbolMarket:
     """One symbol's book, tape, ID counters and pending diff windows."""
 
-    def __init__(self, symbol: str, seed: int, depth_levels: int, history_cap: int, updates_per_trade: float) -> None:
+    def __init__(
+        self,
+        symbol: str,
+        seed: int,
+        depth_levels: int,
+        history_cap: int,
+        updates_per_trade: float,
+        reference: float | None = None,
+    ) -> None:
         self.symbol = symbol
         self.stream_prefix = symbol.lower()
         self.rng = random.Random(f"{seed}:{symbol}")
         rng = self.rng
-        ref = REFERENCE_PRICES.get(symbol) or 10.0 ** ((zlib.crc32(symbol.encode()) % 500) / 100.0 - 2.0)
+        ref = reference or REFERENCE_PRICES.get(symbol) or 10.0 ** ((zlib.crc32(symbol.encode()) % 500) / 100.0 - 2.0)
         # Tick ~1e-6 of the price (0.01 for BTC), lot ~ one unit of quote currency.
         self.tick = _pow10_units(min(math.floor(math.log10(ref)) - 6, -2))
         self.lot = _pow10_units(min(math.floor(math.log10(1.0 / ref)), 0))
@@ -318,6 +335,14 @@ class SymbolMarket:
         self.w1000_bids = {}
         self.w1000_asks = {}
         return msg
+
+    def take_changes(self) -> tuple[dict[int, int], dict[int, int]]:
+        """The levels changed since the last call (price -> final qty, 0 = removed), bids and asks; both
+        Binance windows are reset (the Coinbase and Kraken simulators number nothing per symbol)."""
+        bids, asks = self.w100_bids, self.w100_asks
+        self.w100_first = self.w1000_first = 0
+        self.w100_bids, self.w100_asks, self.w1000_bids, self.w1000_asks = {}, {}, {}, {}
+        return bids, asks
 
     def skip_update_ids(self, n: int) -> None:
         """Lose the pending diff windows and jump the counter by `n`: the next event's U leaves a gap."""

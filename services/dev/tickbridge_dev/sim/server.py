@@ -8,16 +8,13 @@ module wires them together and owns the lifecycle, the stats and the `/_sim` con
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
-from collections.abc import Coroutine
 from typing import Any
 
-import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from tickbridge_dev.sim.app import SimApp
 from tickbridge_dev.sim.config import SimConfig
 from tickbridge_dev.sim.faults import FaultInjection
 from tickbridge_dev.sim.market import SymbolMarket
@@ -31,16 +28,12 @@ from tickbridge_dev.sim.synthetic import SyntheticSource
 log = logging.getLogger(__name__)
 
 
-class SimServer(FaultInjection):
+class SimServer(FaultInjection, SimApp):
     """The simulator; see the package docstring for the in-process API."""
 
     def __init__(self, config: SimConfig, registry: CollectorRegistry | None = None) -> None:
-        self.config = config
+        SimApp.__init__(self, config)
         self.metrics = SimMetrics(registry if registry is not None else CollectorRegistry())
-        self.failed: BaseException | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._runner: web.AppRunner | None = None
-        self._port = 0
         self._faults: dict[str, int] = {}
         self.hub = Hub(config, self.metrics, self._spawn, self._on_connect)
         self.source: MarketSource
@@ -55,16 +48,8 @@ class SimServer(FaultInjection):
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        return self._port
-
-    @property
     def ws_url(self) -> str:
         return f"ws://{self.config.host}:{self._port}"
-
-    @property
-    def rest_url(self) -> str:
-        return f"http://{self.config.host}:{self._port}"
 
     async def start(self) -> None:
         """Listen and start generating (synthetic) or wait for the first client (replay)."""
@@ -72,37 +57,12 @@ class SimServer(FaultInjection):
         self.hub.add_routes(app)
         self.rest.add_routes(app)
         app.router.add_post("/_sim/fault", self.http_fault)
-        app.router.add_get("/_sim/stats", self._http_stats)
-        app.router.add_post("/_sim/rate", self._http_rate)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-        await site.start()
-        self._port = int(self._runner.addresses[0][1])
-        self._spawn(self.source.run())
-        self._spawn(self.hub.housekeeping_loop())
+        await self.serve(app, self.source.run(), self.hub.housekeeping_loop())
         log.info("sim (%s) listening on %s", self.config.mode, self.rest_url)
 
     async def stop(self) -> None:
         """Close every connection and the listener."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.hub.abort_all()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.failed = task.exception()
-            log.critical("sim task crashed", exc_info=self.failed)
+        await self.shutdown(self.hub.abort_all)
 
     def _on_connect(self) -> None:
         self.source.on_connect()
@@ -172,19 +132,3 @@ class SimServer(FaultInjection):
     def book(self, symbol: str) -> tuple[dict[int, int], dict[int, int], int]:
         """Internal book (bids, asks in 1e-8 units) and its update ID: the oracle for snapshot tests."""
         return self.source.book(self.source.known(symbol))
-
-    # -- control plane over HTTP -----------------------------------------------------------------------------
-
-    async def _http_stats(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(self.stats()), content_type="application/json")
-
-    async def _http_rate(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json(loads=orjson.loads)
-            rate = float(body["rate"])
-            if not math.isfinite(rate) or rate < 0:
-                raise ValueError("rate must be >= 0")
-        except (ValueError, TypeError, KeyError) as exc:
-            return web.json_response({"ok": False, "error": str(exc)}, status=400)
-        self.set_rate(rate)
-        return web.json_response({"ok": True, "rate": self.rate})
