@@ -17,6 +17,8 @@
 --        contract's field order for the key pair k (the common case)
 --   'w', id, target_index, warm_index, score, member, nfields, field, value, ...: any other valid trade
 --   'p', id, target_index, nfields, field, value, ...: an order-book diff
+--   'q', id, target_index, book_index, nfields, field, value, ...: an order-book diff or whole book (BOOK) in
+--        the contract's field order, also applied to the Brain's book at KEYS[book_index..+4] (book.lua)
 --   'D', id, dead_letter_index, maxlen, nfields, field, value, ... (with the reason): a dead letter, in a
 --        stream capped at maxlen entries (XADD MAXLEN =; the evicted oldest ones are counted)
 --   'd', id, dead_letter_index, nfields, field, value, ...: a dead letter without a cap (older consumers)
@@ -113,6 +115,11 @@ local function ingest(keys, args)
         maxlen = args[i]
         i = i + 1
       end
+      local book_index = 0
+      if kind == 'q' then
+        book_index = tonumber(args[i])
+        i = i + 1
+      end
       local nfields = tonumber(args[i])
       local dead_letter = kind == 'd' or kind == 'D'
       local before = 0
@@ -146,6 +153,15 @@ local function ingest(keys, args)
       elseif call('XACK', stream, group, id) == 1 then
         if warm_index > 0 then
           add_warm(warm, keys[warm_index], score, member)
+        end
+        if book_index > 0 then
+          if args[i + 6] == 'BOOK' then
+            book_snapshot(keys, book_index, args[i + 2], args[i + 10], args[i + 8], args[i + 12], args[i + 14],
+                          args[i + 16])
+          else
+            book_diff(keys, book_index, args[i + 2], args[i + 10], args[i + 12], args[i + 8], args[i + 14],
+                      args[i + 16], args[i + 18])
+          end
         end
         written = written + 1
       else

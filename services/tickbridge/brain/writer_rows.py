@@ -15,7 +15,7 @@ from questdb.ingress import IngressError
 from tickbridge.brain.writer_base import TableBatch
 from tickbridge.brain.writer_streams import WriterStreams
 from tickbridge.core import keys
-from tickbridge.core.wire import ilp_depth, ilp_trade, symbol_trade
+from tickbridge.core.wire import ilp_book, ilp_depth, ilp_trade, symbol_trade
 
 log = logging.getLogger("tickbridge.brain.writer")
 
@@ -83,6 +83,14 @@ class WriterRows(WriterStreams):
                 batch.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
                 first_update_id=int(f[b"first_update_id"]), last_update_id=int(f[b"last_update_id"]),
                 bids=_levels(f[b"bids"]), asks=_levels(f[b"asks"]), recv_ts=recv_ts, timestamp=int(f[b"timestamp"]),
+            )  # fmt: skip
+        elif kind == b"BOOK":  # a whole book, in the depth stream between the diffs it follows (issue 17)
+            recv_ts = int(f[b"recv_ts"])
+            batch = self.batches[keys.BOOK_TABLE]
+            ilp_book(
+                batch.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
+                last_update_id=int(f[b"last_update_id"]), bids=_levels(f[b"bids"]), asks=_levels(f[b"asks"]),
+                recv_ts=recv_ts, timestamp=int(f[b"timestamp"]),
             )  # fmt: skip
         else:
             raise ValueError(f"unknown type {kind[:20]!r}")

@@ -45,6 +45,9 @@ class BookSync(Session):
             self.metrics.book_valid.labels(ev.symbol).set(0)
             self._request_snapshot(ev.symbol, 0.0)
 
+    def _on_synced(self, symbol: str, out: list[Item]) -> None:
+        """A book became valid (after the diffs it applied are in `out`); `BookPublish` appends it whole."""
+
     def _invalidate_books(self, gen: int) -> None:
         """The primary is gone without a replacement: what changed meanwhile is unknown, so no book counts
         as valid until the next connection tells. Its first event for a book either continues the book's
@@ -102,6 +105,7 @@ class BookSync(Session):
             backoff.reset()
             self._joined[symbol] = self.primary_gen
             self.metrics.book_valid.labels(symbol).set(1)
+            self._on_synced(symbol, out)
             log.info("%s: book synced at %d (%d buffered events applied)", symbol, sync.book.last_update_id,
                      len(applied))  # fmt: skip
         else:  # STALE or GAP: keep buffering, fetch again

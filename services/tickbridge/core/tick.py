@@ -130,3 +130,24 @@ class DepthDiff:
 
 
 Tick = Trade | DepthDiff
+
+
+@dataclass(frozen=True, slots=True)
+class BookSnapshot:
+    """A whole local order book at `last_update_id` (the collector's, `type=BOOK` entry): bids high->low, asks
+    low->high, the exchange's decimal strings. `timestamp` is the exchange time of the last diff applied (µs)."""
+
+    symbol: str
+    timestamp: int
+    last_update_id: int
+    bids: tuple[Level, ...]
+    asks: tuple[Level, ...]
+    recv_ts: int
+    exchange: str = EXCHANGE
+
+    def __post_init__(self) -> None:
+        check_symbol(self.symbol)
+        check_exchange(self.exchange)
+        check_int("timestamp", self.timestamp, MIN_TS_US, MAX_TS_US)
+        check_int("last_update_id", self.last_update_id)
+        check_int("recv_ts", self.recv_ts, MIN_TS_US, MAX_TS_US)

@@ -41,6 +41,7 @@ from tickbridge.core.tick import (
     MAX_ID,
     MAX_TS_US,
     MIN_TS_US,
+    BookSnapshot,
     DepthDiff,
     Tick,
     TickError,
@@ -112,6 +113,53 @@ def encode_depth(d: DepthDiff) -> list[str | int]:
         "first_update_id", d.first_update_id, "last_update_id", d.last_update_id,
         "bids", orjson.dumps(d.bids).decode(), "asks", orjson.dumps(d.asks).decode(), "recv_ts", d.recv_ts,
     ]  # fmt: skip
+
+
+#: Field order of a whole-book entry (issue 17): the collector's book when it (re)syncs or the Brain asks.
+BOOK_FIELDS: tuple[str, ...] = (
+    "symbol", "exchange", "type", "timestamp", "last_update_id", "bids", "asks", "recv_ts",
+)  # fmt: skip
+BOOK_TYPE = "BOOK"
+
+
+def encode_book(b: BookSnapshot) -> list[str | int]:
+    """Flat `field, value, …` list of a whole book (levels as JSON `[[price, qty], …]`), ready for XADD."""
+    return [
+        "symbol", b.symbol, "exchange", b.exchange, "type", BOOK_TYPE, "timestamp", b.timestamp,
+        "last_update_id", b.last_update_id, "bids", orjson.dumps(b.bids).decode(),
+        "asks", orjson.dumps(b.asks).decode(), "recv_ts", b.recv_ts,
+    ]  # fmt: skip
+
+
+def is_book_entry(fields: Sequence[bytes] | None) -> bool:
+    """True for a `type=BOOK` entry (decode it with `decode_book`, not `decode_entry`)."""
+    return entry_field(fields, b"type") == BOOK_TYPE.encode()
+
+
+def decode_book(raw: Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes]) -> BookSnapshot:
+    """Decode and validate a `type=BOOK` entry with exactly `BOOK_FIELDS`; raises `TickError`."""
+    if not isinstance(raw, Mapping):
+        if len(raw) > 2 * len(BOOK_FIELDS):
+            raise TickError(f"{len(raw) // 2} fields, more than a book's {len(BOOK_FIELDS)}")
+        if sum(map(len, raw)) > MAX_ENTRY_BYTES:
+            raise TickError(f"more than {MAX_ENTRY_BYTES} bytes")
+    fields = normalize_fields(raw)
+    if set(fields) != set(BOOK_FIELDS) or _text(fields, "type") != BOOK_TYPE:
+        raise TickError(f"not a book entry: fields {sorted(fields)[:12]}")
+    try:
+        bids = orjson.loads(fields["bids"])
+        asks = orjson.loads(fields["asks"])
+    except orjson.JSONDecodeError as exc:
+        raise TickError(f"bids/asks: invalid JSON: {exc}") from None
+    return BookSnapshot(
+        symbol=fields["symbol"],
+        exchange=fields["exchange"],
+        timestamp=_integer(fields, "timestamp"),
+        last_update_id=_integer(fields, "last_update_id"),
+        bids=check_levels("bids", bids),
+        asks=check_levels("asks", asks),
+        recv_ts=_integer(fields, "recv_ts"),
+    )
 
 
 def encode_tick(tick: Tick) -> list[str | int]:
@@ -343,6 +391,13 @@ DEPTH_DDL = (
     "TIMESTAMP(timestamp) PARTITION BY DAY WAL DEDUP UPSERT KEYS(timestamp, exchange, symbol, last_update_id)"
 )
 
+#: Whole books: one row per BOOK entry, levels as DOUBLE[][] like `depth_updates` (same rebuild arithmetic).
+BOOK_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {keys.BOOK_TABLE} (timestamp TIMESTAMP, exchange SYMBOL, symbol SYMBOL, "
+    "last_update_id LONG, bids DOUBLE[][], asks DOUBLE[][], recv_ts TIMESTAMP) "
+    "TIMESTAMP(timestamp) PARTITION BY DAY WAL DEDUP UPSERT KEYS(timestamp, exchange, symbol, last_update_id)"
+)
+
 
 def vps_buffer_ddl(table: str = keys.VPS_BUFFER_TABLE) -> str:
     """The VPS spill buffer: one row per stream entry, `ts` strictly increasing in ID order."""
@@ -394,6 +449,18 @@ def ilp_depth(
             "asks": asks,
             "recv_ts": TimestampMicros(recv_ts),
         },
+        at=TimestampMicros(timestamp),
+    )
+
+
+def ilp_book(
+    buffer: Buffer, exchange: str, symbol: str, last_update_id: int, bids: Any, asks: Any, recv_ts: int, timestamp: int
+) -> None:
+    """One `book_snapshots` row into an ILP buffer (`bids`/`asks` as float64 arrays of shape (n, 2))."""
+    buffer.row(
+        keys.BOOK_TABLE,
+        symbols={"exchange": exchange, "symbol": symbol},
+        columns={"last_update_id": last_update_id, "bids": bids, "asks": asks, "recv_ts": TimestampMicros(recv_ts)},
         at=TimestampMicros(timestamp),
     )
 

@@ -1,0 +1,103 @@
+-- Order books on the Brain (issue 17). Not a library of its own: `brain/common.py` puts this text into the
+-- tickbridge_brain library ahead of brain.lua's functions, so the ingest call applies a book entry or a diff
+-- in the same atomic step that writes and acks it.
+--
+-- Per symbol, four keys (`core/keys.py` book_keys): state hash {last_update_id, timestamp, recv_ts, valid,
+-- reason}, bids and asks sorted sets (member = the price string, score = the price) and a quantity hash
+-- ('b' .. price / 'a' .. price -> the quantity string). Exact decimal strings stay exact; the score only
+-- orders them. Rules (Binance's, applied by the Brain itself):
+--   BOOK at u: replaces the book and makes it valid, unless the book is valid and already at u or later;
+--   DEPTH [U, u] on a valid book at L: u <= L stale (ignored); U <= L + 1 apply; U > L + 1 a break: invalid;
+--   any diff on an invalid or missing book: ignored, and the symbol is asked for (the wanted set).
+-- Never serves an invalid book as valid: the reader gets the state hash with the levels in one call.
+
+local function book_levels(zkey, qkey, tag, levels)
+  -- Absolute quantities; a zero quantity removes the level.
+  for _, level in ipairs(levels) do
+    local price, qty = level[1], level[2]
+    if tonumber(qty) == 0 then
+      redis.call('ZREM', zkey, price)
+      redis.call('HDEL', qkey, tag .. price)
+    else
+      redis.call('ZADD', zkey, tonumber(price), price)
+      redis.call('HSET', qkey, tag .. price, qty)
+    end
+  end
+end
+
+local function book_fill(zkey, qkey, tag, levels)
+  -- A whole side into emptied keys, in chunks (Lua's C stack limits unpack).
+  local z, h = {}, {}
+  for _, level in ipairs(levels) do
+    if tonumber(level[2]) ~= 0 then
+      z[#z + 1] = tonumber(level[1]); z[#z + 1] = level[1]
+      h[#h + 1] = tag .. level[1]; h[#h + 1] = level[2]
+    end
+  end
+  for from = 1, #z, 2000 do
+    redis.call('ZADD', zkey, unpack(z, from, math.min(from + 1999, #z)))
+    redis.call('HSET', qkey, unpack(h, from, math.min(from + 1999, #h)))
+  end
+end
+
+-- A diff for the book at keys[k..k+3] (wanted set keys[k+4]). Returns 'applied', 'stale', 'invalid' or 'gap'.
+local function book_diff(keys, k, symbol, first_id, last_id, ts, bids, asks, recv_ts)
+  local state = keys[k]
+  local st = redis.call('HMGET', state, 'valid', 'last_update_id')
+  if st[1] ~= '1' then
+    redis.call('SADD', keys[k + 4], symbol)
+    return 'invalid'
+  end
+  local last, u = tonumber(st[2]), tonumber(last_id)
+  if u <= last then
+    return 'stale'
+  end
+  if tonumber(first_id) > last + 1 then
+    redis.call('HSET', state, 'valid', '0', 'reason', 'update-ID break: book at ' .. st[2] .. ', diff from ' .. first_id)
+    redis.call('SADD', keys[k + 4], symbol)
+    return 'gap'
+  end
+  book_levels(keys[k + 1], keys[k + 3], 'b', cjson.decode(bids))
+  book_levels(keys[k + 2], keys[k + 3], 'a', cjson.decode(asks))
+  redis.call('HSET', state, 'last_update_id', last_id, 'timestamp', ts, 'recv_ts', recv_ts)
+  return 'applied'
+end
+
+-- A whole book. Returns 'replaced' or 'stale'.
+local function book_snapshot(keys, k, symbol, last_id, ts, bids, asks, recv_ts)
+  local state = keys[k]
+  local st = redis.call('HMGET', state, 'valid', 'last_update_id')
+  if st[1] == '1' and tonumber(st[2]) >= tonumber(last_id) then
+    return 'stale'
+  end
+  redis.call('DEL', keys[k + 1], keys[k + 2], keys[k + 3])
+  book_fill(keys[k + 1], keys[k + 3], 'b', cjson.decode(bids))
+  book_fill(keys[k + 2], keys[k + 3], 'a', cjson.decode(asks))
+  redis.call('HSET', state, 'valid', '1', 'reason', '', 'last_update_id', last_id, 'timestamp', ts, 'recv_ts', recv_ts)
+  redis.call('SREM', keys[k + 4], symbol)
+  return 'replaced'
+end
+
+-- KEYS = state, bids, asks, qty; ARGV = depth. Returns {state as flat pairs, bids {p, q, ...} high->low,
+-- asks {p, q, ...} low->high}, all read in one step (levels and state always of the same update ID).
+local function book_read(keys, args)
+  local depth = tonumber(args[1])
+  local out = {redis.call('HGETALL', keys[1])}
+  for i, side in ipairs({{keys[2], 'ZREVRANGE', 'b'}, {keys[3], 'ZRANGE', 'a'}}) do
+    local prices = redis.call(side[2], side[1], 0, depth - 1)
+    local flat = {}
+    for from = 1, #prices, 2000 do
+      local fields = {}
+      for j = from, math.min(from + 1999, #prices) do fields[#fields + 1] = side[3] .. prices[j] end
+      local qtys = redis.call('HMGET', keys[4], unpack(fields))
+      for j, q in ipairs(qtys) do
+        flat[#flat + 1] = prices[from + j - 1]
+        flat[#flat + 1] = q or ''
+      end
+    end
+    out[i + 1] = flat
+  end
+  return out
+end
+
+redis.register_function{function_name = 'tickbridge_book_read', callback = book_read, flags = {'no-writes'}}
