@@ -70,7 +70,9 @@ def test_book_entry_round_trip_and_strict_fields() -> None:
         decode_book([f.replace(b"2.50000000", b"nan") for f in fields])
 
 
-async def test_rules_of_the_brain_book(brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner) -> None:
+async def test_rules_of_the_brain_book(
+    brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
+) -> None:
     await ensure_group(brain, STREAM, keys.DEFAULT_CONSUMER_GROUP)
     settings = Settings(brain_redis_url=redis_server.url, symbols=(SYM,), consumer_name="c1")
     services.start(BrainConsumer(settings, CollectorRegistry()))
