@@ -6,6 +6,7 @@ same update ID, and the Brain calls it valid."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -113,24 +114,17 @@ async def test_brain_book_equals_reference_and_collector_at_every_checkpoint(
         fed = 0
         waits: list[float] = []
         for n, point in enumerate(points):
-            await eventually(lambda: _true(source.paused and source.position == point), timeout=60,
+            await eventually(lambda p=point: _true(source.paused and source.position == p), timeout=60,
                              what=f"replay stopped before line {point}")  # fmt: skip
             for line in lines[fed:point]:
                 ref.feed(line.stream, line.data)
             fed = point
             want_u, want_bids, want_asks = ref.top()
             started = time.monotonic()
-            got: list[Book] = []
-
-            async def brain_at(u: int = want_u) -> bool:
-                got[:] = [await read_book(brain, SYM, DEPTH)]
-                return got[0].valid and got[0].last_update_id == u
-
-            await eventually(lambda: _true(collector.book(SYM).last_update_id == want_u), timeout=30,
+            await eventually(lambda u=want_u: _true(collector.book(SYM).last_update_id == u), timeout=30,
                              what=f"collector at {want_u}")  # fmt: skip
-            await eventually(brain_at, timeout=30, what=f"Brain book valid at {want_u} (checkpoint {n})")
+            book = await brain_book_at(brain, want_u, f"checkpoint {n}")
             waits.append(time.monotonic() - started)
-            book = got[0]
             vps_book = collector.book(SYM)
             assert vps_book.last_update_id == want_u
             assert tuple(vps_book.sorted_bids()[:DEPTH]) == want_bids, f"collector bids at {want_u}"
@@ -148,6 +142,17 @@ async def test_brain_book_equals_reference_and_collector_at_every_checkpoint(
         await services.stop()
         await brain.aclose()
         await sim.stop()
+
+
+async def brain_book_at(brain: aioredis.Redis, u: int, what: str, timeout: float = 30.0) -> Book:
+    """The Brain's book once it is valid at update ID `u` (AssertionError after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        book = await read_book(brain, SYM, DEPTH)
+        if book.valid and book.last_update_id == u:
+            return book
+        assert time.monotonic() < deadline, f"{what}: Brain book {book.last_update_id} valid={book.valid}, want {u}"
+        await asyncio.sleep(0.001)
 
 
 async def _true(value: bool) -> bool:
