@@ -9,6 +9,7 @@ and never an invalid book marked valid.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,3 +109,91 @@ async def read_book(client: aioredis.Redis, symbol: str, depth: int = 20) -> Boo
     if isinstance(reply, BaseException):
         raise reply
     return parse_book(symbol, reply)
+
+
+#: Levels per side the HOT copy keeps (a deeper `book()` reads WARM).
+HOT_BOOK_DEPTH = 20
+
+
+class HotBooks:
+    """In-process copies of the Brain's books (top `depth` levels), for `TieredMarketData.book()` at HOT speed.
+
+    Follows the per-symbol depth streams (every diff and whole book the consumer applied is appended there in
+    the same call) and re-reads a symbol's book after each batch of its entries, so a copy is never older than
+    the newest entry seen and carries the book's own `valid` flag. After a Redis error the copies are dropped
+    (answers come from WARM) until the follower reads them again.
+    """
+
+    def __init__(self, client: aioredis.Redis, symbols: Sequence[str], exchange: str = keys.EXCHANGE,
+                 depth: int = HOT_BOOK_DEPTH) -> None:  # fmt: skip
+        self.client = client
+        self.symbols = list(symbols)
+        self.exchange = exchange
+        self.depth = depth
+        self.books: dict[str, Book] = {}
+        self.ready = False
+
+    def get(self, symbol: str, depth: int) -> Book | None:
+        """The HOT copy cut to `depth` levels, or None (not followed, not read yet, or deeper than kept)."""
+        book = self.books.get(symbol)
+        if book is None or depth > self.depth:
+            return None
+        if len(book.bids) <= depth and len(book.asks) <= depth:
+            return book
+        return Book(book.symbol, book.bids[:depth], book.asks[:depth], book.last_update_id, book.timestamp,
+                    book.valid, book.reason, book.recv_ts)  # fmt: skip
+
+    async def refresh(self, symbols: Sequence[str]) -> None:
+        replies = await execute_packed(self.client, [book_command(s, self.depth, self.exchange) for s in symbols])
+        for symbol, reply in zip(symbols, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            self.books[symbol] = parse_book(symbol, reply)
+
+    async def run(self, errors: tuple[type[BaseException], ...], on_error: Any) -> None:
+        """Follow until cancelled; `errors` drop the copies, call `on_error(exc)` and retry after 1 s."""
+        streams = {keys.depth_key(s, self.exchange): s for s in self.symbols}
+        while True:
+            try:
+                # Each stream's last ID first, then the books: an entry appended in between is read again below.
+                tops = await execute_packed(self.client, [["XREVRANGE", st, "+", "-", "COUNT", 1] for st in streams])
+                last = {}
+                for stream, top in zip(streams, tops, strict=True):
+                    if isinstance(top, BaseException):
+                        raise top
+                    last[stream] = top[0][0].decode() if top else "0-0"
+                await self.refresh(self.symbols)
+                self.ready = True
+                while True:
+                    cmd: list[str | int] = ["XREAD", "COUNT", 1000, "BLOCK", 1000, "STREAMS", *last, *last.values()]
+                    (reply,) = await execute_packed(self.client, [cmd])
+                    if isinstance(reply, BaseException):
+                        raise reply
+                    if not reply:
+                        continue
+                    items = reply.items() if isinstance(reply, dict) else reply
+                    changed = []
+                    for stream, entries in items:
+                        name = stream.decode()
+                        if entries:
+                            last[name] = entries[-1][0].decode()
+                            changed.append(streams[name])
+                    if changed:
+                        await self.refresh(changed)
+            except errors as exc:
+                self.books.clear()
+                self.ready = False
+                on_error(exc)
+                await asyncio.sleep(1.0)
+
+
+async def invalid_books(client: aioredis.Redis, symbols: Sequence[str], exchange: str = keys.EXCHANGE) -> list[str]:
+    """The symbols whose Brain book is not valid now (missing counts as not valid); one round trip."""
+    replies = await execute_packed(client, [["HGET", keys.book_keys(s, exchange)[0], "valid"] for s in symbols])
+    bad = []
+    for symbol, reply in zip(symbols, replies, strict=True):
+        if isinstance(reply, BaseException):
+            raise reply
+        if reply != b"1":
+            bad.append(symbol)
+    return bad
