@@ -18,9 +18,13 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from conftest import ServiceRunner, eventually
+from tickbridge.brain.book_history import book_at
 from tickbridge.brain.books import Book, read_book
 from tickbridge.brain.consumer import BrainConsumer
+from tickbridge.brain.writer import BrainWriter
 from tickbridge.collector.service import Collector
+from tickbridge.core import keys
+from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp
 from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
 from tickbridge.forwarder.service import Forwarder
@@ -86,39 +90,62 @@ def checkpoints(lines: list[Any], n: int) -> list[int]:
     return [depth[int(k * step)] for k in range(n)]
 
 
+class Replay:
+    """The simulator replaying the captures as fast as it can, stopping before each checkpoint line, and the
+    reference fed with the capture up to where it stopped."""
+
+    def __init__(self, binance_data: Path, n: int) -> None:
+        self.files = (binance_data / "ethusdt_20240808.gz", binance_data / "ethusdt_20240809.gz")
+        self.lines = load_capture(self.files)
+        self.points = checkpoints(self.lines, n)
+        self.sim = SimServer(SimConfig(mode="replay", replay_files=self.files, speed=0.0, symbols=(SYM,)))
+        source = self.sim.source
+        assert isinstance(source, ReplaySource)
+        self.source = source
+        source.pause_before = self.points[0]
+        self.ref = Reference()
+        self._fed = 0
+
+    def settings(self, vps: RedisServer, brain: RedisServer, qdb: QuestDBServer, **kw: Any) -> Settings:
+        return Settings(
+            binance_ws_url=self.sim.ws_url, binance_rest_url=self.sim.rest_url, symbols=(SYM,), vps_redis_url=vps.url,
+            brain_redis_url=brain.url, vps_questdb_url=qdb.url, consumer_name="c1", depth_snapshot_limit=1000, **kw,
+        )  # fmt: skip
+
+    async def stopped_at(self, n: int) -> Reference:
+        """Wait until the replay stopped before checkpoint `n`; the reference then holds everything before it."""
+        point = self.points[n]
+        await eventually(lambda: _true(self.source.paused and self.source.position == point), timeout=60,
+                         what=f"replay stopped before line {point}")  # fmt: skip
+        for line in self.lines[self._fed : point]:
+            self.ref.feed(line.stream, line.data)
+        self._fed = point
+        return self.ref
+
+    def go_on(self, n: int) -> None:
+        """Resume after checkpoint `n` (to the next one, or to the end)."""
+        if n + 1 < len(self.points):
+            self.source.pause_before = self.points[n + 1]
+        self.source.resume()
+
+
 async def test_brain_book_equals_reference_and_collector_at_every_checkpoint(
     binance_data: Path, redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer,
     services: ServiceRunner,
 ) -> None:  # fmt: skip
-    files = (binance_data / "ethusdt_20240808.gz", binance_data / "ethusdt_20240809.gz")
-    lines = load_capture(files)
-    points = checkpoints(lines, CHECKPOINTS)
+    replay = Replay(binance_data, CHECKPOINTS)
     vps, brain_server = redis_factory(), redis_factory()
-    sim = SimServer(SimConfig(mode="replay", replay_files=files, speed=0.0, symbols=(SYM,)))
-    source = sim.source
-    assert isinstance(source, ReplaySource)
-    source.pause_before = points[0]
-    await sim.start()
-    settings = Settings(
-        binance_ws_url=sim.ws_url, binance_rest_url=sim.rest_url, symbols=(SYM,), vps_redis_url=vps.url,
-        brain_redis_url=brain_server.url, vps_questdb_url=questdb_server.url, consumer_name="c1",
-        depth_snapshot_limit=1000, delivered_retention_s=1.0,
-    )  # fmt: skip
+    await replay.sim.start()
+    settings = replay.settings(vps, brain_server, questdb_server, delivered_retention_s=1.0)
     brain: aioredis.Redis = make_client(brain_server.url)
     collector = Collector(settings, CollectorRegistry())
     try:
         services.start(BrainConsumer(settings, CollectorRegistry(), block_ms=50))
         services.start(Forwarder(settings, CollectorRegistry(), buffer_table="vps_buffer_books_replay"))
         services.start(collector)
-        ref = Reference()
-        fed = 0
         waits: list[float] = []
-        for n, point in enumerate(points):
-            await eventually(lambda p=point: _true(source.paused and source.position == p), timeout=60,
-                             what=f"replay stopped before line {point}")  # fmt: skip
-            for line in lines[fed:point]:
-                ref.feed(line.stream, line.data)
-            fed = point
+        for n in range(len(replay.points)):
+            ref = await replay.stopped_at(n)
             want_u, want_bids, want_asks = ref.top()
             started = time.monotonic()
             await eventually(lambda u=want_u: _true(collector.book(SYM).last_update_id == u), timeout=30,
@@ -132,16 +159,16 @@ async def test_brain_book_equals_reference_and_collector_at_every_checkpoint(
             assert book.bids == want_bids, f"Brain bids at checkpoint {n}, u={want_u}"
             assert book.asks == want_asks, f"Brain asks at checkpoint {n}, u={want_u}"
             assert len(book.bids) == len(book.asks) == DEPTH
-            if n + 1 < len(points):
-                source.pause_before = points[n + 1]
-            source.resume()
+            replay.go_on(n)
         waits.sort()
-        print(f"\n{len(points)} checkpoints equal; Brain caught up in median {waits[len(waits) // 2] * 1000:.0f} ms, "
-              f"max {waits[-1] * 1000:.0f} ms")  # fmt: skip
+        median, worst = waits[len(waits) // 2] * 1000, waits[-1] * 1000
+        print(
+            f"\n{len(replay.points)} checkpoints equal; Brain caught up in median {median:.0f} ms, max {worst:.0f} ms"
+        )
     finally:
         await services.stop()
         await brain.aclose()
-        await sim.stop()
+        await replay.sim.stop()
 
 
 async def brain_book_at(brain: aioredis.Redis, u: int, what: str, timeout: float = 30.0) -> Book:
@@ -157,3 +184,59 @@ async def brain_book_at(brain: aioredis.Redis, u: int, what: str, timeout: float
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_book_at_rebuilds_the_live_book_from_questdb(
+    binance_data: Path, redis_factory: Callable[..., RedisServer], questdb_factory: Callable[..., QuestDBServer],
+    services: ServiceRunner,
+) -> None:  # fmt: skip
+    """History (acceptance 4): the same replay with the writer, and an exchange update-ID gap half-way (a VPS
+    resync, so QuestDB holds two whole books and a break in the diffs). At 40 checkpoints the live Brain book is
+    noted; afterwards `book_at(symbol, its time)` from QuestDB must equal it (as numbers: QuestDB keeps
+    doubles) at the same update ID, valid."""
+    replay = Replay(binance_data, 40)
+    vps, brain_server, qdb = redis_factory(), redis_factory(), questdb_factory()
+    await replay.sim.start()
+    settings = replay.settings(vps, brain_server, qdb, brain_questdb_url=qdb.url, writer_flush_interval_s=0.1)
+    brain: aioredis.Redis = make_client(brain_server.url)
+    live: list[Book] = []
+    try:
+        services.start(BrainWriter(settings, CollectorRegistry()))
+        services.start(BrainConsumer(settings, CollectorRegistry(), block_ms=50))
+        services.start(Forwarder(settings, CollectorRegistry(), buffer_table="vps_buffer_books_history"))
+        services.start(Collector(settings, CollectorRegistry()))
+        for n in range(len(replay.points)):
+            ref = await replay.stopped_at(n)
+            live.append(await brain_book_at(brain, ref.u, f"checkpoint {n}"))
+            assert (live[-1].bids, live[-1].asks) == ref.top()[1:], f"checkpoint {n}: the live book is the exchange's"
+            if n == len(replay.points) // 2:
+                replay.source.skip_update_ids(SYM, 3)  # the exchange leaves out updates: the collector resyncs
+            replay.go_on(n)
+        http = QuestDBHttp(qdb.url)
+        try:
+            for table in (keys.DEPTH_TABLE, keys.BOOK_TABLE):
+                await eventually(lambda t=table: _applied(http, t), timeout=60, what=f"{table} written")
+            snapshots = await http.scalar(f"SELECT count() FROM {keys.BOOK_TABLE}")
+            assert snapshots >= 2, "the resync's whole book is in QuestDB too"
+            for n, book in enumerate(live):
+                past = await book_at(http, SYM, book.timestamp, DEPTH)
+                assert past.valid and past.last_update_id == book.last_update_id, (n, past.reason)
+                assert _numbers(past) == _numbers(book), f"checkpoint {n}: book_at differs from the live book"
+        finally:
+            await http.close()
+    finally:
+        await services.stop()
+        await brain.aclose()
+        await replay.sim.stop()
+
+
+def _numbers(book: Book) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    return [(float(p), float(q)) for p, q in book.bids], [(float(p), float(q)) for p, q in book.asks]
+
+
+async def _applied(http: QuestDBHttp, table: str) -> bool:
+    try:
+        await http.wait_applied(table, timeout=5)
+        return int(await http.wal_pending(table) or 0) == 0
+    except QuestDBError:
+        return False

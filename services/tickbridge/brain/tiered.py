@@ -42,6 +42,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tickbridge.brain.book_history import book_at
 from tickbridge.brain.books import HOT_BOOK_DEPTH, Book, HotBooks, read_book
 from tickbridge.brain.common import as_text, parse_info_pairs, parse_read_reply, reply_or_raise
 from tickbridge.core import keys
@@ -365,6 +366,15 @@ class TieredMarketData:
         book = await read_book(self.redis, symbol, depth)
         self._warm_latency.observe(time.perf_counter() - started)
         self._answers[WARM].inc()
+        return book
+
+    async def book_at(self, symbol: str, t_us: int, depth: int = HOT_BOOK_DEPTH) -> Book:
+        """`symbol`'s book as it was at exchange time `t_us` (µs), rebuilt from QuestDB (COLD): the newest whole
+        book at or before `t_us` plus the diffs after it (`book_history`; doubles, not the exact strings)."""
+        started = time.perf_counter()
+        book = await book_at(self.qdb, symbol, t_us, depth, self.exchange)
+        self._cold_latency.observe(time.perf_counter() - started)
+        self._answers[COLD].inc()
         return book
 
     def hot(self, symbol: str) -> list[TickRow]:

@@ -149,6 +149,8 @@ class DepthSync:
         self.state = BookState.VALID
         pending = list(self.buffer)
         self.buffer.clear()
+        # The book's time until a diff applies: the newest event the snapshot already covers.
+        self.book.timestamp = max((ev.timestamp for ev in pending if ev.last_update_id <= last_update_id), default=0)
         applied: list[DepthDiff] = []
         for i, ev in enumerate(pending):
             outcome = self.on_event(ev)
