@@ -75,12 +75,17 @@ async def test_rules_of_the_brain_book(
 ) -> None:
     await ensure_group(brain, STREAM, keys.DEFAULT_CONSUMER_GROUP)
     settings = Settings(brain_redis_url=redis_server.url, symbols=(SYM,), consumer_name="c1")
-    services.start(BrainConsumer(settings, CollectorRegistry()))
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings, registry, monitor_interval_s=0.1))
+
+    def gauge(name: str) -> float | None:
+        return registry.get_sample_value(f"tickbridge_consumer_book_{name}", {"symbol": SYM})
 
     # A diff before any snapshot: no book, invalid, asked for.
     book = await book_after(brain, diff(5, 6, [("1.0", "1.0")]))
     assert not book.valid and book.reason == "no book yet" and not book.bids
     assert await brain.smembers(keys.BOOK_WANTED) == {SYM.encode()}
+    await eventually(lambda: _true(gauge("valid") == 0 and (gauge("invalid_seconds") or 0) > 0), what="metrics")
 
     # A snapshot replaces and validates (and clears the request); zero quantities never enter the book.
     book = await book_after(
@@ -89,6 +94,8 @@ async def test_rules_of_the_brain_book(
     assert book.valid and book.last_update_id == 10
     assert book.bids == (("3.00", "2.0"), ("2.00", "1.0")) and book.asks == (("3.50", "0.7"), ("4.00", "1.5"))
     assert await brain.smembers(keys.BOOK_WANTED) == set()
+    await eventually(lambda: _true(gauge("valid") == 1 and gauge("invalid_seconds") == 0), what="valid in metrics")
+    assert (gauge("age_seconds") or 0) > 1e6  # the test's exchange time is in 2024
 
     # Stale diffs are ignored; the straddling one and its successors apply (absolute quantities, 0 removes).
     book = await book_after(
@@ -116,3 +123,7 @@ async def test_rules_of_the_brain_book(
     assert kinds.count(b"BOOK") == 3 and kinds.count(b"DEPTH") == 7
     top = await read_book(brain, SYM, depth=1)
     assert top.best_bid == ("2.70", "1") and top.best_ask == ("2.80", "1")
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -44,6 +44,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import ResponseError
 
+from tickbridge.brain.book_metrics import BookMetrics
 from tickbridge.brain.books import book_keys_index, book_verdict
 from tickbridge.brain.common import (
     INGEST_FUNCTION,
@@ -218,6 +219,7 @@ class BrainConsumer(Service):
         super().__init__()
         self.settings = settings
         self.metrics = ConsumerMetrics(registry)
+        self.book_metrics = BookMetrics(registry, settings.symbols)
         self.stream = settings.stream_key
         self.group = settings.consumer_group
         self.consumer = instance_name(settings, "consumer")
@@ -623,6 +625,7 @@ class BrainConsumer(Service):
             self.metrics.vps_link_up.set(0)
         if not isinstance(dl_r, BaseException):
             self.metrics.dead_letter_length.set(float(dl_r))
+        await self.book_metrics.update(self.client)
 
     def _memory(self, reply: object) -> None:
         """used_memory and maxmemory from INFO memory: BrainRedisMemoryHigh fires before `maxmemory` (with
