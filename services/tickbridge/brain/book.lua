@@ -11,33 +11,30 @@
 --   any diff on an invalid or missing book: ignored, and the symbol is asked for (the wanted set).
 -- Never serves an invalid book as valid: the reader gets the state hash with the levels in one call.
 
-local function book_levels(zkey, qkey, tag, levels)
-  -- Absolute quantities; a zero quantity removes the level.
-  for _, level in ipairs(levels) do
-    local price, qty = level[1], level[2]
-    if tonumber(qty) == 0 then
-      redis.call('ZREM', zkey, price)
-      redis.call('HDEL', qkey, tag .. price)
-    else
-      redis.call('ZADD', zkey, tonumber(price), price)
-      redis.call('HSET', qkey, tag .. price, qty)
-    end
+local function book_call(cmd, key, args)
+  -- One command for many levels, in chunks (Lua's C stack limits unpack); calls cost more than the work.
+  for from = 1, #args, 2000 do
+    redis.call(cmd, key, unpack(args, from, math.min(from + 1999, #args)))
   end
 end
 
-local function book_fill(zkey, qkey, tag, levels)
-  -- A whole side into emptied keys, in chunks (Lua's C stack limits unpack).
-  local z, h = {}, {}
+local function book_levels(zkey, qkey, tag, levels)
+  -- Absolute quantities; a zero quantity removes the level (absent levels are fine to remove).
+  local z, h, zrem, hdel = {}, {}, {}, {}
   for _, level in ipairs(levels) do
-    if tonumber(level[2]) ~= 0 then
-      z[#z + 1] = tonumber(level[1]); z[#z + 1] = level[1]
-      h[#h + 1] = tag .. level[1]; h[#h + 1] = level[2]
+    local price, qty = level[1], level[2]
+    if tonumber(qty) == 0 then
+      zrem[#zrem + 1] = price
+      hdel[#hdel + 1] = tag .. price
+    else
+      z[#z + 1] = tonumber(price); z[#z + 1] = price
+      h[#h + 1] = tag .. price; h[#h + 1] = qty
     end
   end
-  for from = 1, #z, 2000 do
-    redis.call('ZADD', zkey, unpack(z, from, math.min(from + 1999, #z)))
-    redis.call('HSET', qkey, unpack(h, from, math.min(from + 1999, #h)))
-  end
+  book_call('ZREM', zkey, zrem)
+  book_call('HDEL', qkey, hdel)
+  book_call('ZADD', zkey, z)
+  book_call('HSET', qkey, h)
 end
 
 -- A diff for the book at keys[k..k+3] (wanted set keys[k+4]). Returns 'applied', 'stale', 'invalid' or 'gap'.
@@ -71,8 +68,8 @@ local function book_snapshot(keys, k, symbol, last_id, ts, bids, asks, recv_ts)
     return 'stale'
   end
   redis.call('DEL', keys[k + 1], keys[k + 2], keys[k + 3])
-  book_fill(keys[k + 1], keys[k + 3], 'b', cjson.decode(bids))
-  book_fill(keys[k + 2], keys[k + 3], 'a', cjson.decode(asks))
+  book_levels(keys[k + 1], keys[k + 3], 'b', cjson.decode(bids))
+  book_levels(keys[k + 2], keys[k + 3], 'a', cjson.decode(asks))
   redis.call('HSET', state, 'valid', '1', 'reason', '', 'last_update_id', last_id, 'timestamp', ts, 'recv_ts', recv_ts)
   redis.call('SREM', keys[k + 4], symbol)
   return 'replaced'

@@ -183,6 +183,9 @@ class HotBooks:
             except errors as exc:
                 self.books.clear()
                 self.ready = False
+                if "function not found" in str(exc).lower():  # no consumer has loaded the library yet: no books
+                    await asyncio.sleep(5.0)
+                    continue
                 on_error(exc)
                 await asyncio.sleep(1.0)
 
