@@ -57,7 +57,7 @@ def collector_book(ticks: list[Trade | DepthDiff], snapshot: dict[str, Any]) -> 
     return sync
 
 
-def stream_bytes(client: redis.Redis, entries: list[list[str | int]]) -> float:
+def stream_bytes(client: Any, entries: list[list[str | int]]) -> float:
     client.delete(STREAM)
     pipe = client.pipeline(transaction=False)
     for fields in entries:
@@ -66,7 +66,7 @@ def stream_bytes(client: redis.Redis, entries: list[list[str | int]]) -> float:
     return float(client.memory_usage(STREAM, samples=0) or 0) / len(entries)
 
 
-def ingest_usec(client: redis.Redis, diffs: list[DepthDiff], book: BookSnapshot | None) -> float:
+def ingest_usec(client: Any, diffs: list[DepthDiff], book: BookSnapshot | None) -> float:
     """Redis µs per diff of the ingest function ('q' with the book when `book` is given, else 'p')."""
     client.flushall()
     client.execute_command("FUNCTION", "LOAD", "REPLACE", lua_source())
@@ -108,7 +108,7 @@ def main() -> None:
         server = RedisServer(workdir=Path(tmp))
         server.start()
         try:
-            client = redis.Redis(port=server.port)
+            client: Any = redis.Redis(port=server.port)
             per_depth = stream_bytes(client, [encode_depth(d) for d in diffs])
             per_tick = stream_bytes(client, [encode_tick(t) for t in ticks])
             per_book = stream_bytes(client, [encode_book(entry)] * 20)
