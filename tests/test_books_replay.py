@@ -240,3 +240,44 @@ async def _applied(http: QuestDBHttp, table: str) -> bool:
         return int(await http.wal_pending(table) or 0) == 0
     except QuestDBError:
         return False
+
+
+async def test_a_brain_book_that_lost_its_state_asks_for_a_whole_book_and_gets_it(
+    binance_data: Path, redis_factory: Callable[..., RedisServer], questdb_server: QuestDBServer,
+    services: ServiceRunner,
+) -> None:  # fmt: skip
+    """The request path end to end: the Brain's book keys deleted (a Brain Redis that lost its state) or the
+    book marked invalid; the next diff asks (Brain set), the forwarder relays (VPS set), the collector appends
+    its whole book, and the Brain's book is valid and equal to the reference again."""
+    replay = Replay(binance_data, 12)
+    vps, brain_server = redis_factory(), redis_factory()
+    await replay.sim.start()
+    settings = replay.settings(vps, brain_server, questdb_server)
+    brain: aioredis.Redis = make_client(brain_server.url)
+    registry = CollectorRegistry()
+    try:
+        services.start(BrainConsumer(settings, CollectorRegistry(), block_ms=50))
+        services.start(Forwarder(settings, CollectorRegistry(), buffer_table="vps_buffer_books_requests"))
+        services.start(Collector(settings, registry))
+        repaired: list[float] = []
+        for n in range(len(replay.points)):
+            ref = await replay.stopped_at(n)
+            started = time.monotonic()
+            book = await brain_book_at(brain, ref.u, f"checkpoint {n}")
+            if n in (4, 8):
+                repaired.append(time.monotonic() - started)
+            assert (book.bids, book.asks) == ref.top()[1:]
+            if n == 3:
+                await brain.delete(*keys.book_keys(SYM))  # lost state
+            elif n == 7:
+                await brain.hset(keys.book_keys(SYM)[0], "valid", "0")  # a break
+            replay.go_on(n)
+        requested = registry.get_sample_value("tickbridge_collector_book_snapshots_total", {"cause": "request"})
+        assert requested is not None and requested >= 2
+        print(
+            f"\nvalid again {', '.join(f'{s:.2f}' for s in repaired)} s after the replay stopped at the next checkpoint"
+        )
+    finally:
+        await services.stop()
+        await brain.aclose()
+        await replay.sim.stop()

@@ -125,7 +125,8 @@ def settings_for(ex: ScriptedExchange, redis_server: RedisServer, **kw: Any) -> 
 
 
 async def stream_ticks(client: Any, key: str = keys.DEFAULT_STREAM_KEY) -> list[Trade | DepthDiff]:
-    return [decode_entry(fields) for _, fields in await client.xrange(key)]
+    """The ticks in the stream (whole-book entries, issue 17, left out)."""
+    return [decode_entry(fields) for _, fields in await client.xrange(key) if fields.get(b"type") != b"BOOK"]
 
 
 async def trade_ids(client: Any) -> list[int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from tickbridge.collector.book_publish import book_entry
 from tickbridge.collector.parser import parse_frame
 from tickbridge.core import keys
 from tickbridge.core.tick import BookSnapshot, DepthDiff, Trade
-from tickbridge.core.wire import encode_book, encode_depth, encode_tick
+from tickbridge.core.wire import encode_book, encode_depth, encode_payload, encode_tick
 from tickbridge_dev.devstack.servers import REPO_ROOT, RedisServer
 from tickbridge_dev.sim.replay import load_capture
 
@@ -89,6 +90,29 @@ def ingest_usec(client: Any, diffs: list[DepthDiff], book: BookSnapshot | None) 
     return float(stats["usec"]) / len(entries)
 
 
+KINDS: tuple[type[Trade], type[DepthDiff]] = (Trade, DepthDiff)
+
+
+def _mean(ticks: list[Trade | DepthDiff], kind: type[Trade | DepthDiff], size: Callable[[Any], int]) -> float:
+    return statistics.mean(size(t) for t in ticks if isinstance(t, kind))
+
+
+def _resp_bytes(cmd: list[Any]) -> int:
+    parts = [str(x).encode() for x in cmd]
+    return len(f"*{len(parts)}\r\n") + sum(len(f"${len(p)}\r\n") + len(p) + 2 for p in parts)
+
+
+def _strip(x: str) -> str:
+    return x.rstrip("0").rstrip(".") if "." in x else x
+
+
+def _compact_depth(d: DepthDiff) -> list[str | int]:
+    fields = encode_depth(d)
+    fields[13] = ",".join(f"{_strip(p)}:{_strip(q)}" for p, q in d.bids)
+    fields[15] = ",".join(f"{_strip(p)}:{_strip(q)}" for p, q in d.asks)
+    return fields
+
+
 def main() -> None:
     ticks, snapshot = capture()
     diffs = [t for t in ticks if isinstance(t, DepthDiff)]
@@ -116,6 +140,20 @@ def main() -> None:
                 f"VPS Redis: {per_depth:,.0f} B per depth update (a stream of the capture's {len(diffs):,} diffs), "
                 f"{per_tick:,.0f} B per tick with its trades interleaved, {per_book:,.0f} B per whole-book entry"
             )
+            compact = stream_bytes(client, [_compact_depth(d) for d in diffs])
+            print(
+                f"  a lossless compact layout (zero padding stripped, restored from the 8-decimal scale; 'p:q,' "
+                f"levels) would take {compact:,.0f} B per depth update (not adopted: the contract fixes the JSON)"
+            )
+            link = {k: _mean(ticks, k, lambda t: _resp_bytes(["XADD", STREAM, "1-1", *encode_tick(t)])) for k in KINDS}
+            buffer = {k: _mean(ticks, k, lambda t: len(encode_payload([str(x).encode() for x in encode_tick(t)])))
+                      for k in KINDS}  # fmt: skip
+            book_link = _resp_bytes(["XADD", STREAM, "1-1", *fields])
+            book_buffer = len(encode_payload([str(x).encode() for x in fields]))
+            print(f"link (RESP of the forwarder's XADD): trade {link[Trade]:,.0f} B, depth update "
+                  f"{link[DepthDiff]:,.0f} B, whole book {book_link:,} B; VPS buffer payload: trade "
+                  f"{buffer[Trade]:,.0f} B, depth update {buffer[DepthDiff]:,.0f} B, "
+                  f"whole book {book_buffer:,} B")  # fmt: skip
             without = ingest_usec(client, diffs, None)
             with_book = ingest_usec(
                 client,
