@@ -156,12 +156,17 @@ class HotBooks:
         while True:
             try:
                 # Each stream's last ID first, then the books: an entry appended in between is read again below.
-                tops = await execute_packed(self.client, [["XREVRANGE", st, "+", "-", "COUNT", 1] for st in streams])
+                infos = await execute_packed(self.client, [["XINFO", "STREAM", st] for st in streams])
                 last = {}
-                for stream, top in zip(streams, tops, strict=True):
-                    if isinstance(top, BaseException):
-                        raise top
-                    last[stream] = top[0][0].decode() if top else "0-0"
+                for stream, info in zip(streams, infos, strict=True):
+                    if isinstance(info, BaseException):
+                        if "no such key" not in str(info).lower():
+                            raise info
+                        last[stream] = "0-0"  # no diff yet: read from the start
+                    else:
+                        fields = info if isinstance(info, dict) else dict(zip(info[::2], info[1::2], strict=False))
+                        top = fields.get(b"last-generated-id", b"0-0")
+                        last[stream] = top.decode() if isinstance(top, bytes) else str(top)
                 await self.refresh(self.symbols)
                 self.ready = True
                 while True:

@@ -119,17 +119,24 @@ class DepthDiff:
     exchange: str = EXCHANGE
 
     def __post_init__(self) -> None:
-        check_symbol(self.symbol)
-        check_exchange(self.exchange)
-        check_int("timestamp", self.timestamp, MIN_TS_US, MAX_TS_US)
+        _check_book_event(self)
         check_int("first_update_id", self.first_update_id)
-        check_int("last_update_id", self.last_update_id)
         if self.last_update_id < self.first_update_id:
             raise TickError(f"last_update_id {self.last_update_id} < first_update_id {self.first_update_id}")
-        check_int("recv_ts", self.recv_ts, MIN_TS_US, MAX_TS_US)
 
 
 Tick = Trade | DepthDiff
+#: One side of a book.
+Levels = tuple[Level, ...]
+
+
+def _check_book_event(ev: DepthDiff | BookSnapshot) -> None:
+    """What a diff and a whole book share: symbol, exchange, times and the last update ID."""
+    check_symbol(ev.symbol)
+    check_exchange(ev.exchange)
+    check_int("timestamp", ev.timestamp, MIN_TS_US, MAX_TS_US)
+    check_int("last_update_id", ev.last_update_id)
+    check_int("recv_ts", ev.recv_ts, MIN_TS_US, MAX_TS_US)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,16 +145,16 @@ class BookSnapshot:
     low->high, the exchange's decimal strings. `timestamp` is the exchange time of the last diff applied (µs)."""
 
     symbol: str
+    #: exchange time (µs) of the newest diff the book includes
     timestamp: int
+    #: the update ID of that diff: the book continues with the diff whose range holds `last_update_id + 1`
     last_update_id: int
-    bids: tuple[Level, ...]
-    asks: tuple[Level, ...]
+    #: (price, quantity) exact strings, bids high->low, asks low->high
+    bids: Levels
+    asks: Levels
+    #: when the collector took the book (µs)
     recv_ts: int
     exchange: str = EXCHANGE
 
     def __post_init__(self) -> None:
-        check_symbol(self.symbol)
-        check_exchange(self.exchange)
-        check_int("timestamp", self.timestamp, MIN_TS_US, MAX_TS_US)
-        check_int("last_update_id", self.last_update_id)
-        check_int("recv_ts", self.recv_ts, MIN_TS_US, MAX_TS_US)
+        _check_book_event(self)
