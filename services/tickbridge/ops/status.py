@@ -61,6 +61,8 @@ class Endpoints:
     settings: Settings | None = None
     #: The hosts whose servers are read ("vps", "brain"); a compose host reaches only its own.
     hosts: tuple[str, ...] = HOSTS
+    #: Symbols whose Brain order books are counted (issue 17); empty: `settings.symbols`, or none.
+    symbols: tuple[str, ...] = ()
 
 
 def _http_json(url: str, timeout: float = 2.0) -> Any:
@@ -190,8 +192,8 @@ class StatusReader:
     async def _brain_redis(self, v: dict[str, Any]) -> None:
         assert self.brain is not None
         v["brain_stream_len"] = await self.brain.xlen(self.ep.stream_key)
-        if self.ep.settings is not None:  # order books (issue 17): how many are valid, which are not
-            symbols = self.ep.settings.symbols
+        symbols = self.ep.symbols or (self.ep.settings.symbols if self.ep.settings is not None else ())
+        if symbols:  # order books (issue 17): how many are valid, which are not
             bad = await invalid_books(self.brain, symbols)
             v["books"] = f"{len(symbols) - len(bad)} / {len(symbols)}" + (
                 f" (not: {','.join(bad[:3])}{'…' if len(bad) > 3 else ''})" if bad else ""
