@@ -18,11 +18,12 @@ local function book_call(cmd, key, args)
   end
 end
 
-local function book_levels(zkey, qkey, tag, levels)
-  -- Absolute quantities; a zero quantity removes the level (absent levels are fine to remove).
+local function book_levels(zkey, qkey, tag, args, from, n)
+  -- args[from .. from + n - 1] = price, qty, ... (absolute quantities; a zero quantity removes the level, and
+  -- removing an absent level is fine).
   local z, h, zrem, hdel = {}, {}, {}, {}
-  for _, level in ipairs(levels) do
-    local price, qty = level[1], level[2]
+  for j = from, from + n - 1, 2 do
+    local price, qty = args[j], args[j + 1]
     if tonumber(qty) == 0 then
       zrem[#zrem + 1] = price
       hdel[#hdel + 1] = tag .. price
@@ -37,8 +38,16 @@ local function book_levels(zkey, qkey, tag, levels)
   book_call('HSET', qkey, h)
 end
 
--- A diff for the book at keys[k..k+3] (wanted set keys[k+4]). Returns 'applied', 'stale', 'invalid' or 'gap'.
-local function book_diff(keys, k, symbol, first_id, last_id, ts, bids, asks, recv_ts)
+-- Both sides from args[at]: nb, nb values (bids), na, na values (asks).
+local function book_sides(keys, k, args, at)
+  local nb = tonumber(args[at])
+  book_levels(keys[k + 1], keys[k + 3], 'b', args, at + 1, nb)
+  book_levels(keys[k + 2], keys[k + 3], 'a', args, at + 2 + nb, tonumber(args[at + 1 + nb]))
+end
+
+-- A diff for the book at keys[k..k+3] (wanted set keys[k+4]), its levels at args[at] (`book_sides`).
+-- Returns 'applied', 'stale', 'invalid' or 'gap'.
+local function book_diff(keys, k, symbol, first_id, last_id, ts, args, at, recv_ts)
   local state = keys[k]
   local st = redis.call('HMGET', state, 'valid', 'last_update_id')
   if st[1] ~= '1' then
@@ -54,22 +63,20 @@ local function book_diff(keys, k, symbol, first_id, last_id, ts, bids, asks, rec
     redis.call('SADD', keys[k + 4], symbol)
     return 'gap'
   end
-  book_levels(keys[k + 1], keys[k + 3], 'b', cjson.decode(bids))
-  book_levels(keys[k + 2], keys[k + 3], 'a', cjson.decode(asks))
+  book_sides(keys, k, args, at)
   redis.call('HSET', state, 'last_update_id', last_id, 'timestamp', ts, 'recv_ts', recv_ts)
   return 'applied'
 end
 
--- A whole book. Returns 'replaced' or 'stale'.
-local function book_snapshot(keys, k, symbol, last_id, ts, bids, asks, recv_ts)
+-- A whole book, its levels at args[at] (`book_sides`). Returns 'replaced' or 'stale'.
+local function book_snapshot(keys, k, symbol, last_id, ts, args, at, recv_ts)
   local state = keys[k]
   local st = redis.call('HMGET', state, 'valid', 'last_update_id')
   if st[1] == '1' and tonumber(st[2]) >= tonumber(last_id) then
     return 'stale'
   end
   redis.call('DEL', keys[k + 1], keys[k + 2], keys[k + 3])
-  book_levels(keys[k + 1], keys[k + 3], 'b', cjson.decode(bids))
-  book_levels(keys[k + 2], keys[k + 3], 'a', cjson.decode(asks))
+  book_sides(keys, k, args, at)
   redis.call('HSET', state, 'valid', '1', 'reason', '', 'last_update_id', last_id, 'timestamp', ts, 'recv_ts', recv_ts)
   redis.call('SREM', keys[k + 4], symbol)
   return 'replaced'

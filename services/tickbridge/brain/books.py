@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 
 from tickbridge.core import keys
 from tickbridge.core.redis_io import execute_packed
-from tickbridge.core.tick import BookSnapshot, Level, TickError
-from tickbridge.core.wire import decode_book
+from tickbridge.core.tick import BookSnapshot, DepthDiff, Level, TickError
+from tickbridge.core.wire import decode_book, encode_book, encode_depth
 
 #: The read-only Redis function returning a book's state and top levels (book.lua).
 BOOK_READ_FUNCTION = "tickbridge_book_read"
@@ -72,6 +72,17 @@ def book_keys_index(symbol: str, key_list: list[str], known: dict[str, int]) -> 
         key_list.extend((*keys.book_keys(symbol), keys.BOOK_WANTED))
         idx = known[symbol] = len(key_list) - 4
     return idx
+
+
+def book_record(
+    entry_id: bytes | str, target: int, book: int, tick: DepthDiff | BookSnapshot
+) -> list[str | bytes | int]:
+    """brain.lua's `'q'` record: the entry for the per-symbol depth stream (contract order), then its levels flat
+    (count of values, price, qty, ... per side) for the book, so the ingest call decodes no JSON."""
+    fields = encode_depth(tick) if isinstance(tick, DepthDiff) else encode_book(tick)
+    bids = [x for level in tick.bids for x in level]
+    asks = [x for level in tick.asks for x in level]
+    return ["q", entry_id, target, book, len(fields), *fields, len(bids), *bids, len(asks), *asks]
 
 
 def _pairs(flat: Sequence[bytes]) -> tuple[Level, ...]:

@@ -45,7 +45,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import ResponseError
 
 from tickbridge.brain.book_metrics import BookMetrics
-from tickbridge.brain.books import book_keys_index, book_verdict
+from tickbridge.brain.books import book_keys_index, book_record, book_verdict
 from tickbridge.brain.common import (
     INGEST_FUNCTION,
     group_floor,
@@ -65,8 +65,6 @@ from tickbridge.core.tick import BookSnapshot, DepthDiff, Tick, TickError, Trade
 from tickbridge.core.wire import (
     TRADE_VALUES,
     GroupEntry,
-    encode_book,
-    encode_depth,
     encode_trade,
     entry_field,
     is_book_entry,
@@ -453,10 +451,8 @@ class BrainConsumer(Service):
                 if isinstance(tick, DepthDiff | BookSnapshot):
                     # Diffs and whole books go to the per-symbol depth stream, in order, and into the book.
                     stamps.append((tick.symbol.encode(), (tick.recv_ts,)))
-                    normal = encode_depth(tick) if isinstance(tick, DepthDiff) else encode_book(tick)
                     target = index(keys.depth_key(tick.symbol, tick.exchange))
-                    book = book_keys_index(tick.symbol, key_list, book_index)
-                    args += ["q", entry_id, target, book, len(normal), *normal]
+                    args += book_record(entry_id, target, book_keys_index(tick.symbol, key_list, book_index), tick)
                     continue
                 reason = tick
             dl = dl or index(keys.CONSUMER_DEAD_LETTER)

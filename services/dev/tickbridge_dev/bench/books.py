@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from tickbridge.brain.books import book_record
 from tickbridge.brain.common import INGEST_FUNCTION, lua_source
 from tickbridge.collector.book import DepthSync
 from tickbridge.collector.book_publish import book_entry
@@ -74,14 +75,17 @@ def ingest_usec(client: Any, diffs: list[DepthDiff], book: BookSnapshot | None) 
     client.xgroup_create(STREAM, GROUP, "0", mkstream=True)
     entries = ([encode_book(book)] if book is not None else []) + [encode_depth(d) for d in diffs]
     ids = [client.execute_command("XADD", STREAM, "*", *e) for e in entries]
+    items: list[DepthDiff | BookSnapshot] = ([book] if book is not None else []) + list(diffs)
     client.xreadgroup(GROUP, "c", {STREAM: ">"}, count=len(ids))
     client.config_resetstat()
     book_keys = [*keys.book_keys("ETHUSDT"), keys.BOOK_WANTED]
     for start in range(0, len(ids), 100):
         args: list[Any] = []
-        for entry_id, fields in zip(ids[start : start + 100], entries[start : start + 100], strict=True):
+        for entry_id, fields, item in zip(
+            ids[start : start + 100], entries[start : start + 100], items[start : start + 100], strict=True
+        ):
             if book is not None:
-                args += ["q", entry_id, 2, 3, len(fields), *fields]
+                args += book_record(entry_id, 2, 3, item)
             else:
                 args += ["p", entry_id, 2, len(fields), *fields]
         client.execute_command("FCALL", INGEST_FUNCTION, 7, STREAM, keys.depth_key("ETHUSDT"), *book_keys,
