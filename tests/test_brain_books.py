@@ -17,8 +17,8 @@ from tickbridge.brain.consumer import BrainConsumer
 from tickbridge.core import keys
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import BookSnapshot, DepthDiff
-from tickbridge.core.wire import encode_book, encode_depth
+from tickbridge.core.tick import BookReset, BookSnapshot, DepthDiff
+from tickbridge.core.wire import encode_book, encode_depth, encode_reset
 from tickbridge_dev.devstack.servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -43,9 +43,12 @@ async def brain(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-async def feed(brain: aioredis.Redis, *entries: BookSnapshot | DepthDiff) -> None:
+async def feed(brain: aioredis.Redis, *entries: BookSnapshot | DepthDiff | BookReset) -> None:
     for e in entries:
-        fields: list[Any] = encode_book(e) if isinstance(e, BookSnapshot) else encode_depth(e)
+        fields: list[Any] = (
+            encode_book(e) if isinstance(e, BookSnapshot) else encode_reset(e) if isinstance(e, BookReset)
+            else encode_depth(e)
+        )  # fmt: skip
         await brain.xadd(STREAM, dict(zip(fields[::2], fields[1::2], strict=True)))
 
 
@@ -54,7 +57,7 @@ async def settled(brain: aioredis.Redis) -> bool:
     return bool(info["pending"] == 0 and info["lag"] == 0)
 
 
-async def book_after(brain: aioredis.Redis, *entries: BookSnapshot | DepthDiff) -> Book:
+async def book_after(brain: aioredis.Redis, *entries: BookSnapshot | DepthDiff | BookReset) -> Book:
     await feed(brain, *entries)
     await eventually(lambda: settled(brain), timeout=10, what="consumer caught up")
     return await read_book(brain, SYM, depth=100)
@@ -108,11 +111,20 @@ async def test_rules_of_the_brain_book(
     book = await book_after(brain, snap(17, [("9.00", "1")], []), diff(19, 19, [("2.65", "3")]))
     assert book.valid and book.last_update_id == 19 and book.bids == (("2.70", "1"), ("2.65", "3"))
 
-    # The whole book travels on in the per-symbol depth stream, between its diffs (for the writer).
+    # The collector's book stopped being valid (RESYNC after 19): so does the Brain's; an older reset is ignored.
+    book = await book_after(brain, BookReset(SYM, 5, TS, TS, "old"))
+    assert book.valid and book.last_update_id == 19
+    book = await book_after(brain, BookReset(SYM, 19, TS + 20, TS + 20, "update-ID gap: resync"))
+    assert not book.valid and "VPS book not valid after 19" in book.reason
+    assert await brain.smembers(keys.BOOK_WANTED) == set()  # no request: the collector sends its book itself
+    book = await book_after(brain, snap(25, levels_after := [("2.75", "2")], []))
+    assert book.valid and book.bids == tuple(levels_after)
+
+    # Whole books and resets travel on in the per-symbol depth stream, between the diffs (for the writer).
     kinds = [f[b"type"] for _, f in await brain.xrange(keys.depth_key(SYM))]
-    assert kinds.count(b"BOOK") == 3 and kinds.count(b"DEPTH") == 7
+    assert kinds.count(b"BOOK") == 4 and kinds.count(b"DEPTH") == 7 and kinds.count(b"RESYNC") == 2
     top = await read_book(brain, SYM, depth=1)
-    assert top.best_bid == ("2.70", "1") and top.best_ask == ("2.80", "1")
+    assert top.best_bid == ("2.75", "2") and top.best_ask is None
 
 
 async def _true(value: bool) -> bool:

@@ -18,7 +18,7 @@ from tickbridge.collector.publisher import StreamPublisher
 from tickbridge.core import keys, wire
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import MAX_TS_US, MIN_TS_US, BookSnapshot, DepthDiff, TickError, Trade
+from tickbridge.core.tick import MAX_TS_US, MIN_TS_US, BookReset, BookSnapshot, DepthDiff, TickError, Trade
 from tickbridge_dev.devstack.servers import RedisServer
 
 symbols = st.from_regex(r"[A-Z0-9]{2,32}", fullmatch=True)
@@ -208,3 +208,8 @@ def test_whole_book_entry_round_trip_and_strict_fields() -> None:
         wire.decode_book([*fields, b"extra", b"1"])
     with pytest.raises(TickError):
         wire.decode_book([f.replace(b"2.50000000", b"nan") for f in fields])
+    reset = BookReset("ETHUSDT", 7, 1_723_161_255_345_000, 1_723_161_255_346_000, "update-ID gap: resync")
+    fields = [str(x).encode() for x in wire.encode_reset(reset)]
+    assert wire.is_book_entry(fields) and wire.decode_book(fields) == reset
+    with pytest.raises(TickError):
+        wire.decode_book([*fields[:-2], b"bids", b"[]"])  # a reset's fields, not a book's

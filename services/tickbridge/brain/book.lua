@@ -8,7 +8,8 @@
 -- orders them. Rules (Binance's, applied by the Brain itself):
 --   BOOK at u: replaces the book and makes it valid, unless the book is valid and already at u or later;
 --   DEPTH [U, u] on a valid book at L: u <= L stale (ignored); U <= L + 1 apply; U > L + 1 a break: invalid;
---   any diff on an invalid or missing book: ignored, and the symbol is asked for (the wanted set).
+--   any diff on an invalid or missing book: ignored, and the symbol is asked for (the wanted set);
+--   RESYNC after u (the collector's book stopped being valid: a gap, a disconnect): invalid, unless past u.
 -- Never serves an invalid book as valid: the reader gets the state hash with the levels in one call.
 
 local function book_call(cmd, key, args)
@@ -80,6 +81,18 @@ local function book_snapshot(keys, k, symbol, last_id, ts, args, at, recv_ts)
   redis.call('HSET', state, 'valid', '1', 'reason', '', 'last_update_id', last_id, 'timestamp', ts, 'recv_ts', recv_ts)
   redis.call('SREM', keys[k + 4], symbol)
   return 'replaced'
+end
+
+-- The collector's book stopped being valid after last_id (RESYNC): so does this one, unless it is already past
+-- that ID (a newer whole book came first). No request: the collector sends its whole book when it is valid.
+local function book_reset(keys, k, last_id, reason)
+  local state = keys[k]
+  local st = redis.call('HMGET', state, 'valid', 'last_update_id')
+  if st[1] == '1' and tonumber(st[2]) <= tonumber(last_id) then
+    redis.call('HSET', state, 'valid', '0', 'reason', 'VPS book not valid after ' .. last_id .. ': ' .. reason)
+    return 'reset'
+  end
+  return 'stale'
 end
 
 -- KEYS = state, bids, asks, qty; ARGV = depth. Returns {state as flat pairs, bids {p, q, ...} high->low,

@@ -58,14 +58,16 @@ async def book_at(
 ) -> Book:
     """`symbol`'s book as it was at exchange time `t_us` (µs), top `depth` levels per side."""
     snap = await qdb.rows(
-        "SELECT cast(timestamp AS LONG), last_update_id, bids::varchar, asks::varchar, cast(recv_ts AS LONG) "
+        "SELECT cast(timestamp AS LONG), last_update_id, bids::varchar, asks::varchar, cast(recv_ts AS LONG), valid "
         f"FROM {keys.BOOK_TABLE} WHERE symbol = '{symbol}' AND exchange = '{exchange}' "
         f"AND timestamp <= '{_iso(t_us)}' ORDER BY timestamp DESC, last_update_id DESC LIMIT 1"
     )
     if not snap:
         return Book(symbol, (), (), 0, 0, False, f"no whole book at or before {_iso(t_us)}")
-    ts, u, raw_bids, raw_asks, recv = snap[0]
+    ts, u, raw_bids, raw_asks, recv, whole = snap[0]
     ts, u = int(ts), int(u)
+    if whole is False or whole == "false":
+        return Book(symbol, (), (), u, ts, False, f"the VPS book stopped being valid after {u}, before {_iso(t_us)}")
     bids = {float(p): float(q) for p, q in _levels(raw_bids)}
     asks = {float(p): float(q) for p, q in _levels(raw_asks)}
     diffs = await qdb.rows(

@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 
 from tickbridge.core import keys
 from tickbridge.core.redis_io import execute_packed
-from tickbridge.core.tick import BookSnapshot, DepthDiff, Level, TickError
-from tickbridge.core.wire import decode_book, encode_book, encode_depth
+from tickbridge.core.tick import BookReset, BookSnapshot, DepthDiff, Level, TickError
+from tickbridge.core.wire import decode_book, encode_book, encode_depth, encode_reset
 
 #: The read-only Redis function returning a book's state and top levels (book.lua).
 BOOK_READ_FUNCTION = "tickbridge_book_read"
@@ -53,8 +53,9 @@ class Book:
         return self.asks[0] if self.asks else None
 
 
-def book_verdict(fields: list[bytes], symbols: frozenset[bytes]) -> BookSnapshot | str:
-    """The whole-book entry `fields` holds, or why it is dead-lettered (not valid, or a symbol not in SYMBOLS)."""
+def book_verdict(fields: list[bytes], symbols: frozenset[bytes]) -> BookSnapshot | BookReset | str:
+    """The whole book or book reset `fields` holds, or why it is dead-lettered (not valid, or a symbol not in
+    SYMBOLS)."""
     try:
         book = decode_book(fields)
     except TickError as exc:
@@ -75,13 +76,16 @@ def book_keys_index(symbol: str, key_list: list[str], known: dict[str, int]) -> 
 
 
 def book_record(
-    entry_id: bytes | str, target: int, book: int, tick: DepthDiff | BookSnapshot
+    entry_id: bytes | str, target: int, book: int, tick: DepthDiff | BookSnapshot | BookReset
 ) -> list[str | bytes | int]:
     """brain.lua's `'q'` record: the entry for the per-symbol depth stream (contract order), then its levels flat
     (count of values, price, qty, ... per side) for the book, so the ingest call decodes no JSON."""
-    fields = encode_depth(tick) if isinstance(tick, DepthDiff) else encode_book(tick)
-    bids = [x for level in tick.bids for x in level]
-    asks = [x for level in tick.asks for x in level]
+    if isinstance(tick, BookReset):
+        fields, bids, asks = encode_reset(tick), [], []
+    else:
+        fields = encode_depth(tick) if isinstance(tick, DepthDiff) else encode_book(tick)
+        bids = [x for level in tick.bids for x in level]
+        asks = [x for level in tick.asks for x in level]
     return ["q", entry_id, target, book, len(fields), *fields, len(bids), *bids, len(asks), *asks]
 
 

@@ -20,7 +20,7 @@
 --   'q', id, target_index, book_index, nfields, field, value, ..., nb, bid price, qty, ..., na, ask price, qty,
 --        ...: an order-book diff or whole book (BOOK) in the contract's field order, also applied to the
 --        Brain's book at KEYS[book_index..+4] (book.lua); its levels follow flat (nb, na: values, not levels),
---        so the call needs no JSON decoding
+--        so the call needs no JSON decoding; a book reset (RESYNC) marks the book invalid
 
 --   'D', id, dead_letter_index, maxlen, nfields, field, value, ... (with the reason): a dead letter, in a
 --        stream capped at maxlen entries (XADD MAXLEN =; the evicted oldest ones are counted)
@@ -165,6 +165,8 @@ local function ingest(keys, args)
         if book_index > 0 then
           if args[i + 6] == 'BOOK' then
             book_snapshot(keys, book_index, args[i + 2], args[i + 10], args[i + 8], args, levels_at, args[i + 16])
+          elseif args[i + 6] == 'RESYNC' then
+            book_reset(keys, book_index, args[i + 10], args[i + 12])
           else
             book_diff(keys, book_index, args[i + 2], args[i + 10], args[i + 12], args[i + 8], args, levels_at,
                       args[i + 18])

@@ -61,7 +61,7 @@ from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logg
 from tickbridge.core.metrics import HopLatency, counter, gauge, histogram, serve_metrics
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings, load_settings
-from tickbridge.core.tick import BookSnapshot, DepthDiff, Tick, TickError, Trade
+from tickbridge.core.tick import BookReset, BookSnapshot, DepthDiff, Tick, TickError, Trade
 from tickbridge.core.wire import (
     TRADE_VALUES,
     GroupEntry,
@@ -448,7 +448,7 @@ class BrainConsumer(Service):
                         run = runs[pair] = []
                     run += (entry_id, *(str(v).encode() for v in encode_trade(tick)[TRADE_VALUES]))
                     continue
-                if isinstance(tick, DepthDiff | BookSnapshot):
+                if isinstance(tick, DepthDiff | BookSnapshot | BookReset):
                     # Diffs and whole books go to the per-symbol depth stream, in order, and into the book.
                     stamps.append((tick.symbol.encode(), (tick.recv_ts,)))
                     target = index(keys.depth_key(tick.symbol, tick.exchange))
@@ -469,7 +469,7 @@ class BrainConsumer(Service):
         head = [self.group, self.warm_window_us, len(header) // 3, *header]
         return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *head, *args], dead, truncated, stamps
 
-    def _verdict(self, fields: list[bytes]) -> Tick | BookSnapshot | str:
+    def _verdict(self, fields: list[bytes]) -> Tick | BookSnapshot | BookReset | str:
         """The tick (or whole book) the entry holds, or why it is dead-lettered."""
         if is_book_entry(fields):
             return book_verdict(fields, self.symbols)

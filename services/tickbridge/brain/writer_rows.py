@@ -84,12 +84,14 @@ class WriterRows(WriterStreams):
                 first_update_id=int(f[b"first_update_id"]), last_update_id=int(f[b"last_update_id"]),
                 bids=_levels(f[b"bids"]), asks=_levels(f[b"asks"]), recv_ts=recv_ts, timestamp=int(f[b"timestamp"]),
             )  # fmt: skip
-        elif kind == b"BOOK":  # a whole book, in the depth stream between the diffs it follows (issue 17)
+        elif kind in (b"BOOK", b"RESYNC"):  # a whole book or a book reset, between the diffs (issue 17)
             recv_ts = int(f[b"recv_ts"])
             batch = self.batches[keys.BOOK_TABLE]
+            whole = kind == b"BOOK"
+            bids, asks = (_levels(f[b"bids"]), _levels(f[b"asks"])) if whole else (_EMPTY_LEVELS, _EMPTY_LEVELS)
             ilp_book(
                 batch.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
-                last_update_id=int(f[b"last_update_id"]), bids=_levels(f[b"bids"]), asks=_levels(f[b"asks"]),
+                last_update_id=int(f[b"last_update_id"]), valid=whole, bids=bids, asks=asks,
                 recv_ts=recv_ts, timestamp=int(f[b"timestamp"]),
             )  # fmt: skip
         else:

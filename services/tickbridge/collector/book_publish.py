@@ -19,7 +19,7 @@ from tickbridge.collector.book_sync import BookSync
 from tickbridge.collector.publisher import Item
 from tickbridge.core import keys
 from tickbridge.core.redis_io import TRANSIENT_ERRORS
-from tickbridge.core.tick import BookSnapshot
+from tickbridge.core.tick import BookReset, BookSnapshot
 from tickbridge.core.wire import now_us
 
 log = logging.getLogger("tickbridge.collector.service")
@@ -50,6 +50,11 @@ class BookPublish(BookSync):
     def _on_synced(self, symbol: str, out: list[Item]) -> None:
         out.append(book_entry(self.depth[symbol]))
         self.metrics.book_snapshots.labels("sync").inc()
+
+    def _on_reset(self, symbol: str, timestamp: int, reason: str, out: list[Item]) -> None:
+        sync = self.depth[symbol]
+        out.append(BookReset(symbol, sync.book.last_update_id, timestamp, now_us(), reason))
+        self.metrics.book_snapshots.labels("reset").inc()
 
     def _on_book_request(self, req: BookRequest, out: list[Item]) -> None:
         """A book that is not valid now sends its entry when it syncs; a confirmed valid one goes at once."""

@@ -34,11 +34,12 @@ from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.metrics import HopCounts
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed
-from tickbridge.core.tick import BookSnapshot, DepthDiff, Trade
+from tickbridge.core.tick import BookReset, BookSnapshot, DepthDiff, Trade
 from tickbridge.core.wire import (
     collector_dead_letter,
     encode_book,
     encode_depth,
+    encode_reset,
     encode_trade,
     encode_warm_member,
     now_us,
@@ -66,7 +67,7 @@ class FrameDeadLetter:
     recv_ts: int
 
 
-Item = Trade | DepthDiff | BookSnapshot | FrameDeadLetter
+Item = Trade | DepthDiff | BookSnapshot | BookReset | FrameDeadLetter
 
 
 class StreamPublisher:
@@ -164,6 +165,8 @@ class StreamPublisher:
                 cmds.append(("XADD", stream, "*", *encode_depth(item)))
             elif isinstance(item, BookSnapshot):
                 cmds.append(("XADD", stream, "*", *encode_book(item)))
+            elif isinstance(item, BookReset):
+                cmds.append(("XADD", stream, "*", *encode_reset(item)))
             else:
                 cmds.append(
                     ("XADD", keys.COLLECTOR_DEAD_LETTER, "MAXLEN", "~", DEAD_LETTER_MAXLEN, "*",

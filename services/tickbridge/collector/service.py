@@ -155,7 +155,7 @@ class Collector(Backfill):
                 elif isinstance(item, BackfillResult):
                     self._on_backfill(item, out)
                 elif isinstance(item, Disconnected):
-                    self._invalidate_books(item.gen)
+                    self._invalidate_books(item.gen, out)
                 elif isinstance(item, BookRequest):
                     self._on_book_request(item, out)
                 else:

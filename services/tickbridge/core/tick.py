@@ -130,7 +130,7 @@ Tick = Trade | DepthDiff
 Levels = tuple[Level, ...]
 
 
-def _check_book_event(ev: DepthDiff | BookSnapshot) -> None:
+def _check_book_event(ev: DepthDiff | BookSnapshot | BookReset) -> None:
     """What a diff and a whole book share: symbol, exchange, times and the last update ID."""
     check_symbol(ev.symbol)
     check_exchange(ev.exchange)
@@ -158,3 +158,22 @@ class BookSnapshot:
 
     def __post_init__(self) -> None:
         _check_book_event(self)
+
+
+@dataclass(frozen=True, slots=True)
+class BookReset:
+    """The collector's book of `symbol` stopped being known to match the exchange after `last_update_id` (an
+    update-ID gap: a resync starts; a disconnect: unconfirmed until the next update). `type=RESYNC` entry: the
+    Brain marks its book invalid until the next whole book. `timestamp`: when it was noticed (µs)."""
+
+    symbol: str
+    last_update_id: int
+    timestamp: int
+    recv_ts: int
+    reason: str
+    exchange: str = EXCHANGE
+
+    def __post_init__(self) -> None:
+        _check_book_event(self)
+        if not self.reason or len(self.reason) > 200 or not self.reason.isprintable():
+            raise TickError(f"reason: expected 1..200 printable characters, got {self.reason[:40]!r}")

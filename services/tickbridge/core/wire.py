@@ -41,6 +41,7 @@ from tickbridge.core.tick import (
     MAX_ID,
     MAX_TS_US,
     MIN_TS_US,
+    BookReset,
     BookSnapshot,
     DepthDiff,
     Tick,
@@ -131,21 +132,53 @@ def encode_book(b: BookSnapshot) -> list[str | int]:
     ]  # fmt: skip
 
 
+#: Field order of a book-reset entry (issue 17): the collector's book stopped being valid after
+#: `last_update_id` (an update-ID gap, a disconnect); the Brain's book is invalid until the next whole book.
+RESYNC_FIELDS: tuple[str, ...] = ("symbol", "exchange", "type", "timestamp", "last_update_id", "reason", "recv_ts")
+RESYNC_TYPE = "RESYNC"
+
+
+def encode_reset(r: BookReset) -> list[str | int]:
+    """Flat `field, value, …` list of a book reset, ready for XADD."""
+    return [
+        "symbol", r.symbol, "exchange", r.exchange, "type", RESYNC_TYPE, "timestamp", r.timestamp,
+        "last_update_id", r.last_update_id, "reason", r.reason, "recv_ts", r.recv_ts,
+    ]  # fmt: skip
+
+
 def is_book_entry(fields: Sequence[bytes] | None) -> bool:
-    """True for a `type=BOOK` entry (decode it with `decode_book`, not `decode_entry`)."""
-    return entry_field(fields, b"type") == BOOK_TYPE.encode()
+    """True for a `type=BOOK` or `type=RESYNC` entry (`decode_book`, not `decode_entry`)."""
+    kind = entry_field(fields, b"type")
+    return kind == b"BOOK" or kind == b"RESYNC"
 
 
-def decode_book(raw: Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes]) -> BookSnapshot:
-    """Decode and validate a `type=BOOK` entry with exactly `BOOK_FIELDS`; raises `TickError`."""
+def _book_fields(raw: Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes]) -> dict[str, str]:
+    """A BOOK or RESYNC entry's fields, exactly its type's; raises `TickError`."""
     if not isinstance(raw, Mapping):
         if len(raw) > 2 * len(BOOK_FIELDS):
             raise TickError(f"{len(raw) // 2} fields, more than a book's {len(BOOK_FIELDS)}")
         if sum(map(len, raw)) > MAX_ENTRY_BYTES:
             raise TickError(f"more than {MAX_ENTRY_BYTES} bytes")
     fields = normalize_fields(raw)
-    if set(fields) != set(BOOK_FIELDS) or _text(fields, "type") != BOOK_TYPE:
+    kind = fields.get("type")
+    if set(fields) != set(BOOK_FIELDS if kind == BOOK_TYPE else RESYNC_FIELDS):
         raise TickError(f"not a book entry: fields {sorted(fields)[:12]}")
+    return fields
+
+
+def decode_book(raw: Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes]) -> BookSnapshot | BookReset:
+    """Decode and validate a `type=BOOK` (exactly `BOOK_FIELDS`) or `type=RESYNC` (`RESYNC_FIELDS`) entry;
+    raises `TickError`."""
+    fields = _book_fields(raw)
+    if fields["type"] == RESYNC_TYPE:
+        return BookReset(
+            symbol=fields["symbol"],
+            exchange=fields["exchange"],
+            timestamp=_integer(fields, "timestamp"),
+            last_update_id=_integer(fields, "last_update_id"),
+            reason=fields["reason"],
+            recv_ts=_integer(fields, "recv_ts"),
+        )
     try:
         bids = orjson.loads(fields["bids"])
         asks = orjson.loads(fields["asks"])
@@ -391,10 +424,11 @@ DEPTH_DDL = (
     "TIMESTAMP(timestamp) PARTITION BY DAY WAL DEDUP UPSERT KEYS(timestamp, exchange, symbol, last_update_id)"
 )
 
-#: Whole books: one row per BOOK entry, levels as DOUBLE[][] like `depth_updates` (same rebuild arithmetic).
+#: Whole books: one row per BOOK entry (`valid`), levels as DOUBLE[][] like `depth_updates` (same rebuild
+#: arithmetic); a RESYNC entry is a row without levels and `valid` false: no past book from there until the next.
 BOOK_DDL = (
     f"CREATE TABLE IF NOT EXISTS {keys.BOOK_TABLE} (timestamp TIMESTAMP, exchange SYMBOL, symbol SYMBOL, "
-    "last_update_id LONG, bids DOUBLE[][], asks DOUBLE[][], recv_ts TIMESTAMP) "
+    "last_update_id LONG, valid BOOLEAN, bids DOUBLE[][], asks DOUBLE[][], recv_ts TIMESTAMP) "
     "TIMESTAMP(timestamp) PARTITION BY DAY WAL DEDUP UPSERT KEYS(timestamp, exchange, symbol, last_update_id)"
 )
 
@@ -454,13 +488,27 @@ def ilp_depth(
 
 
 def ilp_book(
-    buffer: Buffer, exchange: str, symbol: str, last_update_id: int, bids: Any, asks: Any, recv_ts: int, timestamp: int
+    buffer: Buffer,
+    exchange: str,
+    symbol: str,
+    last_update_id: int,
+    valid: bool,
+    bids: Any,
+    asks: Any,
+    recv_ts: int,
+    timestamp: int,
 ) -> None:
     """One `book_snapshots` row into an ILP buffer (`bids`/`asks` as float64 arrays of shape (n, 2))."""
     buffer.row(
         keys.BOOK_TABLE,
         symbols={"exchange": exchange, "symbol": symbol},
-        columns={"last_update_id": last_update_id, "bids": bids, "asks": asks, "recv_ts": TimestampMicros(recv_ts)},
+        columns={
+            "last_update_id": last_update_id,
+            "valid": valid,
+            "bids": bids,
+            "asks": asks,
+            "recv_ts": TimestampMicros(recv_ts),
+        },
         at=TimestampMicros(timestamp),
     )
 
