@@ -473,42 +473,27 @@ def ilp_depth(
     timestamp: int,
 ) -> None:
     """One `depth_updates` row into an ILP buffer (`bids`/`asks` as float64 arrays of shape (n, 2))."""
-    buffer.row(
-        keys.DEPTH_TABLE,
-        symbols={"exchange": exchange, "symbol": symbol},
-        columns={
-            "first_update_id": first_update_id,
-            "last_update_id": last_update_id,
-            "bids": bids,
-            "asks": asks,
-            "recv_ts": TimestampMicros(recv_ts),
-        },
-        at=TimestampMicros(timestamp),
-    )
+    ids = {"first_update_id": first_update_id, "last_update_id": last_update_id}
+    _ilp_levels(buffer, keys.DEPTH_TABLE, exchange, symbol, ids, bids, asks, recv_ts, timestamp)
 
 
 def ilp_book(
-    buffer: Buffer,
-    exchange: str,
-    symbol: str,
-    last_update_id: int,
-    valid: bool,
-    bids: Any,
-    asks: Any,
-    recv_ts: int,
+    buffer: Buffer, exchange: str, symbol: str, last_update_id: int, valid: bool, bids: Any, asks: Any, recv_ts: int,
     timestamp: int,
-) -> None:
-    """One `book_snapshots` row into an ILP buffer (`bids`/`asks` as float64 arrays of shape (n, 2))."""
+) -> None:  # fmt: skip
+    """One `book_snapshots` row into an ILP buffer (levels as in `ilp_depth`; `valid` false: a book reset)."""
+    head = {"last_update_id": last_update_id, "valid": valid}
+    _ilp_levels(buffer, keys.BOOK_TABLE, exchange, symbol, head, bids, asks, recv_ts, timestamp)
+
+
+def _ilp_levels(
+    buffer: Buffer, table: str, exchange: str, symbol: str, head: dict[str, Any], bids: Any, asks: Any, recv_ts: int,
+    timestamp: int,
+) -> None:  # fmt: skip
     buffer.row(
-        keys.BOOK_TABLE,
+        table,
         symbols={"exchange": exchange, "symbol": symbol},
-        columns={
-            "last_update_id": last_update_id,
-            "valid": valid,
-            "bids": bids,
-            "asks": asks,
-            "recv_ts": TimestampMicros(recv_ts),
-        },
+        columns={**head, "bids": bids, "asks": asks, "recv_ts": TimestampMicros(recv_ts)},
         at=TimestampMicros(timestamp),
     )
 
