@@ -125,7 +125,9 @@ def settings_for(ex: ScriptedExchange, redis_server: RedisServer, **kw: Any) -> 
 
 
 async def stream_ticks(client: Any, key: str = keys.DEFAULT_STREAM_KEY) -> list[Trade | DepthDiff]:
-    return [decode_entry(fields) for _, fields in await client.xrange(key)]
+    """The ticks in the stream (whole-book entries, issue 17, left out)."""
+    entries = await client.xrange(key)
+    return [decode_entry(fields) for _, fields in entries if fields.get(b"type") not in (b"BOOK", b"RESYNC")]
 
 
 async def trade_ids(client: Any) -> list[int]:

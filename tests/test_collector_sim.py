@@ -44,7 +44,9 @@ async def read_stream(client: Any) -> list[Trade | DepthDiff]:
             batch = batch[1:]
         if not batch:
             return ticks
-        ticks += [decode_entry(f) for _, f in batch]
+        ticks += [
+            decode_entry(f) for _, f in batch if f.get(b"type") not in (b"BOOK", b"RESYNC")
+        ]  # whole books, resets: no ticks
         last = batch[-1][0]
 
 

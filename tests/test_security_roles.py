@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -28,8 +29,9 @@ from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import Trade
-from tickbridge.core.wire import TRADES_DDL, encode_tick
+from tickbridge.core.tick import BookSnapshot, DepthDiff, Trade
+from tickbridge.core.wire import TRADES_DDL, encode_book, encode_depth, encode_tick
+from tickbridge.forwarder.book_relay import relay_book_requests
 from tickbridge.ops.acl import acl_variables, render_acl
 from tickbridge_dev.devstack.servers import QuestDBServer
 from tickbridge_dev.devstack.tls import BRAIN_ACL, CertPaths, SecureRedisServer, make_certs
@@ -416,3 +418,61 @@ async def test_dead_letter_replay_as_the_consumer_user_keeps_warm_whole(
     assert [(int(m.split(b"|")[0]), int(s)) for m, s in members] == [
         (11, newest - 60_000_000), (1, newest), (12, newest + 150_000_000),
     ]  # fmt: skip
+
+
+async def test_order_books_work_as_the_role_users_over_tls(
+    brain: SecureRedisServer, passwords: dict[str, str], admin: aioredis.Redis
+) -> None:
+    """Issue 17 under the ACL: the consumer's ingest call keeps the book (book keys, wanted set), the forwarder
+    moves the wanted symbols (its Brain user), and the reader reads the book (HOT and WARM) but cannot change it."""
+    snap = BookSnapshot("BTCUSDT", TS, 10, (("2.00", "1"), ("1.00", "2")), (("3.00", "1"),), TS + 1)
+    entries: list[list[str | int]] = [
+        encode_depth(DepthDiff("BTCUSDT", TS, 3, 4, (("1.5", "1"),), (), TS)),  # before any book: asks for one
+        encode_book(snap),
+        encode_depth(DepthDiff("BTCUSDT", TS + 1, 11, 11, (("2.00", "0"), ("1.50", "5")), (), TS + 2)),
+    ]
+    forwarder_settings = tls_settings(brain, "forwarder", passwords)
+    forwarder = make_client(forwarder_settings.brain_redis_url, forwarder_settings)
+    consumer = BrainConsumer(tls_settings(brain, "consumer", passwords, symbols=("BTCUSDT",), consumer_name="c1"),
+                             CollectorRegistry())  # fmt: skip
+    task = asyncio.create_task(consumer.run())
+    try:
+        await forwarder.execute_command("XADD", STREAM, "1-1", *entries[0])  # type: ignore[no-untyped-call]
+        await eventually(lambda: _is(admin.smembers(keys.BOOK_WANTED), {b"BTCUSDT"}), timeout=20, what="asked")
+        vps = FakeVps()
+        assert await relay_book_requests(forwarder, vps) == 1 and vps.requests == {b"BTCUSDT"}
+        assert await admin.smembers(keys.BOOK_WANTED) == set()
+        for i, fields in enumerate(entries[1:], start=2):
+            await forwarder.execute_command("XADD", STREAM, f"1-{i}", *fields)  # type: ignore[no-untyped-call]
+        await eventually(lambda: _is(admin.hget(keys.book_keys("BTCUSDT")[0], "last_update_id"), b"11"), timeout=20,
+                         what="book at 11")  # fmt: skip
+    finally:
+        consumer.request_stop()
+        await asyncio.wait_for(task, 30)
+        await forwarder.aclose()
+    settings = tls_settings(brain, "reader", passwords, symbols=("BTCUSDT",))
+    async with TieredMarketData(settings, registry=CollectorRegistry()) as md:
+        for depth in (5, 50):  # HOT, then WARM
+            book = await md.book("BTCUSDT", depth)
+            assert book.valid and book.last_update_id == 11
+            assert book.bids == (("1.50", "5"), ("1.00", "2")) and book.asks == (("3.00", "1"),)
+        for command in (["HSET", keys.book_keys("BTCUSDT")[0], "valid", "1"], ["DEL", keys.book_keys("BTCUSDT")[1]],
+                        ["SADD", keys.BOOK_WANTED, "BTCUSDT"]):  # fmt: skip
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await md.redis.execute_command(*command)
+
+
+class FakeVps:
+    """Stands in for the VPS Redis of the relay (its own ACL is checked in test_security_tls_acl)."""
+
+    def __init__(self) -> None:
+        self.requests: set[bytes] = set()
+
+    async def sadd(self, key: str, *members: bytes) -> int:
+        assert key == keys.BOOK_REQUESTS
+        self.requests.update(members)
+        return len(members)
+
+
+async def _is(awaitable: Any, expected: object) -> bool:
+    return bool(await awaitable == expected)

@@ -19,6 +19,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from tickbridge.brain.common import load_functions
+from tickbridge.core import keys
 from tickbridge.core.redis_io import execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import Trade
@@ -325,6 +327,7 @@ WGROUP = "tickbridge-writer"
 ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
     ("vps", "collector"): (  # collector/service.py (start) and collector/publisher.py (batches, lost replies, probes)
         [["HGETALL", LAST_IDS], ["ZRANGE", WARM, -1, -1, "WITHSCORES"],  # start: last trade IDs and times
+         ["SPOP", keys.BOOK_REQUESTS, 1024],  # the Brain's whole-book requests (issue 17)
          ["XADD", STREAM, "*", *TRADE_FIELDS],
          ["XADD", "tickbridge:deadletter:collector", "MAXLEN", "~", 10000, "*", "raw", "{bad"],
          ["ZADD", WARM, TS, "t1"], ["ZREMRANGEBYSCORE", WARM, "-inf", f"({TS - 1}"], ["HSET", LAST_IDS, "BTCUSDT", 1],
@@ -344,6 +347,7 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
         [["XRANGE", STREAM, "-", "+", "COUNT", 10], ["XREVRANGE", STREAM, "+", "-", "COUNT", 1],
          ["XREAD", "COUNT", 10, "STREAMS", STREAM, "0"], ["XLEN", STREAM],
          ["MEMORY", "USAGE", STREAM], ["XTRIM", STREAM, "MINID", "0"], ["HSET", FWD_STATE, "acked", "1-1"],
+         ["SADD", keys.BOOK_REQUESTS, "BTCUSDT"],  # relayed whole-book requests (issue 17)
          ["HGETALL", FWD_STATE], ["HDEL", FWD_STATE, "spill_pending"], ["PING"]],
         [["XADD", STREAM, "*", "forged", 1], ["ZADD", WARM, 1, "x"], ["HSET", LAST_IDS, "BTCUSDT", 0],
          ["XREADGROUP", "GROUP", GROUP, "c", "STREAMS", STREAM, ">"], ["XINFO", "STREAM", STREAM],
@@ -359,6 +363,7 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
     ),
     ("brain", "forwarder"): (  # exactly what forwarder/service.py sends (issue 14): no group creation
         [["XADD", STREAM, "7-1", *TRADE_FIELDS], ["XINFO", "STREAM", STREAM], ["XINFO", "GROUPS", STREAM],
+         ["SRANDMEMBER", keys.BOOK_WANTED, 1024], ["SREM", keys.BOOK_WANTED, "BTCUSDT"],  # book requests (issue 17)
          ["PING"]],
         [["XGROUP", "CREATE", STREAM, "stray", "0"], ["XGROUP", "CREATECONSUMER", STREAM, GROUP, "f"],
          ["XSETID", STREAM, "99-1"], ["XLEN", STREAM], ["XREVRANGE", STREAM, "+", "-", "COUNT", 1],
@@ -427,11 +432,14 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
         [["XINFO", "STREAM", TRADES],  # HOT prefill: the stream's last ID
          ["ZRANGE", WARM, -50, -1, "WITHSCORES"], ["ZRANGE", WARM, 0, TS, "BYSCORE", "LIMIT", 0, 10, "WITHSCORES"],
          ["XREAD", "COUNT", 1000, "STREAMS", TRADES, "0"],  # HOT follower
+         ["XINFO", "STREAM", DEPTH], ["XREAD", "COUNT", 1000, "STREAMS", DEPTH, "0"],  # HOT books (issue 17)
+         ["FCALL_RO", "tickbridge_book_read", 4, *keys.book_keys("BTCUSDT"), 20],  # book() (WARM)
          ["XINFO", "GROUPS", TRADES], ["XPENDING", TRADES, WGROUP], ["XRANGE", TRADES, "-", "+", "COUNT", 10],
          ["PING"]],  # `tickbridge query`'s probe, redis-py's health check
         [["XREVRANGE", TRADES, "+", "-", "COUNT", 1], ["XLEN", TRADES], ["ZRANGEBYSCORE", WARM, "-inf", "+inf"],
          ["ZCARD", WARM], ["TYPE", TRADES], ["EXISTS", TRADES], ["CLIENT", "SETNAME", "x"], ["CLIENT", "ID"],
-         ["XRANGE", STREAM, "-", "+"], ["XRANGE", DEPTH, "-", "+"], ["XINFO", "STREAM", STREAM],
+         ["XRANGE", STREAM, "-", "+"], ["XINFO", "STREAM", STREAM], ["HSET", keys.book_keys("BTCUSDT")[0], "valid", 1],
+         ["FCALL", "tickbridge_brain_ingest", 1, STREAM], ["SMEMBERS", "tickbridge:book:wanted"],
          ["XRANGE", C_DEAD, "-", "+"], ["GET", C_BEAT],
          ["XADD", TRADES, "*", "a", "b"], ["ZADD", WARM, 1, "x"], ["XACK", TRADES, WGROUP, "1-1"],
          ["XREADGROUP", "GROUP", WGROUP, "r", "STREAMS", TRADES, ">"], ["XGROUP", "CREATE", TRADES, "r", "0"]],
@@ -457,6 +465,8 @@ async def prepare(admin: aioredis.Redis, host: str, user: str) -> None:
     if host == "brain":
         await admin.xgroup_create(STREAM, GROUP, id="0")
         await admin.xadd(TRADES, {"seed": "1"}, id="1-1")
+        await admin.xadd(DEPTH, {"seed": "1"}, id="1-1")
+        await load_functions(admin)  # the reader's book read (issue 17) calls the library's read-only function
         if user != "writer":  # the writer creates its group itself
             await admin.xgroup_create(TRADES, WGROUP, id="0")
 

@@ -18,7 +18,7 @@ from tickbridge.collector.publisher import StreamPublisher
 from tickbridge.core import keys, wire
 from tickbridge.core.redis_io import ensure_group, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import MAX_TS_US, MIN_TS_US, DepthDiff, Trade
+from tickbridge.core.tick import MAX_TS_US, MIN_TS_US, BookReset, BookSnapshot, DepthDiff, TickError, Trade
 from tickbridge_dev.devstack.servers import RedisServer
 
 symbols = st.from_regex(r"[A-Z0-9]{2,32}", fullmatch=True)
@@ -195,3 +195,21 @@ async def test_replay_and_collector_write_the_same_warm_member(redis_server: Red
 )
 def test_symbol_stream_kind(stream: str, kind: str) -> None:
     assert keys.symbol_stream_kind(stream) == kind
+
+
+def test_whole_book_entry_round_trip_and_strict_fields() -> None:
+    """`type=BOOK` (issue 17): exactly its fields, exact decimal strings both ways."""
+    book = BookSnapshot("ETHUSDT", 1_723_161_255_343_000, 7, (("2.50000000", "1.00000000"),),
+                        (("2.60000000", "0.50000000"),), 1_723_161_255_344_000)  # fmt: skip
+    fields = [str(x).encode() for x in wire.encode_book(book)]
+    assert wire.is_book_entry(fields) and not wire.is_book_entry([b"type", b"DEPTH"])
+    assert wire.decode_book(fields) == book
+    with pytest.raises(TickError):
+        wire.decode_book([*fields, b"extra", b"1"])
+    with pytest.raises(TickError):
+        wire.decode_book([f.replace(b"2.50000000", b"nan") for f in fields])
+    reset = BookReset("ETHUSDT", 7, 1_723_161_255_345_000, 1_723_161_255_346_000, "update-ID gap: resync")
+    fields = [str(x).encode() for x in wire.encode_reset(reset)]
+    assert wire.is_book_entry(fields) and wire.decode_book(fields) == reset
+    with pytest.raises(TickError):
+        wire.decode_book([*fields[:-2], b"bids", b"[]"])  # a reset's fields, not a book's

@@ -17,6 +17,11 @@
 --        contract's field order for the key pair k (the common case)
 --   'w', id, target_index, warm_index, score, member, nfields, field, value, ...: any other valid trade
 --   'p', id, target_index, nfields, field, value, ...: an order-book diff
+--   'q', id, target_index, book_index, nfields, field, value, ..., nb, bid price, qty, ..., na, ask price, qty,
+--        ...: an order-book diff or whole book (BOOK) in the contract's field order, also applied to the
+--        Brain's book at KEYS[book_index..+4] (book.lua); its levels follow flat (nb, na: values, not levels),
+--        so the call needs no JSON decoding; a book reset (RESYNC) marks the book invalid
+
 --   'D', id, dead_letter_index, maxlen, nfields, field, value, ... (with the reason): a dead letter, in a
 --        stream capped at maxlen entries (XADD MAXLEN =; the evicted oldest ones are counted)
 --   'd', id, dead_letter_index, nfields, field, value, ...: a dead letter without a cap (older consumers)
@@ -113,7 +118,17 @@ local function ingest(keys, args)
         maxlen = args[i]
         i = i + 1
       end
+      local book_index = 0
+      if kind == 'q' then
+        book_index = tonumber(args[i])
+        i = i + 1
+      end
       local nfields = tonumber(args[i])
+      local next_i, levels_at = i + 1 + nfields, 0
+      if book_index > 0 then
+        levels_at = next_i
+        next_i = next_i + 2 + tonumber(args[next_i]) + tonumber(args[next_i + 1 + tonumber(args[next_i])])
+      end
       local dead_letter = kind == 'd' or kind == 'D'
       local before = 0
       if maxlen then
@@ -147,12 +162,22 @@ local function ingest(keys, args)
         if warm_index > 0 then
           add_warm(warm, keys[warm_index], score, member)
         end
+        if book_index > 0 then
+          if args[i + 6] == 'BOOK' then
+            book_snapshot(keys, book_index, args[i + 2], args[i + 10], args[i + 8], args, levels_at, args[i + 16])
+          elseif args[i + 6] == 'RESYNC' then
+            book_reset(keys, book_index, args[i + 10], args[i + 12])
+          else
+            book_diff(keys, book_index, args[i + 2], args[i + 10], args[i + 12], args[i + 8], args, levels_at,
+                      args[i + 18])
+          end
+        end
         written = written + 1
       else
         call('XDEL', keys[k], new_id)
         dup = dup + 1
       end
-      i = i + 1 + nfields
+      i = next_i
     end
   end
   return {written, dup, write_warm(warm, window), failed, first_err, evicted}

@@ -38,7 +38,10 @@ def instance_name(settings: Settings, role: str) -> str:
 
 
 def lua_source() -> str:
-    return resources.files("tickbridge.brain").joinpath("brain.lua").read_text(encoding="utf-8")
+    """The tickbridge_brain library: brain.lua with book.lua's functions ahead of it (the ingest call uses them)."""
+    here = resources.files("tickbridge.brain")
+    shebang, _, rest = here.joinpath("brain.lua").read_text(encoding="utf-8").partition("\n")
+    return f"{shebang}\n{here.joinpath('book.lua').read_text(encoding='utf-8')}\n{rest}"
 
 
 async def load_functions(client: aioredis.Redis) -> None:

@@ -44,6 +44,8 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import ResponseError
 
+from tickbridge.brain.book_metrics import BookMetrics
+from tickbridge.brain.books import book_keys_index, book_record, book_verdict
 from tickbridge.brain.common import (
     INGEST_FUNCTION,
     group_floor,
@@ -59,13 +61,13 @@ from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logg
 from tickbridge.core.metrics import HopLatency, counter, gauge, histogram, serve_metrics
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings, load_settings
-from tickbridge.core.tick import DepthDiff, Tick, TickError, Trade
+from tickbridge.core.tick import BookReset, BookSnapshot, DepthDiff, Tick, TickError, Trade
 from tickbridge.core.wire import (
     TRADE_VALUES,
     GroupEntry,
-    encode_depth,
     encode_trade,
     entry_field,
+    is_book_entry,
     match_trade,
     now_us,
     stream_id_ms,
@@ -215,6 +217,7 @@ class BrainConsumer(Service):
         super().__init__()
         self.settings = settings
         self.metrics = ConsumerMetrics(registry)
+        self.book_metrics = BookMetrics(registry, settings.symbols)
         self.stream = settings.stream_key
         self.group = settings.consumer_group
         self.consumer = instance_name(settings, "consumer")
@@ -410,6 +413,7 @@ class BrainConsumer(Service):
                 header.extend((idx, symbol, exchange))
             return idx
 
+        book_index: dict[str, int] = {}
         args: list[str | bytes | int] = []
         runs: dict[tuple[bytes, bytes], list[bytes]] = {}  # (symbol, exchange) -> 7 values per trade
         dead = truncated = 0
@@ -444,10 +448,11 @@ class BrainConsumer(Service):
                         run = runs[pair] = []
                     run += (entry_id, *(str(v).encode() for v in encode_trade(tick)[TRADE_VALUES]))
                     continue
-                if isinstance(tick, DepthDiff):
+                if isinstance(tick, DepthDiff | BookSnapshot | BookReset):
+                    # Diffs and whole books go to the per-symbol depth stream, in order, and into the book.
                     stamps.append((tick.symbol.encode(), (tick.recv_ts,)))
-                    normal = encode_depth(tick)
-                    args += ["p", entry_id, index(keys.depth_key(tick.symbol, tick.exchange)), len(normal), *normal]
+                    target = index(keys.depth_key(tick.symbol, tick.exchange))
+                    args += book_record(entry_id, target, book_keys_index(tick.symbol, key_list, book_index), tick)
                     continue
                 reason = tick
             dl = dl or index(keys.CONSUMER_DEAD_LETTER)
@@ -464,8 +469,10 @@ class BrainConsumer(Service):
         head = [self.group, self.warm_window_us, len(header) // 3, *header]
         return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *head, *args], dead, truncated, stamps
 
-    def _verdict(self, fields: list[bytes]) -> Tick | str:
-        """The tick the entry holds, or why it is dead-lettered."""
+    def _verdict(self, fields: list[bytes]) -> Tick | BookSnapshot | BookReset | str:
+        """The tick (or whole book) the entry holds, or why it is dead-lettered."""
+        if is_book_entry(fields):
+            return book_verdict(fields, self.symbols)
         try:
             tick = strict_decode(fields)
         except TickError as exc:
@@ -614,6 +621,7 @@ class BrainConsumer(Service):
             self.metrics.vps_link_up.set(0)
         if not isinstance(dl_r, BaseException):
             self.metrics.dead_letter_length.set(float(dl_r))
+        await self.book_metrics.update(self.client)
 
     def _memory(self, reply: object) -> None:
         """used_memory and maxmemory from INFO memory: BrainRedisMemoryHigh fires before `maxmemory` (with

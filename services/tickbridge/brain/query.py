@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 from rich.console import Console
 from rich.table import Table
 
+from tickbridge.brain.books import Book
 from tickbridge.brain.tiered import Answer, TieredMarketData, us_to_iso
 from tickbridge.core.questdb_io import QuestDBError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, make_client
@@ -64,6 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--recent", type=parse_count, metavar="N", help="the newest N trades (default 20)")
     what.add_argument("--since", type=parse_duration_us, metavar="DURATION", help="trades of the last 30s, 5m, 2h, ...")
     what.add_argument("--start", type=parse_time_us, metavar="TIME", help="range start (ISO-8601 UTC or epoch µs)")
+    what.add_argument(
+        "--book",
+        type=parse_count,
+        nargs="?",
+        const=20,
+        metavar="DEPTH",
+        help="the order book instead of trades: top DEPTH levels per side (default 20) and its validity",
+    )
     p.add_argument("--end", type=parse_time_us, metavar="TIME", help="range end (default now)")
     p.add_argument("--limit", type=int, default=200, help="rows shown at most (default 200; the newest)")
     p.add_argument("--no-follow", action="store_true", help="skip the HOT tier (answer from WARM/COLD only)")
@@ -88,6 +97,21 @@ def render(symbol: str, answer: Answer, limit: int, console: Console) -> None:
     console.print(table)
 
 
+def render_book(book: Book, console: Console) -> None:
+    """Bids and asks side by side, best first, with the book's update ID, time and validity."""
+    state = "[green]valid[/]" if book.valid else f"[red]NOT VALID[/] ({book.reason})"
+    when = us_to_iso(book.timestamp) if book.timestamp else "-"
+    table = Table(title=f"{book.symbol} order book: {state}",
+                  caption=f"last update ID {book.last_update_id}   exchange time {when}")  # fmt: skip
+    for name in ("bid qty", "bid", "ask", "ask qty"):
+        table.add_column(name, justify="right")
+    for i in range(max(len(book.bids), len(book.asks))):
+        bid = book.bids[i] if i < len(book.bids) else ("", "")
+        ask = book.asks[i] if i < len(book.asks) else ("", "")
+        table.add_row(bid[1], f"[green]{bid[0]}[/]", f"[red]{ask[0]}[/]", ask[1])
+    console.print(table)
+
+
 async def run_query(args: argparse.Namespace) -> None:
     settings = load_settings()
     # A dead Redis is one line at once, not a HOT follower retrying until the ready timeout.
@@ -96,6 +120,10 @@ async def run_query(args: argparse.Namespace) -> None:
         await probe.ping()
     finally:
         await probe.aclose()
+    if args.book is not None:
+        async with TieredMarketData(settings, [args.symbol], CollectorRegistry(), follow=False) as md:
+            render_book(await md.book(args.symbol, max(1, args.book)), Console(width=120))
+        return
     async with TieredMarketData(settings, [args.symbol], CollectorRegistry(), follow=not args.no_follow) as md:
         now = now_us()
         if args.since is not None:
@@ -108,7 +136,7 @@ async def run_query(args: argparse.Namespace) -> None:
 
 
 def run_command(args: argparse.Namespace) -> None:
-    """`tickbridge query BTCUSDT [--recent N | --since 5m | --start T [--end T]]`."""
+    """`tickbridge query BTCUSDT [--recent N | --since 5m | --start T [--end T] | --book [DEPTH]]`."""
     try:
         args.symbol = check_symbol(args.symbol.upper())
     except TickError as exc:

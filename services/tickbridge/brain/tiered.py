@@ -28,6 +28,7 @@ import contextlib
 import heapq
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tickbridge.brain.book_history import book_at
+from tickbridge.brain.books import HOT_BOOK_DEPTH, Book, HotBooks, read_book
 from tickbridge.brain.common import as_text, parse_info_pairs, parse_read_reply, reply_or_raise
 from tickbridge.core import keys
 from tickbridge.core.metrics import counter, histogram
@@ -112,6 +115,19 @@ class TieredMetrics:
             f"Answers whose read-back of the writer's backlog stopped at {BACKLOG_MAX} entries",
             registry=registry,
         )
+
+
+#: One `TieredMetrics` per registry: a second `TieredMarketData` in a process shares the first one's series
+#: (registering them again raised DuplicateTimeseries).
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, TieredMetrics] = weakref.WeakKeyDictionary()
+
+
+def tiered_metrics(registry: CollectorRegistry = REGISTRY) -> TieredMetrics:
+    """The `TieredMetrics` of `registry`, created on first use."""
+    metrics = _METRICS.get(registry)
+    if metrics is None:
+        metrics = _METRICS[registry] = TieredMetrics(registry)
+    return metrics
 
 
 def parse_warm_member(member: bytes, score: float) -> TickRow:
@@ -188,7 +204,7 @@ class TieredMarketData:
         self.exchange = check_exchange(exchange)  # it names Redis keys and goes into COLD's SQL
         self.hot_size = settings.hot_ticks
         self.window_us = int(settings.warm_window_s * 1_000_000)
-        self.metrics = TieredMetrics(registry)
+        self.metrics = tiered_metrics(registry)
         # Label children looked up once: `.labels()` costs more than the HOT answer itself.
         self._hot_latency = self.metrics.latency.labels(HOT)
         self._warm_latency = self.metrics.latency.labels(WARM)
@@ -214,6 +230,9 @@ class TieredMarketData:
         self._backlog_refused = False  # warned once that the ACL refuses the backlog read
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: Order books (issue 17): HOT copies of the top levels, kept by their own follower.
+        self.books = HotBooks(self.redis, self.symbols, self.exchange)
+        self._book_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> TieredMarketData:
         await self.start()
@@ -228,6 +247,7 @@ class TieredMarketData:
         Waits up to `ready_timeout` for HOT; until it is ready, answers come from WARM/COLD.
         """
         if self.follow:
+            self._book_task = asyncio.create_task(self.books.run(FOLLOW_ERRORS, self._book_error))
             self._task = asyncio.create_task(self._follow())
             ready = asyncio.create_task(self._ready.wait())
             await asyncio.wait([ready, self._task], timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -236,6 +256,10 @@ class TieredMarketData:
                 self._task.result()
 
     async def close(self) -> None:
+        if self._book_task is not None:
+            self._book_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *FOLLOW_ERRORS):
+                await self._book_task
         if self._task is not None:
             # A cancel that lands while a finished read is waiting to be resumed can be absorbed inside
             # redis-py's read (seen here after trading code held the loop for a while), and the follower
@@ -323,6 +347,35 @@ class TieredMarketData:
                 self._ready.clear()
                 self._hot.clear()
                 await asyncio.sleep(1.0)
+
+    def _book_error(self, exc: BaseException) -> None:
+        self.metrics.errors.inc()
+        log.warning("tiered book follower: %s", exc)
+
+    async def book(self, symbol: str, depth: int = HOT_BOOK_DEPTH) -> Book:
+        """`symbol`'s order book: bids, asks (top `depth` each), last update ID, exchange time, `valid`.
+
+        HOT (the in-process copy, a dict lookup) when it holds `depth` levels, else WARM (one Redis call that
+        reads the state and the levels together). Never trade on a book whose `valid` is False."""
+        started = time.perf_counter()
+        hot = self.books.get(symbol, depth)
+        if hot is not None:
+            self._hot_latency.observe(time.perf_counter() - started)
+            self._answers[HOT].inc()
+            return hot
+        book = await read_book(self.redis, symbol, depth)
+        self._warm_latency.observe(time.perf_counter() - started)
+        self._answers[WARM].inc()
+        return book
+
+    async def book_at(self, symbol: str, t_us: int, depth: int = HOT_BOOK_DEPTH) -> Book:
+        """`symbol`'s book as it was at exchange time `t_us` (µs), rebuilt from QuestDB (COLD): the newest whole
+        book at or before `t_us` plus the diffs after it (`book_history`; doubles, not the exact strings)."""
+        started = time.perf_counter()
+        book = await book_at(self.qdb, symbol, t_us, depth, self.exchange)
+        self._cold_latency.observe(time.perf_counter() - started)
+        self._answers[COLD].inc()
+        return book
 
     def hot(self, symbol: str) -> list[TickRow]:
         """HOT ticks of `symbol`, oldest first (by timestamp, trade_id)."""

@@ -18,7 +18,7 @@ from tickbridge.core.backoff import Backoff
 from tickbridge.core.metrics import HopCounts
 from tickbridge.core.questdb_io import ilp_conf
 from tickbridge.core.redis_io import Command, execute_packed
-from tickbridge.core.wire import DEPTH_DDL, TRADES_DDL, now_us, writer_dead_letter
+from tickbridge.core.wire import BOOK_DDL, DEPTH_DDL, TRADES_DDL, now_us, writer_dead_letter
 
 log = logging.getLogger("tickbridge.brain.writer")
 
@@ -35,6 +35,7 @@ class WriterFlushing(WriterRows):
     async def _setup_questdb(self) -> None:
         await self.qdb.exec(TRADES_DDL)
         await self.qdb.exec(DEPTH_DDL)
+        await self.qdb.exec(BOOK_DDL)
         # Known before the first flush: a writer (re)started while a table is suspended must not hand it rows.
         self.suspended_tables = set(await self.qdb.suspended_tables())
         if self.suspended_tables:
@@ -43,7 +44,7 @@ class WriterFlushing(WriterRows):
             self.sender = await asyncio.to_thread(self._new_sender)
         sender: Any = self.sender
         if not self.batches:
-            for table in (keys.TRADES_TABLE, keys.DEPTH_TABLE):
+            for table in (keys.TRADES_TABLE, keys.DEPTH_TABLE, keys.BOOK_TABLE):
                 self.batches[table] = TableBatch(table, sender.new_buffer())
 
     def _swap(self) -> tuple[dict[str, TableBatch], list[tuple[bytes, bytes, str]]]:

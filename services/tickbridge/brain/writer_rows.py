@@ -15,7 +15,7 @@ from questdb.ingress import IngressError
 from tickbridge.brain.writer_base import TableBatch
 from tickbridge.brain.writer_streams import WriterStreams
 from tickbridge.core import keys
-from tickbridge.core.wire import ilp_depth, ilp_trade, symbol_trade
+from tickbridge.core.wire import ilp_book, ilp_depth, ilp_trade, symbol_trade
 
 log = logging.getLogger("tickbridge.brain.writer")
 
@@ -83,6 +83,16 @@ class WriterRows(WriterStreams):
                 batch.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
                 first_update_id=int(f[b"first_update_id"]), last_update_id=int(f[b"last_update_id"]),
                 bids=_levels(f[b"bids"]), asks=_levels(f[b"asks"]), recv_ts=recv_ts, timestamp=int(f[b"timestamp"]),
+            )  # fmt: skip
+        elif kind in (b"BOOK", b"RESYNC"):  # a whole book or a book reset, between the diffs (issue 17)
+            recv_ts = int(f[b"recv_ts"])
+            batch = self.batches[keys.BOOK_TABLE]
+            whole = kind == b"BOOK"
+            bids, asks = (_levels(f[b"bids"]), _levels(f[b"asks"])) if whole else (_EMPTY_LEVELS, _EMPTY_LEVELS)
+            ilp_book(
+                batch.buffer, exchange=f[b"exchange"].decode(), symbol=f[b"symbol"].decode(),
+                last_update_id=int(f[b"last_update_id"]), valid=whole, bids=bids, asks=asks,
+                recv_ts=recv_ts, timestamp=int(f[b"timestamp"]),
             )  # fmt: skip
         else:
             raise ValueError(f"unknown type {kind[:20]!r}")

@@ -8,7 +8,7 @@ import logging
 import orjson
 
 from tickbridge.collector.base import MAX_AHEAD_US, MAX_BACKFILL, BackfillResult
-from tickbridge.collector.book_sync import BookSync
+from tickbridge.collector.book_publish import BookPublish
 from tickbridge.collector.parser import (
     FUTURE_TIME,
     to_us,
@@ -21,7 +21,7 @@ from tickbridge.core.wire import now_us
 log = logging.getLogger("tickbridge.collector.service")
 
 
-class Backfill(BookSync):
+class Backfill(BookPublish):
     """Back-fill of trade gaps, bounded by MAX_BACKFILL trades and `max_parked` parked ones."""
 
     def _start_backfill(self, trade: Trade, gen: int, last: int) -> None:

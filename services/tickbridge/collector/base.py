@@ -93,6 +93,13 @@ class Switch:
 
 
 @dataclass(frozen=True, slots=True)
+class BookRequest:
+    """Symbols whose whole book the Brain asked for (`book_publish`; through the inbox, in frame order)."""
+
+    symbols: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnected:
     """Inbox marker: primary `gen` is gone with no replacement (after its last frame): books are unknown."""
 
@@ -139,7 +146,7 @@ class CollectorBase(Service):
         self.last_trade_ts: dict[str, int] = {}
         self._hot: dict[str, deque[Tick]] = {s: deque(maxlen=settings.hot_ticks) for s in self.symbols}
         self.inbox: asyncio.Queue[
-            tuple[int, int, bytes | str] | SnapshotResult | BackfillResult | Switch | Disconnected | None
+            tuple[int, int, bytes | str] | SnapshotResult | BackfillResult | Switch | Disconnected | BookRequest | None
         ] = asyncio.Queue(inbox_size)
         self.conns: dict[int, Connection] = {}
         self.primary_gen = 0  # the processor's view (set by `Switch` markers, in frame order)

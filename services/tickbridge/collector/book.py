@@ -31,12 +31,13 @@ def _is_zero(qty: str) -> bool:
 class OrderBook:
     """Price -> quantity per side. Prices are the exchange's strings (one format per symbol)."""
 
-    __slots__ = ("asks", "bids", "last_update_id")
+    __slots__ = ("asks", "bids", "last_update_id", "timestamp")
 
     def __init__(self) -> None:
         self.bids: dict[str, str] = {}
         self.asks: dict[str, str] = {}
         self.last_update_id = 0
+        self.timestamp = 0  # exchange time (µs) of the last diff applied; 0 = none since the snapshot
 
     def load_snapshot(self, last_update_id: int, bids: Iterable[Sequence[str]], asks: Iterable[Sequence[str]]) -> None:
         self.bids = {p: q for p, q in bids if not _is_zero(q)}
@@ -106,6 +107,7 @@ class DepthSync:
                 self._start_resync(ev)
                 return Outcome.GAP
             book.apply(ev.bids, ev.asks, ev.last_update_id)
+            book.timestamp = ev.timestamp
             return Outcome.APPLIED
         buf = self.buffer
         if buf:
@@ -147,6 +149,8 @@ class DepthSync:
         self.state = BookState.VALID
         pending = list(self.buffer)
         self.buffer.clear()
+        # The book's time until a diff applies: the newest event the snapshot already covers.
+        self.book.timestamp = max((ev.timestamp for ev in pending if ev.last_update_id <= last_update_id), default=0)
         applied: list[DepthDiff] = []
         for i, ev in enumerate(pending):
             outcome = self.on_event(ev)

@@ -14,6 +14,7 @@ from tickbridge.collector.rest import RestCallFailed
 from tickbridge.collector.session import Session
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.tick import DepthDiff, TickError, check_levels
+from tickbridge.core.wire import now_us
 
 log = logging.getLogger("tickbridge.collector.service")
 
@@ -29,6 +30,7 @@ class BookSync(Session):
             if not sync.confirmed:  # the first update after a disconnect continued the book: nothing missed
                 sync.confirmed = True
                 self.metrics.book_valid.labels(ev.symbol).set(1)
+                self._on_synced(ev.symbol, out)
         elif outcome is Outcome.DUPLICATE:
             self._m_dup_depth.inc()
             if sync.valid:
@@ -43,9 +45,16 @@ class BookSync(Session):
             self.metrics.depth_gaps.labels(ev.symbol).inc()
             self.metrics.resyncs.labels(ev.symbol).inc()
             self.metrics.book_valid.labels(ev.symbol).set(0)
+            self._on_reset(ev.symbol, ev.timestamp, "update-ID gap: resync", out)
             self._request_snapshot(ev.symbol, 0.0)
 
-    def _invalidate_books(self, gen: int) -> None:
+    def _on_synced(self, symbol: str, out: list[Item]) -> None:
+        """A book became valid (after the diffs it applied are in `out`); `BookPublish` appends it whole."""
+
+    def _on_reset(self, symbol: str, timestamp: int, reason: str, out: list[Item]) -> None:
+        """A book stopped being valid; `BookPublish` appends a book reset (the Brain's book turns invalid)."""
+
+    def _invalidate_books(self, gen: int, out: list[Item]) -> None:
         """The primary is gone without a replacement: what changed meanwhile is unknown, so no book counts
         as valid until the next connection tells. Its first event for a book either continues the book's
         update IDs (nothing was missed: valid again, no snapshot) or leaves a gap (the usual resync).
@@ -58,6 +67,7 @@ class BookSync(Session):
                 n += 1
                 sync.confirmed = False
                 self.metrics.book_valid.labels(symbol).set(0)
+                self._on_reset(symbol, now_us(), "exchange connection lost", out)
         log.warning("connection %d lost: %d books unconfirmed until their next update (a gap resyncs)", gen, n)
 
     def _request_snapshot(self, symbol: str, delay: float) -> None:
@@ -102,6 +112,7 @@ class BookSync(Session):
             backoff.reset()
             self._joined[symbol] = self.primary_gen
             self.metrics.book_valid.labels(symbol).set(1)
+            self._on_synced(symbol, out)
             log.info("%s: book synced at %d (%d buffered events applied)", symbol, sync.book.last_update_id,
                      len(applied))  # fmt: skip
         else:  # STALE or GAP: keep buffering, fetch again

@@ -33,6 +33,11 @@ class CollectorMetrics:
         self.trade_gaps = c("trade_gaps", "Trade-ID gaps detected", ("symbol",))
         self.depth_gaps = c("depth_gaps", "Order-book update-ID gaps detected", ("symbol",))
         self.resyncs = c("resyncs", "Order-book resynchronisations started (snapshot requests)", ("symbol",))
+        self.book_snapshots = c(
+            "book_snapshots",
+            "Whole-book entries appended by cause (sync, request), and book resets (reset)",
+            ("cause",),
+        )
         self.book_valid = g("book_valid", "1 when the local book is valid, 0 while resyncing", ("symbol",))
         self.backfilled = c("backfilled_trades", "Trades recovered from REST historicalTrades", ("symbol",))
         self.lost_trades = c("lost_trades", "Trades in a gap that REST could not return", ("symbol",))

@@ -34,8 +34,16 @@ from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.metrics import HopCounts
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed
-from tickbridge.core.tick import DepthDiff, Trade
-from tickbridge.core.wire import collector_dead_letter, encode_depth, encode_trade, encode_warm_member, now_us
+from tickbridge.core.tick import BookReset, BookSnapshot, DepthDiff, Trade
+from tickbridge.core.wire import (
+    collector_dead_letter,
+    encode_book,
+    encode_depth,
+    encode_reset,
+    encode_trade,
+    encode_warm_member,
+    now_us,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +67,7 @@ class FrameDeadLetter:
     recv_ts: int
 
 
-Item = Trade | DepthDiff | FrameDeadLetter
+Item = Trade | DepthDiff | BookSnapshot | BookReset | FrameDeadLetter
 
 
 class StreamPublisher:
@@ -155,6 +163,10 @@ class StreamPublisher:
                     latest[symbol] = item.timestamp
             elif isinstance(item, DepthDiff):
                 cmds.append(("XADD", stream, "*", *encode_depth(item)))
+            elif isinstance(item, BookSnapshot):
+                cmds.append(("XADD", stream, "*", *encode_book(item)))
+            elif isinstance(item, BookReset):
+                cmds.append(("XADD", stream, "*", *encode_reset(item)))
             else:
                 cmds.append(
                     ("XADD", keys.COLLECTOR_DEAD_LETTER, "MAXLEN", "~", DEAD_LETTER_MAXLEN, "*",

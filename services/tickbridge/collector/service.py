@@ -29,6 +29,7 @@ from tickbridge.collector.base import (
     OUT_BATCH,
     WS_MAX_SIZE,
     BackfillResult,
+    BookRequest,
     Connection,
     Disconnected,
     SnapshotResult,
@@ -98,6 +99,7 @@ class Collector(Backfill):
                 tg.create_task(self.publisher.run(), name="collector-publisher")
                 tg.create_task(self._process(), name="collector-processor")
                 tg.create_task(self._manage(), name="collector-connections")
+                tg.create_task(self.poll_book_requests(client), name="collector-book-requests")
         finally:
             await self.rest.close()
             await client.aclose()
@@ -153,7 +155,9 @@ class Collector(Backfill):
                 elif isinstance(item, BackfillResult):
                     self._on_backfill(item, out)
                 elif isinstance(item, Disconnected):
-                    self._invalidate_books(item.gen)
+                    self._invalidate_books(item.gen, out)
+                elif isinstance(item, BookRequest):
+                    self._on_book_request(item, out)
                 else:
                     self._on_snapshot(item, out)
                 if len(out) >= OUT_BATCH:

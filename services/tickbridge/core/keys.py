@@ -57,6 +57,9 @@ SYMBOL_STREAM_PATTERNS = ("market:*:trades:*", "market:*:depth:*")
 #: Brain QuestDB tables (`trades` is the contract's).
 TRADES_TABLE = "trades"
 DEPTH_TABLE = "depth_updates"
+#: Whole books (issue 17): the collector's BOOK entries, beside `depth_updates` (a past book = the newest
+#: snapshot at or before t + the diffs after it).
+BOOK_TABLE = "book_snapshots"
 #: VPS QuestDB spill buffer (contract name; FORWARDER_BUFFER_TABLE overrides it for tests sharing a QuestDB).
 VPS_BUFFER_TABLE = "vps_buffer"
 
@@ -65,3 +68,18 @@ def symbol_stream_kind(stream: str) -> str:
     """`trades` or `depth` of a per-symbol stream name (`market:<exchange>:<kind>:<SYMBOL>`)."""
     parts = stream.split(":")
     return parts[2] if len(parts) == 4 else ""
+
+
+def book_keys(symbol: str, exchange: str = EXCHANGE) -> tuple[str, str, str, str]:
+    """The Brain's live order book of a symbol (issue 17): state hash (`last_update_id`, `timestamp`, `recv_ts`,
+    `valid`, `reason`), bid and ask sorted sets (member = price string, score = price) and the quantities (hash,
+    `b<price>` / `a<price>` -> quantity string)."""
+    base = f"market:{exchange}:book:{symbol}"
+    return base, f"{base}:bids", f"{base}:asks", f"{base}:qty"
+
+
+#: Symbols whose Brain book waits for a snapshot (Brain set, written by the ingest function on a break; the
+#: forwarder moves them to `BOOK_REQUESTS` on the VPS).
+BOOK_WANTED = "tickbridge:book:wanted"
+#: Symbols the collector appends a whole-book entry for (VPS set, polled by the collector).
+BOOK_REQUESTS = "tickbridge:book:requests"

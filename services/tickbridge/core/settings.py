@@ -159,7 +159,7 @@ class Settings(BaseSettings):
     binance_rest_url: Annotated[str, ReadBy(("collector",))] = Field(
         "https://api.binance.com", description="exchange REST base (depth snapshots, trade back-fill)"
     )
-    symbols: Annotated[tuple[str, ...], NoDecode, ReadBy((*SERVICES, "query", "deadletters"))] = Field(
+    symbols: Annotated[tuple[str, ...], NoDecode, ReadBy((*SERVICES, "query", "deadletters", "status"))] = Field(
         DEFAULT_SYMBOLS, description="comma-separated pairs, e.g. BTCUSDT,ETHUSDT (at most 512)"
     )
     vps_redis_url: Annotated[str, ReadBy(VPS_REDIS)] = Field(

@@ -119,14 +119,61 @@ class DepthDiff:
     exchange: str = EXCHANGE
 
     def __post_init__(self) -> None:
-        check_symbol(self.symbol)
-        check_exchange(self.exchange)
-        check_int("timestamp", self.timestamp, MIN_TS_US, MAX_TS_US)
+        _check_book_event(self)
         check_int("first_update_id", self.first_update_id)
-        check_int("last_update_id", self.last_update_id)
         if self.last_update_id < self.first_update_id:
             raise TickError(f"last_update_id {self.last_update_id} < first_update_id {self.first_update_id}")
-        check_int("recv_ts", self.recv_ts, MIN_TS_US, MAX_TS_US)
 
 
 Tick = Trade | DepthDiff
+#: One side of a book.
+Levels = tuple[Level, ...]
+
+
+def _check_book_event(ev: DepthDiff | BookSnapshot | BookReset) -> None:
+    """What a diff and a whole book share: symbol, exchange, times and the last update ID."""
+    check_symbol(ev.symbol)
+    check_exchange(ev.exchange)
+    check_int("timestamp", ev.timestamp, MIN_TS_US, MAX_TS_US)
+    check_int("last_update_id", ev.last_update_id)
+    check_int("recv_ts", ev.recv_ts, MIN_TS_US, MAX_TS_US)
+
+
+@dataclass(frozen=True, slots=True)
+class BookSnapshot:
+    """A whole local order book at `last_update_id` (the collector's, `type=BOOK` entry): bids high->low, asks
+    low->high, the exchange's decimal strings. `timestamp` is the exchange time of the last diff applied (µs)."""
+
+    symbol: str
+    #: exchange time (µs) of the newest diff the book includes
+    timestamp: int
+    #: the update ID of that diff: the book continues with the diff whose range holds `last_update_id + 1`
+    last_update_id: int
+    #: (price, quantity) exact strings, bids high->low, asks low->high
+    bids: Levels
+    asks: Levels
+    #: when the collector took the book (µs)
+    recv_ts: int
+    exchange: str = EXCHANGE
+
+    def __post_init__(self) -> None:
+        _check_book_event(self)
+
+
+@dataclass(frozen=True, slots=True)
+class BookReset:
+    """The collector's book of `symbol` stopped being known to match the exchange after `last_update_id` (an
+    update-ID gap: a resync starts; a disconnect: unconfirmed until the next update). `type=RESYNC` entry: the
+    Brain marks its book invalid until the next whole book. `timestamp`: when it was noticed (µs)."""
+
+    symbol: str
+    last_update_id: int
+    timestamp: int
+    recv_ts: int
+    reason: str
+    exchange: str = EXCHANGE
+
+    def __post_init__(self) -> None:
+        _check_book_event(self)
+        if not self.reason or len(self.reason) > 200 or not self.reason.isprintable():
+            raise TickError(f"reason: expected 1..200 printable characters, got {self.reason[:40]!r}")

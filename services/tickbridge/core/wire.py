@@ -41,6 +41,8 @@ from tickbridge.core.tick import (
     MAX_ID,
     MAX_TS_US,
     MIN_TS_US,
+    BookReset,
+    BookSnapshot,
     DepthDiff,
     Tick,
     TickError,
@@ -112,6 +114,85 @@ def encode_depth(d: DepthDiff) -> list[str | int]:
         "first_update_id", d.first_update_id, "last_update_id", d.last_update_id,
         "bids", orjson.dumps(d.bids).decode(), "asks", orjson.dumps(d.asks).decode(), "recv_ts", d.recv_ts,
     ]  # fmt: skip
+
+
+#: Field order of a whole-book entry (issue 17): the collector's book when it (re)syncs or the Brain asks.
+BOOK_FIELDS: tuple[str, ...] = (
+    "symbol", "exchange", "type", "timestamp", "last_update_id", "bids", "asks", "recv_ts",
+)  # fmt: skip
+BOOK_TYPE = "BOOK"
+
+
+def encode_book(b: BookSnapshot) -> list[str | int]:
+    """Flat `field, value, …` list of a whole book (levels as JSON `[[price, qty], …]`), ready for XADD."""
+    return [
+        "symbol", b.symbol, "exchange", b.exchange, "type", BOOK_TYPE, "timestamp", b.timestamp,
+        "last_update_id", b.last_update_id, "bids", orjson.dumps(b.bids).decode(),
+        "asks", orjson.dumps(b.asks).decode(), "recv_ts", b.recv_ts,
+    ]  # fmt: skip
+
+
+#: Field order of a book-reset entry (issue 17): the collector's book stopped being valid after
+#: `last_update_id` (an update-ID gap, a disconnect); the Brain's book is invalid until the next whole book.
+RESYNC_FIELDS: tuple[str, ...] = ("symbol", "exchange", "type", "timestamp", "last_update_id", "reason", "recv_ts")
+RESYNC_TYPE = "RESYNC"
+
+
+def encode_reset(r: BookReset) -> list[str | int]:
+    """Flat `field, value, …` list of a book reset, ready for XADD."""
+    return [
+        "symbol", r.symbol, "exchange", r.exchange, "type", RESYNC_TYPE, "timestamp", r.timestamp,
+        "last_update_id", r.last_update_id, "reason", r.reason, "recv_ts", r.recv_ts,
+    ]  # fmt: skip
+
+
+def is_book_entry(fields: Sequence[bytes] | None) -> bool:
+    """True for a `type=BOOK` or `type=RESYNC` entry (`decode_book`, not `decode_entry`)."""
+    kind = entry_field(fields, b"type")
+    return kind == b"BOOK" or kind == b"RESYNC"
+
+
+def _book_fields(raw: Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes]) -> dict[str, str]:
+    """A BOOK or RESYNC entry's fields, exactly its type's; raises `TickError`."""
+    if not isinstance(raw, Mapping):
+        if len(raw) > 2 * len(BOOK_FIELDS):
+            raise TickError(f"{len(raw) // 2} fields, more than a book's {len(BOOK_FIELDS)}")
+        if sum(map(len, raw)) > MAX_ENTRY_BYTES:
+            raise TickError(f"more than {MAX_ENTRY_BYTES} bytes")
+    fields = normalize_fields(raw)
+    kind = fields.get("type")
+    if set(fields) != set(BOOK_FIELDS if kind == BOOK_TYPE else RESYNC_FIELDS):
+        raise TickError(f"not a book entry: fields {sorted(fields)[:12]}")
+    return fields
+
+
+def decode_book(raw: Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes]) -> BookSnapshot | BookReset:
+    """Decode and validate a `type=BOOK` (exactly `BOOK_FIELDS`) or `type=RESYNC` (`RESYNC_FIELDS`) entry;
+    raises `TickError`."""
+    fields = _book_fields(raw)
+    if fields["type"] == RESYNC_TYPE:
+        return BookReset(
+            symbol=fields["symbol"],
+            exchange=fields["exchange"],
+            timestamp=_integer(fields, "timestamp"),
+            last_update_id=_integer(fields, "last_update_id"),
+            reason=fields["reason"],
+            recv_ts=_integer(fields, "recv_ts"),
+        )
+    try:
+        bids = orjson.loads(fields["bids"])
+        asks = orjson.loads(fields["asks"])
+    except orjson.JSONDecodeError as exc:
+        raise TickError(f"bids/asks: invalid JSON: {exc}") from None
+    return BookSnapshot(
+        symbol=fields["symbol"],
+        exchange=fields["exchange"],
+        timestamp=_integer(fields, "timestamp"),
+        last_update_id=_integer(fields, "last_update_id"),
+        bids=check_levels("bids", bids),
+        asks=check_levels("asks", asks),
+        recv_ts=_integer(fields, "recv_ts"),
+    )
 
 
 def encode_tick(tick: Tick) -> list[str | int]:
@@ -343,6 +424,14 @@ DEPTH_DDL = (
     "TIMESTAMP(timestamp) PARTITION BY DAY WAL DEDUP UPSERT KEYS(timestamp, exchange, symbol, last_update_id)"
 )
 
+#: Whole books: one row per BOOK entry (`valid`), levels as DOUBLE[][] like `depth_updates` (same rebuild
+#: arithmetic); a RESYNC entry is a row without levels and `valid` false: no past book from there until the next.
+BOOK_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {keys.BOOK_TABLE} (timestamp TIMESTAMP, exchange SYMBOL, symbol SYMBOL, "
+    "last_update_id LONG, valid BOOLEAN, bids DOUBLE[][], asks DOUBLE[][], recv_ts TIMESTAMP) "
+    "TIMESTAMP(timestamp) PARTITION BY DAY WAL DEDUP UPSERT KEYS(timestamp, exchange, symbol, last_update_id)"
+)
+
 
 def vps_buffer_ddl(table: str = keys.VPS_BUFFER_TABLE) -> str:
     """The VPS spill buffer: one row per stream entry, `ts` strictly increasing in ID order."""
@@ -384,16 +473,27 @@ def ilp_depth(
     timestamp: int,
 ) -> None:
     """One `depth_updates` row into an ILP buffer (`bids`/`asks` as float64 arrays of shape (n, 2))."""
+    ids = {"first_update_id": first_update_id, "last_update_id": last_update_id}
+    _ilp_levels(buffer, keys.DEPTH_TABLE, exchange, symbol, ids, bids, asks, recv_ts, timestamp)
+
+
+def ilp_book(
+    buffer: Buffer, exchange: str, symbol: str, last_update_id: int, valid: bool, bids: Any, asks: Any, recv_ts: int,
+    timestamp: int,
+) -> None:  # fmt: skip
+    """One `book_snapshots` row into an ILP buffer (levels as in `ilp_depth`; `valid` false: a book reset)."""
+    head = {"last_update_id": last_update_id, "valid": valid}
+    _ilp_levels(buffer, keys.BOOK_TABLE, exchange, symbol, head, bids, asks, recv_ts, timestamp)
+
+
+def _ilp_levels(
+    buffer: Buffer, table: str, exchange: str, symbol: str, head: dict[str, Any], bids: Any, asks: Any, recv_ts: int,
+    timestamp: int,
+) -> None:  # fmt: skip
     buffer.row(
-        keys.DEPTH_TABLE,
+        table,
         symbols={"exchange": exchange, "symbol": symbol},
-        columns={
-            "first_update_id": first_update_id,
-            "last_update_id": last_update_id,
-            "bids": bids,
-            "asks": asks,
-            "recv_ts": TimestampMicros(recv_ts),
-        },
+        columns={**head, "bids": bids, "asks": asks, "recv_ts": TimestampMicros(recv_ts)},
         at=TimestampMicros(timestamp),
     )
 

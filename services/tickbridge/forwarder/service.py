@@ -27,6 +27,7 @@ from tickbridge.core.lifecycle import Watchdog
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command
 from tickbridge.core.wire import RawEntry, StreamId, format_stream_id, parse_stream_id
 from tickbridge.forwarder.base import QUESTDB_ERRORS, TOP_SLACK_MS, ZERO, LinkDown, Mode, VpsFull
+from tickbridge.forwarder.book_relay import relay_book_requests
 from tickbridge.forwarder.brain_link import ACCEPT_TOP, BrainView
 from tickbridge.forwarder.buffer_audit import QUARANTINE_MAX, QUARANTINE_PAYLOAD_BYTES
 from tickbridge.forwarder.monitor import Monitoring
@@ -280,6 +281,8 @@ class Forwarder(Monitoring):
         if self.ledger.entries:
             await self._release_ledger()  # closed entries the Brain now holds (the Redis path moves it too)
         await self._enforce_ram_budget()
+        if self.brain_up:
+            await relay_book_requests(self.brain, self.vps)
         if self.buffer_known and now >= self._next_qdb_try and now - self._last_clean >= 1.0:
             self._last_clean = now
             try:

@@ -35,6 +35,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from tickbridge.brain.books import invalid_books
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp, QuestDBReader
 from tickbridge.core.redis_io import make_client
@@ -60,6 +61,8 @@ class Endpoints:
     settings: Settings | None = None
     #: The hosts whose servers are read ("vps", "brain"); a compose host reaches only its own.
     hosts: tuple[str, ...] = HOSTS
+    #: Symbols whose Brain order books are counted (issue 17); empty: `settings.symbols`, or none.
+    symbols: tuple[str, ...] = ()
 
 
 def _http_json(url: str, timeout: float = 2.0) -> Any:
@@ -189,6 +192,12 @@ class StatusReader:
     async def _brain_redis(self, v: dict[str, Any]) -> None:
         assert self.brain is not None
         v["brain_stream_len"] = await self.brain.xlen(self.ep.stream_key)
+        symbols = self.ep.symbols or (self.ep.settings.symbols if self.ep.settings is not None else ())
+        if symbols:  # order books (issue 17): how many are valid, which are not
+            bad = await invalid_books(self.brain, symbols)
+            v["books"] = f"{len(symbols) - len(bad)} / {len(symbols)}" + (
+                f" (not: {','.join(bad[:3])}{'…' if len(bad) > 3 else ''})" if bad else ""
+            )
         try:
             groups = await self.brain.xinfo_groups(self.ep.stream_key)
         except ResponseError as exc:
@@ -303,6 +312,7 @@ class StatusReader:
             table.add_row("VPS QuestDB buffer rows", fmt(v.get("buffer_rows")), "")
         if "brain" in self.ep.hosts:
             table.add_row("Brain stream length", fmt(v.get("brain_stream_len")), rate("brain_stream_len"))
+            table.add_row("Brain order books valid", fmt(v.get("books")), "")
             table.add_row("Brain consumer lag / pending", f"{fmt(v.get('lag'))} / {fmt(v.get('pending'))}", "")
             table.add_row("Brain QuestDB trades rows", fmt(v.get("trades_rows")), rate("trades_rows"))
         return table

@@ -17,6 +17,7 @@ METRICS_CLASSES: dict[str, tuple[str, str]] = {
     "collector": ("tickbridge.collector.metrics", "CollectorMetrics"),
     "forwarder": ("tickbridge.forwarder.metrics", "ForwarderMetrics"),
     "consumer": ("tickbridge.brain.consumer", "ConsumerMetrics"),
+    "books": ("tickbridge.brain.book_metrics", "BookMetrics"),  # the consumer's, issue 17
     "writer": ("tickbridge.brain.writer", "WriterMetrics"),
     "tiered": ("tickbridge.brain.tiered", "TieredMetrics"),
     "sim": ("tickbridge_dev.sim.metrics", "SimMetrics"),

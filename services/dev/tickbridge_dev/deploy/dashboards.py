@@ -602,6 +602,21 @@ BRAIN: tuple[Row, ...] = (
                 "Now minus the exchange time of the newest tick in the Brain stream.",
             ),
             Panel(
+                "Order books",
+                (
+                    _q("sum(max by (symbol) (tickbridge_consumer_book_valid))", "valid"),
+                    _q(
+                        "count(max by (symbol) (tickbridge_consumer_book_valid))"
+                        " - sum(max by (symbol) (tickbridge_consumer_book_valid))",
+                        "not valid",
+                    ),
+                    _q("max(tickbridge_consumer_book_invalid_seconds)", "longest not valid (s)"),
+                    _q("max(tickbridge_consumer_book_age_seconds)", "oldest book update (s)"),
+                ),
+                description="The Brain's order books (issue 17): how many trading code gets as valid, how long the "
+                "worst one has not been (BrainBookInvalid fires past 30 s for 30 s), and the age of the stalest.",
+            ),
+            Panel(
                 "Consumer lag",
                 (
                     _q("max(tickbridge_consumer_lag_entries)", "undelivered to the group"),

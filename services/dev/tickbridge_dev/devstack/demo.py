@@ -15,6 +15,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from tickbridge.core.settings import DEFAULT_SYMBOLS
 from tickbridge.ops.status import Endpoints, watch
 from tickbridge_dev.devstack import oracle
 from tickbridge_dev.devstack.servers import stop_on_signals
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             vps_questdb_url=stack.vps_questdb.url, brain_questdb_url=stack.brain_questdb.url,
             sim_url=f"http://127.0.0.1:{stack.sim_port}" if stack.sim is not None else None,
             prometheus_url=stack.prometheus.url if stack.prometheus is not None else None, processes=procs,
+            symbols=symbols or DEFAULT_SYMBOLS,
         )  # fmt: skip
         try:
             watch(endpoints, title=f"tickbridge demo ({args.source})", duration=args.duration)

@@ -110,6 +110,8 @@ class ReplaySource(MarketSource):
         self._last_u: dict[str, int] = {}
         self._skip_ids: dict[str, int] = {}
         self._skip_trades: dict[str, int] = {}
+        #: Pause before the line of this index (checkpoint tests: the replay stops at a known line).
+        self.pause_before: int | None = None
 
     def start(self) -> None:
         """Start the replay now (otherwise it starts when the first client connects)."""
@@ -167,6 +169,9 @@ class ReplaySource(MarketSource):
         t0 = time.monotonic()
         base = lines[0].recv_ns if lines else 0
         for i, line in enumerate(lines):
+            if self.pause_before is not None and i >= self.pause_before:
+                self.pause_before = None
+                self.pause()
             if not self.resumed.is_set():
                 hub.flush()
                 paused_at = time.monotonic()
