@@ -65,3 +65,15 @@ def symbol_stream_kind(stream: str) -> str:
     """`trades` or `depth` of a per-symbol stream name (`market:<exchange>:<kind>:<SYMBOL>`)."""
     parts = stream.split(":")
     return parts[2] if len(parts) == 4 else ""
+
+
+#: Brain hash of the catch-up state (issue 16): the forwarder's VPS backlog and live lane, the consumer's lag
+#: and ordered frontier. Read by `TieredMarketData.catch_up()` and `tickbridge status`.
+CATCHUP = "tickbridge:catchup"
+
+
+def live_stream_key(stream_key: str = DEFAULT_STREAM_KEY) -> str:
+    """Brain stream of the fast-forward live lane (issue 16): the newest VPS entries, original IDs, capped.
+
+    A disposable view beside the ordered stream: never consumed by a group, never checkpointed."""
+    return f"{stream_key}:live"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from tickbridge.core import keys
 from tickbridge.core.redis_io import Command
@@ -107,6 +108,8 @@ class Spilling(Recovery):
             count -= len(entries)
             start = last
             log.info("spilled %d entries up to %s to the QuestDB buffer", len(entries), format_stream_id(last))
+            if not self.brain_up and time.monotonic() >= self._next_brain_try:
+                return  # the Brain may be back: the loop tries it before the next transaction (issue 16)
 
     async def _record_spill(self, written: list[LedgerEntry], last: StreamId, last_ts: int) -> None:
         """The ledger entries of a visible spill, then `buffer_high` (one round trip)."""
