@@ -34,7 +34,7 @@ from tickbridge.brain.catchup import CatchUp
 from tickbridge.brain.tiered import TieredMarketData
 from tickbridge.core import keys
 from tickbridge.core.groups import parse_info_pairs
-from tickbridge.core.redis_io import execute_packed, make_client
+from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge_dev.devstack.oracle import check_trades
 from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer, free_port
@@ -214,3 +214,60 @@ async def test_vps_backlog_live_ticks_fresh_while_the_replay_runs(
 async def md_state(settings: Settings) -> CatchUp:
     async with TieredMarketData(settings, SYMBOLS, CollectorRegistry(), follow=False) as md:
         return await md.catch_up()
+
+
+async def test_brain_backlog_100k_live_ticks_fresh_while_the_consumer_catches_up(
+    redis_server: RedisServer, questdb_factory: Callable[..., QuestDBServer], tmp_path: Path
+) -> None:
+    """The design's "fast-forward mode (100K messages)": the backlog sits on the Brain itself."""
+    brain, qdb = redis_server, questdb_factory()
+    settings = Settings(brain_redis_url=brain.url, brain_questdb_url=qdb.url, symbols=SYMBOLS)
+    brain_c = make_client(brain.url)
+    stream = settings.stream_key
+    await ensure_group(brain_c, stream, settings.consumer_group)
+    source = FlowSource(SYMBOLS)
+    stop_live = asyncio.Event()
+    env = role_env(brain, brain, qdb)
+    consumer, writer = Role("consumer", "c1", env, tmp_path), Role("writer", "w1", env, tmp_path)
+    writer.start()
+    watch = SymbolStreamWatch(brain_c, SYMBOLS)
+    stop_watch = asyncio.Event()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            # 300,000 entries reach the Brain while no consumer runs (the last minute), then live ones follow.
+            await source.backlog(brain_c, stream, 300_000, start_ms=int(time.time() * 1000) - 60_000, step_ms=0.18)
+            live = tg.create_task(source.live(brain_c, stream, LIVE_RATE, stop_live))
+            tg.create_task(watch.run(stop_watch))
+            await asyncio.sleep(1.0)
+            lag = await group_lag(brain_c, stream)
+            assert lag is not None and lag >= 100_000, lag
+            consumer.start()
+            started = time.monotonic()
+            md = TieredMarketData(settings, SYMBOLS, CollectorRegistry())
+            await md.start(ready_timeout=10)
+            probe = FreshnessProbe(md, SYMBOLS, interval=0.25)
+            states: list[CatchUp] = []
+            await asyncio.sleep(max(0.0, started + 3.0 - time.monotonic()))
+            while True:
+                await probe.sample()
+                states.append(await md.catch_up())
+                lag = await group_lag(brain_c, stream)
+                if lag is not None and lag < 1000:
+                    break
+                assert time.monotonic() - started < 240, "the consumer did not catch up"
+                await asyncio.sleep(0.25)
+            catchup_s = time.monotonic() - started
+            stop_live.set()
+            await live
+            await asyncio.sleep(1.0)
+            stop_watch.set()
+        log.info("Brain-side catch-up %.1fs, freshness %s", catchup_s, probe.summary())
+        await md.close()
+        assert len(probe.ages) >= len(SYMBOLS) * 8, f"too short a catch-up to measure: {probe.summary()}"
+        assert percentile(probe.ages, 0.99) <= FRESH_P99_S, probe.summary()
+        assert any(s.active and s.brain_lag >= 5000 and s.missing is not None for s in states), states[:3]
+        await exactly_once(qdb, source, watch)
+    finally:
+        consumer.stop()
+        writer.stop()
+        await brain_c.aclose()
