@@ -244,7 +244,7 @@ class LiveLane:
     async def _send(self, entries: list[tuple[bytes, list[bytes]]]) -> None:
         maxlen = str(self.maxlen).encode()
         cmds: list[Command] = [(b"XADD", self.live_key, b"MAXLEN", b"~", maxlen, eid, *f) for eid, f in entries]
-        replies = await self.brain.execute(cmds)
+        replies = await self._brain(cmds)
         sent = 0
         for reply in replies:
             if isinstance(reply, RawReplyError):
@@ -254,6 +254,14 @@ class LiveLane:
             sent += 1
         self.sent += sent
         self.metrics.sent.inc(sent)
+
+    async def _brain(self, cmds: list[Command]) -> list[Any]:
+        """Brain commands; a connection that went stale (a link cut since its last use) is reopened once: an
+        XADD with an explicit ID and an HSET of the same figures are safe to repeat."""
+        try:
+            return await self.brain.execute(cmds)
+        except ConnectionError:
+            return await self.brain.execute(cmds)
 
     async def _status(self) -> None:
         """The catch-up figures on the Brain, every STATUS_INTERVAL_S while the Brain is up."""
@@ -275,7 +283,7 @@ class LiveLane:
         if self.start_id is not None:
             # Kept after the lane stops: the Brain's view has a gap below it until the consumer passes it.
             fields += ["live_start", format_stream_id(self.start_id)]
-        (reply,) = await self.brain.execute([(b"HSET", keys.CATCHUP, *fields)])
+        (reply,) = await self._brain([(b"HSET", keys.CATCHUP, *fields)])
         if isinstance(reply, RawReplyError):
             if not self._status_failed:  # an older Brain ACL without the hash: the lane still runs
                 self._status_failed = True

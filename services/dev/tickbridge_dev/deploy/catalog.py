@@ -19,6 +19,8 @@ METRICS_CLASSES: dict[str, tuple[str, str]] = {
     "consumer": ("tickbridge.brain.consumer", "ConsumerMetrics"),
     "writer": ("tickbridge.brain.writer", "WriterMetrics"),
     "tiered": ("tickbridge.brain.tiered", "TieredMetrics"),
+    "forwarder_live": ("tickbridge.forwarder.live_lane", "LiveLaneMetrics"),
+    "fastforward": ("tickbridge.brain.fastforward", "FastForwardMetrics"),
     "sim": ("tickbridge_dev.sim.metrics", "SimMetrics"),
 }
 
