@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -669,4 +670,6 @@ def run_command(args: argparse.Namespace) -> None:
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("consumer"), settings.metrics_bind)
     tune_gc()
-    run_service(lambda: BrainConsumer(settings))
+    # Test hook (not in --help): `0` turns the fast-forward follower off, to measure its cost (make bench-brain).
+    fastforward = os.environ.get("CONSUMER_FASTFORWARD", "1") != "0"
+    run_service(lambda: BrainConsumer(settings, fastforward=fastforward))

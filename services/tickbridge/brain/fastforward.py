@@ -59,6 +59,8 @@ LAG_MIN = 5_000
 TAIL_LIVE_MS = 5_000
 #: The tail starts this long before the Brain stream's top.
 PRIME_MS = 2_000
+#: ... and at most this many entries before it.
+PRIME_ENTRIES = 2_000
 #: A (re)started follower re-reads this much of the live stream.
 REPLAY_MS = 60_000
 BATCH = 5_000
@@ -263,7 +265,13 @@ class FastForward:
         top = parse_stream_id(top_r[0][0]) if not isinstance(top_r, BaseException) and top_r else None
         top_live = top is not None and top[0] >= time.time() * 1000 - TAIL_LIVE_MS
         if self.tail is None and lag >= self.lag_min and top_live and top is not None:
-            self.tail = self.tail_start = (max(0, top[0] - self.prime_ms), 0)
+            # At most PRIME_ENTRIES before the top: a backlog that arrived fast (a replay) is the ordered path's.
+            (recent,) = await execute_packed(
+                self.client, [("XREVRANGE", self.stream, "+", "-", "COUNT", PRIME_ENTRIES)]
+            )
+            oldest = parse_stream_id(recent[-1][0]) if recent and not isinstance(recent, BaseException) else top
+            start = max((max(0, top[0] - self.prime_ms), 0), oldest)
+            self.tail = self.tail_start = (start[0], start[1] - 1) if start[1] else (start[0] - 1, 2**63 - 1)
             self.metrics.tail.set(1)
             log.info("fast-forward: the consumer group is %d entries behind; following the Brain stream's tail "
                      "from %s", lag, format_stream_id(self.tail))  # fmt: skip

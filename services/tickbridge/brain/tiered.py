@@ -517,6 +517,10 @@ class TieredMarketData:
                     log.warning("no catch-up state (%s): answers cannot say what a catch-up still misses", exc)
                 self._catchup = parse_catchup([])
                 self._catchup_at = time.monotonic()
+            except TRANSIENT_ERRORS as exc:
+                # Redis unreachable: HOT still answers; the last state read stands until Redis is back.
+                log.debug("catch-up state not refreshed: %s", exc)
+                self._catchup_at = time.monotonic()
         return self._catchup.missing if self._catchup is not None else None
 
     async def recent(self, symbol: str, n: int) -> Answer:

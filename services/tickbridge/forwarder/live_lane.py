@@ -46,6 +46,8 @@ LIVE_MAXLEN = 200_000
 LIVE_MIN_BACKLOG = 5_000
 #: The lane starts this long before the newest VPS entry, so every symbol has recent ticks at once.
 LIVE_PRIME_MS = 2_000
+#: ... and at most this many entries before it.
+PRIME_ENTRIES = 2_000
 LIVE_BATCH = 2_000
 STATUS_INTERVAL_S = 0.5
 LANE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, RawReplyError, RuntimeError)
@@ -226,13 +228,16 @@ class LiveLane:
         return len(entries) >= self.batch
 
     async def _start(self) -> bool:
-        (newest,) = await execute_packed(self.vps, [("XREVRANGE", self.key, "+", "-", "COUNT", 1)])
+        (newest,) = await execute_packed(self.vps, [("XREVRANGE", self.key, "+", "-", "COUNT", PRIME_ENTRIES)])
         if isinstance(newest, BaseException):
             raise RuntimeError(f"VPS XREVRANGE: {newest}")
         if not newest:
             return False
         top = parse_stream_id(newest[0][0])
-        start = max(self.fw.checkpoint, (max(0, top[0] - self.prime_ms), 0))
+        # `prime_ms` before the top, but at most PRIME_ENTRIES entries (a burst: the ordered path's job).
+        oldest = parse_stream_id(newest[-1][0])
+        before = (oldest[0], oldest[1] - 1) if oldest[1] else (oldest[0] - 1, 2**63 - 1)
+        start = max(self.fw.checkpoint, (max(0, top[0] - self.prime_ms), 0), before)
         if start >= top:
             return False
         self.cursor = self.start_id = start

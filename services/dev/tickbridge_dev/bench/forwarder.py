@@ -241,7 +241,7 @@ async def catchup_ab(workdir: Path, qdb: QuestDBServer, n: int, rounds: int) -> 
     rates: dict[bool, list[float]] = {True: [], False: []}
     for i in range(rounds):
         for lane in (False, True) if i % 2 == 0 else (True, False):
-            rate, sent = await catchup_drain(workdir, qdb, n, lane, f"{i}-{int(lane)}")
+            rate, sent = await catchup_drain(workdir, qdb, n, lane, f"{i}_{int(lane)}")
             rates[lane].append(rate)
             print(
                 f"catch-up of {n:,} with {TICKS_PER_S}/s live, live lane {'on ' if lane else 'off'}: "
