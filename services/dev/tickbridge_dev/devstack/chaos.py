@@ -580,7 +580,7 @@ SCENARIOS: list[Scenario] = [
              "return until the catch-up ends, recent(symbol, 1) for every symbol every 0.5 s must be fresh "
              "(p99 <= 1 s behind the live flow).", sc_brain_outage_fastforward, ram_buffer_bytes=FF_RAM_BUDGET),
     Scenario("brain_outage_fastforward_kills", "brain_outage_fastforward with kill -9 of the forwarder and then of "
-             "the consumer once each during the catch-up.", sc_brain_outage_fastforward_kills,
+             "the consumer once each during the catch-up, then a 3 s link cut.", sc_brain_outage_fastforward_kills,
              ram_buffer_bytes=FF_RAM_BUDGET),
     Scenario("combined", "Random process kills, server crashes, link cuts and latency, and exchange faults, back "
              "to back (sometimes two at once), for several minutes.", sc_combined),

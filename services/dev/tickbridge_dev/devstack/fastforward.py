@@ -13,7 +13,8 @@ a `TieredMarketData` embedded here (as trading code would) answers `recent(symbo
 
 The catch-up ends when `catch_up()` reports it inactive (the forwarder's backlog and the consumer group's lag
 are both small). The `_kills` variant kill -9s the forwarder and then the consumer once each during the
-catch-up (each restarted at once); the usual oracle runs afterwards.
+catch-up (each restarted at once), then cuts the link for 3 s; freshness is gated outside the forwarder's
+downtime and the cut (nothing can reach the Brain then); the usual oracle runs afterwards.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def outage(ctx: Ctx, kills: bool) -> None:
     if kills:
         # While the forwarder is down nothing reaches the Brain, live or not: those seconds cannot be fresh.
         ages, lags = sampler.outside(windows)
-        ctx.evidence.append(f"outside the forwarder's kill window (from its kill -9 until 2 s after its restart): "
+        ctx.evidence.append(f"outside the forwarder's kill window and the link cut (each until 2 s after the end): "
                             f"{len(ages)} samples; age {dist(ages)}; lag behind the VPS {dist(lags)}")  # fmt: skip
     p99 = percentile(lags, 0.99)
     if not sampler.ages:
@@ -197,7 +198,7 @@ def _run(ctx: Ctx, sampler: FreshnessSampler, windows: list[tuple[float, float]]
 
     if poll(connected, 30, 0.05):
         ctx.evidence.append(f"forwarder reconnected {time.monotonic() - t_back:.2f}s after the link returned")
-    killed = {"forwarder": not kills, "consumer": not kills}
+    killed = {"forwarder": not kills, "consumer": not kills, "link": not kills}
     vps_done: float | None = None  # when the forwarder's backlog fell under the live lane's threshold
     try:
         while time.monotonic() - t_back < ctx.d(900, 300):
@@ -209,13 +210,16 @@ def _run(ctx: Ctx, sampler: FreshnessSampler, windows: list[tuple[float, float]]
             state = sampler.state
             if state is not None and not state.active and (state.vps_age_s or 99) < 3 and all(killed.values()):
                 break
-            for role, after in (("forwarder", 8), ("consumer", 16)):
-                if not killed[role] and time.monotonic() - t_back > after and windows is not None:
-                    killed[role] = True
-                    t_kill = time.monotonic()
-                    ctx.crash(role, 0.5)
-                    if role == "forwarder":  # the consumer's restart must not show: HOT follows the live stream
-                        windows.append((t_kill, time.monotonic() + 2.0))
+            for fault, after in (("forwarder", 8), ("consumer", 16), ("link", 22)):
+                if not killed[fault] and time.monotonic() - t_back > after and windows is not None:
+                    killed[fault] = True
+                    t_fault = time.monotonic()
+                    if fault == "link":
+                        ctx.link_cut(3.0, " during the catch-up")
+                    else:
+                        ctx.crash(fault, 0.5)
+                    if fault != "consumer":  # the consumer's restart must not show: HOT follows the live stream
+                        windows.append((t_fault, time.monotonic() + 2.0))
             time.sleep(0.25)
         else:
             ctx.problems.append("the catch-up did not end")

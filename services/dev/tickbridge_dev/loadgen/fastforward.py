@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import redis.asyncio as aioredis
 
 from tickbridge.core import keys
 from tickbridge.core.groups import parse_read_reply
-from tickbridge.core.redis_io import Command, execute_packed
+from tickbridge.core.redis_io import Command, execute_packed, make_client
 from tickbridge.core.wire import StreamId, encode_tick, format_stream_id, now_us, symbol_trade
 from tickbridge_dev.loadgen.brain import make_trade
 
@@ -138,25 +139,49 @@ class FreshnessProbe:
 
 @dataclass
 class SymbolStreamWatch:
-    """Trade IDs as they appear in each per-symbol stream (followed from `0`)."""
+    """Trade IDs as they appear in each per-symbol stream (followed from `0`), in a thread of its own: parsing
+    the replay's volume in the test's event loop would delay the live reads the test measures."""
 
-    client: aioredis.Redis
+    url: str
     symbols: Sequence[str]
     seen: dict[str, list[int]] = field(default_factory=dict)
-
     _last: dict[str, str] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    error: BaseException | None = None
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Follow until `stop`, then read what is left."""
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="symbol-stream-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop following, read what is left, and wait for the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+        if self.error is not None:
+            raise self.error
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # handed to `stop()`
+            self.error = exc
+
+    async def _run(self) -> None:
+        self.client = make_client(self.url)
         streams = [keys.trades_key(s) for s in self.symbols]
         for s in streams:
             self._last.setdefault(s, "0-0")
         for s in self.symbols:
             self.seen.setdefault(s, [])
-        while not stop.is_set():
-            await self.poll(streams, self._last)
-        while await self.poll(streams, self._last, block=1):
-            pass
+        try:
+            while not self._stop.is_set():
+                await self.poll(streams, self._last)
+            while await self.poll(streams, self._last, block=1):
+                pass
+        finally:
+            await self.client.aclose()
 
     async def poll(self, streams: list[str], last: dict[str, str], block: int = 200) -> int:
         cmd: list[Any] = ["XREAD", "COUNT", 20_000, "BLOCK", block, "STREAMS", *streams, *(last[s] for s in streams)]
