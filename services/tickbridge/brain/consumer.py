@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -54,6 +55,7 @@ from tickbridge.brain.common import (
     parse_info_pairs,
     reply_or_raise,
 )
+from tickbridge.brain.fastforward import FastForward
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.groups import GroupMember
@@ -213,6 +215,7 @@ class BrainConsumer(Service):
         block_ms: int = 500,
         dead_letter_maxlen: int = DEAD_LETTER_MAXLEN,
         dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
+        fastforward: bool = True,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -241,6 +244,10 @@ class BrainConsumer(Service):
         self._keys: dict[tuple[bytes, bytes], tuple[str, str]] = {}
         self._inflight: asyncio.Task[tuple[int, int]] | None = None
         self._isolate = False
+        #: Live ticks to WARM ahead of a backlog (issue 16, `fastforward.py`); None: off (benchmarks of the core).
+        self.fastforward: FastForward | None = (
+            FastForward(settings, registry, self, lambda: self.handled) if fastforward else None
+        )
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -251,6 +258,8 @@ class BrainConsumer(Service):
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._consume_loop())
                 tg.create_task(self._monitor_loop())
+                if self.fastforward is not None:
+                    tg.create_task(self.fastforward.run())
                 tg.create_task(self.watchdog.run(self.stopping))
         finally:
             await self.client.aclose()
@@ -669,4 +678,6 @@ def run_command(args: argparse.Namespace) -> None:
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("consumer"), settings.metrics_bind)
     tune_gc()
-    run_service(lambda: BrainConsumer(settings))
+    # Test hook (not in --help): `0` turns the fast-forward follower off, to measure its cost (make bench-brain).
+    fastforward = os.environ.get("CONSUMER_FASTFORWARD", "1") != "0"
+    run_service(lambda: BrainConsumer(settings, fastforward=fastforward))

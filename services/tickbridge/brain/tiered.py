@@ -44,6 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tickbridge.brain.book_history import book_at
 from tickbridge.brain.books import HOT_BOOK_DEPTH, Book, HotBooks, read_book
+from tickbridge.brain.catchup import CatchUp, overlap, parse_catchup
 from tickbridge.brain.common import as_text, parse_info_pairs, parse_read_reply, reply_or_raise
 from tickbridge.core import keys
 from tickbridge.core.metrics import counter, histogram
@@ -52,7 +53,7 @@ from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, execute_read, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import check_exchange, check_symbol
-from tickbridge.core.wire import decode_warm_member, parse_stream_id
+from tickbridge.core.wire import TRADE_VALUES, decode_warm_member, match_trade, parse_stream_id, symbol_trade
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ BACKLOG_CHUNK = 10_000
 BACKLOG_MAX = 500_000
 #: Errors after which the follower refills HOT from WARM instead of dying.
 FOLLOW_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
+#: How often the catch-up state (`catch_up()`) is re-read; answers use a copy at most twice as old.
+CATCHUP_REFRESH_S = 0.5
 
 
 class TickRow(NamedTuple):
@@ -89,11 +92,15 @@ class TickRow(NamedTuple):
 
 @dataclass(frozen=True)
 class Answer:
-    """Rows oldest first, the tiers that answered, and the time it took."""
+    """Rows oldest first, the tiers that answered, and the time it took.
+
+    `missing`: during a catch-up (issue 16), the part of the request (exchange time, µs) the ordered path has
+    not delivered yet: trades in it may be absent from `rows`. None: the answer is complete."""
 
     rows: list[TickRow]
     tiers: tuple[str, ...]
     seconds: float
+    missing: tuple[int, int] | None = None
 
 
 class TieredMetrics:
@@ -233,6 +240,13 @@ class TieredMarketData:
         #: Order books (issue 17): HOT copies of the top levels, kept by their own follower.
         self.books = HotBooks(self.redis, self.symbols, self.exchange)
         self._book_task: asyncio.Task[None] | None = None
+        self._live_task: asyncio.Task[None] | None = None
+        #: The fast-forward live stream (issue 16): newest ticks while a backlog replays, followed into HOT.
+        self.live_key = keys.live_stream_key(settings.stream_key)
+        self._exchange_b = self.exchange.encode()
+        self._live_last = "0-0"
+        self._catchup: CatchUp | None = None
+        self._catchup_at = -1e9  # monotonic time of `_catchup`
 
     async def __aenter__(self) -> TieredMarketData:
         await self.start()
@@ -249,6 +263,7 @@ class TieredMarketData:
         if self.follow:
             self._book_task = asyncio.create_task(self.books.run(FOLLOW_ERRORS, self._book_error))
             self._task = asyncio.create_task(self._follow())
+            self._live_task = asyncio.create_task(self._follow_live())
             ready = asyncio.create_task(self._ready.wait())
             await asyncio.wait([ready, self._task], timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
@@ -256,19 +271,17 @@ class TieredMarketData:
                 self._task.result()
 
     async def close(self) -> None:
-        if self._book_task is not None:
-            self._book_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *FOLLOW_ERRORS):
-                await self._book_task
-        if self._task is not None:
+        for task in (self._book_task, self._live_task, self._task):
+            if task is None:
+                continue
             # A cancel that lands while a finished read is waiting to be resumed can be absorbed inside
             # redis-py's read (seen here after trading code held the loop for a while), and the follower
             # would block on its next XREAD forever: repeat the cancel until the task has ended.
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait([self._task], timeout=0.2)
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.2)
             with contextlib.suppress(asyncio.CancelledError, *FOLLOW_ERRORS):
-                await self._task
+                await task
         await self._raw.close()
         await self.redis.aclose()
         await self.qdb.close()
@@ -278,7 +291,10 @@ class TieredMarketData:
     async def _prefill(self) -> dict[str, str]:
         """Remember each stream's last ID, then load the newest WARM ticks: nothing falls in between."""
         cmds: list[Command] = [["XINFO", "STREAM", keys.trades_key(s, self.exchange)] for s in self.symbols]
-        infos = await execute_packed(self.redis, cmds)
+        *infos, live_info = await execute_packed(self.redis, [*cmds, ["XINFO", "STREAM", self.live_key]])
+        self._live_last = "0-0"
+        if not isinstance(live_info, BaseException):
+            self._live_last = parse_info_pairs(live_info)[b"last-generated-id"].decode()
         last: dict[str, str] = {}
         excluded: dict[str, str] = {}
         for sym, info in zip(self.symbols, infos, strict=True):
@@ -334,9 +350,17 @@ class TieredMarketData:
                 for stream, entries in parse_read_reply(reply_or_raise(reply)).items():
                     sym = stream.decode().rsplit(":", 1)[1]
                     hot = self._hot[sym]
+                    # A full HOT ignores a trade older than all it holds: during a catch-up (the replay of an old
+                    # backlog while HOT holds live ticks) such entries are skipped before they are parsed.
+                    oldest = hot.rows[0].timestamp if len(hot.rows) == hot.rows.maxlen else None
                     for _entry_id, fields in entries:
-                        if fields:
-                            hot.add(parse_stream_fields(fields))
+                        if not fields:
+                            continue
+                        if oldest is not None:
+                            values = symbol_trade(fields)
+                            if values is not None and int(values[6]) < oldest:
+                                continue
+                        hot.add(parse_stream_fields(fields))
                     if entries:
                         last[sym] = entries[-1][0].decode()
             except FOLLOW_ERRORS as exc:
@@ -376,6 +400,39 @@ class TieredMarketData:
         self._cold_latency.observe(time.perf_counter() - started)
         self._answers[COLD].inc()
         return book
+
+    async def _follow_live(self) -> None:
+        """The fast-forward live stream into HOT (a task of its own: the per-symbol streams carry the replay of
+        a backlog during a catch-up, and live ticks must not queue behind it), and the catch-up state."""
+        while True:
+            try:
+                await self._ready.wait()
+                cmd: list[str | int] = ["XREAD", "COUNT", 5000, "BLOCK", 250, "STREAMS", self.live_key, self._live_last]
+                (reply,) = await execute_packed(self.redis, [cmd])
+                for _stream, entries in parse_read_reply(reply_or_raise(reply)).items():
+                    self._add_live(entries)
+                if time.monotonic() - self._catchup_at >= CATCHUP_REFRESH_S:
+                    await self.catch_up()
+            except FOLLOW_ERRORS as exc:
+                log.debug("tiered live follower: %s", exc)  # the per-symbol follower counts and logs Redis errors
+                await asyncio.sleep(1.0)
+
+    def _add_live(self, entries: Sequence[tuple[bytes, Any]]) -> None:
+        """Trades of the live stream (raw VPS entries) into HOT; `_Hot.add` drops one it holds already."""
+        hots = self._hot
+        for _entry_id, fields in entries:
+            if not fields:
+                continue
+            fast = match_trade(fields)
+            if fast is None or fast[1] != self._exchange_b:
+                continue  # depth, or a trade in another layout: the ordered path brings it
+            hot = hots.get(fast[0].decode())
+            if hot is None:
+                continue
+            price, volume, side, ts, trade_id, recv_ts = fields[TRADE_VALUES]
+            hot.add(TickRow(int(ts), int(trade_id), float(price), float(volume), side.decode(), int(recv_ts)))
+        if entries:
+            self._live_last = as_text(entries[-1][0])
 
     def hot(self, symbol: str) -> list[TickRow]:
         """HOT ticks of `symbol`, oldest first (by timestamp, trade_id)."""
@@ -482,11 +539,38 @@ class TieredMarketData:
             self.metrics.backlog_rows.inc(len(rows))
         return rows
 
-    def _done(self, rows: list[TickRow], tiers: tuple[str, ...], started: float) -> Answer:
+    def _done(
+        self, rows: list[TickRow], tiers: tuple[str, ...], started: float, gap: tuple[int, int] | None = None
+    ) -> Answer:
         self._answers[tiers[-1]].inc()
-        return Answer(rows, tiers, time.perf_counter() - started)
+        missing = overlap(gap, rows[0].timestamp, rows[-1].timestamp) if gap is not None and rows else None
+        return Answer(rows, tiers, time.perf_counter() - started, missing)
 
     # ---------------------------------------------------------------- public API
+
+    async def catch_up(self) -> CatchUp:
+        """Where a catch-up stands (issue 16): active or not, backlog, oldest age, rate, ETA, the ordered
+        frontier and the gap below the live view (see `brain/catchup.py`). One Redis round trip."""
+        (reply,) = await self._warm_exec([["HGETALL", keys.CATCHUP]])
+        state = parse_catchup(reply_or_raise(reply))
+        self._catchup, self._catchup_at = state, time.monotonic()
+        return state
+
+    async def _gap(self) -> tuple[int, int] | None:
+        """The catch-up gap, from a copy at most 2 x CATCHUP_REFRESH_S old (the follower keeps it fresh)."""
+        if time.monotonic() - self._catchup_at > 2 * CATCHUP_REFRESH_S:
+            try:
+                await self.catch_up()
+            except ResponseError as exc:  # an ACL without the hash: answers as before, without a gap
+                if self._catchup is None:
+                    log.warning("no catch-up state (%s): answers cannot say what a catch-up still misses", exc)
+                self._catchup = parse_catchup([])
+                self._catchup_at = time.monotonic()
+            except TRANSIENT_ERRORS as exc:
+                # Redis unreachable: HOT still answers; the last state read stands until Redis is back.
+                log.debug("catch-up state not refreshed: %s", exc)
+                self._catchup_at = time.monotonic()
+        return self._catchup.missing if self._catchup is not None else None
 
     async def recent(self, symbol: str, n: int) -> Answer:
         """The newest `n` trades of `symbol`, oldest first, from the fastest tier that holds them.
@@ -499,22 +583,23 @@ class TieredMarketData:
             if n < 0:
                 raise ValueError(f"recent(): n must be >= 0, got {n}")
             return Answer([], (), time.perf_counter() - started)
+        gap = await self._gap()
         hot = self._hot_ready(symbol)
         if hot is not None and n <= len(hot.rows):
             rows = list(islice(reversed(hot.rows), n))  # HOT is sorted: no sort here
             rows.reverse()
             self._hot_latency.observe(time.perf_counter() - started)
-            return self._done(rows, (HOT,), started)
+            return self._done(rows, (HOT,), started, gap)
         warm = await self._warm(["ZRANGE", keys.warm_key(symbol, self.exchange), -n, -1, "WITHSCORES"])
         if len(warm) >= n:
-            return self._done(warm, (WARM,), started)
+            return self._done(warm, (WARM,), started, gap)
         upto = warm[0].timestamp if warm else None
         where = f" AND timestamp <= '{us_to_iso(upto)}'" if upto is not None else ""
         cold, backlog = await asyncio.gather(
             self._cold(symbol, where, "DESC", n), self._backlog(symbol, None, upto, keep=n, newest=True)
         )
         rows = merge(cold, backlog, warm)[-n:]
-        return self._done(rows, (WARM, COLD) if warm else (COLD,), started)
+        return self._done(rows, (WARM, COLD) if warm else (COLD,), started, gap)
 
     async def range(self, symbol: str, start_us: int, end_us: int, *, limit: int = 1_000_000) -> Answer:
         """Trades of `symbol` with `start_us <= timestamp <= end_us`, oldest first, stitched across tiers
@@ -523,10 +608,13 @@ class TieredMarketData:
         if limit < 0:  # each tier would read it differently (QuestDB's LIMIT -n is "the last n")
             raise ValueError(f"range(): limit must be >= 0, got {limit}")
         started = time.perf_counter()
+        # During a catch-up, a request that reaches into the gap below the live view is stitched from every
+        # tier (HOT and WARM hold live ticks above the gap, not what the replay has not brought yet).
+        hole = overlap(await self._gap(), start_us, end_us)
         hot = self._hot_ready(symbol)
         # HOT holds every trade it has seen that is newer than its oldest row (`_Hot` keeps the newest N,
         # sorted); one it evicted or ignored may share that row's timestamp, hence `>`.
-        if hot is not None and hot.rows and start_us > hot.rows[0].timestamp:
+        if hole is None and hot is not None and hot.rows and start_us > hot.rows[0].timestamp:
             rows = [r for r in hot.rows if start_us <= r.timestamp <= end_us]  # already by (timestamp, trade_id)
             self._hot_latency.observe(time.perf_counter() - started)
             return self._done(rows[:limit], (HOT,), started)
@@ -543,16 +631,18 @@ class TieredMarketData:
         warm = [parse_warm_member(m, float(sc)) for m, sc in _pairs(_check_warm(range_r, warm_key))]
         self._warm_latency.observe(time.perf_counter() - started_warm)
         floor = int(float(newest[0][1])) - self.window_us if newest else None
-        if floor is not None and start_us > floor:
+        if hole is None and floor is not None and start_us > floor:
             return self._done(warm, (WARM,), started)
         where = f" AND timestamp >= '{us_to_iso(start_us)}' AND timestamp <= '{us_to_iso(end_us)}'"
         cold, backlog = await asyncio.gather(
             self._cold(symbol, where, "ASC", limit),
             self._backlog(symbol, start_us, end_us, keep=limit, newest=False),
         )
-        if floor is not None and end_us > floor:
-            # The newest part may not be in QuestDB yet: WARM fills it in.
-            return self._done(merge(cold, backlog, warm)[:limit], (WARM, COLD), started)
+        if hole is not None or (floor is not None and end_us > floor):
+            # The newest part may not be in QuestDB yet: WARM fills it in (and holds the live ticks of a catch-up).
+            rows = merge(cold, backlog, warm)[:limit]
+            self._answers[COLD].inc()
+            return Answer(rows, (WARM, COLD), time.perf_counter() - started, hole)
         return self._done(merge(cold, backlog)[:limit] if backlog else cold, (COLD,), started)
 
 

@@ -83,3 +83,14 @@ def book_keys(symbol: str, exchange: str = EXCHANGE) -> tuple[str, str, str, str
 BOOK_WANTED = "tickbridge:book:wanted"
 #: Symbols the collector appends a whole-book entry for (VPS set, polled by the collector).
 BOOK_REQUESTS = "tickbridge:book:requests"
+
+#: Brain hash of the catch-up state (issue 16): the forwarder's VPS backlog and live lane, the consumer's lag
+#: and ordered frontier. Read by `TieredMarketData.catch_up()` and `tickbridge status`.
+CATCHUP = "tickbridge:catchup"
+
+
+def live_stream_key(stream_key: str = DEFAULT_STREAM_KEY) -> str:
+    """Brain stream of the fast-forward live lane (issue 16): the newest VPS entries, original IDs, capped.
+
+    A disposable view beside the ordered stream: never consumed by a group, never checkpointed."""
+    return f"{stream_key}:live"

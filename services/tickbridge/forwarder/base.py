@@ -83,10 +83,12 @@ class ForwarderBase(Service):
         replay_batch: int = 20_000,
         maintain_interval: float = 0.2,
         stats_interval: float = 2.0,
+        live_lane: bool = True,
     ) -> None:
         super().__init__()
         self.settings = settings
-        self.metrics = ForwarderMetrics(registry if registry is not None else REGISTRY)
+        self.registry = registry if registry is not None else REGISTRY
+        self.metrics = ForwarderMetrics(self.registry)
         self.metrics.ram_budget.set(settings.ram_buffer_bytes)
         self.metrics.disk_budget.set(settings.disk_buffer_bytes)
         self.key = settings.stream_key
@@ -99,6 +101,8 @@ class ForwarderBase(Service):
         self.replay_batch = max(replay_batch, self.batch)
         self.maintain_interval = maintain_interval
         self.stats_interval = stats_interval
+        #: Run the fast-forward live lane beside a replay (`live_lane.py`; off only to measure its cost).
+        self.live_lane = live_lane
         self.vps = make_client(settings.vps_redis_url, settings, timeout=10.0)
         self.brain = make_client(settings.brain_redis_url, settings, timeout=5.0)
         self.brain_raw = RawRedis(settings.brain_redis_url, settings, timeout=10.0)
@@ -126,7 +130,9 @@ class ForwarderBase(Service):
         self.retained = 0  # delivered entries still in VPS Redis (kept for Brain-side rewinds)
         # (monotonic time, checkpoint, buffer cursor) after each confirmed batch, for delayed trimming
         self.confirms: collections.deque[tuple[float, StreamId, int]] = collections.deque()
-        self._brain_backoff = Backoff(0.1, 10.0)
+        # Capped at 1 s (issue 16): a link that returns is used within about a second, not after a backoff
+        # grown during the outage (a reconnect attempt is one XINFO round trip: cheap at 1/s).
+        self._brain_backoff = Backoff(0.1, 1.0)
         self._vps_backoff = Backoff(0.1, 5.0)
         self._qdb_backoff = Backoff(0.2, 10.0)
         self._next_brain_try = 0.0

@@ -15,6 +15,8 @@ from tickbridge.forwarder.service import Forwarder
 TABLE_ENV = "FORWARDER_BUFFER_TABLE"
 #: Entries per spill transaction (default 50,000).
 SPILL_BATCH_ENV = "FORWARDER_SPILL_BATCH"
+#: `0` turns the fast-forward live lane off (to measure its cost: `make bench-forwarder`, chaos A/B).
+LIVE_LANE_ENV = "FORWARDER_LIVE_LANE"
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -25,4 +27,5 @@ def run_command(args: argparse.Namespace) -> None:
     table = os.environ.get(TABLE_ENV, keys.VPS_BUFFER_TABLE)
     tune_gc()
     spill_batch = int(os.environ.get(SPILL_BATCH_ENV, "50000"))
-    run_service(lambda: Forwarder(settings, buffer_table=table, spill_batch=spill_batch))
+    live_lane = os.environ.get(LIVE_LANE_ENV, "1") != "0"
+    run_service(lambda: Forwarder(settings, buffer_table=table, spill_batch=spill_batch, live_lane=live_lane))

@@ -30,6 +30,7 @@ from tickbridge.forwarder.base import QUESTDB_ERRORS, TOP_SLACK_MS, ZERO, LinkDo
 from tickbridge.forwarder.book_relay import relay_book_requests
 from tickbridge.forwarder.brain_link import ACCEPT_TOP, BrainView
 from tickbridge.forwarder.buffer_audit import QUARANTINE_MAX, QUARANTINE_PAYLOAD_BYTES
+from tickbridge.forwarder.live_lane import LiveLane
 from tickbridge.forwarder.monitor import Monitoring
 from tickbridge.forwarder.recovery import SPILL_CLEAR
 from tickbridge.forwarder.retention import next_id
@@ -70,6 +71,8 @@ class Forwarder(Monitoring):
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._loop(watchdog))
                 tg.create_task(self._monitor())
+                if self.live_lane:
+                    tg.create_task(LiveLane(self, self.registry).run())
                 tg.create_task(watchdog.run(self.stopping))
         finally:
             await self._close()

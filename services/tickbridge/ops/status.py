@@ -36,6 +36,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from tickbridge.brain.books import invalid_books
+from tickbridge.brain.catchup import CatchUp, parse_catchup
 from tickbridge.core import keys
 from tickbridge.core.questdb_io import QuestDBHttp, QuestDBReader
 from tickbridge.core.redis_io import make_client
@@ -198,6 +199,7 @@ class StatusReader:
             v["books"] = f"{len(symbols) - len(bad)} / {len(symbols)}" + (
                 f" (not: {','.join(bad[:3])}{'…' if len(bad) > 3 else ''})" if bad else ""
             )
+        v["catchup"] = catchup_line(parse_catchup(await self.brain.hgetall(keys.CATCHUP)))
         try:
             groups = await self.brain.xinfo_groups(self.ep.stream_key)
         except ResponseError as exc:
@@ -314,6 +316,7 @@ class StatusReader:
             table.add_row("Brain stream length", fmt(v.get("brain_stream_len")), rate("brain_stream_len"))
             table.add_row("Brain order books valid", fmt(v.get("books")), "")
             table.add_row("Brain consumer lag / pending", f"{fmt(v.get('lag'))} / {fmt(v.get('pending'))}", "")
+            table.add_row("catch-up (fast-forward)", fmt(v.get("catchup")), "")
             table.add_row("Brain QuestDB trades rows", fmt(v.get("trades_rows")), rate("trades_rows"))
         return table
 
@@ -333,6 +336,21 @@ class StatusReader:
         uptime = time.monotonic() - self.started
         self.prev = snap
         return Panel(Group(*parts), title=f"{title} — up {uptime:,.0f}s — {footer}")
+
+
+def catchup_line(state: CatchUp) -> str:
+    """One line of `catch_up()`'s figures: "none", or the backlog, its age, rate, ETA and the gap's length."""
+    if not state.active:
+        return "none"
+    eta = "unknown" if state.eta_s is None or state.eta_s < 0 else f"{state.eta_s:,.0f}s"
+    text = (f"ACTIVE: backlog {state.backlog:,} (VPS {state.vps_backlog:,}, buffer {state.buffer_rows:,}; "
+            f"Brain lag {state.brain_lag:,}), oldest {state.oldest_age_s:,.0f}s, {state.rate:,.0f}/s, "
+            f"ETA {eta}")  # fmt: skip
+    if state.missing is not None:
+        text += f", gap {(state.missing[1] - state.missing[0]) / 1e6:,.0f}s below the live view"
+    if state.vps_age_s is not None and state.vps_age_s > 5:
+        text += f", VPS last reported {state.vps_age_s:,.0f}s ago"
+    return text
 
 
 def watch(ep: Endpoints, *, title: str = "tickbridge", duration: float | None = None, interval: float = 1.0) -> None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
@@ -34,7 +35,7 @@ from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.rawlink import RawRedis
 from tickbridge.core.redis_io import ensure_group, execute_packed, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.wire import now_us
+from tickbridge.core.wire import StreamId, now_us, parse_stream_id
 from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
 from tickbridge_dev.loadgen.brain import TradeSource
 
@@ -147,7 +148,11 @@ async def catch_up(
     *,
     consumer_batch: int = 2000,
     writer_batch: int = 50_000,
+    live_rate: float = 0.0,
+    extra_env: dict[str, str] | None = None,
 ) -> CatchUp:
+    """The catch-up of `ticks` queued entries; with `live_rate`, live trades keep arriving meanwhile and the
+    consumer counts as done when its group is less than a second of live flow behind."""
     client = make_client(redis.url)
     qdb = QuestDBHttp(qdb_server.url)
     await ensure_group(client, keys.DEFAULT_STREAM_KEY, keys.DEFAULT_CONSUMER_GROUP)
@@ -160,6 +165,7 @@ async def catch_up(
         "CONSUMER_BATCH": str(consumer_batch),
         "WRITER_BATCH_ROWS": str(writer_batch),
         "LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     }
     # The roles start on an empty stream and are paused (SIGSTOP) once ready, the backlog is filled,
     # and the clock starts when they resume: the figure is the processing rate, not Python start-up.
@@ -186,6 +192,8 @@ async def catch_up(
         print(f"roles ready in {ready_s:.1f} s, then paused; backlog: {ticks:,} ticks in the Brain stream "
               f"({fill_rate:,.0f} XADD/s from Python while filling)")  # fmt: skip
 
+        (newest,) = await execute_packed(client, [["XREVRANGE", keys.DEFAULT_STREAM_KEY, "+", "-", "COUNT", 1]])
+        backlog_last = parse_stream_id(newest[0][0])
         await execute_packed(client, [["CONFIG", "RESETSTAT"]])
         watched = {"redis-server": psutil.Process(redis.pid), "questdb": psutil.Process(qdb_server.pid)}
         watched.update({f"consumer {i + 1}": psutil.Process(p.pid) for i, p in enumerate(procs[:-1])})
@@ -196,17 +204,19 @@ async def catch_up(
             p.send_signal(signal.SIGCONT)
         consumed_at: float | None = None
         visible = 0
+        live = _LiveFlow(client, source, live_rate, started)
         while True:
             await asyncio.sleep(0.25)
-            if consumed_at is None:
-                info = (await client.xinfo_groups(keys.DEFAULT_STREAM_KEY))[0]
-                if info["lag"] == 0 and info["pending"] == 0:
-                    consumed_at = time.perf_counter() - started
+            await live.step()
+            if consumed_at is None and await _drained(client, live_rate, backlog_last):
+                consumed_at = time.perf_counter() - started
+                if live_rate:
+                    break
             try:
                 visible = int(await qdb.scalar("SELECT count() FROM trades") or 0)
             except Exception:
                 visible = 0
-            if visible >= ticks:
+            if visible >= ticks and not live_rate:  # with a live flow only the consumers are timed (shared table)
                 break
             if time.perf_counter() - started > 600:
                 raise TimeoutError(f"only {visible:,} rows visible after 600 s")
@@ -225,6 +235,52 @@ async def catch_up(
     await client.aclose()
     await qdb.close()
     return CatchUp(total_s=total, consumer_s=consumed_at or total, cpu=cpu, commandstats=_commandstats(stats))
+
+
+async def fastforward_ab(qdb: QuestDBServer, ticks: int, rounds: int, workdir: Path) -> None:
+    """Issue 16: the consumers' catch-up rate with 1,200 live trades/s arriving, fast-forward on and off
+    (CONSUMER_FASTFORWARD), alternated; on must be >= 90 % of off. Each run gets a redis-server of its own."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(rounds):
+        for ff in (False, True) if i % 2 == 0 else (True, False):
+            redis = RedisServer(workdir=workdir / f"ff-redis-{i}-{int(ff)}")
+            redis.start()
+            try:
+                r = await catch_up(redis, qdb, ticks, 2, workdir, live_rate=1200.0,
+                                   extra_env={"CONSUMER_FASTFORWARD": "1" if ff else "0"})  # fmt: skip
+            finally:
+                redis.stop()
+            rates[ff].append(ticks / r.consumer_s)
+            print(f"  catch-up of {ticks:,} with 1,200/s live, fast-forward {'on ' if ff else 'off'}: "
+                  f"{ticks / r.consumer_s:,.0f} ticks/s (consumers, {r.consumer_s:.1f} s)")  # fmt: skip
+    on, off = statistics.fmean(rates[True]), statistics.fmean(rates[False])
+    print(f"  fast-forward on / off (mean of {rounds}): {on:,.0f} / {off:,.0f} ticks/s = {on / off:.2f} (aim >= 0.90)")
+
+
+@dataclass
+class _LiveFlow:
+    """Live trades at `rate`/s appended during a catch-up (none at rate 0)."""
+
+    client: Any
+    source: TradeSource
+    rate: float
+    started: float
+    sent: int = 0
+
+    async def step(self) -> None:
+        if self.rate:
+            due = int((time.perf_counter() - self.started) * self.rate) - self.sent
+            await self.source.append(self.client, keys.DEFAULT_STREAM_KEY, due, live=True)
+            self.sent += due
+
+
+async def _drained(client: Any, live_rate: float, backlog_last: StreamId) -> bool:
+    """The group has nothing left (with a live flow: it has read past the backlog's last entry; `lag` is no
+    help there, the consumers trim the stream and Redis then reports it as nil)."""
+    info = (await client.xinfo_groups(keys.DEFAULT_STREAM_KEY))[0]
+    if live_rate:
+        return parse_stream_id(info["last-delivered-id"]) >= backlog_last
+    return bool(info["lag"] == 0 and info["pending"] == 0)
 
 
 def print_cpu(r: CatchUp, ticks: int) -> None:
@@ -287,6 +343,9 @@ async def main_async(args: argparse.Namespace) -> None:
     qdb.start()
     try:
         print(f"tickbridge bench-brain  (cpus={os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}: noisy if >2)")
+        if args.only_fastforward:
+            await fastforward_ab(qdb, args.fastforward_ticks, args.fastforward_rounds, workdir)
+            return
         # Ceilings before and after the catch-up: the machine is shared, so bracket the run.
         xadd_before = redis_benchmark_xadd(redis.port)
         drain_before = await drain_ceiling(redis.url)
@@ -302,6 +361,9 @@ async def main_async(args: argparse.Namespace) -> None:
         xadd = (xadd_before + redis_benchmark_xadd(redis.port)) / 2
         drain = (drain_before + await drain_ceiling(redis.url)) / 2
         lat = await tier_latencies(redis, qdb, args.rounds)
+        if args.fastforward_rounds:
+            print("fast-forward A/B (issue 16)")
+            await fastforward_ab(qdb, args.fastforward_ticks, args.fastforward_rounds, workdir)
     finally:
         redis.stop()
         qdb.stop()
@@ -340,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--consumer-batch", type=int, default=2000, help="CONSUMER_BATCH of the consumers")
     p.add_argument("--writer-batch", type=int, default=50_000, help="WRITER_BATCH_ROWS of the writer")
     p.add_argument("--rounds", type=int, default=2000)
+    p.add_argument("--fastforward-ticks", type=int, default=300_000, help="backlog of the fast-forward on/off A/B")
+    p.add_argument("--fastforward-rounds", type=int, default=2, help="on/off pairs of that A/B (0: skip it)")
+    p.add_argument("--only-fastforward", action="store_true", help="run only the fast-forward on/off A/B")
     asyncio.run(main_async(p.parse_args(argv)))
 
 

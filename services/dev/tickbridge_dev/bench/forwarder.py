@@ -9,6 +9,9 @@ of the buffer phase.
    forwarder started; rate = entries / time from the first to the last arrival on the Brain.
 2. QuestDB drain: 1M entries preloaded, Brain down, RAM budget 2 MB so the forwarder spills them to
    `vps_buffer` (spill rate reported too); then the Brain comes up; rate = rows replayed / replay time.
+3. Catch-up with live flow, fast-forward live lane on and off (issue 16), alternated: a Redis backlog of
+   `--catchup-ticks` entries while 1,200 live ticks/s keep arriving; rate = backlog entries / time from the
+   first arrival on the Brain until the whole backlog is there. On must be >= 90 % of off.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
 from tickbridge.forwarder.service import Forwarder
 from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
-from tickbridge_dev.loadgen.forwarder import preload, trade_fields
+from tickbridge_dev.loadgen.forwarder import LiveWriter, preload, trade_fields
 
 KEY = keys.DEFAULT_STREAM_KEY
 TICKS_PER_S = 1200
@@ -163,7 +166,44 @@ async def questdb_drain(workdir: Path, qdb: QuestDBServer, n: int) -> tuple[floa
         brain.stop()
 
 
-async def run(n: int) -> None:
+async def catchup_drain(workdir: Path, qdb: QuestDBServer, n: int, live_lane: bool, tag: str) -> tuple[float, float]:
+    """(backlog ticks/s with 1,200 live ticks/s arriving, live entries the lane sent)."""
+    vps = RedisServer(workdir=workdir / f"vps-{tag}").start()
+    brain = RedisServer(workdir=workdir / f"brain-{tag}").start()
+    assert isinstance(vps, RedisServer) and isinstance(brain, RedisServer)
+    try:
+        vps_c, brain_c = make_client(vps.url), make_client(brain.url)
+        await preload(vps_c, KEY, n, start=(int(time.time() * 1000) - 7_200_000, 0), step_ms=0.005)
+        settings = Settings(vps_redis_url=vps.url, brain_redis_url=brain.url, vps_questdb_url=qdb.url)
+        registry = CollectorRegistry()
+        stop = asyncio.Event()
+        writer = LiveWriter(vps_c, KEY, rate=TICKS_PER_S)
+        live = asyncio.create_task(writer.run(stop))
+        await asyncio.sleep(1.0)  # live flow on before the catch-up starts
+        fw = Forwarder(settings, registry, buffer_table=f"bench_catchup_{tag}", live_lane=live_lane)
+        task = asyncio.create_task(fw.run())
+
+        async def first() -> bool:
+            return int(await brain_c.xlen(KEY)) > 0
+
+        async def done() -> bool:
+            return int(await brain_c.xlen(KEY)) >= n
+
+        t0 = await _wait(first, 60, poll=0.001)
+        t1 = await _wait(done, 600)
+        stop.set()
+        await live
+        fw.request_stop()
+        await task
+        await vps_c.aclose()
+        await brain_c.aclose()
+        return n / (t1 - t0), registry.get_sample_value("tickbridge_forwarder_live_sent_total") or 0.0
+    finally:
+        vps.stop()
+        brain.stop()
+
+
+async def run(n: int, catchup_n: int = 300_000, rounds: int = 2) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tb-bench-forwarder-"))
     qdb = QuestDBServer(workdir=workdir / "questdb")
     qdb.start()
@@ -189,15 +229,35 @@ async def run(n: int) -> None:
         print(f"outage held at {TICKS_PER_S} ticks/s: Redis {VPS_RAM_BUDGET / 1e9:.0f} GB of a 4 GB VPS = "
               f"{hours_r:.1f} h; QuestDB {VPS_DISK_BUDGET / 1e9:.0f} GB of a 50 GB VPS = {hours_q:.1f} h; "
               f"together {hours_r + hours_q:.1f} h")  # fmt: skip
+        await catchup_ab(workdir, qdb, catchup_n, rounds)
     finally:
         ceiling_srv.stop()
         qdb.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+async def catchup_ab(workdir: Path, qdb: QuestDBServer, n: int, rounds: int) -> None:
+    """Catch-up rate with the live lane on and off, alternated (issue 16: on >= 90 % of off)."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(rounds):
+        for lane in (False, True) if i % 2 == 0 else (True, False):
+            rate, sent = await catchup_drain(workdir, qdb, n, lane, f"{i}_{int(lane)}")
+            rates[lane].append(rate)
+            print(
+                f"catch-up of {n:,} with {TICKS_PER_S}/s live, live lane {'on ' if lane else 'off'}: "
+                f"{rate:,.0f} ticks/s" + (f" ({sent:,.0f} live entries sent on the lane)" if lane else "")
+            )
+    on, off = sum(rates[True]) / rounds, sum(rates[False]) / rounds
+    print(f"catch-up rate, live lane on / off (mean of {rounds}): {on:,.0f} / {off:,.0f} ticks/s = {on / off:.2f} "
+          "(aim >= 0.90)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--ticks", type=int, default=1_000_000)
+    parser.add_argument("--catchup-ticks", type=int, default=300_000, help="backlog of the live lane on/off A/B")
+    parser.add_argument("--rounds", type=int, default=2, help="alternated on/off pairs of the A/B")
+    parser.add_argument("--only-catchup", action="store_true", help="run only the live lane on/off A/B")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     tune_gc()  # as `tickbridge forwarder` does
@@ -208,7 +268,21 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:  # pragma: no cover
         runner = asyncio.Runner()
     with runner:
-        runner.run(run(args.ticks))
+        if args.only_catchup:
+            runner.run(_only_catchup(args.catchup_ticks, args.rounds))
+        else:
+            runner.run(run(args.ticks, args.catchup_ticks, args.rounds))
+
+
+async def _only_catchup(n: int, rounds: int) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="tb-bench-forwarder-"))
+    qdb = QuestDBServer(workdir=workdir / "questdb")
+    qdb.start()
+    try:
+        await catchup_ab(workdir, qdb, n, rounds)
+    finally:
+        qdb.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ METRICS_CLASSES: dict[str, tuple[str, str]] = {
     "books": ("tickbridge.brain.book_metrics", "BookMetrics"),  # the consumer's, issue 17
     "writer": ("tickbridge.brain.writer", "WriterMetrics"),
     "tiered": ("tickbridge.brain.tiered", "TieredMetrics"),
+    "forwarder_live": ("tickbridge.forwarder.live_lane", "LiveLaneMetrics"),
+    "fastforward": ("tickbridge.brain.fastforward", "FastForwardMetrics"),
     "sim": ("tickbridge_dev.sim.metrics", "SimMetrics"),
 }
 

@@ -624,6 +624,24 @@ BRAIN: tuple[Row, ...] = (
                 ),
             ),
             Panel(
+                "Catch-up backlog (fast-forward)",
+                (
+                    _q("max(tickbridge_catchup_backlog_entries)", "backlog (VPS + Brain lag)"),
+                    _q("max(tickbridge_catchup_rate)", "catch-up rate /s"),
+                ),
+                description="Issue 16: entries not yet on the ordered path while a backlog replays; live ticks reach "
+                "HOT/WARM meanwhile. Alert CatchUpStalled when it stops shrinking for 5 minutes.",
+            ),
+            Panel(
+                "Catch-up ETA and live view age",
+                (
+                    _q("max(tickbridge_catchup_eta_seconds)", "ETA"),
+                    _q("max(tickbridge_consumer_fastforward_live_age_seconds)", "newest live trade written to WARM"),
+                ),
+                "s",
+                "ETA -1: unknown. The live age is the age of the newest trade the fast-forward follower wrote.",
+            ),
+            Panel(
                 "Lag age",
                 (
                     _q("max(tickbridge_consumer_lag_seconds)", "oldest unhandled"),

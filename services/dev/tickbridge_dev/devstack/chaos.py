@@ -38,6 +38,11 @@ from typing import Any
 from rich.console import Console
 
 from tickbridge_dev.devstack import oracle, report
+from tickbridge_dev.devstack.fastforward import (
+    FF_RAM_BUDGET,
+    sc_brain_outage_fastforward,
+    sc_brain_outage_fastforward_kills,
+)
 from tickbridge_dev.devstack.faults import (
     FaultEvent,
     kill9,
@@ -570,6 +575,13 @@ SCENARIOS: list[Scenario] = [
     Scenario("vps_power_cut", "Whole-VPS power cut: collector, forwarder, VPS Redis and VPS QuestDB kill -9 at once "
              "(the exchange and the Brain stay up), all restarted together; once in steady flow, once while the "
              "link is down and the forwarder spills.", sc_vps_power_cut, ram_buffer_bytes=SMALL_RAM_BUDGET),
+    Scenario("brain_outage_fastforward", "Issue 16: the link is cut (exchange at 8,000 trades/s meanwhile) until "
+             "the forwarder holds >= 500,000 entries, part spilled; then back at the chaos rate. From 5 s after the "
+             "return until the catch-up ends, recent(symbol, 1) for every symbol every 0.5 s must be fresh "
+             "(p99 <= 1 s behind the live flow).", sc_brain_outage_fastforward, ram_buffer_bytes=FF_RAM_BUDGET),
+    Scenario("brain_outage_fastforward_kills", "brain_outage_fastforward with kill -9 of the forwarder and then of "
+             "the consumer once each during the catch-up, then a 3 s link cut.", sc_brain_outage_fastforward_kills,
+             ram_buffer_bytes=FF_RAM_BUDGET),
     Scenario("combined", "Random process kills, server crashes, link cuts and latency, and exchange faults, back "
              "to back (sometimes two at once), for several minutes.", sc_combined),
 ]  # fmt: skip

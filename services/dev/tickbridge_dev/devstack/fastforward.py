@@ -1,0 +1,245 @@
+"""Chaos scenarios of issue 16 (fast-forward): `brain_outage_fastforward` and `brain_outage_fastforward_kills`.
+
+The link is cut while the exchange runs faster than usual, until the forwarder holds a backlog of at least
+500,000 entries (part of it spilled to the VPS QuestDB, by a RAM budget of `FF_RAM_BUDGET`); then the rate goes
+back to the chaos rate and the link returns. From 5 s after the return until the catch-up ends, every 0.5 s,
+a `TieredMarketData` embedded here (as trading code would) answers `recent(symbol, 1)` for every symbol:
+
+- **age**: now minus the exchange time of the tick it returns (what the issue measures; a symbol that trades
+  rarely has old newest ticks by nature: at 1,200 trades/s zipf-spread over 50 symbols the quietest trades
+  ~5 times a second);
+- **lag behind the VPS**: the newest trade time in the VPS WARM (the collector's) minus the returned one
+  (how far the Brain's view is behind the live flow itself).
+
+The catch-up ends when `catch_up()` reports it inactive (the forwarder's backlog and the consumer group's lag
+are both small). The `_kills` variant kill -9s the forwarder and then the consumer once each during the
+catch-up (each restarted at once), then cuts the link for 3 s; freshness is gated outside the forwarder's
+downtime and the cut (nothing can reach the Brain then); the usual oracle runs afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from tickbridge.brain.catchup import CatchUp
+from tickbridge.brain.tiered import TieredMarketData
+from tickbridge.core import keys
+from tickbridge.core.redis_io import execute_packed, make_client
+from tickbridge.core.settings import Settings
+from tickbridge.core.wire import now_us
+from tickbridge_dev.devstack.faults import poll, role_metric, scrape_metrics
+from tickbridge_dev.loadgen.fastforward import percentile
+
+if TYPE_CHECKING:
+    from tickbridge_dev.devstack.chaos import Ctx
+
+#: RAM budget of these scenarios: ~250,000 entries stay in VPS Redis, the rest of the backlog spills.
+FF_RAM_BUDGET = 30_000_000
+#: Exchange rate during the cut (trades/s; the issue allows raising it to keep the run short).
+CUT_RATE = 8_000.0
+BACKLOG_TARGET = 500_000
+FRESH_P99_S = 1.0
+
+
+@dataclass
+class FreshnessSampler:
+    """`recent(symbol, 1)` for every symbol every `interval` while `measuring`, in a thread with its own loop."""
+
+    brain_redis_url: str
+    brain_questdb_url: str
+    vps_redis_url: str
+    symbols: tuple[str, ...]
+    interval: float = 0.5
+    ages: list[float] = field(default_factory=list)
+    lags: list[float] = field(default_factory=list)
+    #: (monotonic time, age, lag) of every sample, to leave out the windows of a kill -9 (`outside`).
+    timed: list[tuple[float, float, float | None]] = field(default_factory=list)
+    states: list[CatchUp] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    measuring: bool = False
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="ff-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    @property
+    def state(self) -> CatchUp | None:
+        return self.states[-1] if self.states else None
+
+    async def _main(self) -> None:
+        settings = Settings(brain_redis_url=self.brain_redis_url, brain_questdb_url=self.brain_questdb_url,
+                            symbols=self.symbols)  # fmt: skip
+        vps = make_client(self.vps_redis_url)
+        try:
+            async with TieredMarketData(settings, self.symbols, CollectorRegistry()) as md:
+                while not self._stop.is_set():
+                    try:
+                        await self._sample(md, vps)
+                    except Exception as exc:  # a sampler reports, it does not stop the run
+                        self.errors.append(repr(exc))
+                    await asyncio.sleep(self.interval)
+        finally:
+            await vps.aclose()
+
+    async def _sample(self, md: TieredMarketData, vps: Any) -> None:
+        self.states.append(await md.catch_up())
+        if not self.measuring:
+            return
+        warm = await execute_packed(vps, [["ZRANGE", keys.warm_key(s), -1, -1, "WITHSCORES"] for s in self.symbols])
+        now = now_us()
+        for sym, reply in zip(self.symbols, warm, strict=True):
+            answer = await md.recent(sym, 1)
+            if not answer.rows:
+                continue
+            newest = answer.rows[-1].timestamp
+            age, lag = max(0.0, (now - newest) / 1e6), None
+            self.ages.append(age)
+            if reply and not isinstance(reply, BaseException):
+                score = reply[0][1] if isinstance(reply[0], list) else reply[1]
+                lag = max(0.0, (float(score) - newest) / 1e6)
+                self.lags.append(lag)
+            self.timed.append((time.monotonic(), age, lag))
+
+    def outside(self, windows: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+        """Ages and lags of the samples taken outside `windows` (monotonic start, end)."""
+        kept = [(a, lag) for t, a, lag in self.timed if not any(lo <= t <= hi for lo, hi in windows)]
+        return [a for a, _ in kept], [lag for _, lag in kept if lag is not None]
+
+    def summary(self) -> str:
+        return f"{len(self.ages)} samples; age {dist(self.ages)}; lag behind the VPS {dist(self.lags)}"
+
+
+def dist(values: list[float]) -> str:
+    return (f"p50 {percentile(values, 0.5):.3f}s p99 {percentile(values, 0.99):.3f}s "
+            f"max {max(values, default=float('nan')):.3f}s")  # fmt: skip
+
+
+def _labelled(stack: Any, role: str, name: str) -> float | None:
+    proc = stack.roles.get(role)
+    if proc is None:
+        return None
+    try:
+        return scrape_metrics(proc.metrics_port).get(name)
+    except Exception:
+        return None
+
+
+def outage(ctx: Ctx, kills: bool) -> None:
+    """The scenario (see the module docstring)."""
+    stack = ctx.stack
+    symbols = tuple(stack.config.symbols) or Settings().symbols
+    sampler = FreshnessSampler(stack.brain_redis.url, stack.brain_questdb.url, stack.vps_redis.url, symbols)
+    sampler.start()
+    windows: list[tuple[float, float]] = []
+    try:
+        _run(ctx, sampler, windows if kills else None)
+    finally:
+        sampler.stop()
+    ctx.evidence.append(f"recent(symbol, 1) from 5 s after the return until the catch-up ended: {sampler.summary()}")
+    if sampler.errors:
+        ctx.evidence.append(f"sampler errors: {len(sampler.errors)}, first {sampler.errors[0]}")
+    lags = sampler.lags
+    if kills:
+        # While the forwarder is down nothing reaches the Brain, live or not: those seconds cannot be fresh.
+        ages, lags = sampler.outside(windows)
+        ctx.evidence.append(f"outside the forwarder's kill window and the link cut (each until 2 s after the end): "
+                            f"{len(ages)} samples; age {dist(ages)}; lag behind the VPS {dist(lags)}")  # fmt: skip
+    p99 = percentile(lags, 0.99)
+    if not sampler.ages:
+        ctx.problems.append("no freshness samples: the catch-up ended before 5 s after the return")
+    elif not p99 <= FRESH_P99_S:
+        ctx.problems.append(f"live ticks not fresh during the catch-up: lag behind the VPS p99 {p99:.3f}s > "
+                            f"{FRESH_P99_S}s")  # fmt: skip
+
+
+def _run(ctx: Ctx, sampler: FreshnessSampler, windows: list[tuple[float, float]] | None) -> None:
+    """The cut, the return, the catch-up; kill -9s (their windows appended to `windows`) unless it is None."""
+    kills = windows is not None
+    stack, opts = ctx.stack, ctx.opts
+    target = ctx.n(BACKLOG_TARGET, 60_000)
+    ev = ctx.fault(f"VPS->Brain link cut until the forwarder holds >= {target} entries (exchange at "
+                   f"{CUT_RATE:.0f}/s during the cut, RAM_BUFFER_BYTES={FF_RAM_BUDGET})")  # fmt: skip
+    stack.set_brain_link(False)
+    t_cut = time.monotonic()
+    try:
+        stack.sim_request("POST", "/_sim/rate", {"rate": CUT_RATE})
+
+        def backlog_built() -> bool:
+            return (role_metric(stack, "forwarder", "tickbridge_forwarder_backlog_entries") or 0) >= target
+
+        if not poll(backlog_built, ctx.d(600, 120), 0.5, ctx.check_alive):
+            ctx.problems.append(f"the backlog did not reach {target} entries during the cut")
+        stack.sim_request("POST", "/_sim/rate", {"rate": opts.rate})
+        backlog = role_metric(stack, "forwarder", "tickbridge_forwarder_backlog_entries")
+        spilled = role_metric(stack, "forwarder", "tickbridge_forwarder_spilled_total")
+    finally:
+        stack.set_brain_link(True)
+    t_back = time.monotonic()
+    ev.what += f" (link down {t_back - t_cut:.1f}s)"
+    ctx.evidence.append(f"backlog at the return: {backlog} entries, {spilled} spilled to the VPS QuestDB")
+    if not spilled:
+        ctx.problems.append("nothing spilled to the VPS QuestDB: the scenario did not test the buffer replay")
+
+    def connected() -> bool:
+        return _labelled(stack, "forwarder", "tickbridge_forwarder_connected{target=brain}") == 1
+
+    if poll(connected, 30, 0.05):
+        ctx.evidence.append(f"forwarder reconnected {time.monotonic() - t_back:.2f}s after the link returned")
+    killed = {"forwarder": not kills, "consumer": not kills, "link": not kills}
+    vps_done: float | None = None  # when the forwarder's backlog fell under the live lane's threshold
+    try:
+        while time.monotonic() - t_back < ctx.d(900, 300):
+            ctx.check_alive()
+            sampler.measuring = time.monotonic() - t_back >= 5.0
+            if vps_done is None and (role_metric(stack, "forwarder", "tickbridge_forwarder_backlog_entries")
+                                     or 1e9) < 5_000:  # fmt: skip
+                vps_done = time.monotonic() - t_back
+            state = sampler.state
+            if state is not None and not state.active and (state.vps_age_s or 99) < 3 and all(killed.values()):
+                break
+            for fault, after in (("forwarder", 8), ("consumer", 16), ("link", 22)):
+                if not killed[fault] and time.monotonic() - t_back > after and windows is not None:
+                    killed[fault] = True
+                    t_fault = time.monotonic()
+                    if fault == "link":
+                        ctx.link_cut(3.0, " during the catch-up")
+                    else:
+                        ctx.crash(fault, 0.5)
+                    if fault != "consumer":  # the consumer's restart must not show: HOT follows the live stream
+                        windows.append((t_fault, time.monotonic() + 2.0))
+            time.sleep(0.25)
+        else:
+            ctx.problems.append("the catch-up did not end")
+    finally:
+        sampler.measuring = False
+    took = time.monotonic() - t_back
+    ctx.evidence.append(f"catch-up ended {took:.1f}s after the link returned (catch_up() inactive: the forwarder's "
+                        "backlog and the consumer group's lag both under 5,000)")  # fmt: skip
+    if vps_done is not None and backlog:
+        ctx.evidence.append(f"the forwarder's backlog was under 5,000 entries {vps_done:.1f}s after the return: "
+                            f"{backlog / vps_done:,.0f} entries/s of backlog with the live flow on (reconnect "
+                            "included)")  # fmt: skip
+    spilled_end = role_metric(stack, "forwarder", "tickbridge_forwarder_spilled_total")
+    ctx.evidence.append(f"spilled in all: {spilled_end} (at the return: {spilled})")
+    ctx.recovered(ev)
+
+
+def sc_brain_outage_fastforward(ctx: Ctx) -> None:
+    outage(ctx, kills=False)
+
+
+def sc_brain_outage_fastforward_kills(ctx: Ctx) -> None:
+    outage(ctx, kills=True)
