@@ -244,8 +244,8 @@ async def test_brain_backlog_100k_live_ticks_fresh_while_the_consumer_catches_up
     watch = SymbolStreamWatch(brain.url, SYMBOLS)
     try:
         async with asyncio.TaskGroup() as tg:
-            # 300,000 entries reach the Brain while no consumer runs (the last minute), then live ones follow.
-            await source.backlog(brain_c, stream, 300_000, start_ms=int(time.time() * 1000) - 60_000, step_ms=0.18)
+            # 600,000 entries reach the Brain while no consumer runs (the last minute), then live ones follow.
+            await source.backlog(brain_c, stream, 600_000, start_ms=int(time.time() * 1000) - 60_000, step_ms=0.09)
             live = tg.create_task(source.live(brain_c, stream, LIVE_RATE, stop_live))
             await asyncio.sleep(1.0)
             lag = await group_lag(brain_c, stream)
@@ -256,7 +256,7 @@ async def test_brain_backlog_100k_live_ticks_fresh_while_the_consumer_catches_up
             await md.start(ready_timeout=10)
             probe = FreshnessProbe(md, SYMBOLS, interval=0.25)
             states: list[CatchUp] = []
-            await asyncio.sleep(max(0.0, started + 3.0 - time.monotonic()))
+            await asyncio.sleep(max(0.0, started + 2.0 - time.monotonic()))
             while True:
                 await probe.sample()
                 states.append(await md.catch_up())
