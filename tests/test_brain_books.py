@@ -129,3 +129,55 @@ async def test_rules_of_the_brain_book(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_live_lane_makes_a_book_valid_and_current_before_the_backlog(
+    brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
+) -> None:
+    """Issue 16 + 17: while a backlog replays, the live lane's newest whole book makes the Brain's book valid and
+    current at once; the replay bringing the older diffs, the break and the same entries again changes nothing."""
+    await ensure_group(brain, STREAM, keys.DEFAULT_CONSUMER_GROUP)
+    settings = Settings(brain_redis_url=redis_server.url, symbols=(SYM,), consumer_name="c1")
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings, registry, monitor_interval_s=0.1))
+    live = keys.live_stream_key(STREAM)
+
+    book = await book_after(brain, snap(10, [("2.00", "1")], [("3.00", "1")]), diff(11, 12, [("2.10", "1")]))
+    assert book.valid and book.last_update_id == 12
+
+    async def on_live(*entries: BookSnapshot | DepthDiff) -> None:
+        for e in entries:
+            fields: list[Any] = encode_book(e) if isinstance(e, BookSnapshot) else encode_depth(e)
+            await brain.xadd(live, dict(zip(fields[::2], fields[1::2], strict=True)))
+
+    async def state() -> tuple[bool, int]:
+        b = await read_book(brain, SYM, depth=100)
+        return b.valid, b.last_update_id
+
+    # The live lane's first diff is far ahead of the Brain's book: a break, and the symbol is asked for.
+    await on_live(diff(500, 501, [("2.50", "1")]))
+    await eventually(lambda: _eq(state(), (False, 12)), timeout=10, what="break on the live lane")
+    assert await brain.smembers(keys.BOOK_WANTED) == {SYM.encode()}
+    # The collector's whole book comes by the live lane, then the live diffs after it: valid and current.
+    await on_live(snap(600, [("2.60", "2"), ("2.40", "1")], [("2.70", "1")]), diff(601, 602, [("2.40", "0")]))
+    await eventually(lambda: _eq(state(), (True, 602)), timeout=10, what="valid from the live lane")
+    assert await brain.smembers(keys.BOOK_WANTED) == set()
+
+    # The ordered replay of the backlog: older diffs, the live diff's break point, the whole book and the diffs
+    # again. All stale: the book stays valid at 602 with the same levels.
+    book = await book_after(
+        brain,
+        diff(13, 14, [("9.99", "9")]),
+        diff(500, 501, [("2.50", "1")]),
+        snap(600, [("2.60", "2"), ("2.40", "1")], [("2.70", "1")]),
+        diff(601, 602, [("2.40", "0")]),
+    )
+    assert book.valid and book.last_update_id == 602
+    assert book.bids == (("2.60", "2"),) and book.asks == (("2.70", "1"),)
+    assert registry.get_sample_value("tickbridge_consumer_fastforward_book_entries_total") == 3
+    # The per-symbol depth stream holds what the ordered path brought, once each (the live lane adds nothing).
+    assert len(await brain.xrange(keys.depth_key(SYM))) == 2 + 4
+
+
+async def _eq(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)

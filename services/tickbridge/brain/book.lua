@@ -95,6 +95,40 @@ local function book_reset(keys, k, last_id, reason)
   return 'stale'
 end
 
+-- One book entry (BOOK, RESYNC or DEPTH) whose nfields contract fields start at args[i + 1] and whose levels
+-- start at args[levels_at] (`book_sides`): the dispatch the ingest call and `tickbridge_book_apply` share.
+local function book_entry(keys, k, args, i, levels_at)
+  local kind = args[i + 6]
+  if kind == 'BOOK' then
+    return book_snapshot(keys, k, args[i + 2], args[i + 10], args[i + 8], args, levels_at, args[i + 16])
+  elseif kind == 'RESYNC' then
+    return book_reset(keys, k, args[i + 10], args[i + 12])
+  end
+  return book_diff(keys, k, args[i + 2], args[i + 10], args[i + 12], args[i + 8], args, levels_at, args[i + 18])
+end
+
+-- The fast-forward live lane's book entries (issue 16), applied to the books only (no stream, no group): while a
+-- backlog replays, the newest whole book and the diffs after it make a book valid and current at once. The
+-- rules above make it safe to see an entry twice (the ordered replay brings it again: stale) or in any order
+-- of the two lanes (an older diff after a newer book is stale; a newer diff on an older book is a break that
+-- asks for a whole book). ARGV = records: book_index, nfields, field, value, ..., nb, bids..., na, asks...
+local function book_apply(keys, args)
+  local i, n, applied = 1, #args, 0
+  while i <= n do
+    local k, nfields = tonumber(args[i]), tonumber(args[i + 1])
+    local fields_at = i + 1
+    local levels_at = fields_at + 1 + nfields
+    local nb = tonumber(args[levels_at])
+    local next_i = levels_at + 2 + nb + tonumber(args[levels_at + 1 + nb])
+    local outcome = book_entry(keys, k, args, fields_at, levels_at)
+    if outcome == 'applied' or outcome == 'replaced' or outcome == 'reset' then applied = applied + 1 end
+    i = next_i
+  end
+  return applied
+end
+
+redis.register_function('tickbridge_book_apply', book_apply)
+
 -- KEYS = state, bids, asks, qty; ARGV = depth. Returns {state as flat pairs, bids {p, q, ...} high->low,
 -- asks {p, q, ...} low->high}, all read in one step (levels and state always of the same update ID).
 local function book_read(keys, args)

@@ -89,6 +89,21 @@ def book_record(
     return ["q", entry_id, target, book, len(fields), *fields, len(bids), *bids, len(asks), *asks]
 
 
+BOOK_APPLY_FUNCTION = "tickbridge_book_apply"
+
+
+def book_apply_call(items: Sequence[DepthDiff | BookSnapshot | BookReset]) -> list[str | bytes | int]:
+    """`FCALL tickbridge_book_apply` of book entries in stream order (the fast-forward live lane, issue 16):
+    the books only, by the same rules as the ingest call (book.lua), so an entry seen twice is stale."""
+    key_list: list[str] = []
+    known: dict[str, int] = {}
+    args: list[str | bytes | int] = []
+    for tick in items:
+        # book_record's layout from its book index on (no entry ID, no stream target).
+        args += book_record(b"", 0, book_keys_index(tick.symbol, key_list, known), tick)[3:]
+    return ["FCALL", BOOK_APPLY_FUNCTION, len(key_list), *key_list, *args]
+
+
 def _pairs(flat: Sequence[bytes]) -> tuple[Level, ...]:
     return tuple((flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat) - 1, 2))
 

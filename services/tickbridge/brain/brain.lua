@@ -163,14 +163,7 @@ local function ingest(keys, args)
           add_warm(warm, keys[warm_index], score, member)
         end
         if book_index > 0 then
-          if args[i + 6] == 'BOOK' then
-            book_snapshot(keys, book_index, args[i + 2], args[i + 10], args[i + 8], args, levels_at, args[i + 16])
-          elseif args[i + 6] == 'RESYNC' then
-            book_reset(keys, book_index, args[i + 10], args[i + 12])
-          else
-            book_diff(keys, book_index, args[i + 2], args[i + 10], args[i + 12], args[i + 8], args, levels_at,
-                      args[i + 18])
-          end
+          book_entry(keys, book_index, args, i, levels_at)
         end
         written = written + 1
       else

@@ -16,8 +16,10 @@ per-symbol streams or QuestDB: those stay fed by the ordered path alone (every t
   group has not received), `brain_frontier` (its last-delivered ID: the ordered path is complete below it),
   `brain_rate` (entries/s the consumer handles), `brain_eta_s`, `brain_tail_start` ("" unless following the
   tail), `brain_updated` (Unix time).
-- Depth diffs on the live stream go to `depth_hook` if one is set (the Brain order book of issue 17 applies
-  them; its apply ignores stale diffs, so feeding it from both lanes is safe). Without a hook they are skipped.
+- Order-book entries on the live stream (diffs, whole books, resets) go to the Brain's books
+  (`tickbridge_book_apply`, book.lua's rules): a book that broke during the outage asks for a whole book, which
+  comes by the live lane, so it is valid and current again without waiting for the backlog. Its rules ignore
+  stale entries, so the ordered replay bringing the same entries again changes nothing.
 
 On start it re-reads the last `replay_ms` of the live stream (a restarted consumer fills the WARM it missed;
 ZADD of the same member is a no-op).
@@ -27,24 +29,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from tickbridge.brain.books import book_apply_call, book_verdict
 from tickbridge.brain.common import parse_info_pairs, parse_read_reply
 from tickbridge.core import keys
 from tickbridge.core.lifecycle import Service
 from tickbridge.core.metrics import counter, gauge
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
 from tickbridge.core.settings import Settings
-from tickbridge.core.tick import DepthDiff, TickError, Trade
+from tickbridge.core.tick import BookReset, BookSnapshot, DepthDiff, TickError, Trade
 from tickbridge.core.wire import (
     TRADE_VALUES,
     StreamId,
     encode_warm_member,
     format_stream_id,
+    is_book_entry,
     match_trade,
     parse_stream_id,
     strict_decode,
@@ -69,8 +73,6 @@ STATUS_INTERVAL_S = 0.5
 
 FF_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, RuntimeError)
 
-DepthHook = Callable[[Sequence[tuple[bytes, DepthDiff]]], Awaitable[None]]
-
 
 class FastForwardMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -87,6 +89,8 @@ class FastForwardMetrics:
         self.eta = gauge("catchup_eta_seconds", "Estimated seconds until the catch-up ends (-1: unknown)", registry=r)
         self.rate = gauge("catchup_rate", "Entries/s of the slower stage of the catch-up", registry=r)
         self.errors = counter("consumer_fastforward_errors_total", "Failed fast-forward steps", registry=r)
+        self.book_entries = counter("consumer_fastforward_book_entries_total", "Order-book entries of the live "
+                                    "stream given to the Brain's books (stale ones included)", registry=r)  # fmt: skip
 
 
 class FastForward:
@@ -102,7 +106,7 @@ class FastForward:
         lag_min: int = LAG_MIN,
         prime_ms: int = PRIME_MS,
         replay_ms: int = REPLAY_MS,
-        depth_hook: DepthHook | None = None,
+        books: bool = True,
     ) -> None:
         self.settings = settings
         self.service = service
@@ -115,7 +119,7 @@ class FastForward:
         self.lag_min = lag_min
         self.prime_ms = prime_ms
         self.replay_ms = replay_ms
-        self.depth_hook = depth_hook
+        self.books = books
         self.metrics = FastForwardMetrics(registry)
         self.client: aioredis.Redis = make_client(settings.brain_redis_url, settings, timeout=5.0)
         self.cursor: str | None = None  # live stream
@@ -185,12 +189,12 @@ class FastForward:
         return key
 
     async def apply(self, entries: Sequence[tuple[bytes, list[bytes] | None]]) -> int:
-        """WARM members of the valid trades of configured symbols among `entries` (and depth to the hook)."""
+        """WARM members of the valid trades of configured symbols among `entries`; book entries to the books."""
         zadd: dict[str, list[bytes | str | int]] = {}
         newest: dict[str, int] = {}
-        depth: list[tuple[bytes, DepthDiff]] = []
+        depth: list[DepthDiff | BookSnapshot | BookReset] = []
         newest_recv = 0
-        for eid, fields in entries:
+        for _eid, fields in entries:
             if not fields:
                 continue
             fast = match_trade(fields)
@@ -203,19 +207,14 @@ class FastForward:
                 member = b"|".join((trade_id, price, volume, side, recv_ts))
                 newest_recv = max(newest_recv, int(recv_ts))
             else:
-                try:
-                    tick = strict_decode(fields)
-                except (TickError, ValueError, KeyError, TypeError):
-                    continue  # the ordered path dead-letters it
-                if tick.symbol.encode() not in self.symbols:
+                item = self._decode(fields)
+                if item is None:
                     continue
-                if isinstance(tick, DepthDiff):
-                    depth.append((eid, tick))
+                if not isinstance(item, tuple):
+                    depth.append(item)
                     continue
-                assert isinstance(tick, Trade)
-                key = self._warm_key(tick.symbol.encode(), tick.exchange.encode())
-                score, member = tick.timestamp, encode_warm_member(tick).encode()
-                newest_recv = max(newest_recv, tick.recv_ts)
+                key, score, member, recv = item
+                newest_recv = max(newest_recv, recv)
             zadd.setdefault(key, []).extend((score, member))
             newest[key] = max(newest.get(key, 0), score)
         cmds: list[Command] = []
@@ -233,9 +232,35 @@ class FastForward:
         self.metrics.applied.inc(trades)
         if newest_recv:
             self.metrics.live_age.set(max(0.0, time.time() - newest_recv / 1e6))
-        if depth and self.depth_hook is not None:
-            await self.depth_hook(depth)
+        if depth and self.books:
+            await self._apply_books(depth)
         return trades
+
+    def _decode(self, fields: list[bytes]) -> tuple[str, int, bytes, int] | DepthDiff | BookSnapshot | BookReset | None:
+        """Any entry but a trade in the contract's order: a trade's (WARM key, score, member, recv_ts), a book
+        entry, or None (not valid or not a configured symbol: the ordered path dead-letters it)."""
+        if is_book_entry(fields):
+            book = book_verdict(fields, self.symbols)
+            return None if isinstance(book, str) else book
+        try:
+            tick = strict_decode(fields)
+        except (TickError, ValueError, KeyError, TypeError):
+            return None
+        if tick.symbol.encode() not in self.symbols:
+            return None
+        if isinstance(tick, DepthDiff):
+            return tick
+        assert isinstance(tick, Trade)
+        key = self._warm_key(tick.symbol.encode(), tick.exchange.encode())
+        return key, tick.timestamp, encode_warm_member(tick).encode(), tick.recv_ts
+
+    async def _apply_books(self, items: Sequence[DepthDiff | BookSnapshot | BookReset]) -> None:
+        (reply,) = await execute_packed(self.client, [book_apply_call(items)])
+        if isinstance(reply, BaseException):
+            self.metrics.errors.inc()
+            log.warning("fast-forward: book entries not applied: %s", reply)
+        else:
+            self.metrics.book_entries.inc(len(items))
 
     async def _status(self) -> None:
         """Group lag and frontier, tail mode on or off, the Brain side of `tickbridge:catchup`."""
