@@ -45,6 +45,8 @@ FF_RAM_BUDGET = 30_000_000
 CUT_RATE = 8_000.0
 BACKLOG_TARGET = 500_000
 FRESH_P99_S = 1.0
+#: A Brain book counts as current while its last applied update is younger than this (the sampler's books line).
+BOOK_CURRENT_S = 2.0
 
 
 @dataclass
@@ -61,6 +63,10 @@ class FreshnessSampler:
     #: (monotonic time, age, lag) of every sample, to leave out the windows of a kill -9 (`outside`).
     timed: list[tuple[float, float, float | None]] = field(default_factory=list)
     states: list[CatchUp] = field(default_factory=list)
+    #: Set by the scenario when the link returns: from then on every sample also reads every order book.
+    returned_at: float | None = None
+    #: (seconds after the return, books valid, books valid and current) per sample (issue 17 beside issue 16).
+    books: list[tuple[float, int, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     measuring: bool = False
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -96,6 +102,8 @@ class FreshnessSampler:
 
     async def _sample(self, md: TieredMarketData, vps: Any) -> None:
         self.states.append(await md.catch_up())
+        if self.returned_at is not None:
+            await self._sample_books(md)
         if not self.measuring:
             return
         warm = await execute_packed(vps, [["ZRANGE", keys.warm_key(s), -1, -1, "WITHSCORES"] for s in self.symbols])
@@ -112,6 +120,32 @@ class FreshnessSampler:
                 lag = max(0.0, (float(score) - newest) / 1e6)
                 self.lags.append(lag)
             self.timed.append((time.monotonic(), age, lag))
+
+    async def _sample_books(self, md: TieredMarketData) -> None:
+        """How many books are valid, and valid with a last update under `BOOK_CURRENT_S` old."""
+        assert self.returned_at is not None
+        at, now = time.monotonic() - self.returned_at, now_us()
+        valid = current = 0
+        for sym in self.symbols:
+            book = await md.book(sym, 1)
+            if book.valid:
+                valid += 1
+                current += (now - book.timestamp) / 1e6 < BOOK_CURRENT_S
+        self.books.append((at, valid, current))
+
+    def books_summary(self) -> str:
+        """When every book was valid and current for good after the return (the last sample that was not)."""
+        n = len(self.symbols)
+        if not self.books:
+            return "order books: not sampled"
+        bad = [b for b in self.books if b[2] < n]
+        worst = min(self.books, key=lambda b: b[2])
+        if not bad:
+            return f"order books: all {n} valid and current (< {BOOK_CURRENT_S:.0f}s) at every sample after the return"
+        last_bad = bad[-1][0]
+        return (f"order books: all {n} valid and current (last update < {BOOK_CURRENT_S:.0f}s old) from "
+                f"{last_bad:.1f}s after the return on (worst sample at {worst[0]:.1f}s: {worst[1]} valid, "
+                f"{worst[2]} current; {len(bad)} of {len(self.books)} samples short)")  # fmt: skip
 
     def outside(self, windows: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
         """Ages and lags of the samples taken outside `windows` (monotonic start, end)."""
@@ -187,7 +221,7 @@ def _run(ctx: Ctx, sampler: FreshnessSampler, windows: list[tuple[float, float]]
         spilled = role_metric(stack, "forwarder", "tickbridge_forwarder_spilled_total")
     finally:
         stack.set_brain_link(True)
-    t_back = time.monotonic()
+    t_back = sampler.returned_at = time.monotonic()
     ev.what += f" (link down {t_back - t_cut:.1f}s)"
     ctx.evidence.append(f"backlog at the return: {backlog} entries, {spilled} spilled to the VPS QuestDB")
     if not spilled:
@@ -234,6 +268,7 @@ def _run(ctx: Ctx, sampler: FreshnessSampler, windows: list[tuple[float, float]]
                             "included)")  # fmt: skip
     spilled_end = role_metric(stack, "forwarder", "tickbridge_forwarder_spilled_total")
     ctx.evidence.append(f"spilled in all: {spilled_end} (at the return: {spilled})")
+    ctx.evidence.append(sampler.books_summary())
     ctx.recovered(ev)
 
 
