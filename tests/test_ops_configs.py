@@ -71,9 +71,13 @@ def _client(port: int, user: str, password: str, **kwargs: object) -> redis.Redi
 def test_vps_redis_conf_durability_and_memory(vps_redis: ConfRedis) -> None:
     admin = _client(vps_redis.port, "admin", PASSWORDS["VPS_REDIS_ADMIN_PASSWORD"])
     config = {
-        k: v for part in ("appendonly", "appendfsync", "maxmemory*", "save") for k, v in admin.config_get(part).items()
+        k: v
+        for part in ("appendonly", "appendfsync", "maxmemory*", "save", "stream-node-*")
+        for k, v in admin.config_get(part).items()
     }
     assert config["appendonly"] == "yes"
+    # 64 KB stream nodes (issue 17's bytes: ~12 % less memory per depth update than Redis's 4 KB).
+    assert (config["stream-node-max-bytes"], config["stream-node-max-entries"]) == ("65536", "100")
     assert config["appendfsync"] == "everysec"
     assert config["maxmemory-policy"] == "noeviction"
     assert int(config["maxmemory"]) == 1100 * 2**20

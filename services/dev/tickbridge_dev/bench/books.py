@@ -4,6 +4,9 @@
 - VPS Redis memory per depth update (MEMORY USAGE of a stream holding the capture's ticks as the collector
   appends them), beside the whole-book entries' size;
 - the collector's CPU to build a whole-book entry (sort + encode) from its 1,000-level book;
+- cryptofeed's Redis backend (`BookStream`, default `numeric_type=float`) side by side: the same diffs as it
+  stores them, in a stream of the same server, per VPS stream-node config (node size 4 KB Redis default vs
+  redis/vps.conf), with the XADD/XREAD CPU of each config and the bytes per trade;
 - Redis time per depth diff in the Brain's ingest call with the book kept (record 'q') and without it (record
   'p', the pre-issue-17 path): `INFO commandstats` usec of FCALL over the capture's 6,470 diffs, 100 per call.
 """
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis
 
 from tickbridge.brain.books import book_record
@@ -117,6 +121,90 @@ def _compact_depth(d: DepthDiff) -> list[str | int]:
     return fields
 
 
+def cryptofeed_delta(d: DepthDiff) -> list[str | int]:
+    """What cryptofeed's `BookStream` XADDs per Binance book delta (bmoscon/cryptofeed, backends/redis.py).
+
+    `OrderBook.to_dict(delta=True, numeric_type=float)` gives exchange, symbol, delta (`{"bid": [[price, size],
+    …], "ask": …}` as floats, JSON-dumped by the writer), timestamp (exchange time, float seconds), and the backend
+    adds receipt_timestamp; redis-py sends floats as `repr()`. No update IDs, and the exact strings are lost.
+    """
+    delta = {"bid": [[float(p), float(q)] for p, q in d.bids], "ask": [[float(p), float(q)] for p, q in d.asks]}
+    return [
+        "exchange", "BINANCE", "symbol", "ETH-USDT", "delta", orjson.dumps(delta).decode(),
+        "timestamp", repr(d.timestamp / 1e6), "receipt_timestamp", repr(d.recv_ts / 1e6),
+    ]  # fmt: skip
+
+
+def vps_node_config() -> tuple[int, int]:
+    """redis/vps.conf's (stream-node-max-bytes, stream-node-max-entries), Redis's defaults where unset."""
+    conf = dict(line.split(None, 1) for line in (REPO_ROOT / "redis/vps.conf").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))  # fmt: skip
+    return int(conf.get("stream-node-max-bytes", 4096)), int(conf.get("stream-node-max-entries", 100))
+
+
+#: (stream-node-max-bytes, stream-node-max-entries): Redis's default, then redis/vps.conf's.
+NODE_CONFIGS = ((4096, 100), vps_node_config())
+
+
+def stream_cpu(client: Any, entries: list[list[str | int]], batch: int) -> tuple[float, float, float]:
+    """Redis µs per XADD, per entry read by XREAD COUNT `batch` walking the stream (the forwarder's read), and
+    per XRANGE of one entry by its ID (a seek inside a node: the forwarder's checks of one entry)."""
+    client.delete(STREAM)
+    client.config_resetstat()
+    pipe = client.pipeline(transaction=False)
+    for fields in entries:
+        pipe.execute_command("XADD", STREAM, "*", *fields)
+    pipe.execute()
+    cursor, read, ids = "0-0", 0, []
+    while read < len(entries):
+        page = client.execute_command("XREAD", "COUNT", batch, "STREAMS", STREAM, cursor)[0][1]
+        cursor, read = page[-1][0], read + len(page)
+        ids.append(page[len(page) // 2][0])
+    for entry_id in ids:
+        client.execute_command("XRANGE", STREAM, entry_id, entry_id)
+    stats = client.info("commandstats")
+    calls = {"xadd": len(entries), "xread": read, "xrange": len(ids)}
+    per = {c: float(stats[f"cmdstat_{c}"]["usec"]) / n for c, n in calls.items()}
+    return per["xadd"], per["xread"], per["xrange"]
+
+
+def _values(entries: list[list[str | int]]) -> float:
+    return statistics.mean(sum(len(str(v)) for v in e[1::2]) for e in entries)
+
+
+def compare_cryptofeed(client: Any, ticks: list[Trade | DepthDiff]) -> None:
+    """Print ours beside cryptofeed's per node config, and where the difference comes from."""
+    diffs = [t for t in ticks if isinstance(t, DepthDiff)]
+    layouts = {
+        "depth (ours)": [encode_depth(d) for d in diffs],
+        "depth (cryptofeed)": [cryptofeed_delta(d) for d in diffs],
+        "depth (ours, padding stripped)": [_stripped_json(d) for d in diffs],
+        "depth (compact 'p:q,' levels, a contract change)": [_compact_depth(d) for d in diffs],
+        "trade (ours)": [encode_tick(t) for t in ticks if isinstance(t, Trade)],
+        "tick, trades and depth interleaved (ours)": [encode_tick(t) for t in ticks],
+    }
+    for name, entries in layouts.items():
+        print(f"  {name}: {_values(entries):,.0f} B of values per entry")
+    for node_bytes, node_entries in NODE_CONFIGS:
+        client.config_set("stream-node-max-bytes", node_bytes)
+        client.config_set("stream-node-max-entries", node_entries)
+        print(f"VPS Redis, stream-node-max-bytes {node_bytes} / -entries {node_entries}:")
+        for name, entries in layouts.items():
+            xadd, xread, seek = stream_cpu(client, entries, 100)
+            print(f"  {name}: {stream_bytes(client, entries):,.0f} B per entry; Redis CPU {xadd:.1f} µs per XADD, "
+                  f"{xread:.2f} µs per entry read (XREAD COUNT 100), {seek:.1f} µs per XRANGE of one ID")  # fmt: skip
+    client.config_set("stream-node-max-bytes", 4096)
+    client.config_set("stream-node-max-entries", 100)
+
+
+def _stripped_json(d: DepthDiff) -> list[str | int]:
+    """Inside the contract's words (JSON arrays of [price, qty] strings), the 8-decimal padding stripped."""
+    fields = encode_depth(d)
+    fields[13] = orjson.dumps([[_strip(p), _strip(q)] for p, q in d.bids]).decode()
+    fields[15] = orjson.dumps([[_strip(p), _strip(q)] for p, q in d.asks]).decode()
+    return fields
+
+
 def main() -> None:
     ticks, snapshot = capture()
     diffs = [t for t in ticks if isinstance(t, DepthDiff)]
@@ -158,6 +246,7 @@ def main() -> None:
                   f"{link[DepthDiff]:,.0f} B, whole book {book_link:,} B; VPS buffer payload: trade "
                   f"{buffer[Trade]:,.0f} B, depth update {buffer[DepthDiff]:,.0f} B, "
                   f"whole book {book_buffer:,} B")  # fmt: skip
+            compare_cryptofeed(client, ticks)
             without = ingest_usec(client, diffs, None)
             with_book = ingest_usec(
                 client,
