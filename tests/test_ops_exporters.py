@@ -155,4 +155,7 @@ def test_the_secure_native_stack_gives_its_exporters_the_monitor_user_and_tls(tm
             finally:
                 exporter.stop()
     finally:
+        # Started here, not by stack.start(): the stack's stop() only stops what it started itself.
+        stack.brain_redis.stop()
+        stack.vps_redis.stop()
         stack.cleanup()
