@@ -99,6 +99,15 @@ async def group_lag(client: Any, stream: str) -> int | None:
     return None
 
 
+async def read_streams_then_start_writer(watch: SymbolStreamWatch, writer: Role) -> None:
+    """The per-symbol streams are read whole before the writer starts (it trims what it confirmed): the writer
+    and this reader would otherwise take CPU from the catch-up being measured, on 2 cores."""
+    await asyncio.sleep(1.0)
+    watch.start()
+    await asyncio.to_thread(watch.stop)
+    writer.start()
+
+
 async def exactly_once(qdb: QuestDBServer, source: FlowSource, watch: SymbolStreamWatch) -> None:
     """0 lost, 0 duplicated, 0 out of order per symbol in QuestDB `trades` and in the per-symbol streams."""
     expected = source.expected()
@@ -197,12 +206,7 @@ async def test_vps_backlog_live_ticks_fresh_while_the_replay_runs(
             live_sent = await metric(port, "tickbridge_forwarder_live_sent_total")
             stop_live.set()
             await live
-            await asyncio.sleep(1.0)
-            # The per-symbol streams are read whole before the writer starts (it trims what it confirmed): the
-            # writer and this reader would otherwise take CPU from the catch-up being measured, on 2 cores.
-            watch.start()
-            await asyncio.to_thread(watch.stop)
-            writer.start()
+            await read_streams_then_start_writer(watch, writer)
         log.info("reconnect %.2fs, catch-up %.1fs, freshness %s, live lane sent %d", reconnect_s, catchup_s,
                  probe.summary(), live_sent)  # fmt: skip
         await md.close()
@@ -268,12 +272,7 @@ async def test_brain_backlog_100k_live_ticks_fresh_while_the_consumer_catches_up
             catchup_s = time.monotonic() - started
             stop_live.set()
             await live
-            await asyncio.sleep(1.0)
-            # The per-symbol streams are read whole before the writer starts (it trims what it confirmed): the
-            # writer and this reader would otherwise take CPU from the catch-up being measured, on 2 cores.
-            watch.start()
-            await asyncio.to_thread(watch.stop)
-            writer.start()
+            await read_streams_then_start_writer(watch, writer)
         log.info("Brain-side catch-up %.1fs, freshness %s", catchup_s, probe.summary())
         await md.close()
         assert len(probe.ages) >= len(SYMBOLS) * 8, f"too short a catch-up to measure: {probe.summary()}"
