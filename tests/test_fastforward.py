@@ -99,6 +99,13 @@ async def group_lag(client: Any, stream: str) -> int | None:
     return None
 
 
+async def caught_up(brain_c: Any, stream: str, forwarder_port: int) -> bool:
+    """The catch-up is over: the forwarder is in `direct` mode and the consumer group's lag is small."""
+    lag = await group_lag(brain_c, stream)
+    direct = await metric(forwarder_port, "tickbridge_forwarder_mode", mode="direct") == 1
+    return direct and lag is not None and lag < 1000
+
+
 async def read_streams_then_start_writer(watch: SymbolStreamWatch, writer: Role) -> None:
     """The per-symbol streams are read whole before the writer starts (it trims what it confirmed): the writer
     and this reader would otherwise take CPU from the catch-up being measured, on 2 cores."""
@@ -196,9 +203,7 @@ async def test_vps_backlog_live_ticks_fresh_while_the_replay_runs(
                     lo, hi = state.missing
                     answer = await md.range(SYMBOLS[0], lo - 1_000_000, hi + 1_000_000)
                     gaps.append(answer.missing)
-                lag = await group_lag(brain_c, stream)
-                direct = await metric(port, "tickbridge_forwarder_mode", mode="direct") == 1
-                if direct and lag is not None and lag < 1000:
+                if await caught_up(brain_c, stream, port):
                     break
                 assert time.monotonic() - sampled_from < 240, "catch-up did not end"
                 await asyncio.sleep(0.25)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tickbridge.core.settings import DEFAULT_SYMBOLS, Settings
+from tickbridge.core.settings import DEFAULT_METRICS_PORTS, DEFAULT_SYMBOLS, Settings
 from tickbridge_dev.deploy.commands import COMPOSE_ONLY, NATIVE_COMMANDS, command_matches
 from tickbridge_dev.deploy.compose import (
     InterpolationError,
@@ -46,6 +46,7 @@ EXPECTED_SERVICES = {
         "questdb",
         "collector",
         "forwarder",
+        "forwarder-live",
         "prometheus",
         "alertmanager",
         "grafana",
@@ -213,6 +214,21 @@ def test_healthchecks_restart_and_ordering(compose: dict[str, Any]) -> None:
     for role in ("forwarder", "writer"):
         if role in services:
             assert "questdb" in services[role]["depends_on"]
+
+
+def test_the_live_lane_runs_as_its_own_service_like_the_forwarder() -> None:
+    """Issue 16: `forwarder-live` is `tickbridge forwarder` with the forwarder's settings and FORWARDER_LANE=live
+    (the forwarder FORWARDER_LANE=ordered), checked and scraped on its own port."""
+    services = load_compose(COMPOSE_FILES["vps"], _env())["services"]
+    fw, live = services["forwarder"], services["forwarder-live"]
+    assert live["command"] == fw["command"] == ["tickbridge", "forwarder"]
+    assert fw["environment"]["FORWARDER_LANE"] == "ordered" and live["environment"]["FORWARDER_LANE"] == "live"
+    same = {k: v for k, v in live["environment"].items() if k not in ("FORWARDER_LANE", "METRICS_PORT")}
+    assert same == {k: v for k, v in fw["environment"].items() if k not in ("FORWARDER_LANE", "METRICS_PORT")}
+    port = int(live["environment"]["METRICS_PORT"])
+    assert live["healthcheck"]["test"][1:4] == ["tickbridge", "check", "forwarder-live"]
+    assert port == DEFAULT_METRICS_PORTS["forwarder-live"]
+    assert f'"forwarder-live:{port}"' in (REPO_ROOT / "prometheus" / "prometheus.vps.yml").read_text()
 
 
 def test_roles_healthcheck_is_tickbridge_check_on_the_scraped_port(host: str, compose: dict[str, Any]) -> None:

@@ -241,3 +241,15 @@ def test_status_without_the_client_certificate_says_so(hosts: Hosts, tmp_path: P
     assert proc.returncode == 1, proc.stdout + proc.stderr
     line = next(line for line in proc.stdout.splitlines() if line.startswith("could not read Brain Redis"))
     assert re.search(r"ssl|tls|certificate|reset|closed", line, re.I), line
+
+
+def test_status_shows_the_live_lane_process() -> None:
+    """Issue 16: the live lane (its own process under compose) shows on, idle or not reporting."""
+    from tickbridge.ops.status import live_lane_line
+
+    now = 1_800_000_000.0
+    assert live_lane_line({}, now).startswith("no report")
+    on = {b"live_updated": b"1799999999.8", b"live_cursor": b"1799999999500-3"}
+    assert live_lane_line(on, now).startswith("ON:") and "0.5s behind" in live_lane_line(on, now)
+    assert live_lane_line({b"live_updated": b"1799999999.8", b"live_cursor": b""}, now).startswith("idle")
+    assert live_lane_line({b"live_updated": b"1799999990"}, now).startswith("NOT REPORTING for 10s")

@@ -38,6 +38,8 @@ DEFAULT_METRICS_PORTS: dict[str, int] = {
     "consumer": 9103,
     "writer": 9104,
     "sim": 9105,
+    # `tickbridge forwarder` with FORWARDER_LANE=live: the fast-forward live lane as a process of its own.
+    "forwarder-live": 9106,
 }
 
 
@@ -219,6 +221,11 @@ class Settings(BaseSettings):
     )
     delivered_retention_s: Annotated[float, ReadBy(("forwarder",))] = Field(
         60.0, ge=0, description="seconds delivered entries stay in the VPS stream"
+    )
+    forwarder_lane: Annotated[Literal["both", "ordered", "live"], ReadBy(("forwarder",))] = Field(
+        "both",
+        description="both: one process replays the backlog and runs the fast-forward live lane; ordered / "
+        "live: only that half, so kill -9 of the replaying process does not stop live data (run one of each)",
     )
 
     # Brain

@@ -84,6 +84,7 @@ class ForwarderBase(Service):
         maintain_interval: float = 0.2,
         stats_interval: float = 2.0,
         live_lane: bool = True,
+        lane_figures: bool = False,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -103,6 +104,8 @@ class ForwarderBase(Service):
         self.stats_interval = stats_interval
         #: Run the fast-forward live lane beside a replay (`live_lane.py`; off only to measure its cost).
         self.live_lane = live_lane
+        #: Without the lane, still write the catch-up figures to the Brain (FORWARDER_LANE=ordered).
+        self.lane_figures = lane_figures
         self.vps = make_client(settings.vps_redis_url, settings, timeout=10.0)
         self.brain = make_client(settings.brain_redis_url, settings, timeout=5.0)
         self.brain_raw = RawRedis(settings.brain_redis_url, settings, timeout=10.0)

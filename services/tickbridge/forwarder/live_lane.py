@@ -88,6 +88,12 @@ class LiveLaneMetrics:
             registry=registry,
         )
         self.errors = counter("forwarder_live_errors_total", "Failed live lane steps", registry=registry)
+        self.brain_behind = gauge(
+            "forwarder_live_brain_behind_seconds",
+            "FORWARDER_LANE=live: how far the Brain stream's top is behind the newest VPS entry (ID time); the "
+            "lane runs from 1 s",
+            registry=registry,
+        )
 
 
 class LiveLane:
@@ -102,8 +108,15 @@ class LiveLane:
         prime_ms: int = LIVE_PRIME_MS,
         maxlen: int = LIVE_MAXLEN,
         batch: int = LIVE_BATCH,
+        send: bool = True,
+        figures: bool = True,
     ) -> None:
+        """`send`: run the lane (False: only write the catch-up figures, the ordered half of FORWARDER_LANE);
+        `figures`: write the VPS backlog figures (False in the live-only process, which cannot know them: it
+        writes only its own `live_*` fields)."""
         self.fw = fw
+        self.send = send
+        self.figures = figures
         self.key = fw.key
         self.live_key = keys.live_stream_key(fw.key)
         self.min_backlog = min_backlog
@@ -166,7 +179,8 @@ class LiveLane:
                     busy = False
                     if await self._sleep(stop, 0.2):
                         return
-                if not busy and await self._sleep(stop, 0.005):
+                # Figures only: no need to poll at the lane's pace (and steal the GIL from the replay).
+                if not busy and await self._sleep(stop, 0.005 if self.send else 0.1):
                     return
         finally:
             await self._close()
@@ -199,7 +213,7 @@ class LiveLane:
     async def step(self) -> bool:
         """Start, follow or stop the lane; True if a full batch went (more is waiting)."""
         fw = self.fw
-        if not (fw.brain_up and fw.vps_ready) or fw.refused:
+        if not self.send or not (fw.brain_up and fw.vps_ready) or fw.refused:
             self._off()
             return False
         if self.cursor is None and (not self.wanted() or not await self._start()):
@@ -275,16 +289,21 @@ class LiveLane:
         if now - self._last_status < STATUS_INTERVAL_S or not fw.brain_up:
             return
         self._last_status = now
-        backlog = fw._backlog
-        buffer_rows = fw._buffer_part()[0]
-        active = self.cursor is not None or fw.buffer_pending or backlog >= self.min_backlog
-        eta = backlog / fw.rate if fw.rate > 0 else (0.0 if backlog == 0 else -1.0)
-        fields: list[Any] = [
-            "vps_active", int(active), "vps_backlog", backlog, "vps_buffer", buffer_rows,
-            "vps_oldest_age_s", f"{fw._oldest_age:.3f}", "vps_rate", f"{fw.rate:.1f}", "vps_eta_s", f"{eta:.1f}",
-            "live_cursor", format_stream_id(self.cursor) if self.cursor else "",
-            "vps_checkpoint", format_stream_id(fw.checkpoint), "vps_updated", f"{time.time():.3f}",
-        ]  # fmt: skip
+        fields: list[Any] = []
+        if self.figures:
+            backlog = fw._backlog
+            buffer_rows = fw._buffer_part()[0]
+            active = self.cursor is not None or fw.buffer_pending or backlog >= self.min_backlog
+            eta = backlog / fw.rate if fw.rate > 0 else (0.0 if backlog == 0 else -1.0)
+            fields += [
+                "vps_active", int(active), "vps_backlog", backlog, "vps_buffer", buffer_rows,
+                "vps_oldest_age_s", f"{fw._oldest_age:.3f}", "vps_rate", f"{fw.rate:.1f}", "vps_eta_s", f"{eta:.1f}",
+                "vps_checkpoint", format_stream_id(fw.checkpoint), "vps_updated", f"{time.time():.3f}",
+            ]  # fmt: skip
+        if self.send:
+            # `live_updated`: when the lane (in whichever process) last reported (`tickbridge status`).
+            fields += ["live_cursor", format_stream_id(self.cursor) if self.cursor else "",
+                       "live_updated", f"{time.time():.3f}"]  # fmt: skip
         if self.start_id is not None:
             # Kept after the lane stops: the Brain's view has a gap below it until the consumer passes it.
             fields += ["live_start", format_stream_id(self.start_id)]

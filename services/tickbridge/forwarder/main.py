@@ -9,6 +9,7 @@ from tickbridge.core import keys
 from tickbridge.core.lifecycle import run_service, setup_logging, tune_gc
 from tickbridge.core.metrics import serve_metrics
 from tickbridge.core.settings import load_settings
+from tickbridge.forwarder.live_process import LiveLaneProcess
 from tickbridge.forwarder.service import Forwarder
 
 #: Buffer table name override (tests sharing one QuestDB); the contract name is `vps_buffer`.
@@ -23,9 +24,16 @@ def run_command(args: argparse.Namespace) -> None:
     """Run the forwarder until SIGTERM/SIGINT (configuration from the environment / `.env`)."""
     settings = load_settings()
     setup_logging(settings.log_level)
+    if settings.forwarder_lane == "live":
+        serve_metrics(settings.metrics_port_for("forwarder-live"), settings.metrics_bind)
+        run_service(lambda: LiveLaneProcess(settings))
+        return
     serve_metrics(settings.metrics_port_for("forwarder"), settings.metrics_bind)
     table = os.environ.get(TABLE_ENV, keys.VPS_BUFFER_TABLE)
     tune_gc()
     spill_batch = int(os.environ.get(SPILL_BATCH_ENV, "50000"))
-    live_lane = os.environ.get(LIVE_LANE_ENV, "1") != "0"
-    run_service(lambda: Forwarder(settings, buffer_table=table, spill_batch=spill_batch, live_lane=live_lane))
+    # FORWARDER_LANE=ordered: the lane runs in its own process (FORWARDER_LANE=live); this one reports its backlog.
+    lane_here = settings.forwarder_lane == "both"
+    live_lane = lane_here and os.environ.get(LIVE_LANE_ENV, "1") != "0"
+    run_service(lambda: Forwarder(settings, buffer_table=table, spill_batch=spill_batch, live_lane=live_lane,
+                                  lane_figures=not lane_here))  # fmt: skip

@@ -71,8 +71,9 @@ class Forwarder(Monitoring):
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._loop(watchdog))
                 tg.create_task(self._monitor())
-                if self.live_lane:
-                    tg.create_task(LiveLane(self, self.registry).run())
+                if self.live_lane or self.lane_figures:
+                    # FORWARDER_LANE=ordered: the lane runs in its own process; this one still reports its backlog.
+                    tg.create_task(LiveLane(self, self.registry, send=self.live_lane).run())
                 tg.create_task(watchdog.run(self.stopping))
         finally:
             await self._close()

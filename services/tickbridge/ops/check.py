@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from tickbridge.core.settings import Settings
 
 #: Roles with a /metrics endpoint (the keys of settings.DEFAULT_METRICS_PORTS, kept here to stay light).
-ROLES = ("collector", "forwarder", "consumer", "writer", "sim")
+ROLES = ("collector", "forwarder", "consumer", "writer", "sim", "forwarder-live")
 #: Roles that keep a heartbeat key in the Brain Redis (keys.heartbeat_key, TTL 15 s).
 HEARTBEAT_ROLES = ("consumer", "writer")
 
@@ -48,7 +48,7 @@ class CheckResult:
 
 def evaluate(role: str, text: str) -> CheckResult:
     """Judge a role's `/metrics` text: the role's own series are there."""
-    prefix = f"{NAMESPACE}_{role}_"
+    prefix = f"{NAMESPACE}_{role.replace('-', '_')}_"  # forwarder-live: tickbridge_forwarder_live_*
     try:
         names = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
     except ValueError as exc:

@@ -199,7 +199,9 @@ class StatusReader:
             v["books"] = f"{len(symbols) - len(bad)} / {len(symbols)}" + (
                 f" (not: {','.join(bad[:3])}{'…' if len(bad) > 3 else ''})" if bad else ""
             )
-        v["catchup"] = catchup_line(parse_catchup(await self.brain.hgetall(keys.CATCHUP)))
+        catchup = await self.brain.hgetall(keys.CATCHUP)
+        v["catchup"] = catchup_line(parse_catchup(catchup))
+        v["live_lane"] = live_lane_line(catchup)
         try:
             groups = await self.brain.xinfo_groups(self.ep.stream_key)
         except ResponseError as exc:
@@ -317,6 +319,7 @@ class StatusReader:
             table.add_row("Brain order books valid", fmt(v.get("books")), "")
             table.add_row("Brain consumer lag / pending", f"{fmt(v.get('lag'))} / {fmt(v.get('pending'))}", "")
             table.add_row("catch-up (fast-forward)", fmt(v.get("catchup")), "")
+            table.add_row("forwarder live lane", fmt(v.get("live_lane")), "")
             table.add_row("Brain QuestDB trades rows", fmt(v.get("trades_rows")), rate("trades_rows"))
         return table
 
@@ -351,6 +354,27 @@ def catchup_line(state: CatchUp) -> str:
     if state.vps_age_s is not None and state.vps_age_s > 5:
         text += f", VPS last reported {state.vps_age_s:,.0f}s ago"
     return text
+
+
+def live_lane_line(fields: dict[Any, Any], now: float | None = None) -> str:
+    """The forwarder's live lane (FORWARDER_LANE=live or both) from its `live_*` fields in `tickbridge:catchup`:
+    on (and how far its cursor is behind), idle, or not reporting (process down, or the link)."""
+    f = {_text(k): _text(x) for k, x in fields.items()}
+    now = time.time() if now is None else now
+    try:
+        updated = float(f.get("live_updated") or 0)
+    except ValueError:
+        updated = 0.0
+    if not updated:
+        return "no report yet (not running, or an older forwarder)"
+    age = now - updated
+    if age > 5:
+        return f"NOT REPORTING for {age:,.0f}s (its process is down, or the Brain link)"
+    cursor = f.get("live_cursor", "")
+    if not cursor:
+        return "idle (the ordered path is live)"
+    behind = now - int(cursor.split("-")[0]) / 1000 if cursor.split("-")[0].isdigit() else float("nan")
+    return f"ON: newest entries go to the Brain live stream, cursor {cursor} ({behind:,.1f}s behind)"
 
 
 def watch(ep: Endpoints, *, title: str = "tickbridge", duration: float | None = None, interval: float = 1.0) -> None:

@@ -41,6 +41,7 @@ from tickbridge_dev.devstack import oracle, report
 from tickbridge_dev.devstack.fastforward import (
     FF_RAM_BUDGET,
     sc_brain_outage_fastforward,
+    sc_brain_outage_fastforward_cut,
     sc_brain_outage_fastforward_kills,
 )
 from tickbridge_dev.devstack.faults import (
@@ -66,7 +67,7 @@ SLOW_RECOVERY_S = 30.0
 #: RAM budget that makes a ~10 s outage spill to the VPS QuestDB at the chaos rate.
 SMALL_RAM_BUDGET = 4_000_000
 #: What a power cut of the VPS takes down (the exchange, the link and the Brain stay up).
-VPS_PROCESSES = ("collector", "forwarder", "vps-redis", "vps-questdb")
+VPS_PROCESSES = ("collector", "forwarder", "forwarder-live", "vps-redis", "vps-questdb")
 
 
 @dataclass
@@ -579,9 +580,12 @@ SCENARIOS: list[Scenario] = [
              "the forwarder holds >= 500,000 entries, part spilled; then back at the chaos rate. From 5 s after the "
              "return until the catch-up ends, recent(symbol, 1) for every symbol every 0.5 s must be fresh "
              "(p99 <= 1 s behind the live flow).", sc_brain_outage_fastforward, ram_buffer_bytes=FF_RAM_BUDGET),
-    Scenario("brain_outage_fastforward_kills", "brain_outage_fastforward with kill -9 of the forwarder and then of "
-             "the consumer once each during the catch-up, then a 3 s link cut.", sc_brain_outage_fastforward_kills,
-             ram_buffer_bytes=FF_RAM_BUDGET),
+    Scenario("brain_outage_fastforward_kills", "brain_outage_fastforward with kill -9 of the forwarder (the "
+             "replaying process) and then of the consumer once each during the catch-up; fresh over all samples.",
+             sc_brain_outage_fastforward_kills, ram_buffer_bytes=FF_RAM_BUDGET),
+    Scenario("brain_outage_fastforward_cut", "brain_outage_fastforward with kill -9 of the live-lane process "
+             "(its gap reported), then a 3 s link cut during the catch-up; fresh outside those windows.",
+             sc_brain_outage_fastforward_cut, ram_buffer_bytes=FF_RAM_BUDGET),
     Scenario("combined", "Random process kills, server crashes, link cuts and latency, and exchange faults, back "
              "to back (sometimes two at once), for several minutes.", sc_combined),
 ]  # fmt: skip

@@ -1,7 +1,8 @@
 """The whole pipeline as native processes on this machine: what `make demo`, the load and chaos runs,
 the dashboard test and the end-to-end tests start.
 
-VPS: redis-server (AOF everysec), QuestDB (spill buffer), `tickbridge collector`, `tickbridge forwarder`.
+VPS: redis-server (AOF everysec), QuestDB (spill buffer), `tickbridge collector`, `tickbridge forwarder` (the
+ordered half, FORWARDER_LANE=ordered, and the live lane, FORWARDER_LANE=live, as `forwarder-live`).
 Brain: redis-server, QuestDB, `tickbridge consumer`, `tickbridge writer`. Plus the simulator (unless the
 source is the real exchange), Prometheus scraping every role, and optionally toxiproxy on the VPS->Brain link,
 with the link proxy (resets, refused connects, segment loss) in front of it: forwarder -> link proxy ->
@@ -39,7 +40,10 @@ from tickbridge_dev.devstack.servers import (
     free_port,
 )
 
-ROLES = ("collector", "forwarder", "consumer", "writer")
+#: `forwarder-live` is `tickbridge forwarder` with FORWARDER_LANE=live (the fast-forward lane as a process of its
+#: own, issue 16); when the stack runs it, the forwarder gets FORWARDER_LANE=ordered, else `both`.
+ROLES = ("collector", "forwarder", "forwarder-live", "consumer", "writer")
+LIVE_ROLE = "forwarder-live"
 
 
 class RoleProcess(ManagedProcess):
@@ -59,6 +63,8 @@ class RoleProcess(ManagedProcess):
     def command(self) -> list[str]:
         if self.role == "reader":  # trading-code stand-in, not a deployable role
             return [sys.executable, "-m", "tickbridge_dev.devstack.reader", *self.args]
+        if self.role == LIVE_ROLE:  # FORWARDER_LANE=live in its env (`NativeStack.env_for`)
+            return [sys.executable, "-m", "tickbridge", "forwarder", *self.args]
         return [sys.executable, "-m", "tickbridge", self.role, *self.args]
 
     def env(self) -> dict[str, str]:
@@ -115,6 +121,8 @@ class NativeStack:
         self.alertmanager: AlertmanagerServer | None = None
         self.redis_exporters: dict[str, RedisExporterServer] = {}
         self._started: list[ManagedProcess] = []
+        #: The live lane runs as its own process (`forwarder-live`): the forwarder then runs only the ordered half.
+        self.split_lane = False
 
     # -- addresses ---------------------------------------------------------------------------------
     @property
@@ -128,9 +136,10 @@ class NativeStack:
 
     def env_for(self, role: str) -> dict[str, str]:
         cfg = self.config
+        on_vps = role in ("forwarder", LIVE_ROLE)  # they reach the Brain over the link
         env = {
             "VPS_REDIS_URL": self.vps_redis.url,
-            "BRAIN_REDIS_URL": self.brain_redis_url_for_vps if role == "forwarder" else self.brain_redis.url,
+            "BRAIN_REDIS_URL": self.brain_redis_url_for_vps if on_vps else self.brain_redis.url,
             "VPS_QUESTDB_URL": self.vps_questdb.url,
             "BRAIN_QUESTDB_URL": self.brain_questdb.url,
             "METRICS_BIND": "127.0.0.1",
@@ -147,6 +156,10 @@ class NativeStack:
         if role == "consumer":
             env["CONSUMER_NAME"] = "consumer-1"
         env.update(cfg.extra_env)
+        if role == LIVE_ROLE:
+            env["FORWARDER_LANE"] = "live"
+        elif role == "forwarder" and self.split_lane:
+            env["FORWARDER_LANE"] = "ordered"
         return env
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -189,6 +202,7 @@ class NativeStack:
     def start_role(self, role: str) -> RoleProcess:
         proc = self.roles.get(role)
         if proc is None:
+            self.split_lane = self.split_lane or role == LIVE_ROLE
             proc = RoleProcess(role, self.env_for(role), free_port(), workdir=self.workdir / role)
             self.roles[role] = proc
         self._start(proc) if proc not in self._started else proc.start()
@@ -253,7 +267,8 @@ class NativeStack:
             # Every role retries its servers by itself, so they can start together.
             procs: list[ManagedProcess] = []
             wanted = (*roles, "reader") if self.config.with_reader else roles
-            for role in ("writer", "consumer", "forwarder", "collector", "reader"):
+            self.split_lane = LIVE_ROLE in wanted
+            for role in ("writer", "consumer", "forwarder", LIVE_ROLE, "collector", "reader"):
                 if role in wanted:
                     self.roles[role] = RoleProcess(role, self.env_for(role), free_port(), workdir=self.workdir / role)
                     procs.append(self.roles[role])
