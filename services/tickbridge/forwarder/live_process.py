@@ -95,15 +95,18 @@ class LaneWatch:
             log.warning("live lane watch: %s read failed (%r); lane off until it answers", side, exc)
 
     async def _vps_read(self) -> tuple[StreamId, StreamId]:
-        newest, high = await execute_packed(
-            self.vps,
-            [("XREVRANGE", self.key, "+", "-", "COUNT", 1), ("HGET", keys.FORWARDER_STATE, "buffer_high_id")],
+        # HGETALL, not HGET: the forwarder's VPS ACL user has only the former (a small hash: ~10 fields).
+        newest, state = await execute_packed(
+            self.vps, [("XREVRANGE", self.key, "+", "-", "COUNT", 1), ("HGETALL", keys.FORWARDER_STATE)]
         )
         if isinstance(newest, BaseException):
             raise newest
         top = parse_stream_id(newest[0][0]) if newest else ZERO
-        buffer_high = parse_stream_id(high) if high and not isinstance(high, BaseException) else ZERO
-        return top, buffer_high
+        if isinstance(state, BaseException) or not state:
+            return top, ZERO
+        fields = state if isinstance(state, dict) else dict(zip(state[::2], state[1::2], strict=False))
+        high = fields.get(b"buffer_high_id")
+        return top, parse_stream_id(high) if high else ZERO
 
     async def _brain_top(self) -> StreamId:
         (info,) = await execute_packed(self.brain, [("XINFO", "STREAM", self.key)])

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     stack = NativeStack(StackConfig(source=args.source, rate=args.rate, symbols=symbols, with_reader=True))
     ok = True
     try:
-        with console.status("starting Redis x2, QuestDB x2, simulator, collector, forwarder, consumer, writer, "
-                            "Prometheus ..."):  # fmt: skip
+        with console.status("starting Redis x2, QuestDB x2, simulator, collector, forwarder (+ live lane), consumer, "
+                            "writer, Prometheus ..."):  # fmt: skip
             t0 = time.monotonic()
             stack.start()
         console.print(f"[green]pipeline up in {time.monotonic() - t0:.1f}s[/] — workdir {stack.workdir}")

@@ -275,11 +275,14 @@ def _run(ctx: Ctx, sampler: FreshnessSampler, faults: tuple[tuple[str, float], .
     if poll(connected, 30, 0.05):
         ctx.evidence.append(f"forwarder reconnected {time.monotonic() - t_back:.2f}s after the link returned")
     done = {fault: False for fault, _ in faults}
+    lane_lags: list[float] = []  # the lane's own delay (`forwarder_live_lag_seconds` while it is on)
     vps_done: float | None = None  # when the forwarder's backlog fell under the live lane's threshold
     try:
         while time.monotonic() - t_back < ctx.d(900, 300):
             ctx.check_alive()
             sampler.measuring = time.monotonic() - t_back >= 5.0
+            if sampler.measuring and role_metric(stack, "forwarder-live", "tickbridge_forwarder_live_active") == 1:
+                lane_lags.append(role_metric(stack, "forwarder-live", "tickbridge_forwarder_live_lag_seconds") or 0.0)
             if vps_done is None and (role_metric(stack, "forwarder", "tickbridge_forwarder_backlog_entries")
                                      or 1e9) < 5_000:  # fmt: skip
                 vps_done = time.monotonic() - t_back
@@ -304,6 +307,8 @@ def _run(ctx: Ctx, sampler: FreshnessSampler, faults: tuple[tuple[str, float], .
         ctx.evidence.append(f"the forwarder's backlog was under 5,000 entries {vps_done:.1f}s after the return: "
                             f"{backlog / vps_done:,.0f} entries/s of backlog with the live flow on (reconnect "
                             "included)")  # fmt: skip
+    ctx.evidence.append(f"the live lane's own delay (newest entry it sent, scraped every 0.25 s while on): "
+                        f"{len(lane_lags)} samples, {dist(lane_lags)}")  # fmt: skip
     spilled_end = role_metric(stack, "forwarder", "tickbridge_forwarder_spilled_total")
     ctx.evidence.append(f"spilled in all: {spilled_end} (at the return: {spilled})")
     ctx.evidence.append(sampler.books_summary())

@@ -143,6 +143,7 @@ class SecureRedisServer(RedisServer):
 ROLE_USERS: dict[str, tuple[str | None, str | None]] = {
     "collector": ("collector", None),
     "forwarder": ("forwarder", "forwarder"),
+    "forwarder-live": ("forwarder", "forwarder"),  # the forwarder's live lane (issue 16): the same user
     "consumer": (None, "consumer"),
     "writer": (None, "writer"),
 }
