@@ -468,6 +468,18 @@ VPS: tuple[Row, ...] = (
                 "s",
             ),
             Panel(
+                "Live lane (fast-forward)",
+                (
+                    _q("max(tickbridge_forwarder_live_lag_seconds)", "age of the newest entry it sent"),
+                    _q("max(tickbridge_forwarder_live_brain_behind_seconds)", "Brain stream top behind the VPS"),
+                    _q("max(tickbridge_forwarder_live_active)", "on (1)"),
+                ),
+                "s",
+                "Issue 16: the forwarder-live process copies the newest entries to the Brain's live stream while the "
+                "Brain stream's top is 1 s or more behind the VPS (a replay, or the forwarder down); it runs beside "
+                "the replaying forwarder, so a kill -9 of either leaves the other going.",
+            ),
+            Panel(
                 "Brain round trip", _quantiles("tickbridge_forwarder_batch_seconds"), "s", "XADD batch to the Brain."
             ),
             Panel(
