@@ -134,22 +134,27 @@ async def exactly_once(qdb: QuestDBServer, source: FlowSource, watch: SymbolStre
     assert not problems, problems
 
 
+async def vps_flow(vps: RedisServer, brain: RedisServer, qdb: QuestDBServer) -> tuple[Settings, Any, FlowSource]:
+    """Settings of both hosts, a VPS client and a trade source; QuestDB `trades` created (a deployed Brain has it;
+    the writer, started later in these tests, would create it)."""
+    settings = Settings(
+        vps_redis_url=vps.url, brain_redis_url=brain.url, vps_questdb_url=qdb.url, brain_questdb_url=qdb.url,
+        symbols=SYMBOLS,
+    )  # fmt: skip
+    http = QuestDBHttp(qdb.url)
+    await http.exec(TRADES_DDL)
+    await http.close()
+    return settings, make_client(vps.url), FlowSource(SYMBOLS)
+
+
 async def test_vps_backlog_live_ticks_fresh_while_the_replay_runs(
     redis_factory: Callable[..., RedisServer], questdb_factory: Callable[..., QuestDBServer], tmp_path: Path
 ) -> None:
     vps, brain = redis_factory(), redis_factory()
     qdb = questdb_factory()
     brain.stop()
-    settings = Settings(
-        vps_redis_url=vps.url, brain_redis_url=brain.url, vps_questdb_url=qdb.url, brain_questdb_url=qdb.url,
-        symbols=SYMBOLS,
-    )  # fmt: skip
-    vps_c = make_client(vps.url)
-    source = FlowSource(SYMBOLS)
+    settings, vps_c, source = await vps_flow(vps, brain, qdb)
     stream = settings.stream_key
-    http = QuestDBHttp(qdb.url)
-    await http.exec(TRADES_DDL)  # a deployed Brain has it (the writer, started later here, creates it)
-    await http.close()
     # The backlog: the last 4 minutes before now, then live ticks on top of it.
     await source.backlog(vps_c, stream, 400_000, start_ms=int(time.time() * 1000) - 240_000, step_ms=0.5)
     port = free_port()

@@ -32,14 +32,13 @@ from test_fastforward import (
     metric,
     read_streams_then_start_writer,
     role_env,
+    vps_flow,
 )
 from tickbridge.brain.tiered import TieredMarketData
-from tickbridge.core.questdb_io import QuestDBHttp
 from tickbridge.core.redis_io import make_client
-from tickbridge.core.settings import Settings
-from tickbridge.core.wire import TRADES_DDL, now_us
+from tickbridge.core.wire import now_us
 from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer, free_port
-from tickbridge_dev.loadgen.fastforward import FlowSource, FreshnessProbe, SymbolStreamWatch, percentile
+from tickbridge_dev.loadgen.fastforward import FreshnessProbe, SymbolStreamWatch, percentile
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 log = logging.getLogger(__name__)
@@ -77,16 +76,8 @@ async def test_kill9_forwarder_and_live_lane_processes_during_catch_up(
 ) -> None:
     vps, brain = redis_factory(), redis_factory()
     qdb = questdb_factory()
-    settings = Settings(
-        vps_redis_url=vps.url, brain_redis_url=brain.url, vps_questdb_url=qdb.url, brain_questdb_url=qdb.url,
-        symbols=SYMBOLS,
-    )  # fmt: skip
-    vps_c = make_client(vps.url)
-    source = FlowSource(SYMBOLS)
+    settings, vps_c, source = await vps_flow(vps, brain, qdb)
     stream = settings.stream_key
-    http = QuestDBHttp(qdb.url)
-    await http.exec(TRADES_DDL)
-    await http.close()
     await source.backlog(vps_c, stream, 300_000, start_ms=int(time.time() * 1000) - 240_000, step_ms=0.75)
     fw_port, lane_port = free_port(), free_port()
     fw_env = role_env(vps, brain, qdb, FORWARD_BATCH="5000", METRICS_PORT=str(fw_port), FORWARDER_LANE="ordered")
