@@ -11,7 +11,9 @@ of the buffer phase.
    `vps_buffer` (spill rate reported too); then the Brain comes up; rate = rows replayed / replay time.
 3. Catch-up with live flow, fast-forward live lane on and off (issue 16), alternated: a Redis backlog of
    `--catchup-ticks` entries while 1,200 live ticks/s keep arriving; rate = backlog entries / time from the
-   first arrival on the Brain until the whole backlog is there. On must be >= 90 % of off.
+   first arrival on the Brain until the whole backlog is there. On must be >= 90 % of off. With
+   `--lane-process`, "on" is the deployed layout instead: this forwarder FORWARDER_LANE=ordered and the lane a
+   `tickbridge forwarder` process of its own (FORWARDER_LANE=live) on the same host.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -166,8 +169,11 @@ async def questdb_drain(workdir: Path, qdb: QuestDBServer, n: int) -> tuple[floa
         brain.stop()
 
 
-async def catchup_drain(workdir: Path, qdb: QuestDBServer, n: int, live_lane: bool, tag: str) -> tuple[float, float]:
-    """(backlog ticks/s with 1,200 live ticks/s arriving, live entries the lane sent)."""
+async def catchup_drain(
+    workdir: Path, qdb: QuestDBServer, n: int, live_lane: bool, tag: str, process: bool = False
+) -> tuple[float, float]:
+    """(backlog ticks/s with 1,200 live ticks/s arriving, live entries the lane sent); `process`: the lane as a
+    process of its own (its sent count is then not known here: 0)."""
     vps = RedisServer(workdir=workdir / f"vps-{tag}").start()
     brain = RedisServer(workdir=workdir / f"brain-{tag}").start()
     assert isinstance(vps, RedisServer) and isinstance(brain, RedisServer)
@@ -180,7 +186,13 @@ async def catchup_drain(workdir: Path, qdb: QuestDBServer, n: int, live_lane: bo
         writer = LiveWriter(vps_c, KEY, rate=TICKS_PER_S)
         live = asyncio.create_task(writer.run(stop))
         await asyncio.sleep(1.0)  # live flow on before the catch-up starts
-        fw = Forwarder(settings, registry, buffer_table=f"bench_catchup_{tag}", live_lane=live_lane)
+        lane_proc: asyncio.subprocess.Process | None = None
+        if live_lane and process:
+            env = {**os.environ, "VPS_REDIS_URL": vps.url, "BRAIN_REDIS_URL": brain.url, "FORWARDER_LANE": "live",
+                   "METRICS_PORT": "0", "LOG_LEVEL": "WARNING"}  # fmt: skip
+            lane_proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tickbridge", "forwarder", env=env)
+        fw = Forwarder(settings, registry, buffer_table=f"bench_catchup_{tag}", live_lane=live_lane and not process,
+                       lane_figures=process)  # fmt: skip
         task = asyncio.create_task(fw.run())
 
         async def first() -> bool:
@@ -195,6 +207,9 @@ async def catchup_drain(workdir: Path, qdb: QuestDBServer, n: int, live_lane: bo
         await live
         fw.request_stop()
         await task
+        if lane_proc is not None:
+            lane_proc.terminate()
+            await lane_proc.wait()
         await vps_c.aclose()
         await brain_c.aclose()
         return n / (t1 - t0), registry.get_sample_value("tickbridge_forwarder_live_sent_total") or 0.0
@@ -203,7 +218,7 @@ async def catchup_drain(workdir: Path, qdb: QuestDBServer, n: int, live_lane: bo
         brain.stop()
 
 
-async def run(n: int, catchup_n: int = 300_000, rounds: int = 2) -> None:
+async def run(n: int, catchup_n: int = 300_000, rounds: int = 2, process: bool = False) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tb-bench-forwarder-"))
     qdb = QuestDBServer(workdir=workdir / "questdb")
     qdb.start()
@@ -229,23 +244,24 @@ async def run(n: int, catchup_n: int = 300_000, rounds: int = 2) -> None:
         print(f"outage held at {TICKS_PER_S} ticks/s: Redis {VPS_RAM_BUDGET / 1e9:.0f} GB of a 4 GB VPS = "
               f"{hours_r:.1f} h; QuestDB {VPS_DISK_BUDGET / 1e9:.0f} GB of a 50 GB VPS = {hours_q:.1f} h; "
               f"together {hours_r + hours_q:.1f} h")  # fmt: skip
-        await catchup_ab(workdir, qdb, catchup_n, rounds)
+        await catchup_ab(workdir, qdb, catchup_n, rounds, process)
     finally:
         ceiling_srv.stop()
         qdb.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def catchup_ab(workdir: Path, qdb: QuestDBServer, n: int, rounds: int) -> None:
+async def catchup_ab(workdir: Path, qdb: QuestDBServer, n: int, rounds: int, process: bool = False) -> None:
     """Catch-up rate with the live lane on and off, alternated (issue 16: on >= 90 % of off)."""
     rates: dict[bool, list[float]] = {True: [], False: []}
+    on_text = "on (own process)" if process else "on "
     for i in range(rounds):
         for lane in (False, True) if i % 2 == 0 else (True, False):
-            rate, sent = await catchup_drain(workdir, qdb, n, lane, f"{i}_{int(lane)}")
+            rate, sent = await catchup_drain(workdir, qdb, n, lane, f"{i}_{int(lane)}", process)
             rates[lane].append(rate)
             print(
-                f"catch-up of {n:,} with {TICKS_PER_S}/s live, live lane {'on ' if lane else 'off'}: "
-                f"{rate:,.0f} ticks/s" + (f" ({sent:,.0f} live entries sent on the lane)" if lane else "")
+                f"catch-up of {n:,} with {TICKS_PER_S}/s live, live lane {on_text if lane else 'off'}: "
+                f"{rate:,.0f} ticks/s" + (f" ({sent:,.0f} live entries sent on the lane)" if lane and sent else "")
             )
     on, off = sum(rates[True]) / rounds, sum(rates[False]) / rounds
     print(f"catch-up rate, live lane on / off (mean of {rounds}): {on:,.0f} / {off:,.0f} ticks/s = {on / off:.2f} "
@@ -258,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--catchup-ticks", type=int, default=300_000, help="backlog of the live lane on/off A/B")
     parser.add_argument("--rounds", type=int, default=2, help="alternated on/off pairs of the A/B")
     parser.add_argument("--only-catchup", action="store_true", help="run only the live lane on/off A/B")
+    lane_help = "the A/B's 'on': the lane as its own process (FORWARDER_LANE=live), as deployed"
+    parser.add_argument("--lane-process", action="store_true", help=lane_help)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     tune_gc()  # as `tickbridge forwarder` does
@@ -269,17 +287,17 @@ def main(argv: list[str] | None = None) -> None:
         runner = asyncio.Runner()
     with runner:
         if args.only_catchup:
-            runner.run(_only_catchup(args.catchup_ticks, args.rounds))
+            runner.run(_only_catchup(args.catchup_ticks, args.rounds, args.lane_process))
         else:
-            runner.run(run(args.ticks, args.catchup_ticks, args.rounds))
+            runner.run(run(args.ticks, args.catchup_ticks, args.rounds, args.lane_process))
 
 
-async def _only_catchup(n: int, rounds: int) -> None:
+async def _only_catchup(n: int, rounds: int, process: bool = False) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tb-bench-forwarder-"))
     qdb = QuestDBServer(workdir=workdir / "questdb")
     qdb.start()
     try:
-        await catchup_ab(workdir, qdb, n, rounds)
+        await catchup_ab(workdir, qdb, n, rounds, process)
     finally:
         qdb.stop()
         shutil.rmtree(workdir, ignore_errors=True)
