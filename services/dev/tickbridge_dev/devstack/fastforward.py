@@ -160,6 +160,24 @@ class FreshnessSampler:
     def summary(self) -> str:
         return f"{len(self.ages)} samples; age {dist(self.ages)}; lag behind the VPS {dist(self.lags)}"
 
+    def stale_spans(self, limit_s: float = FRESH_P99_S) -> str:
+        """When samples were older than `limit_s`: spans in seconds after the return (where to look in the logs)."""
+        t0 = self.returned_at or 0.0
+        spans: list[list[float]] = []
+        for t, age, _ in self.timed:
+            if age <= limit_s:
+                continue
+            at = t - t0
+            if spans and at - spans[-1][1] <= 1.5:
+                spans[-1][1], spans[-1][2] = at, max(spans[-1][2], age)
+                spans[-1][3] += 1
+            else:
+                spans.append([at, at, age, 1])
+        if not spans:
+            return f"no sample older than {limit_s:.0f}s"
+        shown = ", ".join(f"{a:.1f}-{b:.1f}s (worst {w:.1f}s, {n:.0f} samples)" for a, b, w, n in spans[:8])
+        return f"samples older than {limit_s:.0f}s, after the return: {shown}" + (" ..." if len(spans) > 8 else "")
+
 
 def dist(values: list[float]) -> str:
     return (f"p50 {percentile(values, 0.5):.3f}s p99 {percentile(values, 0.99):.3f}s "
@@ -198,6 +216,7 @@ def outage(ctx: Ctx, variant: str) -> None:
     finally:
         sampler.stop()
     ctx.evidence.append(f"recent(symbol, 1) from 5 s after the return until the catch-up ended: {sampler.summary()}")
+    ctx.evidence.append(sampler.stale_spans())
     if sampler.errors:
         ctx.evidence.append(f"sampler errors: {len(sampler.errors)}, first {sampler.errors[0]}")
     ages, lags = sampler.ages, sampler.lags
@@ -219,9 +238,10 @@ def outage(ctx: Ctx, variant: str) -> None:
                                 f"{FRESH_P99_S}s")  # fmt: skip
 
 
-def _fault(ctx: Ctx, fault: str, windows: list[tuple[float, float]]) -> None:
+def _fault(ctx: Ctx, fault: str, windows: list[tuple[float, float]], t_back: float) -> None:
     """One fault during the catch-up; a windowed one's window goes to `windows`."""
     t_fault = time.monotonic()
+    ctx.evidence.append(f"{fault} fault {t_fault - t_back:.1f}s after the return")
     if fault == "link":
         ctx.link_cut(3.0, " during the catch-up")
     else:
@@ -294,7 +314,7 @@ def _run(ctx: Ctx, sampler: FreshnessSampler, faults: tuple[tuple[str, float], .
                     done[fault] = True
                     if state is not None and not state.active:
                         ctx.problems.append(f"the catch-up ended before the {fault} fault: it was not tested")
-                    _fault(ctx, fault, windows)
+                    _fault(ctx, fault, windows, t_back)
             time.sleep(0.25)
         else:
             ctx.problems.append("the catch-up did not end")
