@@ -96,8 +96,8 @@ class BrainWriter(WriterMonitor):
                     await self.start_flush()
                 backoff.reset()
             except OUTAGE_ERRORS as exc:
-                # Redis or QuestDB unavailable: nothing unflushed was acked; drop what we hold, back
-                # off and re-read our pending entries (a re-sent row is absorbed by DEDUP).
+                # Redis or QuestDB unavailable: the group never moved past unflushed rows; drop them, back
+                # off and read again from the group's position (a re-sent row is absorbed by DEDUP).
                 self.metrics.errors.labels(type(exc).__name__).inc()
                 log.warning("writer: %s; retrying", exc)
                 ready = ready and not isinstance(exc, QuestDBError)

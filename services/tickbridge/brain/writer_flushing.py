@@ -87,11 +87,11 @@ class WriterFlushing(WriterRows):
             await task
 
     async def _drop_flushing(self) -> None:
-        """Wait for the background flush; if it failed, its entries stay pending (re-read later)."""
+        """Wait for the background flush; if it failed, its entries are read again from the group's position."""
         try:
             await self._await_flushing()
         except Exception as exc:
-            log.warning("background flush failed (%s); its entries stay pending", exc)
+            log.warning("background flush failed (%s); its entries are read again", exc)
 
     async def _flush_batches(
         self, batches: dict[str, TableBatch], dead: list[tuple[bytes, bytes, str]], confirm: Confirm, *, retry: bool
