@@ -410,17 +410,20 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
     ),
     ("brain", "writer"): (  # brain/writer*.py, and as this user `tickbridge check writer --heartbeat` (compose)
         [["XGROUP", "CREATE", TRADES, WGROUP, "0", "MKSTREAM"],
-         ["XREADGROUP", "GROUP", WGROUP, "w1", "COUNT", 10, "STREAMS", TRADES, ">"],
-         ["XACK", TRADES, WGROUP, "1-1"], ["XPENDING", TRADES, WGROUP],
-         ["XAUTOCLAIM", TRADES, WGROUP, "w1", 0, "0-0"], ["XINFO", "GROUPS", TRADES],
+         ["XREAD", "COUNT", 10, "STREAMS", TRADES, "0-0"],  # from its group's position (issue 20)
+         ["XGROUP", "SETID", TRADES, WGROUP, "0-0", "ENTRIESREAD", 0],  # moved once QuestDB confirmed
+         ["XINFO", "STREAM", TRADES], ["XRANGE", TRADES, "(0-0", "+", "COUNT", 1],  # the group's lag kept valid
+         ["XACK", TRADES, WGROUP, "1-1"], ["XPENDING", TRADES, WGROUP],  # an older writer's pending list
+         ["XINFO", "GROUPS", TRADES],
          ["XTRIM", TRADES, "MINID", "~", "0-0"], ["SET", W_BEAT, "1", "EX", 15],
          ["SCAN", "0", "MATCH", "market:*:trades:*", "COUNT", 1000, "TYPE", "stream"],
          ["TYPE", TRADES],  # a skipped key (not a stream) is looked at again: WriterKeySkipped clears
-         ["XADD", W_DEAD, "*", "stream", TRADES, "src_id", "1-1", "reason", "x"],  # in a MULTI with its XACK
+         ["XADD", W_DEAD, "*", "stream", TRADES, "src_id", "1-1", "reason", "x"],  # in a MULTI with the SETIDs
          ["GET", W_BEAT],  # tickbridge check writer --heartbeat (the container's health check)
          ["PING"]],
         [["XCLAIM", TRADES, WGROUP, "w", 0, "1-1"], ["XGROUP", "CREATECONSUMER", TRADES, WGROUP, "w"],
-         ["XINFO", "STREAM", TRADES], ["XLEN", TRADES], ["XRANGE", TRADES, "-", "+"], ["DISCARD"],
+         ["XREADGROUP", "GROUP", WGROUP, "w1", "COUNT", 10, "STREAMS", TRADES, ">"],
+         ["XAUTOCLAIM", TRADES, WGROUP, "w1", 0, "0-0"], ["XLEN", TRADES], ["DISCARD"],
          ["HSET", "tickbridge:writer:x", "a", 1], ["HGET", "tickbridge:writer:x", "a"],
          ["HGETALL", "tickbridge:writer:x"], ["GET", "tickbridge:writer:x"], ["SET", "tickbridge:writer:x", 1],
          ["EXPIRE", W_BEAT, 10], ["PEXPIRE", W_BEAT, 10], ["CLIENT", "SETNAME", "x"], ["CLIENT", "ID"],

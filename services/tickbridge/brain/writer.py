@@ -1,15 +1,18 @@
 """`tickbridge writer`: the Brain's per-symbol streams -> QuestDB `trades` and `depth_updates`.
 
-Consumer group `tickbridge-writer` on every per-symbol stream (the configured symbols plus any found
-by SCAN). A read that comes back short (the streams are drained) flushes what is held, unless a flush is
-in flight or started less than WRITER_FLUSH_INTERVAL_S ago (0.5 s by default): a trade after a quiet spell goes at
-once, a steady flow once per interval, a backlog in batches of at most WRITER_BATCH_ROWS rows; each table
-is one ILP-over-HTTP request (`transactional=True`: one request = one transaction), and the stream
-entries of a table are XACKed only after QuestDB confirmed it. A crash between flush and ack re-sends
-the rows, which the tables' `DEDUP UPSERT KEYS` absorb. When QuestDB is down or slow the batch is
-kept, reading pauses and the flush is retried with backoff: nothing is acked unflushed. A suspended
-WAL table gets nothing: its rows are set aside (their entries stay pending) and its streams are not read
-until it applies again, while the other table keeps flowing.
+Consumer group `tickbridge-writer` on every per-symbol stream (the configured symbols plus any found by SCAN),
+used as a durable cursor: the writer reads with XREAD from the group's last-delivered ID and moves the group
+(XGROUP SETID) past a batch once QuestDB confirmed it, so Redis keeps no pending list, no XACK, nothing to
+claim (half the Redis time of XREADGROUP + XACK). A read that comes back short (the streams are drained)
+flushes what is held, unless a flush is in flight or started less than WRITER_FLUSH_INTERVAL_S ago (0.5 s by
+default): a trade after a quiet spell goes at once, a steady flow once per interval, a backlog in batches of
+at most WRITER_BATCH_ROWS rows; each table is one ILP-over-HTTP request (`transactional=True`: one request =
+one transaction), and the group moves only after QuestDB confirmed every table of the batch. A crash before
+the group moved re-reads and re-sends the rows, which the tables' `DEDUP UPSERT KEYS` absorb. When QuestDB is
+down or slow the batch is kept, reading pauses and the flush is retried with backoff: the group never moves
+past unflushed rows. A suspended WAL table gets nothing: its rows are set aside (their streams' group stays
+put) and its streams are not read until it applies again, while the other table keeps flowing. A second writer
+would read and write everything again (DEDUP absorbs it): run one.
 
 WARM lives in the consumer's sorted sets only, so the writer trims each per-symbol stream below what
 its group still needs.
@@ -29,6 +32,7 @@ from tickbridge.brain.writer_base import MONITOR_ERRORS, OUTAGE_ERRORS, TableBat
 from tickbridge.brain.writer_monitor import WriterMonitor
 from tickbridge.brain.writer_rows import table_of
 from tickbridge.core.backoff import Backoff
+from tickbridge.core.groups import read_after
 from tickbridge.core.lifecycle import run_service, setup_logging, tune_gc
 from tickbridge.core.metrics import serve_metrics
 from tickbridge.core.questdb_io import QuestDBError
@@ -82,21 +86,18 @@ class BrainWriter(WriterMonitor):
                 if now - self._last_discover > self.discover_interval_s:
                     await self.discover()
                     self._last_discover = now
+                if self.held - self.suspended_tables:
+                    await self._resume_held()
                 if self._need_recover:
                     await self.recover_own()
                     self._need_recover = False
-                if self.held - self.suspended_tables:
-                    await self._resume_held()
-                if now - self._last_claim > self.settings.consumer_claim_idle_ms / 2000:
-                    await self.claim_idle()
-                    self._last_claim = now
                 await self.read_new()
                 if self._due():
                     await self.start_flush()
                 backoff.reset()
             except OUTAGE_ERRORS as exc:
-                # Redis or QuestDB unavailable: nothing unflushed was acked; drop what we hold, back
-                # off and re-read our pending entries (a re-sent row is absorbed by DEDUP).
+                # Redis or QuestDB unavailable: the group never moved past unflushed rows; drop them, back
+                # off and read again from the group's position (a re-sent row is absorbed by DEDUP).
                 self.metrics.errors.labels(type(exc).__name__).inc()
                 log.warning("writer: %s; retrying", exc)
                 ready = ready and not isinstance(exc, QuestDBError)
@@ -114,10 +115,11 @@ class BrainWriter(WriterMonitor):
         await self._final_flush()
 
     def _reset_batches(self) -> None:
-        """Forget unflushed rows (their entries stay pending and are re-read from our PEL)."""
+        """Forget unflushed rows (their entries are after the group's position: read again from there)."""
         for batch in self.batches.values():
             batch.clear()
         self._pending_dead = []
+        self._advanced = set()
         self._first_row_at = None
         self._need_recover = True
 
@@ -126,22 +128,21 @@ class BrainWriter(WriterMonitor):
             await self._await_flushing()
             if any(b.rows for b in self.batches.values()):
                 await self.flush_all(retry=False)
-        except Exception as exc:  # stopping: unacked entries are re-sent by the next writer
-            log.warning("final flush failed (%s); entries stay pending", exc)
+        except Exception as exc:  # stopping: the next writer re-sends what the group was not moved past
+            log.warning("final flush failed (%s); its entries are read again at the next start", exc)
 
     # ---------------------------------------------------------------- reading
     async def _resume_held(self) -> None:
-        """Tables that apply again: read their streams again, from our own pending entries first."""
-        await self._await_flushing()  # a flush in flight may still set rows of these tables aside
+        """Tables that apply again: read their streams again from their group's position (so does everything
+        held in memory now: a re-sent row is absorbed by DEDUP, and no stream is moved past a row set aside)."""
+        await self._drop_flushing()  # a flush in flight may still set rows of these tables aside
         resumed = self.held - self.suspended_tables
         if not resumed:
             return
         self.held -= resumed
-        for table in resumed:
-            self.batches[table].clear()  # rows read before the hold: re-read below with the rest, once
-        streams = [s for s in self.streams if table_of(s) in resumed]
-        log.info("%s applies again: re-reading its %d streams", ", ".join(sorted(resumed)), len(streams))
-        await self.recover_own(streams)
+        self._frozen = {s: left for s, tables in self._frozen.items() if (left := tables - resumed)}
+        log.info("%s applies again: its streams are read again from the group's position", ", ".join(sorted(resumed)))
+        self._reset_batches()
 
     def _due(self) -> bool:
         """Flush when the batch is full, or when the last read came back short (the streams are drained), no
@@ -163,14 +164,18 @@ class BrainWriter(WriterMonitor):
         return max(200, self.settings.writer_batch_rows // 8)
 
     def _readable(self) -> list[str]:
-        """The streams to read: all but those of held (suspended) tables."""
-        if not self.held:
+        """The streams to read: all but those of held (suspended) tables, and those with rows set aside."""
+        if not self.held and not self._frozen:
             return self.streams
-        return [s for s in self.streams if table_of(s) not in self.held]
+        return [s for s in self.streams if table_of(s) not in self.held and s.encode() not in self._frozen]
 
-    async def _read(self, streams: list[str], starts: list[str], block_ms: int | None) -> dict[bytes, list[Any]]:
+    async def _read(self, streams: list[str], block_ms: int | None) -> dict[bytes, list[Any]]:
         assert self.client is not None
-        return await self.member.read(self.client, streams, starts, self._per_stream_count(), block_ms)
+        missing = [s for s in streams if s.encode() not in self.cursors]
+        if missing:  # discovered since, or back after being skipped
+            await self.load_cursors(missing)
+        starts = [self.cursors[s.encode()].position for s in streams]
+        return await read_after(self.client, streams, starts, self._per_stream_count(), block_ms)
 
     async def read_new(self) -> int:
         """Read what the streams hold: blocking only while nothing is held. Rows held after a short read wait
@@ -192,41 +197,19 @@ class BrainWriter(WriterMonitor):
         if not streams:  # every table suspended (or no stream yet): wait, without a busy loop
             await self.sleep_or_stop(0.5)
             return 0
-        got = await self._read(streams, [">"] * len(streams), block)
+        got = await self._read(streams, block)
+        now = time.monotonic()
+        if now - self._last_count_read > 5.0 and any(c.entries_read is None for c in self.cursors.values()):
+            self._last_count_read = now  # rare (an upgrade, a stream not created yet): a few commands per stream
+            await self.count_read(s.encode() for s in streams if not got.get(s.encode()))
         count = self._per_stream_count()
         self._last_short = all(len(entries) < count for entries in got.values())
         return self._add(got)
 
-    async def recover_own(self, streams: list[str] | None = None) -> int:
-        """Re-read our own pending entries (delivered before a crash or a failed flush), of `streams` or all."""
-        assert self.client is not None
-        streams = list(self._readable() if streams is None else streams)
-        total = 0
-        async for page in self.member.own_pending(self.client, streams, self._per_stream_count(), self.stopping):
-            total += self._add(page)
-            if self._rows() >= self.settings.writer_batch_rows:
-                await self.flush_all()
-        if total:
-            log.info("re-read %d own pending entries", total)
-        return total
-
-    async def claim_idle(self) -> int:
-        """Claim entries of writers that died (idle past CONSUMER_CLAIM_IDLE_MS)."""
-        assert self.client is not None
-        total = 0
-        for stream in self._readable():
-            claims = self.member.claim_idle(
-                self.client, stream, self.settings.consumer_claim_idle_ms, self._per_stream_count(), max_rounds=100
-            )
-            async for page, _deleted in claims:
-                entries = [e for e in page if e[1] is not None]
-                if entries:
-                    total += self._add({stream.encode(): entries})
-                    if self._rows() >= self.settings.writer_batch_rows:
-                        await self.flush_all()
-        if total:
-            log.info("claimed %d idle entries", total)
-        return total
+    async def recover_own(self) -> None:
+        """Read every stream again from its group's position (at start, and after an outage or a failed batch)."""
+        self.cursors = {}
+        await self.load_cursors(self.streams)
 
 
 def run_command(args: argparse.Namespace) -> None:

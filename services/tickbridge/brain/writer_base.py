@@ -2,9 +2,10 @@
 
 The writer is one service; its work is layered, each layer a class in a file of its own that uses only the
 layers below it: this base (state, metrics, `TableBatch`), `writer_streams` (stream discovery, skipped keys,
-group setup), `writer_rows` (stream entries -> ILP rows), `writer_flushing` (the ILP sender, flushing a
-table in one transaction then XACK, dead letters), `writer_monitor` (backlog and suspended-table gauges,
-heartbeat, trimming), and `writer` (`BrainWriter`: the write loop, reading new/own/idle entries).
+group setup, the group positions), `writer_rows` (stream entries -> ILP rows), `writer_flushing` (the ILP
+sender, a table in one transaction each, then the group moved past the batch with dead letters in one
+MULTI), `writer_monitor` (backlog and suspended-table gauges, heartbeat, trimming), and `writer`
+(`BrainWriter`: the write loop, reading).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from redis.exceptions import ResponseError
 
 from tickbridge.brain.common import instance_name
 from tickbridge.core import keys
-from tickbridge.core.groups import GroupMember
+from tickbridge.core.groups import Cursor
 from tickbridge.core.lifecycle import Service, Watchdog
 from tickbridge.core.metrics import HopCounts, HopLatency, counter, gauge, histogram
 from tickbridge.core.questdb_io import QuestDBError, QuestDBHttp
@@ -75,18 +76,16 @@ class WriterMetrics:
 
 @dataclass
 class TableBatch:
-    """Rows of one table and the stream entries they came from (acked together after the flush)."""
+    """Rows of one table and the streams they came from (`recv`: their recv_ts per stream, for the hop latency)."""
 
     table: str
     buffer: Buffer
     rows: int = 0
-    ids: dict[bytes, list[bytes]] = field(default_factory=dict)
-    recv: dict[bytes, list[int]] = field(default_factory=dict)  # recv_ts per stream, for the hop latency
+    recv: dict[bytes, list[int]] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.buffer.clear()
         self.rows = 0
-        self.ids = {}
         self.recv = {}
 
 
@@ -111,7 +110,6 @@ class WriterBase(Service):
         self.metrics = WriterMetrics(registry)
         self.consumer = instance_name(settings, "writer")
         self.group = keys.WRITER_GROUP
-        self.member = GroupMember(self.group, self.consumer)
         self.retry_timeout_ms = retry_timeout_ms
         self.monitor_interval_s = monitor_interval_s
         self.discover_interval_s = discover_interval_s
@@ -127,12 +125,19 @@ class WriterBase(Service):
         #: WAL tables QuestDB reported suspended at the last check: nothing is flushed to them meanwhile.
         self.suspended_tables: set[str] = set()
         #: Tables whose rows were set aside because they were suspended: their streams are not read (the
-        #: entries wait in Redis, pending or unread) until the table applies again, while the other table
-        #: keeps flowing. A suspended `depth_updates` must not hold the trades back.
+        #: entries wait in Redis, after the group's position) until the table applies again, while the other
+        #: table keeps flowing. A suspended `depth_updates` must not hold the trades back.
         self.held: set[str] = set()
+        #: Streams with rows set aside (-> their tables): their group stays where it is until those tables
+        #: apply again, and they are not read meanwhile.
+        self._frozen: dict[bytes, set[str]] = {}
+        #: Per stream: how far this writer has read (the group itself moves only after QuestDB confirmed).
+        self.cursors: dict[bytes, Cursor] = {}
+        #: Streams read since the last batch was handed over for flushing.
+        self._advanced: set[bytes] = set()
+        self._last_count_read = 0.0
         self._first_row_at: float | None = None
         self._need_recover = True
-        self._last_claim = 0.0
         self._last_discover = 0.0
         self._grouped: set[str] = set()
         #: Per-symbol keys that hold something other than a stream: left out of every read (one bad key

@@ -1,5 +1,6 @@
-"""Flushing to QuestDB: the ILP sender, one transaction per table then XACK of its entries (never an ack
-before QuestDB confirmed), rows of a suspended table set aside, dead letters appended and acked in one MULTI.
+"""Flushing to QuestDB: the ILP sender, one transaction per table, then the writer group moved past the batch
+(XGROUP SETID per stream, never before QuestDB confirmed) with the batch's dead letters in one MULTI; rows of
+a suspended table set aside (their streams' group stays where it is).
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from tickbridge.brain.writer_base import TableBatch
 from tickbridge.brain.writer_rows import WriterRows
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
+from tickbridge.core.groups import Cursor
 from tickbridge.core.metrics import HopCounts
 from tickbridge.core.questdb_io import ilp_conf
 from tickbridge.core.redis_io import Command, execute_packed
 from tickbridge.core.wire import BOOK_DDL, DEPTH_DDL, TRADES_DDL, now_us, writer_dead_letter
 
 log = logging.getLogger("tickbridge.brain.writer")
+
+#: Per stream, where its group goes once a batch is in QuestDB.
+Confirm = dict[bytes, Cursor]
 
 
 class WriterFlushing(WriterRows):
@@ -47,14 +52,17 @@ class WriterFlushing(WriterRows):
             for table in (keys.TRADES_TABLE, keys.DEPTH_TABLE, keys.BOOK_TABLE):
                 self.batches[table] = TableBatch(table, sender.new_buffer())
 
-    def _swap(self) -> tuple[dict[str, TableBatch], list[tuple[bytes, bytes, str]]]:
-        """Hand the current batches over for flushing and start new ones for reading."""
+    def _swap(self) -> tuple[dict[str, TableBatch], list[tuple[bytes, bytes, str]], Confirm]:
+        """Hand the current batches over for flushing (with where each stream's group goes once they are in
+        QuestDB) and start new ones for reading."""
         frozen, dead = self.batches, self._pending_dead
+        confirm = {s: Cursor(c.position, c.entries_read) for s in self._advanced if (c := self.cursors.get(s))}
+        self._advanced = set()
         self.batches = {t: TableBatch(t, self._new_buffer()) for t in frozen}
         self._pending_dead = []
         self._first_row_at = None
         self._last_flush_at = time.monotonic()
-        return frozen, dead
+        return frozen, dead, confirm
 
     def _new_buffer(self) -> Buffer:
         if self.sender is not None:
@@ -64,14 +72,14 @@ class WriterFlushing(WriterRows):
     async def start_flush(self) -> None:
         """Flush the current batches in the background while the next ones are read (one at a time)."""
         await self._await_flushing()
-        frozen, dead = self._swap()
-        self._flushing = asyncio.create_task(self._flush_batches(frozen, dead, retry=True))
+        frozen, dead, confirm = self._swap()
+        self._flushing = asyncio.create_task(self._flush_batches(frozen, dead, confirm, retry=True))
 
     async def flush_all(self, *, retry: bool = True) -> None:
         """Flush everything held now and wait for it."""
         await self._await_flushing()
-        frozen, dead = self._swap()
-        await self._flush_batches(frozen, dead, retry=retry)
+        frozen, dead, confirm = self._swap()
+        await self._flush_batches(frozen, dead, confirm, retry=retry)
 
     async def _await_flushing(self) -> None:
         task, self._flushing = self._flushing, None
@@ -79,16 +87,17 @@ class WriterFlushing(WriterRows):
             await task
 
     async def _drop_flushing(self) -> None:
-        """Wait for the background flush; if it failed, its entries stay pending (re-read later)."""
+        """Wait for the background flush; if it failed, its entries are read again from the group's position."""
         try:
             await self._await_flushing()
         except Exception as exc:
-            log.warning("background flush failed (%s); its entries stay pending", exc)
+            log.warning("background flush failed (%s); its entries are read again", exc)
 
     async def _flush_batches(
-        self, batches: dict[str, TableBatch], dead: list[tuple[bytes, bytes, str]], *, retry: bool
+        self, batches: dict[str, TableBatch], dead: list[tuple[bytes, bytes, str]], confirm: Confirm, *, retry: bool
     ) -> None:
-        """Flush each table (one transaction each), then ack its entries; retry with backoff until done."""
+        """Flush each table (one transaction each, retried with backoff until done), then move the group past
+        the batch on every stream none of whose rows were set aside."""
         backoff = Backoff(base=0.2, cap=5.0)
         rows_in_batch = sum(b.rows for b in batches.values())
         for batch in batches.values():
@@ -96,12 +105,14 @@ class WriterFlushing(WriterRows):
                 if batch.table in self.suspended_tables:
                     # Keep the Redis copies until the table applies again (rows taken into a suspended WAL
                     # are not visible, and are lost if the operator must resume past a bad transaction):
-                    # the rows are set aside, their entries stay pending, and the other table goes on.
+                    # the rows are set aside, their streams' group stays put, and the other table goes on.
                     self.metrics.errors.labels("suspended").inc()
                     if batch.table not in self.held:
                         log.error("%s is suspended: %d rows set aside, its streams wait in Redis until it "
                                   "applies again", batch.table, batch.rows)  # fmt: skip
                     self.held.add(batch.table)
+                    for stream in batch.recv:
+                        self._frozen.setdefault(stream, set()).add(batch.table)
                     batch.clear()
                     break
                 try:
@@ -116,7 +127,7 @@ class WriterFlushing(WriterRows):
                     if await self.sleep_or_stop(backoff.next()):
                         raise
                 self.watchdog.beat("write")
-        await self._flush_dead(dead)
+        await self._confirm({s: c for s, c in confirm.items() if s not in self._frozen}, dead)
         if rows_in_batch:
             self.metrics.batch_rows.observe(rows_in_batch)
         self.metrics.buffered.set(self._rows())
@@ -146,9 +157,6 @@ class WriterFlushing(WriterRows):
             child = self._latency_of(stream)
             if child is not None:
                 child.observe_since(confirmed_us, recv)
-        # QuestDB confirmed the transaction: now ack. If we die here, the re-send is deduplicated.
-        cmds: list[Command] = [["XACK", stream, self.group, *ids] for stream, ids in batch.ids.items()]
-        await execute_packed(self.client, cmds)
         self.metrics.rows.labels(batch.table).inc(batch.rows)
         self.metrics.last_flush.set(time.time())
         self.written += batch.rows
@@ -165,15 +173,23 @@ class WriterFlushing(WriterRows):
                 self._latency[stream] = child
             return child
 
-    async def _flush_dead(self, dead: list[tuple[bytes, bytes, str]]) -> None:
+    async def _confirm(self, confirm: Confirm, dead: list[tuple[bytes, bytes, str]]) -> None:
+        """QuestDB confirmed the batch: append its dead letters and move the group past it, in one MULTI. If we
+        die before, the batch is read again and its rows re-sent (DEDUP absorbs them); nothing is moved past
+        unconfirmed rows."""
         assert self.client is not None
-        if not dead:
+        if not confirm and not dead:
             return
         cmds: list[Command] = [["MULTI"]]
         for stream, entry_id, reason in dead:
             cmds.append(["XADD", keys.WRITER_DEAD_LETTER, "*", *writer_dead_letter(stream, entry_id, reason)])
-            cmds.append(["XACK", stream, self.group, entry_id])
+        cmds += [cursor.setid(stream, self.group) for stream, cursor in confirm.items()]
         cmds.append(["EXEC"])
-        await execute_packed(self.client, cmds)
-        self.metrics.dead_letters.inc(len(dead))
-        log.error("%d entries could not become rows; see %s", len(dead), keys.WRITER_DEAD_LETTER)
+        replies = await execute_packed(self.client, cmds)
+        done = replies[-1]
+        errors = [r for r in (done if isinstance(done, list) else [done]) if isinstance(r, BaseException)]
+        if errors:  # e.g. NOGROUP: the key was deleted meanwhile; the loop sets the groups up again
+            raise errors[0]
+        if dead:
+            self.metrics.dead_letters.inc(len(dead))
+            log.error("%d entries could not become rows; see %s", len(dead), keys.WRITER_DEAD_LETTER)

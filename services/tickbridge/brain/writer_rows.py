@@ -32,7 +32,15 @@ class WriterRows(WriterStreams):
         text = self._text
         texts = self._texts
         dead: list[tuple[bytes, bytes, str]] = []
+        cursors = self.cursors
         for stream, entries in got.items():
+            if not entries:
+                continue
+            cursor = cursors[stream]
+            cursor.position = entries[-1][0]
+            if cursor.entries_read is not None:
+                cursor.entries_read += len(entries)
+            self._advanced.add(stream)
             for entry_id, fields in entries:
                 if fields is None:
                     continue
@@ -53,11 +61,10 @@ class WriterRows(WriterStreams):
                     dead.append((stream, entry_id, f"{type(exc).__name__}: {exc}"[:300]))
                     continue
                 batch.rows += 1
-                batch.ids.setdefault(stream, []).append(entry_id)
                 batch.recv.setdefault(stream, []).append(recv_ts)
                 n += 1
         if dead:
-            # Acked with the dead-letter append in one MULTI so a crash cannot lose or repeat them.
+            # Appended in the MULTI that moves the group past them, so a crash cannot lose or repeat them.
             self._pending_dead.extend(dead)
         if n and self._first_row_at is None:
             self._first_row_at = time.monotonic()

@@ -1,5 +1,5 @@
 """Stream discovery and group setup: per-symbol streams found by SCAN, keys that are not streams set
-aside and looked at again, the writer group created on each stream.
+aside and looked at again, the writer group created on each stream, and where it stands.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from redis.exceptions import ResponseError
 
 from tickbridge.brain.writer_base import WriterBase
 from tickbridge.core import keys
-from tickbridge.core.redis_io import ensure_group, execute_packed
+from tickbridge.core.groups import Cursor, cursor_start, parse_info_pairs
+from tickbridge.core.redis_io import Command, ensure_group, execute_packed
 
 log = logging.getLogger("tickbridge.brain.writer")
 
@@ -31,6 +32,38 @@ class WriterStreams(WriterBase):
                     self._skip(stream)
                     continue
                 self._grouped.add(stream)
+
+    async def load_cursors(self, streams: Iterable[str]) -> None:
+        """Start reading `streams` again from their group's position: what QuestDB confirmed (an older
+        writer's pending entries are folded in, `cursor_start`). After a crash, an outage or a held table the
+        entries after it are read again; the re-sent rows are absorbed by DEDUP."""
+        assert self.client is not None
+        streams = list(streams)
+        for stream in streams:
+            cursor = await cursor_start(self.client, stream, self.group)
+            # No group (the key was deleted since): MKSTREAM recreates both at 0 at the next setup.
+            self.cursors[stream.encode()] = cursor or Cursor(b"0-0", None)
+        await self.count_read(s.encode() for s in streams)
+
+    async def count_read(self, streams: Iterable[bytes]) -> None:
+        """Learn how many entries lie up to the position of cursors that do not know it (a new group, an upgrade),
+        so the group's lag stays valid: read in one transaction with the first entry after the position, it is
+        the stream's entries-added if nothing is after it, entries-added minus the length if everything is."""
+        assert self.client is not None
+        for stream in streams:
+            cursor = self.cursors.get(stream)
+            if cursor is None or cursor.entries_read is not None:
+                continue
+            cmds: list[Command] = [["MULTI"], ["XRANGE", stream, b"(" + cursor.position, "+", "COUNT", 1]]
+            cmds += [["XINFO", "STREAM", stream], ["EXEC"]]
+            done = (await execute_packed(self.client, cmds))[-1]
+            if not isinstance(done, list) or any(isinstance(r, BaseException) for r in done):
+                continue  # no such key yet (XINFO STREAM), or no right to look: the lag stays unknown
+            after, info = done[0], parse_info_pairs(done[1])
+            if not after:
+                cursor.entries_read = int(info[b"entries-added"])
+            elif info[b"first-entry"] and after[0][0] == info[b"first-entry"][0]:
+                cursor.entries_read = int(info[b"entries-added"]) - int(info[b"length"])
 
     def _skip(self, stream: str) -> None:
         self.streams.remove(stream)

@@ -1,9 +1,12 @@
 """Consumer-group mechanics, written once for every role that reads a stream through a group.
 
-The Brain's consumer (one stream) and writer (every per-symbol stream) do the same three things with a
-group: read new entries (`>`), re-read their own pending entries after a crash or a failed batch (cursor
-from `0`), and claim entries left idle by a member that died (XAUTOCLAIM, cursor loop). The trim floor
-(the lowest ID the group still needs) is shared as well. What a role does with the entries stays in the role.
+The Brain's consumer (one stream) reads through a group: read new entries (`>`), re-read its own pending
+entries after a crash or a failed batch (cursor from `0`), and claim entries left idle by a member that died
+(XAUTOCLAIM, cursor loop). The writer (every per-symbol stream) uses its group as a durable cursor instead
+(`cursor_start`, `Cursor`): plain XREAD from the group's last-delivered ID, and XGROUP SETID once the rows are
+in QuestDB, so Redis keeps no pending list for it (XREADGROUP's pending list and the XACKs cost Redis about
+twice what XREAD does). The trim floor (the lowest ID the group still needs) is shared as well. What a role
+does with the entries stays in the role.
 
 Replies are read raw (`execute_packed`): a stream entry is `(id, flat field list)`, or `(id, None)` for an
 entry deleted while pending (older servers; Redis 7 lists those apart in XAUTOCLAIM's third element).
@@ -20,7 +23,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from tickbridge.core.redis_io import Command, execute_packed
-from tickbridge.core.wire import GroupEntry, parse_stream_id
+from tickbridge.core.wire import GroupEntry, StreamId, format_stream_id, parse_stream_id
+
+#: The largest sequence number of a stream ID.
+_MAX_SEQ = 2**64 - 1
 
 
 def reply_or_raise(reply: Any) -> Any:
@@ -89,12 +95,8 @@ class GroupMember:
         block_ms: int | None = None,
     ) -> dict[bytes, list[GroupEntry]]:
         """XREADGROUP from `starts` (`>` = new entries; an ID = own pending entries after it)."""
-        cmd: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count]
-        if block_ms is not None:
-            cmd += ["BLOCK", block_ms]
-        cmd += ["STREAMS", *streams, *starts]
-        (reply,) = await execute_packed(client, [cmd])
-        return parse_read_reply(reply_or_raise(reply))
+        head = ["XREADGROUP", "GROUP", self.group, self.consumer]
+        return await _read(client, head, streams, starts, count, block_ms)
 
     async def own_pending(
         self, client: aioredis.Redis, streams: Sequence[str], count: int, stopping: asyncio.Event | None = None
@@ -145,3 +147,86 @@ class GroupMember:
             yield entries, len(deleted)
             if cursor == "0-0":
                 return
+
+
+def id_before(entry_id: StreamId) -> StreamId:
+    """The stream ID just below `entry_id`: a read after it returns `entry_id` first."""
+    ms, seq = entry_id
+    return (ms, seq - 1) if seq else (ms - 1, _MAX_SEQ)
+
+
+@dataclass
+class Cursor:
+    """Where a reader that uses its group as a durable cursor stands on one stream: the last ID it read, and how
+    many entries the stream had added up to it (None: unknown; Redis then reports no lag for the group)."""
+
+    position: bytes
+    entries_read: int | None
+
+    def setid(self, stream: str | bytes, group: str) -> Command:
+        """The XGROUP SETID that records this position as done (with ENTRIESREAD, so the group's lag stays valid)."""
+        cmd: list[str | bytes | int] = ["XGROUP", "SETID", stream, group, self.position]
+        if self.entries_read is not None:
+            cmd += ["ENTRIESREAD", self.entries_read]
+        return cmd
+
+
+async def cursor_start(client: aioredis.Redis, stream: str, group: str, page: int = 10_000) -> Cursor | None:
+    """The position of `group` on `stream` for a reader that moves the group with XGROUP SETID only once its work
+    is durable (None: no such group or key). Nothing is pending in such a group, so there is nothing to ack, claim
+    or re-read after a crash: the reader starts again from the group's last-delivered ID.
+
+    Pending entries (left by a reader of an older version that used XREADGROUP) are folded in: the group goes
+    back to just below the oldest one and they are acked, in one transaction per page, so they are read again
+    (their re-send is the reader's to absorb, e.g. by QuestDB's DEDUP); a crash halfway leaves the group
+    already moved back, and the next start finishes the acks.
+    """
+    (reply,) = await execute_packed(client, [["XINFO", "GROUPS", stream]])
+    if isinstance(reply, ResponseError):
+        return None
+    found = [g for g in map(parse_info_pairs, reply) if g[b"name"] == group.encode()]
+    if not found:
+        return None
+    info = found[0]
+    last = parse_stream_id(info[b"last-delivered-id"])
+    read = info.get(b"entries-read")
+    if not int(info[b"pending"]):
+        return Cursor(format_stream_id(last).encode(), int(read) if read is not None else None)
+    while True:
+        (rows,) = await execute_packed(client, [["XPENDING", stream, group, "-", "+", page]])
+        ids = [row[0] for row in reply_or_raise(rows)]
+        if not ids:
+            return Cursor(format_stream_id(last).encode(), None)
+        last = min(last, id_before(parse_stream_id(ids[0])))
+        cmds: list[Command] = [["MULTI"], ["XGROUP", "SETID", stream, group, format_stream_id(last)]]
+        cmds += [["XACK", stream, group, *ids], ["EXEC"]]
+        replies = await execute_packed(client, cmds)
+        for r in replies[-1] if isinstance(replies[-1], list) else [replies[-1]]:
+            reply_or_raise(r)
+
+
+async def read_after(
+    client: aioredis.Redis,
+    streams: Sequence[str],
+    starts: Sequence[bytes],
+    count: int,
+    block_ms: int | None = None,
+) -> dict[bytes, list[GroupEntry]]:
+    """XREAD of the entries after `starts` (one ID per stream): a `Cursor` reader's read, no pending list."""
+    return await _read(client, ["XREAD"], streams, starts, count, block_ms)
+
+
+async def _read(
+    client: aioredis.Redis,
+    head: list[str],
+    streams: Sequence[str],
+    starts: Sequence[str | bytes],
+    count: int,
+    block_ms: int | None,
+) -> dict[bytes, list[GroupEntry]]:
+    cmd: list[str | bytes | int] = [*head, "COUNT", count]
+    if block_ms is not None:
+        cmd += ["BLOCK", block_ms]
+    cmd += ["STREAMS", *streams, *starts]
+    (reply,) = await execute_packed(client, [cmd])
+    return parse_read_reply(reply_or_raise(reply))

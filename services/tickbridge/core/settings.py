@@ -235,7 +235,7 @@ class Settings(BaseSettings):
     consumer_batch: Annotated[int, ReadBy(("consumer",))] = Field(
         1000, ge=1, le=100_000, description="entries per XREADGROUP"
     )
-    consumer_claim_idle_ms: Annotated[int, ReadBy(("consumer", "writer"))] = Field(
+    consumer_claim_idle_ms: Annotated[int, ReadBy(("consumer",))] = Field(
         30_000, ge=1000, description="claim another instance's entries idle this long"
     )
     consumer_max_deliveries: Annotated[int, ReadBy(("consumer",))] = Field(
