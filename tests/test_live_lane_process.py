@@ -35,8 +35,12 @@ from test_fastforward import (
     vps_flow,
 )
 from tickbridge.brain.tiered import TieredMarketData
+from tickbridge.core import keys
 from tickbridge.core.redis_io import make_client
+from tickbridge.core.settings import Settings
 from tickbridge.core.wire import now_us
+from tickbridge.forwarder.live_lane import LiveLane
+from tickbridge.forwarder.live_process import LaneWatch
 from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer, free_port
 from tickbridge_dev.loadgen.fastforward import FreshnessProbe, SymbolStreamWatch, percentile
 
@@ -149,4 +153,36 @@ async def test_kill9_forwarder_and_live_lane_processes_during_catch_up(
         await md.close()
         for role in (forwarder, lane, consumer, writer):
             role.stop()
+        await vps_c.aclose()
+
+
+async def test_a_lane_far_behind_starts_again_from_the_newest(redis_factory: Callable[..., RedisServer]) -> None:
+    """A lane LIVE_JUMP_MS or more behind the newest VPS entry (a starved host, a burst faster than it) jumps to
+    the newest entries: it is a view of the newest ticks, and what it skips comes by the ordered path."""
+    vps, brain = redis_factory(), redis_factory()
+    settings = Settings(vps_redis_url=vps.url, brain_redis_url=brain.url, symbols=SYMBOLS)
+    vps_c = make_client(vps.url)
+    top_ms = int(time.time() * 1000)
+    start_ms = top_ms - 20_000
+    for i in range(0, 3000, 500):
+        async with vps_c.pipeline(transaction=False) as pipe:
+            for j in range(i, i + 500):
+                pipe.xadd(settings.stream_key, {"n": str(j)}, id=f"{start_ms + j * 20_000 // 3000}-{j}")
+            await pipe.execute()
+    watch = LaneWatch(settings, asyncio.Event())
+    lane = LiveLane(watch, CollectorRegistry(), batch=100, figures=False)
+    try:
+        await watch.refresh()
+        assert watch.brain_up and watch.vps_ready and lane.wanted()  # an empty Brain: everything is ahead
+        lane.cursor = lane.start_id = (start_ms, 0)  # as if it had fallen 20 s behind
+        assert await lane.step()
+        assert lane.cursor is not None and lane.start_id is not None
+        assert lane.cursor[0] >= top_ms - 2_000 - 100, (lane.cursor, top_ms)  # primed 2 s before the newest
+        assert lane.start_id == lane.cursor
+        brain_c = make_client(brain.url)
+        assert await brain_c.xlen(keys.live_stream_key(settings.stream_key)) == 100
+        await brain_c.aclose()
+    finally:
+        await lane._close()
+        await watch.close()
         await vps_c.aclose()

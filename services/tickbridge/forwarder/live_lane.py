@@ -48,6 +48,9 @@ LIVE_MIN_BACKLOG = 5_000
 LIVE_PRIME_MS = 2_000
 #: ... and at most this many entries before it.
 PRIME_ENTRIES = 2_000
+#: A lane this far (ID time) behind the newest VPS entry starts again at the newest: it is a view of the newest
+#: ticks, and the entries it skips come by the ordered path (a starved host, or a burst faster than the lane).
+LIVE_JUMP_MS = 5_000
 LIVE_BATCH = 2_000
 STATUS_INTERVAL_S = 0.5
 LANE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, RawReplyError, RuntimeError)
@@ -239,7 +242,22 @@ class LiveLane:
         await self._send(entries)
         self.cursor = parse_stream_id(entries[-1][0])
         self.metrics.lag.set(max(0.0, time.time() - self.cursor[0] / 1000))
-        return len(entries) >= self.batch
+        if len(entries) >= self.batch:
+            await self._jump_if_behind()
+            return True
+        return False
+
+    async def _jump_if_behind(self) -> None:
+        """More is waiting: if the newest VPS entry is LIVE_JUMP_MS or more ahead, start again from it (the live
+        view is then complete from the new `live_start` on; `catch_up()` reports the part below as missing)."""
+        (newest,) = await execute_packed(self.vps, [("XREVRANGE", self.key, "+", "-", "COUNT", 1)])
+        if isinstance(newest, BaseException) or not newest or self.cursor is None:
+            return
+        behind_ms = parse_stream_id(newest[0][0])[0] - self.cursor[0]
+        if behind_ms >= LIVE_JUMP_MS:
+            log.warning("live lane %.1fs behind the newest VPS entry: starting again from the newest", behind_ms / 1000)
+            self.cursor = None
+            await self._start()
 
     async def _start(self) -> bool:
         (newest,) = await execute_packed(self.vps, [("XREVRANGE", self.key, "+", "-", "COUNT", PRIME_ENTRIES)])
