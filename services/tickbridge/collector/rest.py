@@ -183,7 +183,13 @@ class RestClient:
             await self._session.close()
             self._session = None
 
-    async def _get(self, endpoint: str, params: dict[str, str | int], weight: int) -> Any:
+    async def get_bytes(self, endpoint: str, params: dict[str, str | int], weight: int = 1) -> bytes:
+        """A GET of any endpoint whose answer the caller parses itself (the venue adapters: Kraken's decimals are
+        JSON numbers kept as text), with the same budget, retries and limits."""
+        body: bytes = await self._get(endpoint, params, weight, raw=True)
+        return body
+
+    async def _get(self, endpoint: str, params: dict[str, str | int], weight: int, *, raw: bool = False) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         backoff = Backoff(base=0.2, cap=5.0)
@@ -203,7 +209,7 @@ class RestClient:
                     # An exchange without the header leaves our own count as the only one.
                     self.budget.observe(int(used) if used.isdigit() else 0)
                     if resp.status == 200:
-                        return orjson.loads(body)
+                        return body if raw else orjson.loads(body)
                     last_error = f"HTTP {resp.status}: {body[:200]!r}"
                     if resp.status in (429, 418):
                         header = resp.headers.get("Retry-After")

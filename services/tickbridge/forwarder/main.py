@@ -24,7 +24,7 @@ def run_command(args: argparse.Namespace) -> None:
     settings = load_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("forwarder"), settings.metrics_bind)
-    table = os.environ.get(TABLE_ENV, keys.VPS_BUFFER_TABLE)
+    table = os.environ.get(TABLE_ENV, keys.buffer_table_for(settings.exchange))
     tune_gc()
     spill_batch = int(os.environ.get(SPILL_BATCH_ENV, "50000"))
     live_lane = os.environ.get(LIVE_LANE_ENV, "1") != "0"
