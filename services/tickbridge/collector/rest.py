@@ -158,6 +158,32 @@ class WeightBudget:
         yield
 
 
+class PacedBudget(WeightBudget):
+    """A venue's per-second request limit (Coinbase 10/s, Kraken about 1/s per IP): requests spaced evenly at our
+    share of it, never a burst. Binance's per-minute count let a minute's allowance go at once; with 150 Kraken
+    back-fills after a reconnect that drew `EGeneral:Too many requests` for most of them (trades lost)."""
+
+    def __init__(self, per_s: float, *, share: float = WEIGHT_SHARE) -> None:
+        super().__init__(max(int(per_s * 60), 1), share=share)
+        self.interval = 1.0 / (per_s * share)
+        self.next_at = 0.0
+        self.synced = True
+
+    def observe(self, used: int) -> None:
+        """Venues send no weight header: our spacing is the only count."""
+
+    @contextlib.asynccontextmanager
+    async def slot(self, weight: int) -> AsyncIterator[None]:
+        while True:
+            now = time.monotonic()
+            start = max(self.next_at, self.blocked_until)
+            if start <= now:
+                break
+            await asyncio.sleep(start - now)
+        self.next_at = max(now, self.next_at) + self.interval * weight  # reserved before the request goes
+        yield
+
+
 class RestClient:
     """`GET /api/v3/depth` and `/api/v3/historicalTrades` with retries; honours 429/418 `Retry-After` (up to
     `max_retry_after_s`); reads bodies up to `max_body_bytes`."""

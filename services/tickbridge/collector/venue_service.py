@@ -37,7 +37,7 @@ from tickbridge.collector.base import MAX_AHEAD_US, MAX_BACKFILL, MAX_PARKED, OU
 from tickbridge.collector.metrics import CollectorMetrics
 from tickbridge.collector.parser import FUTURE_TIME, Rejected
 from tickbridge.collector.publisher import FrameDeadLetter, Item, StreamPublisher
-from tickbridge.collector.rest import RestCallFailed, RestClient, WeightBudget
+from tickbridge.collector.rest import PacedBudget, RestCallFailed, RestClient
 from tickbridge.collector.venues import coinbase, kraken
 from tickbridge.collector.venues.base import (
     COINBASE,
@@ -66,8 +66,9 @@ log = logging.getLogger(__name__)
 
 #: REST pages one back-fill may fetch (1000 trades each) before the rest of its gap counts as lost.
 MAX_BACKFILL_PAGES = MAX_BACKFILL // 1000
-#: Attempts per back-fill page: a venue's "too many requests" answer (Kraken: HTTP 200 with an error) is retried.
-PAGE_ATTEMPTS = 5
+#: Attempts per back-fill page: a venue's "too many requests" answer (Kraken: HTTP 200 with an error) is retried
+#: (backoff up to 10 s: about a minute in all), then the rest of the gap counts as lost.
+PAGE_ATTEMPTS = 8
 
 
 def make_adapter(settings: Settings) -> VenueAdapter:
@@ -149,8 +150,8 @@ class VenueCollector(Service):
         self.publisher: StreamPublisher | None = None
         rest_url = self.adapter.rest_url
         self.rest = RestClient(rest_url, on_request=self._on_rest, on_capped=self._on_rest_capped)
-        # The venue's public budget (requests per second) in place of Binance's weight per minute.
-        self.rest.budget = WeightBudget(max(int(self.adapter.limits.rest_per_s * 60), 1))
+        # The venue's public budget (requests per second, evenly spaced) in place of Binance's weight per minute.
+        self.rest.budget = PacedBudget(self.adapter.limits.rest_per_s)
         self._n_trade = dict.fromkeys(self.symbols, 0)
         self._m_trade = {s: self.metrics.ticks.labels(s, "TRADE") for s in self.symbols}
         self._m_dup = self.metrics.duplicates.labels("TRADE")
@@ -220,8 +221,11 @@ class VenueCollector(Service):
             self.started.set()
             try:
                 await self._send_paced(ws, self.adapter.subscribe_messages(instruments))
-                while True:
-                    msg = await asyncio.wait_for(ws.recv(), timeout=stale_s)
+                while not self.stopping.is_set():
+                    # `asyncio.timeout`, not `wait_for`: on 3.11 `wait_for` can swallow a cancel that meets a frame
+                    # arriving (the reader then never stopped on a busy stream).
+                    async with asyncio.timeout(stale_s):
+                        msg = await ws.recv()
                     item = (lane, gen, now_us(), msg)
                     try:
                         self.inbox.put_nowait(item)
@@ -427,7 +431,7 @@ class VenueCollector(Service):
                 await self.inbox.put(job)
 
     async def _page(self, job: Backfill, req: RestRequest) -> RestRequest | None:
-        backoff = Backoff(base=0.5, cap=5.0)
+        backoff = Backoff(base=1.0, cap=10.0)
         for attempt in range(PAGE_ATTEMPTS):
             body = await self.rest.get_bytes(req.path, dict(req.params), req.cost)
             try:

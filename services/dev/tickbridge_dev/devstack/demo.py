@@ -54,8 +54,11 @@ def drain_and_check_all(stack: NativeStack, timeout: float = 120.0) -> dict[str,
         expected = oracle.expected_from_sim_stats(stack.sim_stats(exchange))
         total = sum(last - first + 1 for first, last in expected.values())
         url = stack.brain_questdb.url
-        stack.wait_for(lambda: oracle.count_trades(url, exchange=exchange) >= total, timeout,  # noqa: B023
-                       f"{total} {exchange} trades in QuestDB")  # fmt: skip
+        try:
+            stack.wait_for(lambda: oracle.count_trades(url, exchange=exchange) >= total, timeout,  # noqa: B023
+                           f"{total} {exchange} trades in QuestDB")  # fmt: skip
+        except TimeoutError as exc:  # the oracle says what is missing
+            console.print(f"[red]{exc}[/]")
         reports[exchange] = oracle.check_trades(url, expected, exchange=exchange)
     return reports
 

@@ -16,9 +16,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +85,21 @@ def _rate(series: list[tuple[float, int]], start: float, end: float) -> float | 
     return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
 
 
+@dataclass(frozen=True)
+class Outage:
+    """One exchange down (its simulator stopped with SIGSTOP: connections and REST hang, as a venue that stopped
+    answering) from `at` for `seconds` while the others keep flowing."""
+
+    exchange: str
+    at: float = 15.0
+    seconds: float = 60.0
+
+    def active(self, t: float) -> bool:
+        return self.at <= t < self.at + self.seconds
+
+
 def run(exchanges: tuple[str, ...], symbols: tuple[str, ...], rate: float, duration: float, warmup: float,
-        out: Path, workdir: Path | None, command: str) -> dict[str, Any]:  # fmt: skip
+        out: Path, workdir: Path | None, command: str, outage: Outage | None = None) -> dict[str, Any]:  # fmt: skip
     machine = report.machine_info()
     work = workdir or Path(tempfile.mkdtemp(prefix="tickbridge-venueload-"))
     venues = tuple(e for e in exchanges if e != keys.EXCHANGE)
@@ -110,9 +125,17 @@ def run(exchanges: tuple[str, ...], symbols: tuple[str, ...], rate: float, durat
         brain = redis.Redis.from_url(stack.brain_redis.url)
         load: list[tuple[float, float]] = []
         start = time.monotonic()
+        down = False
         while (now := time.monotonic() - start) < duration:
+            if outage is not None and outage.active(now) != down:
+                down = not down
+                sim = stack.sim if outage.exchange == keys.EXCHANGE else stack.venue_sims[outage.exchange]
+                assert sim is not None
+                os.kill(sim.pid, signal.SIGSTOP if down else signal.SIGCONT)
+                console.print(f"{now:.0f}s: {outage.exchange} {'down' if down else 'back'}")
             for exchange in exchanges:
-                series[exchange].append((now, emitted(stack, exchange)))
+                if not (down and outage is not None and exchange == outage.exchange):  # a stopped sim answers nothing
+                    series[exchange].append((now, emitted(stack, exchange)))
                 brain_series[exchange].append((time.monotonic() - start, delivered(brain, exchange)))
             counts = rows_per_exchange(stack)
             for exchange in exchanges:
@@ -133,6 +156,13 @@ def run(exchanges: tuple[str, ...], symbols: tuple[str, ...], rate: float, durat
                 "expected": r.expected, "rows": r.rows, "lost": r.lost, "duplicated": r.duplicated,
                 "out_of_order": r.out_of_order, "ok": r.ok,
             }  # fmt: skip
+        if outage is not None:  # the others during the outage, against their own rate before it
+            doc["outage"] = {"exchange": outage.exchange, "at_s": outage.at, "seconds": outage.seconds}
+            for exchange in exchanges:
+                before = _rate(brain_series[exchange], warmup, outage.at)
+                during = _rate(brain_series[exchange], outage.at + 5, outage.at + outage.seconds)
+                per[exchange]["brain_stream_rate_before_outage"] = before
+                per[exchange]["brain_stream_rate_during_outage"] = during
         doc["per_exchange"] = per
         brain.close()
         doc["pass"] = all(p["ok"] for p in per.values())
@@ -154,6 +184,8 @@ def _n(x: float | None) -> str:
 def write(doc: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     name = f"venues-load-{len(doc['exchanges'])}x{int(doc['rate_per_exchange'])}"
+    if "outage" in doc:
+        name += f"-{doc['outage']['exchange']}-down"
     (out / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     lines = [f"# Load test: {len(doc['exchanges'])} exchanges x {doc['symbols']} symbols x "
              f"{doc['rate_per_exchange']:g} trades/s each, {doc['duration_s']:g} s", "",
@@ -170,6 +202,14 @@ def write(doc: dict[str, Any], out: Path) -> Path:
         lines.append(f"| {exchange} | {_n(p['exchange_rate'])} | {_n(p.get('brain_stream_rate'))} | "
                      f"{_n(p['questdb_rate'])} | {p['expected']:,} | "
                      f"{p['rows']:,} | {p['lost']} | {p['duplicated']} | {p['out_of_order']} |")  # fmt: skip
+    if "outage" in doc:
+        o = doc["outage"]
+        lines += ["", f"Outage: {o['exchange']} down (simulator stopped) from {o['at_s']:g} s for {o['seconds']:g} s. "
+                  "Brain stream entries/s of each exchange before it and during it (from 5 s in):", "",
+                  "| exchange | before /s | during /s |", "|---|---|---|"]  # fmt: skip
+        for exchange, p in doc["per_exchange"].items():
+            lines.append(f"| {exchange} | {_n(p['brain_stream_rate_before_outage'])} | "
+                         f"{_n(p['brain_stream_rate_during_outage'])} |")  # fmt: skip
     m = doc["machine"]
     lines += ["", f"Load average (1 min) before {doc['loadavg_before'][0]:.2f}, during max "
               f"{doc.get('loadavg_during', {}).get('max_1m', float('nan')):.2f}, drain {doc.get('drain_s')} s; "
@@ -190,11 +230,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds left out of the rates")
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="results folder")
     parser.add_argument("--workdir", type=Path, help="keep the stack's files (logs) here")
+    parser.add_argument("--outage", help="an exchange to take down for --outage-s from --outage-at (chaos)")
+    parser.add_argument("--outage-at", type=float, default=15.0)
+    parser.add_argument("--outage-s", type=float, default=60.0)
     args = parser.parse_args(argv)
+    outage = Outage(args.outage, args.outage_at, args.outage_s) if args.outage else None
+    if outage is not None and outage.at + outage.seconds + 5 > args.duration:
+        parser.error("--duration must outlast the outage by 5 s at least")
     stop_on_signals()
     command = "python -m tickbridge_dev.devstack.venueload " + shlex.join(sys.argv[1:] if argv is None else argv)
     doc = run(exchanges_for(args.exchanges), symbols_for(args.symbols), args.rate, args.duration, args.warmup,
-              args.out, args.workdir, command)  # fmt: skip
+              args.out, args.workdir, command, outage)  # fmt: skip
     for exchange, p in doc.get("per_exchange", {}).items():
         console.print(f"{exchange}: emitted {p['exchange_rate'] or 0:,.0f}/s, Brain stream "
                       f"{p['brain_stream_rate'] or 0:,.0f}/s, QuestDB {p['questdb_rate'] or 0:,.0f}/s, "
