@@ -67,6 +67,8 @@ class Endpoints:
     #: Exchanges shown one line each (issue 18: each has its own stream, forwarder and consumer group); empty:
     #: the single-exchange table only.
     exchanges: tuple[str, ...] = ()
+    #: The exchange whose pipeline the table shows (its forwarder state and buffer table; issue 18).
+    exchange: str = keys.EXCHANGE
 
 
 def _http_json(url: str, timeout: float = 2.0) -> Any:
@@ -188,9 +190,10 @@ class StatusReader:
     async def _vps_redis(self, v: dict[str, Any]) -> None:
         assert self.vps is not None
         v["vps_stream_len"] = await self.vps.xlen(self.ep.stream_key)
-        raw: dict[Any, Any] = await self.vps.hgetall(keys.FORWARDER_STATE)
+        state_key = keys.for_exchange(keys.FORWARDER_STATE, self.ep.exchange)
+        raw: dict[Any, Any] = await self.vps.hgetall(state_key)
         if not raw:
-            raise SourceProblem(f"the forwarder state {keys.FORWARDER_STATE} is empty (no forwarder has run here)")
+            raise SourceProblem(f"the forwarder state {state_key} is empty (no forwarder has run here)")
         v["forwarder_state"] = {_text(k): _text(x) for k, x in raw.items()}
 
     async def _brain_redis(self, v: dict[str, Any]) -> None:
@@ -219,7 +222,7 @@ class StatusReader:
 
     async def _vps_questdb(self, v: dict[str, Any]) -> None:
         assert self.vps_sql is not None
-        v["buffer_rows"] = await self.vps_sql.scalar("SELECT count() FROM vps_buffer")
+        v["buffer_rows"] = await self.vps_sql.scalar(f"SELECT count() FROM {keys.buffer_table_for(self.ep.exchange)}")
 
     async def _brain_questdb(self, v: dict[str, Any]) -> None:
         assert self.brain_sql is not None
@@ -414,7 +417,8 @@ def endpoints_from(settings: Settings, args: argparse.Namespace) -> Endpoints:
     return Endpoints(settings.vps_redis_url, settings.brain_redis_url, settings.vps_questdb_url,
                      settings.brain_questdb_url, settings.stream_key, settings.consumer_group, args.sim_url,
                      args.prometheus_url, settings=settings, hosts=hosts,
-                     exchanges=tuple(e.strip() for e in (args.exchanges or "").split(",") if e.strip()))  # fmt: skip
+                     exchanges=tuple(e.strip() for e in (args.exchanges or "").split(",") if e.strip()),
+                     exchange=settings.exchange)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
