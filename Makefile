@@ -4,6 +4,10 @@ PY := .venv/bin/python
 RATE ?= 10000
 DURATION ?= 60
 SOURCE ?= sim
+#: Exchanges beside Binance for `make demo` (issue 18), e.g. VENUES=coinbase,kraken.
+VENUES ?=
+#: `make load-test EXCHANGES=3` (or binance_spot,coinbase,kraken): every exchange at RATE trades/s.
+EXCHANGES ?= 1
 #: The fast suite's selection (make test-fast, and make test-pythons in each other Python).
 FAST_MARKERS := not slow and not chaos and not load
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
@@ -12,12 +16,14 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
         load-test chaos-test fuzz certs secrets clean
 
 help:
-	@echo "make demo        full VPS + Brain pipeline on this machine with a live status (SOURCE=binance for the real exchange)"
+	@echo "make demo        full VPS + Brain pipeline on this machine with a live status (SOURCE=binance for the real exchange;"
+	@echo "                 VENUES=coinbase,kraken adds their simulators and each its own collector, forwarder, consumer)"
 	@echo "make test        the whole test suite (unit, integration with real servers, chaos and load smokes)"
 	@echo "make test-fast   the suite without the slow, chaos and load tests"
 	@echo "make test-pythons   install and run the fast suite under Python 3.12 and 3.13 too (PYTHONS=\"3.12 3.13\")"
 	@echo "make bench       all benchmarks (bench-collector, bench-forwarder, bench-brain)"
 	@echo "make load-test RATE=10000 DURATION=60   end-to-end load test with a report under docs/results/"
+	@echo "                 EXCHANGES=3 SYMBOLS=150 RATE=1200: Binance, Coinbase and Kraken at RATE each (issue 18)"
 	@echo "make chaos-test  every fault scenario with the zero-loss/zero-duplicate oracle"
 	@echo "make fuzz        longer fuzz run of the parsers and the stream decoder"
 	@echo "make certs       private CA, server and client certificates for the VPS->Brain TLS link"
@@ -43,7 +49,7 @@ test-pythons: deps
 	FAST_MARKERS="$(FAST_MARKERS)" bash scripts/test-pythons.sh
 
 demo: deps
-	$(PY) -m tickbridge_dev.devstack.demo --source $(SOURCE) $(DEMO_ARGS)
+	$(PY) -m tickbridge_dev.devstack.demo --source $(SOURCE) --venues "$(VENUES)" $(DEMO_ARGS)
 
 bench: bench-collector bench-forwarder bench-brain
 
@@ -57,7 +63,9 @@ bench-brain: deps
 	$(PY) -m tickbridge_dev.bench.brain
 
 load-test: deps
-	$(PY) -m tickbridge_dev.devstack.loadtest --rate $(RATE) --duration $(DURATION)
+	if [ "$(EXCHANGES)" = "1" ]; then $(PY) -m tickbridge_dev.devstack.loadtest --rate $(RATE) --duration $(DURATION); \
+	else $(PY) -m tickbridge_dev.devstack.venueload --exchanges $(EXCHANGES) --rate $(RATE) --duration $(DURATION) \
+	  $(if $(SYMBOLS),--symbols $(SYMBOLS)); fi
 
 chaos-test: deps
 	$(PY) -m tickbridge_dev.devstack.chaos

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from tickbridge.core import keys
 from tickbridge.core.settings import DEFAULT_METRICS_PORTS, DEFAULT_SYMBOLS, Settings
 from tickbridge_dev.deploy.commands import COMPOSE_ONLY, NATIVE_COMMANDS, command_matches
 from tickbridge_dev.deploy.compose import (
@@ -111,7 +112,35 @@ def _mib(value: str | int) -> float:
 
 
 def _long_running(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: svc for name, svc in compose["services"].items() if name not in ONE_SHOT}
+    """The services a plain `up` runs (not the one-shots, not the `venues` profile's)."""
+    return {name: svc for name, svc in compose["services"].items() if name not in ONE_SHOT and not svc.get("profiles")}
+
+
+#: Issue 18: the `venues` profile's services, each exchange's own role.
+VENUE_SERVICES = {
+    "vps": {f"{role}-{venue}" for role in ("collector", "forwarder") for venue in ("coinbase", "kraken")},
+    "brain": {f"consumer-{venue}" for venue in ("coinbase", "kraken")},
+}
+
+
+def test_venue_profile_runs_each_exchange_in_its_own_roles(host: str, compose: dict[str, Any]) -> None:
+    """`--profile venues`: per venue the same role (command, secrets, healthcheck) as the default service, on the
+    venue's own stream, with its own metrics port that Prometheus scrapes with an `exchange` label."""
+    profiled = {name for name, svc in compose["services"].items() if svc.get("profiles")}
+    assert profiled == VENUE_SERVICES[host]
+    prom = (REPO_ROOT / "prometheus" / f"prometheus.{host}.yml").read_text()
+    ports = set()
+    for name in sorted(profiled):
+        role, _, venue = name.partition("-")
+        svc, base = compose["services"][name], compose["services"][role]
+        assert svc["profiles"] == ["venues"] and svc["command"] == base["command"] == ["tickbridge", role]
+        assert svc["secrets"] == base["secrets"] and svc["healthcheck"] == base["healthcheck"]
+        env = svc["environment"]
+        settings = Settings(_env_file=None, exchange=env["EXCHANGE"], stream_key=env["STREAM_KEY"])  # type: ignore[call-arg]
+        assert settings.exchange == venue and settings.stream_key == keys.stream_key_for(venue)
+        assert env["METRICS_PORT"] not in ports and env["METRICS_PORT"] != base["environment"]["METRICS_PORT"]
+        ports.add(env["METRICS_PORT"])
+        assert f'"{name}:{env["METRICS_PORT"]}"' in prom and f"exchange: {venue}" in prom
 
 
 # ---- schema and interpolation ------------------------------------------------------------------------
@@ -309,7 +338,8 @@ def test_cpu_layout_of_the_design() -> None:
     cpus = {name: svc["cpuset"] for name, svc in vps["services"].items()}
     assert cpus["collector"] == cpus["redis"] == "0"
     assert cpus["forwarder"] == cpus["questdb"] == "1"
-    assert {c for n, c in cpus.items() if n not in ("collector", "redis")} == {"1"}
+    # The venue collectors (issue 18, profile) share the collector's core.
+    assert {c for n, c in cpus.items() if n not in ("collector", "redis") and not n.startswith("collector-")} == {"1"}
     for name in ("prometheus", "alertmanager", "grafana", "node-exporter"):
         assert vps["services"][name]["cpu_shares"] < 1024, f"vps {name} competes at full priority"
     defaults = {k: v for k, v in _env().items() if not k.startswith("BRAIN_") or not k.endswith("_CPUSET")}

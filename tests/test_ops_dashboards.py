@@ -148,15 +148,31 @@ def test_dashboards_cover_the_design(host: str) -> None:
 @pytest.mark.parametrize("host", sorted(dashboards.DASHBOARDS))
 def test_latency_row_shows_p50_and_p99_per_hop_and_symbol(host: str) -> None:
     board = _load(host)
-    assert [v["name"] for v in board["templating"]["list"]] == ["symbol"]
+    assert [v["name"] for v in board["templating"]["list"]] == ["exchange", "symbol"]
     exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
     for metric in REQUIRED_HOPS[host]:
         for q in ("0.5", "0.99"):
-            wanted = f'histogram_quantile({q}, sum by (le, symbol) (rate({metric}_bucket{{symbol=~"$symbol"}}[1m])))'
+            matchers = 'exchange=~"$exchange",symbol=~"$symbol"' if "_writer_" not in metric else 'symbol=~"$symbol"'
+            wanted = f"histogram_quantile({q}, sum by (le, symbol) (rate({metric}_bucket{{{matchers}}}[1m])))"
             assert wanted in exprs, f"{host}: no p{q} per symbol of {metric}"
-    # The variable lists the symbols of a series this host's Prometheus has.
-    (variable,) = board["templating"]["list"]
-    assert referenced_series(variable["query"]["query"]) <= set().union(*role_series().values())
+    # The variables list the exchanges (issue 18) and symbols of series this host's Prometheus has.
+    for variable in board["templating"]["list"]:
+        assert referenced_series(variable["query"]["query"]) <= set().union(*role_series().values())
+
+
+def test_role_panels_filter_on_the_exchange() -> None:
+    """Every collector, forwarder and consumer series in a panel carries the `$exchange` matcher (issue 18)."""
+    assert dashboards.with_exchange("rate(tickbridge_collector_ticks_total[1m])") == (
+        'rate(tickbridge_collector_ticks_total{exchange=~"$exchange"}[1m])'
+    )
+    assert dashboards.with_exchange('tickbridge_forwarder_mode{x="1"} + tickbridge_writer_rows') == (
+        'tickbridge_forwarder_mode{exchange=~"$exchange",x="1"} + tickbridge_writer_rows'
+    )
+    for host in ("vps", "brain"):
+        for panel in _load(host)["panels"]:
+            for target in panel.get("targets", []):
+                for m in re.finditer(r"tickbridge_(collector|forwarder|consumer)_\w+(\{[^}]*\})?", target["expr"]):
+                    assert m.group(2) and 'exchange=~"$exchange"' in m.group(2), (host, panel["title"], m.group(0))
 
 
 def test_market_dashboard_is_generated_and_reads_questdb_as_the_reader() -> None:

@@ -15,7 +15,6 @@ import pytest
 from tickbridge.collector.parser import REASONS, Rejected
 from tickbridge.collector.venues.base import BookOutcome, BookUpdate, Control, Frame, TradeGap, VenueError, VenueTrade
 from tickbridge.collector.venues.kraken import KrakenAdapter, KrakenBook, book_checksum, rest_pair
-from tickbridge.core.tick import TickError
 
 RECV = 1_700_000_000_000_000
 
@@ -242,8 +241,8 @@ def test_doc_trade() -> None:
     assert trade == VenueTrade(symbol="MATICUSD", price="0.5117", volume="40.0", side="SELL",
                                timestamp=1695628177708706, trade_id=4665906, recv_ts=RECV, exchange="kraken",
                                venue_symbol="MATIC/USD")  # fmt: skip
-    with pytest.raises(TickError, match="exchange"):
-        trade.to_tick()  # the pipeline does not carry Kraken yet (core.tick.check_exchange)
+    tick = trade.to_tick()  # the pipeline carries Kraken (core.tick.check_exchange)
+    assert (tick.exchange, tick.symbol, tick.trade_id, tick.side) == ("kraken", "MATICUSD", 4665906, "SELL")
 
 
 def test_doc_book_update_and_controls() -> None:

@@ -242,7 +242,9 @@ class TieredMarketData:
         self._book_task: asyncio.Task[None] | None = None
         self._live_task: asyncio.Task[None] | None = None
         #: The fast-forward live stream (issue 16): newest ticks while a backlog replays, followed into HOT.
-        self.live_key = keys.live_stream_key(settings.stream_key)
+        # The exchange's own stream (issue 18): STREAM_KEY when these settings are that exchange's.
+        stream = settings.stream_key if self.exchange == settings.exchange else keys.stream_key_for(self.exchange)
+        self.live_key = keys.live_stream_key(stream)
         self._exchange_b = self.exchange.encode()
         self._live_last = "0-0"
         self._catchup: CatchUp | None = None

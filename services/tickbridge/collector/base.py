@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import ClientConnection
@@ -25,8 +25,10 @@ from tickbridge.collector.parser import (
 )  # fmt: skip
 from tickbridge.collector.publisher import FrameDeadLetter, Item, StreamPublisher
 from tickbridge.collector.rest import RestClient
+from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service
+from tickbridge.core.redis_io import TRANSIENT_ERRORS, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import DepthDiff, Tick, Trade
 
@@ -114,6 +116,87 @@ def stream_url(base: str, symbols: Iterable[str]) -> str:
     """Combined-stream URL with `<sym>@trade` and `<sym>@depth@100ms` for each symbol."""
     names = [f"{s.lower()}@{kind}" for s in symbols for kind in ("trade", "depth@100ms")]
     return f"{base.rstrip('/')}/stream?streams={'/'.join(names)}"
+
+
+class Resumable(Protocol):
+    """A collector of any exchange, as `load_resume_state` and `run_collector` see it."""
+
+    settings: Settings
+    symbols: tuple[str, ...]
+    last_trade: dict[str, int]
+    last_trade_ts: dict[str, int]
+    metrics: CollectorMetrics
+    publisher: StreamPublisher | None
+    rest: RestClient
+    _tg: asyncio.TaskGroup | None
+
+    async def sleep_or_stop(self, seconds: float) -> bool: ...
+
+    async def _process(self) -> None: ...
+
+
+async def run_collector(
+    target: Resumable, exchange: str, start: Callable[[asyncio.TaskGroup, Any], Coroutine[Any, Any, None]]
+) -> None:
+    """A collector's life, any exchange: resume from the VPS Redis, then the publisher and the processor, plus
+    what `start(task_group, client)` adds (connections, polls) until they all end; closes REST and Redis."""
+    client = make_client(target.settings.vps_redis_url, target.settings)
+    try:
+        if not await load_resume_state(target, client, exchange):
+            return  # stopped before Redis answered
+        target.publisher = StreamPublisher(
+            client, target.settings.stream_key, target.metrics, warm_window_s=target.settings.warm_window_s,
+            last_ids=target.last_trade, exchange=exchange,
+        )  # fmt: skip
+        async with asyncio.TaskGroup() as tg:
+            target._tg = tg
+            tg.create_task(target.publisher.run(), name="collector-publisher")
+            tg.create_task(target._process(), name="collector-processor")
+            await start(tg, client)
+    finally:
+        await target.rest.close()
+        await client.aclose()
+    log.info("collector stopped: %d ticks written", target.publisher.written if target.publisher else 0)
+
+
+async def load_resume_state(target: Resumable, client: Any, exchange: str) -> bool:
+    """The last appended trade ID per symbol of `exchange` (its hash) and, from WARM, the newest trade time
+    (written in the same MULTI as the IDs); waits for Redis (a restart of both must not crash-loop). False if
+    a stop came first."""
+    backoff = Backoff(base=0.2, cap=10.0)
+    while True:
+        try:
+            stored: dict[Any, Any] = await client.hgetall(keys.for_exchange(keys.COLLECTOR_LAST_TRADE_IDS, exchange))
+            break
+        except TRANSIENT_ERRORS as exc:
+            delay = backoff.next()
+            log.warning("VPS Redis not reachable (%s), retrying in %.1fs", exc, delay)
+            target.metrics.redis_errors.inc()
+            if await target.sleep_or_stop(delay):
+                return False
+    for raw_sym, tid in stored.items():
+        sym = raw_sym.decode() if isinstance(raw_sym, bytes) else raw_sym
+        if sym in target.symbols:
+            try:
+                target.last_trade[sym] = int(tid)
+            except ValueError:
+                log.error("%s: stored last trade ID %r is not a number: starting without one", sym, tid)
+    if not target.last_trade:
+        return True
+    log.info("resuming after trade IDs %s", target.last_trade)
+    symbols = list(target.last_trade)
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for sym in symbols:
+                pipe.zrange(keys.warm_key(sym, exchange), -1, -1, withscores=True)
+            replies = await pipe.execute(raise_on_error=False)
+    except TRANSIENT_ERRORS as exc:  # unknown: every ID at or below the stored one stays a duplicate
+        log.warning("newest trade times not read (%s): a reset of trade IDs goes unnoticed until a trade", exc)
+        return True
+    for sym, reply in zip(symbols, replies, strict=True):
+        if isinstance(reply, list) and reply:
+            target.last_trade_ts[sym] = int(reply[0][1])
+    return True
 
 
 class CollectorBase(Service):

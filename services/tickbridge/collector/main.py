@@ -1,4 +1,8 @@
-"""`tickbridge collector`: Binance WebSocket -> HOT deque + WARM Redis + the VPS stream."""
+"""`tickbridge collector`: the exchange's WebSocket -> HOT deque + WARM Redis + the VPS stream.
+
+`EXCHANGE=binance_spot` (the default) runs Binance's `Collector`; `coinbase` and `kraken` the `VenueCollector`
+on their adapters (issue 18), each into its own stream (`market:vps:stream:<exchange>` unless STREAM_KEY says).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,18 @@ import argparse
 from prometheus_client import REGISTRY
 
 from tickbridge.collector.service import Collector
-from tickbridge.core.lifecycle import run_service, setup_logging
+from tickbridge.collector.venue_service import VenueCollector
+from tickbridge.core import keys
+from tickbridge.core.lifecycle import Service, run_service, setup_logging
 from tickbridge.core.metrics import serve_metrics
-from tickbridge.core.settings import load_settings
+from tickbridge.core.settings import Settings, load_settings
+
+
+def make_collector(settings: Settings) -> Service:
+    """The collector of `settings.exchange`."""
+    if settings.exchange == keys.EXCHANGE:
+        return Collector(settings, REGISTRY)
+    return VenueCollector(settings, REGISTRY)
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -17,4 +30,4 @@ def run_command(args: argparse.Namespace) -> None:
     settings = load_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings.metrics_port_for("collector"), settings.metrics_bind)
-    run_service(lambda: Collector(settings, REGISTRY))
+    run_service(lambda: make_collector(settings))

@@ -84,8 +84,13 @@ class StreamPublisher:
         max_batch_items: int = 5000,
         linger_s: float = 0.0,
         last_ids: dict[str, int] | None = None,
+        exchange: str = keys.EXCHANGE,
     ) -> None:
         self.client = client
+        #: Each exchange's collector keeps its own WARM keys, last trade IDs and batch token (issue 18).
+        self.exchange = exchange
+        self.last_ids_key = keys.for_exchange(keys.COLLECTOR_LAST_TRADE_IDS, exchange)
+        self.last_batch_key = keys.for_exchange(LAST_BATCH_KEY, exchange)
         self.stream_key = stream_key
         self.metrics = metrics
         self.warm_window_us = int(warm_window_s * 1_000_000)
@@ -134,7 +139,7 @@ class StreamPublisher:
     async def _final_trim(self) -> None:
         """Trim every WARM key once more on shutdown (periodic trims may lag a fast replay)."""
         cmds: list[Command] = [
-            ("ZREMRANGEBYSCORE", keys.warm_key(symbol), "-inf", f"({ts - self.warm_window_us}")
+            ("ZREMRANGEBYSCORE", keys.warm_key(symbol, self.exchange), "-inf", f"({ts - self.warm_window_us}")
             for symbol, ts in self._latest_ts.items()
         ]
         try:
@@ -156,7 +161,7 @@ class StreamPublisher:
                 member = encode_warm_member(item)
                 args = warm.get(symbol)
                 if args is None:
-                    args = warm[symbol] = ["ZADD", keys.warm_key(symbol)]
+                    args = warm[symbol] = ["ZADD", keys.warm_key(symbol, self.exchange)]
                 args += (item.timestamp, member)
                 last_ids[symbol] = item.trade_id
                 if item.timestamp > latest.get(symbol, 0):
@@ -178,14 +183,14 @@ class StreamPublisher:
             if now - self._last_trim.get(symbol, 0.0) >= TRIM_INTERVAL_S:
                 self._last_trim[symbol] = now
                 cutoff = latest[symbol] - self.warm_window_us
-                cmds.append(("ZREMRANGEBYSCORE", keys.warm_key(symbol), "-inf", f"({cutoff}"))
+                cmds.append(("ZREMRANGEBYSCORE", keys.warm_key(symbol, self.exchange), "-inf", f"({cutoff}"))
         return cmds, last_ids
 
     async def _write(self, items: list[Item]) -> None:
         """Write one batch; returns once every command of it succeeded (never drops, never repeats one)."""
         self._seq += 1
         data, last_ids = self._commands(items)
-        st = _Batch(data, [("HSET", keys.COLLECTOR_LAST_TRADE_IDS, *_flat(last_ids))] if last_ids else [])
+        st = _Batch(data, [("HSET", self.last_ids_key, *_flat(last_ids))] if last_ids else [])
         backoff = Backoff(base=0.05, cap=2.0)
         confirmed_us = 0  # when the batch was confirmed in the stream (set as the loop ends)
         failures = 0
@@ -236,7 +241,7 @@ class StreamPublisher:
         st.attempt += 1
         st.token = f"{self._token_prefix}:{self._seq}:{st.attempt}"  # per attempt: "it ran" means this one
         st.ambiguous = True  # until its reply is read
-        cmds: list[Command] = [("MULTI",), *st.pending, *st.commit, ("SET", LAST_BATCH_KEY, st.token), ("EXEC",)]
+        cmds: list[Command] = [("MULTI",), *st.pending, *st.commit, ("SET", self.last_batch_key, st.token), ("EXEC",)]
         replies = await execute_batch(self.client, cmds)
         st.ambiguous = False
         result = replies[-1]
@@ -255,7 +260,7 @@ class StreamPublisher:
 
     async def _settle_lost_reply(self, st: _Batch) -> bool:
         """After an EXEC whose reply was lost: True when it ran and every command in it succeeded."""
-        ran = await self.client.get(LAST_BATCH_KEY) == st.token.encode()
+        ran = await self.client.get(self.last_batch_key) == st.token.encode()
         st.ambiguous = False
         if not ran:
             return False  # send it again
@@ -265,7 +270,7 @@ class StreamPublisher:
         broken = await self._probe([*st.pending, *st.commit])
         if not broken:
             return True
-        st.restore = bool(st.commit) and self.stream_key in broken and keys.COLLECTOR_LAST_TRADE_IDS not in broken
+        st.restore = bool(st.commit) and self.stream_key in broken and self.last_ids_key not in broken
         st.pending = [c for c in st.pending if c[1] in broken]
         raise _FailedInside(f"keys {sorted(broken)} failed in an EXEC whose reply was lost")
 
@@ -293,7 +298,7 @@ class StreamPublisher:
             if isinstance(item, Trade) and item.symbol not in first:
                 first[item.symbol] = item.trade_id
         restored = {s: self._stored.get(s, first[s] - 1) for s in last_ids}
-        reply = (await execute_batch(self.client, [("HSET", keys.COLLECTOR_LAST_TRADE_IDS, *_flat(restored))]))[0]
+        reply = (await execute_batch(self.client, [("HSET", self.last_ids_key, *_flat(restored))]))[0]
         if isinstance(reply, ResponseError):  # the hash was replaced meanwhile: nothing of ours left in it
             log.error("stream write: could not restore the last trade IDs: %s", reply)
 

@@ -158,6 +158,32 @@ class WeightBudget:
         yield
 
 
+class PacedBudget(WeightBudget):
+    """A venue's per-second request limit (Coinbase 10/s, Kraken about 1/s per IP): requests spaced evenly at our
+    share of it, never a burst. Binance's per-minute count let a minute's allowance go at once; with 150 Kraken
+    back-fills after a reconnect that drew `EGeneral:Too many requests` for most of them (trades lost)."""
+
+    def __init__(self, per_s: float, *, share: float = WEIGHT_SHARE) -> None:
+        super().__init__(max(int(per_s * 60), 1), share=share)
+        self.interval = 1.0 / (per_s * share)
+        self.next_at = 0.0
+        self.synced = True
+
+    def observe(self, used: int) -> None:
+        """Venues send no weight header: our spacing is the only count."""
+
+    @contextlib.asynccontextmanager
+    async def slot(self, weight: int) -> AsyncIterator[None]:
+        while True:
+            now = time.monotonic()
+            start = max(self.next_at, self.blocked_until)
+            if start <= now:
+                break
+            await asyncio.sleep(start - now)
+        self.next_at = max(now, self.next_at) + self.interval * weight  # reserved before the request goes
+        yield
+
+
 class RestClient:
     """`GET /api/v3/depth` and `/api/v3/historicalTrades` with retries; honours 429/418 `Retry-After` (up to
     `max_retry_after_s`); reads bodies up to `max_body_bytes`."""
@@ -183,7 +209,13 @@ class RestClient:
             await self._session.close()
             self._session = None
 
-    async def _get(self, endpoint: str, params: dict[str, str | int], weight: int) -> Any:
+    async def get_bytes(self, endpoint: str, params: dict[str, str | int], weight: int = 1) -> bytes:
+        """A GET of any endpoint whose answer the caller parses itself (the venue adapters: Kraken's decimals are
+        JSON numbers kept as text), with the same budget, retries and limits."""
+        body: bytes = await self._get(endpoint, params, weight, raw=True)
+        return body
+
+    async def _get(self, endpoint: str, params: dict[str, str | int], weight: int, *, raw: bool = False) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         backoff = Backoff(base=0.2, cap=5.0)
@@ -203,7 +235,7 @@ class RestClient:
                     # An exchange without the header leaves our own count as the only one.
                     self.budget.observe(int(used) if used.isdigit() else 0)
                     if resp.status == 200:
-                        return orjson.loads(body)
+                        return body if raw else orjson.loads(body)
                     last_error = f"HTTP {resp.status}: {body[:200]!r}"
                     if resp.status in (429, 418):
                         header = resp.headers.get("Retry-After")

@@ -34,6 +34,7 @@ from tickbridge.collector.base import (
     Disconnected,
     SnapshotResult,
     Switch,
+    run_collector,
     stream_url,
 )
 from tickbridge.collector.parser import (
@@ -43,10 +44,8 @@ from tickbridge.collector.parser import (
     ServerShutdown,
     parse_frame,
 )  # fmt: skip
-from tickbridge.collector.publisher import FrameDeadLetter, Item, StreamPublisher
+from tickbridge.collector.publisher import FrameDeadLetter, Item
 from tickbridge.core import keys
-from tickbridge.core.backoff import Backoff
-from tickbridge.core.redis_io import TRANSIENT_ERRORS, make_client
 from tickbridge.core.tick import MAX_TS_US, DepthDiff, Trade
 
 log = logging.getLogger(__name__)
@@ -75,64 +74,11 @@ class Collector(Backfill):
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        client = make_client(self.settings.vps_redis_url, self.settings)
-        try:
-            stored = await self._load_last_ids(client)
-            if stored is None:
-                return  # stopped before Redis answered
-            for raw_sym, tid in stored.items():
-                sym = raw_sym.decode() if isinstance(raw_sym, bytes) else raw_sym
-                if sym in self.depth:
-                    try:
-                        self.last_trade[sym] = int(tid)
-                    except ValueError:
-                        log.error("%s: stored last trade ID %r is not a number: starting without one", sym, tid)
-            if self.last_trade:
-                log.info("resuming after trade IDs %s", self.last_trade)
-                await self._load_last_times(client)
-            self.publisher = StreamPublisher(
-                client, self.settings.stream_key, self.metrics, warm_window_s=self.settings.warm_window_s,
-                last_ids=self.last_trade,
-            )  # fmt: skip
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                tg.create_task(self.publisher.run(), name="collector-publisher")
-                tg.create_task(self._process(), name="collector-processor")
-                tg.create_task(self._manage(), name="collector-connections")
-                tg.create_task(self.poll_book_requests(client), name="collector-book-requests")
-        finally:
-            await self.rest.close()
-            await client.aclose()
-        log.info("collector stopped: %d ticks written", self.publisher.written if self.publisher else 0)
+        await run_collector(self, keys.EXCHANGE, self._start)
 
-    async def _load_last_ids(self, client: Any) -> dict[Any, Any] | None:
-        """The last appended trade ID per symbol; waits for Redis (a restart of both must not crash-loop)."""
-        backoff = Backoff(base=0.2, cap=10.0)
-        while True:
-            try:
-                stored: dict[Any, Any] = await client.hgetall(keys.COLLECTOR_LAST_TRADE_IDS)
-                return stored
-            except TRANSIENT_ERRORS as exc:
-                delay = backoff.next()
-                log.warning("VPS Redis not reachable (%s), retrying in %.1fs", exc, delay)
-                self.metrics.redis_errors.inc()
-                if await self.sleep_or_stop(delay):
-                    return None
-
-    async def _load_last_times(self, client: Any) -> None:
-        """The newest trade time per symbol from WARM (written in the same MULTI as the last trade IDs)."""
-        symbols = list(self.last_trade)
-        try:
-            async with client.pipeline(transaction=False) as pipe:
-                for sym in symbols:
-                    pipe.zrange(keys.warm_key(sym), -1, -1, withscores=True)
-                replies = await pipe.execute(raise_on_error=False)
-        except TRANSIENT_ERRORS as exc:  # unknown: every ID at or below the stored one stays a duplicate
-            log.warning("newest trade times not read (%s): a reset of trade IDs goes unnoticed until a trade", exc)
-            return
-        for sym, reply in zip(symbols, replies, strict=True):
-            if isinstance(reply, list) and reply:
-                self.last_trade_ts[sym] = int(reply[0][1])
+    async def _start(self, tg: asyncio.TaskGroup, client: Any) -> None:
+        tg.create_task(self._manage(), name="collector-connections")
+        tg.create_task(self.poll_book_requests(client), name="collector-book-requests")
 
     # --- processing ---------------------------------------------------------------------------
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 EXCHANGE = "binance_spot"
+#: Every `exchange` value the pipeline carries (issue 18). Each names Redis keys (`market:<exchange>:…`) and
+#: QuestDB rows; the collector's adapters live in `collector/venues/`.
+EXCHANGES = (EXCHANGE, "coinbase", "kraken")
 
 #: Default stream on both hosts (override with STREAM_KEY).
 DEFAULT_STREAM_KEY = "market:vps:stream"
@@ -28,6 +31,19 @@ CONSUMER_DEAD_LETTER = "tickbridge:deadletter:consumer"
 WRITER_GROUP = "tickbridge-writer"
 #: Heartbeat keys (TTL) per role instance, read by `tickbridge check`.
 HEARTBEAT_PREFIX = "tickbridge:heartbeat:"
+
+
+def for_exchange(name: str, exchange: str = EXCHANGE) -> str:
+    """A per-process key of `exchange`'s own pipeline (one collector, forwarder and consumer per exchange): the
+    contract's name for Binance, so a single-exchange deployment is unchanged; `<name>:<exchange>` otherwise
+    (`market:vps:stream:coinbase`, `tickbridge:forwarder:state:kraken`)."""
+    return name if exchange == EXCHANGE else f"{name}:{exchange}"
+
+
+def stream_key_for(exchange: str = EXCHANGE) -> str:
+    """The VPS/Brain stream of one exchange: `market:vps:stream` (Binance, the contract's), else
+    `market:vps:stream:<exchange>`."""
+    return for_exchange(DEFAULT_STREAM_KEY, exchange)
 
 
 def warm_key(symbol: str, exchange: str = EXCHANGE) -> str:
@@ -62,6 +78,11 @@ DEPTH_TABLE = "depth_updates"
 BOOK_TABLE = "book_snapshots"
 #: VPS QuestDB spill buffer (contract name; FORWARDER_BUFFER_TABLE overrides it for tests sharing a QuestDB).
 VPS_BUFFER_TABLE = "vps_buffer"
+
+
+def buffer_table_for(exchange: str = EXCHANGE) -> str:
+    """The VPS spill buffer table of one exchange's forwarder: `vps_buffer` (Binance), else `vps_buffer_<exchange>`."""
+    return VPS_BUFFER_TABLE if exchange == EXCHANGE else f"{VPS_BUFFER_TABLE}_{exchange}"
 
 
 def symbol_stream_kind(stream: str) -> str:

@@ -30,6 +30,8 @@ DEFAULT_SYMBOLS: tuple[str, ...] = (
 )  # fmt: skip
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+#: `keys.EXCHANGES` as a type (a wrong EXCHANGE is one config error line).
+Exchange = Literal["binance_spot", "coinbase", "kraken"]
 
 #: Default Prometheus port of each role when METRICS_PORT is not set.
 DEFAULT_METRICS_PORTS: dict[str, int] = {
@@ -160,6 +162,24 @@ class Settings(BaseSettings):
     )
     binance_rest_url: Annotated[str, ReadBy(("collector",))] = Field(
         "https://api.binance.com", description="exchange REST base (depth snapshots, trade back-fill)"
+    )
+    exchange: Annotated[Exchange, ReadBy(("collector", "forwarder", "consumer", "status"))] = Field(
+        "binance_spot",
+        description="the exchange this process serves (binance_spot, coinbase, kraken): one collector, forwarder "
+        "and consumer per exchange; its stream and state keys follow (STREAM_KEY unset: market:vps:stream for "
+        "binance_spot, market:vps:stream:<exchange> otherwise)",
+    )
+    coinbase_ws_url: Annotated[str, ReadBy(("collector",))] = Field(
+        "wss://advanced-trade-ws.coinbase.com", description="Coinbase Advanced Trade WebSocket (EXCHANGE=coinbase)"
+    )
+    coinbase_rest_url: Annotated[str, ReadBy(("collector",))] = Field(
+        "https://api.exchange.coinbase.com", description="Coinbase Exchange REST (trade back-fill by ID)"
+    )
+    kraken_ws_url: Annotated[str, ReadBy(("collector",))] = Field(
+        "wss://ws.kraken.com/v2", description="Kraken WebSocket v2 (EXCHANGE=kraken)"
+    )
+    kraken_rest_url: Annotated[str, ReadBy(("collector",))] = Field(
+        "https://api.kraken.com", description="Kraken REST (trade back-fill by time)"
     )
     symbols: Annotated[tuple[str, ...], NoDecode, ReadBy((*SERVICES, "query", "deadletters", "status"))] = Field(
         DEFAULT_SYMBOLS, description="comma-separated pairs, e.g. BTCUSDT,ETHUSDT (at most 512)"
@@ -325,12 +345,12 @@ class Settings(BaseSettings):
             raise ValueError("at most 512 symbols (two streams each, 1024 per connection)")
         return value
 
-    @field_validator("binance_ws_url")
+    @field_validator("binance_ws_url", "coinbase_ws_url", "kraken_ws_url")
     @classmethod
     def _check_ws(cls, value: str) -> str:
         return _check_url(value.rstrip("/"), ("ws", "wss"))
 
-    @field_validator("binance_rest_url", "vps_questdb_url", "brain_questdb_url")
+    @field_validator("binance_rest_url", "coinbase_rest_url", "kraken_rest_url", "vps_questdb_url", "brain_questdb_url")
     @classmethod
     def _check_http(cls, value: str) -> str:
         return _check_url(value.rstrip("/"), ("http", "https"))
@@ -376,6 +396,13 @@ class Settings(BaseSettings):
             raise ValueError(f"{target.upper()} is set too: give the password in one place")
         read_secret_file(value)
         return value
+
+    @model_validator(mode="after")
+    def _stream_of_exchange(self) -> Self:
+        # STREAM_KEY not given: the exchange's own stream (Binance keeps the contract's name).
+        if "stream_key" not in self.model_fields_set:
+            object.__setattr__(self, "stream_key", keys.stream_key_for(self.exchange))
+        return self
 
     @model_validator(mode="after")
     def _apply_secret_files(self) -> Self:

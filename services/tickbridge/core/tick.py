@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from tickbridge.core.keys import EXCHANGE
+from tickbridge.core.keys import EXCHANGE, EXCHANGES
 
 Side = Literal["BUY", "SELL"]
 Level = tuple[str, str]
@@ -59,11 +59,11 @@ def check_symbol(value: object) -> str:
 
 
 def check_exchange(value: object) -> str:
-    """Only `binance_spot`: the exchange names Redis keys (`market:<exchange>:trades:<SYMBOL>`), so a stray
+    """One of `keys.EXCHANGES`: the exchange names Redis keys (`market:<exchange>:trades:<SYMBOL>`), so a stray
     value would write outside the keys the ACLs allow (and stall the consumer) or where nobody reads."""
-    if value != EXCHANGE:
-        raise TickError(f"exchange: expected {EXCHANGE!r}, got {str(value)[:40]!r}")
-    return EXCHANGE
+    if value not in EXCHANGES:
+        raise TickError(f"exchange: expected one of {', '.join(EXCHANGES)}, got {str(value)[:40]!r}")
+    return str(value)
 
 
 def check_levels(name: str, value: object) -> tuple[Level, ...]:

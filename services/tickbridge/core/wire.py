@@ -305,7 +305,7 @@ _DEC = rb"(?=[0-9.]*[1-9])[0-9]{1,20}(?:\.[0-9]{1,18})?"  # a decimal string > 0
 #: A trade entry in the contract's field order, fields joined with NUL (which no valid value contains).
 _TRADE = re.compile(
     rb"symbol\0([A-Z0-9]{2,32})\0exchange\0("
-    + re.escape(keys.EXCHANGE.encode())
+    + b"|".join(re.escape(e.encode()) for e in keys.EXCHANGES)
     + rb")\0type\0TRADE\0price\0"
     + _DEC
     + rb"\0volume\0"

@@ -78,7 +78,7 @@ class ForwarderBase(Service):
         settings: Settings,
         registry: CollectorRegistry | None = None,
         *,
-        buffer_table: str = keys.VPS_BUFFER_TABLE,
+        buffer_table: str | None = None,
         spill_batch: int = 50_000,
         replay_batch: int = 20_000,
         maintain_interval: float = 0.2,
@@ -93,6 +93,12 @@ class ForwarderBase(Service):
         self.metrics.ram_budget.set(settings.ram_buffer_bytes)
         self.metrics.disk_budget.set(settings.disk_buffer_bytes)
         self.key = settings.stream_key
+        # One forwarder per exchange (issue 18): its own state, ledger, quarantine and buffer table.
+        self.state_key = keys.for_exchange(keys.FORWARDER_STATE, settings.exchange)
+        self.ledger_key = keys.for_exchange(keys.FORWARDER_LEDGER, settings.exchange)
+        self.quarantine_key = keys.for_exchange(keys.FORWARDER_QUARANTINE, settings.exchange)
+        if buffer_table is None:
+            buffer_table = keys.buffer_table_for(settings.exchange)
         self.batch = settings.forward_batch
         #: Hop collector -> Brain stream per configured symbol (fields come as bytes from Redis, str from the buffer).
         self._latency: dict[str | bytes | int | float, HopCounts] = {}
@@ -190,7 +196,7 @@ class ForwarderBase(Service):
         flat: list[str | int] = []
         for name, value in fields.items():
             flat += [name, value]
-        await self._vps("HSET", keys.FORWARDER_STATE, *flat)
+        await self._vps("HSET", self.state_key, *flat)
 
     async def _note_state(self, **fields: str | int) -> bool:
         """A state write that recovery can do without (QuestDB or the Brain hold the truth): a full VPS Redis

@@ -10,7 +10,6 @@ from typing import Any, NoReturn
 
 from redis.exceptions import ResponseError
 
-from tickbridge.core import keys
 from tickbridge.core.rawlink import RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed
 from tickbridge.core.wire import StreamId, format_stream_id, now_us, parse_stream_id
@@ -119,7 +118,7 @@ class BrainLink(Spilling):
             return None
         # A real top the VPS lost (a VPS power cut after delivery) looks the same: an operator who checked it
         # accepts it in the VPS state hash (docs/monitoring.md), which the Brain's credential cannot reach.
-        accepted = await self._vps("HGETALL", keys.FORWARDER_STATE)
+        accepted = await self._vps("HGETALL", self.state_key)
         fields = accepted if isinstance(accepted, dict) else dict(zip(accepted[::2], accepted[1::2], strict=True))
         if fields.get(ACCEPT_TOP.encode()) == format_stream_id(top).encode():
             log.warning(

@@ -8,7 +8,6 @@ import time
 
 import orjson
 
-from tickbridge.core import keys
 from tickbridge.core.redis_io import Command
 from tickbridge.core.wire import StreamId, format_stream_id, parse_stream_id
 from tickbridge.forwarder.base import ZERO, ForwarderBase
@@ -34,9 +33,9 @@ class BufferAudit(ForwarderBase):
     """Ledger of the spills and quarantine of unusable buffer rows."""
 
     async def _load_ledger(self) -> None:
-        raw = await self._vps("HGETALL", keys.FORWARDER_LEDGER)
+        raw = await self._vps("HGETALL", self.ledger_key)
         self.ledger.load(raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True)))
-        held = await self._vps("HGETALL", keys.FORWARDER_QUARANTINE)
+        held = await self._vps("HGETALL", self.quarantine_key)
         fields = list(held) if isinstance(held, dict) else list(held[::2])
         self._quarantined = sorted((f.decode() if isinstance(f, bytes) else f for f in fields), key=_id_order)
 
@@ -62,7 +61,7 @@ class BufferAudit(ForwarderBase):
         log.warning("spill ledger lacks %d buffer rows (%s..%s): taken as spilled from what QuestDB holds",
                     sum(e.count for e in rebuilt), first, last)  # fmt: skip
         written = self.ledger.add(rebuilt)
-        await self._note_vps([("HSET", keys.FORWARDER_LEDGER, e.field, e.value) for e in written])
+        await self._note_vps([("HSET", self.ledger_key, e.field, e.value) for e in written])
 
     async def _catch_up_ledger(self, upto_ts: int) -> None:
         """The replay starts past rows it did not read in this run (delivered before a restart, or up to a
@@ -95,9 +94,9 @@ class BufferAudit(ForwarderBase):
                 log.error("BUFFER ROWS MISSING: %d of %d entries spilled to %s as %s..%s did not come back "
                           "(lost from the buffer); missing IDs %s", e.shortfall, e.count, self.buffer.table,
                           format_stream_id(e.first), format_stream_id(e.last), where)  # fmt: skip
-                cmds.append(("HSET", keys.FORWARDER_STATE, "missing_total", self.missing_total,
+                cmds.append(("HSET", self.state_key, "missing_total", self.missing_total,
                              "missing_last_range", where))  # fmt: skip
-            cmds.append(("HSET", keys.FORWARDER_LEDGER, e.field, e.value))
+            cmds.append(("HSET", self.ledger_key, e.field, e.value))
         await self._note_vps(cmds)
         await self._release_ledger()
 
@@ -107,7 +106,7 @@ class BufferAudit(ForwarderBase):
             await self._note_ledger_removed(gone)
 
     async def _note_ledger_removed(self, gone: list[LedgerEntry]) -> None:
-        await self._note_vps([("HDEL", keys.FORWARDER_LEDGER, *(e.field for e in gone))])
+        await self._note_vps([("HDEL", self.ledger_key, *(e.field for e in gone))])
 
     async def _check_rows(self, rows: list[BufferRow]) -> list[BufferRow]:
         """Account every row read back against the ledger; quarantine what cannot be replayed (an unreadable
@@ -144,10 +143,10 @@ class BufferAudit(ForwarderBase):
                   self.buffer.table, reason)  # fmt: skip
         copy = orjson.dumps({"reason": reason, "ts": row.ts, "table": self.buffer.table,
                              "payload": row.raw[:QUARANTINE_PAYLOAD_BYTES], "at": time.time()})  # fmt: skip
-        cmds: list[Command] = [("HSET", keys.FORWARDER_QUARANTINE, name, copy)]
+        cmds: list[Command] = [("HSET", self.quarantine_key, name, copy)]
         if name not in self._quarantined:
             self._quarantined.append(name)
             self._quarantined.sort(key=_id_order)
         while len(self._quarantined) > QUARANTINE_MAX:
-            cmds.append(("HDEL", keys.FORWARDER_QUARANTINE, self._quarantined.pop(0)))
+            cmds.append(("HDEL", self.quarantine_key, self._quarantined.pop(0)))
         await self._note_vps(cmds)

@@ -29,7 +29,7 @@ def run_command(args: argparse.Namespace) -> None:
         run_service(lambda: LiveLaneProcess(settings))
         return
     serve_metrics(settings.metrics_port_for("forwarder"), settings.metrics_bind)
-    table = os.environ.get(TABLE_ENV, keys.VPS_BUFFER_TABLE)
+    table = os.environ.get(TABLE_ENV, keys.buffer_table_for(settings.exchange))
     tune_gc()
     spill_batch = int(os.environ.get(SPILL_BATCH_ENV, "50000"))
     # FORWARDER_LANE=ordered: the lane runs in its own process (FORWARDER_LANE=live); this one reports its backlog.

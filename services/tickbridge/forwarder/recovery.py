@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-from tickbridge.core import keys
 from tickbridge.core.wire import format_stream_id, parse_stream_id
 from tickbridge.forwarder.base import ZERO, LinkDown
 from tickbridge.forwarder.retention import Retention
@@ -23,7 +22,7 @@ class Recovery(Retention):
 
     async def _recover_vps(self) -> None:
         """Load the state hash and reconcile it with QuestDB (crash recovery of a spill)."""
-        raw = await self._vps("HGETALL", keys.FORWARDER_STATE)
+        raw = await self._vps("HGETALL", self.state_key)
         pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
         state = {k.decode(): v.decode() for k, v in pairs}
         if not self.brain_up:  # connected, the checkpoint is the Brain's top (it may have just rewound)
@@ -98,13 +97,13 @@ class Recovery(Retention):
         return True
 
     async def _set_marker(self) -> None:
-        await self._vps("HDEL", keys.FORWARDER_STATE, SPILL_CLEAR)  # allowed with Redis full
+        await self._vps("HDEL", self.state_key, SPILL_CLEAR)  # allowed with Redis full
         self._marker_saved = True
 
     async def _clear_marker(self) -> None:
         """Only once the exact buffer_high is saved (or nothing was ever spilled); skipped while Redis is full."""
         if await self._note_state(**{SPILL_CLEAR: 1}):
-            await self._vps("HDEL", keys.FORWARDER_STATE, "spill_pending")  # the field older versions wrote
+            await self._vps("HDEL", self.state_key, "spill_pending")  # the field older versions wrote
             self._marker_saved = False
 
     def _redis_path_safe(self) -> bool:

@@ -7,7 +7,6 @@ import logging
 import math
 import time
 
-from tickbridge.core import keys
 from tickbridge.core.redis_io import Command
 from tickbridge.core.wire import RawEntry, StreamId, format_stream_id, parse_stream_id
 from tickbridge.forwarder.base import LinkDown, VpsFull
@@ -120,8 +119,8 @@ class Spilling(Recovery):
 
     async def _record_spill(self, written: list[LedgerEntry], last: StreamId, last_ts: int) -> None:
         """The ledger entries of a visible spill, then `buffer_high` (one round trip)."""
-        cmds: list[Command] = [("HSET", keys.FORWARDER_LEDGER, e.field, e.value) for e in written]
-        cmds.append(("HSET", keys.FORWARDER_STATE, "buffer_high_id", format_stream_id(last), "buffer_ts", last_ts))
+        cmds: list[Command] = [("HSET", self.ledger_key, e.field, e.value) for e in written]
+        cmds.append(("HSET", self.state_key, "buffer_high_id", format_stream_id(last), "buffer_ts", last_ts))
         await self._vps_cmds(cmds)
 
     async def _make_room(self, wanted: int) -> int:

@@ -64,6 +64,11 @@ class Endpoints:
     hosts: tuple[str, ...] = HOSTS
     #: Symbols whose Brain order books are counted (issue 17); empty: `settings.symbols`, or none.
     symbols: tuple[str, ...] = ()
+    #: Exchanges shown one line each (issue 18: each has its own stream, forwarder and consumer group); empty:
+    #: the single-exchange table only.
+    exchanges: tuple[str, ...] = ()
+    #: The exchange whose pipeline the table shows (its forwarder state and buffer table; issue 18).
+    exchange: str = keys.EXCHANGE
 
 
 def _http_json(url: str, timeout: float = 2.0) -> Any:
@@ -185,9 +190,10 @@ class StatusReader:
     async def _vps_redis(self, v: dict[str, Any]) -> None:
         assert self.vps is not None
         v["vps_stream_len"] = await self.vps.xlen(self.ep.stream_key)
-        raw: dict[Any, Any] = await self.vps.hgetall(keys.FORWARDER_STATE)
+        state_key = keys.for_exchange(keys.FORWARDER_STATE, self.ep.exchange)
+        raw: dict[Any, Any] = await self.vps.hgetall(state_key)
         if not raw:
-            raise SourceProblem(f"the forwarder state {keys.FORWARDER_STATE} is empty (no forwarder has run here)")
+            raise SourceProblem(f"the forwarder state {state_key} is empty (no forwarder has run here)")
         v["forwarder_state"] = {_text(k): _text(x) for k, x in raw.items()}
 
     async def _brain_redis(self, v: dict[str, Any]) -> None:
@@ -218,7 +224,7 @@ class StatusReader:
 
     async def _vps_questdb(self, v: dict[str, Any]) -> None:
         assert self.vps_sql is not None
-        v["buffer_rows"] = await self.vps_sql.scalar("SELECT count() FROM vps_buffer")
+        v["buffer_rows"] = await self.vps_sql.scalar(f"SELECT count() FROM {keys.buffer_table_for(self.ep.exchange)}")
 
     async def _brain_questdb(self, v: dict[str, Any]) -> None:
         assert self.brain_sql is not None
@@ -229,6 +235,24 @@ class StatusReader:
         per = stats.get("symbols", {})
         v["sim_trades"] = sum(int(s.get("trades", 0)) for s in per.values() if isinstance(s, dict))
         v["symbols"] = len(per)
+
+    async def _exchanges(self, v: dict[str, Any]) -> None:
+        """Per exchange: its VPS and Brain stream, its consumer group's lag and its rows in `trades`."""
+        rows: dict[str, int] = {}
+        if self.brain_sql is not None:
+            for exchange, count in await self.brain_sql.rows("SELECT exchange, count() FROM trades GROUP BY exchange"):
+                rows[str(exchange)] = int(count)
+        for exchange in self.ep.exchanges:
+            stream = keys.stream_key_for(exchange)
+            if self.vps is not None:
+                v[f"{exchange}:vps_len"] = await self.vps.xlen(stream)
+            if self.brain is not None:
+                v[f"{exchange}:brain_len"] = await self.brain.xlen(stream)
+                with contextlib.suppress(ResponseError):  # no stream yet: lag unknown
+                    for group in await self.brain.xinfo_groups(stream):
+                        if _text(group["name"]) == self.ep.group:
+                            v[f"{exchange}:lag"] = group.get("lag")
+            v[f"{exchange}:rows"] = rows.get(exchange, 0)
 
     async def _prometheus(self, v: dict[str, Any]) -> None:
         doc = await asyncio.to_thread(_http_json, f"{self.ep.prometheus_url}/api/v1/alerts")
@@ -253,6 +277,8 @@ class StatusReader:
             reads["simulator"] = self._simulator
         if self.ep.prometheus_url:
             reads["Prometheus"] = self._prometheus
+        if self.ep.exchanges:
+            reads["exchanges"] = self._exchanges
 
         async def one(name: str, read: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
             try:
@@ -321,6 +347,10 @@ class StatusReader:
             table.add_row("catch-up (fast-forward)", fmt(v.get("catchup")), "")
             table.add_row("forwarder live lane", fmt(v.get("live_lane")), "")
             table.add_row("Brain QuestDB trades rows", fmt(v.get("trades_rows")), rate("trades_rows"))
+        for exchange in self.ep.exchanges:  # one line per exchange: its own lane end to end
+            figure = (f"VPS {fmt(v.get(f'{exchange}:vps_len'))} · Brain {fmt(v.get(f'{exchange}:brain_len'))} · "
+                      f"lag {fmt(v.get(f'{exchange}:lag'))} · rows {fmt(v.get(f'{exchange}:rows'))}")  # fmt: skip
+            table.add_row(f"{exchange}: streams, lag, QuestDB", figure, rate(f"{exchange}:rows"))
         return table
 
     def render(self, title: str = "tickbridge", *, footer: str = "Ctrl-C stops everything") -> Panel:
@@ -410,7 +440,9 @@ def endpoints_from(settings: Settings, args: argparse.Namespace) -> Endpoints:
     hosts = HOSTS if args.host == "both" else (args.host,)
     return Endpoints(settings.vps_redis_url, settings.brain_redis_url, settings.vps_questdb_url,
                      settings.brain_questdb_url, settings.stream_key, settings.consumer_group, args.sim_url,
-                     args.prometheus_url, settings=settings, hosts=hosts)  # fmt: skip
+                     args.prometheus_url, settings=settings, hosts=hosts,
+                     exchanges=tuple(e.strip() for e in (args.exchanges or "").split(",") if e.strip()),
+                     exchange=settings.exchange)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -423,6 +455,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sim-url", help="simulator base URL, e.g. http://127.0.0.1:9443")
     parser.add_argument("--prometheus-url", help="Prometheus base URL for firing alerts")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
+    parser.add_argument("--exchanges", help="one line per exchange, e.g. binance_spot,coinbase,kraken (issue 18)")
 
 
 def run_command(args: argparse.Namespace) -> None:

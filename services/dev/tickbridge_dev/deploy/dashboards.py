@@ -272,18 +272,38 @@ def _containers_row() -> Row:
 #: The dashboards' symbol filter: a regex matcher, All = `.*` (Grafana joins a multi-selection as `(A|B)`).
 SYMBOL_MATCH = 'symbol=~"$symbol"'
 #: Template variables by name and the value a test substitutes (Grafana's All value).
-VARIABLE_ALL = {"symbol": ".*"}
+VARIABLE_ALL = {"symbol": ".*", "exchange": ".*"}
+#: Issue 18: each exchange's collector, forwarder and consumer carry an `exchange` target label (Prometheus
+#: scrape configs); every query of their series filters on `$exchange` (All = `.*`, which also matches a
+#: series without the label).
+EXCHANGE_MATCH = 'exchange=~"$exchange"'
+_ROLE_SERIES = re.compile(r"\b(tickbridge_(?:collector|forwarder|consumer)_[a-z0-9_]+)(\{)?")
+
+
+def with_exchange(expr: str) -> str:
+    """`expr` with the `$exchange` matcher on every collector, forwarder and consumer series."""
+    return _ROLE_SERIES.sub(lambda m: f"{m.group(1)}{{{EXCHANGE_MATCH}" + ("," if m.group(2) else "}"), expr)
+
+
+def query_variable(name: str, series: str) -> dict[str, Any]:
+    """`$<name>`: the values of label `name` that `series` has, multi-select with All (`VARIABLE_ALL[name]`)."""
+    query = f"label_values({series}, {name})"
+    return {
+        "name": name, "label": name, "type": "query", "datasource": DATASOURCE,
+        "query": {"query": query, "refId": name}, "definition": query, "refresh": 2, "sort": 1, "regex": "",
+        "multi": True, "includeAll": True, "allValue": VARIABLE_ALL[name], "hide": 0, "options": [],
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+    }  # fmt: skip
 
 
 def symbol_variable(series: str) -> dict[str, Any]:
-    """`$symbol`: the symbols `series` has (the configured SYMBOLS), multi-select with All (`.*`)."""
-    query = f"label_values({series}, symbol)"
-    return {
-        "name": "symbol", "label": "symbol", "type": "query", "datasource": DATASOURCE,
-        "query": {"query": query, "refId": "symbol"}, "definition": query, "refresh": 2, "sort": 1, "regex": "",
-        "multi": True, "includeAll": True, "allValue": VARIABLE_ALL["symbol"], "hide": 0, "options": [],
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-    }  # fmt: skip
+    """`$symbol`: the symbols `series` has (the configured SYMBOLS)."""
+    return query_variable("symbol", series)
+
+
+def exchange_variable(series: str) -> dict[str, Any]:
+    """`$exchange`: the exchanges `series` has (binance_spot, coinbase, kraken; issue 18)."""
+    return query_variable("exchange", series)
 
 
 def expand_variables(expr: str, values: dict[str, str] = VARIABLE_ALL) -> str:
@@ -753,9 +773,11 @@ DASHBOARDS: dict[str, tuple[str, tuple[Row, ...]]] = {
 }
 #: Template variables per host dashboard.
 VARIABLES: dict[str, tuple[dict[str, Any], ...]] = {
-    "vps": (symbol_variable("tickbridge_collector_vps_stream_latency_seconds_count"),),
-    "brain": (symbol_variable("tickbridge_consumer_symbol_stream_latency_seconds_count"),),
-}
+    "vps": (exchange_variable("tickbridge_collector_connection_up"),
+            symbol_variable("tickbridge_collector_vps_stream_latency_seconds_count")),
+    "brain": (exchange_variable("tickbridge_consumer_batch_entries_count"),
+              symbol_variable("tickbridge_consumer_symbol_stream_latency_seconds_count")),
+}  # fmt: skip
 
 
 def _prefix(row: Row) -> str:
@@ -765,7 +787,7 @@ def _prefix(row: Row) -> str:
 def _panel_json(panel: Panel, pid: int, x: int, y: int, prefix: str) -> dict[str, Any]:
     description = prefix + panel.description
     targets = [
-        {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
+        {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": with_exchange(expr), "legendFormat": legend}
         for i, (expr, legend) in enumerate(panel.queries)
     ]
     body: dict[str, Any] = {

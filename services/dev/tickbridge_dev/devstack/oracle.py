@@ -70,21 +70,23 @@ def export_csv(questdb_url: str, sql: str) -> list[list[str]]:
     return rows[1:]  # header
 
 
-def count_trades(questdb_url: str, table: str = keys.TRADES_TABLE) -> int:
-    rows = export_csv(questdb_url, f"SELECT count() FROM {table}")
+def count_trades(questdb_url: str, table: str = keys.TRADES_TABLE, exchange: str | None = None) -> int:
+    where = f" WHERE exchange = '{exchange}'" if exchange else ""
+    rows = export_csv(questdb_url, f"SELECT count() FROM {table}{where}")
     return int(rows[0][0]) if rows else 0
 
 
 def check_trades(
-    questdb_url: str, expected: dict[str, tuple[int, int]], table: str = keys.TRADES_TABLE
-) -> OracleReport:
-    """`expected`: symbol -> (first_trade_id, last_trade_id) the exchange emitted, contiguous."""
+    questdb_url: str, expected: dict[str, tuple[int, int]], table: str = keys.TRADES_TABLE,
+    exchange: str = keys.EXCHANGE,
+) -> OracleReport:  # fmt: skip
+    """`expected`: symbol -> (first_trade_id, last_trade_id) `exchange` emitted, contiguous."""
     results: list[SymbolResult] = []
     for symbol, (first, last) in sorted(expected.items()):
         ids = [int(r[0]) for r in export_csv(
             questdb_url,
-            f"SELECT trade_id FROM {table} WHERE symbol = '{symbol}' AND trade_id >= {first} AND trade_id <= {last} "
-            "ORDER BY timestamp, trade_id",
+            f"SELECT trade_id FROM {table} WHERE exchange = '{exchange}' AND symbol = '{symbol}' "
+            f"AND trade_id >= {first} AND trade_id <= {last} ORDER BY timestamp, trade_id",
         )]  # fmt: skip
         want = last - first + 1 if last >= first else 0
         distinct = len(set(ids))
@@ -104,5 +106,6 @@ def expected_from_sim_stats(stats: dict[str, Any]) -> dict[str, tuple[int, int]]
         # Trades generated before any client subscribed were never emitted: start at the first one sent.
         first = info.get("first_sent_trade_id", info.get("first_trade_id"))
         if first is not None and info.get("last_trade_id") is not None:
-            out[symbol] = (int(first), int(info["last_trade_id"]))
+            # Coinbase and Kraken sims key their stats by the venue's symbol (`BTC-USD`) and give the normalized one.
+            out[str(info.get("symbol") or symbol)] = (int(first), int(info["last_trade_id"]))
     return out

@@ -9,6 +9,11 @@ with the link proxy (resets, refused connects, segment loss) in front of it: for
 toxiproxy -> Brain Redis. With Prometheus, a redis_exporter next to each Redis (jobs `redis-vps`,
 `redis-brain`, as in compose).
 Each process gets free loopback ports and its own directory and is stopped by PID.
+
+Several exchanges (issue 18, `StackConfig.venues`): beside Binance, each venue (`coinbase`, `kraken`) gets
+its own simulator (`tickbridge sim --venue`) and its own collector, forwarder and consumer (`EXCHANGE=<venue>`,
+stream `market:vps:stream:<venue>` on both hosts), named `collector-<venue>` ... in `roles`; the one writer
+serves every exchange.
 """
 
 from __future__ import annotations
@@ -46,6 +51,15 @@ ROLES = ("collector", "forwarder", "forwarder-live", "consumer", "writer")
 LIVE_ROLE = "forwarder-live"
 #: Its nice value (compose: cpu_shares 2048, twice the others' weight; nice -3 is about that much weight).
 LIVE_NICE = -3
+#: The roles each exchange runs for itself (the writer is shared; a venue's forwarder runs both lanes).
+VENUE_ROLES = ("consumer", "forwarder", "collector")
+#: The WebSocket path of each venue simulator.
+VENUE_WS_PATH = {"coinbase": "/", "kraken": "/v2"}
+
+
+def role_name(role: str, venue: str | None = None) -> str:
+    """`collector` (Binance) or `collector-coinbase`: the key in `NativeStack.roles` and the process's folder."""
+    return role if venue is None else f"{role}-{venue}"
 
 
 class RoleProcess(ManagedProcess):
@@ -108,6 +122,10 @@ class StackConfig:
     workdir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     sim_args: list[str] = field(default_factory=list)
+    #: Exchanges run beside Binance (`coinbase`, `kraken`), each with its own simulator and roles; SOURCE=sim.
+    venues: tuple[str, ...] = ()
+    #: Trades/s of each venue simulator (None: `rate`).
+    venue_rate: float | None = None
 
 
 class NativeStack:
@@ -126,6 +144,9 @@ class NativeStack:
         self.brain_link_port: int | None = None
         self.sim: RoleProcess | None = None
         self.sim_port = free_port()
+        #: Venue simulators and their ports (issue 18).
+        self.venue_sims: dict[str, RoleProcess] = {}
+        self.venue_ports: dict[str, int] = {v: free_port() for v in config.venues}
         self.roles: dict[str, RoleProcess] = {}
         self.prometheus: PrometheusServer | None = None
         self.alertmanager: AlertmanagerServer | None = None
@@ -144,7 +165,7 @@ class NativeStack:
             return f"redis://127.0.0.1:{self.brain_link_port}/0"
         return self.brain_redis.url
 
-    def env_for(self, role: str) -> dict[str, str]:
+    def env_for(self, role: str, venue: str | None = None) -> dict[str, str]:
         cfg = self.config
         on_vps = role in ("forwarder", LIVE_ROLE)  # they reach the Brain over the link
         env = {
@@ -166,7 +187,17 @@ class NativeStack:
         if role == "consumer":
             env["CONSUMER_NAME"] = "consumer-1"
         env.update(cfg.extra_env)
-        if role == LIVE_ROLE:
+        if venue is not None:
+            port = self.venue_ports[venue]
+            env["EXCHANGE"] = venue
+            env.pop("STREAM_KEY", None)  # the venue's own stream (market:vps:stream:<venue>)
+            env[f"{venue.upper()}_WS_URL"] = f"ws://127.0.0.1:{port}{VENUE_WS_PATH[venue]}"
+            env[f"{venue.upper()}_REST_URL"] = f"http://127.0.0.1:{port}"
+            if role == "consumer":
+                env["CONSUMER_NAME"] = f"consumer-{venue}"
+            if role == "forwarder":
+                env["FORWARDER_LANE"] = "both"  # no live-lane process of its own per venue
+        elif role == LIVE_ROLE:
             env["FORWARDER_LANE"] = "live"
         elif role == "forwarder" and self.split_lane:
             env["FORWARDER_LANE"] = "ordered"
@@ -209,6 +240,23 @@ class NativeStack:
         self.sim = RoleProcess("sim", {}, free_port(), args + cfg.sim_args, workdir=self.workdir / "sim")
         self._start(self.sim)
 
+    def venue_sim(self, venue: str) -> RoleProcess:
+        cfg = self.config
+        rate = cfg.rate if cfg.venue_rate is None else cfg.venue_rate
+        args = ["--venue", venue, "--host", "127.0.0.1", "--port", str(self.venue_ports[venue]), "--rate", str(rate),
+                "--seed", str(cfg.seed)]  # fmt: skip
+        if cfg.symbols:
+            args += ["--symbols", ",".join(cfg.symbols)]
+        proc = RoleProcess("sim", {}, free_port(), args, workdir=self.workdir / f"sim-{venue}")
+        proc.name = f"sim-{venue}"
+        return proc
+
+    def venue_role(self, role: str, venue: str) -> RoleProcess:
+        name = role_name(role, venue)
+        proc = RoleProcess(role, self.env_for(role, venue), free_port(), workdir=self.workdir / name)
+        proc.name = name
+        return proc
+
     def start_role(self, role: str) -> RoleProcess:
         proc = self.roles.get(role)
         if proc is None:
@@ -248,9 +296,18 @@ class NativeStack:
 
     def prometheus_config(self, rule_files: list[Path]) -> str:
         """Scrape config with the same job names as the compose Prometheus configs."""
-        jobs: dict[str, list[str]] = {role: [f"127.0.0.1:{p.metrics_port}"] for role, p in self.roles.items()}
+        # Job = role, as in compose; each exchange's processes carry an `exchange` label (issue 18).
+        jobs: dict[str, list[str]] = {}
+        exchanges: dict[str, str] = {}
+        procs = dict(self.roles)
         if self.sim is not None:
-            jobs["sim"] = [f"127.0.0.1:{self.sim.metrics_port}"]
+            procs["sim"] = self.sim
+        procs.update(self.venue_sims)
+        for name, p in procs.items():
+            target = f"127.0.0.1:{p.metrics_port}"
+            jobs.setdefault(p.role, []).append(target)
+            venue = name.partition("-")[2]
+            exchanges[target] = venue if venue in self.venue_ports else keys.EXCHANGE
         jobs["questdb-vps"] = [f"127.0.0.1:{self.vps_questdb.min_port}"]
         jobs["questdb-brain"] = [f"127.0.0.1:{self.brain_questdb.min_port}"]
         for host, exporter in self.redis_exporters.items():
@@ -265,8 +322,10 @@ class NativeStack:
         lines.append("scrape_configs:")
         for job, targets in jobs.items():
             host = "brain" if job in ("consumer", "writer", "reader", "questdb-brain", "redis-brain") else "vps"
-            lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {json.dumps(targets)}",
-                      f"        labels: {{host: {host}}}"]  # fmt: skip
+            lines += [f"  - job_name: {job}", "    static_configs:"]
+            for target in targets:
+                label = f", exchange: {exchanges[target]}" if target in exchanges and job != "writer" else ""
+                lines += [f"      - targets: {json.dumps([target])}", f"        labels: {{host: {host}{label}}}"]
         return "\n".join(lines) + "\n"
 
     def start(self, roles: tuple[str, ...] = ROLES) -> NativeStack:
@@ -282,6 +341,14 @@ class NativeStack:
                 if role in wanted:
                     self.roles[role] = RoleProcess(role, self.env_for(role), free_port(), workdir=self.workdir / role)
                     procs.append(self.roles[role])
+            for venue in self.config.venues:  # each exchange's simulator and own roles (issue 18)
+                if self.config.source == "sim":
+                    self.venue_sims[venue] = self.venue_sim(venue)
+                    procs.append(self.venue_sims[venue])
+                for role in VENUE_ROLES:
+                    if role in wanted:
+                        proc = self.roles[role_name(role, venue)] = self.venue_role(role, venue)
+                        procs.append(proc)
             self._start_all(procs)
             if self.config.with_prometheus:
                 self.start_prometheus()
@@ -344,20 +411,27 @@ class NativeStack:
             raw = resp.read()
         return json.loads(raw) if raw else None
 
-    def sim_request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def sim_request(self, method: str, path: str, body: dict[str, Any] | None = None, venue: str | None = None) -> Any:
+        """A request to the Binance simulator, or to `venue`'s."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.sim_port}{path}", data=data, method=method,
+        port = self.sim_port if venue is None or venue == keys.EXCHANGE else self.venue_ports[venue]
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json"})  # fmt: skip
         with urllib.request.urlopen(req, timeout=10) as resp:
             raw = resp.read()
         return json.loads(raw) if raw else None
 
-    def sim_fault(self, action: str, **params: Any) -> Any:
-        return self.sim_request("POST", "/_sim/fault", {"action": action, **params})
+    def sim_fault(self, action: str, venue: str | None = None, **params: Any) -> Any:
+        return self.sim_request("POST", "/_sim/fault", {"action": action, **params}, venue)
 
-    def sim_stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.sim_request("GET", "/_sim/stats")
+    def sim_stats(self, venue: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.sim_request("GET", "/_sim/stats", venue=venue)
         return result
+
+    @property
+    def exchanges(self) -> tuple[str, ...]:
+        """Every exchange this stack runs: Binance, then the venues."""
+        return (keys.EXCHANGE, *self.config.venues)
 
     def brain_sql(self, sql: str) -> list[list[Any]]:
         url = f"{self.brain_questdb.url}/exec?" + urllib.parse.urlencode({"query": sql})

@@ -187,8 +187,8 @@ class SecureNativeStack(NativeStack):
         return RedisExporterServer(f"rediss://127.0.0.1:{self.brain_redis.tls_port}", user="monitor",
                                    password=password, tls=tls, streams=(self.stream_key,), workdir=workdir)  # fmt: skip
 
-    def env_for(self, role: str) -> dict[str, str]:
-        env = super().env_for(role)
+    def env_for(self, role: str, venue: str | None = None) -> dict[str, str]:
+        env = super().env_for(role, venue)
         vps_user, brain_user = ROLE_USERS.get(role, (None, None))
         # A role without a user on a host gets an address without credentials: unusable (default user off).
         env["VPS_REDIS_URL"] = (

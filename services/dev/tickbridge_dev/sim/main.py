@@ -10,14 +10,13 @@ from typing import NoReturn
 from prometheus_client import REGISTRY
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from tickbridge.collector.venues.base import BINANCE_SPOT, EXCHANGES
+from tickbridge.collector.venues.base import BINANCE_SPOT, EXCHANGES, venue_symbols
 from tickbridge.core.lifecycle import Service, run_service, setup_logging
 from tickbridge.core.metrics import serve_metrics
 from tickbridge.core.settings import die, load_settings
 from tickbridge_dev.sim.config import SimConfig
 from tickbridge_dev.sim.server import SimServer
 from tickbridge_dev.sim.venues import VENUES, VenueServer
-from tickbridge_dev.sim.venues.common import venue_symbols
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,9 @@ collector, unchanged): HOT/WARM, the VPS stream, batching, metrics, lifecycle, r
 
 Records. A venue parser yields `VenueTrade` and `BookUpdate`, validated like `core.tick.Trade`/`DepthDiff`
 with the same checks. They carry what the shared ticks do not (the venue's own symbol, Coinbase's connection
-`sequence_num`, Kraken's CRC32) and become the shared ticks through `to_tick()`. The pipeline itself accepts only
-`binance_spot` today (`core.tick.check_exchange`: the exchange names Redis keys the ACLs must allow), so
-`to_tick()` of a Coinbase or Kraken record raises that one-line `TickError` until the step that enables a venue
-widens `check_exchange`, the ACLs (`redis/users.*.acl`) and `wire.match_trade` together.
+`sequence_num`, Kraken's CRC32) and become the shared ticks through `to_tick()`. The pipeline carries every
+exchange of `EXCHANGES` (`core.tick.check_exchange`, the ACLs `redis/users.*.acl`, `wire.match_trade`: the
+exchange names Redis keys, so the three move together).
 
 Symbols. One normalized form across venues, the one Binance keys already use: base and quote upper case,
 concatenated (`BTCUSD` for Coinbase `BTC-USD` and Kraken `BTC/USD`; Binance `BTCUSDT` stays `BTCUSDT`), with the
@@ -48,7 +47,11 @@ BINANCE_SPOT = keys.EXCHANGE
 COINBASE = "coinbase"
 KRAKEN = "kraken"
 #: The `exchange` values: they name Redis keys (`market:<exchange>:…`) and QuestDB rows.
-EXCHANGES = (BINANCE_SPOT, COINBASE, KRAKEN)
+EXCHANGES = keys.EXCHANGES
+assert EXCHANGES == (BINANCE_SPOT, COINBASE, KRAKEN)
+#: Quote currencies recognised when a normalized symbol (`BTCUSDT`, as SYMBOLS holds it) is turned into a
+#: venue's form (`BTC-USDT`, `BTC/USDT`).
+QUOTES = ("USDT", "USDC", "USD", "EUR", "GBP", "BTC", "ETH")
 
 #: Venue asset codes that name the same asset as another code (Kraken's legacy ISO-4217-A3 style names).
 ASSET_ALIASES = {"XBT": "BTC", "XXBT": "BTC", "XDG": "DOGE", "XXDG": "DOGE", "ZUSD": "USD", "ZEUR": "EUR",
@@ -110,6 +113,22 @@ def split_pair(exchange: str, venue_symbol: str, separator: str) -> Instrument:
     if not sep or not base or not quote:
         raise VenueError(f"{exchange} symbol: expected BASE{separator}QUOTE, got {venue_symbol[:40]!r}")
     return Instrument(exchange, normalize_asset(base), normalize_asset(quote), venue_symbol)
+
+
+def venue_symbols(symbols: Iterable[str], separator: str) -> tuple[str, ...]:
+    """Symbols in a venue's form: `BTC-USD` stays (separator adjusted), `BTCUSDT` becomes `BTC<sep>USDT` (a known
+    quote suffix, `QUOTES`); ValueError naming the symbol otherwise."""
+    out = []
+    for s in symbols:
+        s = s.strip().upper()
+        if "-" in s or "/" in s:
+            out.append(s.replace("-", separator).replace("/", separator))
+            continue
+        quote = next((q for q in QUOTES if s.endswith(q) and len(s) > len(q)), None)
+        if quote is None:
+            raise ValueError(f"symbol {s!r}: no known quote currency ({', '.join(QUOTES)}); give BASE-QUOTE")
+        out.append(f"{s[: -len(quote)]}{separator}{quote}")
+    return tuple(out)
 
 
 class SymbolMap:
@@ -209,7 +228,7 @@ class VenueTrade:
         check_int("trade_id", self.trade_id)
 
     def to_tick(self) -> Trade:
-        """The shared tick (raises `TickError` while the pipeline does not carry this exchange)."""
+        """The shared tick (`core.tick.Trade`, the same exchange)."""
         return Trade(symbol=self.symbol, price=self.price, volume=self.volume, side=self.side,
                      timestamp=self.timestamp, trade_id=self.trade_id, recv_ts=self.recv_ts,
                      exchange=self.exchange)  # fmt: skip

@@ -22,7 +22,7 @@ import orjson
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
-from tickbridge.collector.venues.base import Instrument, split_pair
+from tickbridge.collector.venues.base import Instrument, split_pair, venue_symbols
 from tickbridge_dev.sim import wire
 from tickbridge_dev.sim.app import SimApp
 from tickbridge_dev.sim.config import SimConfig
@@ -33,23 +33,6 @@ log = logging.getLogger(__name__)
 
 #: Trades a `trade`/`market_trades` subscription starts with (the venue's most recent ones).
 TRADE_SNAPSHOT = 50
-#: Quote currencies recognised when a Binance-style symbol (`BTCUSDT`) is turned into a venue's form.
-QUOTES = ("USDT", "USDC", "USD", "EUR", "GBP", "BTC", "ETH")
-
-
-def venue_symbols(symbols: tuple[str, ...], separator: str) -> tuple[str, ...]:
-    """Symbols in a venue's form: `BTC-USD` stays, `BTCUSDT` becomes `BTC<sep>USDT` (a known quote suffix)."""
-    out = []
-    for s in symbols:
-        s = s.strip().upper()
-        if "-" in s or "/" in s:
-            out.append(s.replace("-", separator).replace("/", separator))
-            continue
-        quote = next((q for q in QUOTES if s.endswith(q) and len(s) > len(q)), None)
-        if quote is None:
-            raise ValueError(f"symbol {s!r}: no known quote currency ({', '.join(QUOTES)}); give BASE-QUOTE")
-        out.append(f"{s[: -len(quote)]}{separator}{quote}")
-    return tuple(out)
 
 
 def decimals_of(units: int) -> int:
@@ -201,6 +184,7 @@ class VenueServer(SimApp):
         self.conns: set[VenueConn] = set()
         self.fault_counts: dict[str, int] = {}
         self.markets: dict[str, VenueMarket] = {}
+        self._first_sent: dict[str, int] = {}
         for vs in venue_symbols(config.symbols, self.separator):
             inst = split_pair(self.exchange, vs, self.separator)
             self.markets[vs] = VenueMarket(self.exchange, inst, config)
@@ -264,10 +248,13 @@ class VenueServer(SimApp):
             picks = [self.known(symbol)] * n
         now_us = time.time_ns() // 1000
         trades: dict[str, list[SimTrade]] = {}
+        watched = bool(self.conns)
         for vs in picks:
             t = self.markets[vs].trade(now_us)
             if t is not None:
                 trades.setdefault(vs, []).append(t)
+                if watched:  # the oracle's start: trades made before any client connected reached nobody
+                    self._first_sent.setdefault(vs, t.trade_id)
         changes = {}
         for vs in dict.fromkeys(picks):
             bids, asks = self.markets[vs].market.take_changes()
@@ -387,6 +374,7 @@ class VenueServer(SimApp):
             per[vs] = {
                 "symbol": m.instrument.symbol,
                 "first_trade_id": h.first_id,
+                "first_sent_trade_id": self._first_sent.get(vs),
                 "last_trade_id": h.last_id,
                 "trades": h.count,
             }
