@@ -42,37 +42,37 @@ def _pairs(reply: Any) -> dict[bytes, Any]:
     return {reply[i]: reply[i + 1] for i in range(0, len(reply) - 1, 2)}
 
 
+async def read_brain_view(brain: Any, key: str, group_name: str) -> BrainView:
+    """The Brain stream's last-generated-id (what the Brain holds; survives its own trimming), its first and
+    last entries and `group_name`'s last-delivered-id. XINFO STREAM goes first: the group only moves up
+    meanwhile, so a legitimate trim never looks like a loss. Raises `LinkDown` if the Brain does not answer."""
+    try:
+        info, groups = await execute_packed(brain, [("XINFO", "STREAM", key), ("XINFO", "GROUPS", key)])
+    except TRANSIENT_ERRORS as exc:
+        raise LinkDown("brain", exc) from exc
+    if isinstance(info, ResponseError):
+        if "no such key" in str(info):  # the forwarder no longer creates it: a fresh Brain has nothing yet
+            return BrainView(ZERO, None, None, None)
+        raise LinkDown("brain", str(info))
+    if isinstance(groups, ResponseError):
+        raise LinkDown("brain", str(groups))
+    fields = _pairs(info)
+    first, last = fields.get(b"first-entry"), fields.get(b"last-entry")
+    wanted = group_name.encode()
+    group = next((parse_stream_id(g[b"last-delivered-id"]) for g in map(_pairs, groups) if g[b"name"] == wanted), None)
+    return BrainView(
+        top=parse_stream_id(fields[b"last-generated-id"]),
+        first=parse_stream_id(first[0]) if first else None,
+        last=(parse_stream_id(last[0]), list(last[1])) if last else None,
+        group=group,
+    )
+
+
 class BrainLink(Spilling):
     """Inspects the Brain stream (adopt, rewind or refuse its top) and sends batches to it."""
 
     async def _brain_view(self) -> BrainView:
-        """The Brain stream's last-generated-id (what the Brain holds; survives its own trimming), its first and
-        last entries and CONSUMER_GROUP's last-delivered-id. XINFO STREAM goes first: the group only moves up
-        meanwhile, so a legitimate trim never looks like a loss."""
-        try:
-            info, groups = await execute_packed(
-                self.brain, [("XINFO", "STREAM", self.key), ("XINFO", "GROUPS", self.key)]
-            )
-        except TRANSIENT_ERRORS as exc:
-            raise LinkDown("brain", exc) from exc
-        if isinstance(info, ResponseError):
-            if "no such key" in str(info):  # the forwarder no longer creates it: a fresh Brain has nothing yet
-                return BrainView(ZERO, None, None, None)
-            raise LinkDown("brain", str(info))
-        if isinstance(groups, ResponseError):
-            raise LinkDown("brain", str(groups))
-        fields = _pairs(info)
-        first, last = fields.get(b"first-entry"), fields.get(b"last-entry")
-        wanted = self.settings.consumer_group.encode()
-        group = next(
-            (parse_stream_id(g[b"last-delivered-id"]) for g in map(_pairs, groups) if g[b"name"] == wanted), None
-        )
-        return BrainView(
-            top=parse_stream_id(fields[b"last-generated-id"]),
-            first=parse_stream_id(first[0]) if first else None,
-            last=(parse_stream_id(last[0]), list(last[1])) if last else None,
-            group=group,
-        )
+        return await read_brain_view(self.brain, self.key, self.settings.consumer_group)
 
     async def _adopt_top(self, top: StreamId) -> None:
         """Make the Brain's top the checkpoint; behind ours means the Brain lost writes: rewind and resend."""

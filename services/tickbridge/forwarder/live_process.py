@@ -9,8 +9,11 @@ chaos kills run). Here the lane decides when to run from what it reads itself, e
   `tickbridge:forwarder:state`): rows spilled above the Brain's top are a backlog too.
 
 The lane runs while the Brain's top is `LIVE_MIN_GAP_MS` or more behind the newest VPS entry, or spilled rows
-wait; it stops once the Brain's top reaches its cursor (`LiveLane.step`). So it also covers a forwarder that is
-down (its top stops moving) and a restarted one that replays. Exactly once is unchanged: the lane writes only
+wait; it stops once the Brain's top **and** the consumer group's last-delivered ID (`XINFO GROUPS`) reach its
+cursor (`LiveLane.step` compares the lower of the two). So it also covers a forwarder that is down (its top
+stops moving), a restarted one that replays, and the tail of a catch-up where the forwarder is done but the
+consumer still works through the Brain stream (stopping at the Brain's top left a hand-over to the consumer's
+Brain-tail follower, stale ~1.5 s on a loaded host). Exactly once is unchanged: the lane writes only
 the disposable live stream; the ordered forwarder is still the only writer of the Brain stream.
 """
 
@@ -27,6 +30,7 @@ from tickbridge.core.lifecycle import Service
 from tickbridge.core.redis_io import execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.wire import StreamId, format_stream_id, parse_stream_id
+from tickbridge.forwarder.brain_link import read_brain_view
 from tickbridge.forwarder.live_lane import LIVE_MIN_BACKLOG, LiveLane
 
 log = logging.getLogger("tickbridge.forwarder.live")
@@ -75,15 +79,17 @@ class LaneWatch:
             self.vps_ready = False
             return
         try:
-            self.checkpoint = await asyncio.wait_for(self._brain_top(), WATCH_TIMEOUT_S)
+            brain_top, delivered = await asyncio.wait_for(self._brain_positions(), WATCH_TIMEOUT_S)
             self.brain_up = True
         except Exception as exc:
             self._down("Brain", exc)
             self.brain_up = False
             return
         self._failures = 0
-        self.buffer_pending = buffer_high > self.checkpoint
-        self.gap_ms = max(0, top[0] - self.checkpoint[0]) if top > self.checkpoint else 0
+        # The lane's stop point: the ordered path is complete below it on the Brain *and* handed to the consumer.
+        self.checkpoint = brain_top if delivered is None else min(brain_top, delivered)
+        self.buffer_pending = buffer_high > brain_top
+        self.gap_ms = max(0, top[0] - brain_top[0]) if top > brain_top else 0
         if self.behind is not None:
             self.behind.set(self.gap_ms / 1000)
         # LiveLane.wanted() compares the backlog with its minimum: a gap this large counts as one.
@@ -108,15 +114,10 @@ class LaneWatch:
         high = fields.get(b"buffer_high_id")
         return top, parse_stream_id(high) if high else ZERO
 
-    async def _brain_top(self) -> StreamId:
-        (info,) = await execute_packed(self.brain, [("XINFO", "STREAM", self.key)])
-        if isinstance(info, BaseException):
-            if "no such key" in str(info).lower():
-                return ZERO  # an empty Brain: everything on the VPS is ahead
-            raise info
-        fields = info if isinstance(info, dict) else dict(zip(info[::2], info[1::2], strict=False))
-        top = fields.get(b"last-generated-id", fields.get("last-generated-id"))
-        return parse_stream_id(top) if top else ZERO
+    async def _brain_positions(self) -> tuple[StreamId, StreamId | None]:
+        """The Brain stream's top and the consumer group's last-delivered ID (None: no such group yet)."""
+        view = await read_brain_view(self.brain, self.key, self.settings.consumer_group)
+        return view.top, view.group
 
     async def close(self) -> None:
         for client in (self.vps, self.brain):
