@@ -223,3 +223,42 @@ async def _rows_grew(qdb: QuestDBHttp) -> bool:
         _last_count[0] = count
         return True
     return False
+
+
+async def test_an_entry_appended_and_removed_leaves_no_phantom_lag(
+    brain: aioredis.Redis,
+    redis_server: RedisServer,
+    questdb_factory: Callable[..., QuestDBServer],
+    services: ServiceRunner,
+) -> None:
+    """The consumer's undo of a duplicate (XADD then XDEL in one call) counts in entries-added but is never read:
+    once idle, the writer corrects its group's count, so the lag (and the backlog gauge behind WriterStalled)
+    is 0 again, and the group moves past the removed entry only."""
+    qserver = questdb_factory()
+    qdb = QuestDBHttp(qserver.url)
+    settings, source = await backlog(brain, redis_server, qserver, 200)
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    services.start(BrainWriter(settings, registry, monitor_interval_s=0.2))
+    try:
+        await eventually(lambda: exactly_once(qdb, source.counts()), timeout=60, what="first rows")
+        await eventually(lambda: _drained(brain), timeout=20, what="lag 0")
+        key = keys.trades_key(SYMBOLS[0])
+        before = (await writer_group(brain, SYMBOLS[0]))["last-delivered-id"]
+        undo = "redis.call('XDEL', KEYS[1], redis.call('XADD', KEYS[1], '*', 'undone', '1'))"  # one atomic step
+        await brain.eval(undo, 1, key)
+        await eventually(lambda: _drained(brain), timeout=20, what="lag 0 again")
+        # Moved past the removed entry only: to the stream's last ID, with nothing real in between.
+        after = (await writer_group(brain, SYMBOLS[0]))["last-delivered-id"]
+        assert after == (await brain.xinfo_stream(key))["last-generated-id"]
+        assert await brain.xrange(key, f"({before.decode()}", "+") == []
+
+        async def gauge_zero() -> bool:
+            return registry.get_sample_value("tickbridge_writer_backlog_entries") == 0
+
+        await eventually(gauge_zero, timeout=10, what="backlog gauge 0")
+        await source.append(brain, STREAM, 100)  # and the flow goes on, exactly once
+        await eventually(lambda: exactly_once(qdb, source.counts()), timeout=60, what="more rows")
+        await eventually(lambda: _drained(brain), timeout=20, what="lag 0 after more")
+    finally:
+        await qdb.close()

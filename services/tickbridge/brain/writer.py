@@ -152,7 +152,7 @@ class BrainWriter(WriterMonitor):
         rows = self._rows()
         if rows >= self.settings.writer_batch_rows:
             return True
-        if not rows:
+        if not rows and not self._pending_dead:  # dead letters alone go too: the group moves past them
             return False
         interval = self.settings.writer_flush_interval_s
         now = time.monotonic()
@@ -199,9 +199,14 @@ class BrainWriter(WriterMonitor):
             return 0
         got = await self._read(streams, block)
         now = time.monotonic()
-        if now - self._last_count_read > 5.0 and any(c.entries_read is None for c in self.cursors.values()):
-            self._last_count_read = now  # rare (an upgrade, a stream not created yet): a few commands per stream
-            await self.count_read(s.encode() for s in streams if not got.get(s.encode()))
+        if now - self._last_count_read > 5.0:
+            # Settled: every position is its group's (nothing read since the last batch, which QuestDB confirmed).
+            flushing = self._flushing
+            confirmed = flushing is None or (flushing.done() and not flushing.cancelled() and not flushing.exception())
+            settled = not got and not self._rows() and not self._advanced and confirmed
+            if settled or any(c.entries_read is None for c in self.cursors.values()):
+                self._last_count_read = now  # idle, or after an upgrade: one round trip
+                await self.count_read((s.encode() for s in streams if not got.get(s.encode())), settled=settled)
         count = self._per_stream_count()
         self._last_short = all(len(entries) < count for entries in got.values())
         return self._add(got)

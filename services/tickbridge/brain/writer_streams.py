@@ -45,25 +45,42 @@ class WriterStreams(WriterBase):
             self.cursors[stream.encode()] = cursor or Cursor(b"0-0", None)
         await self.count_read(s.encode() for s in streams)
 
-    async def count_read(self, streams: Iterable[bytes]) -> None:
+    async def count_read(self, streams: Iterable[bytes], *, settled: bool = False) -> None:
         """Learn how many entries lie up to the position of cursors that do not know it (a new group, an upgrade),
         so the group's lag stays valid: read in one transaction with the first entry after the position, it is
-        the stream's entries-added if nothing is after it, entries-added minus the length if everything is."""
+        the stream's entries-added if nothing is after it, entries-added minus the length if everything is.
+
+        `settled` (the writer is idle: nothing held, nothing in flight, so each position is its group's): every
+        cursor is checked, and a group at the top whose count or position is off is moved to the stream's last ID
+        with the right count at once. Both drift for each entry the consumer appends and removes in one call
+        (the undo of a duplicate between two members): counted in entries-added, never read."""
         assert self.client is not None
+        streams = [s for s in streams if (c := self.cursors.get(s)) is not None and (settled or c.entries_read is None)]
+        cmds: list[Command] = []
         for stream in streams:
-            cursor = self.cursors.get(stream)
-            if cursor is None or cursor.entries_read is not None:
-                continue
-            cmds: list[Command] = [["MULTI"], ["XRANGE", stream, b"(" + cursor.position, "+", "COUNT", 1]]
+            cmds += [["MULTI"], ["XRANGE", stream, b"(" + self.cursors[stream].position, "+", "COUNT", 1]]
             cmds += [["XINFO", "STREAM", stream], ["EXEC"]]
-            done = (await execute_packed(self.client, cmds))[-1]
+        replies = await execute_packed(self.client, cmds)
+        fixes: list[Command] = []
+        for stream, done in zip(streams, replies[3::4], strict=True):
             if not isinstance(done, list) or any(isinstance(r, BaseException) for r in done):
                 continue  # no such key yet (XINFO STREAM), or no right to look: the lag stays unknown
-            after, info = done[0], parse_info_pairs(done[1])
+            cursor, (after, info) = self.cursors[stream], (done[0], parse_info_pairs(done[1]))
             if not after:
-                cursor.entries_read = int(info[b"entries-added"])
+                count = int(info[b"entries-added"])
+                top = info[b"last-generated-id"]
+                if settled and (count != cursor.entries_read or top != cursor.position):
+                    # Nothing real after the position: move to the stream's last ID, past any removed entry
+                    # (Redis reports no lag while one lies after a group's position).
+                    fixes.append(["XGROUP", "SETID", stream, self.group, top, "ENTRIESREAD", count])
+                    cursor.position = top
             elif info[b"first-entry"] and after[0][0] == info[b"first-entry"][0]:
-                cursor.entries_read = int(info[b"entries-added"]) - int(info[b"length"])
+                count = int(info[b"entries-added"]) - int(info[b"length"])
+            else:
+                continue
+            cursor.entries_read = count
+        if fixes:
+            await execute_packed(self.client, fixes)
 
     def _skip(self, stream: str) -> None:
         self.streams.remove(stream)
