@@ -191,6 +191,11 @@ async def catchup_drain(
             env = {**os.environ, "VPS_REDIS_URL": vps.url, "BRAIN_REDIS_URL": brain.url, "FORWARDER_LANE": "live",
                    "METRICS_PORT": "0", "LOG_LEVEL": "WARNING"}  # fmt: skip
             lane_proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tickbridge", "forwarder", env=env)
+
+            async def lane_up() -> bool:  # deployed, the lane process is long running: its start is not timed
+                return bool(await brain_c.hget(keys.CATCHUP, "live_updated"))
+
+            await _wait(lane_up, 60)
         fw = Forwarder(settings, registry, buffer_table=f"bench_catchup_{tag}", live_lane=live_lane and not process,
                        lane_figures=process)  # fmt: skip
         task = asyncio.create_task(fw.run())
@@ -218,7 +223,7 @@ async def catchup_drain(
         brain.stop()
 
 
-async def run(n: int, catchup_n: int = 300_000, rounds: int = 2, process: bool = False) -> None:
+async def run(n: int, catchup_n: int = 1_000_000, rounds: int = 2, process: bool = False) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tb-bench-forwarder-"))
     qdb = QuestDBServer(workdir=workdir / "questdb")
     qdb.start()
@@ -271,7 +276,12 @@ async def catchup_ab(workdir: Path, qdb: QuestDBServer, n: int, rounds: int, pro
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--ticks", type=int, default=1_000_000)
-    parser.add_argument("--catchup-ticks", type=int, default=300_000, help="backlog of the live lane on/off A/B")
+    parser.add_argument(
+        "--catchup-ticks",
+        type=int,
+        default=1_000_000,
+        help="backlog of the live lane on/off A/B (300,000 drains in ~2 s: too short to compare)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternated on/off pairs of the A/B")
     parser.add_argument("--only-catchup", action="store_true", help="run only the live lane on/off A/B")
     lane_help = "the A/B's 'on': the lane as its own process (FORWARDER_LANE=live), as deployed"
