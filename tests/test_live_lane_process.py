@@ -186,3 +186,39 @@ async def test_a_lane_far_behind_starts_again_from_the_newest(redis_factory: Cal
         await lane._close()
         await watch.close()
         await vps_c.aclose()
+
+
+async def test_the_lane_stays_on_until_the_consumer_group_passed_its_cursor(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """At the end of a catch-up the forwarder is done before the consumer: the lane stops only when the Brain's top
+    *and* the consumer group's last-delivered ID reached its cursor (no hand-over gap to the consumer's follower)."""
+    vps, brain = redis_factory(), redis_factory()
+    settings = Settings(vps_redis_url=vps.url, brain_redis_url=brain.url, symbols=SYMBOLS)
+    key = settings.stream_key
+    vps_c, brain_c = make_client(vps.url), make_client(brain.url)
+    now_ms = int(time.time() * 1000)
+    ids = [f"{now_ms - 3_000 + i}-0" for i in range(0, 3_000, 100)]
+    for entry_id in ids:  # the ordered path has delivered everything: both tops are equal
+        await vps_c.xadd(key, {"n": entry_id}, id=entry_id)
+        await brain_c.xadd(key, {"n": entry_id}, id=entry_id)
+    watch = LaneWatch(settings, asyncio.Event())
+    lane = LiveLane(watch, CollectorRegistry(), batch=100, figures=False)
+    try:
+        await watch.refresh()
+        assert watch.checkpoint == (now_ms - 100, 0)  # no consumer group yet: the Brain's top alone
+        await brain_c.xgroup_create(key, settings.consumer_group, id=ids[5])  # the consumer is 25 entries behind
+        await watch.refresh()
+        assert watch.checkpoint == (now_ms - 3_000 + 500, 0)
+        lane.cursor = lane.start_id = (now_ms - 1_000, 0)
+        await lane.step()
+        assert lane.cursor is not None, "the lane stopped while the consumer was still behind its cursor"
+        await brain_c.xgroup_setid(key, settings.consumer_group, id=ids[-1])  # the consumer caught up
+        await watch.refresh()
+        await lane.step()
+        assert lane.cursor is None, "the lane kept running after the consumer passed its cursor"
+    finally:
+        await lane._close()
+        await watch.close()
+        await vps_c.aclose()
+        await brain_c.aclose()
