@@ -111,23 +111,34 @@ async def _pending_zero(client: aioredis.Redis) -> bool:
     return bool((await client.xinfo_groups(STREAM))[0]["pending"] == 0)
 
 
-async def test_two_consumers_share_the_load_without_duplicates(
+async def test_a_second_consumer_is_a_harmless_standby_and_takes_over(
     brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
 ) -> None:
+    """Issue 20: the group is a cursor moved by the ingest call itself, which writes nothing when another
+    consumer moved the group since the batch was read. Two consumers on one stream: every trade once, in the
+    Brain stream's order per symbol (by construction now), and the standby takes over when the other stops."""
     await ensure_group(brain, STREAM, GROUP)
     source = TradeSource(SYMBOLS)
     registries = [CollectorRegistry(), CollectorRegistry()]
     a = services.start(BrainConsumer(settings_for(redis_server, consumer_name="a", consumer_batch=200), registries[0]))
     b = services.start(BrainConsumer(settings_for(redis_server, consumer_name="b", consumer_batch=200), registries[1]))
-    for _ in range(20):  # a steady flow, so both consumers get batches
-        await source.append(brain, STREAM, 1000)
+    for _ in range(20):  # a steady flow, so both consumers race for batches
+        await source.append(brain, STREAM, 500)
         await asyncio.sleep(0.01)
-    await eventually(lambda: equals(total_written(brain), 20_000), timeout=30, what="20k written")
-    assert a.handled > 0 and b.handled > 0
-    assert a.handled + b.handled == 20_000
+    await eventually(lambda: equals(total_written(brain), 10_000), timeout=30, what="10k written")
+    assert a.handled + b.handled == 10_000
+    active, standby = (a, b) if a.handled >= b.handled else (b, a)
+    await services.stop_one(active)
+    for _ in range(10):
+        await source.append(brain, STREAM, 500)
+        await asyncio.sleep(0.01)
+    await eventually(lambda: equals(total_written(brain), 15_000), timeout=30, what="15k written after the stop")
+    assert a.handled + b.handled == 15_000 and standby.handled >= 5_000
     for sym, count in source.counts().items():
-        trade_ids = sorted(int(f[b"trade_id"]) for _, f in await brain.xrange(keys.trades_key(sym)))
+        trade_ids = [int(f[b"trade_id"]) for _, f in await brain.xrange(keys.trades_key(sym))]
         assert trade_ids == list(range(1, count + 1))
+    info = (await brain.xinfo_groups(STREAM))[0]
+    assert info["pending"] == 0 and info["lag"] == 0
 
 
 async def test_metrics_and_trimming(brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner) -> None:
@@ -225,7 +236,7 @@ def test_fast_trade_check_agrees_with_decode_entry(change: dict[str, str]) -> No
         assert fast == (b"BTCUSDT", b"binance_spot")
 
 
-async def test_entry_that_keeps_failing_is_dead_lettered_without_harming_its_batch(
+async def test_entry_whose_append_fails_is_dead_lettered_without_harming_its_batch(
     brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
 ) -> None:
     await ensure_group(brain, STREAM, GROUP)
@@ -241,7 +252,8 @@ async def test_entry_that_keeps_failing_is_dead_lettered_without_harming_its_bat
 
     await eventually(lambda: equals(brain.xlen(keys.CONSUMER_DEAD_LETTER), 1), timeout=20, what="dead-lettered")
     dl = (await brain.xrange(keys.CONSUMER_DEAD_LETTER))[0][1]
-    assert dl[b"src_id"] == bad_id and b"delivered 3 times" in dl[b"reason"]
+    # Dead-lettered by the same call, with the error (issue 20: nothing stays pending to be retried).
+    assert dl[b"src_id"] == bad_id and b"WRONGTYPE" in dl[b"reason"] and dl[b"symbol"] == b"XRPUSDT"
     trade_ids = [int(f[b"trade_id"]) for _, f in await brain.xrange(keys.trades_key("BTCUSDT"))]
     assert sorted(trade_ids) == list(range(1, 11))  # the rest of the batch: written exactly once
     # ... and in WARM, the ones before the failing entry too (the call used to stop at the failing XADD,
@@ -249,11 +261,13 @@ async def test_entry_that_keeps_failing_is_dead_lettered_without_harming_its_bat
     warm_ids = sorted(int(m.split(b"|")[0]) for m in await brain.zrange(keys.warm_key("BTCUSDT"), 0, -1))
     assert warm_ids == list(range(1, 11))
     await eventually(lambda: _pending_zero(brain), timeout=5, what="group drained")
-    assert (registry.get_sample_value("tickbridge_consumer_errors_total", {"kind": "response"}) or 0) >= 2
+    assert (registry.get_sample_value("tickbridge_consumer_errors_total", {"kind": "response"}) or 0) >= 1
+    assert registry.get_sample_value("tickbridge_consumer_dead_letters_total") == 1
 
 
 async def test_ingest_call_replayed_writes_nothing_twice(brain: aioredis.Redis, redis_server: RedisServer) -> None:
-    """Two consumers racing for the same entries (or a retried call): XACK 0 undoes the append."""
+    """Two consumers racing for the same entries (or a retried call): the second call finds the group moved
+    and writes nothing."""
     await ensure_group(brain, STREAM, GROUP)
     source = TradeSource(SYMBOLS)
     await source.append(brain, STREAM, 30)
@@ -262,12 +276,15 @@ async def test_ingest_call_replayed_writes_nothing_twice(brain: aioredis.Redis, 
     svc.client = make_client(redis_server.url)
     try:
         await svc._setup()
-        entries = await svc._read(">", block=False)
+        entries = await svc._read(block=False)
         assert len(entries) == 31
-        cmd, dead, truncated, _ = svc._build(entries, {})
+        assert svc.position is not None
+        cmd, dead, truncated, _ = svc._build(entries, {}, svc.position)
         assert dead == truncated == 0
         first, second = await execute_packed(brain, [cmd, cmd])
-        assert first == [31, 0, 0, 0, b"", 0] and second == [0, 31, 0, 0, b"", 0]
+        assert first == [31, 0, 0, 0, b"", 0, 0] and second == [0, 0, 0, 0, b"", 0, 1]
+        info = (await brain.xinfo_groups(STREAM))[0]
+        assert info["last-delivered-id"] == entries[-1][0] and info["lag"] == 0 and info["pending"] == 0
         for sym in SYMBOLS:
             ids = await src_ids(brain, keys.trades_key(sym))
             assert len(ids) == len(set(ids)) == 10

@@ -243,11 +243,11 @@ async def test_wide_record_in_a_hand_made_call_is_dead_lettered_by_the_function(
     try:
         await svc._setup()  # loads the function library
         wide_id = await xadd(brain, [b"a", b"b"])
-        assert [e[0] for e in await svc._read(">", block=False)] == [wide_id]
+        assert [e[0] for e in await svc._read(block=False)] == [wide_id]
         fields = [x for i in range(10_000) for x in (b"f%d" % i, b"v")]  # more values than Lua can unpack
         reply = await brain.execute_command(  # type: ignore[no-untyped-call]
-            "FCALL", "tickbridge_brain_ingest", 2, STREAM, keys.CONSUMER_DEAD_LETTER, GROUP, 300_000_000, 0,
-            "d", wide_id, 2, len(fields), *fields,
+            "FCALL", "tickbridge_brain_ingest", 2, STREAM, keys.CONSUMER_DEAD_LETTER, GROUP, 300_000_000,
+            svc.position, wide_id, 1, 10_000, 0, "d", wide_id, 2, len(fields), *fields,
         )  # fmt: skip
         assert reply[0] == 1 and reply[3] == 0, reply
         letters = await dead_letters(brain)

@@ -383,6 +383,9 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
          ["XADD", TRADES, "*", *TRADE_FIELDS], ["XADD", DEPTH, "*", "bids", "[]"],
          ["XADD", C_DEAD, "MAXLEN", "=", 10000, "*", "raw", "x"], ["XLEN", C_DEAD], ["XACK", STREAM, GROUP, "1-1"],
          ["XDEL", TRADES, "1-1"], ["XDEL", C_DEAD, "1-1"], ["ZADD", WARM, TS, "t1"],
+         # the group as a cursor (issue 20): XREAD from it, moved by the ingest call
+         ["XREAD", "COUNT", 10, "STREAMS", STREAM, "0-0"], ["XINFO", "STREAM", STREAM],
+         ["XGROUP", "SETID", STREAM, GROUP, "0-0", "ENTRIESREAD", 0],
          ["ZRANGE", WARM, -1, -1, "WITHSCORES"], ["ZREMRANGEBYSCORE", WARM, "-inf", f"({TS - 1}"],
          ["XRANGE", C_DEAD, "-", "+", "COUNT", 10],  # tickbridge deadletters (and the replay function)
          # the monitor loop (metrics, heartbeat, trimming):
@@ -393,7 +396,7 @@ ROLE_CASES: dict[tuple[str, str], tuple[list[Cmd], list[Cmd]]] = {
          ["GET", C_BEAT],  # tickbridge check consumer --heartbeat (the container's health check)
          ["PING"]],
         [["XCLAIM", STREAM, GROUP, "c", 0, "1-1"], ["XINFO", "CONSUMERS", STREAM, GROUP],
-         ["XINFO", "STREAM", STREAM], ["XGROUP", "CREATECONSUMER", STREAM, GROUP, "c"], ["DISCARD"],
+         ["XGROUP", "CREATECONSUMER", STREAM, GROUP, "c"], ["DISCARD"], ["XGROUP", "SETID", TRADES, GROUP, "0-0"],
          ["HSET", "tickbridge:consumer:x", "a", 1], ["HGET", "tickbridge:consumer:x", "a"],
          ["HGETALL", "tickbridge:consumer:x"], ["GET", "tickbridge:consumer:x"], ["SET", "tickbridge:consumer:x", 1],
          ["EXPIRE", C_BEAT, 10], ["PEXPIRE", C_BEAT, 10], ["FUNCTION", "LIST"], ["FCALL_RO", "forge", 1, STREAM],

@@ -1,18 +1,27 @@
 #!lua name=tickbridge_brain
 
--- One atomic step per consumer batch: append each Brain-stream entry to its target stream and XACK
--- it; if the XACK returned 0 (another consumer or an earlier attempt already did the work) the
--- append is undone (XDEL) before anyone can see it, and a trade goes to the WARM sorted set only if
--- acked. A crash before the call changes nothing; after it, the entry is written exactly once.
--- An XADD that fails (e.g. WRONGTYPE: the target key is not a stream) leaves its entry unacked,
--- still pending, to be retried and, if it keeps failing, dead-lettered by the consumer; the call goes
--- on with the other entries, WARM included. (Stopping the call there, as redis.call would, left the
--- entries before it written and acked but never in WARM.) A failure is per key, so the entries of one
--- symbol all fail or all succeed together and its order holds.
+-- One atomic step per consumer batch: append each Brain-stream entry to its target stream (trades also to
+-- the WARM sorted set) and move the consumer group past the batch (issue 20: the group is a durable cursor).
+-- The consumer reads with XREAD from the group's last-delivered ID and passes that ID as `position`; the
+-- call writes nothing unless the group is still there (another consumer moved it: `moved` = 1, the caller
+-- re-reads from the group), then writes every entry and moves the group to `last_id` with XGROUP SETID
+-- (ENTRIESREAD kept valid, so XINFO GROUPS' lag stays right). Keys written and cursor moved are one step: no
+-- pending list, no per-entry XACK, no claims, and a crash before or after the call never duplicates.
+-- Nothing after the first write may raise (a Lua error does not undo earlier writes, and the group would
+-- stay put: the retry would write them twice): appends use pcall, the book update runs under Lua's pcall.
+-- An append that fails (e.g. WRONGTYPE: the target key is not a stream) sends its entry to the dead-letter
+-- stream in the same step, with the error as reason (`failed` counts them; replayable once the key is fixed).
+-- A failure is per key, so the entries of one symbol all fail or all succeed together and its order holds.
 --
--- KEYS[1] = the Brain stream; KEYS[2..] = target streams and WARM sorted sets, referenced by index.
--- ARGV = group, warm_window_us, H, then H triples (trade stream index k, symbol, exchange): the
--- trade stream KEYS[k] has its WARM zset at KEYS[k + 1]. Then records, each starting with a kind:
+-- `position` '' is the upgrade mode: entries left pending by a consumer of an older version (which read
+-- with XREADGROUP) are each XACKed first and written only if the XACK returned 1 (not done before); the
+-- group is not moved (it is past them already).
+--
+-- KEYS[1] = the Brain stream, KEYS[2] = the dead-letter stream; KEYS[3..] = target streams and WARM sorted
+-- sets, referenced by index.
+-- ARGV = group, warm_window_us, position, last_id, count (entries in the batch), dead_letter_maxlen, H, then H
+-- triples (trade stream index k, symbol, exchange): the trade stream KEYS[k] has its WARM zset at KEYS[k + 1].
+-- Then records, each starting with a kind:
 --   'T', k, count, then count x (id, price, volume, side, timestamp, trade_id, recv_ts): trades in the
 --        contract's field order for the key pair k (the common case)
 --   'w', id, target_index, warm_index, score, member, nfields, field, value, ...: any other valid trade
@@ -21,16 +30,14 @@
 --        ...: an order-book diff or whole book (BOOK) in the contract's field order, also applied to the
 --        Brain's book at KEYS[book_index..+4] (book.lua); its levels follow flat (nb, na: values, not levels),
 --        so the call needs no JSON decoding; a book reset (RESYNC) marks the book invalid
-
 --   'D', id, dead_letter_index, maxlen, nfields, field, value, ... (with the reason): a dead letter, in a
 --        stream capped at maxlen entries (XADD MAXLEN =; the evicted oldest ones are counted)
 --   'd', id, dead_letter_index, nfields, field, value, ...: a dead letter without a cap (older consumers)
 -- Arguments cost more than the commands here, so the common case sends as few as possible.
 -- A record of more than MAX_UNPACK values (Lua's C stack limits `unpack`, and a script error would fail
--- the batch on every retry) is never unpacked: a dead letter is written without the entry's fields (and
--- acked), a tick is left pending (the consumer dead-letters it after its delivery limit).
--- Returns {written, already_acked, failed WARM commands, entries left pending, first error or '',
--- dead letters evicted by the cap}.
+-- the batch on every retry) is never unpacked: a dead letter is written without the entry's fields.
+-- Returns {written, already_acked (upgrade mode), failed WARM commands, entries dead-lettered after a failed
+-- append, first error or '', dead letters evicted by the cap, moved}.
 local MAX_UNPACK = 4000
 
 local function add_warm(warm, zkey, score, member)
@@ -64,13 +71,68 @@ local function write_warm(warm, window)
   return failed
 end
 
+-- The group's last-delivered ID and entries-read (false when Redis does not know it), or nil without the group.
+local function group_state(stream, group)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local name, last, read = nil, nil, false
+    for j = 1, #g, 2 do
+      local f = g[j]
+      if f == 'name' then name = g[j + 1]
+      elseif f == 'last-delivered-id' then last = g[j + 1]
+      elseif f == 'entries-read' then read = g[j + 1] end
+    end
+    if name == group then return last, read end
+  end
+  return nil, false
+end
+
+-- Move the group to `last_id`. Its entries-read is the old count plus the batch (the batch is every entry
+-- after the old position: XREAD from it, and nothing is trimmed above the group); unknown (an upgrade, a
+-- SETID by hand) it is learned once the group reaches the stream's top.
+local function move_group(stream, group, last_id, read, count)
+  if read then
+    return redis.call('XGROUP', 'SETID', stream, group, last_id, 'ENTRIESREAD', read + count)
+  end
+  local info = redis.call('XINFO', 'STREAM', stream)
+  for j = 1, #info, 2 do
+    if info[j] == 'last-generated-id' and info[j + 1] == last_id then
+      for m = 1, #info, 2 do
+        if info[m] == 'entries-added' then
+          return redis.call('XGROUP', 'SETID', stream, group, last_id, 'ENTRIESREAD', info[m + 1])
+        end
+      end
+    end
+  end
+  return redis.call('XGROUP', 'SETID', stream, group, last_id)
+end
+
+-- An entry whose append failed goes to the dead-letter stream with the error (its fields after it).
+local function dead_letter(dl, maxlen, id, err, fields)
+  local r = redis.pcall('XADD', dl, 'MAXLEN', '=', maxlen, '*', 'src_id', id, 'reason', 'append failed: ' .. err,
+                        unpack(fields))
+  return type(r) ~= 'table'
+end
+
 local function ingest(keys, args)
-  local stream = keys[1]
+  local stream, dl = keys[1], keys[2]
   local group = args[1]
   local window = tonumber(args[2])
-  local pairs_count = tonumber(args[3])
+  local position, last_id, count, dl_maxlen = args[3], args[4], tonumber(args[5]), args[6]
+  local acking = position == ''
+  local read = false
+  if not acking then
+    local last
+    last, read = group_state(stream, group)
+    if last == nil then
+      return redis.error_reply('NOGROUP no group ' .. group .. ' on ' .. stream)
+    end
+    if last ~= position then
+      return {0, 0, 0, 0, '', 0, 1}
+    end
+  end
+  local pairs_count = tonumber(args[7])
   local symbol_of, exchange_of = {}, {}
-  local i = 4
+  local i = 8
   for _ = 1, pairs_count do
     local k = tonumber(args[i])
     symbol_of[k], exchange_of[k] = args[i + 1], args[i + 2]
@@ -80,29 +142,37 @@ local function ingest(keys, args)
   local written, dup, failed, first_err, evicted = 0, 0, 0, '', 0
   local warm = {}
   local call, pcall_ = redis.call, redis.pcall
+  local function fail(key, id, err, fields)
+    failed = failed + 1
+    if first_err == '' then first_err = key .. ': ' .. err end
+    if not dead_letter(dl, dl_maxlen, id, err, fields) and first_err ~= '' then
+      first_err = first_err .. ' (and its dead letter failed: the entry is lost)'
+    end
+  end
   while i <= n do
     local kind = args[i]
     if kind == 'T' then
       -- A run of `count` trades for the key pair k: id, price, volume, side, timestamp, trade_id, recv_ts.
       local k = tonumber(args[i + 1])
-      local count = tonumber(args[i + 2])
+      local runs = tonumber(args[i + 2])
       local target, zkey, symbol, exchange = keys[k], keys[k + 1], symbol_of[k], exchange_of[k]
       i = i + 3
-      for _ = 1, count do
+      for _ = 1, runs do
         local id, price, volume, side, ts, trade_id, recv_ts =
           args[i], args[i + 1], args[i + 2], args[i + 3], args[i + 4], args[i + 5], args[i + 6]
-        local new_id = pcall_('XADD', target, '*', 'src_id', id, 'symbol', symbol, 'exchange', exchange,
-                              'type', 'TRADE', 'price', price, 'volume', volume, 'side', side, 'timestamp', ts,
-                              'trade_id', trade_id, 'recv_ts', recv_ts)
-        if type(new_id) == 'table' then
-          failed = failed + 1
-          if first_err == '' then first_err = target .. ': ' .. new_id.err end
-        elseif call('XACK', stream, group, id) == 1 then
-          add_warm(warm, zkey, tonumber(ts), trade_id .. '|' .. price .. '|' .. volume .. '|' .. side .. '|' .. recv_ts)
-          written = written + 1
-        else
-          call('XDEL', target, new_id)
+        if acking and call('XACK', stream, group, id) == 0 then
           dup = dup + 1
+        else
+          local new_id = pcall_('XADD', target, '*', 'src_id', id, 'symbol', symbol, 'exchange', exchange,
+                                'type', 'TRADE', 'price', price, 'volume', volume, 'side', side, 'timestamp', ts,
+                                'trade_id', trade_id, 'recv_ts', recv_ts)
+          if type(new_id) == 'table' then
+            fail(target, id, new_id.err, {'symbol', symbol, 'exchange', exchange, 'type', 'TRADE', 'price', price,
+                 'volume', volume, 'side', side, 'timestamp', ts, 'trade_id', trade_id, 'recv_ts', recv_ts})
+          else
+            add_warm(warm, zkey, tonumber(ts), trade_id .. '|' .. price .. '|' .. volume .. '|' .. side .. '|' .. recv_ts)
+            written = written + 1
+          end
         end
         i = i + 7
       end
@@ -129,51 +199,60 @@ local function ingest(keys, args)
         levels_at = next_i
         next_i = next_i + 2 + tonumber(args[next_i]) + tonumber(args[next_i + 1 + tonumber(args[next_i])])
       end
-      local dead_letter = kind == 'd' or kind == 'D'
-      local before = 0
-      if maxlen then
-        before = pcall_('XLEN', keys[k])
-      end
-      local new_id
-      if nfields <= MAX_UNPACK and i + nfields <= n then
-        if maxlen then
-          new_id = pcall_('XADD', keys[k], 'MAXLEN', '=', maxlen, '*', 'src_id', id, unpack(args, i + 1, i + nfields))
-        else
-          new_id = pcall_('XADD', keys[k], '*', 'src_id', id, unpack(args, i + 1, i + nfields))
-        end
-      elseif dead_letter then
-        local note = 'record of ' .. nfields .. ' values: fields not copied (too many to unpack)'
-        if maxlen then
-          new_id = pcall_('XADD', keys[k], 'MAXLEN', '=', maxlen, '*', 'src_id', id, 'reason', note)
-        else
-          new_id = pcall_('XADD', keys[k], '*', 'src_id', id, 'reason', note)
-        end
-      else
-        new_id = {err = 'record of ' .. nfields .. ' values: too many to unpack'}
-      end
-      if type(new_id) ~= 'table' and maxlen and type(before) == 'number' then
-        local after = call('XLEN', keys[k])
-        if after < before + 1 then evicted = evicted + before + 1 - after end
-      end
-      if type(new_id) == 'table' then
-        failed = failed + 1
-        if first_err == '' then first_err = keys[k] .. ': ' .. new_id.err end
-      elseif call('XACK', stream, group, id) == 1 then
-        if warm_index > 0 then
-          add_warm(warm, keys[warm_index], score, member)
-        end
-        if book_index > 0 then
-          book_entry(keys, book_index, args, i, levels_at)
-        end
-        written = written + 1
-      else
-        call('XDEL', keys[k], new_id)
+      local dead = kind == 'd' or kind == 'D'
+      if acking and call('XACK', stream, group, id) == 0 then
         dup = dup + 1
+      else
+        local before = 0
+        if maxlen then
+          before = pcall_('XLEN', keys[k])
+        end
+        local unpackable = nfields <= MAX_UNPACK and i + nfields <= n
+        local new_id
+        if unpackable then
+          if maxlen then
+            new_id = pcall_('XADD', keys[k], 'MAXLEN', '=', maxlen, '*', 'src_id', id, unpack(args, i + 1, i + nfields))
+          else
+            new_id = pcall_('XADD', keys[k], '*', 'src_id', id, unpack(args, i + 1, i + nfields))
+          end
+        elseif dead then
+          local note = 'record of ' .. nfields .. ' values: fields not copied (too many to unpack)'
+          if maxlen then
+            new_id = pcall_('XADD', keys[k], 'MAXLEN', '=', maxlen, '*', 'src_id', id, 'reason', note)
+          else
+            new_id = pcall_('XADD', keys[k], '*', 'src_id', id, 'reason', note)
+          end
+        else
+          new_id = {err = 'record of ' .. nfields .. ' values: too many to unpack'}
+        end
+        if type(new_id) ~= 'table' and maxlen and type(before) == 'number' then
+          local after = pcall_('XLEN', keys[k])
+          if type(after) == 'number' and after < before + 1 then evicted = evicted + before + 1 - after end
+        end
+        if type(new_id) == 'table' then
+          fail(keys[k], id, new_id.err, unpackable and {unpack(args, i + 1, i + nfields)} or {})
+        else
+          if warm_index > 0 then
+            add_warm(warm, keys[warm_index], score, member)
+          end
+          if book_index > 0 then
+            -- The entry is written: a book key of the wrong type must not raise past this point.
+            local ok, err = pcall(book_entry, keys, book_index, args, i, levels_at)
+            if not ok and first_err == '' then
+              first_err = keys[book_index] .. ': book not updated: ' .. tostring(type(err) == 'table' and err.err or err)
+            end
+          end
+          written = written + 1
+        end
       end
       i = next_i
     end
   end
-  return {written, dup, write_warm(warm, window), failed, first_err, evicted}
+  local warm_failed = write_warm(warm, window)
+  if not acking then
+    move_group(stream, group, last_id, read, count)
+  end
+  return {written, dup, warm_failed, failed, first_err, evicted, 0}
 end
 
 redis.register_function('tickbridge_brain_ingest', ingest)

@@ -1,32 +1,31 @@
-"""`tickbridge consumer`: the Brain stream (consumer group) -> per-symbol streams + WARM sorted sets.
+"""`tickbridge consumer`: the Brain stream (consumer group as a cursor) -> per-symbol streams + WARM sorted sets.
 
-Exactly once with several instances: each batch is one call of the Redis function
-`tickbridge_brain_ingest` (brain.lua) that, per entry, appends the tick to
-`market:<exchange>:trades|depth:<SYMBOL>` (with `src_id` = the Brain-stream ID) and XACKs it; if the
-XACK returned 0 (another consumer already handled it) the append is undone inside the same call, and
-only acked trades go to the WARM zset. The call is atomic, so a crash before or after it never
-duplicates. (Per-symbol explicit IDs are not used for dedup: two consumers interleave IDs per
-symbol, so a lower ID from one would be rejected after the other wrote a higher one.)
+Exactly once by construction (issue 20): the group `CONSUMER_GROUP` is a durable cursor. The consumer reads
+with XREAD from the group's last-delivered ID, and each batch is one call of the Redis function
+`tickbridge_brain_ingest` (brain.lua) that appends every tick to `market:<exchange>:trades|depth:<SYMBOL>`
+(with `src_id` = the Brain-stream ID), trades to the WARM zset, and moves the group past the batch (`XGROUP
+SETID … ENTRIESREAD`): keys written and cursor moved are one atomic step, so a crash before or after it never
+loses or duplicates, and Redis keeps no pending list (no per-entry XACK, no claims). The call checks that the
+group is still where the batch was read from; if another consumer moved it, nothing is written and this one
+re-reads from the group, so a second consumer on the same stream is harmless (it waits as a standby and takes
+over if the first stops) and each symbol keeps the Brain stream's order.
 
 Entries are decoded and validated in Python first, and only the contract's fields of a valid tick of a
 configured symbol (SYMBOLS) travel on, in the contract's order (a trade in another field order is written
 in the contract's). Anything else (extra, duplicate or missing fields, invalid values, a symbol outside
-SYMBOLS), and entries delivered more than CONSUMER_MAX_DELIVERIES times, go to the dead-letter stream
-through the same function (acked exactly once as well), as a capped copy: at most `dead_letter_max_bytes`
-of the raw fields (a `truncated` field says what was cut), in a stream capped at `dead_letter_maxlen`
-entries (the oldest are evicted; both counted). A peer on the link can neither stall the consumer nor
-fill the Brain Redis with what it sends.
+SYMBOLS) goes to the dead-letter stream through the same function, as a capped copy: at most
+`dead_letter_max_bytes` of the raw fields (a `truncated` field says what was cut), in a stream capped at
+`dead_letter_maxlen` entries (the oldest are evicted; both counted). A peer on the link can neither stall the
+consumer nor fill the Brain Redis with what it sends. An entry whose append fails (its target key is not a
+stream) is dead-lettered by the same call, with the error as reason, while the rest of the batch is written.
 
-An entry whose append fails (its target key is not a stream) stays pending while the call completes the
-rest of the batch, WARM included; the pending ones are retried entry by entry, and an entry is
-dead-lettered once it passed the delivery limit.
+Upgrade: entries left pending by a consumer of an older version (XREADGROUP) are handled once at start, each
+acked and written in one step only if not done before (CONSUMER_MAX_DELIVERIES still dead-letters one
+delivered too often); then the group is a cursor.
 
 Trimming: the Brain stream is trimmed (MINID, approximate) below the oldest entry CONSUMER_GROUP still
 needs, keeping `trim_retention_s` of history. Other groups are ignored (a stray group at 0-0 must not
 stop the trimming and fill the Brain's memory).
-
-On start the consumer re-reads its own pending entries, then claims entries idle for
-CONSUMER_CLAIM_IDLE_MS from consumers that died (XAUTOCLAIM, cursor loop, also periodically).
 
 The Brain only sees the VPS through data: the VPS link is reported up while the newest tick in the
 Brain stream is younger than `stale_after_s`.
@@ -58,7 +57,7 @@ from tickbridge.brain.common import (
 from tickbridge.brain.fastforward import FastForward
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
-from tickbridge.core.groups import GroupMember
+from tickbridge.core.groups import GroupMember, read_after
 from tickbridge.core.lifecycle import Service, Watchdog, run_service, setup_logging, tune_gc
 from tickbridge.core.metrics import HopLatency, counter, gauge, histogram, serve_metrics
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, ensure_group, execute_packed, make_client
@@ -89,6 +88,14 @@ DEAD_LETTER_MAXLEN = 10_000
 #: at worst, under a tenth of the Brain Redis' 2 GB `maxmemory`. A valid tick is far smaller (a trade
 #: ~150 B; a depth diff of Binance's 100 ms stream a few KiB), so a valid one stays replayable.
 DEAD_LETTER_MAX_BYTES = 16_384
+#: Seconds a consumer whose call found the group moved by another one waits before it reads again (a standby).
+STANDBY_S = 1.0
+
+
+class GroupMoved(Exception):
+    """Another consumer moved the group since this one read its batch: nothing was written."""
+
+
 #: Field pairs a dead letter copies at most (the contract has 9; brain.lua unpacks them in one call).
 DEAD_LETTER_MAX_FIELDS = 64
 
@@ -239,11 +246,11 @@ class BrainConsumer(Service):
         self.client: aioredis.Redis | None = None
         self.handled = 0
         self._newest_ts_us: int | None = None  # exchange time of the newest tick seen in the Brain stream
-        self._need_recover = True
-        self._last_claim = 0.0
+        #: The group's last-delivered ID as this consumer knows it: where the next batch is read from (the last
+        #: ID of the batch in flight, whose call moves the group there).
+        self.position: bytes | None = None
         self._keys: dict[tuple[bytes, bytes], tuple[str, str]] = {}
         self._inflight: asyncio.Task[tuple[int, int]] | None = None
-        self._isolate = False
         #: Live ticks to WARM ahead of a backlog (issue 16, `fastforward.py`); None: off (benchmarks of the core).
         self.fastforward: FastForward | None = (
             FastForward(settings, registry, self, lambda: self.handled) if fastforward else None
@@ -269,6 +276,17 @@ class BrainConsumer(Service):
         assert self.client is not None
         await load_functions(self.client)
         await ensure_group(self.client, self.stream, self.group, "0")
+        await self.fold_pending()
+        await self._sync_position()
+
+    async def _sync_position(self) -> None:
+        """Read from where the group is (its last-delivered ID)."""
+        assert self.client is not None
+        (groups,) = await execute_packed(self.client, [["XINFO", "GROUPS", self.stream]])
+        mine = [g for g in map(parse_info_pairs, reply_or_raise(groups)) if g[b"name"] == self.group.encode()]
+        if not mine:
+            raise ResponseError(f"NOGROUP {self.group} on {self.stream}")
+        self.position = mine[0][b"last-delivered-id"]
 
     async def _consume_loop(self) -> None:
         backoff = Backoff(base=0.1, cap=5.0)
@@ -279,102 +297,82 @@ class BrainConsumer(Service):
                 if not ready:
                     await self._setup()
                     ready = True
-                if self._need_recover:
-                    await self.recover_own()
-                    self._need_recover = False
-                if time.monotonic() - self._last_claim > self.settings.consumer_claim_idle_ms / 2000:
-                    await self.claim_idle()
-                    self._last_claim = time.monotonic()
+                if self.position is None:
+                    await self._sync_position()
                 await self.read_new()
                 backoff.reset()
+            except GroupMoved:
+                # Another consumer ingests this stream: stand by, then read again from where the group is.
+                await self._drop_inflight()
+                self.position = None
+                await self.sleep_or_stop(STANDBY_S)
             except TRANSIENT_ERRORS as exc:
                 self.metrics.errors.labels("redis").inc()
                 log.warning("Brain Redis unavailable (%s); retrying", exc)
                 await self._drop_inflight()
                 ready = False
-                self._need_recover = True
                 await self.sleep_or_stop(backoff.next())
             except ResponseError as exc:
                 self.metrics.errors.labels("response").inc()
                 log.error("Redis error: %s", exc)
                 await self._drop_inflight()
-                self._isolate = True  # a failed ingest call: retry its entries one by one
-                ready = False  # NOGROUP / missing function: recreate, then re-read our PEL
-                self._need_recover = True
+                ready = False  # NOGROUP / missing function: recreate, then read from the group's position
                 await self.sleep_or_stop(backoff.next())
         await self._drop_inflight()
 
     # ---------------------------------------------------------------- reading
 
-    async def _read(self, start: str, block: bool) -> list[GroupEntry]:
-        assert self.client is not None
-        got = await self.member.read(
-            self.client, [self.stream], [start], self.settings.consumer_batch, self.block_ms if block else None
-        )
+    async def _read(self, block: bool) -> list[GroupEntry]:
+        """XREAD of the next batch after `position` (no pending list: the ingest call moves the group)."""
+        assert self.client is not None and self.position is not None
+        block_ms = self.block_ms if block else None
+        got = await read_after(self.client, [self.stream], [self.position], self.settings.consumer_batch, block_ms)
         return next(iter(got.values()), [])
 
     async def read_new(self) -> int:
         """Read and validate one batch of new entries while the previous batch's call runs in Redis.
 
-        Python work overlaps Redis work; at most one call is in flight, and it is awaited before
-        anything else (recovery, claiming, stopping) touches the group.
+        Python work overlaps Redis work; at most one call is in flight, and it is awaited before anything else
+        touches the group. The next batch is read from the last ID of the one in flight: if that call finds the
+        group moved (or fails), the next one does too, and the loop reads again from the group.
         """
-        entries = await self._read(">", block=self._inflight is None)
-        built = self._build(entries, {}) if entries else None
+        assert self.position is not None
+        idle = self._inflight is None
+        entries = await self._read(block=idle)
+        if not entries and idle:
+            # Nothing new for a whole block: look where the group is before the next read (an operator may have
+            # moved it back, e.g. the repair of a refused Brain stream; a read after a bogus position waits forever).
+            self.position = None
+            return 0
+        built = self._build(entries, {}, self.position) if entries else None
         await self._finish_inflight()
         if built is not None:
+            self.position = entries[-1][0]
             self._inflight = asyncio.create_task(self._call(built[0], len(entries), built[1], built[2], built[3]))
             # Let the call go out before the next read: otherwise that read's round trip delays every tick.
             await asyncio.sleep(0)
         return len(entries)
 
-    async def recover_own(self) -> int:
-        """Handle this consumer's own pending entries (delivered before a crash, never acked).
-
-        After a failed ingest call the entries are retried one per call, so only an entry that keeps
-        failing stays pending (and reaches the dead-letter stream after CONSUMER_MAX_DELIVERIES).
-        """
+    async def fold_pending(self) -> int:
+        """Upgrade from a consumer that read with XREADGROUP: every entry pending in the group (any member's) is
+        handled once, acked and written in one step only if not done before. The group is past them already."""
         assert self.client is not None
         total = 0
-        failed: ResponseError | None = None
-        pages = self.member.own_pending(self.client, [self.stream], self.settings.consumer_batch, self.stopping)
-        async for page in pages:
-            entries = next(iter(page.values()))
-            self.metrics.claimed.inc(len(entries))
-            if self._isolate:
-                for entry in entries:
-                    try:
-                        await self.process([entry], recovered=True)
-                    except ResponseError as exc:
-                        failed = exc
-                        log.warning("entry %s failed again: %s", entry[0].decode(), exc)
-            else:
-                await self.process(entries, recovered=True)
-            total += len(entries)
-        if total:
-            log.info("re-handled %d own pending entries", total)
-        if failed is not None:
-            raise failed  # back off; the failing entries are re-read (and counted) on the next round
-        self._isolate = False
-        return total
-
-    async def claim_idle(self) -> int:
-        """XAUTOCLAIM entries idle past CONSUMER_CLAIM_IDLE_MS (consumers that died) and handle them."""
-        assert self.client is not None
-        total = 0
-        claims = self.member.claim_idle(
-            self.client, self.stream, self.settings.consumer_claim_idle_ms, self.settings.consumer_batch
-        )
-        async for entries, deleted in claims:
-            if entries:
-                self.metrics.claimed.inc(len(entries))
-                await self.process(entries, recovered=True)
-                total += len(entries)
+        async for entries, deleted in self.member.claim_idle(self.client, self.stream, 0, self.settings.consumer_batch):
             if deleted:
                 self.metrics.entries.labels("missing").inc(deleted)
                 log.warning("%d pending entries were trimmed before anyone handled them", deleted)
+            if entries:
+                total += len(entries)
+                await self.process(entries, recovered=True)
+        pages = self.member.own_pending(self.client, [self.stream], self.settings.consumer_batch, self.stopping)
+        async for page in pages:
+            entries = next(iter(page.values()))
+            total += len(entries)
+            await self.process(entries, recovered=True)
         if total:
-            log.info("claimed %d idle entries", total)
+            self.metrics.claimed.inc(total)
+            log.info("folded %d entries left pending by an older consumer", total)
         return total
 
     async def _delivery_counts(self, entries: Sequence[GroupEntry]) -> dict[bytes, int]:
@@ -387,19 +385,32 @@ class BrainConsumer(Service):
     # ---------------------------------------------------------------- writing
 
     async def process(self, entries: Sequence[GroupEntry], *, recovered: bool) -> tuple[int, int]:
-        """Validate a batch and hand it to the atomic ingest function; returns (written, duplicates)."""
+        """Validate a batch and hand it to the atomic ingest function; returns (written, duplicates).
+
+        `recovered`: pending entries of an older consumer (upgrade mode: acked one by one, the group stays);
+        otherwise the batch read from `position`, which the call moves the group past.
+        """
         await self._finish_inflight()
-        counts = await self._delivery_counts(entries) if recovered else {}
-        cmd, dead, truncated, stamps = self._build(entries, counts)
+        if recovered:
+            counts = await self._delivery_counts(entries)
+            cmd, dead, truncated, stamps = self._build(entries, counts, b"")
+        else:
+            assert self.position is not None
+            cmd, dead, truncated, stamps = self._build(entries, {}, self.position)
+            self.position = entries[-1][0]
         return await self._call(cmd, len(entries), dead, truncated, stamps)
 
     def _build(
-        self, entries: Sequence[GroupEntry], counts: dict[bytes, int]
+        self, entries: Sequence[GroupEntry], counts: dict[bytes, int], position: bytes
     ) -> tuple[list[str | bytes | int], int, int, Stamps]:
         """The FCALL for a batch (validation happens here), the number of dead letters in it, how many of
-        them keep only part of their entry, and the ticks' `recv_ts` per symbol (for the hop latency)."""
-        key_index: dict[str, int] = {}
-        key_list: list[str] = [self.stream]
+        them keep only part of their entry, and the ticks' `recv_ts` per symbol (for the hop latency).
+
+        `position`: the group's last-delivered ID the batch was read after (the call moves the group to the
+        batch's last ID if the group is still there); b"" for pending entries of an older consumer."""
+        # The dead-letter stream is always KEYS[2]: the call dead-letters an entry whose append failed.
+        key_index: dict[str, int] = {keys.CONSUMER_DEAD_LETTER: 2}
+        key_list: list[str] = [self.stream, keys.CONSUMER_DEAD_LETTER]
 
         def index(key: str) -> int:
             idx = key_index.get(key)
@@ -426,12 +437,11 @@ class BrainConsumer(Service):
         args: list[str | bytes | int] = []
         runs: dict[tuple[bytes, bytes], list[bytes]] = {}  # (symbol, exchange) -> 7 values per trade
         dead = truncated = 0
-        dl = 0
+        dl = 2
         symbols = self.symbols
         stamps: list[tuple[bytes, Sequence[bytes | int]]] = []
         for entry_id, fields in entries:
             if fields is None:  # deleted from the stream while pending: nothing left to write
-                dl = dl or index(keys.CONSUMER_DEAD_LETTER)
                 args += ["D", entry_id, dl, self.dead_letter_maxlen, 4,
                          "reason", "entry deleted while pending", "src_stream", self.stream]  # fmt: skip
                 dead += 1
@@ -464,7 +474,6 @@ class BrainConsumer(Service):
                     args += book_record(entry_id, target, book_keys_index(tick.symbol, key_list, book_index), tick)
                     continue
                 reason = tick
-            dl = dl or index(keys.CONSUMER_DEAD_LETTER)
             raw = fields if len(fields) % 2 == 0 else [*fields, b""]
             copy, cut = capped_copy(raw, self.dead_letter_max_bytes)
             extra: list[bytes] = [b"truncated", cut.encode()] if cut else []
@@ -475,7 +484,9 @@ class BrainConsumer(Service):
         for (symbol, exchange), run in runs.items():
             args += ["T", trade_pair(symbol, exchange), len(run) // 7, *run]
             stamps.append((symbol, run[6::7]))  # each trade is (id, price, volume, side, timestamp, trade_id, recv_ts)
-        head = [self.group, self.warm_window_us, len(header) // 3, *header]
+        last_id = entries[-1][0] if position else b""
+        head = [self.group, self.warm_window_us, position, last_id, len(entries), self.dead_letter_maxlen,
+                len(header) // 3, *header]  # fmt: skip
         return ["FCALL", INGEST_FUNCTION, len(key_list), *key_list, *head, *args], dead, truncated, stamps
 
     def _verdict(self, fields: list[bytes]) -> Tick | BookSnapshot | BookReset | str:
@@ -498,7 +509,9 @@ class BrainConsumer(Service):
         assert self.client is not None
         started = time.perf_counter()
         (reply,) = await execute_packed(self.client, [cmd])
-        written, dup, warm_errors, failed, first_error, evicted = reply_or_raise(reply)
+        written, dup, warm_errors, failed, first_error, evicted, moved = reply_or_raise(reply)
+        if moved:
+            raise GroupMoved(f"{self.group} on {self.stream} moved by another consumer")
         if stamps:
             # Hop collector -> per-symbol stream, once per call that returned (an entry it left pending, rare,
             # counts again when its retry succeeds).
@@ -524,19 +537,28 @@ class BrainConsumer(Service):
         self.metrics.entries.labels("written").inc(max(0, int(written) - dead))
         if dup:
             self.metrics.entries.labels("duplicate").inc(int(dup))
-        self.handled += n - int(failed)
         if failed:
-            # Left pending by the call (their target key refused the XADD): the loop backs off, retries them
-            # one by one and dead-letters the ones that keep failing; the rest of the batch is complete.
-            raise ResponseError(f"{failed} entries not written, left pending: {first_error.decode()}")
+            # Their target key refused the append: dead-lettered by the same call (replayable once the key is
+            # fixed); the rest of the batch is written.
+            self.metrics.dead_letters.inc(int(failed))
+            self.metrics.entries.labels("dead_letter").inc(int(failed))
+            self.metrics.errors.labels("response").inc()
+            log.error("%d entries dead-lettered, their append failed: %s", failed, first_error.decode())
+        elif first_error:
+            self.metrics.errors.labels("response").inc()
+            log.error("ingest: %s", first_error.decode())
+        self.handled += n
         return int(written), int(dup)
 
     async def _drop_inflight(self) -> None:
-        """Wait for the call in flight; if it failed, its entries stay pending and are re-read later."""
+        """Wait for the call in flight; if it failed (or found the group moved) nothing of it was written, and its
+        entries are read again from the group's position."""
         try:
             await self._finish_inflight()
         except MONITOR_ERRORS as exc:
-            log.warning("batch call failed (%s); its entries stay pending", exc)
+            log.warning("batch call failed (%s); read again from the group", exc)
+        except GroupMoved as exc:
+            log.warning("batch call not applied (%s); read again from the group", exc)
 
     async def _finish_inflight(self) -> None:
         task, self._inflight = self._inflight, None

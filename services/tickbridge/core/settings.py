@@ -256,10 +256,10 @@ class Settings(BaseSettings):
         1000, ge=1, le=100_000, description="entries per XREADGROUP"
     )
     consumer_claim_idle_ms: Annotated[int, ReadBy(("consumer",))] = Field(
-        30_000, ge=1000, description="claim another instance's entries idle this long"
+        30_000, ge=1000, description="unused since the group is a cursor (issue 20); old configs still load"
     )
     consumer_max_deliveries: Annotated[int, ReadBy(("consumer",))] = Field(
-        5, ge=1, description="deliveries before an entry becomes a dead letter"
+        5, ge=1, description="deliveries before an entry an older consumer left pending becomes a dead letter"
     )
     writer_batch_rows: Annotated[int, ReadBy(("writer",))] = Field(
         10_000, ge=1, description="rows per QuestDB flush at most"
