@@ -77,9 +77,12 @@ async def test_writes_trades_depth_warm_and_dead_letters(
     assert registry.get_sample_value("tickbridge_consumer_entries_total", {"outcome": "written"}) == 301
 
 
-async def test_recovers_own_pel_claims_dead_consumer_and_dead_letters_poison(
+async def test_upgrade_folds_the_pending_lists_of_older_consumers_and_dead_letters_poison(
     brain: aioredis.Redis, redis_server: RedisServer, services: ServiceRunner
 ) -> None:
+    """Issue 20: consumers of an older version (XREADGROUP) left pending entries, their own and a dead
+    member's; the cursor consumer handles each once at start (acked and written in one step), then reads on
+    from the group's position: every trade once, nothing pending."""
     await ensure_group(brain, STREAM, GROUP)
     # A poison entry: delivered to "me" again and again (e.g. the process crashed while handling it).
     poison_cmd = TradeSource(["XRPUSDT"]).next_commands(STREAM, 1)[0]
