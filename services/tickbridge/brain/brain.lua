@@ -71,37 +71,41 @@ local function write_warm(warm, window)
   return failed
 end
 
--- The group's last-delivered ID and entries-read (false when Redis does not know it), or nil without the group.
+-- The group's last-delivered ID, entries-read and lag (each false when Redis does not know it), or nil without
+-- the group.
 local function group_state(stream, group)
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local name, last, read = nil, nil, false
+    local name, last, read, lag = nil, nil, false, false
     for j = 1, #g, 2 do
       local f = g[j]
       if f == 'name' then name = g[j + 1]
       elseif f == 'last-delivered-id' then last = g[j + 1]
-      elseif f == 'entries-read' then read = g[j + 1] end
+      elseif f == 'entries-read' then read = g[j + 1]
+      elseif f == 'lag' then lag = g[j + 1] end
     end
-    if name == group then return last, read end
+    if name == group then return last, read, lag end
   end
-  return nil, false
+  return nil, false, false
 end
 
 -- Move the group to `last_id`. Its entries-read is the old count plus the batch (the batch is every entry
--- after the old position: XREAD from it, and nothing is trimmed above the group); unknown (an upgrade, a
--- SETID by hand) it is learned once the group reaches the stream's top.
-local function move_group(stream, group, last_id, read, count)
+-- after the old position: XREAD from it, and nothing is trimmed above the group). Unknown (a group created at
+-- 0, an upgrade, a SETID by hand), it is the stream's entries-added less the lag Redis estimates, or, without
+-- that, learned once the group reaches the stream's top (one XINFO STREAM per batch until then).
+local function move_group(stream, group, last_id, read, lag, count)
   if read then
     return redis.call('XGROUP', 'SETID', stream, group, last_id, 'ENTRIESREAD', read + count)
   end
   local info = redis.call('XINFO', 'STREAM', stream)
+  local added, top = nil, nil
   for j = 1, #info, 2 do
-    if info[j] == 'last-generated-id' and info[j + 1] == last_id then
-      for m = 1, #info, 2 do
-        if info[m] == 'entries-added' then
-          return redis.call('XGROUP', 'SETID', stream, group, last_id, 'ENTRIESREAD', info[m + 1])
-        end
-      end
-    end
+    if info[j] == 'entries-added' then added = info[j + 1]
+    elseif info[j] == 'last-generated-id' then top = info[j + 1] end
+  end
+  if added and lag then
+    return redis.call('XGROUP', 'SETID', stream, group, last_id, 'ENTRIESREAD', added - lag + count)
+  elseif added and top == last_id then
+    return redis.call('XGROUP', 'SETID', stream, group, last_id, 'ENTRIESREAD', added)
   end
   return redis.call('XGROUP', 'SETID', stream, group, last_id)
 end
@@ -119,10 +123,10 @@ local function ingest(keys, args)
   local window = tonumber(args[2])
   local position, last_id, count, dl_maxlen = args[3], args[4], tonumber(args[5]), args[6]
   local acking = position == ''
-  local read = false
+  local read, lag = false, false
   if not acking then
     local last
-    last, read = group_state(stream, group)
+    last, read, lag = group_state(stream, group)
     if last == nil then
       return redis.error_reply('NOGROUP no group ' .. group .. ' on ' .. stream)
     end
@@ -250,7 +254,7 @@ local function ingest(keys, args)
   end
   local warm_failed = write_warm(warm, window)
   if not acking then
-    move_group(stream, group, last_id, read, count)
+    move_group(stream, group, last_id, read, lag, count)
   end
   return {written, dup, warm_failed, failed, first_err, evicted, 0}
 end
