@@ -249,6 +249,8 @@ class BrainConsumer(Service):
         #: The group's last-delivered ID as this consumer knows it: where the next batch is read from (the last
         #: ID of the batch in flight, whose call moves the group there).
         self.position: bytes | None = None
+        #: True after a call found the group moved by another consumer: this one waits (`_stand_by`).
+        self._standby = False
         self._keys: dict[tuple[bytes, bytes], tuple[str, str]] = {}
         self._inflight: asyncio.Task[tuple[int, int]] | None = None
         #: Live ticks to WARM ahead of a backlog (issue 16, `fastforward.py`); None: off (benchmarks of the core).
@@ -279,6 +281,19 @@ class BrainConsumer(Service):
         await self.fold_pending()
         await self._sync_position()
 
+    async def _stand_by(self) -> None:
+        """Wait while another consumer moves the group; take over once it has not moved for `STANDBY_S` (the
+        other one stopped, or has nothing to do: then both read, and the loser of the next call stands by again).
+        A standby costs one XINFO GROUPS per `STANDBY_S`, not a read and a build of every batch."""
+        await self._sync_position()
+        before = self.position
+        if await self.sleep_or_stop(STANDBY_S):
+            return
+        await self._sync_position()
+        if self.position == before:
+            self._standby = False
+            log.info("consumer %s takes over %s at %s", self.consumer, self.stream, before)
+
     async def _sync_position(self) -> None:
         """Read from where the group is (its last-delivered ID)."""
         assert self.client is not None
@@ -297,6 +312,9 @@ class BrainConsumer(Service):
                 if not ready:
                     await self._setup()
                     ready = True
+                if self._standby:
+                    await self._stand_by()
+                    continue
                 if self.position is None:
                     await self._sync_position()
                 await self.read_new()
@@ -305,7 +323,7 @@ class BrainConsumer(Service):
                 # Another consumer ingests this stream: stand by, then read again from where the group is.
                 await self._drop_inflight()
                 self.position = None
-                await self.sleep_or_stop(STANDBY_S)
+                self._standby = True
             except TRANSIENT_ERRORS as exc:
                 self.metrics.errors.labels("redis").inc()
                 log.warning("Brain Redis unavailable (%s); retrying", exc)
