@@ -23,7 +23,14 @@ import redis.exceptions
 
 from tickbridge.ops import secrets_init
 from tickbridge.ops.acl import render_acl
-from tickbridge_dev.devstack.servers import REPO_ROOT, QuestDBServer, RedisServer, free_port, wait_until
+from tickbridge_dev.devstack.servers import (
+    QUESTDB_TUNING,
+    REPO_ROOT,
+    QuestDBServer,
+    RedisServer,
+    free_port,
+    wait_until,
+)
 from tickbridge_dev.devstack.tls import make_certs
 
 pytestmark = pytest.mark.timeout(180)
@@ -173,6 +180,8 @@ def test_questdb_server_conf_starts_and_exports_metrics(host: str, tmp_path: Pat
     binds = {k for k in conf if k.endswith(".bind.to")}
     assert binds == {"http.net.bind.to", "http.min.net.bind.to", "pg.net.bind.to"}
     assert conf["metrics.enabled"] == "true" and conf["http.min.net.bind.to"].endswith(":9003")
+    # One source for the 2-core worker tuning: what the native stack runs and measures is what compose runs.
+    assert {k: conf.get(k) for k in QUESTDB_TUNING} == QUESTDB_TUNING
     server = AuthQuestDB(workdir=tmp_path / "questdb", extra_conf={k: v for k, v in conf.items() if k not in binds})
     server.start()
     try:

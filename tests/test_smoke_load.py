@@ -44,6 +44,25 @@ def test_report_from_synthetic_numbers(tmp_path: Path) -> None:
     assert "| 1,000 |" in paths["summary"].read_text()
 
 
+def test_verdict_tells_a_slow_machine_from_a_slow_relay() -> None:
+    """A simulator short of RATE (its loop skipped trades) is the machine's failure, not the relay's."""
+    sim, qdb = "simulator achieved RATE within 1%", "Brain QuestDB ingest rate within 1% of RATE"
+    assert loadtest.verdict({sim: True, qdb: True}, 1.0, 0.01, 0) == "PASS"
+    slow = loadtest.verdict({sim: False, qdb: False}, 0.9, 0.01, 5000)
+    assert slow.startswith("FAIL: machine too slow") and "90.0 %" in slow and "5,000 trades" in slow and qdb in slow
+    assert loadtest.verdict({sim: True, qdb: False}, 1.0, 0.01, 0) == f"FAIL: relay: {qdb}"
+
+
+def test_role_histograms_are_one_figure_per_metric() -> None:
+    """Per-symbol series of a histogram are summed: one mean per metric, not one per label set."""
+    metrics = {
+        'x_seconds_sum{symbol="A"}': 1.0, 'x_seconds_count{symbol="A"}': 10.0,
+        'x_seconds_sum{symbol="B"}': 3.0, 'x_seconds_count{symbol="B"}': 10.0,
+    }  # fmt: skip
+    line = "".join(report._role_metric_lines({"collector": metrics}))
+    assert "`x_seconds` mean 200.0 ms over 20" in line and "symbol" not in line
+
+
 @pytest.mark.load
 @pytest.mark.slow
 @pytest.mark.timeout(240)

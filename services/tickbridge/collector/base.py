@@ -15,8 +15,8 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from picows.websockets import ClientConnection
 from prometheus_client import CollectorRegistry
-from websockets.asyncio.client import ClientConnection
 
 from tickbridge.collector.book import DepthSync, OrderBook
 from tickbridge.collector.metrics import CollectorMetrics

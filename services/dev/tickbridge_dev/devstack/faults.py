@@ -96,6 +96,9 @@ class Probe:
         self._seen: dict[str, bytes] = {}
         self._procs: dict[str, tuple[int, psutil.Process]] = {}
         self._wait: dict[str, tuple[int, float, int]] = {}
+        #: Helper processes of the harness (hopwatch followers) whose CPU counts as `harness` too.
+        self.harness_pids: list[int] = []
+        self._helpers: dict[int, psutil.Process] = {}
 
     def close(self) -> None:
         self.vps.close()
@@ -195,6 +198,17 @@ class Probe:
             with contextlib.suppress(psutil.Error):
                 p = cached[1]
                 out[name] = (p.cpu_percent(None), p.memory_info().rss / 2**20)
+        if "harness" in out:  # its helper processes take CPU from the stack as much as the harness itself
+            cpu, rss = out["harness"]
+            for pid in self.harness_pids:
+                with contextlib.suppress(psutil.Error):
+                    helper = self._helpers.get(pid)
+                    if helper is None:
+                        helper = self._helpers[pid] = psutil.Process(pid)
+                        helper.cpu_percent(None)
+                        continue
+                    cpu += helper.cpu_percent(None)
+            out["harness"] = (cpu, rss)
         return out
 
     def runqueue_wait(self) -> dict[str, float]:

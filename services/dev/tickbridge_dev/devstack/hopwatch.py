@@ -32,6 +32,9 @@ import redis
 
 from tickbridge.core import keys
 
+#: Pause after each sample: 100 samples a second per hop are plenty for p99 over a minute, and 4 followers plus
+#: the pinger at 2 ms cost the machine ~2,500 Redis round trips a second (taken from the stack it measures).
+PACE_MS = 10.0
 #: The key the floor pinger writes (never read by the roles; capped).
 FLOOR_KEY = "tickbridge:hopwatch:floor"
 
@@ -121,7 +124,9 @@ HOPS = (
 class HopWatch:
     """The followers and the floor pinger of one load run, as child processes of the harness."""
 
-    def __init__(self, vps_url: str, brain_url: str, symbols: list[str], workdir: Path, pace_ms: float = 2.0) -> None:
+    def __init__(
+        self, vps_url: str, brain_url: str, symbols: list[str], workdir: Path, pace_ms: float = PACE_MS
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         me = [sys.executable, "-m", "tickbridge_dev.devstack.hopwatch"]
@@ -140,6 +145,10 @@ class HopWatch:
             cmd += ["--out", str(self.outs[name]), "--pace-ms", str(pace_ms)]
             self.procs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         self.procs["ping"] = subprocess.Popen([*me, "ping", "--url", brain_url, "--interval-ms", str(pace_ms)])
+
+    def pids(self) -> list[int]:
+        """Every process of the watch (the load test counts their CPU as the harness's)."""
+        return [proc.pid for proc in self.procs.values()]
 
     def stop(self) -> dict[str, list[int]]:
         """Stop every process and return the samples (µs) per hop name and `floor`."""
@@ -171,11 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--field", default="recv_ts")
     f.add_argument("--type", dest="only_type", default="TRADE", help="only entries of this `type` ('' = any)")
     f.add_argument("--out", type=Path, required=True)
-    f.add_argument("--pace-ms", type=float, default=2.0)
+    f.add_argument("--pace-ms", type=float, default=PACE_MS)
     g = sub.add_parser("ping", help="the floor's writer")
     g.add_argument("--url", required=True)
     g.add_argument("--key", default=FLOOR_KEY)
-    g.add_argument("--interval-ms", type=float, default=2.0)
+    g.add_argument("--interval-ms", type=float, default=PACE_MS)
     args = p.parse_args(argv)
     if args.cmd == "follow":
         follow(args.url, args.streams.split(","), args.field, args.out, args.pace_ms, args.only_type or None)

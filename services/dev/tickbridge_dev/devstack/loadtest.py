@@ -195,6 +195,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
                 # µs per hop from here to the end of the load window (after the warm-up, like every figure).
                 watch = HopWatch(stack.vps_redis.url, stack.brain_redis.url, list(probe.symbols),
                                  stack.workdir / "hopwatch")  # fmt: skip
+                probe.harness_pids = watch.pids()
             new = probe.latency_samples()
             samples += new
             if now >= next_full:
@@ -280,7 +281,10 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
         "latency percentiles measured": latency["exchange_to_brain_redis"]["n"] > 0,
         "drained after the exchange paused": drain_s is not None,
     }
+    shortfall = int(stats.get("shortfall_trades") or 0)
     return {
+        "verdict": verdict(checks, rates["exchange"]["ratio"], opts.tolerance, shortfall),
+        "sim_shortfall_trades": shortfall,
         "rate_target": opts.rate,
         "duration_s": opts.duration,
         "warmup_s": warm,
@@ -321,6 +325,19 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
         "timeline": timeline,
         "workdir": str(stack.workdir),
     }
+
+
+def verdict(checks: dict[str, bool], sim_ratio: float | None, tolerance: float, shortfall: int) -> str:
+    """One line: PASS, or whom a FAIL is about. The simulator short of RATE means the machine could not even
+    make the load (its generator loop ran late and skipped trades): the relay was not tried at RATE."""
+    if all(checks.values()):
+        return "PASS"
+    failed = [name for name, ok in checks.items() if not ok and not name.startswith("simulator")]
+    if not _within(sim_ratio, tolerance) or shortfall:
+        return (f"FAIL: machine too slow: the simulator itself made {(sim_ratio or 0) * 100:.1f} % of RATE "
+                f"({shortfall:,} trades skipped by its late loop), so this run does not measure the relay at RATE"
+                + (f"; also failed: {'; '.join(failed)}" if failed else ""))  # fmt: skip
+    return "FAIL: relay: " + "; ".join(failed)
 
 
 def hop_table(samples: dict[str, list[int]]) -> dict[str, Any]:
@@ -366,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
                            sys.argv[1:] if argv is None else argv))  # fmt: skip
     doc = run(opts)
     ok = bool(doc.get("pass"))
+    console.print(doc.get("verdict", ""))
     console.print(("[green]PASS[/]" if ok else "[red]FAIL[/]") + " — " + ", ".join(
         f"{k}: {'ok' if v else 'FAILED'}" for k, v in doc.get("checks", {}).items()))  # fmt: skip
     sys.exit(0 if ok else 1)

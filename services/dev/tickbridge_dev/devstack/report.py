@@ -181,15 +181,18 @@ def _role_metric_lines(role_metrics: dict[str, dict[str, float]]) -> list[str]:
         lines.append("\nRole counters at the end (faults, retries, back-fills): " + "; ".join(counters) + "\n")
     means = []
     for role, metrics in role_metrics.items():
-        for name, total in sorted(metrics.items()):
-            base, _, labels = name.partition("{")
-            if base.endswith("_sum"):
-                count = metrics.get(base[:-4] + "_count" + (("{" + labels) if labels else ""))
-                if count:
-                    mean = total / count
-                    shown = f"{mean * 1000:,.1f} ms" if base[:-4].endswith("_seconds") else f"{mean:,.1f}"
-                    labelled = f"{base[:-4]}{{{labels}" if labels else base[:-4]
-                    means.append(f"{role}: `{labelled}` mean {shown} over {count:g}")
+        # One figure per metric: the per-symbol (per-label) series summed, else the line lists hundreds.
+        sums: dict[str, list[float]] = {}
+        for name, value in metrics.items():
+            base = name.partition("{")[0]
+            for suffix, slot in (("_sum", 0), ("_count", 1)):
+                if base.endswith(suffix):
+                    sums.setdefault(base[: -len(suffix)], [0.0, 0.0])[slot] += value
+        for metric, (total, count) in sorted(sums.items()):
+            if count:
+                mean = total / count
+                shown = f"{mean * 1000:,.1f} ms" if metric.endswith("_seconds") else f"{mean:,.1f}"
+                means.append(f"{role}: `{metric}` mean {shown} over {count:g}")
     if means:
         lines.append("\nRole timing histograms (mean per observation): " + "; ".join(means) + "\n")
     return lines
@@ -213,9 +216,10 @@ def _hop_lines(hops: dict[str, Any]) -> list[str]:
         "\n## Live path per hop (µs, from the collector's receive time `recv_ts`)\n",
         md_table(["visible to a reader of", "p50", "p95", "p99", "hop share p50", "hop share p99", "samples"], rows),
         "\nMethod (`devstack/hopwatch.py`): one follower process per hop blocks in `XREAD ... $` and stamps the "
-        "first entry that wakes it against its `recv_ts` (µs, same host clock), then paces 2 ms; a hop's share is "
-        "the difference to the hop before. The floor: a pinger XADDs its own µs time every 2 ms to a key on the "
-        "Brain Redis and a follower reads it the same way.\n",
+        "first entry that wakes it against its `recv_ts` (µs, same host clock), then pauses 10 ms "
+        "(`hopwatch.PACE_MS`); a hop's share is the difference to the hop before. The floor: a pinger XADDs its "
+        "own µs time every 10 ms to a key on the Brain Redis and a follower reads it the same way. Their CPU counts "
+        "as the harness's.\n",
     ]
 
 
@@ -224,6 +228,8 @@ def load_markdown(doc: dict[str, Any]) -> str:
     target = doc["rate_target"]
     ok = doc.get("pass", False)
     lines = [f"# Load test: RATE={target:g} trades/s for {doc['duration_s']:g} s — {'PASS' if ok else 'FAIL'}", ""]
+    if doc.get("verdict") and not ok:
+        lines.append(f"**{doc['verdict']}**\n")
     lines.append(machine_markdown(doc["machine"]))
     lines.append(
         f"- Pipeline: simulator ({len(doc.get('symbols', []))} symbols, {doc.get('weights', 'zipf')} weights) → "

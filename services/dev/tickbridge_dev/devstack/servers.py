@@ -290,14 +290,34 @@ class RedisExporterServer(ManagedProcess):
             return int(resp.status) == 200
 
 
+#: Worker pools and idle back-off for a 2-core host, the same lines as in questdb/vps/server.conf and
+#: questdb/brain/server.conf (tests/test_ops_configs.py holds them equal). QuestDB 9 runs three pools
+#: (network, query, write) of max(2, CPUs) threads each, plus WAL apply, and an idle worker spins, then
+#: yields, then naps before it sleeps: on 2 cores that idle polling alone took ~7 % of a core
+#: (`python -m tickbridge_dev.bench.questdb` measures idle CPU and core-µs per ILP row, A/B).
+QUESTDB_TUNING: dict[str, str] = {
+    "shared.network.worker.count": "1",
+    "shared.query.worker.count": "1",
+    "shared.write.worker.count": "1",
+    "wal.apply.worker.count": "1",
+    "shared.worker.yield.threshold": "10",
+    "shared.worker.nap.threshold": "100",
+    "shared.worker.sleep.threshold": "1000",
+}
+
+
 class QuestDBServer(ManagedProcess):
-    """QuestDB from the Maven Central jar on Java 17, HTTP/PG/health on free loopback ports."""
+    """QuestDB from the Maven Central jar on Java 17, HTTP/PG/health on free loopback ports, with the
+    committed 2-core tuning (`QUESTDB_TUNING`; `tuned=False` runs QuestDB's defaults, for A/B)."""
 
     name = "questdb"
     startup_timeout = 90.0
 
-    def __init__(self, *, workdir: Path | None = None, extra_conf: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *, workdir: Path | None = None, extra_conf: dict[str, str] | None = None, tuned: bool = True
+    ) -> None:
         super().__init__(workdir)
+        self.tuned = tuned
         self.http_port = free_port()
         self.pg_port = free_port()
         self.min_port = free_port()
@@ -317,12 +337,12 @@ class QuestDBServer(ManagedProcess):
             "telemetry.enabled": "false",
             "metrics.enabled": "true",
             "http.min.worker.count": "1",
-            "shared.worker.count": "2",
             "cairo.o3.column.memory.size": "256K",
             "cairo.writer.data.append.page.size": "1M",
             "cairo.wal.writer.data.append.page.size": "256K",
             "line.auto.create.new.columns": "false",
             "line.auto.create.new.tables": "false",
+            **(QUESTDB_TUNING if self.tuned else {}),
             **self.extra_conf,
         }
         (self.workdir / "conf").mkdir(parents=True, exist_ok=True)

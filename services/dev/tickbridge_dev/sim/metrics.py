@@ -15,6 +15,11 @@ class SimMetrics:
             "sim_messages_sent_total", "WebSocket data messages sent", ("stream_type",), registry=registry
         )
         self.trades = m.counter("sim_trades_generated_total", "Trades generated or replayed", registry=registry)
+        self.shortfall = m.counter(
+            "sim_trades_shortfall_total",
+            "Trades RATE asked for that the generator skipped because its loop ran late (the machine is too slow)",
+            registry=registry,
+        )
         self.connections = m.gauge("sim_connections", "Open WebSocket connections", registry=registry)
         self.connects = m.counter("sim_connections_opened_total", "WebSocket connections accepted", registry=registry)
         self.disconnects = m.counter(

@@ -36,9 +36,14 @@ class SyntheticSource(MarketSource):
         self._bursts: deque[tuple[int, str | None]] = deque()
         # First trade ID actually sent per symbol: trades generated before anyone subscribed were never emitted.
         self._first_sent: dict[str, int] = {}
+        #: Trades RATE asked for but skipped because the loop ran late: the load test's "machine too slow".
+        self.shortfall = 0
 
     def on_connect(self) -> None:
         """Nothing to do: the generator runs from `start()` on."""
+
+    def stats_extra(self) -> dict[str, Any]:
+        return {"shortfall_trades": self.shortfall}
 
     # -- what REST and the faults ask ----------------------------------------------------------------------
 
@@ -96,6 +101,8 @@ class SyntheticSource(MarketSource):
                 # A late loop does not replay its whole backlog at once, and no tick may freeze the loop.
                 cap = min(int(self.rate * 0.5) + 1, 10_000)
                 if n > cap:
+                    self.shortfall += n - cap
+                    self.metrics.shortfall.inc(n - cap)
                     n, carry = cap, 0.0
             if n:
                 self._produce(n, None, now_ms)
