@@ -239,10 +239,6 @@ class StatusReader:
     async def _exchanges(self, v: dict[str, Any]) -> None:
         """Per exchange: its VPS and Brain stream, its consumer group's lag, its rows in `trades` and its own
         catch-up hash (`keys.catchup_key`)."""
-        rows: dict[str, int] = {}
-        if self.brain_sql is not None:
-            for exchange, count in await self.brain_sql.rows("SELECT exchange, count() FROM trades GROUP BY exchange"):
-                rows[str(exchange)] = int(count)
         for exchange in self.ep.exchanges:
             stream = keys.stream_key_for(exchange)
             if self.vps is not None:
@@ -256,7 +252,12 @@ class StatusReader:
                     for group in await self.brain.xinfo_groups(stream):
                         if _text(group["name"]) == self.ep.group:
                             v[f"{exchange}:lag"] = group.get("lag")
-            v[f"{exchange}:rows"] = rows.get(exchange, 0)
+        # QuestDB last: the Redis figures above (catch-ups included) are shown even when it does not answer.
+        if self.brain_sql is not None:
+            sql = "SELECT exchange, count() FROM trades GROUP BY exchange"
+            rows = {str(exchange): int(count) for exchange, count in await self.brain_sql.rows(sql)}
+            for exchange in self.ep.exchanges:
+                v[f"{exchange}:rows"] = rows.get(exchange, 0)
 
     async def _prometheus(self, v: dict[str, Any]) -> None:
         doc = await asyncio.to_thread(_http_json, f"{self.ep.prometheus_url}/api/v1/alerts")
