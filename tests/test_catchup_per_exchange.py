@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import redis
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
@@ -27,8 +30,10 @@ from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.wire import TRADES_DDL, StreamId
 from tickbridge.forwarder.live_lane import LiveLane
+from tickbridge.ops.acl import acl_variables, render_acl
 from tickbridge.ops.status import Endpoints, StatusReader
 from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
+from tickbridge_dev.devstack.tls import BRAIN_ACL, SecureRedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -133,3 +138,27 @@ async def test_two_exchanges_catching_up_report_their_own_figures(
     assert v["binance_spot:live_lane"].startswith("ON"), v["binance_spot:live_lane"]
     assert v["coinbase:live_lane"].startswith("idle"), v["coinbase:live_lane"]
     assert v["catchup"] == v["binance_spot:catchup"]  # the single-exchange rows: Endpoints.exchange (Binance)
+
+
+async def test_the_brain_acl_covers_every_exchanges_catchup_hash(tmp_path: Path) -> None:
+    """The forwarder may HSET, the consumer HSET and HGETALL, the reader only HGETALL each exchange's hash."""
+    passwords = {name: secrets.token_urlsafe(24) for name in acl_variables(BRAIN_ACL.read_text())}
+    server = SecureRedisServer(aclfile=render_acl(BRAIN_ACL, tmp_path / "brain.acl", passwords), workdir=tmp_path / "r")
+    server.start()
+    try:
+        for user, allowed in (("forwarder", {"HSET"}), ("consumer", {"HSET", "HGETALL"}), ("reader", {"HGETALL"})):
+            client = make_client(server.url_for(user, passwords[f"BRAIN_REDIS_{user.upper()}_PASSWORD"]))
+            try:
+                for key in (keys.catchup_key(ex) for ex in keys.EXCHANGES):
+                    for command in ("HSET", "HGETALL"):
+                        args = (key, "f", "1") if command == "HSET" else (key,)
+                        try:
+                            await client.execute_command(command, *args)
+                            done = True
+                        except redis.exceptions.NoPermissionError:
+                            done = False
+                        assert done == (command in allowed), (user, command, key)
+            finally:
+                await client.aclose()
+    finally:
+        server.stop()
