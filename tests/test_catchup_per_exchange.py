@@ -141,12 +141,14 @@ async def test_two_exchanges_catching_up_report_their_own_figures(
 
 
 async def test_the_brain_acl_covers_every_exchanges_catchup_hash(tmp_path: Path) -> None:
-    """The forwarder may HSET, the consumer HSET and HGETALL, the reader only HGETALL each exchange's hash."""
+    """The forwarder may HSET, the consumer HSET and HGETALL, the reader and `tickbridge status`'s monitor user
+    only HGETALL each exchange's hash."""
     passwords = {name: secrets.token_urlsafe(24) for name in acl_variables(BRAIN_ACL.read_text())}
     server = SecureRedisServer(aclfile=render_acl(BRAIN_ACL, tmp_path / "brain.acl", passwords), workdir=tmp_path / "r")
     server.start()
     try:
-        for user, allowed in (("forwarder", {"HSET"}), ("consumer", {"HSET", "HGETALL"}), ("reader", {"HGETALL"})):
+        users = {"forwarder": {"HSET"}, "consumer": {"HSET", "HGETALL"}, "reader": {"HGETALL"}, "monitor": {"HGETALL"}}
+        for user, allowed in users.items():
             client = make_client(server.url_for(user, passwords[f"BRAIN_REDIS_{user.upper()}_PASSWORD"]))
             try:
                 for key in (keys.catchup_key(ex) for ex in keys.EXCHANGES):
