@@ -63,6 +63,12 @@ def test_every_scenario_is_listed_once() -> None:
         "link_loss_5", "link_loss_10", "vps_power_cut",
     }  # fmt: skip
     assert needed <= set(names)
+    # Issue 18: per venue a disconnect, its book break and missed trades; one venue down while the others flow.
+    venues = {s.name: s.venues for s in chaos.SCENARIOS if s.venues}
+    for venue, book in (("coinbase", "sequence_gap"), ("kraken", "checksum_mismatch")):
+        for kind in ("disconnect", book, "missed_trades"):
+            assert venues[f"{venue}_{kind}"] == (venue,)
+    assert venues["venue_down_kraken"] == ("coinbase", "kraken")
 
 
 @pytest.mark.chaos

@@ -1,6 +1,7 @@
 """The catch-up state trading code reads (issue 16): `TieredMarketData.catch_up()` returns a `CatchUp`.
 
-It is read from the Brain hash `tickbridge:catchup`, which the forwarder's live lane (`vps_*`, `live_start`,
+It is read from the exchange's Brain hash (`keys.catchup_key`: `tickbridge:catchup` for Binance,
+`tickbridge:catchup:<exchange>` otherwise), which that exchange's forwarder live lane (`vps_*`, `live_start`,
 every 0.5 s while the Brain is reachable) and the consumer's fast-forward follower (`brain_*`, every 0.5 s)
 write. Times in the hash are stream IDs (ms) or Unix seconds; here they are µs like every tier.
 

@@ -12,7 +12,8 @@ per-symbol streams or QuestDB: those stay fed by the ordered path alone (every t
   is live, e.g. a consumer restarted after 100,000 entries arrived): it also follows the Brain stream's tail,
   from `prime_ms` before its top, and copies those entries to the live stream (same IDs; an ID the live
   stream already holds is refused and skipped), so WARM and HOT get them through the same path.
-- Every 0.5 s it writes the Brain side of the catch-up state to `tickbridge:catchup`: `brain_lag` (entries the
+- Every 0.5 s it writes the Brain side of the catch-up state to its exchange's hash (`keys.catchup_key`:
+  `tickbridge:catchup` for Binance, `tickbridge:catchup:<exchange>` otherwise): `brain_lag` (entries the
   group has not received), `brain_frontier` (its last-delivered ID: the ordered path is complete below it),
   `brain_rate` (entries/s the consumer handles), `brain_eta_s`, `brain_tail_start` ("" unless following the
   tail), `brain_updated` (Unix time).
@@ -113,6 +114,7 @@ class FastForward:
         self.handled = handled
         self.stream = settings.stream_key
         self.live_key = keys.live_stream_key(settings.stream_key)
+        self.catchup_key = keys.catchup_key(settings.exchange)  # this exchange's own hash
         self.group = settings.consumer_group
         self.symbols = frozenset(s.encode() for s in settings.symbols)
         self.window_us = int(settings.warm_window_s * 1_000_000)
@@ -263,7 +265,7 @@ class FastForward:
             self.metrics.book_entries.inc(len(items))
 
     async def _status(self) -> None:
-        """Group lag and frontier, tail mode on or off, the Brain side of `tickbridge:catchup`."""
+        """Group lag and frontier, tail mode on or off, the Brain side of its exchange's catch-up hash."""
         now = time.monotonic()
         if now - self._last_status < STATUS_INTERVAL_S:
             return
@@ -275,7 +277,7 @@ class FastForward:
         groups_r, top_r, state_r = await execute_packed(
             self.client,
             [("XINFO", "GROUPS", self.stream), ("XREVRANGE", self.stream, "+", "-", "COUNT", 1),
-             ("HGETALL", keys.CATCHUP)],
+             ("HGETALL", self.catchup_key)],
         )  # fmt: skip
         frontier: StreamId | None = None
         lag = 0
@@ -312,7 +314,7 @@ class FastForward:
         ]  # fmt: skip
         if self.tail_start is not None:  # kept after the tail mode ends, like the forwarder's `live_start`
             fields += ["brain_tail_start", format_stream_id(self.tail_start)]
-        await execute_packed(self.client, [("HSET", keys.CATCHUP, *fields)])
+        await execute_packed(self.client, [("HSET", self.catchup_key, *fields)])
         state = state_r if isinstance(state_r, dict) else {}
         if isinstance(state_r, list):
             state = dict(zip(state_r[::2], state_r[1::2], strict=False))

@@ -245,6 +245,7 @@ class TieredMarketData:
         # The exchange's own stream (issue 18): STREAM_KEY when these settings are that exchange's.
         stream = settings.stream_key if self.exchange == settings.exchange else keys.stream_key_for(self.exchange)
         self.live_key = keys.live_stream_key(stream)
+        self.catchup_key = keys.catchup_key(self.exchange)  # this exchange's catch-up, not the last writer's
         self._exchange_b = self.exchange.encode()
         self._live_last = "0-0"
         self._catchup: CatchUp | None = None
@@ -553,7 +554,7 @@ class TieredMarketData:
     async def catch_up(self) -> CatchUp:
         """Where a catch-up stands (issue 16): active or not, backlog, oldest age, rate, ETA, the ordered
         frontier and the gap below the live view (see `brain/catchup.py`). One Redis round trip."""
-        (reply,) = await self._warm_exec([["HGETALL", keys.CATCHUP]])
+        (reply,) = await self._warm_exec([["HGETALL", self.catchup_key]])
         state = parse_catchup(reply_or_raise(reply))
         self._catchup, self._catchup_at = state, time.monotonic()
         return state

@@ -106,8 +106,15 @@ BOOK_WANTED = "tickbridge:book:wanted"
 BOOK_REQUESTS = "tickbridge:book:requests"
 
 #: Brain hash of the catch-up state (issue 16): the forwarder's VPS backlog and live lane, the consumer's lag
-#: and ordered frontier. Read by `TieredMarketData.catch_up()` and `tickbridge status`.
+#: and ordered frontier. Read by `TieredMarketData.catch_up()` and `tickbridge status`. One per exchange
+#: (`catchup_key`): each exchange's forwarder and consumer catch up on their own.
 CATCHUP = "tickbridge:catchup"
+
+
+def catchup_key(exchange: str = EXCHANGE) -> str:
+    """The catch-up hash of one exchange's pipeline: `tickbridge:catchup` (Binance, the contract's), else
+    `tickbridge:catchup:<exchange>`."""
+    return for_exchange(CATCHUP, exchange)
 
 
 def live_stream_key(stream_key: str = DEFAULT_STREAM_KEY) -> str:

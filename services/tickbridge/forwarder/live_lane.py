@@ -16,7 +16,8 @@ with the member the ordered path writes (so a trade that comes both ways is one 
   `XADD` batch: live ticks go out within ~0.1 s whatever the replay is doing.
 - It stops when the ordered replay's checkpoint reaches its cursor (everything it sent is now on the ordered
   path too) or the Brain link drops; after a link cut it starts again at the new top (newest first).
-- Every 0.5 s it writes the catch-up figures to the Brain hash `tickbridge:catchup` (`keys.CATCHUP`):
+- Every 0.5 s it writes the catch-up figures to its exchange's Brain hash (`keys.catchup_key`:
+  `tickbridge:catchup` for Binance, `tickbridge:catchup:<exchange>` otherwise):
   `vps_active`, `vps_backlog`, `vps_buffer`, `vps_oldest_age_s`, `vps_rate`, `vps_eta_s`, `live_start`,
   `live_cursor`, `vps_checkpoint`, `vps_updated` (Unix time). `TieredMarketData.catch_up()` reads them.
 """
@@ -122,6 +123,7 @@ class LiveLane:
         self.figures = figures
         self.key = fw.key
         self.live_key = keys.live_stream_key(fw.key)
+        self.catchup_key = keys.catchup_key(fw.settings.exchange)  # this exchange's own hash
         self.min_backlog = min_backlog
         self.prime_ms = prime_ms
         self.maxlen = maxlen
@@ -325,10 +327,10 @@ class LiveLane:
         if self.start_id is not None:
             # Kept after the lane stops: the Brain's view has a gap below it until the consumer passes it.
             fields += ["live_start", format_stream_id(self.start_id)]
-        (reply,) = await self._brain([(b"HSET", keys.CATCHUP, *fields)])
+        (reply,) = await self._brain([(b"HSET", self.catchup_key, *fields)])
         if isinstance(reply, RawReplyError):
             if not self._status_failed:  # an older Brain ACL without the hash: the lane still runs
                 self._status_failed = True
-                log.warning("catch-up state not written to the Brain (%s): %s", keys.CATCHUP, reply)
+                log.warning("catch-up state not written to the Brain (%s): %s", self.catchup_key, reply)
             return
         self._status_failed = False

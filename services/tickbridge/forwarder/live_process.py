@@ -51,6 +51,7 @@ class LaneWatch:
     def __init__(self, settings: Settings, stopping: asyncio.Event) -> None:
         self.settings = settings
         self.key = settings.stream_key
+        self.state_key = keys.for_exchange(keys.FORWARDER_STATE, settings.exchange)  # its forwarder's, as base.py
         self.stopping = stopping
         self.brain_up = False
         self.vps_ready = False
@@ -103,7 +104,7 @@ class LaneWatch:
     async def _vps_read(self) -> tuple[StreamId, StreamId]:
         # HGETALL, not HGET: the forwarder's VPS ACL user has only the former (a small hash: ~10 fields).
         newest, state = await execute_packed(
-            self.vps, [("XREVRANGE", self.key, "+", "-", "COUNT", 1), ("HGETALL", keys.FORWARDER_STATE)]
+            self.vps, [("XREVRANGE", self.key, "+", "-", "COUNT", 1), ("HGETALL", self.state_key)]
         )
         if isinstance(newest, BaseException):
             raise newest

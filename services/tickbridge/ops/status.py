@@ -205,7 +205,7 @@ class StatusReader:
             v["books"] = f"{len(symbols) - len(bad)} / {len(symbols)}" + (
                 f" (not: {','.join(bad[:3])}{'…' if len(bad) > 3 else ''})" if bad else ""
             )
-        catchup = await self.brain.hgetall(keys.CATCHUP)
+        catchup = await self.brain.hgetall(keys.catchup_key(self.ep.exchange))
         v["catchup"] = catchup_line(parse_catchup(catchup))
         v["live_lane"] = live_lane_line(catchup)
         try:
@@ -237,22 +237,27 @@ class StatusReader:
         v["symbols"] = len(per)
 
     async def _exchanges(self, v: dict[str, Any]) -> None:
-        """Per exchange: its VPS and Brain stream, its consumer group's lag and its rows in `trades`."""
-        rows: dict[str, int] = {}
-        if self.brain_sql is not None:
-            for exchange, count in await self.brain_sql.rows("SELECT exchange, count() FROM trades GROUP BY exchange"):
-                rows[str(exchange)] = int(count)
+        """Per exchange: its VPS and Brain stream, its consumer group's lag, its rows in `trades` and its own
+        catch-up hash (`keys.catchup_key`)."""
         for exchange in self.ep.exchanges:
             stream = keys.stream_key_for(exchange)
             if self.vps is not None:
                 v[f"{exchange}:vps_len"] = await self.vps.xlen(stream)
             if self.brain is not None:
                 v[f"{exchange}:brain_len"] = await self.brain.xlen(stream)
+                catchup = await self.brain.hgetall(keys.catchup_key(exchange))
+                v[f"{exchange}:catchup"] = catchup_line(parse_catchup(catchup))
+                v[f"{exchange}:live_lane"] = live_lane_line(catchup)
                 with contextlib.suppress(ResponseError):  # no stream yet: lag unknown
                     for group in await self.brain.xinfo_groups(stream):
                         if _text(group["name"]) == self.ep.group:
                             v[f"{exchange}:lag"] = group.get("lag")
-            v[f"{exchange}:rows"] = rows.get(exchange, 0)
+        # QuestDB last: the Redis figures above (catch-ups included) are shown even when it does not answer.
+        if self.brain_sql is not None:
+            sql = "SELECT exchange, count() FROM trades GROUP BY exchange"
+            rows = {str(exchange): int(count) for exchange, count in await self.brain_sql.rows(sql)}
+            for exchange in self.ep.exchanges:
+                v[f"{exchange}:rows"] = rows.get(exchange, 0)
 
     async def _prometheus(self, v: dict[str, Any]) -> None:
         doc = await asyncio.to_thread(_http_json, f"{self.ep.prometheus_url}/api/v1/alerts")
@@ -351,6 +356,9 @@ class StatusReader:
             figure = (f"VPS {fmt(v.get(f'{exchange}:vps_len'))} · Brain {fmt(v.get(f'{exchange}:brain_len'))} · "
                       f"lag {fmt(v.get(f'{exchange}:lag'))} · rows {fmt(v.get(f'{exchange}:rows'))}")  # fmt: skip
             table.add_row(f"{exchange}: streams, lag, QuestDB", figure, rate(f"{exchange}:rows"))
+            if "brain" in self.ep.hosts:
+                table.add_row(f"{exchange}: catch-up", fmt(v.get(f"{exchange}:catchup")), "")
+                table.add_row(f"{exchange}: live lane", fmt(v.get(f"{exchange}:live_lane")), "")
         return table
 
     def render(self, title: str = "tickbridge", *, footer: str = "Ctrl-C stops everything") -> Panel:
@@ -387,7 +395,7 @@ def catchup_line(state: CatchUp) -> str:
 
 
 def live_lane_line(fields: dict[Any, Any], now: float | None = None) -> str:
-    """The forwarder's live lane (FORWARDER_LANE=live or both) from its `live_*` fields in `tickbridge:catchup`:
+    """The forwarder's live lane (FORWARDER_LANE=live or both) from its `live_*` fields in its catch-up hash:
     on (and how far its cursor is behind), idle, or not reporting (process down, or the link)."""
     f = {_text(k): _text(x) for k, x in fields.items()}
     now = time.time() if now is None else now

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import shlex
@@ -37,6 +38,7 @@ from typing import Any
 
 from rich.console import Console
 
+from tickbridge.core import keys
 from tickbridge_dev.devstack import oracle, report
 from tickbridge_dev.devstack.fastforward import (
     FF_RAM_BUDGET,
@@ -51,7 +53,6 @@ from tickbridge_dev.devstack.faults import (
     remove_toxic,
     restart_process,
     role_metric,
-    sim_trades_total,
     start_load,
     toxic,
     vps_buffer_rows,
@@ -59,6 +60,7 @@ from tickbridge_dev.devstack.faults import (
 )
 from tickbridge_dev.devstack.servers import ManagedProcess, stop_on_signals
 from tickbridge_dev.devstack.stack import ROLES, NativeStack, StackConfig
+from tickbridge_dev.devstack.venuechaos import VENUE_SCENARIOS, start_venue_load
 
 console = Console(stderr=True)
 
@@ -175,6 +177,7 @@ class Ctx:
         }
         extras = {"sim": st.sim, "toxiproxy": st.toxiproxy, "linkproxy": st.link_proxy}
         procs.update({name: proc for name, proc in extras.items() if proc is not None})
+        procs.update({proc.name: proc for proc in st.venue_sims.values()})  # `sim-coinbase`, `sim-kraken`
         return procs
 
     def process(self, name: str) -> ManagedProcess:
@@ -536,6 +539,8 @@ class Scenario:
     ram_buffer_bytes: int | None = None
     #: Put `LinkProxy` in front of the VPS->Brain link (resets, refused connects, segment loss).
     link_proxy: bool = False
+    #: Exchanges beside Binance this scenario's stack runs (issue 18), each with its simulator and own roles.
+    venues: tuple[str, ...] = ()
 
 
 SCENARIOS: list[Scenario] = [
@@ -586,6 +591,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("brain_outage_fastforward_cut", "brain_outage_fastforward with kill -9 of the live-lane process "
              "(its gap reported), then a 3 s link cut during the catch-up; fresh outside those windows.",
              sc_brain_outage_fastforward_cut, ram_buffer_bytes=FF_RAM_BUDGET),
+    *[Scenario(name, desc, action, venues=venues) for name, desc, action, venues in VENUE_SCENARIOS],
     Scenario("combined", "Random process kills, server crashes, link cuts and latency, and exchange faults, back "
              "to back (sometimes two at once), for several minutes.", sc_combined),
 ]  # fmt: skip
@@ -594,23 +600,49 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 
 # -- running -------------------------------------------------------------------------------------------------
 def _stack_config(opts: ChaosOptions, ram_buffer_bytes: int | None, workdir: Path,
-                  link_proxy: bool = False) -> StackConfig:  # fmt: skip
+                  link_proxy: bool = False, venues: tuple[str, ...] = ()) -> StackConfig:  # fmt: skip
     return StackConfig(source="sim", rate=0.0, symbols=opts.symbols, seed=opts.seed, with_prometheus=False,
                        with_toxiproxy=True, with_link_proxy=link_proxy, ram_buffer_bytes=ram_buffer_bytes,
-                       workdir=workdir)  # fmt: skip
+                       workdir=workdir, venues=venues, venue_rate=0.0)  # fmt: skip
 
 
 def _drain_and_check(stack: NativeStack, opts: ChaosOptions, on_poll: Callable[[], None] | None = None
                      ) -> tuple[oracle.OracleReport, float | None, int]:  # fmt: skip
-    """Pause the exchange, wait until the Brain holds every trade, run the oracle."""
+    """Pause every exchange, wait until the Brain holds every trade, run the oracle per exchange: one report,
+    a venue's symbols named `<exchange>:<SYMBOL>`."""
     t = time.monotonic()
-    _retry(lambda: stack.sim_fault("pause"))
-    stats: dict[str, Any] = _retry(stack.sim_stats)
-    expected = oracle.expected_from_sim_stats(stats)
-    total = sim_trades_total(stats)
+    expected: dict[str, dict[str, tuple[int, int]]] = {}
+    for exchange in stack.exchanges:
+        _retry(functools.partial(stack.sim_fault, "pause", exchange))
+    for exchange in stack.exchanges:
+        stats: dict[str, Any] = _retry(functools.partial(stack.sim_stats, exchange))
+        expected[exchange] = oracle.expected_from_sim_stats(stats)
+    total = sum(last - first + 1 for exp in expected.values() for first, last in exp.values())
     drained = poll(lambda: oracle.count_trades(stack.brain_questdb.url) >= total, opts.drain_timeout, 0.5, on_poll)
     drain_s = time.monotonic() - t if drained else None
-    return _retry(lambda: oracle.check_trades(stack.brain_questdb.url, expected)), drain_s, total
+    symbols: list[oracle.SymbolResult] = []
+    for exchange, exp in expected.items():
+        rep: oracle.OracleReport = _retry(
+            functools.partial(oracle.check_trades, stack.brain_questdb.url, exp, exchange=exchange)
+        )
+        if exchange != keys.EXCHANGE:
+            for s in rep.symbols:
+                s.symbol = f"{exchange}:{s.symbol}"
+        symbols += rep.symbols
+    return oracle.OracleReport(symbols), drain_s, total
+
+
+def _per_exchange(rep: oracle.OracleReport) -> str:
+    """The oracle's figures per exchange, for the evidence of a scenario with venues."""
+    parts = []
+    for exchange in keys.EXCHANGES:
+        mine = [s for s in rep.symbols if (s.symbol.partition(":")[0] if ":" in s.symbol else keys.EXCHANGE)
+                == exchange]  # fmt: skip
+        if mine:
+            r = oracle.OracleReport(mine)
+            parts.append(f"{exchange} {r.expected} trades: lost {r.lost}, duplicated {r.duplicated}, "
+                         f"out of order {r.out_of_order}")  # fmt: skip
+    return "oracle per exchange: " + "; ".join(parts)
 
 
 def _retry(call: Callable[[], Any], attempts: int = 8) -> Any:
@@ -654,6 +686,8 @@ def run_scenario(sc: Scenario, stack: NativeStack, opts: ChaosOptions, rng: rand
             ctx.problems.append(f"{s.symbol}: expected {s.expected}, rows {s.rows}, missing {s.missing}, "
                                 f"duplicates {s.duplicates}, out of order {s.out_of_order}")  # fmt: skip
         now = (rep.expected, rep.lost, rep.duplicated, rep.out_of_order)
+        if stack.config.venues:
+            ctx.evidence.append(_per_exchange(rep))
     except Exception as exc:
         ctx.problems.append(f"oracle error: {exc!r}")
         now = before
@@ -690,6 +724,8 @@ def _summarize(events: list[FaultEvent]) -> str:
 def _start(stack: NativeStack, opts: ChaosOptions) -> None:
     stack.start(ROLES)
     start_load(stack, opts.rate)
+    for venue in stack.config.venues:  # each venue at the same rate, once its collector is connected
+        start_venue_load(stack, venue, opts.rate)
 
 
 def run(names: list[str], opts: ChaosOptions) -> dict[str, Any]:
@@ -703,20 +739,23 @@ def run(names: list[str], opts: ChaosOptions) -> dict[str, Any]:
     machine = report.machine_info()  # at the start: the load average before this run
     if opts.shared:
         budget = next((s.ram_buffer_bytes for s in scenarios if s.ram_buffer_bytes), None)
-        stack = NativeStack(_stack_config(opts, budget, base / "shared", any(s.link_proxy for s in scenarios)))
+        venues = tuple(dict.fromkeys(v for s in scenarios for v in s.venues))
+        stack = NativeStack(_stack_config(opts, budget, base / "shared", any(s.link_proxy for s in scenarios),
+                                          venues))  # fmt: skip
         try:
             _start(stack, opts)
             before = (0, 0, 0, 0)
             for sc in scenarios:
                 res, before = run_scenario(sc, stack, opts, rng, before)
                 results.append(res)
-                stack.sim_fault("resume")
+                for exchange in stack.exchanges:
+                    stack.sim_fault("resume", exchange)
         finally:
             stack.stop()
     else:
         for sc in scenarios:
             workdir = base / sc.name
-            stack = NativeStack(_stack_config(opts, sc.ram_buffer_bytes, workdir, sc.link_proxy))
+            stack = NativeStack(_stack_config(opts, sc.ram_buffer_bytes, workdir, sc.link_proxy, sc.venues))
             try:
                 _start(stack, opts)
                 res, _ = run_scenario(sc, stack, opts, rng, (0, 0, 0, 0))

@@ -261,15 +261,15 @@ class FaultEvent:
 
 def wait_caught_up(stack: NativeStack, timeout: float, interval: float = 0.25,
                    on_poll: Callable[[], None] | None = None) -> float | None:  # fmt: skip
-    """Seconds until the Brain's QuestDB holds every trade the exchange had emitted when this was called;
-    None on timeout. Includes the normal end-to-end latency. `on_poll` runs at every poll (the chaos
-    harness checks there that no process exited on its own)."""
+    """Seconds until the Brain's QuestDB holds every trade the exchanges (Binance and the stack's venues) had
+    emitted when this was called; None on timeout. Includes the normal end-to-end latency. `on_poll` runs at
+    every poll (the chaos harness checks there that no process exited on its own)."""
     started = time.monotonic()
     target: int | None = None
     deadline = started + timeout
     while target is None and time.monotonic() < deadline:
         with contextlib.suppress(Exception):
-            target = sim_trades_total(stack.sim_stats())
+            target = sum(sim_trades_total(stack.sim_stats(e)) for e in stack.exchanges)
         if target is None:
             time.sleep(interval)
     while target is not None and time.monotonic() < deadline:
