@@ -57,8 +57,13 @@ async def test_kill9_of_the_consumer_mid_batch_loses_nothing_duplicates_nothing_
                 await source.append(brain, STREAM, 20, live=True)
                 await asyncio.sleep(0.01)
 
+        async def ingesting() -> bool:
+            info = next(g for g in await brain.xinfo_groups(STREAM) if g["name"] == GROUP.encode())
+            return bool(info["last-delivered-id"] != b"0-0")
+
         async def killer() -> None:
-            await asyncio.sleep(1.5)  # both processes up
+            # Kill only once a consumer is up and moving the group, so every kill lands on a working process.
+            await eventually(ingesting, timeout=60, what="a consumer ingesting the backlog")
             for _ in range(5):
                 await asyncio.sleep(rng.uniform(0.2, 0.8))
                 active.kill9()
