@@ -56,9 +56,12 @@ fi
 # Python virtualenv with pinned dependencies (re-installed when pyproject.toml changes).
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 stamp=.venv/.tickbridge-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ services/dev/pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ services/dev/pyproject.toml -nt "$stamp" ] \
+   || [ services/constraints.txt -nt "$stamp" ]; then
   # The runtime (what the image installs) and the development harness (services/dev), both editable.
-  echo "deps: pip install -e .[dev] -e services/dev"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' -e services/dev
+  # The lock constrains the runtime's transitive dependencies too, so a fresh clone tests exactly what
+  # the image ships, not whatever a transitive dependency released this morning.
+  echo "deps: pip install -c services/constraints.txt -e .[dev] -e services/dev"
+  .venv/bin/pip install -q --disable-pip-version-check -c services/constraints.txt -e '.[dev]' -e services/dev
   touch "$stamp"
 fi

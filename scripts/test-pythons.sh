@@ -42,9 +42,9 @@ for v in $PYTHONS; do
   echo "test-pythons: Python $v from $py ($("$py" -VV | head -1))"
   if [ ! -x "$venv/bin/python" ]; then "$py" -m venv "$venv" || { summary+=("$v: FAILED (venv)"); failed=1; continue; }; fi
   stamp=$venv/.tickbridge-installed
-  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ services/dev/pyproject.toml -nt "$stamp" ]; then
-    echo "test-pythons: $v: pip install -e .[dev] -e services/dev"
-    if ! "$venv/bin/pip" install -q --disable-pip-version-check -e '.[dev]' -e services/dev; then
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ services/dev/pyproject.toml -nt "$stamp" ] || [ services/constraints.txt -nt "$stamp" ]; then
+    echo "test-pythons: $v: pip install -c services/constraints.txt -e .[dev] -e services/dev"
+    if ! "$venv/bin/pip" install -q --disable-pip-version-check -c services/constraints.txt -e '.[dev]' -e services/dev; then
       summary+=("$v: FAILED (pip install of the pinned dependencies)"); failed=1; continue
     fi
     touch "$stamp"
