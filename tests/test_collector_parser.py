@@ -6,6 +6,7 @@ import gzip
 import itertools
 from pathlib import Path
 
+import hiredis
 import orjson
 import pytest
 from hypothesis import given
@@ -13,8 +14,10 @@ from hypothesis import strategies as st
 
 from tickbridge.collector.book import DepthSync, Outcome
 from tickbridge.collector.parser import REASONS, ControlReply, Rejected, ServerShutdown, parse_frame
-from tickbridge.core.tick import DepthDiff, Trade
-from tickbridge.core.wire import decode_entry, encode_tick
+from tickbridge.collector.publisher import TradePacker, pack_zadd
+from tickbridge.core import keys
+from tickbridge.core.tick import MAX_TS_US, MIN_TS_US, DepthDiff, Trade
+from tickbridge.core.wire import decode_entry, encode_tick, encode_trade, encode_warm_member
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -273,3 +276,34 @@ def test_retry_after_header_values() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: no wait
     ahead = parse_retry_after(email.utils.formatdate(time.time() + 120, usegmt=True))
     assert 118 <= ahead <= 120
+
+
+# --- the publisher's trade packing (issue 20: one string format instead of hiredis per trade) -----------------
+
+_DEC = st.from_regex(r"[0-9]{1,20}(\.[0-9]{1,18})?", fullmatch=True).filter(lambda s: bool(s.strip("0.")))
+
+
+@given(
+    symbol=st.from_regex(r"[A-Z0-9]{2,32}", fullmatch=True),
+    exchange=st.sampled_from(keys.EXCHANGES),
+    price=_DEC,
+    volume=_DEC,
+    side=st.sampled_from(["BUY", "SELL"]),
+    ts=st.integers(MIN_TS_US, MAX_TS_US),
+    trade_id=st.integers(0, 2**63 - 1),
+    stream=st.sampled_from(["market:vps:stream", "market:vps:stream:coinbase", "x"]),
+)
+def test_trade_packing_is_byte_identical_to_hiredis(
+    symbol: str, exchange: str, price: str, volume: str, side: str, ts: int, trade_id: int, stream: str
+) -> None:
+    """What the publisher sends for a trade (its XADD and its WARM pair in a ZADD) is exactly
+    `hiredis.pack_command` of `encode_trade` / `encode_warm_member`: same bytes, same entry."""
+    trade = Trade(symbol, price, volume, side, ts, trade_id, ts + 7, exchange)  # type: ignore[arg-type]
+    packer = TradePacker(stream)
+    assert packer.ok
+    data, pair = packer.xadd(trade)
+    assert data == hiredis.pack_command(("XADD", stream, "*", *encode_trade(trade)))  # type: ignore[arg-type]
+    other = Trade(symbol, volume, price, side, ts + 1, trade_id // 2, ts, exchange)  # type: ignore[arg-type]
+    pairs = [pair, packer.xadd(other)[1]]
+    expected = ("ZADD", "market:w", ts, encode_warm_member(trade), ts + 1, encode_warm_member(other))
+    assert pack_zadd("market:w", pairs).data == hiredis.pack_command(expected)  # type: ignore[arg-type]

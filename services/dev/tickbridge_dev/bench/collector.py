@@ -11,6 +11,11 @@ Three processes on this machine: redis-server, the simulator (`tickbridge sim`) 
 - Blaster: a minimal WebSocket server sends pre-formatted trade frames (50 symbols, contiguous IDs) as
   fast as it can; this is the collector's own ceiling, free of the simulator's generation cost.
 - Ceiling: `redis-benchmark` pipelined (-P 128) XADD of a 9-field trade entry on the same redis-server.
+- Hop: during the steady phase a follower blocks in `XREAD ... $` and stamps the first entry that wakes it
+  against its `recv_ts` (µs, as `devstack/hopwatch.py` does in the load test): collector receive -> visible to a
+  reader of the stream, beside the same follower's floor (a pinger's own XADDs on the same server).
+CPU figures are core-µs per tick (CPU seconds of the collector process / ticks appended): with the load
+average printed beside them, since this machine is shared.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -187,6 +194,42 @@ def blaster_rate(
                 proc.wait(10)
 
 
+def follow_hop(port: int, stream: str, field: bytes, stop: threading.Event, pace_s: float = 0.01) -> list[int]:
+    """µs from each sampled entry's `field` (a µs wall-clock stamp) to its read by a blocked `XREAD ... $`."""
+    client = redis.Redis(port=port, socket_timeout=10)
+    samples: list[int] = []
+    while not stop.is_set():
+        reply: Any = client.execute_command(  # type: ignore[no-untyped-call]
+            "XREAD", "COUNT", 1, "BLOCK", 200, "STREAMS", stream, "$"
+        )
+        now = time.time_ns() // 1000
+        if reply:
+            fields = reply[0][1][0][1] if isinstance(reply, list) else next(iter(reply.values()))[0][0][1]
+            flat = fields if isinstance(fields, list) else [x for kv in fields.items() for x in kv]
+            for i in range(0, len(flat) - 1, 2):
+                if flat[i] == field:
+                    samples.append(now - int(flat[i + 1]))
+        time.sleep(pace_s)
+    return samples
+
+
+def ping_floor(port: int, stop: threading.Event, interval_s: float = 0.01) -> None:
+    """XADD the own µs clock to `bench:floor` every `interval_s` (the floor follower reads it)."""
+    client = redis.Redis(port=port, socket_timeout=10)
+    while not stop.is_set():
+        client.execute_command(  # type: ignore[no-untyped-call]
+            "XADD", "bench:floor", "MAXLEN", "~", 1000, "*", "t", time.time_ns() // 1000
+        )
+        time.sleep(interval_s)
+
+
+def quantiles_us(samples: list[int]) -> str:
+    if len(samples) < 20:
+        return f"{len(samples)} samples (too few)"
+    q = statistics.quantiles(samples, n=100)
+    return f"p50 {q[49]:,.0f} / p99 {q[98]:,.0f} µs ({len(samples)} samples)"
+
+
 def rate_over(client: redis.Redis, seconds: float) -> float:
     start_n, start_t = client.xlen(DEFAULT_STREAM_KEY), time.monotonic()
     time.sleep(seconds)
@@ -235,9 +278,31 @@ def main(argv: list[str] | None = None) -> None:
         depth_share = max(measured - 1000.0, 0.0)
         sim_post_rate(sim_port, max(1200.0 - depth_share, 100.0))
         time.sleep(2.0)
+        stop_hop = threading.Event()
+        hop: dict[str, list[int]] = {}
+
+        def run_follower(name: str, stream: str, field: bytes) -> None:
+            hop[name] = follow_hop(redis_server.port, stream, field, stop_hop)
+
+        threads = [
+            threading.Thread(target=run_follower, args=("hop", DEFAULT_STREAM_KEY, b"recv_ts")),
+            threading.Thread(target=run_follower, args=("floor", "bench:floor", b"t")),
+            threading.Thread(target=ping_floor, args=(redis_server.port, stop_hop)),
+        ]
+        for t in threads:
+            t.start()
         proc.cpu_percent(None)
+        steady_cpu0 = sum(proc.cpu_times()[:2])
+        steady_n0 = client.xlen(DEFAULT_STREAM_KEY)
+        steady_load = os.getloadavg()[0]
         steady = rate_over(client, args.seconds)
         cpu = proc.cpu_percent(None)
+        steady_us = (
+            (sum(proc.cpu_times()[:2]) - steady_cpu0) * 1e6 / max(client.xlen(DEFAULT_STREAM_KEY) - steady_n0, 1)
+        )
+        stop_hop.set()
+        for t in threads:
+            t.join(5)
         # Phase 2: max. Pause the collector while the simulator keeps producing, then let it drain.
         sim_post_rate(sim_port, args.max_rate)
         time.sleep(1.0)
@@ -264,11 +329,14 @@ def main(argv: list[str] | None = None) -> None:
         procs[0].terminate()
         procs[0].wait(10)
         replay_ticks, replay_rate = replay_burst(py, env, workdir, redis_server.url, client)
+        blast_load = os.getloadavg()[0]
         blast, blast_per_cpu = blaster_rate(py, env, workdir, redis_server.url, client, args.blast_ticks)
         print("collector benchmark (50 symbols, simulator -> collector -> redis-server, one 2-vCPU machine)")
         print(f"  ceiling  redis-benchmark XADD 9-field entry, 1 conn, pipeline 128: {ceiling:,.0f} ops/s")
         print(f"  steady   {steady:,.0f} ticks/s appended, collector CPU {cpu:.1f}% of a core "
-              f"(aim < 10% at 1,200 ticks/s)")  # fmt: skip
+              f"(aim < 10% at 1,200 ticks/s): {steady_us:.1f} core-µs per tick (load1 {steady_load:.2f})")  # fmt: skip
+        print(f"  hop      collector receive -> visible to a reader of the stream: {quantiles_us(hop.get('hop', []))}; "
+              f"floor (one XADD to a reader, same server): {quantiles_us(hop.get('floor', []))}")  # fmt: skip
         print(f"  max      {drain:,.0f} ticks/s sustained draining a backlog (CPU {drain_cpu:.0f}% over the window), "
               f"= {drain / ceiling:.1%} of the XADD ceiling (aim >= 20,000 ticks/s)")  # fmt: skip
         print(f"           the simulator alone produced {produced:,.0f} ticks/s at --rate {args.max_rate:,.0f}")
@@ -277,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  blaster  {blast:,.0f} ticks/s: {args.blast_ticks:,} trades from a minimal WebSocket server, "
               f"= {blast / ceiling:.1%} of the XADD ceiling (aim >= 20,000 ticks/s)")  # fmt: skip
         print(f"           {blast_per_cpu:,.0f} ticks per collector CPU-second in that run (its rate if it had a "
-              "whole core; the machine is shared)")  # fmt: skip
+              f"whole core; the machine is shared): {1e6 / blast_per_cpu:.1f} core-µs per tick "
+              f"(load1 {blast_load:.2f})")  # fmt: skip
         print(f"  per core {steady / max(cpu / 100, 1e-9):,.0f} ticks per CPU-second at the steady rate "
               "(what one fully busy core would carry at that batching)")  # fmt: skip
         print(
