@@ -28,6 +28,7 @@ from tickbridge.collector.rest import RestClient
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service
+from tickbridge.core.rawlink import RawRedis
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import DepthDiff, Tick, Trade
@@ -141,12 +142,13 @@ async def run_collector(
     """A collector's life, any exchange: resume from the VPS Redis, then the publisher and the processor, plus
     what `start(task_group, client)` adds (connections, polls) until they all end; closes REST and Redis."""
     client = make_client(target.settings.vps_redis_url, target.settings)
+    raw = RawRedis(target.settings.vps_redis_url, target.settings, timeout=10.0)
     try:
         if not await load_resume_state(target, client, exchange):
             return  # stopped before Redis answered
         target.publisher = StreamPublisher(
             client, target.settings.stream_key, target.metrics, warm_window_s=target.settings.warm_window_s,
-            last_ids=target.last_trade, exchange=exchange,
+            last_ids=target.last_trade, exchange=exchange, raw=raw,
         )  # fmt: skip
         async with asyncio.TaskGroup() as tg:
             target._tg = tg
@@ -155,6 +157,7 @@ async def run_collector(
             await start(tg, client)
     finally:
         await target.rest.close()
+        await raw.close()
         await client.aclose()
     log.info("collector stopped: %d ticks written", target.publisher.written if target.publisher else 0)
 

@@ -34,6 +34,7 @@ from tickbridge.collector.metrics import CollectorMetrics
 from tickbridge.core import keys
 from tickbridge.core.backoff import Backoff
 from tickbridge.core.metrics import HopCounts
+from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed
 from tickbridge.core.tick import BookReset, BookSnapshot, DepthDiff, Trade
 from tickbridge.core.wire import (
@@ -55,6 +56,8 @@ DEAD_LETTER_MAXLEN = 10_000
 TRIM_INTERVAL_S = 1.0
 #: A link failure, or an error reply such as OOM or LOADING: retry the same batch, never drop it.
 _RETRY_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, ResponseError)
+#: An error reply in place: redis-py's (probes, restores) or the lean connection's (the batches).
+_REPLY_ERRORS = (ResponseError, RawReplyError)
 
 
 class Packed(NamedTuple):
@@ -148,8 +151,13 @@ class StreamPublisher:
         linger_s: float = 0.0,
         last_ids: dict[str, int] | None = None,
         exchange: str = keys.EXCHANGE,
+        raw: RawRedis | None = None,
     ) -> None:
         self.client = client
+        #: The batches go through this lean connection when given (`core.rawlink`: replies parsed in one C
+        #: loop: ~33 instead of ~85 core-µs for a transaction of 13 trades, 0.5 instead of 1.8 ms for 1,000);
+        #: the rare reads of the retry logic through `client`.
+        self.raw = raw
         #: Each exchange's collector keeps its own WARM keys, last trade IDs and batch token (issue 18).
         self.exchange = exchange
         self.last_ids_key = keys.for_exchange(keys.COLLECTOR_LAST_TRADE_IDS, exchange)
@@ -314,18 +322,21 @@ class StreamPublisher:
         st.token = f"{self._token_prefix}:{self._seq}:{st.attempt}"  # per attempt: "it ran" means this one
         st.ambiguous = True  # until its reply is read
         cmds: list[Command] = [("MULTI",), *st.pending, *st.commit, ("SET", self.last_batch_key, st.token), ("EXEC",)]
-        replies = await execute_batch(self.client, cmds)
+        if self.raw is not None:
+            replies = await self.raw.execute_packed(pack_batch(cmds), len(cmds))
+        else:
+            replies = await execute_batch(self.client, cmds)
         st.ambiguous = False
         result = replies[-1]
-        if isinstance(result, ResponseError):
-            raise result  # EXECABORT: nothing ran
-        failed = [i for i, reply in enumerate(result) if isinstance(reply, ResponseError)]
+        if isinstance(result, _REPLY_ERRORS):
+            raise ResponseError(str(result))  # EXECABORT: nothing ran
+        failed = [i for i, reply in enumerate(result) if isinstance(reply, _REPLY_ERRORS)]
         if not failed:
             return True
         n = len(st.pending)
         # The HSET succeeded although the stream's XADDs failed: the stored IDs claim ticks that are not in it.
         stream_failed = any(st.pending[i][1] == self.stream_key for i in failed if i < n)
-        st.restore = stream_failed and bool(st.commit) and not isinstance(result[n], ResponseError)
+        st.restore = stream_failed and bool(st.commit) and not isinstance(result[n], _REPLY_ERRORS)
         first = result[failed[0]]
         st.pending = [st.pending[i] for i in failed if i < n]  # the others are in: never send them again
         raise _FailedInside(f"{len(failed)} of {len(result)} commands failed inside MULTI/EXEC: {first}")

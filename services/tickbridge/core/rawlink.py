@@ -77,9 +77,13 @@ class RawRedis:
         """Send a batch in one write; every reply in order, error replies as `RawReplyError`."""
         if not commands:
             return []
+        return await self.execute_packed(pack(commands), len(commands))
+
+    async def execute_packed(self, payload: bytes, count: int) -> list[Any]:
+        """`execute` of a batch of `count` commands already in RESP (the collector packs its own trades)."""
         if self._writer is None:
             await self._connect()
-        return await self._roundtrip(pack(commands), len(commands))
+        return await self._roundtrip(payload, count)
 
     async def _roundtrip(self, payload: bytes, count: int) -> list[Any]:
         assert self._reader is not None and self._writer is not None
