@@ -289,7 +289,7 @@ _DEC = st.from_regex(r"[0-9]{1,20}(\.[0-9]{1,18})?", fullmatch=True).filter(lamb
     price=_DEC,
     volume=_DEC,
     side=st.sampled_from(["BUY", "SELL"]),
-    ts=st.integers(MIN_TS_US, MAX_TS_US),
+    ts=st.integers(MIN_TS_US, MAX_TS_US - 10),  # recv_ts = ts + 7 and a second trade at ts + 1 stay in range
     trade_id=st.integers(0, 2**63 - 1),
     stream=st.sampled_from(["market:vps:stream", "market:vps:stream:coinbase", "x"]),
 )
