@@ -29,9 +29,9 @@ def run_command(args: argparse.Namespace) -> None:
     """Run the collector until SIGTERM/SIGINT (configuration from the environment / `.env`)."""
     settings = load_settings()
     setup_logging(settings.log_level)
-    serve_metrics(settings.metrics_port_for("collector"), settings.metrics_bind)
     # Every frame allocates a dict, a Trade and its strings; with the default thresholds the books and HOT
     # deques were scanned again and again: at 10,000/s ~100 young and ~9 older collections a second, one full
     # one of ~0.4 s in 10 s on a loaded host (a latency spike of its own). Measured in gc.callbacks (issue 20).
     tune_gc()
+    serve_metrics(settings.metrics_port_for("collector"), settings.metrics_bind)
     run_service(lambda: make_collector(settings))
