@@ -24,7 +24,8 @@ def test_followers_stamp_recv_ts_and_the_floor(redis_server: RedisServer, tmp_pa
     client = redis.Redis.from_url(redis_server.url)
     watch = HopWatch(redis_server.url, redis_server.url, ["BTCUSDT"], tmp_path / "hw", pace_ms=1.0)
     try:
-        time.sleep(1.5)  # the followers start and block
+        assert watch.wait_ready()
+        time.sleep(0.5)  # connected: now blocking in XREAD
         deadline = time.monotonic() + 4.0
         while time.monotonic() < deadline:
             now = time.time_ns() // 1000
@@ -55,7 +56,8 @@ def test_the_questdb_follower_stamps_when_the_row_became_visible(
     watch = HopWatch(redis_server.url, redis_server.url, ["HWVISUSDT"], tmp_path / "hw", pace_ms=1.0,
                      questdb_url=questdb_server.url, visible_pace_ms=10.0)  # fmt: skip
     try:
-        time.sleep(1.5)  # the followers start and block
+        assert watch.wait_ready()
+        time.sleep(0.5)  # connected: now blocking in XREAD
         with Sender.from_conf(ilp_conf(questdb_server.url)) as sender:
             for trade_id in range(6):
                 now = time.time_ns() // 1000

@@ -84,9 +84,12 @@ class _Newest:
     """`XREAD COUNT 1 BLOCK 500 ... $`: the first entry that arrives after the call, of the first stream that
     answered, as `(arrival µs, fields)`; None after a timeout or a connection error (waits 0.1 s then)."""
 
-    def __init__(self, url: str, streams: list[str]) -> None:
+    def __init__(self, url: str, streams: list[str], out: Path) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.args: list[Any] = ["XREAD", "COUNT", 1, "BLOCK", 500, "STREAMS", *streams, *(["$"] * len(streams))]
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            self.client.ping()
+        out.with_suffix(".ready").touch()  # `HopWatch.wait_ready`: a loaded host takes seconds to start Python
 
     def wait(self) -> tuple[int, list[bytes] | dict[bytes, bytes]] | None:
         try:
@@ -103,7 +106,7 @@ class _Newest:
 def follow(url: str, streams: list[str], field: str, out: Path, pace_ms: float, only_type: str | None) -> None:
     """Sample "`field` -> visible to a reader" in µs until SIGTERM, then write the samples to `out`."""
     stopper = _Stop()
-    newest = _Newest(url, streams)
+    newest = _Newest(url, streams, out)
     name, kind = field.encode(), only_type.encode() if only_type else None
     samples: list[int] = []
     while not stopper.stop:
@@ -153,7 +156,7 @@ def _trade_row_sql(fields: list[bytes] | dict[bytes, bytes]) -> str | None:
 def visible(redis_url: str, questdb_url: str, streams: list[str], out: Path, pace_ms: float, step_ms: float) -> None:
     """Sample "recv_ts -> visible in QuestDB `trades`" in µs, one trade at a time, until SIGTERM; write to `out`."""
     stopper = _Stop()
-    newest = _Newest(redis_url, streams)
+    newest = _Newest(redis_url, streams, out)
     qdb = _QuestDB(questdb_url)
     samples: list[int] = []
     while not stopper.stop:
@@ -235,6 +238,8 @@ class HopWatch:
             "symbol_stream": [*me, "follow", "--url", brain_url, "--streams", per_symbol],
             "floor": [*me, "follow", "--url", brain_url, "--streams", FLOOR_KEY, "--field", "t", "--type", ""],
         }
+        for path in self.outs.values():
+            path.with_suffix(".ready").unlink(missing_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         for name, cmd in specs.items():
             cmd += ["--out", str(self.outs[name]), "--pace-ms", str(pace_ms)]
@@ -245,6 +250,15 @@ class HopWatch:
                  "--out", str(self.outs["questdb"]), "--pace-ms", str(visible_pace_ms)],
                 stdout=subprocess.DEVNULL)  # fmt: skip
         self.procs["ping"] = subprocess.Popen([*me, "ping", "--url", brain_url, "--interval-ms", str(pace_ms)])
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until every follower is connected (True), or `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(path.with_suffix(".ready").exists() for path in self.outs.values()):
+                return True
+            time.sleep(0.05)
+        return False
 
     def pids(self) -> list[int]:
         """Every process of the watch (the load test counts their CPU as the harness's)."""
