@@ -8,7 +8,7 @@ flushes what is held, unless a flush is in flight or started less than the flush
 quiet spell goes at once, a steady flow once per interval, a backlog in batches of at most WRITER_BATCH_ROWS
 rows. The interval follows the flow (`flush_interval`): QuestDB pays ~15 core-ms per transaction whatever
 its size, so at 10,000 rows/s and more it is WRITER_FLUSH_INTERVAL_S (0.5 s: few, big transactions), and
-below it shrinks with the flow down to WRITER_FLUSH_MIN_INTERVAL_S (0.1 s: a trade visible ~60 ms after it
+below it shrinks with the flow down to WRITER_FLUSH_MIN_INTERVAL_S (0.1 s: a trade visible ~0.1 s after it
 arrived at 1,200/s, where the CPU is there); each table is one ILP-over-HTTP request (`transactional=True`: one
 request = one transaction), and the group moves only after QuestDB confirmed every table of the batch. A crash before
 the group moved re-reads and re-sends the rows, which the tables' `DEDUP UPSERT KEYS` absorb. When QuestDB is

@@ -8,11 +8,11 @@ Each follower is its own small process, so no two wake-ups share an event loop o
   receive -> visible to a reader of that stream", what a trading reader would see, whatever the rate, at a
   bounded cost (at most 1,000 / pace-ms wake-ups a second).
 - `visible`: the trade's last hop, into the Brain's QuestDB. Like `follow` it takes the first trade that arrives
-  in a per-symbol stream, then asks QuestDB every `--step-ms` (5) whether that row is in `trades` (by its
+  in a per-symbol stream, then asks QuestDB every `--step-ms` (10) whether that row is in `trades` (by its
   designated timestamp, symbol and trade ID: an interval scan, no table scan) and stamps the first answer that
   says yes against the trade's `recv_ts`: "collector receive -> visible to a QuestDB reader", per trade, at most
-  one step late. Then it waits `--pace-ms` (250: a few dozen small queries a second on the Brain's QuestDB,
-  the same in every run) and takes the next trade.
+  one step late. Then it waits `--pace-ms` (1,000: ~10 small queries a second on the Brain's QuestDB, which
+  costs it ~6 % of a core: `VISIBLE_PACE_MS`) and takes the next trade.
 - `ping` + `follow --field t`: the floor. One process XADDs `t=<now µs>` every `--interval-ms` to a key of its
   own on the same Redis under the same load, another follows it. That is one Redis hop to a Python reader:
   what the relay cannot beat on this machine at this moment, so a reader can tell the relay from the machine.
@@ -43,10 +43,12 @@ from tickbridge.core import keys
 #: Pause after each sample: 100 samples a second per hop are plenty for p99 over a minute, and 4 followers plus
 #: the pinger at 2 ms cost the machine ~2,500 Redis round trips a second (taken from the stack it measures).
 PACE_MS = 10.0
-#: Pause after each QuestDB visibility sample (its polls are queries QuestDB pays for).
-VISIBLE_PACE_MS = 250.0
+#: Pause after each QuestDB visibility sample. Its polls are queries QuestDB pays for, and dearly: ~6 core-ms
+#: each on the 2-core host, idle or not (35 a second took 21-23 % of a core): at 1 s and a 10 ms step a
+#: sample costs ~10 queries, ~6 % of a core, and gives ~50 samples a minute.
+VISIBLE_PACE_MS = 1000.0
 #: Poll step of the QuestDB visibility follower: its samples are at most this late.
-VISIBLE_STEP_MS = 5.0
+VISIBLE_STEP_MS = 10.0
 #: The key the floor pinger writes (never read by the roles; capped).
 FLOOR_KEY = "tickbridge:hopwatch:floor"
 
