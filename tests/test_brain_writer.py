@@ -451,7 +451,8 @@ async def test_a_short_read_flushes_at_once_and_a_steady_flow_once_per_interval(
     interval = 5.0
     qserver = questdb_factory()
     qdb = QuestDBHttp(qserver.url)
-    settings = settings_for(redis_server, qserver, writer_flush_interval_s=interval, writer_batch_rows=10_000)
+    settings = settings_for(redis_server, qserver, writer_flush_interval_s=interval,
+                            writer_flush_min_interval_s=interval, writer_batch_rows=10_000)  # fmt: skip
     await ensure_group(brain, STREAM, GROUP)
     source = TradeSource(SYMBOLS)
     services.start(BrainConsumer(settings, CollectorRegistry()))
@@ -474,5 +475,62 @@ async def test_a_short_read_flushes_at_once_and_a_steady_flow_once_per_interval(
         await eventually(lambda: _no_backlog(brain), timeout=10, what="acked after the flush")
         await eventually(lambda: all_exactly_once(source.counts())(qdb), timeout=30, interval=0.3, what="in QuestDB")
         assert writer.written == 3
+    finally:
+        await qdb.close()
+
+
+def test_the_flush_interval_follows_the_flow() -> None:
+    """QuestDB pays per transaction: a light flow gets the short interval, 10,000 rows/s and more the long one."""
+    writer = BrainWriter(Settings(writer_flush_interval_s=0.5, writer_flush_min_interval_s=0.1), CollectorRegistry())
+    for flow, expected in ((0.0, 0.1), (1_200.0, 0.1), (5_000.0, 0.25), (10_000.0, 0.5), (50_000.0, 0.5)):
+        writer.flow_rows_per_s = flow
+        assert writer.flush_interval() == pytest.approx(expected), flow
+    fixed = BrainWriter(Settings(writer_flush_interval_s=0.05, writer_flush_min_interval_s=0.1), CollectorRegistry())
+    assert fixed.flush_interval() == pytest.approx(0.05)  # the shorter setting wins: one fixed interval
+
+
+async def test_a_light_steady_flow_is_visible_soon_and_commits_at_most_once_per_interval(
+    brain: aioredis.Redis, redis_server: RedisServer, questdb_server: QuestDBServer, services: ServiceRunner
+) -> None:
+    """With the default intervals, a light steady flow (20 trades/s) is in QuestDB soon after each trade (generous
+    bounds: a loaded host), and the writer does not commit once per read: at most once per (short) interval."""
+    symbols = ("CADENCEAUSDT", "CADENCEBUSDT")
+    defaults = {k: Settings.model_fields[k].default for k in ("writer_flush_interval_s", "writer_flush_min_interval_s")}
+    settings = settings_for(redis_server, questdb_server, symbols=symbols, **defaults)
+    interval = settings.writer_flush_min_interval_s
+    qdb = QuestDBHttp(questdb_server.url)
+    await ensure_group(brain, STREAM, GROUP)
+    source = TradeSource(symbols)
+    registry = CollectorRegistry()
+    services.start(BrainConsumer(settings, CollectorRegistry()))
+    writer = services.start(BrainWriter(settings, registry, monitor_interval_s=3600))
+    in_list = ", ".join(f"'{s}'" for s in symbols)
+    seen: list[tuple[float, int]] = []  # (monotonic time, rows visible)
+
+    async def watch() -> None:
+        while True:
+            n = await qdb.scalar(f"SELECT count() FROM trades WHERE symbol IN ({in_list})")
+            seen.append((time.monotonic(), n))
+            await asyncio.sleep(0.02)
+
+    try:
+        await eventually(lambda: _true(writer.sender is not None), timeout=30, what="writer ready")
+        watcher = asyncio.create_task(watch())
+        sent_at: list[float] = []
+        flushes0 = registry.get_sample_value("tickbridge_writer_batch_rows_count") or 0.0
+        started = time.monotonic()
+        for _ in range(60):
+            await source.append(brain, STREAM, 1, live=True)
+            sent_at.append(time.monotonic())
+            await asyncio.sleep(0.05)
+        await eventually(lambda: _true(bool(seen) and seen[-1][1] >= len(sent_at)), timeout=30, what="all visible")
+        elapsed = time.monotonic() - started
+        watcher.cancel()
+        flushes = (registry.get_sample_value("tickbridge_writer_batch_rows_count") or 0.0) - flushes0
+        lags = [next(t for t, n in seen if n > i) - at for i, at in enumerate(sent_at)]
+        assert writer.flush_interval() == pytest.approx(interval)  # a light flow: the short interval
+        assert sorted(lags)[len(lags) // 2] < interval + 0.5, lags
+        assert max(lags) < interval + 2.0, lags
+        assert flushes <= elapsed / interval + 3, (flushes, elapsed, interval)
     finally:
         await qdb.close()

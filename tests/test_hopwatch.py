@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import pytest
 import redis
+from questdb.ingress import Sender
 
 from tickbridge.core import keys
+from tickbridge.core.questdb_io import QuestDBHttp, ilp_conf
+from tickbridge.core.wire import TRADES_DDL, ilp_trade
 from tickbridge_dev.devstack.hopwatch import HopWatch
 from tickbridge_dev.devstack.loadtest import hop_table
-from tickbridge_dev.devstack.servers import RedisServer
+from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -20,7 +24,8 @@ def test_followers_stamp_recv_ts_and_the_floor(redis_server: RedisServer, tmp_pa
     client = redis.Redis.from_url(redis_server.url)
     watch = HopWatch(redis_server.url, redis_server.url, ["BTCUSDT"], tmp_path / "hw", pace_ms=1.0)
     try:
-        time.sleep(1.5)  # the followers start and block
+        assert watch.wait_ready()
+        time.sleep(0.5)  # connected: now blocking in XREAD
         deadline = time.monotonic() + 4.0
         while time.monotonic() < deadline:
             now = time.time_ns() // 1000
@@ -38,3 +43,50 @@ def test_followers_stamp_recv_ts_and_the_floor(redis_server: RedisServer, tmp_pa
     table = hop_table(samples)
     assert table["vps_stream"]["share_p50"] == table["vps_stream"]["p50"]
     assert table["symbol_stream"]["n"] == len(samples["symbol_stream"])
+
+
+def test_the_questdb_follower_stamps_when_the_row_became_visible(
+    redis_server: RedisServer, questdb_server: QuestDBServer, tmp_path: Path
+) -> None:
+    """Each sample is recv_ts -> the row visible in `trades`: rows written 0.3 s after their entry read >= 0.3 s."""
+    delay_s = 0.3
+    client = redis.Redis.from_url(redis_server.url)
+    qdb = QuestDBHttp(questdb_server.url)
+    asyncio.run(_exec(qdb, TRADES_DDL))
+    watch = HopWatch(redis_server.url, redis_server.url, ["HWVISUSDT"], tmp_path / "hw", pace_ms=1.0,
+                     questdb_url=questdb_server.url, visible_pace_ms=10.0)  # fmt: skip
+    try:
+        assert watch.wait_ready()
+        time.sleep(0.5)  # connected: now blocking in XREAD
+        with Sender.from_conf(ilp_conf(questdb_server.url)) as sender:
+            for trade_id in range(6):
+                now = time.time_ns() // 1000
+                fields = {
+                    "symbol": "HWVISUSDT",
+                    "exchange": "binance_spot",
+                    "type": "TRADE",
+                    "price": "1",
+                    "volume": "1",
+                    "side": "BUY",
+                    "timestamp": now,
+                    "trade_id": trade_id,
+                    "recv_ts": now,
+                }
+                client.xadd(keys.trades_key("HWVISUSDT"), fields)  # type: ignore[arg-type]
+                time.sleep(delay_s)
+                buf = sender.new_buffer()
+                ilp_trade(buf, "binance_spot", "HWVISUSDT", "BUY", 1.0, 1.0, trade_id, now, now)
+                sender.flush(buf, transactional=True)
+                time.sleep(0.3)  # the follower sees it and pauses: the next entry finds it waiting again
+    finally:
+        samples = watch.stop()
+        client.close()
+        asyncio.run(qdb.close())
+    values = samples["questdb"]
+    assert len(values) >= 3, values
+    assert all(delay_s * 1e6 <= v < 5e6 for v in values), values
+    assert hop_table(samples)["questdb"]["n"] == len(values)
+
+
+async def _exec(qdb: QuestDBHttp, sql: str) -> None:
+    await qdb.exec(sql)

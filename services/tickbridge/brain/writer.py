@@ -4,10 +4,13 @@ Consumer group `tickbridge-writer` on every per-symbol stream (the configured sy
 used as a durable cursor: the writer reads with XREAD from the group's last-delivered ID and moves the group
 (XGROUP SETID) past a batch once QuestDB confirmed it, so Redis keeps no pending list, no XACK, nothing to
 claim (half the Redis time of XREADGROUP + XACK). A read that comes back short (the streams are drained)
-flushes what is held, unless a flush is in flight or started less than WRITER_FLUSH_INTERVAL_S ago (0.5 s by
-default): a trade after a quiet spell goes at once, a steady flow once per interval, a backlog in batches of
-at most WRITER_BATCH_ROWS rows; each table is one ILP-over-HTTP request (`transactional=True`: one request =
-one transaction), and the group moves only after QuestDB confirmed every table of the batch. A crash before
+flushes what is held, unless a flush is in flight or started less than the flush interval ago: a trade after a
+quiet spell goes at once, a steady flow once per interval, a backlog in batches of at most WRITER_BATCH_ROWS
+rows. The interval follows the flow (`flush_interval`): QuestDB pays ~15 core-ms per transaction whatever
+its size, so at 10,000 rows/s and more it is WRITER_FLUSH_INTERVAL_S (0.5 s: few, big transactions), and
+below it shrinks with the flow down to WRITER_FLUSH_MIN_INTERVAL_S (0.1 s: a trade visible ~0.1 s after it
+arrived at 1,200/s, where the CPU is there); each table is one ILP-over-HTTP request (`transactional=True`: one
+request = one transaction), and the group moves only after QuestDB confirmed every table of the batch. A crash before
 the group moved re-reads and re-sends the rows, which the tables' `DEDUP UPSERT KEYS` absorb. When QuestDB is
 down or slow the batch is kept, reading pauses and the flush is retried with backoff: the group never moves
 past unflushed rows. A suspended WAL table gets nothing: its rows are set aside (their streams' group stays
@@ -40,6 +43,9 @@ from tickbridge.core.redis_io import make_client
 from tickbridge.core.settings import load_settings
 
 log = logging.getLogger(__name__)
+
+#: Flow (rows/s) from which the writer waits the whole WRITER_FLUSH_INTERVAL_S between two flushes.
+FULL_INTERVAL_ROWS_PER_S = 10_000.0
 
 __all__ = [
     "MONITOR_ERRORS",
@@ -154,11 +160,21 @@ class BrainWriter(WriterMonitor):
             return True
         if not rows and not self._pending_dead:  # dead letters alone go too: the group moves past them
             return False
-        interval = self.settings.writer_flush_interval_s
+        interval = self.flush_interval()
         now = time.monotonic()
         if not self._last_short:  # more is waiting: keep reading, up to the interval since the first row
             return self._first_row_at is not None and now - self._first_row_at >= interval
         return (self._flushing is None or self._flushing.done()) and now - self._last_flush_at >= interval
+
+    def flush_interval(self) -> float:
+        """The least time between two flushes for the flow of the last batches: WRITER_FLUSH_INTERVAL_S at
+        FULL_INTERVAL_ROWS_PER_S and more, shorter in proportion below, never under WRITER_FLUSH_MIN_INTERVAL_S
+        (unless that is the longer of the two). Each transaction costs QuestDB about the same whatever its size
+        (`python -m tickbridge_dev.bench.writer_cadence`): a light flow buys freshness with CPU the machine has to
+        spare, a heavy flow keeps the transactions few."""
+        longest = self.settings.writer_flush_interval_s
+        scaled = longest * self.flow_rows_per_s / FULL_INTERVAL_ROWS_PER_S
+        return min(longest, max(self.settings.writer_flush_min_interval_s, scaled))
 
     def _per_stream_count(self) -> int:
         return max(200, self.settings.writer_batch_rows // 8)
@@ -190,7 +206,7 @@ class BrainWriter(WriterMonitor):
                 flushing = self._flushing
                 if flushing is not None and not flushing.done():
                     await asyncio.wait([flushing])  # its outcome is taken by the next start_flush
-                wait = self.settings.writer_flush_interval_s - (time.monotonic() - self._last_flush_at)
+                wait = self.flush_interval() - (time.monotonic() - self._last_flush_at)
                 if wait > 0 and await self.sleep_or_stop(wait):
                     return 0
         streams = self._readable()

@@ -148,6 +148,9 @@ class WriterBase(Service):
         #: The last read returned less than it asked for from every stream: nothing more is waiting.
         self._last_short = True
         self._last_flush_at = 0.0  # monotonic time the last flush started
+        #: Rows per second handed to QuestDB, from the last batch and the time since the one before (sets the
+        #: flush interval; 0 until the second batch: a light flow).
+        self.flow_rows_per_s = 0.0
         self._texts: dict[bytes, str] = {}
 
     def _rows(self) -> int:

@@ -61,7 +61,11 @@ class WriterFlushing(WriterRows):
         self.batches = {t: TableBatch(t, self._new_buffer()) for t in frozen}
         self._pending_dead = []
         self._first_row_at = None
-        self._last_flush_at = time.monotonic()
+        now = time.monotonic()
+        if self._last_flush_at:
+            rate = sum(b.rows for b in frozen.values()) / max(now - self._last_flush_at, 1e-3)
+            self.flow_rows_per_s = (self.flow_rows_per_s + rate) / 2  # a little smoothing: one odd batch is not a trend
+        self._last_flush_at = now
         return frozen, dead, confirm
 
     def _new_buffer(self) -> Buffer:

@@ -28,7 +28,7 @@ from tickbridge.core.backoff import Backoff
 from tickbridge.core.lifecycle import Service
 from tickbridge.core.metrics import HopCounts
 from tickbridge.core.questdb_io import QuestDBError
-from tickbridge.core.rawlink import RawRedis
+from tickbridge.core.rawlink import RawRedis, RawReplyError
 from tickbridge.core.redis_io import TRANSIENT_ERRORS, Command, execute_packed, make_client
 from tickbridge.core.settings import Settings
 from tickbridge.core.wire import StreamId
@@ -115,6 +115,9 @@ class ForwarderBase(Service):
         self.vps = make_client(settings.vps_redis_url, settings, timeout=10.0)
         self.brain = make_client(settings.brain_redis_url, settings, timeout=5.0)
         self.brain_raw = RawRedis(settings.brain_redis_url, settings, timeout=10.0)
+        #: The loop's own lean connection for its blocking XREADs (no pool, no per-reply timer, the reply parsed
+        #: in C): ~25 µs less per read on the live hop. Only the loop uses it, one read at a time.
+        self.vps_raw = RawRedis(settings.vps_redis_url, settings, timeout=10.0)
         self.buffer = SpillBuffer(settings.vps_questdb_url, settings, table=buffer_table)
         self.checkpoint: StreamId = ZERO  # highest ID the Brain holds
         #: Highest Brain top this forwarder wrote or verified against its VPS copy: an XADD refused as "equal or
@@ -185,6 +188,16 @@ class ForwarderBase(Service):
 
     async def _vps(self, *command: str | bytes | int | float) -> Any:
         return (await self._vps_cmds([command]))[0]
+
+    async def _vps_read(self, *command: str | bytes | int | float) -> Any:
+        """One read on `vps_raw` (never from two tasks at once: a read-ahead uses `_vps`)."""
+        try:
+            (reply,) = await self.vps_raw.execute([command])
+        except TRANSIENT_ERRORS as exc:
+            raise LinkDown("vps", exc) from exc
+        if isinstance(reply, RawReplyError):
+            raise RuntimeError(f"VPS Redis rejected a command: {reply}")
+        return reply
 
     async def _questdb(self, coro: Any) -> Any:
         try:

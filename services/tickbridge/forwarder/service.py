@@ -93,6 +93,7 @@ class Forwarder(Monitoring):
             except Exception:
                 log.debug("close failed", exc_info=True)
         await self.brain_raw.close()
+        await self.vps_raw.close()
         await self.buffer.close()
         log.info("forwarder stopped at checkpoint %s (%d delivered this run)", format_stream_id(self.checkpoint),
                  self._delivered)  # fmt: skip
@@ -195,11 +196,12 @@ class Forwarder(Monitoring):
         self._drop_prefetch()
         self._prefetch = (key, asyncio.create_task(coro))
 
-    async def _read_redis(self, cursor: StreamId) -> list[RawEntry]:
+    async def _read_redis(self, cursor: StreamId, *, ahead: bool = False) -> list[RawEntry]:
+        """The entries after `cursor`: on the loop's lean connection, or (`ahead`, a read-ahead that runs beside
+        the loop) on a pooled one."""
         # BLOCK: wait for new entries without spinning; short so maintenance and stop stay responsive.
-        reply = await self._vps(
-            "XREAD", "COUNT", self.batch, "BLOCK", 50, "STREAMS", self.key, format_stream_id(cursor)
-        )
+        command = ("XREAD", "COUNT", self.batch, "BLOCK", 50, "STREAMS", self.key, format_stream_id(cursor))
+        reply = await (self._vps(*command) if ahead else self._vps_read(*command))
         if not reply:
             return []
         # RESP3 answers a map {stream: entries}, RESP2 a list of [stream, entries]
@@ -216,9 +218,8 @@ class Forwarder(Monitoring):
             return True
         self.catching_up = len(entries) >= self.batch
         if self.catching_up:
-            self._start_prefetch(
-                ("redis", parse_stream_id(entries[-1][0])), self._read_redis(parse_stream_id(entries[-1][0]))
-            )
+            after = parse_stream_id(entries[-1][0])
+            self._start_prefetch(("redis", after), self._read_redis(after, ahead=True))
         ids = [e[0] for e in entries]
         commands: list[Command] = [(b"XADD", self.key, e[0], *e[1]) for e in entries]
         done = await self._send(ids, commands)

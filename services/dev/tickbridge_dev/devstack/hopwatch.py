@@ -7,6 +7,12 @@ Each follower is its own small process, so no two wake-ups share an event loop o
   again from `$`, so the entries it samples arrived while it was already waiting: their figure is "collector
   receive -> visible to a reader of that stream", what a trading reader would see, whatever the rate, at a
   bounded cost (at most 1,000 / pace-ms wake-ups a second).
+- `visible`: the trade's last hop, into the Brain's QuestDB. Like `follow` it takes the first trade that arrives
+  in a per-symbol stream, then asks QuestDB every `--step-ms` (10) whether that row is in `trades` (by its
+  designated timestamp, symbol and trade ID: an interval scan, no table scan) and stamps the first answer that
+  says yes against the trade's `recv_ts`: "collector receive -> visible to a QuestDB reader", per trade, at most
+  one step late. Then it waits `--pace-ms` (1,000: ~10 small queries a second on the Brain's QuestDB, which
+  costs it ~6 % of a core: `VISIBLE_PACE_MS`) and takes the next trade.
 - `ping` + `follow --field t`: the floor. One process XADDs `t=<now µs>` every `--interval-ms` to a key of its
   own on the same Redis under the same load, another follows it. That is one Redis hop to a Python reader:
   what the relay cannot beat on this machine at this moment, so a reader can tell the relay from the machine.
@@ -20,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,12 @@ from tickbridge.core import keys
 #: Pause after each sample: 100 samples a second per hop are plenty for p99 over a minute, and 4 followers plus
 #: the pinger at 2 ms cost the machine ~2,500 Redis round trips a second (taken from the stack it measures).
 PACE_MS = 10.0
+#: Pause after each QuestDB visibility sample. Its polls are queries QuestDB pays for, and dearly: ~6 core-ms
+#: each on the 2-core host, idle or not (35 a second took 21-23 % of a core): at 1 s and a 10 ms step a
+#: sample costs ~10 queries, ~6 % of a core, and gives ~50 samples a minute.
+VISIBLE_PACE_MS = 1000.0
+#: Poll step of the QuestDB visibility follower: its samples are at most this late.
+VISIBLE_STEP_MS = 10.0
 #: The key the floor pinger writes (never read by the roles; capped).
 FLOOR_KEY = "tickbridge:hopwatch:floor"
 
@@ -68,34 +82,99 @@ def _stamp(fields: list[bytes] | dict[bytes, bytes], name: bytes) -> int | None:
         return None
 
 
+class _Newest:
+    """`XREAD COUNT 1 BLOCK 500 ... $`: the first entry that arrives after the call, of the first stream that
+    answered, as `(arrival µs, fields)`; None after a timeout or a connection error (waits 0.1 s then)."""
+
+    def __init__(self, url: str, streams: list[str], out: Path) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.args: list[Any] = ["XREAD", "COUNT", 1, "BLOCK", 500, "STREAMS", *streams, *(["$"] * len(streams))]
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            self.client.ping()
+        out.with_suffix(".ready").touch()  # `HopWatch.wait_ready`: a loaded host takes seconds to start Python
+
+    def wait(self) -> tuple[int, list[bytes] | dict[bytes, bytes]] | None:
+        try:
+            reply = self.client.execute_command(*self.args)  # type: ignore[no-untyped-call]
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(0.1)
+            return None
+        arrived = time.time_ns() // 1000
+        pairs = list(reply.items() if isinstance(reply, dict) else reply or [])
+        entries = pairs[0][1] if pairs else []
+        return (arrived, entries[0][1]) if entries else None
+
+
 def follow(url: str, streams: list[str], field: str, out: Path, pace_ms: float, only_type: str | None) -> None:
     """Sample "`field` -> visible to a reader" in µs until SIGTERM, then write the samples to `out`."""
     stopper = _Stop()
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    newest = _Newest(url, streams, out)
     name, kind = field.encode(), only_type.encode() if only_type else None
     samples: list[int] = []
-    args: list[Any] = ["XREAD", "COUNT", 1, "BLOCK", 500, "STREAMS", *streams, *(["$"] * len(streams))]
     while not stopper.stop:
-        try:
-            reply = client.execute_command(*args)  # type: ignore[no-untyped-call]
-        except (redis.ConnectionError, redis.TimeoutError):
-            time.sleep(0.1)
+        got = newest.wait()
+        if got is None:
             continue
-        arrived = time.time_ns() // 1000
-        if not reply:
-            continue
-        pairs = reply.items() if isinstance(reply, dict) else reply
-        for _stream, entries in pairs:
-            for _id, fields in entries[:1]:
-                if kind is not None and _field(fields, b"type") != kind:
-                    continue
-                sent = _stamp(fields, name)
-                if sent is not None:
-                    samples.append(arrived - sent)
-            break  # one sample per wake-up: the first stream that answered
+        arrived, fields = got
+        if kind is None or _field(fields, b"type") == kind:
+            sent = _stamp(fields, name)
+            if sent is not None:
+                samples.append(arrived - sent)
         if pace_ms:
             time.sleep(pace_ms / 1000)
     out.write_text(json.dumps({"streams": streams, "field": field, "us": samples}))
+
+
+class _QuestDB:
+    """`SELECT count()` over one kept-alive HTTP connection (reconnects once per failed request)."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 9000
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+
+    def count(self, sql: str) -> int | None:
+        try:
+            self.conn.request("GET", "/exec?" + urllib.parse.urlencode({"query": sql}))
+            doc = json.loads(self.conn.getresponse().read())
+            return int(doc["dataset"][0][0])
+        except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError):
+            self.conn.close()
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+            return None
+
+
+def _trade_row_sql(fields: list[bytes] | dict[bytes, bytes]) -> str | None:
+    """The query that finds the `trades` row of a per-symbol trade entry, or None if the entry is not one."""
+    symbol, ts, trade_id = _field(fields, b"symbol"), _stamp(fields, b"timestamp"), _stamp(fields, b"trade_id")
+    if _field(fields, b"type") != b"TRADE" or symbol is None or ts is None or trade_id is None:
+        return None
+    if not symbol.isalnum():  # validated upstream; never quote anything else into SQL
+        return None
+    return (f"SELECT count() FROM trades WHERE timestamp = {ts}::timestamp AND symbol = '{symbol.decode()}' "
+            f"AND trade_id = {trade_id}")  # fmt: skip
+
+
+def visible(redis_url: str, questdb_url: str, streams: list[str], out: Path, pace_ms: float, step_ms: float) -> None:
+    """Sample "recv_ts -> visible in QuestDB `trades`" in µs, one trade at a time, until SIGTERM; write to `out`."""
+    stopper = _Stop()
+    newest = _Newest(redis_url, streams, out)
+    qdb = _QuestDB(questdb_url)
+    samples: list[int] = []
+    while not stopper.stop:
+        got = newest.wait()
+        sql = _trade_row_sql(got[1]) if got else None
+        recv = _stamp(got[1], b"recv_ts") if got else None
+        if sql is None or recv is None:
+            continue
+        deadline = time.monotonic() + 30.0
+        while not stopper.stop and time.monotonic() < deadline:
+            if (qdb.count(sql) or 0) > 0:
+                samples.append(time.time_ns() // 1000 - recv)
+                break
+            time.sleep(step_ms / 1000)
+        time.sleep(pace_ms / 1000)
+    out.write_text(json.dumps({"streams": streams, "field": "recv_ts", "us": samples}))
 
 
 def ping(url: str, key: str, interval_ms: float) -> None:
@@ -118,6 +197,19 @@ HOPS = (
     ("vps_stream", "collector receive → VPS stream `market:vps:stream` (collector)"),
     ("brain_stream", "→ Brain stream `market:vps:stream` (forwarder)"),
     ("symbol_stream", "→ Brain per-symbol trade stream (consumer)"),
+    ("questdb", "→ visible in Brain QuestDB `trades` (writer + WAL apply)"),
+)
+
+#: How the table was measured, for the load report.
+METHOD = (
+    "Method (`devstack/hopwatch.py`): one follower process per Redis hop blocks in `XREAD ... $` and stamps the "
+    f"first entry that wakes it against its `recv_ts` (µs, same host clock), then pauses {PACE_MS:g} ms "
+    "(`hopwatch.PACE_MS`); a hop's share is the difference to the hop before. QuestDB: a follower takes the first "
+    f"trade that arrives in a per-symbol stream and asks the Brain QuestDB every {VISIBLE_STEP_MS:g} ms whether "
+    "that row is in `trades` (timestamp, symbol, trade ID), stamping the first yes against its `recv_ts` (at most "
+    f"one step late), then pauses {VISIBLE_PACE_MS:g} ms. The floor: a pinger XADDs its own µs time every "
+    f"{PACE_MS:g} ms to a key on the Brain Redis and a follower reads it the same way. Their CPU counts as the "
+    "harness's (QuestDB's answers to the visibility queries count as QuestDB's)."
 )
 
 
@@ -125,26 +217,50 @@ class HopWatch:
     """The followers and the floor pinger of one load run, as child processes of the harness."""
 
     def __init__(
-        self, vps_url: str, brain_url: str, symbols: list[str], workdir: Path, pace_ms: float = PACE_MS
+        self,
+        vps_url: str,
+        brain_url: str,
+        symbols: list[str],
+        workdir: Path,
+        pace_ms: float = PACE_MS,
+        *,
+        questdb_url: str | None = None,
+        visible_pace_ms: float = VISIBLE_PACE_MS,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         me = [sys.executable, "-m", "tickbridge_dev.devstack.hopwatch"]
         stream = keys.DEFAULT_STREAM_KEY
         per_symbol = ",".join(keys.trades_key(s) for s in symbols)
-        self.outs = {name: workdir / f"{name}.json" for name in ("vps_stream", "brain_stream", "symbol_stream",
-                                                                   "floor")}  # fmt: skip
+        names = ["vps_stream", "brain_stream", "symbol_stream", "floor"] + (["questdb"] if questdb_url else [])
+        self.outs = {name: workdir / f"{name}.json" for name in names}
         specs = {
             "vps_stream": [*me, "follow", "--url", vps_url, "--streams", stream],
             "brain_stream": [*me, "follow", "--url", brain_url, "--streams", stream],
             "symbol_stream": [*me, "follow", "--url", brain_url, "--streams", per_symbol],
             "floor": [*me, "follow", "--url", brain_url, "--streams", FLOOR_KEY, "--field", "t", "--type", ""],
         }
+        for path in self.outs.values():
+            path.with_suffix(".ready").unlink(missing_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         for name, cmd in specs.items():
             cmd += ["--out", str(self.outs[name]), "--pace-ms", str(pace_ms)]
             self.procs[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        if questdb_url:
+            self.procs["questdb"] = subprocess.Popen(
+                [*me, "visible", "--url", brain_url, "--questdb-url", questdb_url, "--streams", per_symbol,
+                 "--out", str(self.outs["questdb"]), "--pace-ms", str(visible_pace_ms)],
+                stdout=subprocess.DEVNULL)  # fmt: skip
         self.procs["ping"] = subprocess.Popen([*me, "ping", "--url", brain_url, "--interval-ms", str(pace_ms)])
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until every follower is connected (True), or `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(path.with_suffix(".ready").exists() for path in self.outs.values()):
+                return True
+            time.sleep(0.05)
+        return False
 
     def pids(self) -> list[int]:
         """Every process of the watch (the load test counts their CPU as the harness's)."""
@@ -181,6 +297,13 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--type", dest="only_type", default="TRADE", help="only entries of this `type` ('' = any)")
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--pace-ms", type=float, default=PACE_MS)
+    v = sub.add_parser("visible", help="sample recv_ts -> visible in QuestDB `trades`, in µs")
+    v.add_argument("--url", required=True, help="the Brain Redis")
+    v.add_argument("--questdb-url", required=True, help="the Brain QuestDB's HTTP URL")
+    v.add_argument("--streams", required=True, help="comma-separated per-symbol trade streams")
+    v.add_argument("--out", type=Path, required=True)
+    v.add_argument("--pace-ms", type=float, default=VISIBLE_PACE_MS)
+    v.add_argument("--step-ms", type=float, default=VISIBLE_STEP_MS)
     g = sub.add_parser("ping", help="the floor's writer")
     g.add_argument("--url", required=True)
     g.add_argument("--key", default=FLOOR_KEY)
@@ -188,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.cmd == "follow":
         follow(args.url, args.streams.split(","), args.field, args.out, args.pace_ms, args.only_type or None)
+    elif args.cmd == "visible":
+        visible(args.url, args.questdb_url, args.streams.split(","), args.out, args.pace_ms, args.step_ms)
     else:
         ping(args.url, args.key, args.interval_ms)
 

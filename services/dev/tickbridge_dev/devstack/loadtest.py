@@ -194,7 +194,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
             if watch is None and elapsed >= warm_at:
                 # µs per hop from here to the end of the load window (after the warm-up, like every figure).
                 watch = HopWatch(stack.vps_redis.url, stack.brain_redis.url, list(probe.symbols),
-                                 stack.workdir / "hopwatch")  # fmt: skip
+                                 stack.workdir / "hopwatch", questdb_url=stack.brain_questdb.url)  # fmt: skip
                 probe.harness_pids = watch.pids()
             new = probe.latency_samples()
             samples += new

@@ -202,7 +202,7 @@ def _hop_lines(hops: dict[str, Any]) -> list[str]:
     """The µs table of every live hop (devstack/hopwatch.py), with each hop's share and the floor."""
     if not hops:
         return []
-    from tickbridge_dev.devstack.hopwatch import HOPS  # the harness's own list; report stays importable alone
+    from tickbridge_dev.devstack.hopwatch import HOPS, METHOD  # the harness's own; report stays importable alone
 
     rows = []
     for name, label in HOPS:
@@ -215,11 +215,7 @@ def _hop_lines(hops: dict[str, Any]) -> list[str]:
     return [
         "\n## Live path per hop (µs, from the collector's receive time `recv_ts`)\n",
         md_table(["visible to a reader of", "p50", "p95", "p99", "hop share p50", "hop share p99", "samples"], rows),
-        "\nMethod (`devstack/hopwatch.py`): one follower process per hop blocks in `XREAD ... $` and stamps the "
-        "first entry that wakes it against its `recv_ts` (µs, same host clock), then pauses 10 ms "
-        "(`hopwatch.PACE_MS`); a hop's share is the difference to the hop before. The floor: a pinger XADDs its "
-        "own µs time every 10 ms to a key on the Brain Redis and a follower reads it the same way. Their CPU counts "
-        "as the harness's.\n",
+        "\n" + METHOD + "\n",
     ]
 
 
