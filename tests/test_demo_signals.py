@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ def test_demo_stops_every_process_on_a_signal(sig: signal.Signals, tmp_path: Pat
             [sys.executable, "-m", "tickbridge_dev.devstack.demo", "--symbols", "BTCUSDT,ETHUSDT", "--rate", "100"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+    children: list[psutil.Process] = []
     try:
         wait_until(lambda: b"pipeline up" in log.read_bytes(), 120, f"demo (log {log})", demo)
         children = psutil.Process(demo.pid).children(recursive=True)
@@ -34,5 +37,12 @@ def test_demo_stops_every_process_on_a_signal(sig: signal.Signals, tmp_path: Pat
         assert not alive, [(p.pid, p.name()) for p in alive]
         assert b"all processes stopped" in log.read_bytes()
     finally:
+        # A demo that did not stop must not leave its stack running for the rest of the suite (servers and
+        # roles loading a 2-core machine make later timing tests fail): kill its session and every child seen.
         if demo.poll() is None:
-            demo.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(10)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
