@@ -83,8 +83,10 @@ def _interrupt(signum: int, frame: object) -> None:
 def stop_on_signals() -> None:
     """SIGTERM and SIGHUP (the terminal closed) unwind like Ctrl-C, so the `finally` that stops every child
     runs. The children are in their own sessions (they must not get the terminal's Ctrl-C before the
-    roles drain), so without this a closed terminal left the whole stack running."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    roles drain), so without this a closed terminal left the whole stack running. SIGINT is set too: a
+    process started in the background by a non-interactive shell (a CI runner, `cmd &` in a script) inherits
+    SIGINT *ignored*, and Python then never installs its Ctrl-C handler, so a SIGINT did nothing."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _interrupt)
 
 
