@@ -214,6 +214,16 @@ def test_redis_runs_its_committed_config(host: str, compose: dict[str, Any]) -> 
     assert mounts[conf_in_container] == f"./redis/{host}.conf"
 
 
+def test_questdb_runs_the_committed_log_config(host: str, compose: dict[str, Any]) -> None:
+    """QuestDB's INFO logging cost more CPU than its commits: compose runs the file the native stack copies
+    (questdb/log.conf, INFO off), read-only, not a default QuestDB writes into the data volume."""
+    questdb = compose["services"]["questdb"]
+    out = [a.split("=", 1)[1] for a in effective_command(questdb) if str(a).startswith("-Dout=")]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in questdb["volumes"]}
+    assert out == ["/etc/tickbridge/log.conf"] and mounts[out[0]] == "./questdb/log.conf"
+    assert questdb["volumes"][[v.split(":")[1] for v in questdb["volumes"]].index(out[0])].endswith(":ro")
+
+
 # ---- pinning, health, restart, state -------------------------------------------------------------------
 
 

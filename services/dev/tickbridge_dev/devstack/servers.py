@@ -26,6 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[4]
 ALERTMANAGER_CONFIG = REPO_ROOT / "alertmanager" / "alertmanager.yml"
 CACHE_DIR = Path(os.environ.get("TICKBRIDGE_CACHE", REPO_ROOT / ".cache"))
 QUESTDB_VERSION = "9.3.4"
+#: QuestDB's log configuration on both hosts (compose mounts it; `QuestDBServer` copies it into its conf/).
+QUESTDB_LOG_CONF = REPO_ROOT / "questdb" / "log.conf"
 QUESTDB_JAR = Path(os.environ.get("QUESTDB_JAR", CACHE_DIR / f"questdb-{QUESTDB_VERSION}.jar"))
 TOXIPROXY_BIN = Path(os.environ.get("TOXIPROXY_BIN", CACHE_DIR / "bin" / "toxiproxy-server"))
 
@@ -305,6 +307,10 @@ QUESTDB_TUNING: dict[str, str] = {
     "shared.worker.yield.threshold": "10",
     "shared.worker.nap.threshold": "100",
     "shared.worker.sleep.threshold": "1000",
+    # Each commit woke the WAL apply worker into ~900 naps: it now sleeps soon and polls every 1 ms asleep.
+    "wal.apply.worker.nap.threshold": "20",
+    "wal.apply.worker.sleep.threshold": "40",
+    "wal.apply.worker.sleep.timeout": "1",
 }
 
 
@@ -350,6 +356,8 @@ class QuestDBServer(ManagedProcess):
         (self.workdir / "conf").mkdir(parents=True, exist_ok=True)
         (self.workdir / "db").mkdir(parents=True, exist_ok=True)
         (self.workdir / "conf" / "server.conf").write_text("".join(f"{k}={v}\n" for k, v in conf.items()))
+        if self.tuned:  # INFO off: QuestDB's logging thread cost more than its commits (questdb/log.conf)
+            shutil.copyfile(QUESTDB_LOG_CONF, self.workdir / "conf" / "log.conf")
 
     def command(self) -> list[str]:
         if not QUESTDB_JAR.exists():
