@@ -33,6 +33,7 @@ from tickbridge.core.settings import Settings
 from tickbridge.core.tick import BookSnapshot, DepthDiff, Trade
 from tickbridge.core.wire import encode_book, encode_depth, encode_trade
 from tickbridge_dev.devstack.servers import RedisServer
+from tickbridge_dev.loadgen.brain import as_mapping
 
 LEVELS = 1_700
 #: The calls' inner commands counted apart: the per-symbol XADDs are mixed with the bench's own appends.
@@ -41,10 +42,6 @@ _NOT_INNER = ("cmdstat_fcall", "cmdstat_xadd", "cmdstat_xread", "cmdstat_config|
 
 def _price(offset: int) -> str:
     return f"{50_000 + offset * 0.01:.8f}"
-
-
-def _fields(values: list[str | int]) -> dict[str, str | int]:
-    return dict(zip(values[::2], values[1::2], strict=True))  # type: ignore[arg-type]
 
 
 class IngestBench:
@@ -60,7 +57,7 @@ class IngestBench:
         self.trade_id = dict.fromkeys(self.symbols, 1)
 
     async def _append(self, values: list[str | int]) -> None:
-        await self.redis.xadd(self.settings.stream_key, _fields(values))  # type: ignore[arg-type]
+        await self.redis.xadd(self.settings.stream_key, as_mapping(values))  # type: ignore[arg-type]
 
     async def _ingest(self, expected: int) -> None:
         got = await self.consumer.read_new()
