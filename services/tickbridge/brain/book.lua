@@ -29,7 +29,8 @@ local function book_levels(zkey, qkey, tag, args, from, n)
       zrem[#zrem + 1] = price
       hdel[#hdel + 1] = tag .. price
     else
-      z[#z + 1] = tonumber(price); z[#z + 1] = price
+      -- The price string is the score too: Redis parses it; a Lua number would be formatted back with %.17g.
+      z[#z + 1] = price; z[#z + 1] = price
       h[#h + 1] = tag .. price; h[#h + 1] = qty
     end
   end

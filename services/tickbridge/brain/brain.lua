@@ -40,17 +40,20 @@
 -- append, first error or '', dead letters evicted by the cap, moved}.
 local MAX_UNPACK = 4000
 
+-- `score` is the timestamp string as received: ZADD parses it (a Lua number would be formatted back with %.17g,
+-- the costliest step per tick); its value only finds the newest.
 local function add_warm(warm, zkey, score, member)
+  local value = tonumber(score)
   local entry = warm[zkey]
   if entry == nil then
-    entry = {args = {}, newest = score}
+    entry = {args = {}, newest = value}
     warm[zkey] = entry
   end
   local za = entry.args
   za[#za + 1] = score
   za[#za + 1] = member
-  if entry.newest < score then
-    entry.newest = score
+  if entry.newest < value then
+    entry.newest = value
   end
 end
 
@@ -174,7 +177,7 @@ local function ingest(keys, args)
             fail(target, id, new_id.err, {'symbol', symbol, 'exchange', exchange, 'type', 'TRADE', 'price', price,
                  'volume', volume, 'side', side, 'timestamp', ts, 'trade_id', trade_id, 'recv_ts', recv_ts})
           else
-            add_warm(warm, zkey, tonumber(ts), trade_id .. '|' .. price .. '|' .. volume .. '|' .. side .. '|' .. recv_ts)
+            add_warm(warm, zkey, ts, trade_id .. '|' .. price .. '|' .. volume .. '|' .. side .. '|' .. recv_ts)
             written = written + 1
           end
         end
@@ -186,7 +189,7 @@ local function ingest(keys, args)
       i = i + 3
       local warm_index, score, member, maxlen = 0, nil, nil, nil
       if kind == 'w' then
-        warm_index, score, member = tonumber(args[i]), tonumber(args[i + 1]), args[i + 2]
+        warm_index, score, member = tonumber(args[i]), args[i + 1], args[i + 2]
         i = i + 3
       elseif kind == 'D' then
         maxlen = args[i]
