@@ -284,7 +284,7 @@ local function replay(keys, args)
     if type(newest) == 'table' and not newest.err then
       local top = newest[2] and tonumber(newest[2]) or nil
       if top == nil or score >= top - window then
-        redis.call('ZADD', keys[3], score, args[4])
+        redis.call('ZADD', keys[3], args[3], args[4])
         if top ~= nil and score > top then
           redis.call('ZREMRANGEBYSCORE', keys[3], '-inf', '(' .. string.format('%.0f', score - window))
         end
