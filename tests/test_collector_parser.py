@@ -210,28 +210,6 @@ def test_replay_captures_offline(binance_data: Path) -> None:
     assert float(top_bid[0]) < float(top_ask[0])  # not crossed
 
 
-@pytest.mark.parametrize(
-    "levels",
-    [
-        [["1.5", "0"]], [["0.000", "1"]], [["1", 2]], [[1, "2"]], [["1", "2", "3"]], [("1", "2")], "x", None,
-        [["1e5", "1"]], [["-1", "1"]], [["1.", "1"]], [["1.5\n", "1"]], [], [["00.10", "0.00000000"]],
-    ],
-)  # fmt: skip
-def test_fast_levels_agree_with_core_check(levels: object) -> None:
-    from tickbridge.collector.parser import fast_levels
-    from tickbridge.core.tick import TickError, check_levels
-
-    try:
-        expected: object = check_levels("b", levels)
-    except TickError as exc:
-        expected = str(exc)
-    try:
-        got: object = fast_levels("b", levels)
-    except TickError as exc:
-        got = str(exc)
-    assert got == expected
-
-
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=4),

@@ -340,3 +340,52 @@ def test_consumer_fast_path_rejects_a_foreign_exchange(exchange: bytes) -> None:
     raw = entry(Trade("BTCUSDT", "61000.5", "0.25", "SELL", 1_723_161_255_342_000, 7, 1_723_161_255_343_000))
     raw[3] = exchange
     assert fast_and_full(raw) == (None, None)
+
+
+# ------------------------------------------------------------------ order-book levels: one regex against each value
+
+_LEVEL_EDGES: list[object] = [
+    [["1.5", "0"]], [["0.000", "1"]], [["1", 2]], [[1, "2"]], [["1", "2", "3"]], [("1", "2")], ("x",), "x", None,
+    [["1e5", "1"]], [["-1", "1"]], [["1.", "1"]], [["1.5\n", "1"]], [], (), [["00.10", "0.00000000"]],
+    [["1\x002", "3\x004"]], [["1\x00", "2"]], [["1", "2\x00"]], [["١", "1"]], [["1", "2"], ["0", "1"]],
+    [["1" * 20 + "." + "1" * 18, "0"]], [["1" * 21, "0"]], [["1." + "1" * 19, "0"]], [[b"1", "2"]],
+    [["1", "2"]] * 3, [["1", "2"], "12"], [["1", "2"], ["1"]],
+]  # fmt: skip
+
+
+def _levels_outcome(check: Any, levels: object) -> object:
+    try:
+        return check("bids", levels)
+    except TickError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("levels", _LEVEL_EDGES)
+def test_check_levels_fast_path_agrees_with_the_check_per_value(levels: object) -> None:
+    """`check_levels` validates a valid side with one regex over the joined values; it must accept exactly what
+    the check per value accepts (a NUL inside a value must not shift the pairs), with the same error otherwise."""
+    from tickbridge.core.tick import _check_levels_each, check_levels
+
+    assert _levels_outcome(check_levels, levels) == _levels_outcome(_check_levels_each, levels)
+
+
+# Mostly valid decimals (so whole sides take the fast path), some near misses and some other types.
+_valid_decimal = st.from_regex(r"[0-9]{1,21}(\.[0-9]{1,19})?", fullmatch=True)
+_decimalish = _valid_decimal | _valid_decimal | st.text(alphabet="0123456789.\x00-e\n١", min_size=0, max_size=24)
+_level_value = _decimalish | st.integers() | st.none() | st.binary(max_size=3)
+
+
+@given(
+    st.lists(
+        st.tuples(_decimalish, _decimalish).map(list)
+        | st.tuples(_decimalish, _decimalish)
+        | st.lists(_level_value, min_size=0, max_size=3)
+        | _decimalish,
+        max_size=6,
+    )
+)
+@settings(max_examples=400, deadline=None)
+def test_check_levels_fast_path_property(levels: list[object]) -> None:
+    from tickbridge.core.tick import _check_levels_each, check_levels
+
+    assert _levels_outcome(check_levels, levels) == _levels_outcome(_check_levels_each, levels)

@@ -7,13 +7,12 @@ label), a one-line detail and the raw payload (truncated) for the dead-letter st
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from tickbridge.core.tick import MAX_LEVELS, DepthDiff, Level, TickError, Trade, check_int, check_levels
+from tickbridge.core.tick import DepthDiff, TickError, Trade, check_int, check_levels
 
 #: Frames larger than this are rejected (the WebSocket itself allows more, so we still see and count them).
 MAX_FRAME_BYTES = 1 << 20
@@ -62,28 +61,6 @@ Event = Trade | DepthDiff | ServerShutdown | ControlReply | Rejected
 def to_us(value: int) -> int:
     """Exchange time in µs: ms by default, already µs with `timeUnit=MICROSECOND` (16 digits)."""
     return value * 1000 if value < _US_THRESHOLD else value
-
-
-_DECIMAL_FULL = re.compile(r"[0-9]{1,20}(\.[0-9]{1,18})?")
-
-
-def fast_levels(name: str, value: object) -> tuple[Level, ...]:
-    """`check_levels` with a quicker success path (one regex per string); errors come from `check_levels`."""
-    if type(value) is list and len(value) <= MAX_LEVELS:
-        match = _DECIMAL_FULL.fullmatch
-        out: list[Level] = []
-        for level in value:
-            if type(level) is not list or len(level) != 2:
-                break
-            price, qty = level
-            if type(price) is not str or type(qty) is not str or not match(price) or not match(qty):
-                break
-            if not price.strip("0."):  # a price must be > 0
-                break
-            out.append((price, qty))
-        else:
-            return tuple(out)
-    return check_levels(name, value)
 
 
 def _raw_bytes(raw: bytes | str) -> bytes:
@@ -151,8 +128,8 @@ def parse_depth(data: dict[str, Any], recv_ts: int) -> DepthDiff:
         timestamp=to_us(ts),
         first_update_id=first,
         last_update_id=last,
-        bids=fast_levels("b", bids),
-        asks=fast_levels("a", asks),
+        bids=check_levels("b", bids),
+        asks=check_levels("a", asks),
         recv_ts=recv_ts,
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import chain
 from typing import Literal
 
 from tickbridge.core.keys import EXCHANGE, EXCHANGES
@@ -72,7 +73,34 @@ def check_exchange(value: object) -> str:
     return str(value)
 
 
+#: A whole side of valid levels, joined as `price\0qty\0...`: a price is a decimal with a non-zero digit, a quantity
+#: any decimal (`_DECIMAL`'s rules; no value can contain the NUL that separates them, see `check_levels`).
+_PAIR_TYPES: set[type] = {list, tuple}
+_JOINED_LEVELS = re.compile(r"(?:(?=[0-9.]*[1-9])[0-9]{1,20}(?:\.[0-9]{1,18})?\0[0-9]{1,20}(?:\.[0-9]{1,18})?\0)*")
+
+
 def check_levels(name: str, value: object) -> tuple[Level, ...]:
+    """A side of an order book as `(price, qty)` string pairs: at most MAX_LEVELS, each a 2-item list or tuple of a
+    price > 0 and a quantity >= 0 as plain decimal strings. One regex over the joined side when it is valid (a
+    depth diff's 40 levels in ~1/3 of the time of a check per value, on every venue's and the Brain's path);
+    anything else goes through the check per level, which names the first bad value."""
+    if type(value) is list or type(value) is tuple:
+        if not value:
+            return ()
+        # Type and length checks by C-level map() (a Python loop per level would cost as much as the match).
+        if len(value) <= MAX_LEVELS and set(map(type, value)) <= _PAIR_TYPES and set(map(len, value)) == {2}:
+            flat: list[str] = list(chain.from_iterable(value))
+            try:
+                text = "\0".join(flat) + "\0"
+            except TypeError:  # a value that is not a string
+                text = ""
+            # A NUL inside a value would shift the pairs: the count rules it out before the match.
+            if text.count("\0") == len(flat) and _JOINED_LEVELS.fullmatch(text):
+                return tuple(zip(flat[0::2], flat[1::2], strict=True))
+    return _check_levels_each(name, value)
+
+
+def _check_levels_each(name: str, value: object) -> tuple[Level, ...]:
     if not isinstance(value, list | tuple):
         raise TickError(f"{name}: expected a list of [price, qty], got {type(value).__name__}")
     if len(value) > MAX_LEVELS:
