@@ -71,7 +71,9 @@ async def one_round(python: str, qdb: QuestDBServer, workdir: Path, rate: float,
     try:
         await _append(vps.url, 50, 3.0)  # the forwarder connects and forwards: warm-up, not measured
         watch = HopWatch(vps.url, brain.url, ["BTCUSDT"], workdir / "hw")
-        await asyncio.to_thread(watch.wait_ready)
+        if not await asyncio.to_thread(watch.wait_ready):
+            # Without its followers the bench would measure nothing and print empty figures: stop instead.
+            raise RuntimeError(f"hop followers not connected within 60 s (logs in {workdir / 'hw'})")
         await asyncio.sleep(0.5)  # connected: now blocking in XREAD
         fwd = psutil.Process(proc.pid)
         t0 = fwd.cpu_times()
