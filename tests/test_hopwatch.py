@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -86,6 +87,35 @@ def test_the_questdb_follower_stamps_when_the_row_became_visible(
     assert len(values) >= 3, values
     assert all(delay_s * 1e6 <= v < 5e6 for v in values), values
     assert hop_table(samples)["questdb"]["n"] == len(values)
+
+
+def test_a_trade_never_visible_counts_at_the_timeout(
+    redis_server: RedisServer, questdb_server: QuestDBServer, tmp_path: Path
+) -> None:
+    """A trade that never reaches QuestDB (a stalled writer) is a sample at the timeout, a lower bound, not a
+    sample left out: otherwise the visibility percentiles would look better the worse the writer does."""
+    client = redis.Redis.from_url(redis_server.url)
+    qdb = QuestDBHttp(questdb_server.url)
+    asyncio.run(_exec(qdb, TRADES_DDL))
+    watch = HopWatch(redis_server.url, redis_server.url, ["HWGONEUSDT"], tmp_path / "hw", pace_ms=1.0,
+                     questdb_url=questdb_server.url, visible_pace_ms=10.0, visible_timeout_s=0.5)  # fmt: skip
+    try:
+        assert watch.wait_ready()
+        time.sleep(0.5)  # connected: now blocking in XREAD
+        for trade_id in range(3):
+            now = time.time_ns() // 1000
+            fields = {"symbol": "HWGONEUSDT", "exchange": "binance_spot", "type": "TRADE", "price": "1",
+                      "volume": "1", "side": "BUY", "timestamp": now, "trade_id": trade_id, "recv_ts": now}  # fmt: skip
+            client.xadd(keys.trades_key("HWGONEUSDT"), fields)  # type: ignore[arg-type]
+            time.sleep(0.8)  # past the timeout: the follower gives up on it and waits for the next one
+    finally:
+        samples = watch.stop()
+        client.close()
+        asyncio.run(qdb.close())
+    values = samples["questdb"]
+    assert len(values) >= 2, values
+    assert all(0.5e6 <= v < 2e6 for v in values), values
+    assert json.loads((tmp_path / "hw" / "questdb.json").read_text())["timed_out"] == len(values)
 
 
 async def _exec(qdb: QuestDBHttp, sql: str) -> None:

@@ -49,6 +49,8 @@ PACE_MS = 10.0
 VISIBLE_PACE_MS = 1000.0
 #: Poll step of the QuestDB visibility follower: its samples are at most this late.
 VISIBLE_STEP_MS = 10.0
+#: A trade still not visible after this long is counted at this value (a lower bound) and the follower moves on.
+VISIBLE_TIMEOUT_S = 30.0
 #: The key the floor pinger writes (never read by the roles; capped).
 FLOOR_KEY = "tickbridge:hopwatch:floor"
 
@@ -155,26 +157,43 @@ def _trade_row_sql(fields: list[bytes] | dict[bytes, bytes]) -> str | None:
             f"AND trade_id = {trade_id}")  # fmt: skip
 
 
-def visible(redis_url: str, questdb_url: str, streams: list[str], out: Path, pace_ms: float, step_ms: float) -> None:
-    """Sample "recv_ts -> visible in QuestDB `trades`" in µs, one trade at a time, until SIGTERM; write to `out`."""
+def visible(
+    redis_url: str,
+    questdb_url: str,
+    streams: list[str],
+    out: Path,
+    pace_ms: float,
+    step_ms: float,
+    timeout_s: float = VISIBLE_TIMEOUT_S,
+) -> None:
+    """Sample "recv_ts -> visible in QuestDB `trades`" in µs, one trade at a time, until SIGTERM; write to `out`.
+    A trade not visible within `timeout_s` is counted at that point (a lower bound; `timed_out` in `out`)."""
     stopper = _Stop()
     newest = _Newest(redis_url, streams, out)
     qdb = _QuestDB(questdb_url)
     samples: list[int] = []
+    timed_out = 0
     while not stopper.stop:
         got = newest.wait()
         sql = _trade_row_sql(got[1]) if got else None
         recv = _stamp(got[1], b"recv_ts") if got else None
         if sql is None or recv is None:
             continue
-        deadline = time.monotonic() + 30.0
+        deadline = time.monotonic() + timeout_s
+        seen = False
         while not stopper.stop and time.monotonic() < deadline:
             if (qdb.count(sql) or 0) > 0:
                 samples.append(time.time_ns() // 1000 - recv)
+                seen = True
                 break
             time.sleep(step_ms / 1000)
+        if not seen and not stopper.stop:
+            # Still not in QuestDB: counted at the time given up (a lower bound), so a stalled writer raises the
+            # percentiles instead of leaving them out.
+            samples.append(time.time_ns() // 1000 - recv)
+            timed_out += 1
         time.sleep(pace_ms / 1000)
-    out.write_text(json.dumps({"streams": streams, "field": "recv_ts", "us": samples}))
+    out.write_text(json.dumps({"streams": streams, "field": "recv_ts", "us": samples, "timed_out": timed_out}))
 
 
 def ping(url: str, key: str, interval_ms: float) -> None:
@@ -207,7 +226,8 @@ METHOD = (
     "(`hopwatch.PACE_MS`); a hop's share is the difference to the hop before. QuestDB: a follower takes the first "
     f"trade that arrives in a per-symbol stream and asks the Brain QuestDB every {VISIBLE_STEP_MS:g} ms whether "
     "that row is in `trades` (timestamp, symbol, trade ID), stamping the first yes against its `recv_ts` (at most "
-    f"one step late), then pauses {VISIBLE_PACE_MS:g} ms. The floor: a pinger XADDs its own µs time every "
+    f"one step late), then pauses {VISIBLE_PACE_MS:g} ms; a trade not visible within {VISIBLE_TIMEOUT_S:g} s "
+    "counts at that value (a lower bound). The floor: a pinger XADDs its own µs time every "
     f"{PACE_MS:g} ms to a key on the Brain Redis and a follower reads it the same way. Their CPU counts as the "
     "harness's (QuestDB's answers to the visibility queries count as QuestDB's)."
 )
@@ -226,6 +246,7 @@ class HopWatch:
         *,
         questdb_url: str | None = None,
         visible_pace_ms: float = VISIBLE_PACE_MS,
+        visible_timeout_s: float = VISIBLE_TIMEOUT_S,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +270,8 @@ class HopWatch:
         if questdb_url:
             self.procs["questdb"] = subprocess.Popen(
                 [*me, "visible", "--url", brain_url, "--questdb-url", questdb_url, "--streams", per_symbol,
-                 "--out", str(self.outs["questdb"]), "--pace-ms", str(visible_pace_ms)],
+                 "--out", str(self.outs["questdb"]), "--pace-ms", str(visible_pace_ms),
+                 "--timeout-s", str(visible_timeout_s)],
                 stdout=subprocess.DEVNULL)  # fmt: skip
         self.procs["ping"] = subprocess.Popen([*me, "ping", "--url", brain_url, "--interval-ms", str(pace_ms)])
 
@@ -304,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--out", type=Path, required=True)
     v.add_argument("--pace-ms", type=float, default=VISIBLE_PACE_MS)
     v.add_argument("--step-ms", type=float, default=VISIBLE_STEP_MS)
+    v.add_argument("--timeout-s", type=float, default=VISIBLE_TIMEOUT_S, help="count a trade not visible by then")
     g = sub.add_parser("ping", help="the floor's writer")
     g.add_argument("--url", required=True)
     g.add_argument("--key", default=FLOOR_KEY)
@@ -312,7 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "follow":
         follow(args.url, args.streams.split(","), args.field, args.out, args.pace_ms, args.only_type or None)
     elif args.cmd == "visible":
-        visible(args.url, args.questdb_url, args.streams.split(","), args.out, args.pace_ms, args.step_ms)
+        visible(
+            args.url, args.questdb_url, args.streams.split(","), args.out, args.pace_ms, args.step_ms, args.timeout_s
+        )
     else:
         ping(args.url, args.key, args.interval_ms)
 
