@@ -369,6 +369,15 @@ def test_check_levels_fast_path_agrees_with_the_check_per_value(levels: object) 
     assert _levels_outcome(check_levels, levels) == _levels_outcome(_check_levels_each, levels)
 
 
+def test_check_levels_rejects_values_that_would_shift_the_joined_pairs() -> None:
+    """Joined, `["1\\x002", "3\\x004"]` reads like two valid levels: it must still be one invalid level."""
+    from tickbridge.core.tick import check_levels
+
+    with pytest.raises(TickError, match=r"bids.price: not a plain decimal string"):
+        check_levels("bids", [["1\x002", "3\x004"]])
+    assert check_levels("bids", [["1", "2"], ["3", "0"]]) == (("1", "2"), ("3", "0"))
+
+
 # Mostly valid decimals (so whole sides take the fast path), some near misses and some other types.
 _valid_decimal = st.from_regex(r"[0-9]{1,21}(\.[0-9]{1,19})?", fullmatch=True)
 _decimalish = _valid_decimal | _valid_decimal | st.text(alphabet="0123456789.\x00-e\n١", min_size=0, max_size=24)
