@@ -34,6 +34,8 @@ from tickbridge.core.tick import (
     DepthDiff,
     TickError,
     Trade,
+    _check_levels_each,
+    check_levels,
 )
 from tickbridge.core.wire import decode_entry, encode_tick, match_trade
 
@@ -364,15 +366,11 @@ def _levels_outcome(check: Any, levels: object) -> object:
 def test_check_levels_fast_path_agrees_with_the_check_per_value(levels: object) -> None:
     """`check_levels` validates a valid side with one regex over the joined values; it must accept exactly what
     the check per value accepts (a NUL inside a value must not shift the pairs), with the same error otherwise."""
-    from tickbridge.core.tick import _check_levels_each, check_levels
-
     assert _levels_outcome(check_levels, levels) == _levels_outcome(_check_levels_each, levels)
 
 
 def test_check_levels_rejects_values_that_would_shift_the_joined_pairs() -> None:
     """Joined, `["1\\x002", "3\\x004"]` reads like two valid levels: it must still be one invalid level."""
-    from tickbridge.core.tick import check_levels
-
     with pytest.raises(TickError, match=r"bids.price: not a plain decimal string"):
         check_levels("bids", [["1\x002", "3\x004"]])
     assert check_levels("bids", [["1", "2"], ["3", "0"]]) == (("1", "2"), ("3", "0"))
@@ -395,6 +393,4 @@ _level_value = _decimalish | st.integers() | st.none() | st.binary(max_size=3)
 )
 @settings(max_examples=400, deadline=None)
 def test_check_levels_fast_path_property(levels: list[object]) -> None:
-    from tickbridge.core.tick import _check_levels_each, check_levels
-
     assert _levels_outcome(check_levels, levels) == _levels_outcome(_check_levels_each, levels)

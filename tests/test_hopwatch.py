@@ -62,18 +62,7 @@ def test_the_questdb_follower_stamps_when_the_row_became_visible(
         with Sender.from_conf(ilp_conf(questdb_server.url)) as sender:
             for trade_id in range(6):
                 now = time.time_ns() // 1000
-                fields = {
-                    "symbol": "HWVISUSDT",
-                    "exchange": "binance_spot",
-                    "type": "TRADE",
-                    "price": "1",
-                    "volume": "1",
-                    "side": "BUY",
-                    "timestamp": now,
-                    "trade_id": trade_id,
-                    "recv_ts": now,
-                }
-                client.xadd(keys.trades_key("HWVISUSDT"), fields)  # type: ignore[arg-type]
+                client.xadd(keys.trades_key("HWVISUSDT"), _trade("HWVISUSDT", trade_id, now))
                 time.sleep(delay_s)
                 buf = sender.new_buffer()
                 ilp_trade(buf, "binance_spot", "HWVISUSDT", "BUY", 1.0, 1.0, trade_id, now, now)
@@ -103,10 +92,7 @@ def test_a_trade_never_visible_counts_at_the_timeout(
         assert watch.wait_ready()
         time.sleep(0.5)  # connected: now blocking in XREAD
         for trade_id in range(3):
-            now = time.time_ns() // 1000
-            fields = {"symbol": "HWGONEUSDT", "exchange": "binance_spot", "type": "TRADE", "price": "1",
-                      "volume": "1", "side": "BUY", "timestamp": now, "trade_id": trade_id, "recv_ts": now}  # fmt: skip
-            client.xadd(keys.trades_key("HWGONEUSDT"), fields)  # type: ignore[arg-type]
+            client.xadd(keys.trades_key("HWGONEUSDT"), _trade("HWGONEUSDT", trade_id, time.time_ns() // 1000))
             time.sleep(0.8)  # past the timeout: the follower gives up on it and waits for the next one
     finally:
         samples = watch.stop()
@@ -116,6 +102,12 @@ def test_a_trade_never_visible_counts_at_the_timeout(
     assert len(values) >= 2, values
     assert all(0.5e6 <= v < 2e6 for v in values), values
     assert json.loads((tmp_path / "hw" / "questdb.json").read_text())["timed_out"] == len(values)
+
+
+def _trade(symbol: str, trade_id: int, now_us: int) -> dict[str | bytes, str | int]:
+    """A per-symbol stream entry of a trade received (and made) at `now_us`."""
+    return {"symbol": symbol, "exchange": "binance_spot", "type": "TRADE", "price": "1", "volume": "1", "side": "BUY",
+            "timestamp": now_us, "trade_id": trade_id, "recv_ts": now_us}  # fmt: skip
 
 
 async def _exec(qdb: QuestDBHttp, sql: str) -> None:

@@ -181,17 +181,15 @@ def visible(
             continue
         deadline = time.monotonic() + timeout_s
         seen = False
-        while not stopper.stop and time.monotonic() < deadline:
-            if (qdb.count(sql) or 0) > 0:
-                samples.append(time.time_ns() // 1000 - recv)
-                seen = True
-                break
-            time.sleep(step_ms / 1000)
-        if not seen and not stopper.stop:
-            # Still not in QuestDB: counted at the time given up (a lower bound), so a stalled writer raises the
-            # percentiles instead of leaving them out.
+        while not (seen or stopper.stop) and time.monotonic() < deadline:
+            seen = (qdb.count(sql) or 0) > 0
+            if not seen:
+                time.sleep(step_ms / 1000)
+        if seen or not stopper.stop:
+            # Not seen by the deadline: counted at the time given up (a lower bound), so a stalled writer raises
+            # the percentiles instead of leaving them out.
             samples.append(time.time_ns() // 1000 - recv)
-            timed_out += 1
+            timed_out += not seen
         time.sleep(pace_ms / 1000)
     out.write_text(json.dumps({"streams": streams, "field": "recv_ts", "us": samples, "timed_out": timed_out}))
 
