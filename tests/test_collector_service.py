@@ -20,7 +20,7 @@ from tickbridge.collector.service import Collector
 from tickbridge.core import keys
 from tickbridge.core.settings import Settings
 from tickbridge.core.tick import DepthDiff, Trade
-from tickbridge.core.wire import decode_entry
+from tickbridge.core.wire import decode_entry, now_us
 from tickbridge_dev.devstack.servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -726,3 +726,41 @@ async def test_a_trade_far_ahead_of_its_receive_time_is_dead_lettered_and_later_
         assert collector.last_trade_ts["BTCUSDT"] == (now_ms + 2) * 1000
     # A restarted collector reads the newest trade time back from WARM: not an hour ahead either.
     assert not (await client.zrangebyscore(keys.warm_key("BTCUSDT"), (now_ms + 10_000) * 1000, "+inf"))
+
+
+async def test_a_burst_is_handed_over_in_parts_in_order_and_whole(
+    exchange: ScriptedExchange, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20: the processor hands over what it has after HANDOVER_S of work (0 here: after every frame) and lets
+    the publisher send it while it parses the rest of the inbox. A burst split that finely still lands whole, once,
+    in receive order, in several transactions."""
+    import tickbridge.collector.service as service
+
+    monkeypatch.setattr(service, "HANDOVER_S", 0.0)
+    client: Any = aioredis.Redis.from_url(redis_server.url)
+    registry = CollectorRegistry()
+    collector, task = await start(settings_for(exchange, redis_server), registry)
+    await eventually(lambda: _true(exchange.connected.is_set()), what="connection")
+    await exchange.send(depth(90, 101, [["10.0", "2.0"]]))  # straddles the snapshot's 100: the book is valid
+    await eventually(lambda: _true(collector.book_valid("BTCUSDT")), what="book synced")
+    frames: list[bytes] = []
+    for i in range(1, 201):
+        frames.append(trade(i))
+        if i % 2 == 0:
+            frames.append(trade(i // 2, symbol="ETHUSDT"))
+        if i % 20 == 0:
+            frames.append(depth(101 + i // 20, 101 + i // 20, [[f"{i}.0", "1.0"]]))
+    before = count(registry, "tickbridge_collector_batch_ticks_count")
+    for raw in frames:  # all in the inbox before the processor wakes: one burst, as one TCP read would bring it
+        collector.inbox.put_nowait((collector.primary_gen, now_us(), raw))
+    await eventually(lambda: equals(client.xlen(keys.DEFAULT_STREAM_KEY), len(frames) + 2), what="the burst")
+    ticks = await stream_ticks(client)
+    got = [(t.symbol, t.trade_id if isinstance(t, Trade) else t.last_update_id) for t in ticks]
+    sent = [("BTCUSDT", 101)]  # the straddling diff before the burst
+    for raw in frames:
+        data = orjson.loads(raw)["data"]
+        sent.append((data["s"], data["t"] if data["e"] == "trade" else data["u"]))
+    assert got == sent  # every tick once, in receive order
+    batches = count(registry, "tickbridge_collector_batch_ticks_count") - before
+    assert batches > 1, "the burst went out as one transaction: no handover happened"
+    await stop(collector, task)

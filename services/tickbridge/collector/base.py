@@ -54,6 +54,11 @@ ID_RESET_SLACK_US = 1_000_000
 #: milliseconds under NTP; 5 s leaves room for a clock off by far more than that.
 MAX_AHEAD_US = 5_000_000
 OUT_BATCH = 1000
+#: Processing time after which the processor hands what it has to the publisher and lets it send, before the rest
+#: of the inbox: a burst (Binance's 100 ms depth grid delivers a diff per symbol at once, ~50 µs each) no longer
+#: holds back the trades ahead of it until the whole burst is parsed; Redis runs one transaction while the next
+#: is parsed (issue 20).
+HANDOVER_S = 0.0002
 
 
 @dataclass(eq=False)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Any
 
 from tickbridge.collector.backfill import Backfill, _ahead
 from tickbridge.collector.base import (
+    HANDOVER_S,
     ID_RESET_SLACK_US,
     MAX_AHEAD_US,
     MAX_BACKFILL,
@@ -87,9 +89,11 @@ class Collector(Backfill):
         publisher = self.publisher
         out: list[Item] = []
         inbox = self.inbox
+        clock = time.perf_counter
         while True:
             item = await inbox.get()
             stop = False
+            started = clock()
             while True:
                 if item is None:
                     stop = True
@@ -109,6 +113,13 @@ class Collector(Backfill):
                 if len(out) >= OUT_BATCH:
                     await self._flush(out)
                     out = []
+                elif out and publisher.waiting and clock() - started > HANDOVER_S:
+                    # Only to an idle publisher: one with a transaction in flight takes what queued meanwhile
+                    # anyway, and at high rates the handovers would cost CPU for nothing.
+                    await publisher.put(out)
+                    out = []
+                    await asyncio.sleep(0)  # the publisher sends it now, Redis runs it while we go on
+                    started = clock()
                 if inbox.empty():
                     break
                 item = inbox.get_nowait()
