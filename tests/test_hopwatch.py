@@ -112,3 +112,42 @@ def _trade(symbol: str, trade_id: int, now_us: int) -> dict[str | bytes, str | i
 
 async def _exec(qdb: QuestDBHttp, sql: str) -> None:
     await qdb.exec(sql)
+
+
+def test_a_harness_stopped_by_sigterm_leaves_no_follower_running(redis_server: RedisServer, tmp_path: Path) -> None:
+    """A load test stopped by SIGTERM before the end of its window (the watch never reached `stop()`) takes its
+    followers and pinger with it: they outlived such a run once and polled a Redis that was gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, time
+from pathlib import Path
+from tickbridge_dev.devstack.hopwatch import HopWatch
+from tickbridge_dev.devstack.servers import stop_on_signals
+stop_on_signals()
+watch = HopWatch({redis_server.url!r}, {redis_server.url!r}, ["BTCUSDT"], Path({str(tmp_path / "hw")!r}))
+print(" ".join(map(str, watch.pids())), flush=True)
+watch.wait_ready()
+print("ready", flush=True)
+time.sleep(60)
+"""
+    harness = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert harness.stdout is not None
+        pids = [int(p) for p in harness.stdout.readline().split()]
+        assert len(pids) == 5 and harness.stdout.readline().strip() == "ready"
+        harness.send_signal(signal.SIGTERM)
+        harness.wait(timeout=20)
+    finally:
+        harness.kill()
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        # A zombie of the harness's (reaped by init shortly) has exited too: only a live one fails.
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        assert state == "Z", f"follower {pid} still running after the harness stopped"

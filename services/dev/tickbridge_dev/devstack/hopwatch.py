@@ -25,6 +25,7 @@ floor pair, stops them with SIGTERM after the load window, and reads the samples
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import http.client
 import json
@@ -272,6 +273,15 @@ class HopWatch:
                  "--timeout-s", str(visible_timeout_s)],
                 stdout=subprocess.DEVNULL)  # fmt: skip
         self.procs["ping"] = subprocess.Popen([*me, "ping", "--url", brain_url, "--interval-ms", str(pace_ms)])
+        # A harness stopped by SIGTERM or an error before `stop()` must not leave them running (they outlived an
+        # interrupted load test once, polling a Redis that was gone): killed when the harness exits.
+        atexit.register(self._kill)
+
+    def _kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         """Wait until every follower is connected (True), or `timeout` seconds."""
@@ -288,6 +298,7 @@ class HopWatch:
 
     def stop(self) -> dict[str, list[int]]:
         """Stop every process and return the samples (µs) per hop name and `floor`."""
+        atexit.unregister(self._kill)
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
