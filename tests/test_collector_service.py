@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
+import tickbridge.collector.service as collector_service
 from conftest import equals, eventually
 from tickbridge.collector.rest import DEPTH_ENDPOINT, HISTORICAL_TRADES_ENDPOINT, RestCallFailed
 from tickbridge.collector.service import Collector
@@ -734,9 +735,7 @@ async def test_a_burst_is_handed_over_in_parts_in_order_and_whole(
     """Issue 20: the processor hands over what it has after HANDOVER_S of work (0 here: after every frame) and lets
     the publisher send it while it parses the rest of the inbox. A burst split that finely still lands whole, once,
     in receive order, in several transactions."""
-    import tickbridge.collector.service as service
-
-    monkeypatch.setattr(service, "HANDOVER_S", 0.0)
+    monkeypatch.setattr(collector_service, "HANDOVER_S", 0.0)
     client: Any = aioredis.Redis.from_url(redis_server.url)
     registry = CollectorRegistry()
     collector, task = await start(settings_for(exchange, redis_server), registry)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -117,11 +121,6 @@ async def _exec(qdb: QuestDBHttp, sql: str) -> None:
 def test_a_harness_stopped_by_sigterm_leaves_no_follower_running(redis_server: RedisServer, tmp_path: Path) -> None:
     """A load test stopped by SIGTERM before the end of its window (the watch never reached `stop()`) takes its
     followers and pinger with it: they outlived such a run once and polled a Redis that was gone."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     script = f"""
 import sys, time
 from pathlib import Path

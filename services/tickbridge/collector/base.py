@@ -55,7 +55,7 @@ ID_RESET_SLACK_US = 1_000_000
 MAX_AHEAD_US = 5_000_000
 OUT_BATCH = 1000
 #: Processing time after which the processor hands what it has to the publisher and lets it send, before the rest
-#: of the inbox: a burst (Binance's 100 ms depth grid delivers a diff per symbol at once, ~50 µs each) no longer
+#: of the inbox: a burst (Binance's 100 ms depth grid delivers a diff per symbol at once, ~35 µs each) no longer
 #: holds back the trades ahead of it until the whole burst is parsed; Redis runs one transaction while the next
 #: is parsed (issue 20).
 HANDOVER_S = 0.0002
