@@ -10,6 +10,10 @@ VENUES ?=
 EXCHANGES ?= 1
 #: The fast suite's selection (make test-fast, and make test-pythons in each other Python).
 FAST_MARKERS := not slow and not chaos and not load
+#: pytest-xdist workers of `make test`: each test file runs whole on one worker (its servers on that worker's
+#: share of the ports). Most of the suite waits on real servers and faults, so two workers on two cores take
+#: ~10 min instead of ~16. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .PHONY: help deps lint typecheck test test-fast test-pythons demo bench bench-collector bench-forwarder bench-brain \
@@ -18,7 +22,8 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 help:
 	@echo "make demo        full VPS + Brain pipeline on this machine with a live status (SOURCE=binance for the real exchange;"
 	@echo "                 VENUES=coinbase,kraken adds their simulators and each its own collector, forwarder, consumer)"
-	@echo "make test        the whole test suite (unit, integration with real servers, chaos and load smokes)"
+	@echo "make test        the whole test suite (unit, integration with real servers, chaos and load smokes;"
+	@echo "                 two pytest workers, TEST_WORKERS=0 for one process)"
 	@echo "make test-fast   the suite without the slow, chaos and load tests"
 	@echo "make test-pythons   install and run the fast suite under Python 3.12 and 3.13 too (PYTHONS=\"3.12 3.13\")"
 	@echo "make bench       all benchmarks (bench-collector, bench-forwarder, bench-brain)"
@@ -40,7 +45,7 @@ typecheck: deps
 	$(PY) -m mypy
 
 test: deps lint typecheck
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: deps
 	$(PY) -m pytest -q -p no:cacheprovider -m "$(FAST_MARKERS)"

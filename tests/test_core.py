@@ -211,3 +211,14 @@ def test_free_port_never_hands_out_a_port_twice() -> None:
     fail a stack with "address already in use"."""
     ports = [free_port() for _ in range(1000)]
     assert len(set(ports)) == len(ports)
+
+
+@pytest.mark.parametrize("worker", [0, 1])
+def test_two_xdist_workers_never_share_a_free_port(worker: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make test` runs two pytest-xdist workers: each one (and each process it starts, which inherits the
+    variables) takes only its half of the ports, so both cannot pick the same port before a server binds it."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{worker}")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    ports = [free_port() for _ in range(200)]
+    assert {(p >> 1) % 2 for p in ports} == {worker}
+    assert len(set(ports)) == len(ports)

@@ -22,6 +22,7 @@ import websockets
 from prometheus_client import CollectorRegistry
 
 from conftest import eventually
+from tickbridge_dev.devstack.servers import free_port
 from tickbridge_dev.sim import SimConfig
 from tickbridge_dev.sim.testing import running_sim
 
@@ -244,14 +245,8 @@ async def test_http_control_plane() -> None:
         assert stats["paused"] is True and stats["totals"]["faults"]["skip_trade_ids"] == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tickbridge", "sim", "--port", str(port), "--symbols", "BTCUSDT,ETHUSDT",
         "--rate", "100", "--metrics-port", "0",

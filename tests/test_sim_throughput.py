@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from pathlib import Path
 
@@ -11,19 +10,14 @@ import aiohttp
 import pytest
 
 from conftest import eventually
+from tickbridge_dev.devstack.servers import free_port
 from tickbridge_dev.sim.drain import drain
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.load]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_high_rate_drains_without_gaps(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     rate = 20_000
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tickbridge", "sim", "--port", str(port), "--symbols", "BTCUSDT,ETHUSDT,SOLUSDT",

@@ -41,16 +41,29 @@ class ServerError(RuntimeError):
 _ISSUED: collections.deque[int] = collections.deque(maxlen=2000)
 
 
+def _port_share() -> tuple[int, int]:
+    """(index, count) of this process's share of the ports: under pytest-xdist (`make test` runs two workers)
+    each worker and the processes it starts take only the ports `(port >> 1) % count == index` (Linux hands
+    out odd ports for a bind to port 0, so the parity alone would split nothing), so two workers never pick
+    the same free port before its server binds it; (0, 1) otherwise."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1:
+        return int(worker[2:]) % int(count), int(count)
+    return 0, 1
+
+
 def free_port() -> int:
-    """A free loopback port that this process has not handed out lately."""
-    for _ in range(100):
+    """A free loopback port that this process has not handed out lately (of its share: `_port_share`)."""
+    index, count = _port_share()
+    for _ in range(100 * count):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port not in _ISSUED:
+        if (port >> 1) % count == index and port not in _ISSUED:
             _ISSUED.append(port)
             return port
-    raise ServerError("no free loopback port found in 100 tries")
+    raise ServerError(f"no free loopback port found in {100 * count} tries")
 
 
 def find_java() -> str:
