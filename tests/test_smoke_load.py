@@ -82,5 +82,11 @@ def test_load_smoke_50_symbols_1000_per_s(tmp_path: Path) -> None:
     lat = doc["latency_ms"]["exchange_to_brain_redis"]
     assert lat["n"] > 100 and not math.isnan(lat["p99"]) and 0 <= lat["p50"] <= lat["p99"] <= lat["max"]
     assert doc["processes"]["writer"]["rss_max_mb"] > 0
+    # Where each Redis spends its time: the forwarder's XADDs on the VPS Redis, the consumer's ingest function on
+    # the Brain Redis, each about once per trade or per batch, never absent.
+    brain = doc["redis_commands"]["brain-redis"]["commands"]
+    assert brain["fcall"]["us_per_trade"] > 0 and brain["xadd"]["calls_per_1000_trades"] >= 1000, brain
+    assert doc["redis_commands"]["vps-redis"]["us_per_trade"] > 0
+    assert "## Redis time per command" in (tmp_path / "results" / "load-1000.md").read_text()
     for suffix in ("md", "json", "png"):
         assert (tmp_path / "results" / f"load-1000.{suffix}").stat().st_size > 0

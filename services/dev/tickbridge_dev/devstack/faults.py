@@ -135,6 +135,20 @@ class Probe:
             return sim_trades_total(self.stack.sim_stats())
         return None
 
+    def commandstats(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """`INFO commandstats` of both Redis servers: {server: {command: (calls, µs)}} (a server that does not
+        answer is left out)."""
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for name, client in (("vps-redis", self.vps), ("brain-redis", self.brain)):
+            with contextlib.suppress(Exception):
+                info = client.info("commandstats")
+                out[name] = {
+                    key.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+                    for key, v in info.items()
+                    if isinstance(v, dict)
+                }
+        return out
+
     def counts(self) -> dict[str, Any]:
         qcount, newest = self.questdb_count_and_newest()
         return {

@@ -181,6 +181,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
     prev_counts: dict[str, Any] | None = None
     prev_t = t0
     watch: HopWatch | None = None
+    redis_from: tuple[dict[str, dict[str, tuple[int, int]]], int | None] = ({}, None)
     warm_at = min(opts.warmup, opts.duration / 4)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=not opts.progress)  # fmt: skip
@@ -196,6 +197,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
                 watch = HopWatch(stack.vps_redis.url, stack.brain_redis.url, list(probe.symbols),
                                  stack.workdir / "hopwatch", questdb_url=stack.brain_questdb.url)  # fmt: skip
                 probe.harness_pids = watch.pids()
+                redis_from = (probe.commandstats(), probe.sim_trades())
             new = probe.latency_samples()
             samples += new
             if now >= next_full:
@@ -231,6 +233,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
             time.sleep(max(0.0, min(opts.sample_interval, next_full - time.monotonic())))
         progress.update(task, completed=opts.duration)
     end_elapsed = time.monotonic() - t0
+    redis_time = redis_command_time(redis_from, (probe.commandstats(), probe.sim_trades())) if watch else {}
     hop_samples = watch.stop() if watch is not None else {}
 
     # Drain: stop the exchange, wait for the Brain to hold everything, run the oracle.
@@ -299,6 +302,7 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
             "loadavg1_mean": _mean(res.loadavg),
         },
         "redis_memory": redis_memory,
+        "redis_commands": redis_time,
         "drain_s": drain_s,
         "oracle": {
             "expected": result.expected,
@@ -325,6 +329,35 @@ def _measure(stack: NativeStack, probe: Probe, opts: LoadOptions, notes: list[st
         "timeline": timeline,
         "workdir": str(stack.workdir),
     }
+
+
+def redis_command_time(
+    start: tuple[dict[str, dict[str, tuple[int, int]]], int | None],
+    end: tuple[dict[str, dict[str, tuple[int, int]]], int | None],
+) -> dict[str, Any]:
+    """Where each Redis server spent its command time over the measured window (after the warm-up): per command,
+    calls and µs per trade the simulator sent in that window, and µs per call. Harness reads (hopwatch followers,
+    the probe) are in it too: their commands are named, and small beside the pipeline's."""
+    (stats0, trades0), (stats1, trades1) = start, end
+    if trades0 is None or trades1 is None or trades1 <= trades0:
+        return {}
+    trades = trades1 - trades0
+    out: dict[str, Any] = {}
+    for server, after in stats1.items():
+        before = stats0.get(server, {})
+        rows = {}
+        for cmd, (calls, usec) in after.items():
+            calls0, usec0 = before.get(cmd, (0, 0))
+            if calls > calls0:
+                rows[cmd] = {
+                    "calls_per_1000_trades": (calls - calls0) * 1000 / trades,
+                    "us_per_trade": (usec - usec0) / trades,
+                    "us_per_call": (usec - usec0) / (calls - calls0),
+                }
+        total = sum(r["us_per_trade"] for r in rows.values())
+        ordered = dict(sorted(rows.items(), key=lambda kv: -kv[1]["us_per_trade"]))
+        out[server] = {"trades": trades, "us_per_trade": total, "commands": ordered}
+    return out
 
 
 def verdict(checks: dict[str, bool], sim_ratio: float | None, tolerance: float, shortfall: int) -> str:

@@ -277,6 +277,7 @@ def load_markdown(doc: dict[str, Any]) -> str:
     lines.append("## Redis memory\n")
     rows = [[name, m.get("start_mb"), m.get("max_mb"), m.get("end_mb")] for name, m in doc["redis_memory"].items()]
     lines.append(md_table(["server", "start MiB", "max MiB", "end MiB"], rows))
+    lines += redis_command_lines(doc.get("redis_commands") or {})
     oracle = doc.get("oracle", {})
     lines.append("\n## Loss and duplicates (oracle, by trade ID, per symbol)\n")
     lines.append(md_table(["expected", "rows", "lost", "duplicated", "out of order", "result"], [[
@@ -472,3 +473,24 @@ def write_chaos_report(doc: dict[str, Any], out_dir: Path, stem: str = "chaos") 
     write_json(paths["json"], doc)
     paths["md"].write_text(chaos_markdown(doc))
     return paths
+
+
+def redis_command_lines(servers: dict[str, Any], top: int = 8) -> list[str]:
+    """The report's "Redis time per command" section: each server's costliest commands per trade."""
+    if not servers:
+        return []
+    lines = ["\n## Redis time per command (`INFO commandstats`, measured window)\n"]
+    for server, info in servers.items():
+        commands = info.get("commands") or {}
+        rows = [[cmd, _fmt(c["us_per_trade"], 2), c["calls_per_1000_trades"], _fmt(c["us_per_call"], 2)]
+                for cmd, c in list(commands.items())[:top]]  # fmt: skip
+        lines.append(f"\n{server}: {_fmt(info.get('us_per_trade'), 2)} µs of commands per trade "
+                     f"({int(info.get('trades') or 0):,} trades)\n")  # fmt: skip
+        lines.append(md_table(["command", "µs per trade", "calls per 1,000 trades", "µs per call"], rows))
+    lines.append(
+        "\nCommand time only (Redis' own clock inside each command): reading requests, writing replies and the "
+        "event loop come on top, so a server's CPU per trade (above) is higher. Lua functions count as `fcall` "
+        "and the commands they run count again under their own names. The harness's reads (hopwatch followers, "
+        "the probe) are included.\n"
+    )
+    return lines
