@@ -277,7 +277,7 @@ def load_markdown(doc: dict[str, Any]) -> str:
     lines.append("## Redis memory\n")
     rows = [[name, m.get("start_mb"), m.get("max_mb"), m.get("end_mb")] for name, m in doc["redis_memory"].items()]
     lines.append(md_table(["server", "start MiB", "max MiB", "end MiB"], rows))
-    lines += redis_command_lines(doc.get("redis_commands") or {})
+    lines += redis_command_lines(doc.get("redis_commands") or {}, doc)
     oracle = doc.get("oracle", {})
     lines.append("\n## Loss and duplicates (oracle, by trade ID, per symbol)\n")
     lines.append(md_table(["expected", "rows", "lost", "duplicated", "out of order", "result"], [[
@@ -475,22 +475,25 @@ def write_chaos_report(doc: dict[str, Any], out_dir: Path, stem: str = "chaos") 
     return paths
 
 
-def redis_command_lines(servers: dict[str, Any], top: int = 8) -> list[str]:
-    """The report's "Redis time per command" section: each server's costliest commands per trade."""
+def redis_command_lines(servers: dict[str, Any], doc: dict[str, Any], top: int = 8) -> list[str]:
+    """The report's "Redis time per command" section: each server's costliest commands per trade, beside the
+    server's CPU per trade (its process's mean CPU over the simulator's mean rate)."""
     if not servers:
         return []
     lines = ["\n## Redis time per command (`INFO commandstats`, measured window)\n"]
+    rate = (doc.get("rates", {}).get("exchange") or {}).get("mean")
     for server, info in servers.items():
         commands = info.get("commands") or {}
         rows = [[cmd, _fmt(c["us_per_trade"], 2), c["calls_per_1000_trades"], _fmt(c["us_per_call"], 2)]
                 for cmd, c in list(commands.items())[:top]]  # fmt: skip
-        lines.append(f"\n{server}: {_fmt(info.get('us_per_trade'), 2)} µs of commands per trade "
-                     f"({int(info.get('trades') or 0):,} trades)\n")  # fmt: skip
+        cpu = (doc.get("processes", {}).get(server) or {}).get("cpu_mean")
+        per_trade = f"{cpu * 10_000 / rate:,.1f} µs of CPU per trade, " if cpu is not None and rate else ""
+        lines.append(f"\n{server}: {per_trade}{int(info.get('trades') or 0):,} trades in the window\n")
         lines.append(md_table(["command", "µs per trade", "calls per 1,000 trades", "µs per call"], rows))
     lines.append(
         "\nCommand time only (Redis' own clock inside each command): reading requests, writing replies and the "
-        "event loop come on top, so a server's CPU per trade (above) is higher. Lua functions count as `fcall` "
-        "and the commands they run count again under their own names. The harness's reads (hopwatch followers, "
-        "the probe) are included.\n"
+        "event loop come on top. A Lua function counts as `fcall` and a transaction as `exec`, and the commands "
+        "they run count again under their own names, so the rows do not add up. The harness's reads (hopwatch "
+        "followers, the probe) are included.\n"
     )
     return lines
