@@ -23,7 +23,7 @@ from tickbridge_dev.devstack.faults import kill9, poll, restart_process, role_me
 from tickbridge_dev.devstack.stack import NativeStack, StackConfig
 from tickbridge_dev.sim.replay import load_capture
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.alone, pytest.mark.timeout(900)]
 
 SPEED = 2.0
 RECOVERY_LIMIT_S = 5.0

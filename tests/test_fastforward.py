@@ -45,7 +45,7 @@ from tickbridge_dev.devstack.oracle import check_trades
 from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer, free_port
 from tickbridge_dev.loadgen.fastforward import FlowSource, FreshnessProbe, SymbolStreamWatch, percentile
 
-pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow, pytest.mark.alone]
 log = logging.getLogger(__name__)
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "TRXUSDT", "LINKUSDT",

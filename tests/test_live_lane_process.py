@@ -44,7 +44,7 @@ from tickbridge.forwarder.live_process import LaneWatch
 from tickbridge_dev.devstack.servers import QuestDBServer, RedisServer, free_port
 from tickbridge_dev.loadgen.fastforward import FreshnessProbe, SymbolStreamWatch, percentile
 
-pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow, pytest.mark.alone]
 log = logging.getLogger(__name__)
 
 #: kill -9 of the lane process, restarted at once: every symbol fresh again (its newest tick came after the kill

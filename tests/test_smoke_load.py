@@ -65,6 +65,7 @@ def test_role_histograms_are_one_figure_per_metric() -> None:
 
 @pytest.mark.load
 @pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.timeout(240)
 def test_load_smoke_50_symbols_1000_per_s(tmp_path: Path) -> None:
     opts = loadtest.LoadOptions(rate=1000.0, duration=20.0, out=tmp_path / "results", warmup=4.0, progress=False,
