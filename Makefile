@@ -12,8 +12,8 @@ EXCHANGES ?= 1
 FAST_MARKERS := not slow and not chaos and not load
 #: pytest-xdist workers of `make test`: each test file runs whole on one worker (its servers on that worker's
 #: share of the ports). Most of the suite waits on real servers and faults, so two workers on two cores take
-#: ~10 min instead of ~16. The tests marked `alone` (a sub-second freshness bound, a rate under load) run after
-#: that, one at a time: beside another heavy test on 2 cores one missed its 1 s p99 by 36 ms.
+#: ~8 min for what took ~13 in one process. The 7 tests marked `alone` (a sub-second freshness bound, a rate
+#: under load) run after that, one at a time (~3 min): beside another heavy test one missed its 1 s p99 by 36 ms.
 #: TEST_WORKERS=0 runs the first part in one process too.
 TEST_WORKERS ?= 2
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
