@@ -83,8 +83,8 @@ def test_load_smoke_50_symbols_1000_per_s(tmp_path: Path) -> None:
     lat = doc["latency_ms"]["exchange_to_brain_redis"]
     assert lat["n"] > 100 and not math.isnan(lat["p99"]) and 0 <= lat["p50"] <= lat["p99"] <= lat["max"]
     assert doc["processes"]["writer"]["rss_max_mb"] > 0
-    # Where each Redis spends its time: the forwarder's XADDs on the VPS Redis, the consumer's ingest function on
-    # the Brain Redis, each about once per trade or per batch, never absent.
+    # Where each Redis spends its time: on the VPS the collector's XADD of every tick (inside its transactions), on
+    # the Brain the forwarder's XADD of every entry and the consumer's ingest function once per batch.
     brain = doc["redis_commands"]["brain-redis"]["commands"]
     assert brain["fcall"]["us_per_trade"] > 0 and brain["xadd"]["calls_per_1000_trades"] >= 1000, brain
     assert doc["redis_commands"]["vps-redis"]["commands"]["xadd"]["calls_per_1000_trades"] >= 1000

@@ -337,7 +337,8 @@ def redis_command_time(
 ) -> dict[str, Any]:
     """Where each Redis server spent its command time over the measured window (after the warm-up): per command,
     calls and µs per trade the simulator sent in that window, and µs per call. Harness reads (hopwatch followers,
-    the probe) are in it too: their commands are named, and small beside the pipeline's."""
+    the probe) are in it too: `INFO commandstats` is per server, so they cannot be told apart (on the Brain they
+    are more than half the XREAD calls)."""
     (stats0, trades0), (stats1, trades1) = start, end
     if trades0 is None or trades1 is None or trades1 <= trades0:
         return {}
